@@ -1,0 +1,25 @@
+# lorasweep: full fine-tuning vs LoRA ranks vs QLoRA, one job per run, measured and reported.
+#
+#   snakemake --cores 4 --resources gpu=1                                # default experiment (needs a CUDA GPU)
+#   snakemake --cores 4 --resources gpu=1 --configfile config/tiny.yaml  # tiny preset, CPU, minutes
+#
+# Rules are thin: each script turns the `snakemake` object into one call into the `lorasweep` package.
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    input:
+        "reports/summary.md",
+    default_target: True

@@ -1,0 +1,148 @@
+"""Configuration: schema validation with readable errors, and expansion into one spec per run.
+
+A run spec holds only what affects that run's training, so that Snakemake's params rerun trigger
+retrains a run only when one of *its* settings changes.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import yaml
+
+SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
+METHODS = ("full", "lora", "qlora")
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names each offending key."""
+
+
+def load_schema() -> dict:
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def _key(path) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _describe(error) -> str:
+    """One line per error: the key, the value found and what is allowed."""
+    key = _key(error.absolute_path)
+    v, schema = error.validator, error.schema
+    if v == "additionalProperties":
+        allowed = sorted(schema.get("properties", {}))
+        extra = sorted(set(error.instance) - set(allowed))
+        prefix = f"{key}." if error.absolute_path else ""
+        return f"unknown key(s) {', '.join(prefix + e for e in extra)}; allowed here: {', '.join(allowed)}"
+    if v == "enum":
+        return f"{key} = {error.instance!r}: must be one of {', '.join(map(repr, schema['enum']))}"
+    if v == "oneOf" and "target_modules" in key:
+        return f"{key} = {error.instance!r}: must be a list of module names or the string 'all-linear'"
+    if v in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+        op = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">", "exclusiveMaximum": "<"}[v]
+        return f"{key} = {error.instance!r}: must be {op} {error.validator_value}"
+    if v == "type":
+        return f"{key} = {error.instance!r}: must be of type {error.validator_value}"
+    if v == "required":
+        return f"{key}: {error.message}"
+    if v == "not" and "max_steps" in key:
+        return f"{key} = 0: must be -1 (train for `epochs`) or a positive number of steps"
+    return f"{key} = {error.instance!r}: {error.message}"
+
+
+def validate_config(config: dict) -> dict:
+    """Check ``config`` against the schema, filling defaults in place; raise ConfigError naming every bad key."""
+    import jsonschema
+
+    schema = load_schema()
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
+    if errors:
+        lines = "\n".join(f"  - {_describe(e)}" for e in errors)
+        raise ConfigError(f"invalid lorasweep configuration:\n{lines}\n(schema: {SCHEMA_PATH})")
+    _fill_defaults(config, schema)
+    if not run_names(config):
+        raise ConfigError("invalid lorasweep configuration: no runs enabled (methods.full.enabled is false "
+                          "and methods.lora.ranks and methods.qlora.ranks are empty)")
+    return config
+
+
+def _fill_defaults(instance: dict, schema: dict) -> None:
+    for name, sub in schema.get("properties", {}).items():
+        if name not in instance and "default" in sub:
+            instance[name] = copy.deepcopy(sub["default"])
+        if isinstance(instance.get(name), dict) and sub.get("properties"):
+            _fill_defaults(instance[name], sub)
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def load_config(*paths: str | Path) -> dict:
+    """Read and deep-merge YAML files in order (as ``--configfile a.yaml b.yaml`` does), then validate."""
+    config: dict = {}
+    for p in paths:
+        config = deep_merge(config, yaml.safe_load(Path(p).read_text()) or {})
+    return validate_config(config)
+
+
+def run_names(config: dict) -> list[str]:
+    """``full``, ``lora-r{rank}`` for each LoRA rank, ``qlora-r{rank}`` for each QLoRA rank, in that order."""
+    methods = config.get("methods", {})
+    names = []
+    if methods.get("full", {}).get("enabled", True):
+        names.append("full")
+    names += [f"lora-r{r}" for r in methods.get("lora", {}).get("ranks", [])]
+    names += [f"qlora-r{r}" for r in methods.get("qlora", {}).get("ranks", [])]
+    return names
+
+
+def parse_run(name: str) -> tuple[str, int | None]:
+    """``'lora-r128'`` -> ``('lora', 128)``; ``'full'`` -> ``('full', None)``."""
+    if name == "full":
+        return "full", None
+    method, _, rank = name.partition("-r")
+    if method not in ("lora", "qlora") or not rank.isdigit():
+        raise ConfigError(f"not a run name: {name!r} (expected full, lora-r<rank> or qlora-r<rank>)")
+    return method, int(rank)
+
+
+def run_spec(config: dict, name: str) -> dict:
+    """Everything that determines one run's training, and nothing else."""
+    if name not in run_names(config):
+        raise ConfigError(f"run {name!r} is not in this configuration; runs: {', '.join(run_names(config))}")
+    method, rank = parse_run(name)
+    methods = config["methods"]
+    spec = {
+        "run": name,
+        "method": method,
+        "rank": rank,
+        "seed": config["seed"],
+        "model": {k: config["model"][k] for k in ("name_or_path", "trust_remote_code")},
+        "training": copy.deepcopy(config["training"]),
+        "learning_rate": methods[method]["learning_rate"],
+        "lora": None,
+        "quantization": None,
+    }
+    if method in ("lora", "qlora"):
+        lora = methods["lora"]
+        targets = lora["target_modules"]
+        spec["lora"] = {
+            "r": rank,
+            "alpha": lora["alpha_per_rank"] * rank,
+            "dropout": lora["dropout"],
+            "target_modules": targets if isinstance(targets, str) else list(targets),
+        }
+    if method == "qlora":
+        q = methods["qlora"]
+        spec["quantization"] = {"bits": 4, "quant_type": q["quant_type"], "double_quant": q["double_quant"]}
+    return spec

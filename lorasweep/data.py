@@ -1,0 +1,191 @@
+"""Data preparation: load CodeAlpaca-style records, check them, format prompts, split train / eval.
+
+Prepared once per sweep and shared by every run, so that all runs see exactly the same examples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
+
+# The two prompt templates of Stanford Alpaca, which CodeAlpaca uses unchanged.
+PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+class DataError(ValueError):
+    """The dataset cannot be used; the message says which record and why."""
+
+
+def is_local_source(source: str) -> bool:
+    """A dataset source is a local file when it ends in .json / .jsonl / .parquet; otherwise a hub id."""
+    return str(source).lower().endswith(LOCAL_SUFFIXES)
+
+
+def load_records(source: str, split: str = "train") -> list[dict]:
+    """Records from a local JSON (a list of objects), JSONL or parquet file, or from a hub dataset id."""
+    if is_local_source(source):
+        path = Path(source)
+        if not path.is_file():
+            raise DataError(f"dataset.source: file not found: {path}")
+        suffix = path.suffix.lower()
+        if suffix == ".parquet":
+            import pandas as pd
+
+            try:
+                return pd.read_parquet(path).to_dict(orient="records")
+            except Exception as e:  # noqa: BLE001 - any reader failure means "not a parquet file"
+                raise DataError(f"dataset.source: {path} is not a readable parquet file: {e}") from e
+        text = path.read_text(encoding="utf-8")
+        if suffix == ".jsonl":
+            records = []
+            for lineno, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"dataset.source: {path} line {lineno} is not valid JSON: {e.msg}") from e
+            return records
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"dataset.source: {path} is not valid JSON ({e.msg} at line {e.lineno}); "
+                            "expected a list of records like CodeAlpaca's") from e
+        if not isinstance(data, list):
+            raise DataError(f"dataset.source: {path} holds a JSON {type(data).__name__}, "
+                            "expected a list of records (objects with instruction / input / output)")
+        return data
+    import datasets
+
+    log.info("loading dataset %s (split %s) with datasets.load_dataset", source, split)
+    try:
+        ds = datasets.load_dataset(source, split=split)
+    except Exception as e:  # noqa: BLE001
+        raise DataError(
+            f"dataset.source: could not load hub dataset {source!r} ({type(e).__name__}: {e}). "
+            "Without network access, download it elsewhere and point dataset.source at a local "
+            ".json/.jsonl/.parquet file in CodeAlpaca's format."
+        ) from e
+    return ds.to_list()
+
+
+def check_records(records: list) -> tuple[list[dict], dict]:
+    """Validate the schema; drop records whose output is empty. Returns (kept, counts)."""
+    if not records:
+        raise DataError("dataset has no records")
+    kept, dropped_empty = [], 0
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            raise DataError(f"record {i}: expected an object, got {type(rec).__name__}")
+        for key in ("instruction", "output"):
+            if key not in rec:
+                raise DataError(f"record {i}: missing field {key!r} (fields: {sorted(rec)})")
+        for key in ("instruction", "input", "output"):
+            value = rec.get(key)
+            if value is not None and not isinstance(value, str):
+                raise DataError(f"record {i}: field {key!r} must be a string, got {type(value).__name__}")
+        if not (rec.get("output") or "").strip():
+            dropped_empty += 1
+            continue
+        if not rec["instruction"].strip():
+            raise DataError(f"record {i}: empty instruction")
+        kept.append({"index": i, "instruction": rec["instruction"], "input": rec.get("input") or "",
+                     "output": rec["output"]})
+    if not kept:
+        raise DataError(f"all {len(records)} records have an empty output")
+    return kept, {"records_read": len(records), "dropped_empty_output": dropped_empty}
+
+
+def format_example(rec: dict) -> dict:
+    """Prompt (template with or without input) and completion (the output), for TRL's completion-only loss."""
+    if rec["input"].strip():
+        prompt = PROMPT_WITH_INPUT.format(instruction=rec["instruction"], input=rec["input"])
+    else:
+        prompt = PROMPT_NO_INPUT.format(instruction=rec["instruction"])
+    return {"index": rec["index"], "prompt": prompt, "completion": rec["output"]}
+
+
+def split_records(records: list[dict], eval_size: float, fraction: float, seed: int) -> tuple[list, list]:
+    """Shuffle with ``seed``; hold out ``eval_size`` (a share if < 1, else a count); keep ``fraction`` of the rest.
+
+    The eval split does not depend on ``fraction``, so eval losses stay comparable across fractions.
+    """
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    n_eval = int(round(eval_size * len(records))) if eval_size < 1 else int(eval_size)
+    if n_eval < 1:
+        raise DataError(f"dataset.eval_size={eval_size} leaves an empty eval split for {len(records)} records")
+    if n_eval >= len(records):
+        raise DataError(f"dataset.eval_size={eval_size} leaves no training records ({len(records)} records)")
+    eval_idx, train_idx = order[:n_eval], order[n_eval:]
+    n_train = max(1, int(round(fraction * len(train_idx))))
+    train_idx = train_idx[:n_train]
+    return [records[i] for i in train_idx], [records[i] for i in eval_idx]
+
+
+def write_jsonl(path: str | Path, rows: list[dict]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    with Path(path).open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def fingerprint(*paths: str | Path) -> str:
+    """sha256 over the bytes of the prepared files: two runs with the same fingerprint saw the same data."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(Path(p).read_bytes())
+    return h.hexdigest()
+
+
+def prepare(source: str, train_out: str | Path, eval_out: str | Path, summary_out: str | Path, *,
+            split: str = "train", eval_size: float = 0.05, fraction: float = 1.0, seed: int = 42) -> dict:
+    """Load, check, format and split; write ``train.jsonl``, ``eval.jsonl`` and a summary JSON."""
+    raw = load_records(source, split)
+    kept, counts = check_records(raw)
+    if counts["dropped_empty_output"]:
+        log.info("dropped %d record(s) with an empty output", counts["dropped_empty_output"])
+    train_recs, eval_recs = split_records(kept, eval_size, fraction, seed)
+    write_jsonl(train_out, [format_example(r) for r in train_recs])
+    write_jsonl(eval_out, [format_example(r) for r in eval_recs])
+    summary = {
+        "source": str(source),
+        **counts,
+        "records_kept": len(kept),
+        "fraction": fraction,
+        "eval_size": eval_size,
+        "seed": seed,
+        "train_examples": len(train_recs),
+        "eval_examples": len(eval_recs),
+        "with_input": sum(1 for r in kept if r["input"].strip()),
+        "prompt_with_input": PROMPT_WITH_INPUT,
+        "prompt_no_input": PROMPT_NO_INPUT,
+        "fingerprint_sha256": fingerprint(train_out, eval_out),
+    }
+    Path(summary_out).write_text(json.dumps(summary, indent=2) + "\n")
+    log.info("prepared %d train and %d eval examples from %s", len(train_recs), len(eval_recs), source)
+    return summary

@@ -1,0 +1,48 @@
+"""Logging for workflow scripts: progress to the console and the rule's log, library noise to the log only."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import traceback
+
+
+@contextlib.contextmanager
+def script_logging(log_path: str | os.PathLike, level: int = logging.INFO):
+    """Route a script's output to ``log_path``; echo lorasweep's progress lines to the console.
+
+    On an exception: the traceback goes to the log, a one-paragraph message to the console, exit 1.
+    """
+    os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
+    log_file = open(log_path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - lives for the process
+    console = sys.__stderr__
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
+    file_handler = logging.StreamHandler(log_file)
+    file_handler.setFormatter(fmt)
+    console_handler = logging.StreamHandler(console)
+    console_handler.setFormatter(fmt)
+    root = logging.getLogger()
+    root.handlers[:] = [file_handler]
+    root.setLevel(logging.WARNING)
+    ours = logging.getLogger("lorasweep")
+    ours.handlers[:] = [console_handler]
+    ours.setLevel(level)
+    ours.propagate = True  # and to the log file through the root handler
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    old_out, old_err = sys.stdout, sys.stderr
+    sys.stdout = sys.stderr = log_file
+    try:
+        yield ours
+    except Exception as e:  # noqa: BLE001 - reported, then the job fails
+        log_file.write(traceback.format_exc())
+        name = type(e).__name__
+        console.write(f"\nlorasweep: {name}: {e}\n  (full traceback in {log_path})\n\n")
+        console.flush()
+        sys.stdout, sys.stderr = old_out, old_err
+        log_file.close()
+        raise SystemExit(1) from None
+    sys.stdout, sys.stderr = old_out, old_err
+    log_file.close()

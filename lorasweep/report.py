@@ -1,0 +1,199 @@
+"""The Markdown report: sections built from results/metrics.csv, executed by papermill, exported by nbconvert.
+
+Every function here returns Markdown text computed from the tables, so the notebook template only
+calls them and displays the result, and tests can check the text without running a notebook.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from .writeups import WRITEUPS
+
+log = logging.getLogger(__name__)
+
+GIB = 2**30
+
+
+def _num(v, fmt="{:.4g}") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return fmt.format(v)
+
+
+def _gib(v) -> str:
+    return _num(None if v is None or pd.isna(v) else v / GIB, "{:.3f} GiB")
+
+
+def load(metrics_csv, history_csv, data_summary) -> dict:
+    return {
+        "metrics": pd.read_csv(metrics_csv),
+        "history": pd.read_csv(history_csv),
+        "data": json.loads(Path(data_summary).read_text()),
+    }
+
+
+def _table(rows: list[dict]) -> str:
+    return pd.DataFrame(rows).to_markdown(index=False)
+
+
+def setup_section(ctx: dict) -> str:
+    df, data = ctx["metrics"], ctx["data"]
+    first = df.iloc[0]
+    lines = [
+        "## Setup",
+        "",
+        f"- **Model**: `{first['model']}`",
+        f"- **Dataset**: `{data['source']}`: {data['records_read']:,} records read, "
+        f"{data['dropped_empty_output']} dropped for an empty output, {data['records_kept']:,} kept; "
+        f"eval split {data['eval_examples']:,} records (eval_size {data['eval_size']}), "
+        f"train split {data['train_examples']:,} records (fraction {data['fraction']} of the rest), "
+        f"drawn with seed {data['seed']}. Data fingerprint `{data['fingerprint_sha256'][:12]}`.",
+        f"- **Prompt**: CodeAlpaca's two Alpaca templates ({data['with_input']:,} records with an input); "
+        "the loss is computed on the response tokens only.",
+        f"- **Hardware**: {first['hardware']}; precision {first['precision']}.",
+        f"- **Software**: torch {first['torch_version']}, transformers {first['transformers_version']}, "
+        f"peft {first['peft_version']}, trl {first['trl_version']}; workflow commit "
+        f"`{str(first['git_commit'])[:10]}`.",
+        "",
+        "Per-run hyperparameters:",
+        "",
+    ]
+    cols = ["run", "method", "rank", "learning_rate", "lora_alpha", "lora_dropout", "target_modules", "quant_type",
+            "batch_size", "grad_accum", "max_length", "train_steps", "seed"]
+    hp = df[[c for c in cols if c in df]].astype(object)
+    for c in ("rank", "lora_alpha", "train_steps", "batch_size", "grad_accum", "max_length", "seed"):
+        if c in hp:
+            hp[c] = [_num(v, "{:.0f}") if isinstance(v, (int, float)) else v for v in hp[c]]
+    lines.append(hp.fillna("–").to_markdown(index=False))
+    lines += ["", "Prompt template (record without an input):", "", "```text", data["prompt_no_input"].rstrip(), "```"]
+    return "\n".join(lines)
+
+
+def results_table(df: pd.DataFrame) -> str:
+    rows = []
+    cuda = "peak_cuda_allocated_bytes" in df and df["peak_cuda_allocated_bytes"].notna().any()
+    for _, r in df.iterrows():
+        row = {
+            "run": r["run"],
+            "train loss": _num(r["train_loss"]),
+            "eval loss": _num(r["eval_loss"]),
+            "eval ppl": _num(r["eval_perplexity"], "{:.2f}"),
+            "runtime s": _num(r["train_runtime_s"], "{:.1f}"),
+            "samples/s": _num(r["train_samples_per_s"], "{:.2f}"),
+            "steps/s": _num(r["train_steps_per_s"], "{:.3f}"),
+            "tokens/s": _num(r["train_tokens_nonpad_per_s"], "{:,.0f}"),
+        }
+        if cuda:
+            row["peak alloc"] = _gib(r.get("peak_cuda_allocated_bytes"))
+            row["peak reserved"] = _gib(r.get("peak_cuda_reserved_bytes"))
+        row["peak RSS"] = _gib(r.get("peak_rss_bytes"))
+        row["trainable"] = f"{int(r['trainable_params']):,} ({r['trainable_share_pct']:.3g}%)"
+        row["saved"] = _num(r["saved_model_bytes"] / 2**20, "{:.2f} MiB")
+        rows.append(row)
+    notes = [
+        "",
+        "- *train loss*: mean training loss over the run (Trainer's `train_loss`, as write-up W3 reports); "
+        "*eval loss*: on the held-out split after training; untrained: "
+        + ", ".join(f"{r['run']} {r['base_eval_loss']:.4g}" for _, r in df.iterrows()) + ".",
+        "- *runtime*: training wall time with evaluation time subtracted; *tokens/s* counts non-padding "
+        "tokens (prompt + response) actually fed.",
+        "- *peak RSS*: peak resident memory of the training process after the model was loaded and the peak "
+        "was reset" + ("; *peak alloc / reserved*: `torch.cuda` peaks after a reset at the same point." if cuda else
+                       " (CPU run: no CUDA figures)."),
+        "- *saved*: adapter file size for LoRA / QLoRA, full model weights for full fine-tuning.",
+    ]
+    return "## Results\n\n" + _table(rows) + "\n" + "\n".join(notes)
+
+
+def figures_section(figures_dir: str) -> str:
+    figs = [
+        ("loss_curves", "Train and eval loss over optimizer steps"),
+        ("runtime", "Train runtime (evaluation excluded)"),
+        ("throughput", "Throughput in non-padding tokens per second"),
+        ("memory", "Peak memory"),
+        ("trainable_params", "Trainable parameters (log scale)"),
+    ]
+    out = ["## Figures", ""]
+    for name, caption in figs:
+        out += [f"### {caption}", "", f"![{caption}]({figures_dir}/{name}.png)", ""]
+    return "\n".join(out)
+
+
+def writeups_section(df: pd.DataFrame) -> str:
+    """Our LoRA runs beside the figures W2 and W3 reported for the same ranks."""
+    ours = df.set_index("run")
+    cuda = "peak_cuda_allocated_bytes" in df and df["peak_cuda_allocated_bytes"].notna().any()
+    mem_col = "peak_cuda_allocated_bytes" if cuda else "peak_rss_bytes"
+    rows = []
+    for name, w in WRITEUPS.items():
+        for run, fig in w["runs"].items():
+            rows.append({"source": f"{name} ({w['hardware']})", "run": run,
+                         "runtime s": _num(fig.get("train_runtime_s"), "{:.1f}"),
+                         "train loss": _num(fig.get("train_loss")),
+                         "samples/s": _num(fig.get("train_samples_per_s"), "{:.2f}"),
+                         "memory GB": _num(fig.get("memory_gb"), "{:.2f}")})
+    hw = df["hardware"].iloc[0] if len(df) else "?"
+    for run in sorted({r for w in WRITEUPS.values() for r in w["runs"]}, key=lambda r: int(r.split("r")[-1])):
+        if run in ours.index:
+            r = ours.loc[run]
+            rows.append({"source": f"lorasweep ({hw})", "run": run,
+                         "runtime s": _num(r["train_runtime_s"], "{:.1f}"), "train loss": _num(r["train_loss"]),
+                         "samples/s": _num(r["train_samples_per_s"], "{:.2f}"),
+                         "memory GB": _num(r[mem_col] / 1e9, "{:.2f}")})
+    notes = [
+        "",
+        f"Memory: W2 reports mean GPU memory allocated, W3 max memory allocated; ours is "
+        f"{'peak CUDA memory allocated' if cuda else 'peak resident memory of the process (CPU run)'}, in GB (1e9 bytes). "
+        "W2's train loss is the last logged value, W3's and ours the mean over the run. The write-ups trained "
+        "on opt-350m with CodeAlpaca-20k; compare magnitudes only when our model and data are the same.",
+    ]
+    return "## Beside the published write-ups\n\n" + _table(rows) + "\n" + "\n".join(notes)
+
+
+def rerun_section() -> str:
+    return "\n".join([
+        "## How to rerun",
+        "",
+        "```bash",
+        "snakemake --cores 4 --resources gpu=1                      # the whole sweep, up to date",
+        "snakemake --cores 4 --resources gpu=1 --forcerun results/runs/lora-r128/metrics.json  # retrain one run",
+        "snakemake --cores 4 --resources gpu=1 reports/summary.md   # refresh this report",
+        "```",
+        "",
+        "Each run's full provenance (resolved settings, package versions, hardware, commit, data fingerprint) is in "
+        "`results/runs/<run>/metrics.json` under `run_info`, `train_info` and `meta_info`.",
+    ])
+
+
+def render_report(template, out_notebook, out_markdown, **parameters) -> Path:
+    """Execute the notebook template with papermill, then export it to Markdown without code cells."""
+    import nbformat
+    import papermill
+    from nbconvert import MarkdownExporter
+
+    out_markdown = Path(out_markdown)
+    md_dir = out_markdown.parent.resolve()
+    md_dir.mkdir(parents=True, exist_ok=True)
+    params = {k: (str(Path(v).resolve()) if k.endswith(("_csv", "summary")) else v) for k, v in parameters.items()}
+    params.setdefault("figures_dir", "figures")
+    log.info("executing %s with papermill", template)
+    papermill.execute_notebook(str(template), str(out_notebook), parameters=params, cwd=str(md_dir),
+                               kernel_name="python3", progress_bar=False, log_output=False)
+    nb = nbformat.read(str(out_notebook), as_version=4)
+    for cell in nb.cells:  # only what the sections display: no stream output, no warnings
+        if cell.cell_type == "code":
+            cell.outputs = [o for o in cell.outputs if o.get("output_type") in ("display_data", "execute_result")]
+    exporter = MarkdownExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
+    body, _ = exporter.from_notebook_node(nb)
+    tmp = out_markdown.with_suffix(".md.tmp")
+    tmp.write_text(body.strip() + "\n")
+    os.replace(tmp, out_markdown)
+    log.info("wrote %s", out_markdown)
+    return out_markdown

@@ -1,0 +1,448 @@
+"""One training run (full fine-tuning, LoRA or QLoRA) with TRL's SFTTrainer, measured honestly.
+
+The recipe, top to bottom: resolve device and precision; load tokenizer and model (4-bit for QLoRA);
+attach the LoRA adapter; build the SFTTrainer on prompt/completion data (loss on the response only);
+evaluate the untrained model; reset the memory baseline; train; evaluate; save; write metrics last.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .config import ConfigError
+from .memory import PeakMemory
+from .provenance import git_state, hardware, package_versions
+
+log = logging.getLogger("lorasweep.train")
+
+
+class NoGPUError(RuntimeError):
+    """The configuration asks for CUDA and none is present."""
+
+
+class ModelLoadError(RuntimeError):
+    """The model or tokenizer could not be loaded; the message says what was tried."""
+
+
+def resolve_device(requested: str) -> str:
+    import torch
+
+    if requested == "cpu":
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    if requested == "auto":
+        return "cpu"
+    raise NoGPUError(
+        "training.device is 'cuda' but no CUDA GPU is visible (torch.cuda.is_available() is False), so "
+        "training stops here.\n"
+        "  - To run the whole sweep on this machine in a few minutes, use the tiny preset:\n"
+        "      snakemake --cores 4 --resources gpu=1 --configfile config/tiny.yaml\n"
+        "  - To train this experiment on the CPU anyway (slow: hours or days for opt-350m), set the config "
+        "key training.device to cpu, e.g. in an override file passed as a second --configfile."
+    )
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    import torch
+
+    if precision != "auto":
+        if device == "cpu" and precision == "fp16":
+            raise ConfigError("training.precision = 'fp16' is not supported on the CPU; use fp32 or bf16")
+        return precision
+    if device == "cpu":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def load_tokenizer(spec: dict):
+    from transformers import AutoTokenizer
+
+    name = spec["model"]["name_or_path"]
+    try:
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=spec["model"]["trust_remote_code"])
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(_load_hint(name, "tokenizer", e)) from e
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _load_hint(name: str, what: str, e: Exception) -> str:
+    where = "local directory" if os.path.isdir(name) else "hub id (or a local path that does not exist)"
+    return (f"could not load the {what} from model.name_or_path = {name!r}, read as a {where}: "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n"
+            "Without network access, download the model elsewhere (huggingface-cli download <id>) and either set "
+            "model.name_or_path to that local directory or set HF_HUB_OFFLINE=1 to use the local Hugging Face cache.")
+
+
+def load_model(spec: dict, device: str, precision: str):
+    """Model in fp32 (mixed precision comes from autocast); 4-bit nf4/fp4 base for QLoRA."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    name = spec["model"]["name_or_path"]
+    kwargs = {"dtype": torch.float32, "trust_remote_code": spec["model"]["trust_remote_code"]}
+    q = spec["quantization"]
+    if q:
+        compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=q["quant_type"],
+            bnb_4bit_use_double_quant=q["double_quant"],
+            bnb_4bit_compute_dtype=compute,
+        )
+        kwargs["device_map"] = {"": 0 if device == "cuda" else "cpu"}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(_load_hint(name, "model", e)) from e
+    if q and device == "cpu":
+        # bitsandbytes 0.50 repacks 4-bit weights into an inference-only layout the first time a layer runs
+        # in eval mode on an AVX512-BF16 CPU and never converts them back, so training after the baseline
+        # evaluation fails ("a view of a leaf Variable ... in-place"). Keep the canonical layout.
+        for m in model.modules():
+            if hasattr(m, "support_avx512bf16_for_cpu"):
+                m.support_avx512bf16_for_cpu = False
+    if not q and device == "cuda":
+        model.to("cuda")
+    return model
+
+
+def check_target_modules(model, targets) -> None:
+    """Every configured target module must exist in the model (matched on the last name component)."""
+    if isinstance(targets, str):
+        return
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [t for t in targets if t not in names]
+    if missing:
+        import torch
+
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ConfigError(f"methods.lora.target_modules: {missing} not found in {type(model).__name__}; "
+                          f"its linear modules are {linear} (or use 'all-linear')")
+
+
+def attach_lora(model, spec: dict):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    lora = spec["lora"]
+    check_target_modules(model, lora["target_modules"])
+    if spec["quantization"]:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=spec["training"]["gradient_checkpointing"])
+    cfg = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                     target_modules=lora["target_modules"], bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, cfg)
+
+
+def count_parameters(model) -> dict:
+    """Trainable and total parameters; a packed 4-bit weight counts as the weights it represents."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        qs = getattr(p, "quant_state", None)
+        if qs is not None and getattr(qs, "shape", None) is not None:
+            n = math.prod(qs.shape)
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return {"trainable_params": trainable, "total_params": total,
+            "trainable_share_pct": 100.0 * trainable / total if total else None}
+
+
+def count_4bit_layers(model) -> int:
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    return sum(1 for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+
+
+def count_batch_tokens(batch: dict) -> dict:
+    """Tokens in one training batch: all positions fed, non-padding positions, positions with a label.
+
+    Non-padding = attention_mask ones (prompt + response tokens actually fed); without an attention
+    mask (padding-free batches) every position is real.
+    """
+    ids = batch["input_ids"]
+    fed = int(ids.numel())
+    mask = batch.get("attention_mask")
+    real = int(mask.sum()) if mask is not None and mask.dim() == 2 else fed
+    labels = batch.get("labels")
+    labelled = int((labels != -100).sum()) if labels is not None else real
+    return {"tokens_padded": fed, "tokens_nonpad": real, "tokens_labelled": labelled, "samples": int(ids.shape[0])}
+
+
+def _trainer_class():
+    from trl import SFTTrainer
+
+    class MeasuredSFTTrainer(SFTTrainer):
+        """SFTTrainer that counts the tokens of every training batch it actually feeds."""
+
+        token_counts = {"tokens_padded": 0, "tokens_nonpad": 0, "tokens_labelled": 0, "samples": 0}
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            for k, v in count_batch_tokens(inputs).items():
+                self.token_counts[k] += v
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    return MeasuredSFTTrainer
+
+
+def _callback_class():
+    from transformers import TrainerCallback
+
+    class Recorder(TrainerCallback):
+        """Writes every log record to log_history.jsonl as it happens, prints progress, times training."""
+
+        def __init__(self, history_path: Path, counts: dict, memory: PeakMemory):
+            self.history_path = history_path
+            self.counts = counts
+            self.memory = memory
+            self.t_begin = self.t_end = None
+            self.mem_samples: list[dict] = []
+
+        def write(self, record: dict) -> None:
+            with self.history_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.t_begin = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.mem_samples.append(self.memory.current())
+
+        def on_train_end(self, args, state, control, **kw):
+            self.t_end = time.perf_counter()
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            logs = dict(logs or {})
+            record = {"step": state.global_step, "epoch": state.epoch, **logs,
+                      "tokens_nonpad_seen": self.counts["tokens_nonpad"],
+                      "tokens_padded_seen": self.counts["tokens_padded"],
+                      "elapsed_s": time.perf_counter() - self.t_begin if self.t_begin else 0.0}
+            self.write(record)
+            if "loss" in logs:
+                log.info("step %d/%d  epoch %.2f  loss %.4f  lr %.2e", state.global_step, state.max_steps,
+                         state.epoch or 0, logs["loss"], logs.get("learning_rate", float("nan")))
+            elif "eval_loss" in logs:
+                log.info("step %d/%d  eval_loss %.4f  (%.1fs)", state.global_step, state.max_steps,
+                         logs["eval_loss"], logs.get("eval_runtime", 0))
+
+    return Recorder
+
+
+def total_steps(n_train: int, training: dict) -> int:
+    if training["max_steps"] > 0:
+        return training["max_steps"]
+    per_epoch = math.ceil(math.ceil(n_train / training["batch_size"]) / training["grad_accum"])
+    return max(1, math.ceil(per_epoch * training["epochs"]))
+
+
+def dir_bytes(path: Path, pattern: str = "*.safetensors") -> int:
+    return sum(p.stat().st_size for p in Path(path).glob(pattern))
+
+
+def _atomic_write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
+def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir: str | Path,
+              data_summary_path: str | Path | None = None, threads: int | None = None) -> dict:
+    """Train one run and write ``model/``, ``log_history.jsonl`` and (last) ``metrics.json`` under ``out_dir``."""
+    started = datetime.now(timezone.utc)
+    training = spec["training"]
+    device = resolve_device(training["device"])  # first: fail before any loading when CUDA is missing
+    precision = resolve_precision(training["precision"], device)
+
+    import torch
+    from datasets import Dataset
+    from transformers import set_seed
+    from trl import SFTConfig
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    threads = training.get("threads") or threads
+    if threads:  # never more threads than cores: oversubscription slows training and skews timings
+        torch.set_num_threads(max(1, min(int(threads), os.cpu_count() or 1)))
+    log.info("run %s: method %s, device %s, precision %s, %d torch threads", spec["run"], spec["method"],
+             device, precision, torch.get_num_threads())
+
+    from .data import fingerprint, read_jsonl
+
+    train_rows, eval_rows = read_jsonl(train_path), read_jsonl(eval_path)
+    cols = ("prompt", "completion")
+    train_ds = Dataset.from_list([{k: r[k] for k in cols} for r in train_rows])
+    eval_ds = Dataset.from_list([{k: r[k] for k in cols} for r in eval_rows])
+
+    set_seed(spec["seed"])
+    tokenizer = load_tokenizer(spec)
+    model = load_model(spec, device, precision)
+    n4bit = count_4bit_layers(model)
+    if spec["quantization"] and n4bit == 0:
+        raise RuntimeError("QLoRA run loaded no 4-bit layers: bitsandbytes quantization did not take effect")
+    if spec["lora"]:
+        model = attach_lora(model, spec)
+    params = count_parameters(model)
+    log.info("parameters: %d trainable of %d (%.3f%%); 4-bit linear layers: %d", params["trainable_params"],
+             params["total_params"], params["trainable_share_pct"], n4bit)
+
+    steps = total_steps(len(train_ds), training)
+    eval_steps = max(1, steps // training["evals"])
+    args = SFTConfig(
+        output_dir=str(out_dir / "checkpoints"),
+        max_steps=steps,
+        learning_rate=spec["learning_rate"],
+        per_device_train_batch_size=training["batch_size"],
+        per_device_eval_batch_size=training["eval_batch_size"],
+        gradient_accumulation_steps=training["grad_accum"],
+        lr_scheduler_type=training["lr_scheduler"],
+        warmup_steps=training["warmup_ratio"],
+        weight_decay=training["weight_decay"],
+        logging_steps=min(training["logging_steps"], eval_steps),
+        eval_strategy="steps",
+        eval_steps=eval_steps,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        seed=spec["seed"],
+        data_seed=spec["seed"],
+        use_cpu=device == "cpu",
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        max_length=training["max_length"],
+        completion_only_loss=True,
+        packing=False,
+        # TRL's SFTConfig turns activation checkpointing and bf16 ON by default; both are explicit here.
+        activation_checkpointing=training["gradient_checkpointing"],
+        train_sampling_strategy="group_by_length" if training["group_by_length"] else "random",
+        include_num_input_tokens_seen="non_padding",
+        dataset_num_proc=None,
+    )
+    trainer = _trainer_class()(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                               processing_class=tokenizer)
+    if spec["quantization"]:
+        # TRL casts QLoRA adapter weights to bf16 (QLoRA paper's recipe). Keep them in fp32 like the LoRA
+        # runs, so that qlora-rN vs lora-rN differs only by the 4-bit base weights.
+        for p in trainer.model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    counts = trainer.token_counts = dict(trainer.token_counts)
+    memory = PeakMemory(device)
+    recorder = _callback_class()(out_dir / "log_history.jsonl", counts, memory)
+    recorder.history_path.write_text("")
+    trainer.add_callback(recorder)
+
+    log.info("evaluating the untrained model on %d eval examples", len(eval_ds))
+    base_eval = trainer.evaluate()
+    recorder.write({"step": 0, "epoch": 0.0, **base_eval, "tokens_nonpad_seen": 0, "tokens_padded_seen": 0,
+                    "elapsed_s": 0.0})
+    log.info("untrained eval_loss %.4f; training %d steps (%d examples, batch %d x accumulation %d)",
+             base_eval["eval_loss"], steps, len(train_ds), training["batch_size"], training["grad_accum"])
+
+    at_load = memory.reset()
+    result = trainer.train()
+    mem = memory.read()
+
+    history = trainer.state.log_history
+    eval_during = sum(h.get("eval_runtime", 0.0) for h in history if "eval_loss" in h)
+    wall = recorder.t_end - recorder.t_begin
+    train_time = wall - eval_during
+    last_eval = [h for h in history if "eval_loss" in h]
+    if not last_eval or last_eval[-1].get("step") != trainer.state.global_step:
+        final_eval = trainer.evaluate()
+        recorder.write({"step": trainer.state.global_step, "epoch": trainer.state.epoch, **final_eval,
+                        "tokens_nonpad_seen": counts["tokens_nonpad"], "tokens_padded_seen": counts["tokens_padded"],
+                        "elapsed_s": time.perf_counter() - recorder.t_begin})
+    else:
+        final_eval = last_eval[-1]
+    losses = [h["loss"] for h in history if "loss" in h]
+
+    model_dir = out_dir / "model"
+    trainer.save_model(str(model_dir))
+    saved = dir_bytes(model_dir)
+
+    def mean_of(key):
+        vals = [s[key] for s in recorder.mem_samples if s.get(key) is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    n_steps = trainer.state.global_step
+    hw, versions, git = hardware(device), package_versions(), git_state()
+    metrics = {
+        "run": spec["run"],
+        "method": spec["method"],
+        "rank": spec["rank"],
+        "model": spec["model"]["name_or_path"],
+        "device": device,
+        "hardware": hw.get("gpu_name") or f"CPU ({hw['cpu']}, {hw['torch_threads']} threads)",
+        "precision": precision,
+        # hyperparameters of this run
+        "learning_rate": spec["learning_rate"],
+        "lora_alpha": spec["lora"]["alpha"] if spec["lora"] else None,
+        "lora_dropout": spec["lora"]["dropout"] if spec["lora"] else None,
+        "target_modules": (",".join(t) if isinstance(t := spec["lora"]["target_modules"], list) else t)
+        if spec["lora"] else None,
+        "quant_type": spec["quantization"]["quant_type"] if spec["quantization"] else None,
+        "batch_size": training["batch_size"],
+        "grad_accum": training["grad_accum"],
+        "max_length": training["max_length"],
+        "seed": spec["seed"],
+        # quality
+        "train_loss": result.training_loss,
+        "train_loss_last": losses[-1] if losses else None,
+        "eval_loss": final_eval["eval_loss"],
+        "eval_perplexity": math.exp(final_eval["eval_loss"]),
+        "base_eval_loss": base_eval["eval_loss"],
+        # speed (training only: evaluation time is subtracted)
+        "train_runtime_s": train_time,
+        "train_wall_s": wall,
+        "eval_time_during_train_s": eval_during,
+        "train_steps": n_steps,
+        "train_samples": counts["samples"],
+        "train_samples_per_s": counts["samples"] / train_time,
+        "train_steps_per_s": n_steps / train_time,
+        "train_tokens_nonpad": counts["tokens_nonpad"],
+        "train_tokens_padded": counts["tokens_padded"],
+        "train_tokens_labelled": counts["tokens_labelled"],
+        "train_tokens_nonpad_per_s": counts["tokens_nonpad"] / train_time,
+        "padding_share_pct": 100.0 * (1 - counts["tokens_nonpad"] / counts["tokens_padded"]),
+        # parameters and size
+        **params,
+        "quantized_4bit_layers": n4bit,
+        "saved_model_bytes": saved,
+        "saved_model_kind": "adapter" if spec["lora"] else "full model",
+        # memory (CUDA fields are absent on the CPU)
+        **{k: v for k, v in mem.items() if k != "peak_rss_method"},
+        **({"mean_cuda_allocated_bytes": mean_of("cuda_allocated_bytes"),
+            "mean_cuda_reserved_bytes": mean_of("cuda_reserved_bytes")} if device == "cuda" else {}),
+        "mean_rss_bytes": mean_of("rss_bytes"),
+        "torch_version": versions["torch"],
+        "transformers_version": versions["transformers"],
+        "peft_version": versions["peft"],
+        "trl_version": versions["trl"],
+        "git_commit": git["git_commit"],
+        "data_fingerprint_sha256": fingerprint(train_path, eval_path),
+        "memory_measured": ("CUDA peak allocated/reserved since the counters were reset after model load; "
+                            if device == "cuda" else "") + f"peak RSS of the training process ({mem['peak_rss_method']})",
+        # provenance
+        "run_info": {"spec": spec, "seed": spec["seed"], "started_utc": started.isoformat(),
+                     "finished_utc": datetime.now(timezone.utc).isoformat(),
+                     "data_summary": json.loads(Path(data_summary_path).read_text()) if data_summary_path else None},
+        "train_info": {"total_steps_planned": steps, "eval_steps": eval_steps, "memory_at_load": at_load,
+                       "train_examples": len(train_ds), "eval_examples": len(eval_ds),
+                       "num_input_tokens_seen_hf": trainer.state.num_input_tokens_seen},
+        "meta_info": {"packages": versions, **git, "hardware": hw},
+    }
+    _atomic_write_json(out_dir / "metrics.json", metrics)
+    log.info("done: train_loss %.4f  eval_loss %.4f  %.1fs  %.1f samples/s  peak RSS %.0f MiB", metrics["train_loss"],
+             metrics["eval_loss"], train_time, metrics["train_samples_per_s"], (mem["peak_rss_bytes"] or 0) / 2**20)
+    return metrics

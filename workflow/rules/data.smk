@@ -1,0 +1,53 @@
+# Data: the tiny preset's dataset and model, and the train / eval split shared by every run.
+
+
+rule tiny_dataset:
+    output:
+        "results/tiny/code_alpaca_tiny.json",
+    log:
+        "logs/tiny_dataset.log",
+    conda:
+        ENV
+    script:
+        "../scripts/tiny_dataset.py"
+
+
+rule prepare_data:
+    input:
+        get_dataset_input,
+    output:
+        train="results/data/train.jsonl",
+        eval="results/data/eval.jsonl",
+        summary="results/data/summary.json",
+    params:
+        source=config["dataset"]["source"],
+        split=config["dataset"]["split"],
+        fraction=config["dataset"]["fraction"],
+        eval_size=config["dataset"]["eval_size"],
+        seed=config["seed"],
+    log:
+        "logs/prepare_data.log",
+    benchmark:
+        "results/benchmarks/prepare_data.tsv"
+    conda:
+        ENV
+    script:
+        "../scripts/prepare_data.py"
+
+
+if config["model"]["build_tiny"]:
+
+    rule tiny_model:
+        input:
+            train="results/data/train.jsonl",
+        output:
+            directory(config["model"]["name_or_path"]),
+        params:
+            arch=config["model"]["build_tiny"],
+            seed=config["seed"],
+        log:
+            "logs/tiny_model.log",
+        conda:
+            ENV
+        script:
+            "../scripts/tiny_model.py"

@@ -1,0 +1,59 @@
+# Collect every run's metrics, plot them, render the report.
+
+FIGURES = ["loss_curves", "runtime", "throughput", "memory", "trainable_params"]
+
+
+rule collect:
+    input:
+        metrics=expand("results/runs/{run}/metrics.json", run=RUNS),
+        histories=expand("results/runs/{run}/log_history.jsonl", run=RUNS),
+    output:
+        metrics="results/metrics.csv",
+        history="results/log_history.csv",
+    log:
+        "logs/collect.log",
+    benchmark:
+        "results/benchmarks/collect.tsv"
+    conda:
+        ENV
+    script:
+        "../scripts/collect.py"
+
+
+rule plot:
+    input:
+        metrics="results/metrics.csv",
+        history="results/log_history.csv",
+    output:
+        png=expand("reports/figures/{name}.png", name=FIGURES),
+        svg=expand("reports/figures/{name}.svg", name=FIGURES),
+    log:
+        "logs/plot.log",
+    benchmark:
+        "results/benchmarks/plot.tsv"
+    conda:
+        ENV
+    script:
+        "../scripts/plot.py"
+
+
+rule report:
+    input:
+        notebook=NOTEBOOK,
+        metrics="results/metrics.csv",
+        history="results/log_history.csv",
+        data_summary="results/data/summary.json",
+        figures=expand("reports/figures/{name}.png", name=FIGURES),
+    output:
+        markdown="reports/summary.md",
+        notebook="reports/summary.ipynb",
+    params:
+        experiment=config["experiment"],
+    log:
+        "logs/report.log",
+    benchmark:
+        "results/benchmarks/report.tsv"
+    conda:
+        ENV
+    script:
+        "../scripts/report.py"

@@ -1,0 +1,26 @@
+# One training job per run (full, lora-r{rank}, qlora-r{rank}), each holding one `gpu` resource.
+
+
+rule train:
+    input:
+        train="results/data/train.jsonl",
+        eval="results/data/eval.jsonl",
+        summary="results/data/summary.json",
+        model=get_model_input,
+    output:
+        metrics="results/runs/{run}/metrics.json",
+        history="results/runs/{run}/log_history.jsonl",
+        model=directory("results/runs/{run}/model"),
+    params:
+        spec=get_run_spec,
+    log:
+        "logs/train/{run}.log",
+    benchmark:
+        "results/benchmarks/train/{run}.tsv"
+    threads: 4
+    resources:
+        gpu=1,
+    conda:
+        ENV
+    script:
+        "../scripts/train.py"

@@ -1,0 +1,7 @@
+from lorasweep.logs import script_logging
+from lorasweep.report import render_report
+
+with script_logging(snakemake.log[0]):  # noqa: F821 - injected by Snakemake
+    inp, out = snakemake.input, snakemake.output  # noqa: F821
+    render_report(inp.notebook, out.notebook, out.markdown, metrics_csv=inp.metrics, history_csv=inp.history,
+                  data_summary=inp.data_summary, experiment=snakemake.params.experiment)  # noqa: F821
