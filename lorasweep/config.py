@@ -49,7 +49,11 @@ def _describe(error) -> str:
     if v == "type":
         return f"{key} = {error.instance!r}: must be of type {error.validator_value}"
     if v == "required":
-        return f"{key}: {error.message}"
+        hint = ""
+        if not error.absolute_path:
+            hint = (" (a single --configfile replaces config/config.yaml; to override part of it, pass both: "
+                    "--configfile config/config.yaml your-overrides.yaml)")
+        return f"{key}: {error.message}{hint}"
     if v == "not" and "max_steps" in key:
         return f"{key} = 0: must be -1 (train for `epochs`) or a positive number of steps"
     return f"{key} = {error.instance!r}: {error.message}"

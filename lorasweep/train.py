@@ -257,7 +257,8 @@ def _atomic_write_json(path: Path, obj: dict) -> None:
 
 
 def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir: str | Path,
-              data_summary_path: str | Path | None = None, threads: int | None = None) -> dict:
+              data_summary_path: str | Path | None = None, threads: int | None = None,
+              workflow_dir: str | Path | None = None) -> dict:
     """Train one run and write ``model/``, ``log_history.jsonl`` and (last) ``metrics.json`` under ``out_dir``."""
     started = datetime.now(timezone.utc)
     training = spec["training"]
@@ -376,7 +377,7 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         return sum(vals) / len(vals) if vals else None
 
     n_steps = trainer.state.global_step
-    hw, versions, git = hardware(device), package_versions(), git_state()
+    hw, versions, git = hardware(device), package_versions(), git_state(workflow_dir)
     metrics = {
         "run": spec["run"],
         "method": spec["method"],

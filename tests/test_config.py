@@ -1,0 +1,84 @@
+import copy
+
+import pytest
+import yaml
+
+from conftest import REPO
+from lorasweep.config import ConfigError, load_config, run_names, run_spec, validate_config
+
+MINIMAL = {"model": {"name_or_path": "facebook/opt-350m"}, "dataset": {"source": "sahil2801/CodeAlpaca-20k"}}
+
+
+def test_defaults_are_filled():
+    cfg = validate_config(copy.deepcopy(MINIMAL))
+    assert cfg["methods"]["lora"]["ranks"] == [8, 128, 256]
+    assert cfg["methods"]["lora"]["target_modules"] == ["q_proj", "k_proj", "v_proj"]
+    assert cfg["methods"]["qlora"]["quant_type"] == "nf4"
+    assert cfg["training"]["device"] == "cuda"
+    assert run_names(cfg) == ["full", "lora-r8", "lora-r128", "lora-r256", "qlora-r8"]
+
+
+def test_default_config_file_is_the_writeups_experiment():
+    cfg = load_config(REPO / "config" / "config.yaml")
+    assert cfg["model"]["name_or_path"] == "facebook/opt-350m"
+    assert cfg["dataset"]["source"] == "sahil2801/CodeAlpaca-20k"
+    assert run_names(cfg) == ["full", "lora-r8", "lora-r128", "lora-r256", "qlora-r8"]
+    spec = run_spec(cfg, "lora-r128")
+    assert spec["lora"] == {"r": 128, "alpha": 512, "dropout": 0.1, "target_modules": ["q_proj", "k_proj", "v_proj"]}
+    q8, l8 = run_spec(cfg, "qlora-r8"), run_spec(cfg, "lora-r8")
+    assert q8["lora"] == l8["lora"] and q8["quantization"]["quant_type"] == "nf4" and l8["quantization"] is None
+
+
+def test_run_spec_holds_only_that_runs_settings():
+    cfg = validate_config(copy.deepcopy(MINIMAL))
+    before = run_spec(cfg, "lora-r8")
+    cfg["methods"]["full"]["learning_rate"] = 1.0
+    cfg["methods"]["qlora"]["double_quant"] = True
+    cfg["experiment"] = "renamed"
+    assert run_spec(cfg, "lora-r8") == before  # changing other runs' settings does not retrain this one
+    cfg["methods"]["lora"]["dropout"] = 0.0
+    assert run_spec(cfg, "lora-r8") != before
+    with pytest.raises(ConfigError, match="not in this configuration"):
+        run_spec(cfg, "lora-r16")
+
+
+def test_any_rank_list_and_all_linear():
+    cfg = validate_config({**copy.deepcopy(MINIMAL), "methods": {
+        "full": {"enabled": False}, "lora": {"ranks": [4, 16], "target_modules": "all-linear"},
+        "qlora": {"ranks": []}}})
+    assert run_names(cfg) == ["lora-r4", "lora-r16"]
+    assert run_spec(cfg, "lora-r16")["lora"]["target_modules"] == "all-linear"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"methods": {"lora": {"ranks": [0]}}}, r"methods.lora.ranks\[0\] = 0: must be >= 1"),
+        ({"methods": {"lora": {"rank": [8]}}}, r"unknown key\(s\) methods.lora.rank; allowed here: .*ranks"),
+        ({"methods": {"dora": {}}}, r"unknown key\(s\) methods.dora; allowed here: full, lora, qlora"),
+        ({"methods": {"qlora": {"quant_type": "int4"}}}, r"methods.qlora.quant_type = 'int4': must be one of 'nf4', 'fp4'"),
+        ({"dataset": {"source": "x.json", "fraction": 1.5}}, r"dataset.fraction = 1.5: must be <= 1"),
+        ({"dataset": {"source": "x.json", "fraction": 0}}, r"dataset.fraction = 0: must be > 0"),
+        ({"methods": {"lora": {"target_modules": 3}}}, r"target_modules = 3: must be a list of module names or the string 'all-linear'"),
+        ({"training": {"batch_size": "8"}}, r"training.batch_size = '8': must be of type integer"),
+        ({"training": {"max_steps": 0}}, r"training.max_steps = 0: must be -1"),
+        ({"methods": {"full": {"enabled": False}, "lora": {"ranks": []}, "qlora": {"ranks": []}}}, "no runs enabled"),
+    ],
+)
+def test_errors_name_the_key_and_what_is_allowed(override, message):
+    from lorasweep.config import deep_merge
+
+    with pytest.raises(ConfigError, match=message):
+        validate_config(deep_merge(MINIMAL, override))
+
+
+def test_missing_top_level_key_explains_configfile_replacement():
+    with pytest.raises(ConfigError, match="a single --configfile replaces config/config.yaml"):
+        validate_config({"dataset": {"source": "x.json"}})
+
+
+def test_tiny_preset_validates_and_runs_on_cpu():
+    cfg = yaml.safe_load((REPO / "config" / "tiny.yaml").read_text())
+    cfg = validate_config(cfg)
+    assert cfg["training"]["device"] == "cpu" and cfg["model"]["build_tiny"]
+    assert run_names(cfg) == ["full", "lora-r8", "lora-r128", "lora-r256", "qlora-r8"]

@@ -1,0 +1,118 @@
+import json
+
+import pytest
+
+from lorasweep import data
+from lorasweep.tiny import make_tiny_records
+
+
+def rec(i, instruction="Do it.", inp="", output="done"):
+    return {"instruction": instruction, "input": inp, "output": output}
+
+
+def test_templates_with_and_without_input():
+    with_input = data.format_example({"index": 0, "instruction": "Sort.", "input": "[3, 1]", "output": "[1, 3]"})
+    assert with_input["prompt"].endswith("### Instruction:\nSort.\n\n### Input:\n[3, 1]\n\n### Response:\n")
+    assert "paired with an input" in with_input["prompt"]
+    assert with_input["completion"] == "[1, 3]"
+    no_input = data.format_example({"index": 1, "instruction": "Say hi.", "input": "  ", "output": "hi"})
+    assert "### Input" not in no_input["prompt"]
+    assert no_input["prompt"].endswith("### Instruction:\nSay hi.\n\n### Response:\n")
+
+
+def test_empty_outputs_are_dropped_and_counted():
+    records = [rec(0), rec(1, output=""), rec(2, output="   "), rec(3)]
+    kept, counts = data.check_records(records)
+    assert [r["index"] for r in kept] == [0, 3]
+    assert counts == {"records_read": 4, "dropped_empty_output": 2}
+
+
+@pytest.mark.parametrize(
+    "records, message",
+    [
+        ([], "no records"),
+        ([{"instruction": "x"}], "record 0: missing field 'output'"),
+        ([rec(0), {"output": "y"}], "record 1: missing field 'instruction'"),
+        ([rec(0), {"instruction": "x", "output": 3}], "record 1: field 'output' must be a string"),
+        ([rec(0, output=""), rec(1, output="")], "all 2 records have an empty output"),
+        (["text"], "record 0: expected an object"),
+    ],
+)
+def test_bad_records_name_the_record(records, message):
+    with pytest.raises(data.DataError, match=message):
+        data.check_records(records)
+
+
+def test_split_is_seeded_and_eval_does_not_depend_on_fraction():
+    records = [dict(rec(i), index=i) for i in range(200)]
+    train_a, eval_a = data.split_records(records, eval_size=0.1, fraction=1.0, seed=7)
+    train_b, eval_b = data.split_records(records, eval_size=0.1, fraction=0.5, seed=7)
+    _, eval_c = data.split_records(records, eval_size=0.1, fraction=1.0, seed=8)
+    assert len(eval_a) == 20 and len(train_a) == 180 and len(train_b) == 90
+    assert eval_a == eval_b  # same held-out records whatever the fraction
+    assert eval_a != eval_c  # and they do depend on the seed
+    assert {r["index"] for r in train_b} <= {r["index"] for r in train_a}
+    assert not {r["index"] for r in train_a} & {r["index"] for r in eval_a}
+    train_n, eval_n = data.split_records(records, eval_size=25, fraction=1.0, seed=7)
+    assert len(eval_n) == 25 and len(train_n) == 175
+
+
+def test_split_errors_on_empty_eval():
+    records = [dict(rec(i), index=i) for i in range(5)]
+    with pytest.raises(data.DataError, match="empty eval split"):
+        data.split_records(records, eval_size=0.01, fraction=1.0, seed=0)
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl", ".parquet"])
+def test_local_formats_load_the_same_records(tmp_path, suffix):
+    import pandas as pd
+
+    records = make_tiny_records(20, seed=1)
+    path = tmp_path / f"d{suffix}"
+    if suffix == ".json":
+        path.write_text(json.dumps(records))
+    elif suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    else:
+        pd.DataFrame(records).to_parquet(path)
+    assert data.load_records(str(path)) == records
+
+
+def test_local_file_errors(tmp_path):
+    with pytest.raises(data.DataError, match="file not found"):
+        data.load_records(str(tmp_path / "missing.json"))
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(data.DataError, match="not valid JSON"):
+        data.load_records(str(bad))
+    obj = tmp_path / "obj.json"
+    obj.write_text('{"instruction": "x"}')
+    with pytest.raises(data.DataError, match="expected a list of records"):
+        data.load_records(str(obj))
+
+
+def test_is_local_source():
+    assert data.is_local_source("data/x.jsonl") and data.is_local_source("X.PARQUET")
+    assert not data.is_local_source("sahil2801/CodeAlpaca-20k")
+
+
+def test_tiny_dataset_is_deterministic_unique_and_has_two_empty_outputs():
+    a, b = make_tiny_records(), make_tiny_records()
+    assert a == b and len(a) == 400
+    assert len({(r["instruction"], r["input"]) for r in a}) == 400
+    assert sum(1 for r in a if not r["output"]) == 2
+
+
+def test_prepare_real_codealpaca_sample(codealpaca_sample, tmp_path):
+    out = {k: tmp_path / f"{k}.jsonl" for k in ("train", "eval")}
+    summary = data.prepare(str(codealpaca_sample), out["train"], out["eval"], tmp_path / "s.json",
+                           eval_size=0.05, fraction=0.5, seed=42)
+    assert summary["records_read"] == 2017
+    assert summary["dropped_empty_output"] == 2
+    assert summary["eval_examples"] == round(0.05 * 2015)
+    assert summary["train_examples"] == round(0.5 * (2015 - summary["eval_examples"]))
+    rows = data.read_jsonl(out["train"])
+    assert all(r["prompt"].endswith("### Response:\n") and r["completion"].strip() for r in rows)
+    again = data.prepare(str(codealpaca_sample), tmp_path / "t2.jsonl", tmp_path / "e2.jsonl", tmp_path / "s2.json",
+                         eval_size=0.05, fraction=0.5, seed=42)
+    assert again["fingerprint_sha256"] == summary["fingerprint_sha256"]

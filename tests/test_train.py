@@ -1,0 +1,111 @@
+"""Real training steps on the tiny model: no mocked trainer anywhere."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from lorasweep.config import run_spec
+from lorasweep.train import NoGPUError, count_batch_tokens, resolve_device, train_run
+
+
+def _train(tiny_config, tiny_data, tmp_path, run, **training):
+    spec = run_spec(tiny_config(**training), run)
+    out = tmp_path / run
+    metrics = train_run(spec, tiny_data["train"], tiny_data["eval"], out, data_summary_path=tiny_data["summary"],
+                        threads=2)
+    return metrics, out
+
+
+def test_full_finetuning_learns_and_writes_everything(tiny_config, tiny_data, tmp_path):
+    m, out = _train(tiny_config, tiny_data, tmp_path, "full", max_steps=20)
+    assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(m, default=str))
+    assert m["eval_loss"] < m["base_eval_loss"] - 0.5  # the loss really falls
+    assert m["train_steps"] == 20 and m["train_samples"] == 20 * 8
+    assert m["trainable_params"] == m["total_params"] and m["saved_model_kind"] == "full model"
+    assert (out / "model" / "model.safetensors").stat().st_size == m["saved_model_bytes"]
+    assert 0 < m["train_runtime_s"] <= m["train_wall_s"]
+    assert m["peak_rss_bytes"] > 0 and "peak_cuda_allocated_bytes" not in m  # absent on the CPU, never 0
+    assert m["train_tokens_labelled"] < m["train_tokens_nonpad"] <= m["train_tokens_padded"]
+    history = [json.loads(line) for line in (out / "log_history.jsonl").read_text().splitlines()]
+    evals = [h for h in history if "eval_loss" in h]
+    assert evals[0]["step"] == 0 and evals[0]["eval_loss"] == pytest.approx(m["base_eval_loss"])
+    assert evals[-1]["step"] == 20 and evals[-1]["eval_loss"] == pytest.approx(m["eval_loss"])
+    assert sum(1 for h in history if "loss" in h) == 10
+    meta = m["meta_info"]
+    assert meta["packages"]["transformers"] and meta["hardware"]["device"] == "cpu"
+    assert m["run_info"]["spec"]["run"] == "full" and len(m["data_fingerprint_sha256"]) == 64
+
+
+def test_lora_trainable_params_match_formula_and_peft_loader(tiny_config, tiny_data, tiny_model, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    m, out = _train(tiny_config, tiny_data, tmp_path, "lora-r8", max_steps=4)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    targets = {"q_proj", "k_proj", "v_proj"}
+    expected = sum(8 * (mod.in_features + mod.out_features) for name, mod in base.named_modules()
+                   if name.rsplit(".", 1)[-1] in targets)
+    assert m["trainable_params"] == expected
+    loaded = PeftModel.from_pretrained(base, out / "model", is_trainable=True)
+    trainable, total = loaded.get_nb_trainable_parameters()
+    assert (trainable, total) == (m["trainable_params"], m["total_params"])
+    assert m["saved_model_kind"] == "adapter" and (out / "model" / "adapter_model.safetensors").is_file()
+
+
+def test_qlora_really_trains_a_4bit_base(tiny_config, tiny_data, tmp_path):
+    import bitsandbytes as bnb
+
+    from lorasweep.train import load_model
+
+    m, out = _train(tiny_config, tiny_data, tmp_path, "qlora-r8", max_steps=6)
+    assert m["eval_loss"] < m["base_eval_loss"]
+    spec = run_spec(tiny_config(), "qlora-r8")
+    model = load_model(spec, "cpu", "fp32")
+    layers = [mod for mod in model.modules() if isinstance(mod, bnb.nn.Linear4bit)]
+    # every decoder Linear (q, k, v, out_proj, fc1, fc2 of 2 layers) is 4-bit; lm_head stays in full precision
+    assert len(layers) == m["quantized_4bit_layers"] == 12
+    assert not isinstance(model.lm_head, bnb.nn.Linear4bit)
+    assert layers and all(layer.weight.dtype == torch.uint8 for layer in layers)
+    assert layers[0].weight.quant_state.quant_type == "nf4"
+    # a packed 4-bit weight counts as the weights it represents, so totals match the LoRA run's
+    lora, _ = _train(tiny_config, tiny_data, tmp_path, "lora-r8", max_steps=1)
+    assert m["total_params"] == lora["total_params"] and m["trainable_params"] == lora["trainable_params"]
+
+
+def test_count_batch_tokens_on_a_hand_built_batch():
+    batch = {
+        "input_ids": torch.tensor([[5, 6, 7, 0, 0], [8, 9, 10, 11, 12]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]),
+        "labels": torch.tensor([[-100, 6, 7, -100, -100], [-100, -100, 10, 11, 12]]),
+    }
+    counts = count_batch_tokens(batch)
+    assert counts == {"tokens_padded": 10, "tokens_nonpad": 8, "tokens_labelled": 5, "samples": 2}
+    prompt_tokens = 1 + 2  # fed, but without a label
+    assert counts["tokens_nonpad"] == counts["tokens_labelled"] + prompt_tokens
+
+
+def test_cuda_requested_without_gpu_stops_with_guidance():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present")
+    with pytest.raises(NoGPUError) as err:
+        resolve_device("cuda")
+    assert "config/tiny.yaml" in str(err.value) and "training.device" in str(err.value)
+    assert resolve_device("auto") == "cpu" and resolve_device("cpu") == "cpu"
+
+
+def test_unknown_target_module_is_caught_against_the_model(tiny_config, tiny_data, tmp_path):
+    from lorasweep.config import ConfigError
+
+    cfg = tiny_config()
+    cfg["methods"]["lora"]["target_modules"] = ["q_proj", "query_key_value"]
+    spec = run_spec(cfg, "lora-r8")
+    with pytest.raises(ConfigError, match=r"\['query_key_value'\] not found in OPTForCausalLM"):
+        train_run(spec, tiny_data["train"], tiny_data["eval"], tmp_path / "x")
+    assert not (tmp_path / "x" / "metrics.json").exists()
+
+
+def test_perplexity_is_exp_of_eval_loss(tiny_config, tiny_data, tmp_path):
+    m, _ = _train(tiny_config, tiny_data, tmp_path, "lora-r8", max_steps=2)
+    assert m["eval_perplexity"] == pytest.approx(math.exp(m["eval_loss"]))

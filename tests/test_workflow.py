@@ -1,0 +1,129 @@
+"""Real snakemake runs in temporary directories: dry runs, lint, and the whole tiny sweep."""
+
+import json
+import math
+import re
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from conftest import REPO, run_snakemake
+
+NO_NETWORK = """
+import socket
+def _refuse(*args, **kwargs):
+    raise OSError("network access attempted during a test that must stay offline")
+socket.socket.connect = _refuse
+socket.socket.connect_ex = _refuse
+socket.create_connection = _refuse
+"""
+
+
+def job_stats(output: str) -> dict:
+    """The dry run's 'Job stats' table as {rule: count}."""
+    table = output.split("Job stats:")[1].split("total")[0]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, re.M)}
+
+
+def offline_env(tmp_path) -> dict:
+    guard = tmp_path / "guard"
+    guard.mkdir()
+    (guard / "sitecustomize.py").write_text(NO_NETWORK)
+    return {"PYTHONPATH": str(guard), "HF_HUB_OFFLINE": "0"}
+
+
+def test_default_config_dry_run_plans_five_gpu_training_jobs_offline(tmp_path):
+    proc = run_snakemake("-n", "--cores", 4, "--resources", "gpu=1", "--configfile", REPO / "config" / "config.yaml",
+                         workdir=tmp_path, env=offline_env(tmp_path))
+    stats = job_stats(proc.stdout)
+    assert stats == {"prepare_data": 1, "train": 5, "collect": 1, "plot": 1, "report": 1, "all": 1}
+    for run in ("full", "lora-r8", "lora-r128", "lora-r256", "qlora-r8"):
+        assert f"results/runs/{run}/metrics.json" in proc.stdout
+    assert len(re.findall(r"resources: .*gpu=1", proc.stdout)) == 5  # only training jobs hold the GPU
+    assert not (tmp_path / "results").exists()
+
+
+def test_network_guard_really_blocks(tmp_path):
+    env = offline_env(tmp_path)
+    proc = subprocess.run([sys.executable, "-c", "import socket; socket.create_connection(('127.0.0.1', 9))"],
+                          capture_output=True, text=True, env={**env, "PATH": ""})
+    assert "network access attempted" in proc.stderr
+
+
+def test_invalid_config_fails_before_any_job(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {name_or_path: m}\ndataset: {source: d.json}\nmethods: {lora: {ranks: [-1]}}\n")
+    proc = run_snakemake("-n", "--cores", 1, "--configfile", bad, workdir=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "methods.lora.ranks[0] = -1: must be >= 1" in proc.stdout + proc.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_overrides_compose_with_a_second_configfile(tmp_path):
+    override = tmp_path / "override.yaml"
+    override.write_text("methods:\n  lora:\n    ranks: [16]\n  qlora:\n    ranks: []\n")
+    proc = run_snakemake("-n", "--cores", 1, "--configfile", REPO / "config" / "tiny.yaml", override,
+                         workdir=tmp_path)
+    stats = job_stats(proc.stdout)
+    assert stats["train"] == 2 and stats["tiny_model"] == 1 and stats["tiny_dataset"] == 1
+    assert "results/runs/lora-r16/metrics.json" in proc.stdout and "lora-r8/" not in proc.stdout
+
+
+def test_lint_is_clean():
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "--lint"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep(tmp_path_factory):
+    """The whole tiny preset, run once as a user would."""
+    workdir = tmp_path_factory.mktemp("sweep")
+    proc = run_snakemake("--cores", 2, "--resources", "gpu=1", "--configfile", REPO / "config" / "tiny.yaml",
+                         workdir=workdir)
+    return workdir, proc
+
+
+@pytest.mark.slow
+def test_tiny_sweep_produces_metrics_figures_and_report(tiny_sweep):
+    workdir, _ = tiny_sweep
+    runs = ["full", "lora-r8", "lora-r128", "lora-r256", "qlora-r8"]
+    df = pd.read_csv(workdir / "results" / "metrics.csv")
+    assert list(df["run"]) == runs
+    for col in ("train_loss", "eval_loss", "base_eval_loss", "train_runtime_s", "train_samples_per_s",
+                "peak_rss_bytes", "trainable_params", "total_params"):
+        assert df[col].map(math.isfinite).all(), col
+    assert (df["eval_loss"] < df["base_eval_loss"]).all()  # every run's loss falls
+    assert df.set_index("run").loc["qlora-r8", "quantized_4bit_layers"] > 0
+    for run in runs:
+        assert (workdir / "logs" / "train" / f"{run}.log").stat().st_size > 0
+        bench = pd.read_csv(workdir / "results" / "benchmarks" / "train" / f"{run}.tsv", sep="\t")
+        assert bench["s"].iloc[0] > 0
+        assert json.loads((workdir / "results" / "runs" / run / "metrics.json").read_text())["run"] == run
+    md = (workdir / "reports" / "summary.md").read_text()
+    for heading in ("## Setup", "## Results", "## Figures", "## Beside the published write-ups"):
+        assert heading in md
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert len(links) == 5
+    for link in links:
+        assert (workdir / "reports" / link).is_file(), link
+    assert "```python" not in md and "Traceback" not in md and "import " not in md
+    assert (workdir / "reports" / "summary.ipynb").is_file()
+
+
+@pytest.mark.slow
+def test_rerunning_one_rank_retrains_only_that_run(tiny_sweep):
+    workdir, _ = tiny_sweep
+    args = ("--cores", 2, "--resources", "gpu=1", "--configfile", REPO / "config" / "tiny.yaml")
+    assert "Nothing to be done" in run_snakemake(*args, "-n", workdir=workdir).stdout
+    metrics = {r: (workdir / "results" / "runs" / r / "metrics.json") for r in ("full", "lora-r8", "lora-r128")}
+    before = {r: p.stat().st_mtime_ns for r, p in metrics.items()}
+    report_before = (workdir / "reports" / "summary.md").stat().st_mtime_ns
+    proc = run_snakemake(*args, "--forcerun", "results/runs/lora-r128/metrics.json", workdir=workdir)
+    log = proc.stdout + proc.stderr
+    assert len(re.findall(r"rule train:", log)) == 1 and "wildcards: run=lora-r128" in log
+    after = {r: p.stat().st_mtime_ns for r, p in metrics.items()}
+    assert after["lora-r128"] > before["lora-r128"]
+    assert after["full"] == before["full"] and after["lora-r8"] == before["lora-r8"]
+    assert (workdir / "reports" / "summary.md").stat().st_mtime_ns > report_before
