@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .config import ConfigError
+from . import memory_model
 from .memory import PeakMemory
 from .provenance import git_state, hardware, package_versions
 
@@ -186,11 +187,13 @@ def _trainer_class():
     class MeasuredSFTTrainer(SFTTrainer):
         """SFTTrainer that counts the tokens of every training batch it actually feeds."""
 
-        token_counts = {"tokens_padded": 0, "tokens_nonpad": 0, "tokens_labelled": 0, "samples": 0}
+        token_counts = {"tokens_padded": 0, "tokens_nonpad": 0, "tokens_labelled": 0, "samples": 0,
+                        "max_seq_len": 0}
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             for k, v in count_batch_tokens(inputs).items():
                 self.token_counts[k] += v
+            self.token_counts["max_seq_len"] = max(self.token_counts["max_seq_len"], int(inputs["input_ids"].shape[1]))
             return super().training_step(model, inputs, num_items_in_batch)
 
     return MeasuredSFTTrainer
@@ -377,6 +380,8 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         return sum(vals) / len(vals) if vals else None
 
     n_steps = trainer.state.global_step
+    predicted = memory_model.predict(trainer.model, params["trainable_params"], training["batch_size"],
+                                     counts["max_seq_len"], precision)
     hw, versions, git = hardware(device), package_versions(), git_state(workflow_dir)
     metrics = {
         "run": spec["run"],
@@ -432,6 +437,8 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         "trl_version": versions["trl"],
         "git_commit": git["git_commit"],
         "data_fingerprint_sha256": fingerprint(train_path, eval_path),
+        **predicted,
+        **memory_model.compare(predicted, mem),
         "memory_measured": ("CUDA peak allocated/reserved since the counters were reset after model load; "
                             if device == "cuda" else "") + f"peak RSS of the training process ({mem['peak_rss_method']})",
         # provenance

@@ -109,3 +109,46 @@ def test_unknown_target_module_is_caught_against_the_model(tiny_config, tiny_dat
 def test_perplexity_is_exp_of_eval_loss(tiny_config, tiny_data, tmp_path):
     m, _ = _train(tiny_config, tiny_data, tmp_path, "lora-r8", max_steps=2)
     assert m["eval_perplexity"] == pytest.approx(math.exp(m["eval_loss"]))
+
+
+def test_token_counts_over_one_epoch_equal_the_tokenized_dataset(tiny_config, tiny_data, tiny_model, tmp_path):
+    """Non-padding tokens fed in one epoch = every example's prompt + response + EOS tokens, exactly once."""
+    from transformers import AutoTokenizer
+
+    from lorasweep.data import read_jsonl
+
+    rows = read_jsonl(tiny_data["train"])
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    steps_per_epoch = math.ceil(len(rows) / 8)
+    m, _ = _train(tiny_config, tiny_data, tmp_path, "lora-r8", max_steps=steps_per_epoch, max_length=1024)
+    lengths = [len(tok(r["prompt"] + r["completion"] + tok.eos_token, add_special_tokens=False)["input_ids"])
+               for r in rows]
+    prompt_lengths = [len(tok(r["prompt"], add_special_tokens=False)["input_ids"]) for r in rows]
+    assert m["train_samples"] == len(rows)
+    assert m["train_tokens_nonpad"] == sum(lengths)
+    assert m["train_tokens_labelled"] == sum(lengths) - sum(prompt_lengths)
+    assert m["train_tokens_padded"] >= m["train_tokens_nonpad"]
+    assert m["padding_share_pct"] == pytest.approx(100 * (1 - sum(lengths) / m["train_tokens_padded"]))
+
+
+def test_peak_rss_grows_with_the_batch_size(tiny_config, tiny_data, tmp_path):
+    small, _ = _train(tiny_config, tiny_data, tmp_path / "small", "full", max_steps=3, batch_size=2, evals=1)
+    large, _ = _train(tiny_config, tiny_data, tmp_path / "large", "full", max_steps=3, batch_size=96, evals=1)
+    grow = lambda m: m["peak_rss_bytes"] - m["rss_at_load_bytes"]  # noqa: E731
+    assert grow(large) > grow(small) + 10 * 2**20
+    assert large["predicted_activations_bytes"] > small["predicted_activations_bytes"]
+
+
+def test_memory_model_components(tiny_config, tiny_data, tmp_path):
+    full, _ = _train(tiny_config, tiny_data, tmp_path, "full", max_steps=2)
+    lora, _ = _train(tiny_config, tiny_data, tmp_path, "lora-r8", max_steps=2)
+    qlora, _ = _train(tiny_config, tiny_data, tmp_path, "qlora-r8", max_steps=2)
+    for m in (full, lora, qlora):
+        assert m["predicted_optimizer_bytes"] == 8 * m["trainable_params"]
+        assert m["predicted_gradients_bytes"] == 4 * m["trainable_params"]
+        assert m["predicted_peak_bytes"] == sum(m[f"predicted_{k}_bytes"] for k in
+                                                ("weights", "gradients", "optimizer", "activations"))
+        assert m["memory_model_compared_to"] == "peak_rss_bytes - rss_at_load_bytes"
+        assert math.isfinite(m["memory_model_error_pct"])
+    assert full["predicted_weights_bytes"] == 4 * full["total_params"]
+    assert qlora["predicted_weights_bytes"] < lora["predicted_weights_bytes"]  # 4-bit base weights
