@@ -23,7 +23,8 @@ def run_order(run: str) -> tuple:
     return ({"full": 0, "lora": 1, "qlora": 2}[method], rank or 0)
 
 
-def collect(metrics_paths, history_paths, metrics_csv, history_csv) -> pd.DataFrame:
+def collect(metrics_paths, history_paths, metrics_csv, history_csv, eval_loss_paths=(), eval_losses_csv=None
+            ) -> pd.DataFrame:
     rows = [scalar_metrics(json.loads(Path(p).read_text())) for p in metrics_paths]
     df = pd.DataFrame(rows)
     df = df.iloc[sorted(range(len(df)), key=lambda i: run_order(df["run"].iloc[i]))].reset_index(drop=True)
@@ -35,5 +36,14 @@ def collect(metrics_paths, history_paths, metrics_csv, history_csv) -> pd.DataFr
             if line.strip():
                 hist.append({"run": run, **json.loads(line)})
     pd.DataFrame(hist).to_csv(history_csv, index=False)
+    if eval_losses_csv is not None:
+        rows = []
+        for p in eval_loss_paths:
+            data = json.loads(Path(p).read_text())
+            for i, (b, f) in enumerate(zip(data["base"], data["final"])):
+                rows.append({"run": Path(p).parent.name, "example": i, "tokens": f["tokens"],
+                             "base_loss_sum": b["loss_sum"], "final_loss_sum": f["loss_sum"]})
+        pd.DataFrame(rows, columns=["run", "example", "tokens", "base_loss_sum", "final_loss_sum"]).to_csv(
+            eval_losses_csv, index=False)
     log.info("collected %d runs into %s", len(df), metrics_csv)
     return df

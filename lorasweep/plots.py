@@ -9,6 +9,16 @@ import pandas as pd
 
 log = logging.getLogger(__name__)
 
+# Every figure the plot rule writes (PNG and SVG), with the caption the reports give it.
+FIGURES = {
+    "loss_curves": "Train and eval loss over optimizer steps (top) and over non-padding tokens seen (bottom)",
+    "tradeoff": "Trade-off: eval loss against peak memory and against train runtime, one point per run",
+    "memory": "Peak memory measured, and the memory model's prediction beside it",
+    "runtime": "Train runtime (evaluation excluded)",
+    "throughput": "Throughput in non-padding tokens per second",
+    "trainable_params": "Trainable parameters (log scale)",
+}
+
 
 def run_palette(runs: list[str]) -> dict:
     """Stable colours: full in grey-black, LoRA ranks in blues (light to dark), QLoRA in oranges."""
@@ -45,6 +55,93 @@ def _bar(ax, df, col, pal, xlabel, scale=1.0, log=False, fmt="{:.3g}"):
     ax.margins(x=0.2)
 
 
+COMPONENT_COLOURS = {"weights": "#9e9e9e", "gradients": "#4c72b0", "optimizer": "#dd8452",
+                     "activations": "#55a868"}
+
+
+def memory_parts(df: pd.DataFrame) -> dict:
+    """What the memory figure compares, by device: CUDA peaks as they are, CPU as growth over the load footprint.
+
+    CPU RSS includes the Python runtime and libraries (hundreds of MB) that no model of training
+    memory predicts, so on the CPU the model's *increment* (gradients, optimizer, activations) is
+    compared with the measured increment ``peak_rss_bytes - rss_at_load_bytes``.
+    """
+    cuda = "peak_cuda_allocated_bytes" in df and df["peak_cuda_allocated_bytes"].notna().any()
+    if cuda:
+        return {"cuda": True, "at_load": df["cuda_allocated_at_load_bytes"], "peak": df["peak_cuda_allocated_bytes"],
+                "compared": df["peak_cuda_allocated_bytes"],
+                "components": ["weights", "gradients", "optimizer", "activations"],
+                "measured_label": "peak CUDA allocated", "compared_label": "peak CUDA memory allocated (GiB)"}
+    return {"cuda": False, "at_load": df["rss_at_load_bytes"], "peak": df["peak_rss_bytes"],
+            "compared": df["peak_rss_bytes"] - df["rss_at_load_bytes"],
+            "components": ["gradients", "optimizer", "activations"],
+            "measured_label": "peak RSS", "compared_label": "memory added by training: peak RSS − RSS at load (GiB)"}
+
+
+def _memory_figure(df, runs, pal, plt, h):
+    """Left: measured peak split into load footprint and training's addition. Right: memory model vs measured."""
+    parts = memory_parts(df)
+    fig, axes = plt.subplots(1, 2, figsize=(13, h + 1.2))
+    y = range(len(runs))
+    gib = 2**30
+    load, peak = parts["at_load"] / gib, parts["peak"] / gib
+    ax = axes[0]
+    ax.barh(y, load, color=[pal[r] for r in runs], alpha=0.35, label="at load (model, runtime)")
+    ax.barh(y, peak - load, left=load, color=[pal[r] for r in runs], label="added by training")
+    for i, v in enumerate(peak):
+        ax.text(v, i, f" {v:.3f}", va="center", fontsize=9)
+    ax.set_yticks(list(y), runs)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"{parts['measured_label']} (GiB)")
+    ax.set_title(f"measured: {parts['measured_label']}")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, frameon=False)
+    ax.margins(x=0.2)
+
+    ax = axes[1]
+    left = pd.Series(0.0, index=df.index)
+    for comp in parts["components"]:
+        col = f"predicted_{comp}_bytes"
+        if col not in df:
+            continue
+        vals = df[col].fillna(0) / gib
+        ax.barh(y, vals, left=left, color=COMPONENT_COLOURS[comp], label=f"predicted: {comp}", height=0.6)
+        left = left + vals
+    measured = parts["compared"] / gib
+    ax.scatter(measured, list(y), marker="D", color="black", zorder=3, label="measured")
+    for i, (m, p) in enumerate(zip(measured, left)):
+        err = 100 * (p - m) / m if m else float("nan")
+        ax.text(max(m, p), i, f"  {err:+.0f}%", va="center", fontsize=9)
+    ax.set_yticks(list(y), runs)
+    ax.invert_yaxis()
+    ax.set_xlabel(parts["compared_label"])
+    ax.set_title("memory model (bars) vs measured (◆); label: model error")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=4, frameon=False)
+    ax.margins(x=0.25)
+    return fig
+
+
+def _tradeoff_figure(df, runs, pal, plt, sns):
+    """Eval loss against peak memory and against runtime, one point per run; lower-left is better."""
+    parts = memory_parts(df)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    data = df.assign(peak_gib=parts["peak"] / 2**30)
+    base = df.loc[~df["run"].str.startswith("qlora"), "base_eval_loss"]
+    for ax, x, xlabel in [(axes[0], "peak_gib", f"{parts['measured_label']} (GiB)"),
+                          (axes[1], "train_runtime_s", "train runtime, evaluation excluded (s)")]:
+        sns.scatterplot(data=data, x=x, y="eval_loss", hue="run", hue_order=runs, palette=pal, s=120, ax=ax,
+                        legend=ax is axes[1], edgecolor="black")
+        if len(base):
+            ax.axhline(base.median(), ls="--", color="grey", lw=1, label="untrained base")
+        ax.set_xlim(left=0, right=data[x].max() * 1.15)  # from zero: distances read as the real ratios
+        ax.set_xlabel(xlabel)
+        ax.margins(y=0.15)
+    axes[1].legend(title="run", loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=9)
+    axes[0].set_ylabel("eval loss after training (lower is better)")
+    axes[0].set_title("quality vs memory")
+    axes[1].set_title("quality vs time")
+    return fig
+
+
 def plot_all(metrics_csv, history_csv, out_dir) -> list[Path]:
     import matplotlib
 
@@ -69,16 +166,21 @@ def plot_all(metrics_csv, history_csv, out_dir) -> list[Path]:
             written.append(path)
         plt.close(fig)
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8), sharey="col")
     train = hist[hist["loss"].notna()] if "loss" in hist else hist.iloc[0:0]
-    sns.lineplot(data=train, x="step", y="loss", hue="run", hue_order=runs, palette=pal, ax=axes[0])
-    axes[0].set_title("train loss (response tokens)")
     ev = hist[hist["eval_loss"].notna()]
-    sns.lineplot(data=ev, x="step", y="eval_loss", hue="run", hue_order=runs, palette=pal, marker="o", ax=axes[1])
-    axes[1].set_title("eval loss on the held-out split (step 0 = untrained)")
-    for ax in axes:
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("cross-entropy")
+    for row, (x, xlabel) in enumerate([("step", "optimizer step"),
+                                       ("tokens_nonpad_seen", "non-padding tokens seen")]):
+        sns.lineplot(data=train, x=x, y="loss", hue="run", hue_order=runs, palette=pal, ax=axes[row, 0],
+                     legend=row == 0)
+        sns.lineplot(data=ev, x=x, y="eval_loss", hue="run", hue_order=runs, palette=pal, marker="o",
+                     ax=axes[row, 1], legend=False)
+        for ax in axes[row]:
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("cross-entropy (nats / token)")
+    axes[0, 0].set_title("train loss (response tokens)")
+    axes[0, 1].set_title("eval loss on the held-out split (first point: untrained)")
+    axes[0, 0].legend(title="run", fontsize=9)
     save(fig, "loss_curves")
 
     h = 0.45 * len(runs) + 1.2
@@ -90,13 +192,11 @@ def plot_all(metrics_csv, history_csv, out_dir) -> list[Path]:
     _bar(ax, df, "train_tokens_nonpad_per_s", pal, "training throughput (non-padding tokens / s)", fmt="{:,.0f}")
     save(fig, "throughput")
 
-    col, label = memory_column(df)
-    fig, ax = plt.subplots(figsize=(7, h))
-    _bar(ax, df, col, pal, label, scale=1 / 2**30, fmt="{:.2f}")
-    save(fig, "memory")
+    save(_memory_figure(df, runs, pal, plt, h), "memory")
 
     fig, ax = plt.subplots(figsize=(7, h))
     _bar(ax, df, "trainable_params", pal, "trainable parameters (log scale)", log=True, fmt="{:,.0f}")
     save(fig, "trainable_params")
+    save(_tradeoff_figure(df, runs, pal, plt, sns), "tradeoff")
     log.info("wrote %d figure files to %s", len(written), out_dir)
     return written

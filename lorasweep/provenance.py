@@ -51,3 +51,48 @@ def hardware(device: str) -> dict:
         out.update(gpu_name=props.name, gpu_total_memory_bytes=props.total_memory,
                    gpu_capability=f"{props.major}.{props.minor}")
     return out
+
+
+class MachineShare:
+    """How much of the machine's CPU other processes used while a run trained.
+
+    Timings are only comparable between runs when each had the machine to itself. Between
+    :meth:`start` and :meth:`stop`, the CPU time of every process on the machine (``/proc/stat`` via
+    psutil) minus this process's own is divided by the capacity (wall time x cores); above
+    ``BUSY_PCT`` the report flags the run's timings as taken on a busy machine.
+    """
+
+    BUSY_PCT = 10.0
+
+    def start(self) -> None:
+        import time
+
+        import psutil
+
+        self._t = time.perf_counter()
+        self._sys = self._busy(psutil.cpu_times())
+        self._own = self._own_cpu()
+
+    @staticmethod
+    def _busy(t) -> float:
+        return sum(getattr(t, f, 0.0) for f in ("user", "nice", "system", "irq", "softirq", "steal"))
+
+    @staticmethod
+    def _own_cpu() -> float:
+        import psutil
+
+        t = psutil.Process().cpu_times()
+        return t.user + t.system + t.children_user + t.children_system
+
+    def stop(self) -> dict:
+        import os
+        import time
+
+        import psutil
+
+        wall = time.perf_counter() - self._t
+        cores = os.cpu_count() or 1
+        other = max(0.0, (self._busy(psutil.cpu_times()) - self._sys) - (self._own_cpu() - self._own))
+        share = 100.0 * other / (wall * cores) if wall > 0 else 0.0
+        return {"other_processes_cpu_share_pct": share, "machine_cpu_count": cores,
+                "machine_busy_during_train": share > self.BUSY_PCT}

@@ -10,10 +10,13 @@ import json
 import logging
 import math
 import os
+import re
 from pathlib import Path
 
 import pandas as pd
 
+from . import findings as F
+from .plots import FIGURES, memory_parts
 from .writeups import WRITEUPS
 
 log = logging.getLogger(__name__)
@@ -31,12 +34,79 @@ def _gib(v) -> str:
     return _num(None if v is None or pd.isna(v) else v / GIB, "{:.3f} GiB")
 
 
-def load(metrics_csv, history_csv, data_summary) -> dict:
+def load(metrics_csv, history_csv, data_summary, eval_losses_csv=None) -> dict:
     return {
         "metrics": pd.read_csv(metrics_csv),
         "history": pd.read_csv(history_csv),
         "data": json.loads(Path(data_summary).read_text()),
+        "eval_losses": pd.read_csv(eval_losses_csv) if eval_losses_csv and Path(eval_losses_csv).exists() else None,
     }
+
+
+def title_section(ctx: dict, experiment: str) -> str:
+    df, data = ctx["metrics"], ctx["data"]
+    return (f"# {experiment}: full fine-tuning vs LoRA vs QLoRA\n\n"
+            f"`{df['model'].iloc[0]}` on `{data['source']}`, runs {', '.join(f'`{r}`' for r in df['run'])}, "
+            f"on {df['hardware'].iloc[0]}. Every number below is read from `results/metrics.csv`; "
+            "the executed notebook `summary.ipynb` beside this file holds the code that produced it.")
+
+
+def findings_section(ctx: dict) -> str:
+    df, ev = ctx["metrics"], ctx["eval_losses"]
+    out = ["## Findings", "",
+           "Computed from `results/metrics.csv` and the per-example eval losses in `results/eval_losses.csv`. "
+           "Differences in eval loss come with a 95% confidence interval from a paired comparison over the same "
+           "held-out examples; when it contains zero the runs are called *not distinguishable*. It covers the "
+           "choice of eval examples, not seed-to-seed variation of training. Timings and memory are single "
+           f"measurements: differences under {F.TIME_TOL:.0%} (time) and {F.MEM_TOL:.0%} (memory) are called "
+           "*about the same*.", ""]
+    out += [f"- {p}" for p in F.findings(df, ev)]
+    return "\n".join(out)
+
+
+def tradeoffs_section(ctx: dict) -> str:
+    lines = F.tradeoffs(ctx["metrics"])
+    if not lines:
+        return ""
+    return "\n".join(["## LoRA's trade-offs in this sweep", "",
+                      "Each adapter run against full fine-tuning, on this model, data and hardware:", ""]
+                     + [f"- {p}" for p in lines])
+
+
+def memory_model_section(df: pd.DataFrame) -> str:
+    """Predicted memory by component beside the measurement, the model's assumptions and its error."""
+    parts = memory_parts(df)
+    rows = []
+    for i, r in df.iterrows():
+        pred = sum(r.get(f"predicted_{c}_bytes", 0) or 0 for c in parts["components"])
+        meas = parts["compared"].iloc[i]
+        rows.append({"run": r["run"],
+                     "weights": _gib(r.get("predicted_weights_bytes")),
+                     "gradients": _gib(r.get("predicted_gradients_bytes")),
+                     "AdamW state": _gib(r.get("predicted_optimizer_bytes")),
+                     "activations": _gib(r.get("predicted_activations_bytes")),
+                     "predicted": _gib(pred), "measured": _gib(meas),
+                     "error": _num(100 * (pred - meas) / meas if meas else None, "{:+.0f}%")})
+    compared = ("the predicted peak (all four components) against `peak_cuda_allocated_bytes`" if parts["cuda"] else
+                "the predicted training increment (gradients + AdamW state + activations) against what training "
+                "added to the process: `peak_rss_bytes − rss_at_load_bytes`. The weights column is shown for "
+                "reference; it is inside the load footprint")
+    notes = [
+        "",
+        f"Compared: {compared}.",
+        "",
+        "Assumptions of the model (`lorasweep/memory_model.py`):",
+        "",
+        "- weights at their storage dtype: fp32 4 bytes per parameter; a 4-bit layer 0.5 byte per weight plus "
+        "one fp32 absmax per 64 weights;",
+        "- gradients (4 bytes) and AdamW's two moments (8 bytes) for trainable parameters only;",
+        "- activations per decoder layer after Korthikanti et al. (2022): s·b·h·(34 + 5·a·s/h) bytes at 16-bit, "
+        "doubled for fp32, with s the longest padded batch fed; plus fp32 logits, their log-softmax and its "
+        "gradient, 3·b·s·V·4 bytes;",
+        "- nothing for allocator caching, fragmentation, framework workspaces or (on the CPU) memory the "
+        "allocator reuses without returning it: the error column shows how much that is on this machine.",
+    ]
+    return "## Memory: measured and predicted\n\n" + _table(rows) + "\n" + "\n".join(notes)
 
 
 def _table(rows: list[dict]) -> str:
@@ -113,20 +183,14 @@ def results_table(df: pd.DataFrame) -> str:
 
 
 def figures_section(figures_dir: str) -> str:
-    figs = [
-        ("loss_curves", "Train and eval loss over optimizer steps"),
-        ("runtime", "Train runtime (evaluation excluded)"),
-        ("throughput", "Throughput in non-padding tokens per second"),
-        ("memory", "Peak memory"),
-        ("trainable_params", "Trainable parameters (log scale)"),
-    ]
-    out = ["## Figures", ""]
-    for name, caption in figs:
+    out = ["## Figures", "", "Colours are fixed per run in every figure: full fine-tuning dark grey, LoRA in blues "
+           "(darker = higher rank), QLoRA in oranges.", ""]
+    for name, caption in FIGURES.items():
         out += [f"### {caption}", "", f"![{caption}]({figures_dir}/{name}.png)", ""]
     return "\n".join(out)
 
 
-def writeups_section(df: pd.DataFrame) -> str:
+def writeups_section(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None) -> str:
     """Our LoRA runs beside the figures W2 and W3 reported for the same ranks."""
     ours = df.set_index("run")
     cuda = "peak_cuda_allocated_bytes" in df and df["peak_cuda_allocated_bytes"].notna().any()
@@ -153,8 +217,14 @@ def writeups_section(df: pd.DataFrame) -> str:
         f"{'peak CUDA memory allocated' if cuda else 'peak resident memory of the process (CPU run)'}, in GB (1e9 bytes). "
         "W2's train loss is the last logged value, W3's and ours the mean over the run. The write-ups trained "
         "on opt-350m with CodeAlpaca-20k; compare magnitudes only when our model and data are the same.",
+        "",
+        "Their claims, checked against this sweep's measurements:",
+        "",
     ]
-    return "## Beside the published write-ups\n\n" + _table(rows) + "\n" + "\n".join(notes)
+    claims = F.writeup_claims(df, eval_losses)
+    table = pd.DataFrame(claims).rename(columns={"ours": "this sweep"}).to_markdown(index=False) if claims else \
+        "(no runs to check the claims with)"
+    return "## Beside the published write-ups\n\n" + _table(rows) + "\n" + "\n".join(notes) + "\n" + table
 
 
 def rerun_section() -> str:
@@ -193,6 +263,7 @@ def render_report(template, out_notebook, out_markdown, **parameters) -> Path:
     exporter = MarkdownExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
     body, _ = exporter.from_notebook_node(nb)
     tmp = out_markdown.with_suffix(".md.tmp")
+    body = re.sub(r"\n{3,}", "\n\n", body)  # nbconvert separates outputs with runs of blank lines
     tmp.write_text(body.strip() + "\n")
     os.replace(tmp, out_markdown)
     log.info("wrote %s", out_markdown)

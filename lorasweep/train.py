@@ -18,7 +18,7 @@ from pathlib import Path
 from .config import ConfigError
 from . import memory_model
 from .memory import PeakMemory
-from .provenance import git_state, hardware, package_versions
+from .provenance import MachineShare, git_state, hardware, package_versions
 
 log = logging.getLogger("lorasweep.train")
 
@@ -242,6 +242,33 @@ def _callback_class():
     return Recorder
 
 
+def per_example_losses(trainer) -> list[dict]:
+    """Loss summed over each eval example's response tokens, and their count, in eval-split order.
+
+    The report uses these for paired comparisons between runs (every run is scored on the same
+    examples), so a difference in eval loss comes with a confidence interval instead of a guess.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    model = trainer.model
+    was_training = model.training
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for batch in trainer.get_eval_dataloader():
+            batch = trainer._prepare_inputs(batch)
+            labels = batch["labels"]
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+            logits, labels = logits[:, :-1].float(), labels[:, 1:]
+            nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+            mask = labels != -100
+            for s, n in zip((nll * mask).sum(1).tolist(), mask.sum(1).tolist()):
+                out.append({"loss_sum": s, "tokens": int(n)})
+    model.train(was_training)
+    return out
+
+
 def total_steps(n_train: int, training: dict) -> int:
     if training["max_steps"] > 0:
         return training["max_steps"]
@@ -348,14 +375,22 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
 
     log.info("evaluating the untrained model on %d eval examples", len(eval_ds))
     base_eval = trainer.evaluate()
+    base_examples = per_example_losses(trainer)
     recorder.write({"step": 0, "epoch": 0.0, **base_eval, "tokens_nonpad_seen": 0, "tokens_padded_seen": 0,
                     "elapsed_s": 0.0})
     log.info("untrained eval_loss %.4f; training %d steps (%d examples, batch %d x accumulation %d)",
              base_eval["eval_loss"], steps, len(train_ds), training["batch_size"], training["grad_accum"])
 
     at_load = memory.reset()
+    machine = MachineShare()
+    machine.start()
     result = trainer.train()
     mem = memory.read()
+    machine_share = machine.stop()
+    if machine_share["machine_busy_during_train"]:
+        log.warning("other processes used %.0f%% of this machine's CPU while %s trained: its timings are not "
+                    "comparable with runs on an idle machine", machine_share["other_processes_cpu_share_pct"],
+                    spec["run"])
 
     history = trainer.state.log_history
     eval_during = sum(h.get("eval_runtime", 0.0) for h in history if "eval_loss" in h)
@@ -370,6 +405,10 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
     else:
         final_eval = last_eval[-1]
     losses = [h["loss"] for h in history if "loss" in h]
+    final_examples = per_example_losses(trainer)
+    _atomic_write_json(out_dir / "eval_losses.json", {
+        "what": "per eval example (eval-split order): response-token loss sum and token count",
+        "base": base_examples, "final": final_examples})
 
     model_dir = out_dir / "model"
     trainer.save_model(str(model_dir))
@@ -421,6 +460,7 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         "train_tokens_labelled": counts["tokens_labelled"],
         "train_tokens_nonpad_per_s": counts["tokens_nonpad"] / train_time,
         "padding_share_pct": 100.0 * (1 - counts["tokens_nonpad"] / counts["tokens_padded"]),
+        **machine_share,
         # parameters and size
         **params,
         "quantized_4bit_layers": n4bit,

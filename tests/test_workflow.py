@@ -102,14 +102,28 @@ def test_tiny_sweep_produces_metrics_figures_and_report(tiny_sweep):
         assert bench["s"].iloc[0] > 0
         assert json.loads((workdir / "results" / "runs" / run / "metrics.json").read_text())["run"] == run
     md = (workdir / "reports" / "summary.md").read_text()
-    for heading in ("## Setup", "## Results", "## Figures", "## Beside the published write-ups"):
+    for heading in ("## Findings", "## Setup", "## Results", "## Figures", "## Memory: measured and predicted",
+                    "## Beside the published write-ups"):
         assert heading in md
+    assert "**Lowest eval loss: `full`**" in md  # on a random-init tiny model only full fine-tuning learns much
+    ev = pd.read_csv(workdir / "results" / "eval_losses.csv")
+    assert sorted(set(ev["run"])) == sorted(runs) and (ev["tokens"] > 0).all()
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
-    assert len(links) == 5
+    assert len(links) == 6
     for link in links:
         assert (workdir / "reports" / link).is_file(), link
     assert "```python" not in md and "Traceback" not in md and "import " not in md
     assert (workdir / "reports" / "summary.ipynb").is_file()
+
+
+@pytest.mark.slow
+def test_snakemake_html_report_holds_the_figures(tiny_sweep):
+    workdir, _ = tiny_sweep
+    run_snakemake("--cores", 2, "--resources", "gpu=1", "--configfile", REPO / "config" / "tiny.yaml",
+                  "--report", "reports/report.html", workdir=workdir)
+    html = (workdir / "reports" / "report.html").read_text()
+    for name in ("loss_curves.png", "tradeoff.png", "memory.png", "metrics.csv"):
+        assert name in html, name
 
 
 @pytest.mark.slow

@@ -1,15 +1,17 @@
 # Collect every run's metrics, plot them, render the report.
 
-FIGURES = ["loss_curves", "runtime", "throughput", "memory", "trainable_params"]
+from lorasweep.plots import FIGURES
 
 
 rule collect:
     input:
         metrics=expand("results/runs/{run}/metrics.json", run=RUNS),
         histories=expand("results/runs/{run}/log_history.jsonl", run=RUNS),
+        eval_losses=expand("results/runs/{run}/eval_losses.json", run=RUNS),
     output:
-        metrics="results/metrics.csv",
+        metrics=report("results/metrics.csv", caption="../report/metrics.rst", category="Tables"),
         history="results/log_history.csv",
+        eval_losses="results/eval_losses.csv",
     log:
         "logs/collect.log",
     benchmark:
@@ -25,7 +27,11 @@ rule plot:
         metrics="results/metrics.csv",
         history="results/log_history.csv",
     output:
-        png=expand("reports/figures/{name}.png", name=FIGURES),
+        png=[
+            report(f"reports/figures/{name}.png", caption=f"../report/{name}.rst", category="Figures",
+                   labels={"figure": name})
+            for name in FIGURES
+        ],
         svg=expand("reports/figures/{name}.svg", name=FIGURES),
     log:
         "logs/plot.log",
@@ -42,6 +48,7 @@ rule report:
         notebook=NOTEBOOK,
         metrics="results/metrics.csv",
         history="results/log_history.csv",
+        eval_losses="results/eval_losses.csv",
         data_summary="results/data/summary.json",
         figures=expand("reports/figures/{name}.png", name=FIGURES),
     output:

@@ -10,6 +10,7 @@ rule train:
     output:
         metrics="results/runs/{run}/metrics.json",
         history="results/runs/{run}/log_history.jsonl",
+        eval_losses="results/runs/{run}/eval_losses.json",
         model=directory("results/runs/{run}/model"),
     params:
         spec=get_run_spec,

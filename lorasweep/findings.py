@@ -1,0 +1,400 @@
+"""Findings computed from the metrics table: every sentence the report states about the runs comes from here.
+
+Comparisons of eval loss are *paired*: every run is scored on the same held-out examples, so the
+difference between two runs is estimated from per-example differences (``results/eval_losses.csv``),
+with a 95% confidence interval. When the interval contains zero the report says the runs are not
+distinguishable on this eval split instead of ranking them. The interval covers the sampling of eval
+examples, not seed-to-seed variation of training (replicate seeds for that).
+
+Timings and memory come from one measurement per run; differences smaller than ``TIME_TOL`` and
+``MEM_TOL`` (relative) are called "about the same".
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from .config import parse_run
+
+Z95 = 1.96
+TIME_TOL = 0.05  # single timings on a shared machine differ by a few percent from run to run
+MEM_TOL = 0.02
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def memory_measure(df: pd.DataFrame) -> tuple[str, str]:
+    """The peak-memory column findings compare, and its name in prose."""
+    if "peak_cuda_allocated_bytes" in df and df["peak_cuda_allocated_bytes"].notna().any():
+        return "peak_cuda_allocated_bytes", "peak CUDA memory allocated"
+    return "peak_rss_bytes", "peak resident memory (RSS)"
+
+
+def mib(v: float) -> str:
+    """Bytes in binary units, three significant figures: 512 KiB, 1.25 MiB, 3.10 GiB."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(v) >= size:
+            return f"{v / size:.3g} {unit}"
+    return f"{v:.0f} B"
+
+
+def ratio_text(new: float, old: float, tol: float, more: str, less: str) -> str:
+    """'12% slower' / 'about the same' style comparison of two single measurements."""
+    if not old or any(map(lambda v: v is None or math.isnan(v), (new, old))):
+        return "not measured"
+    r = new / old - 1
+    if abs(r) < tol:
+        return f"about the same ({r:+.1%})"
+    if r >= 1:
+        return f"{new / old:.1f}× {more}"
+    return f"{abs(r):.0%} {more if r > 0 else less}"
+
+
+def lora_runs(df: pd.DataFrame, method: str = "lora") -> list[tuple[int, str]]:
+    return sorted((parse_run(r)[1], r) for r in df["run"] if parse_run(r)[0] == method)
+
+
+class Losses:
+    """Per-example eval losses of every run (``results/eval_losses.csv``) for paired comparisons."""
+
+    def __init__(self, table: pd.DataFrame | None):
+        self.table = table if table is not None and len(table) else None
+
+    def _sums(self, run: str, which: str = "final") -> pd.DataFrame | None:
+        if self.table is None:
+            return None
+        t = self.table[self.table["run"] == run].set_index("example")
+        return t if len(t) else None
+
+    def diff(self, a: str, b: str, which_a: str = "final", which_b: str = "final") -> dict | None:
+        """Token-weighted eval loss of a minus b on the shared examples, with a 95% interval.
+
+        D = sum_i (s_ai - s_bi) / sum_i n_i over examples i (s: loss summed over the example's response
+        tokens, n: their count); its standard error treats examples as the independent units
+        (ratio estimator), so long and short examples are weighted as the loss itself weights them.
+        """
+        ta, tb = self._sums(a), self._sums(b)
+        if ta is None or tb is None:
+            return None
+        j = ta.merge(tb, left_index=True, right_index=True, suffixes=("_a", "_b"), how="inner")
+        j = j[j["tokens_a"] > 0]
+        n = len(j)
+        if n < 2:
+            return None
+        d = j[f"{which_a}_loss_sum_a"] - j[f"{which_b}_loss_sum_b"]
+        tokens = j["tokens_a"]
+        mean = d.sum() / tokens.sum()
+        resid = d - mean * tokens
+        se = math.sqrt(n / (n - 1) * (resid**2).sum()) / tokens.sum()
+        return {"diff": float(mean), "half": float(Z95 * se), "n": n, "distinguishable": bool(abs(mean) > Z95 * se)}
+
+
+def _loss_change(losses: Losses, a: str, b: str, df: pd.DataFrame) -> tuple[str, bool | None]:
+    """'eval loss 1.234 → 1.200 (−0.034 ± 0.010, distinguishable)' going from run a to run b."""
+    ev = df.set_index("run")["eval_loss"]
+    d = losses.diff(b, a)
+    head = f"eval loss {ev[a]:.4f} → {ev[b]:.4f}"
+    if d is None:
+        return head + " (no per-example losses: significance unknown)", None
+    verdict = "a real difference" if d["distinguishable"] else "not distinguishable on this eval split"
+    return head + f" (Δ {d['diff']:+.4f} ± {d['half']:.4f}, 95% CI over {d['n']} examples: {verdict})", \
+        d["distinguishable"]
+
+
+# ---------------------------------------------------------------- findings
+
+
+def best_run(df: pd.DataFrame, losses: Losses) -> str:
+    order = df.sort_values("eval_loss")["run"].tolist()
+    best = order[0]
+    ties = [r for r in order[1:] if (d := losses.diff(r, best)) is not None and not d["distinguishable"]]
+    ev = df.set_index("run")["eval_loss"]
+    text = f"**Lowest eval loss: `{best}`** ({ev[best]:.4f}, perplexity {math.exp(ev[best]):.2f})"
+    if ties:
+        return text + (", but " + ", ".join(f"`{r}` ({ev[r]:.4f})" for r in ties) +
+                       (" is" if len(ties) == 1 else " are") + " not distinguishable from it on this eval split "
+                       "(95% paired interval contains zero): too close to call.")
+    if len(order) > 1:
+        second = order[1]
+        d = losses.diff(second, best)
+        if d is not None:
+            return text + f"; the next best, `{second}` ({ev[second]:.4f}), is higher by " \
+                          f"{d['diff']:.4f} ± {d['half']:.4f} (95% paired interval)."
+        return text + f"; next: `{second}` ({ev[second]:.4f}) (no per-example losses: significance unknown)."
+    return text + "."
+
+
+def learning(df: pd.DataFrame, losses: Losses) -> str:
+    parts, flat = [], []
+    for _, r in df.iterrows():
+        d = losses.diff(r["run"], r["run"], "final", "base")
+        gain = r["base_eval_loss"] - r["eval_loss"]
+        parts.append(f"`{r['run']}` {r['base_eval_loss']:.3f} → {r['eval_loss']:.3f} ({-gain:+.3f})")
+        if d is not None and not d["distinguishable"]:
+            flat.append(r["run"])
+    text = "**Every run against its untrained starting point** (eval loss before → after): " + "; ".join(parts) + "."
+    if flat:
+        text += " No measurable improvement for " + ", ".join(f"`{r}`" for r in flat) + "."
+    return text
+
+
+def rank_steps(df: pd.DataFrame, losses: Losses, method: str = "lora") -> list[str]:
+    """What each step up in rank bought (loss) and cost (time, memory, parameters)."""
+    runs = lora_runs(df, method)
+    if len(runs) < 2:
+        return []
+    m = df.set_index("run")
+    mem, mem_name = memory_measure(df)
+    out, gains = [], []
+    for (r1, a), (r2, b) in zip(runs, runs[1:]):
+        loss_text, real = _loss_change(losses, a, b, df)
+        d = losses.diff(b, a)
+        gains.append((r1, r2, d["diff"] if d else m.loc[b, "eval_loss"] - m.loc[a, "eval_loss"], real))
+        out.append(
+            f"**r={r1} → r={r2}**: {loss_text}; train runtime "
+            f"{ratio_text(m.loc[b, 'train_runtime_s'], m.loc[a, 'train_runtime_s'], TIME_TOL, 'longer', 'shorter')}, "
+            f"tokens/s {ratio_text(m.loc[b, 'train_tokens_nonpad_per_s'], m.loc[a, 'train_tokens_nonpad_per_s'], TIME_TOL, 'higher', 'lower')}, "
+            f"{mem_name} {ratio_text(m.loc[b, mem], m.loc[a, mem], MEM_TOL, 'higher', 'lower')} "
+            f"({mib(m.loc[a, mem])} → {mib(m.loc[b, mem])}), trainable parameters ×{m.loc[b, 'trainable_params'] / m.loc[a, 'trainable_params']:.0f}.")
+    out.append(returns_verdict(gains))
+    return out
+
+
+def returns_verdict(gains: list[tuple[int, int, float, bool | None]]) -> str:
+    """Diminishing returns or not, from the loss change of each rank step (negative = better)."""
+    if len(gains) == 1:
+        r1, r2, d, real = gains[0]
+        if real is False:
+            return f"Raising the rank from {r1} to {r2} made no measurable difference to eval loss."
+        return f"Raising the rank from {r1} to {r2} changed eval loss by {d:+.4f}."
+    real = [g for g in gains if g[3]]
+    if all(g[3] is False for g in gains):
+        return "**Rank made no measurable difference** to eval loss over " + \
+            ", ".join(str(g[0]) for g in gains) + f", {gains[-1][1]}."
+    first, last = gains[0], gains[-1]
+    if first[3] and last[3] is False:
+        return (f"**Diminishing returns**: r={first[0]} → {first[1]} lowered eval loss measurably "
+                f"({first[2]:+.4f}), r={last[0]} → {last[1]} did not ({last[2]:+.4f}, within noise).")
+    if first[3] and last[3]:
+        if first[2] < 0 and last[2] < 0:
+            per_first = first[2] / math.log2(first[1] / first[0])
+            per_last = last[2] / math.log2(last[1] / last[0])
+            kind = "**Diminishing returns**" if abs(per_last) < abs(per_first) else "**No sign of diminishing returns**"
+            return (f"{kind}: per doubling of the rank, eval loss fell by {-per_first:.4f} from r={first[0]} to "
+                    f"{first[1]} and by {-per_last:.4f} from r={last[0]} to {last[1]}.")
+        return ("Eval loss does not fall steadily with rank: " +
+                ", ".join(f"r={g[0]} → {g[1]}: {g[2]:+.4f}" for g in gains) + ".")
+    if real:
+        return ("Only some rank steps changed eval loss measurably: " +
+                ", ".join(f"r={g[0]} → {g[1]}: {g[2]:+.4f}{'' if g[3] else ' (within noise)'}" for g in gains) + ".")
+    return "Rank steps: " + ", ".join(f"r={g[0]} → {g[1]}: {g[2]:+.4f}" for g in gains) + " (significance unknown)."
+
+
+def quantization(df: pd.DataFrame, losses: Losses) -> list[str]:
+    """What 4-bit quantization saved and cost: qlora-rN against lora-rN (same adapter settings)."""
+    m = df.set_index("run")
+    mem, mem_name = memory_measure(df)
+    out = []
+    for rank, q in lora_runs(df, "qlora"):
+        lo = f"lora-r{rank}"
+        if lo not in m.index:
+            out.append(f"`{q}` has no `{lo}` beside it, so quantization's effect cannot be isolated.")
+            continue
+        loss_text, _ = _loss_change(losses, lo, q, df)
+        base_d = losses.diff(q, lo, "base", "base")
+        base_text = (f"{m.loc[lo, 'base_eval_loss']:.4f} → {m.loc[q, 'base_eval_loss']:.4f}"
+                     + (f" (Δ {base_d['diff']:+.4f} ± {base_d['half']:.4f})" if base_d else ""))
+        w_lo, w_q = m.loc[lo].get("predicted_weights_bytes"), m.loc[q].get("predicted_weights_bytes")
+        weights = (f"; the base weights shrink from {mib(w_lo)} to {mib(w_q)} ({w_q / w_lo:.0%})"
+                   if w_lo and w_q and not math.isnan(w_lo) else "")
+        out.append(
+            f"**4-bit ({m.loc[q, 'quant_type']}) `{q}` vs `{lo}`**: {mem_name} "
+            f"{ratio_text(m.loc[q, mem], m.loc[lo, mem], MEM_TOL, 'higher', 'lower')} "
+            f"({mib(m.loc[lo, mem])} → {mib(m.loc[q, mem])}){weights}; train runtime "
+            f"{ratio_text(m.loc[q, 'train_runtime_s'], m.loc[lo, 'train_runtime_s'], TIME_TOL, 'longer', 'shorter')}; "
+            f"{loss_text}. Quantizing the untrained base moved its eval loss {base_text}.")
+    return out
+
+
+def full_finetuning(df: pd.DataFrame, losses: Losses) -> list[str]:
+    m = df.set_index("run")
+    if "full" not in m.index:
+        return []
+    mem, mem_name = memory_measure(df)
+    others = [r for r in m.index if r != "full"]
+    if not others:
+        return []
+    best_adapter = min(others, key=lambda r: m.loc[r, "eval_loss"])
+    loss_text, _ = _loss_change(losses, best_adapter, "full", df)
+    lighter = [r for r in others if m.loc[r, mem] < m.loc["full", mem] * (1 - MEM_TOL)]
+    heavier = [r for r in others if m.loc[r, mem] > m.loc["full", mem] * (1 + MEM_TOL)]
+    faster = [r for r in others if m.loc[r, "train_runtime_s"] < m.loc["full", "train_runtime_s"] * (1 - TIME_TOL)]
+    out = [f"**Full fine-tuning** trains all {int(m.loc['full', 'trainable_params']):,} parameters; against the best "
+           f"adapter run `{best_adapter}`: {loss_text}."]
+    mem_sentence = f"Its {mem_name} is {mib(m.loc['full', mem])}: "
+    if not heavier and not lighter:
+        mem_sentence += f"about the same as every other run (all within {MEM_TOL:.0%})."
+    elif heavier and not lighter:
+        mem_sentence += "the **lowest** of all runs (" + ", ".join(f"`{r}` {mib(m.loc[r, mem])}" for r in heavier) + ")."
+    elif lighter and not heavier:
+        mem_sentence += "the highest; every adapter run needs less (" + \
+            ", ".join(f"`{r}` {mib(m.loc[r, mem])}" for r in lighter) + ")."
+    else:
+        mem_sentence += ("higher than " + (", ".join(f"`{r}`" for r in lighter) or "no run") + "; lower than " +
+                         (", ".join(f"`{r}`" for r in heavier) or "no run") + "; the rest within "
+                         f"{MEM_TOL:.0%}.")
+    out.append(mem_sentence)
+    out.append(f"Train runtime {m.loc['full', 'train_runtime_s']:.1f} s; faster than full fine-tuning: " +
+               (", ".join(f"`{r}` ({m.loc[r, 'train_runtime_s']:.1f} s)" for r in faster) or "no run") + ".")
+    return out
+
+
+def busy_machine(df: pd.DataFrame) -> str | None:
+    """A warning when some runs trained while other processes took a share of the machine's CPU."""
+    if "other_processes_cpu_share_pct" not in df:
+        return None
+    busy = df[df["other_processes_cpu_share_pct"].fillna(0) > 10.0]
+    if busy.empty:
+        return None
+    return ("**Timings taken on a busy machine**: other processes used " +
+            ", ".join(f"{r['other_processes_cpu_share_pct']:.0f}% of the CPU while `{r['run']}` trained"
+                      for _, r in busy.iterrows()) +
+            ". Their runtime and throughput are not comparable with the other runs; rerun them alone "
+            "(`--forcerun results/runs/<run>/metrics.json`) for timings that are.")
+
+
+def findings(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None) -> list[str]:
+    """All findings, in reading order; each entry is one Markdown paragraph or bullet."""
+    losses = Losses(eval_losses)
+    out = [w for w in [busy_machine(df)] if w]
+    out += [best_run(df, losses), learning(df, losses)]
+    out += rank_steps(df, losses, "lora")
+    out += quantization(df, losses)
+    out += full_finetuning(df, losses)
+    return out
+
+
+# ---------------------------------------------------------------- the write-ups' claims, checked
+
+
+def _monotone(values: list[float], increasing: bool, tol: float) -> bool:
+    pairs = list(zip(values, values[1:]))
+    if increasing:
+        return all(b > a * (1 + tol) for a, b in pairs)
+    return all(b < a * (1 - tol) for a, b in pairs)
+
+
+def _rises(values: list[float], tol: float) -> str:
+    """'agrees' if every step rises beyond tol, 'disagrees' if any falls beyond it, else too close to call."""
+    if _monotone(values, True, tol):
+        return "agrees"
+    if any(b < a * (1 - tol) for a, b in zip(values, values[1:])):
+        return "disagrees"
+    if all(abs(b / a - 1) < tol for a, b in zip(values, values[1:]) if a):
+        return f"disagrees: flat within {tol:.0%}"
+    return f"partly: some steps within {tol:.0%}"
+
+
+def writeup_claims(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None) -> list[dict]:
+    """Each published claim, and whether this sweep's measurements agree (agrees / disagrees / cannot check)."""
+    losses = Losses(eval_losses)
+    m = df.set_index("run")
+    mem, mem_name = memory_measure(df)
+    ranks = lora_runs(df)
+    lo = [r for _, r in ranks]
+    claims = []
+
+    def add(source, claim, verdict, evidence):
+        claims.append({"source": source, "claim": claim, "ours": verdict, "evidence": evidence})
+
+    if "full" in m.index and lo:
+        best_lora = min(lo, key=lambda r: m.loc[r, "eval_loss"])
+        d = losses.diff("full", best_lora)
+        if d is None:
+            verdict = "agrees" if m.loc["full", "eval_loss"] < m.loc[best_lora, "eval_loss"] else "disagrees"
+        elif not d["distinguishable"]:
+            verdict = "too close to call"
+        else:
+            verdict = "agrees" if d["diff"] < 0 else "disagrees"
+        add("W1", "full fine-tuning reached the lowest eval loss", verdict,
+            f"full {m.loc['full', 'eval_loss']:.4f} vs best LoRA `{best_lora}` {m.loc[best_lora, 'eval_loss']:.4f}"
+            + (f" (Δ {d['diff']:+.4f} ± {d['half']:.4f})" if d else ""))
+        others = [r for r in m.index if r != "full"]
+        if all(m.loc["full", mem] < m.loc[r, mem] * (1 - MEM_TOL) for r in others):
+            verdict = "agrees"
+        elif any(m.loc[r, mem] < m.loc["full", mem] * (1 - MEM_TOL) for r in others):
+            verdict = "disagrees"
+        else:
+            verdict = f"too close to call (within {MEM_TOL:.0%})"
+        add("W1", "full fine-tuning used the least peak memory", verdict,
+            f"{mem_name}: full {mib(m.loc['full', mem])}; " +
+            ", ".join(f"{r} {mib(m.loc[r, mem])}" for r in others))
+        slower = [r for r in lo if parse_run(r)[1] >= 128]
+        if slower:
+            full_t = m.loc["full", "train_runtime_s"]
+            if all(full_t < m.loc[r, "train_runtime_s"] * (1 - TIME_TOL) for r in slower):
+                verdict = "agrees"
+            elif any(m.loc[r, "train_runtime_s"] < full_t * (1 - TIME_TOL) for r in slower):
+                verdict = "disagrees"
+            else:
+                verdict = f"too close to call (within {TIME_TOL:.0%})"
+            add("W1", "full fine-tuning was faster than LoRA r=128 and r=256", verdict,
+                f"runtime s: full {m.loc['full', 'train_runtime_s']:.1f}; " +
+                ", ".join(f"{r} {m.loc[r, 'train_runtime_s']:.1f}" for r in slower))
+    if len(lo) >= 2:
+        ev = [m.loc[r, "eval_loss"] for r in lo]
+        steps = [losses.diff(b, a) for a, b in zip(lo, lo[1:])]
+        if all(s is not None for s in steps):
+            if all(s["distinguishable"] and s["diff"] < 0 for s in steps):
+                verdict = "agrees"
+            elif any(s["distinguishable"] and s["diff"] > 0 for s in steps):
+                verdict = "disagrees"
+            else:
+                verdict = "too close to call"
+        else:
+            verdict = "agrees" if _monotone(ev, False, 0) else "disagrees"
+        add("W1, W3", "a higher LoRA rank gives a (slightly) lower loss", verdict,
+            "eval loss " + ", ".join(f"r={r} {m.loc[n, 'eval_loss']:.4f}" for r, n in ranks))
+        rt = [m.loc[r, "train_runtime_s"] for r in lo]
+        add("W1, W2, W3", "training gets slower as the rank grows", _rises(rt, TIME_TOL),
+            "runtime s " + ", ".join(f"r={r} {m.loc[n, 'train_runtime_s']:.1f}" for r, n in ranks)
+            + f" (differences under {TIME_TOL:.0%} count as equal)")
+        mm = [m.loc[r, mem] for r in lo]
+        add("W2, W3", "peak memory rises with the rank", _rises(mm, MEM_TOL),
+            f"{mem_name} " + ", ".join(f"r={r} {mib(m.loc[n, mem])}" for r, n in ranks)
+            + f" (differences under {MEM_TOL:.0%} count as equal)")
+    r128, r256 = "lora-r128", "lora-r256"
+    if r128 in m.index and r256 in m.index:
+        d = losses.diff(r256, r128)
+        if d is None:
+            verdict, ev_text = "cannot check (no per-example losses)", ""
+        else:
+            verdict = "agrees" if not d["distinguishable"] or abs(d["diff"]) < 0.25 * abs(
+                m.loc[r128, "eval_loss"] - m.loc[lo[0], "eval_loss"]) else "disagrees"
+            ev_text = f" (Δ {d['diff']:+.4f} ± {d['half']:.4f})"
+        add("W2, W3", "little gain from r=128 to r=256 (diminishing returns)", verdict,
+            f"eval loss r=128 {m.loc[r128, 'eval_loss']:.4f}, r=256 {m.loc[r256, 'eval_loss']:.4f}{ev_text}")
+    return claims
+
+
+def tradeoffs(df: pd.DataFrame) -> list[str]:
+    """LoRA's trade-offs against full fine-tuning, in this sweep's numbers."""
+    m = df.set_index("run")
+    if "full" not in m.index:
+        return []
+    mem, mem_name = memory_measure(df)
+    f = m.loc["full"]
+    out = []
+    for run in [r for r in m.index if r != "full"]:
+        r = m.loc[run]
+        out.append(
+            f"`{run}`: trains {r['trainable_share_pct']:.3g}% of the parameters and saves "
+            f"{mib(r['saved_model_bytes'])} instead of {mib(f['saved_model_bytes'])} "
+            f"({r['saved_model_bytes'] / f['saved_model_bytes']:.1%}). Against full fine-tuning: {mem_name} "
+            f"{ratio_text(r[mem], f[mem], MEM_TOL, 'higher', 'lower')}, train runtime "
+            f"{ratio_text(r['train_runtime_s'], f['train_runtime_s'], TIME_TOL, 'longer', 'shorter')}, "
+            f"eval loss {r['eval_loss']:.4f} vs {f['eval_loss']:.4f} ({r['eval_loss'] - f['eval_loss']:+.4f}).")
+    return out

@@ -1,0 +1,134 @@
+"""The report, rendered from a fixture of a tiny sweep's results (no training), and the findings behind it."""
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from lorasweep import findings as F
+from lorasweep.plots import FIGURES, plot_all
+from lorasweep.report import render_report
+from conftest import REPO
+
+FIXTURE = Path(__file__).parent / "fixtures" / "report"
+TEMPLATE = REPO / "workflow" / "notebooks" / "summary.ipynb"
+
+
+def _fixture():
+    return pd.read_csv(FIXTURE / "metrics.csv"), pd.read_csv(FIXTURE / "eval_losses.csv")
+
+
+def _render(tmp_path, metrics=None, eval_losses=None):
+    results = tmp_path / "results"
+    shutil.copytree(FIXTURE, results)
+    if metrics is not None:
+        metrics.to_csv(results / "metrics.csv", index=False)
+    if eval_losses is not None:
+        eval_losses.to_csv(results / "eval_losses.csv", index=False)
+    reports = tmp_path / "reports"
+    plot_all(results / "metrics.csv", results / "log_history.csv", reports / "figures")
+    md = render_report(TEMPLATE, reports / "summary.ipynb", reports / "summary.md",
+                       metrics_csv=results / "metrics.csv", history_csv=results / "log_history.csv",
+                       eval_losses_csv=results / "eval_losses.csv", data_summary=results / "summary.json",
+                       experiment="fixture")
+    return md, md.read_text()
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    return _render(tmp_path_factory.mktemp("report"))
+
+
+def test_report_has_every_section_and_no_code(rendered):
+    md, text = rendered
+    for heading in ["# fixture: full fine-tuning vs LoRA vs QLoRA", "## Findings", "## Setup", "## Results",
+                    "## Figures", "## Memory: measured and predicted", "## LoRA's trade-offs in this sweep",
+                    "## Beside the published write-ups", "## How to rerun"]:
+        assert f"\n{heading}\n" in f"\n{text}", heading
+    assert text.index("## Findings") < text.index("## Results")
+    for code in ("import ", "display(", "Traceback", "ctx = ", "Error"):
+        assert code not in text, code
+    assert (md.parent / "summary.ipynb").exists()
+
+
+def test_report_tables_hold_every_run(rendered):
+    _, text = rendered
+    runs = list(pd.read_csv(FIXTURE / "metrics.csv")["run"])
+    results = text.split("## Results")[1].split("\n## ")[0]
+    memory = text.split("## Memory: measured and predicted")[1].split("\n## ")[0]
+    for section in (results, memory):
+        rows = [line for line in section.splitlines() if line.startswith("|")]
+        assert [r.split("|")[1].strip() for r in rows[2:]] == runs  # header, separator, one row per run
+    writeups = text.split("## Beside the published write-ups")[1]
+    for claim in ("full fine-tuning used the least peak memory", "peak memory rises with the rank"):
+        assert claim in writeups
+    assert "| W3 (unstated)" in writeups and "lorasweep (" in writeups
+
+
+def test_report_figure_links_resolve(rendered):
+    md, text = rendered
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert sorted(Path(link).stem for link in links) == sorted(FIGURES)
+    for link in links:
+        assert not Path(link).is_absolute()
+        assert (md.parent / link).is_file(), link
+        assert (md.parent / link).with_suffix(".svg").is_file()
+
+
+def test_paired_difference_matches_a_hand_computation():
+    table = pd.DataFrame({
+        "run": ["a"] * 3 + ["b"] * 3, "example": [0, 1, 2] * 2, "tokens": [2, 4, 4] * 2,
+        "base_loss_sum": [0.0] * 6, "final_loss_sum": [2.0, 4.0, 8.0, 1.0, 4.0, 6.0]})
+    d = F.Losses(table).diff("b", "a")
+    diffs, tokens = [-1.0, 0.0, -2.0], [2, 4, 4]
+    mean = sum(diffs) / sum(tokens)  # token-weighted: -0.3
+    resid = [x - mean * n for x, n in zip(diffs, tokens)]
+    se = (3 / 2 * sum(r * r for r in resid)) ** 0.5 / sum(tokens)
+    assert d["diff"] == pytest.approx(mean) and d["half"] == pytest.approx(1.96 * se) and d["n"] == 3
+    assert d["distinguishable"] == (abs(mean) > 1.96 * se)
+
+
+def test_findings_change_when_the_numbers_change():
+    df, ev = _fixture()
+    before = F.best_run(df, F.Losses(ev))
+    # make lora-r256 clearly the best: lower its loss on every eval example
+    df2, ev2 = df.copy(), ev.copy()
+    best = df.sort_values("eval_loss")["run"].iloc[0]
+    target = "lora-r256" if best != "lora-r256" else "lora-r8"
+    ev2.loc[ev2["run"] == target, "final_loss_sum"] *= 0.5
+    df2.loc[df2["run"] == target, "eval_loss"] = df["eval_loss"].min() / 2
+    after = F.best_run(df2, F.Losses(ev2))
+    assert f"`{best}`" in before.split(":")[1][:30]
+    assert after.startswith(f"**Lowest eval loss: `{target}`**") and before != after
+    # two ranks with identical per-example losses are reported as indistinguishable, not ranked
+    ev3 = ev.copy()
+    r128 = ev3[ev3["run"] == "lora-r128"]["final_loss_sum"].to_numpy()
+    ev3.loc[ev3["run"] == "lora-r256", "final_loss_sum"] = r128
+    steps = " ".join(F.rank_steps(df, F.Losses(ev3)))
+    assert "r=128 → r=256**: " in steps
+    assert "not distinguishable" in steps.split("r=128 → r=256**: ")[1].split(";")[0]
+
+
+def test_writeup_claims_follow_the_measurements():
+    df, ev = _fixture()
+    mem, _ = F.memory_measure(df)
+    claim = "full fine-tuning used the least peak memory"
+
+    def verdict(frame):
+        return {c["claim"]: c["ours"] for c in F.writeup_claims(frame, ev)}[claim]
+
+    low, high = df.copy(), df.copy()
+    low.loc[low["run"] == "full", mem] = df[mem].min() * 0.5
+    high.loc[high["run"] == "full", mem] = df[mem].max() * 2
+    assert verdict(low) == "agrees" and verdict(high) == "disagrees"
+
+
+def test_report_renders_without_per_example_losses(tmp_path):
+    """Older results without eval_losses.csv still render; findings then say significance is unknown."""
+    df, ev = _fixture()
+    md, text = _render(tmp_path, eval_losses=ev.iloc[0:0])
+    assert "significance unknown" in text
+    assert json.loads((md.parent / "summary.ipynb").read_text())["cells"]
