@@ -56,6 +56,7 @@ class PeakMemory:
 
         if self.device == "cuda":
             torch.cuda.synchronize()
+            torch.cuda.empty_cache()  # blocks cached by the baseline evaluation must not count as training's
             self.baseline = {
                 "cuda_allocated_at_load_bytes": torch.cuda.memory_allocated(),
                 "cuda_reserved_at_load_bytes": torch.cuda.memory_reserved(),
@@ -87,15 +88,16 @@ class PeakMemory:
             out["cuda_reserved_bytes"] = torch.cuda.memory_reserved()
         return out
 
-    def read(self) -> dict:
+    def read(self, keep_running: bool = False) -> dict:
         """Peaks since :meth:`reset`. CUDA fields exist only on CUDA: absent is absent, never 0."""
         import torch
 
         out = dict(self.baseline)
         if self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-            self._thread = None
+            if not keep_running:
+                self._stop.set()
+                self._thread.join()
+                self._thread = None
             out["peak_rss_bytes"] = max(self._sampled_peak, rss_bytes() or 0)
         else:
             out["peak_rss_bytes"] = _status_bytes("VmHWM")

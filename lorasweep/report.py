@@ -130,7 +130,8 @@ def setup_section(ctx: dict) -> str:
         f"- **Hardware**: {first['hardware']}; precision {first['precision']}.",
         f"- **Software**: torch {first['torch_version']}, transformers {first['transformers_version']}, "
         f"peft {first['peft_version']}, trl {first['trl_version']}; workflow commit "
-        f"`{str(first['git_commit'])[:10]}`.",
+        f"`{str(first['git_commit'])[:10]}`"
+        + (" with uncommitted changes" if str(first.get("git_dirty")) == "True" else "") + ".",
         "",
         "Per-run hyperparameters:",
         "",

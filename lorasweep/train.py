@@ -89,7 +89,8 @@ def load_model(spec: dict, device: str, precision: str):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     name = spec["model"]["name_or_path"]
-    kwargs = {"dtype": torch.float32, "trust_remote_code": spec["model"]["trust_remote_code"]}
+    # safetensors only: a pickle checkpoint (.bin) can run code when loaded
+    kwargs = {"dtype": torch.float32, "trust_remote_code": spec["model"]["trust_remote_code"], "use_safetensors": True}
     q = spec["quantization"]
     if q:
         compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
@@ -182,7 +183,26 @@ def count_batch_tokens(batch: dict) -> dict:
 
 
 def _trainer_class():
+    import torch
+    from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
     from trl import SFTTrainer
+
+    class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
+        """transformers' length-grouped sampler draws its order from the global RNG, so a run resumed from a
+        checkpoint mid-epoch replays a different order than the one it was interrupted in. Seeding each
+        epoch's order with (seed, epoch) makes it the same whether the run was interrupted or not."""
+
+        def __init__(self, *args, seed: int, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.seed, self.epoch = seed, 0
+
+        def set_epoch(self, epoch: int) -> None:
+            self.epoch = int(epoch)
+
+        def __iter__(self):
+            g = torch.Generator()
+            g.manual_seed(self.seed * 100_003 + self.epoch)
+            return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=g))
 
     class MeasuredSFTTrainer(SFTTrainer):
         """SFTTrainer that counts the tokens of every training batch it actually feeds."""
@@ -191,10 +211,23 @@ def _trainer_class():
                         "max_seq_len": 0}
 
         def training_step(self, model, inputs, num_items_in_batch=None):
+            limit = os.environ.get("LORASWEEP_SIMULATE_OOM_ABOVE_BATCH")
+            if limit and inputs["input_ids"].shape[0] > int(limit):  # tests: CUDA's error, raised where CUDA would
+                import torch
+
+                raise torch.OutOfMemoryError(f"simulated: CUDA out of memory (batch {inputs['input_ids'].shape[0]} "
+                                             f"> LORASWEEP_SIMULATE_OOM_ABOVE_BATCH={limit})")
             for k, v in count_batch_tokens(inputs).items():
                 self.token_counts[k] += v
             self.token_counts["max_seq_len"] = max(self.token_counts["max_seq_len"], int(inputs["input_ids"].shape[1]))
             return super().training_step(model, inputs, num_items_in_batch)
+
+        def _get_train_sampler(self, train_dataset=None):
+            sampler = super()._get_train_sampler(train_dataset)
+            if type(sampler) is LengthGroupedSampler:
+                sampler = EpochSeededLengthGroupedSampler(sampler.batch_size, lengths=sampler.lengths,
+                                                          seed=self.args.data_seed or self.args.seed)
+            return sampler
 
     return MeasuredSFTTrainer
 
@@ -205,12 +238,36 @@ def _callback_class():
     class Recorder(TrainerCallback):
         """Writes every log record to log_history.jsonl as it happens, prints progress, times training."""
 
-        def __init__(self, history_path: Path, counts: dict, memory: PeakMemory):
+        def __init__(self, history_path: Path, counts: dict, memory: PeakMemory, resume: dict | None = None):
             self.history_path = history_path
             self.counts = counts
             self.memory = memory
             self.t_begin = self.t_end = None
             self.mem_samples: list[dict] = []
+            self.eval_time_s = 0.0  # evaluation inside this segment of training
+            self.prior = resume or {}  # what earlier segments (before a crash) measured
+            self.extra_state: dict = {}
+
+        def elapsed(self) -> float:
+            return self.prior.get("elapsed_s", 0.0) + (time.perf_counter() - self.t_begin if self.t_begin else 0.0)
+
+        def on_save(self, args, state, control, **kw):
+            """Beside each Trainer checkpoint, what resuming from it needs to keep the metrics whole."""
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if not ckpt.is_dir():
+                return
+            seg_train = time.perf_counter() - self.t_begin - self.eval_time_s
+            mem = self.memory.read(keep_running=True)
+            _atomic_write_json(ckpt / STATE_FILE, {
+                **self.extra_state, "step": state.global_step, "counts": dict(self.counts),
+                "train_time_s": self.prior.get("train_time_s", 0.0) + seg_train,
+                "eval_time_s": self.prior.get("eval_time_s", 0.0) + self.eval_time_s,
+                "elapsed_s": self.elapsed(), "segments": self.prior.get("segments", 0) + 1,
+                "peaks": {k: max(v or 0, self.prior.get("peaks", {}).get(k) or 0) for k, v in mem.items()
+                          if k.startswith("peak_") and k != "peak_rss_method"},
+                "history": [json.loads(line) for line in self.history_path.read_text().splitlines() if line.strip()],
+            })
+            log.info("checkpoint at step %d saved (%s)", state.global_step, ckpt)
 
         def write(self, record: dict) -> None:
             with self.history_path.open("a") as f:
@@ -227,10 +284,12 @@ def _callback_class():
 
         def on_log(self, args, state, control, logs=None, **kw):
             logs = dict(logs or {})
+            if "eval_runtime" in logs and self.t_begin:
+                self.eval_time_s += logs["eval_runtime"]
             record = {"step": state.global_step, "epoch": state.epoch, **logs,
                       "tokens_nonpad_seen": self.counts["tokens_nonpad"],
                       "tokens_padded_seen": self.counts["tokens_padded"],
-                      "elapsed_s": time.perf_counter() - self.t_begin if self.t_begin else 0.0}
+                      "elapsed_s": self.elapsed()}
             self.write(record)
             if "loss" in logs:
                 log.info("step %d/%d  epoch %.2f  loss %.4f  lr %.2e", state.global_step, state.max_steps,
@@ -269,6 +328,67 @@ def per_example_losses(trainer) -> list[dict]:
     return out
 
 
+STATE_FILE = "lorasweep_state.json"
+OOM_FILE = "oom.json"
+
+
+class TrainingOOM(RuntimeError):
+    """Out of memory; the next attempt (Snakemake `retries`) halves the per-device batch."""
+
+
+def resume_key(spec: dict, training: dict) -> str:
+    """Checkpoints are resumed only by the same run with the same settings (batch included)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps({"spec": spec, "training": training}, sort_keys=True, default=str)
+                          .encode()).hexdigest()[:16]
+
+
+def find_resumable(ckpt_root: Path, key: str) -> tuple[Path | None, dict | None]:
+    """The last checkpoint written with the same settings, and lorasweep's state beside it."""
+    import shutil
+
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if not ckpt_root.is_dir():
+        return None, None
+    last = get_last_checkpoint(str(ckpt_root))
+    state = None
+    if last and (Path(last) / STATE_FILE).is_file():
+        state = json.loads((Path(last) / STATE_FILE).read_text())
+    if state is None or state.get("key") != key:
+        log.info("discarding checkpoints in %s: %s", ckpt_root,
+                 "written with other settings" if state else "no complete checkpoint")
+        shutil.rmtree(ckpt_root)
+        return None, None
+    return Path(last), state
+
+
+def batch_after_oom(out_dir: Path, training: dict) -> tuple[dict, int]:
+    """Per-device batch halved (gradient accumulation doubled) once per out-of-memory attempt recorded."""
+    path = out_dir / OOM_FILE
+    halvings = json.loads(path.read_text())["halvings"] if path.is_file() else 0
+    if not halvings:
+        return training, 0
+    factor = 2**halvings
+    if training["batch_size"] < factor:
+        raise TrainingOOM(f"out of memory even at per-device batch 1 (after {halvings} halvings of "
+                          f"training.batch_size = {training['batch_size']}): reduce training.max_length, enable "
+                          "training.gradient_checkpointing, or use a GPU with more memory")
+    return {**training, "batch_size": training["batch_size"] // factor,
+            "grad_accum": training["grad_accum"] * factor}, halvings
+
+
+def record_oom(out_dir: Path, training: dict, halvings: int, error: Exception) -> TrainingOOM:
+    _atomic_write_json(out_dir / OOM_FILE, {"halvings": halvings + 1, "last_error": str(error).splitlines()[0],
+                                           "failed_batch_size": training["batch_size"]})
+    nxt = training["batch_size"] // 2
+    return TrainingOOM(f"out of memory at per-device batch {training['batch_size']} x accumulation "
+                       f"{training['grad_accum']}. The next attempt (Snakemake retries the job) trains with batch "
+                       f"{nxt} x accumulation {training['grad_accum'] * 2}, the same effective batch"
+                       + ("" if nxt else "; batch 1 cannot be halved") + f". ({str(error).splitlines()[0]})")
+
+
 def total_steps(n_train: int, training: dict) -> int:
     if training["max_steps"] > 0:
         return training["max_steps"]
@@ -302,6 +422,10 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    training, oom_halvings = batch_after_oom(out_dir, training)
+    if oom_halvings:
+        log.info("an earlier attempt ran out of memory: per-device batch %d x accumulation %d (effective batch kept)",
+                 training["batch_size"], training["grad_accum"])
     threads = training.get("threads") or threads
     if threads:  # never more threads than cores: oversubscription slows training and skews timings
         torch.set_num_threads(max(1, min(int(threads), os.cpu_count() or 1)))
@@ -342,7 +466,9 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         logging_steps=min(training["logging_steps"], eval_steps),
         eval_strategy="steps",
         eval_steps=eval_steps,
-        save_strategy="no",
+        save_strategy="steps" if training["checkpoint_steps"] else "no",
+        save_steps=training["checkpoint_steps"] or None,
+        save_total_limit=1,  # the newest checkpoint is all a resume needs
         report_to="none",
         disable_tqdm=True,
         seed=spec["seed"],
@@ -368,24 +494,39 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
             if p.requires_grad:
                 p.data = p.data.float()
     counts = trainer.token_counts = dict(trainer.token_counts)
+    key = resume_key(spec, training)
+    ckpt, resumed = find_resumable(out_dir / "checkpoints", key)
     memory = PeakMemory(device)
-    recorder = _callback_class()(out_dir / "log_history.jsonl", counts, memory)
-    recorder.history_path.write_text("")
+    recorder = _callback_class()(out_dir / "log_history.jsonl", counts, memory, resumed)
     trainer.add_callback(recorder)
 
-    log.info("evaluating the untrained model on %d eval examples", len(eval_ds))
-    base_eval = trainer.evaluate()
-    base_examples = per_example_losses(trainer)
-    recorder.write({"step": 0, "epoch": 0.0, **base_eval, "tokens_nonpad_seen": 0, "tokens_padded_seen": 0,
-                    "elapsed_s": 0.0})
+    if resumed:
+        counts.update(resumed["counts"])
+        base_eval, base_examples = resumed["base_eval"], resumed["base_examples"]
+        recorder.history_path.write_text("".join(json.dumps(r) + "\n" for r in resumed["history"]))
+        log.info("resuming from %s (step %d of %d; %d segment(s) before, %.1fs of training kept)", ckpt.name,
+                 resumed["step"], steps, resumed["segments"], resumed["train_time_s"])
+    else:
+        recorder.history_path.write_text("")
+        log.info("evaluating the untrained model on %d eval examples", len(eval_ds))
+        base_eval = trainer.evaluate()
+        base_examples = per_example_losses(trainer)
+        recorder.write({"step": 0, "epoch": 0.0, **base_eval, "tokens_nonpad_seen": 0, "tokens_padded_seen": 0,
+                        "elapsed_s": 0.0})
+    recorder.extra_state = {"key": key, "base_eval": base_eval, "base_examples": base_examples}
     log.info("untrained eval_loss %.4f; training %d steps (%d examples, batch %d x accumulation %d)",
              base_eval["eval_loss"], steps, len(train_ds), training["batch_size"], training["grad_accum"])
 
     at_load = memory.reset()
     machine = MachineShare()
     machine.start()
-    result = trainer.train()
+    try:
+        result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    except torch.OutOfMemoryError as e:
+        raise record_oom(out_dir, training, oom_halvings, e) from e
     mem = memory.read()
+    for k, v in (resumed or {}).get("peaks", {}).items():  # a resumed run's peak is the peak of all its segments
+        mem[k] = max(mem.get(k) or 0, v)
     machine_share = machine.stop()
     if machine_share["machine_busy_during_train"]:
         log.warning("other processes used %.0f%% of this machine's CPU while %s trained: its timings are not "
@@ -393,15 +534,16 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
                     spec["run"])
 
     history = trainer.state.log_history
-    eval_during = sum(h.get("eval_runtime", 0.0) for h in history if "eval_loss" in h)
-    wall = recorder.t_end - recorder.t_begin
-    train_time = wall - eval_during
+    # this segment's wall time minus its evaluations, plus what earlier segments (before a crash) measured
+    wall = recorder.t_end - recorder.t_begin + (resumed or {}).get("elapsed_s", 0.0)
+    eval_during = recorder.eval_time_s + (resumed or {}).get("eval_time_s", 0.0)
+    train_time = recorder.t_end - recorder.t_begin - recorder.eval_time_s + (resumed or {}).get("train_time_s", 0.0)
     last_eval = [h for h in history if "eval_loss" in h]
     if not last_eval or last_eval[-1].get("step") != trainer.state.global_step:
         final_eval = trainer.evaluate()
         recorder.write({"step": trainer.state.global_step, "epoch": trainer.state.epoch, **final_eval,
                         "tokens_nonpad_seen": counts["tokens_nonpad"], "tokens_padded_seen": counts["tokens_padded"],
-                        "elapsed_s": time.perf_counter() - recorder.t_begin})
+                        "elapsed_s": recorder.elapsed()})
     else:
         final_eval = last_eval[-1]
     losses = [h["loss"] for h in history if "loss" in h]
@@ -439,6 +581,10 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         "quant_type": spec["quantization"]["quant_type"] if spec["quantization"] else None,
         "batch_size": training["batch_size"],
         "grad_accum": training["grad_accum"],
+        "effective_batch": training["batch_size"] * training["grad_accum"],
+        "oom_halvings": oom_halvings,
+        "resumed_from_step": resumed["step"] if resumed else None,
+        "train_segments": (resumed["segments"] if resumed else 0) + 1,
         "max_length": training["max_length"],
         "seed": spec["seed"],
         # quality
@@ -476,6 +622,7 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         "peft_version": versions["peft"],
         "trl_version": versions["trl"],
         "git_commit": git["git_commit"],
+        "git_dirty": git["git_dirty"],
         "data_fingerprint_sha256": fingerprint(train_path, eval_path),
         **predicted,
         **memory_model.compare(predicted, mem),
@@ -491,6 +638,11 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         "meta_info": {"packages": versions, **git, "hardware": hw},
     }
     _atomic_write_json(out_dir / "metrics.json", metrics)
+    (out_dir / OOM_FILE).unlink(missing_ok=True)
+    if not training["keep_checkpoints"] and (out_dir / "checkpoints").is_dir():
+        import shutil
+
+        shutil.rmtree(out_dir / "checkpoints")  # the finished model is saved; checkpoints only serve a resume
     log.info("done: train_loss %.4f  eval_loss %.4f  %.1fs  %.1f samples/s  peak RSS %.0f MiB", metrics["train_loss"],
              metrics["eval_loss"], train_time, metrics["train_samples_per_s"], (mem["peak_rss_bytes"] or 0) / 2**20)
     return metrics

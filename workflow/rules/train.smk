@@ -19,6 +19,7 @@ rule train:
     benchmark:
         "results/benchmarks/train/{run}.tsv"
     threads: 4
+    retries: 2  # a run that ran out of memory is retried with half the per-device batch (twice the accumulation)
     resources:
         gpu=1,
     conda:
