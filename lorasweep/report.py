@@ -160,7 +160,10 @@ def results_table(df: pd.DataFrame) -> str:
             "samples/s": _num(r["train_samples_per_s"], "{:.2f}"),
             "steps/s": _num(r["train_steps_per_s"], "{:.3f}"),
             "tokens/s": _num(r["train_tokens_nonpad_per_s"], "{:,.0f}"),
+            "padding": _num(r.get("padding_share_pct"), "{:.0f}%"),
         }
+        if "mfu_pct" in df and df["mfu_pct"].notna().any():
+            row["MFU"] = _num(r.get("mfu_pct"), "{:.1f}%")
         if cuda:
             row["peak alloc"] = _gib(r.get("peak_cuda_allocated_bytes"))
             row["peak reserved"] = _gib(r.get("peak_cuda_reserved_bytes"))
@@ -174,7 +177,9 @@ def results_table(df: pd.DataFrame) -> str:
         "*eval loss*: on the held-out split after training; untrained: "
         + ", ".join(f"{r['run']} {r['base_eval_loss']:.4g}" for _, r in df.iterrows()) + ".",
         "- *runtime*: training wall time with evaluation time subtracted; *tokens/s* counts non-padding "
-        "tokens (prompt + response) actually fed.",
+        "tokens (prompt + response) actually fed; *padding*: share of the fed batch positions that were padding"
+        + ("; *MFU*: model FLOPs (6·N per token for full fine-tuning, 4·N with a frozen base) per second over "
+           "the GPU's dense bf16 peak." if "mfu_pct" in df and df["mfu_pct"].notna().any() else "."),
         "- *peak RSS*: peak resident memory of the training process after the model was loaded and the peak "
         "was reset" + ("; *peak alloc / reserved*: `torch.cuda` peaks after a reset at the same point." if cuda else
                        " (CPU run: no CUDA figures)."),

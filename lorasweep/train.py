@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .config import ConfigError
-from . import memory_model
+from . import memory_model, speed
 from .memory import PeakMemory
 from .provenance import MachineShare, git_state, hardware, package_versions
 
@@ -499,6 +499,9 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
     memory = PeakMemory(device)
     recorder = _callback_class()(out_dir / "log_history.jsonl", counts, memory, resumed)
     trainer.add_callback(recorder)
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # the Recorder logs progress; PrinterCallback dumps raw dicts
 
     if resumed:
         counts.update(resumed["counts"])
@@ -606,6 +609,9 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         "train_tokens_labelled": counts["tokens_labelled"],
         "train_tokens_nonpad_per_s": counts["tokens_nonpad"] / train_time,
         "padding_share_pct": 100.0 * (1 - counts["tokens_nonpad"] / counts["tokens_padded"]),
+        **({"mfu_pct": 100 * m} if (m := speed.mfu(params["total_params"], spec["method"] == "full",
+                                                   counts["tokens_nonpad"] / train_time, hw.get("gpu_name")))
+           else {}),
         **machine_share,
         # parameters and size
         **params,

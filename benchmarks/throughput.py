@@ -1,0 +1,152 @@
+"""Throughput of lorasweep's training step against the plain SFTTrainer recipe, on the same model, data and machine.
+
+    python benchmarks/throughput.py --data ../shared/data/codealpaca/code_alpaca_2k.json --repeats 3
+
+Both recipes train the same model (by default the tiny OPT, built here with a tokenizer trained on the
+data) on the same prepared split, for the same number of optimizer steps, batch size, learning rate and
+max length. *Plain* is TRL's `SFTTrainer` with `SFTConfig` defaults for everything else, as the
+write-ups ran it: random batches padded to the longest, activation checkpointing on (TRL's default).
+*lorasweep* is `lorasweep.train.train_run`, the step the workflow runs (length-grouped batches,
+activation checkpointing off unless asked for). Tokens/s counts prompt + response tokens without
+padding, over training time only. The median of ``--repeats`` runs is printed, with the eval loss each
+recipe reached on the held-out split after the same steps. Pass ``--model`` for a real model (local
+path or hub id) and ``--device cuda`` on a GPU, where MFU is printed too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from lorasweep import speed
+from lorasweep.config import run_spec, validate_config
+from lorasweep.data import prepare, read_jsonl
+from lorasweep.train import train_run
+
+
+
+def plain_recipe(model_path: str, train_jsonl: Path, eval_jsonl: Path, out: Path, *, run: str, steps: int,
+                 batch: int, lr: float, max_length: int, device: str, seed: int, checkpointing: bool = True) -> dict:
+    """TRL SFTTrainer with SFTConfig defaults apart from what both recipes must share."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+    from trl import SFTConfig, SFTTrainer
+
+    set_seed(seed)
+    cols = ("prompt", "completion")
+    train = Dataset.from_list([{k: r[k] for k in cols} for r in read_jsonl(train_jsonl)])
+    evals = Dataset.from_list([{k: r[k] for k in cols} for r in read_jsonl(eval_jsonl)])
+    tok = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    peft_config = None
+    if run.startswith("lora-r"):
+        r = int(run.split("r")[-1])
+        peft_config = LoraConfig(r=r, lora_alpha=4 * r, lora_dropout=0.1, target_modules=["q_proj", "k_proj", "v_proj"],
+                                 task_type="CAUSAL_LM")
+    args = SFTConfig(output_dir=str(out), max_steps=steps, per_device_train_batch_size=batch, learning_rate=lr,
+                     max_length=max_length, seed=seed, report_to="none", disable_tqdm=True, save_strategy="no",
+                     use_cpu=device == "cpu", include_num_input_tokens_seen="non_padding",
+                     # SFTConfig defaults bf16=True; the CPU runs here are fp32 in both recipes
+                     bf16=device == "cuda", activation_checkpointing=checkpointing)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=evals, processing_class=tok,
+                         peft_config=peft_config)
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # prints every log dict; not part of the work measured
+    t0 = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - t0
+    tokens = trainer.state.num_input_tokens_seen
+    eval_loss = trainer.evaluate()["eval_loss"]
+    return {"tokens_per_s": tokens / seconds, "tokens": tokens, "seconds": seconds, "eval_loss": eval_loss,
+            "activation_checkpointing": bool(args.activation_checkpointing)}
+
+
+def lorasweep_recipe(model_path: str, train_jsonl: Path, eval_jsonl: Path, out: Path, *, run: str, steps: int,
+                     batch: int, lr: float, max_length: int, device: str, seed: int) -> dict:
+    key = "full" if run == "full" else "lora"
+    cfg = validate_config({
+        "model": {"name_or_path": model_path}, "dataset": {"source": str(train_jsonl)}, "seed": seed,
+        "methods": {"full": {"enabled": run == "full", "learning_rate": lr},
+                    "lora": {"ranks": [int(run.split("r")[-1])] if key == "lora" else [], "learning_rate": lr},
+                    "qlora": {"ranks": []}},
+        "training": {"device": device, "max_steps": steps, "batch_size": batch, "max_length": max_length,
+                     "evals": 1, "checkpoint_steps": 0},
+    })
+    m = train_run(run_spec(cfg, run), train_jsonl, eval_jsonl, out)
+    return {"tokens_per_s": m["train_tokens_nonpad_per_s"], "tokens": m["train_tokens_nonpad"],
+            "seconds": m["train_runtime_s"], "eval_loss": m["eval_loss"], "padding_share_pct": m["padding_share_pct"],
+            "params": m["total_params"], "trainable": m["trainable_params"], "hardware": m["hardware"]}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True, help="CodeAlpaca-format .json/.jsonl/.parquet (or hub id)")
+    ap.add_argument("--model", help="model path or hub id; default: build the tiny OPT on the data")
+    ap.add_argument("--run", default="full", help="full or lora-r<rank>")
+    ap.add_argument("--steps", type=int, default=120)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", help="write the results here")
+    a = ap.parse_args(argv)
+
+    work = Path(tempfile.mkdtemp(prefix="lorasweep-bench-"))
+    train, evals, summary = work / "train.jsonl", work / "eval.jsonl", work / "summary.json"
+    prepare(a.data, train, evals, summary, eval_size=0.05, seed=a.seed)
+    model = a.model
+    if model is None:
+        from lorasweep.tiny import build_tiny_model_from_jsonl
+
+        model = str(build_tiny_model_from_jsonl(train, work / "opt-tiny"))
+    common = dict(run=a.run, steps=a.steps, batch=a.batch, lr=a.lr, max_length=a.max_length, device=a.device,
+                  seed=a.seed)
+    import functools
+
+    recipes = {"plain": plain_recipe,
+               "plain, checkpointing off": functools.partial(plain_recipe, checkpointing=False),
+               "lorasweep": lorasweep_recipe}
+    results = {k: [] for k in recipes}
+    for i in range(a.repeats):  # interleaved, so a slow phase of the machine hits every recipe
+        for name, fn in recipes.items():
+            r = fn(model, train, evals, work / f"{i}-{name.replace(', ', '-').replace(' ', '-')}", **common)
+            results[name].append(r)
+            print(f"[{i + 1}/{a.repeats}] {name:24s} {r['tokens_per_s']:>10,.0f} tokens/s  {r['seconds']:6.2f} s  "
+                  f"eval loss {r['eval_loss']:.4f}", flush=True)
+
+    med = {k: statistics.median(r["tokens_per_s"] for r in v) for k, v in results.items()}
+    ev = {k: statistics.median(r["eval_loss"] for r in v) for k, v in results.items()}
+    summary_out = {"run": a.run, "steps": a.steps, "batch": a.batch, "max_length": a.max_length, "device": a.device,
+                   "model": a.model or "tiny OPT (built on the data)", "data": a.data, "repeats": a.repeats,
+                   "hardware": results["lorasweep"][0]["hardware"], "median_tokens_per_s": med,
+                   "median_eval_loss": ev, "speedup": med["lorasweep"] / med["plain"],
+                   "tokens_per_run": {k: v[0]["tokens"] for k, v in results.items()},
+                   "lorasweep_padding_share_pct": results["lorasweep"][0]["padding_share_pct"], "runs": results}
+    print(f"\n{a.run} on {summary_out['hardware']}, {a.steps} steps x batch {a.batch}, median of {a.repeats}:")
+    for name in recipes:
+        print(f"  {name:24s}: {med[name]:>10,.0f} non-padding tokens/s ({med[name] / med['plain']:.2f}x), "
+              f"eval loss {ev[name]:.4f} after {results[name][0]['tokens']:,} tokens")
+    print(f"  speed-up of lorasweep over the plain recipe: {summary_out['speedup']:.2f}x")
+    if a.device == "cuda":
+        gpu = summary_out["hardware"]
+        for name in recipes:
+            u = speed.mfu(results["lorasweep"][0]["params"], a.run == "full", med[name], gpu)
+            if u is not None:
+                summary_out.setdefault("mfu", {})[name] = u
+                print(f"  MFU {name:20s}: {u:.1%} of {gpu}'s {speed.peak_flops(gpu) / 1e12:.0f} TFLOP/s bf16 peak")
+    if a.json:
+        Path(a.json).write_text(json.dumps(summary_out, indent=2, default=str) + "\n")
+    return summary_out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""Model FLOPs utilisation: how much of the GPU's peak the training step turns into model arithmetic.
+
+Per non-padding token, a forward and backward pass of a dense decoder costs about 6 x N FLOPs when
+every weight gets a gradient (full fine-tuning) and about 4 x N when the base weights are frozen
+(LoRA, QLoRA: the backward pass still computes activation gradients, not weight gradients); N is the
+number of model parameters, attention's s^2 term is left out. MFU = FLOPs per token x tokens/s / peak.
+"""
+
+from __future__ import annotations
+
+# dense bf16 tensor-core peak FLOP/s (no sparsity), by a substring of torch.cuda.get_device_name()
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12}
+
+
+def peak_flops(gpu_name: str | None) -> float | None:
+    if not gpu_name:
+        return None
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in gpu_name), None)
+
+
+def flops_per_token(total_params: int, full: bool) -> float:
+    return (6 if full else 4) * total_params
+
+
+def mfu(total_params: int, full: bool, tokens_per_s: float, gpu_name: str | None) -> float | None:
+    peak = peak_flops(gpu_name)
+    return flops_per_token(total_params, full) * tokens_per_s / peak if peak else None

@@ -1,0 +1,44 @@
+"""Speed never changes what is learned: the batching levers lorasweep uses leave the loss of every example as is."""
+
+import pytest
+import torch
+
+from lorasweep.data import read_jsonl
+
+
+def _collate(tokenizer, rows, max_length=128):
+    """TRL's own collator (the one the runs use) on labels built as TRL builds them: -100 on the prompt."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    feats = []
+    for r in rows:
+        p = tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]
+        c = tokenizer(r["completion"] + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+        ids = (p + c)[:max_length]
+        feats.append({"input_ids": ids, "labels": ([-100] * len(p) + c)[:max_length]})
+    return DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)(feats)
+
+
+def _loss_sums(model, batch):
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    return (nll * (labels != -100)).sum(1), (labels != -100).sum(1)
+
+
+def test_padding_and_length_grouping_do_not_change_any_examples_loss(tiny_model, tiny_data):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    rows = read_jsonl(tiny_data["train"])[:6]
+    with torch.no_grad():
+        batched, n_batched = _loss_sums(model, _collate(tok, rows))  # padded to the longest of six
+        alone = [_loss_sums(model, _collate(tok, [r])) for r in rows]  # no padding at all
+        regrouped, _ = _loss_sums(model, _collate(tok, [rows[i] for i in (5, 3, 1)]))  # other batch-mates
+    assert (batched.new_tensor([len(set(map(len, tok([r["prompt"] + r["completion"] for r in rows])["input_ids"])))])
+            > 1).all()  # lengths really differ, so the batch really is padded
+    for i, (s, n) in enumerate(alone):
+        assert n.item() == n_batched[i].item()
+        assert batched[i].item() == pytest.approx(s.item(), rel=1e-5, abs=1e-4)
+    assert regrouped.tolist() == pytest.approx([batched[5].item(), batched[3].item(), batched[1].item()], rel=1e-5)
