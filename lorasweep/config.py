@@ -120,6 +120,15 @@ def parse_run(name: str) -> tuple[str, int | None]:
     return method, int(rank)
 
 
+# Settings that change how a run is executed, never what it computes: kept out of the run spec, so that
+# changing them does not make Snakemake retrain finished runs (its params trigger compares the spec).
+OPERATIONAL_KEYS = ("checkpoint_steps", "keep_checkpoints", "threads")
+
+
+def operational(config: dict) -> dict:
+    return {k: config["training"][k] for k in OPERATIONAL_KEYS}
+
+
 def run_spec(config: dict, name: str) -> dict:
     """Everything that determines one run's training, and nothing else."""
     if name not in run_names(config):
@@ -132,7 +141,7 @@ def run_spec(config: dict, name: str) -> dict:
         "rank": rank,
         "seed": config["seed"],
         "model": {k: config["model"][k] for k in ("name_or_path", "trust_remote_code")},
-        "training": copy.deepcopy(config["training"]),
+        "training": {k: copy.deepcopy(v) for k, v in config["training"].items() if k not in OPERATIONAL_KEYS},
         "learning_rate": methods[method]["learning_rate"],
         "lora": None,
         "quantization": None,

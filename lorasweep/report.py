@@ -233,6 +233,49 @@ def writeups_section(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None) 
     return "## Beside the published write-ups\n\n" + _table(rows) + "\n" + "\n".join(notes) + "\n" + table
 
 
+def adapters_section(verify_jsons=(), switch_json=None, samples_json=None) -> str:
+    """Merge verification per adapter run, the adapter-switching round trip, and side-by-side samples."""
+    out = ["## Adapters after training: merge, verify, switch", ""]
+    rows = [json.loads(Path(p).read_text()) for p in verify_jsons if Path(p).is_file()]
+    if rows:
+        out += ["Each adapter merged into its base with PEFT's `merge_and_unload` (QLoRA onto the dequantized 4-bit "
+                "base) and saved as a plain model under `results/runs/<run>/merged/`, then compared with base + adapter "
+                "on held-out examples:", ""]
+        out.append(pd.DataFrame([{
+            "run": r["run"], "merged onto": r["merged_onto"], "max abs logit diff": f"{r['max_abs_logit_diff']:.2e}",
+            "tolerance": f"{r['tolerance']:.0e}", "within": "yes" if r["within_tolerance"] else "**no**",
+            "greedy identical": f"{r['greedy_identical_count']}/{r['prompts']}",
+            "eval loss adapter": f"{r['eval_loss_adapter']:.5f}", "eval loss merged": f"{r['eval_loss_merged']:.5f}"}
+            for r in rows]).to_markdown(index=False))
+        out += ["", "A LoRA merge beyond tolerance fails the workflow; for QLoRA the figure is reported against the "
+                "same bound. A merge onto the original full-precision weights would differ by the quantization error.",
+                ""]
+    if switch_json and Path(switch_json).is_file():
+        sw = json.loads(Path(switch_json).read_text())
+        out += [f"**Switching** (one base model, every LoRA adapter attached by name with `load_adapter`, "
+                f"`set_adapter` in turn, {sw['examples']} held-out examples; base alone: eval loss "
+                f"{sw['base_eval_loss']:.5f}): " + "; ".join(
+                    f"`{a['adapter']}` {a['eval_loss']:.5f}" for a in sw["adapters"]) + ". After `unload()` the "
+                "base model's logits are " + ("identical to the original, bit for bit." if
+                                                sw["unload_restores_base_exactly"] else "**not** the original."), ""]
+    if samples_json and Path(samples_json).is_file():
+        samples = json.loads(Path(samples_json).read_text())
+        out += ["### Samples", "", "Greedy completions of held-out instructions (first 48 new tokens):", ""]
+        for i, s in enumerate(samples, 1):
+            out += [f"**{i}. {s['instruction'].strip()}**" + (f" — input: `{s['input'].strip()}`" if s["input"] else ""),
+                    "", "| model | completion |", "|:--|:--|",
+                    f"| reference | {_cell(s['reference'])} |"]
+            out += [f"| {name} | {_cell(text)} |" for name, text in s["completions"].items()]
+            out.append("")
+    return "\n".join(out) if len(out) > 2 else ""
+
+
+def _cell(text: str, limit: int = 160) -> str:
+    text = " ".join(str(text).split())
+    text = text if len(text) <= limit else text[:limit] + "…"
+    return "`" + text.replace("`", "'").replace("|", "\\|") + "`" if text else "(empty)"
+
+
 def rerun_section() -> str:
     return "\n".join([
         "## How to rerun",
@@ -257,7 +300,14 @@ def render_report(template, out_notebook, out_markdown, **parameters) -> Path:
     out_markdown = Path(out_markdown)
     md_dir = out_markdown.parent.resolve()
     md_dir.mkdir(parents=True, exist_ok=True)
-    params = {k: (str(Path(v).resolve()) if k.endswith(("_csv", "summary")) else v) for k, v in parameters.items()}
+    def resolve(k, v):
+        if k.endswith("_jsons"):
+            return [str(Path(x).resolve()) for x in v]
+        if k.endswith(("_csv", "summary", "_json")) and v:
+            return str(Path(v).resolve())
+        return v
+
+    params = {k: resolve(k, v) for k, v in parameters.items()}
     params.setdefault("figures_dir", "figures")
     log.info("executing %s with papermill", template)
     papermill.execute_notebook(str(template), str(out_notebook), parameters=params, cwd=str(md_dir),

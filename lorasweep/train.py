@@ -408,10 +408,14 @@ def _atomic_write_json(path: Path, obj: dict) -> None:
 
 def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir: str | Path,
               data_summary_path: str | Path | None = None, threads: int | None = None,
-              workflow_dir: str | Path | None = None) -> dict:
+              workflow_dir: str | Path | None = None, operational: dict | None = None) -> dict:
     """Train one run and write ``model/``, ``log_history.jsonl`` and (last) ``metrics.json`` under ``out_dir``."""
     started = datetime.now(timezone.utc)
-    training = spec["training"]
+    from .config import OPERATIONAL_KEYS
+
+    # how to run (checkpointing, threads): from the config, not the spec; defaults as in the schema
+    ops = {"checkpoint_steps": 200, "keep_checkpoints": False, "threads": None, **(operational or {})}
+    training = {**spec["training"], **{k: ops[k] for k in OPERATIONAL_KEYS}}
     device = resolve_device(training["device"])  # first: fail before any loading when CUDA is missing
     precision = resolve_precision(training["precision"], device)
 
@@ -494,7 +498,7 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
             if p.requires_grad:
                 p.data = p.data.float()
     counts = trainer.token_counts = dict(trainer.token_counts)
-    key = resume_key(spec, training)
+    key = resume_key(spec, {k: v for k, v in training.items() if k not in OPERATIONAL_KEYS})
     ckpt, resumed = find_resumable(out_dir / "checkpoints", key)
     memory = PeakMemory(device)
     recorder = _callback_class()(out_dir / "log_history.jsonl", counts, memory, resumed)

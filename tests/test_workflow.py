@@ -38,7 +38,8 @@ def test_default_config_dry_run_plans_five_gpu_training_jobs_offline(tmp_path):
     proc = run_snakemake("-n", "--cores", 4, "--resources", "gpu=1", "--configfile", REPO / "config" / "config.yaml",
                          workdir=tmp_path, env=offline_env(tmp_path))
     stats = job_stats(proc.stdout)
-    assert stats == {"prepare_data": 1, "train": 5, "collect": 1, "plot": 1, "report": 1, "all": 1}
+    assert stats == {"prepare_data": 1, "train": 5, "merge": 4, "verify": 4, "switch": 1, "samples": 1, "collect": 1,
+                     "plot": 1, "report": 1, "all": 1}
     for run in ("full", "lora-r8", "lora-r128", "lora-r256", "qlora-r8"):
         assert f"results/runs/{run}/metrics.json" in proc.stdout
     assert len(re.findall(r"resources: .*gpu=1", proc.stdout)) == 5  # only training jobs hold the GPU
@@ -117,6 +118,41 @@ def test_tiny_sweep_produces_metrics_figures_and_report(tiny_sweep):
 
 
 @pytest.mark.slow
+def test_every_adapter_is_merged_verified_and_switched(tiny_sweep, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from lorasweep.adapters import MergeMismatch, verify_run
+    from lorasweep.config import run_spec, validate_config
+
+    workdir, _ = tiny_sweep
+    runs = workdir / "results" / "runs"
+    for run in ("lora-r8", "lora-r128", "lora-r256", "qlora-r8"):
+        v = json.loads((runs / run / "verify.json").read_text())
+        assert v["within_tolerance"] and v["greedy_identical"], v
+        assert v["eval_loss_merged"] == pytest.approx(v["eval_loss_adapter"], abs=1e-4)
+        model = AutoModelForCausalLM.from_pretrained(runs / run / "merged")  # plain transformers, no PEFT
+        assert not any("lora" in n for n, _ in model.named_parameters())
+        assert (runs / run / "merged" / "tokenizer.json").is_file()
+    assert not (runs / "full" / "merged").exists()
+    sw = json.loads((workdir / "results" / "switch.json").read_text())
+    assert [a["adapter"] for a in sw["adapters"]] == ["lora-r8", "lora-r128", "lora-r256"]
+    assert sw["unload_restores_base_exactly"] and all(a["max_abs_logit_diff_vs_base"] > 0 for a in sw["adapters"])
+    samples = json.loads((workdir / "results" / "samples.json").read_text())
+    assert len(samples) == 3 and set(samples[0]["completions"]) == {
+        "base (untrained)", "full", "lora-r8", "lora-r128", "lora-r256", "qlora-r8"}
+    md = (workdir / "reports" / "summary.md").read_text()
+    assert "## Adapters after training: merge, verify, switch" in md and "### Samples" in md
+
+    # a wrong merge is caught: lora-r8's adapter against lora-r256's merged model
+    cfg = validate_config(__import__("yaml").safe_load((REPO / "config" / "tiny.yaml").read_text()))
+    spec = run_spec(cfg, "lora-r8")
+    spec["model"]["name_or_path"] = str(workdir / spec["model"]["name_or_path"])
+    with pytest.raises(MergeMismatch, match="do not deploy this merge"):
+        verify_run(spec, runs / "lora-r8" / "model", runs / "lora-r256" / "merged",
+                   workdir / "results" / "data" / "eval.jsonl", tmp_path / "verify.json")
+
+
+@pytest.mark.slow
 def test_snakemake_html_report_holds_the_figures(tiny_sweep):
     workdir, _ = tiny_sweep
     run_snakemake("--cores", 2, "--resources", "gpu=1", "--configfile", REPO / "config" / "tiny.yaml",
@@ -131,6 +167,10 @@ def test_rerunning_one_rank_retrains_only_that_run(tiny_sweep):
     workdir, _ = tiny_sweep
     args = ("--cores", 2, "--resources", "gpu=1", "--configfile", REPO / "config" / "tiny.yaml")
     assert "Nothing to be done" in run_snakemake(*args, "-n", workdir=workdir).stdout
+    # how a run is executed (checkpoint interval, threads) is not what it computes: no retraining
+    ops = workdir / "ops.yaml"
+    ops.write_text("training:\n  checkpoint_steps: 7\n  keep_checkpoints: true\n  threads: 1\n")
+    assert "Nothing to be done" in run_snakemake("-n", *args, ops, workdir=workdir).stdout
     metrics = {r: (workdir / "results" / "runs" / r / "metrics.json") for r in ("full", "lora-r8", "lora-r128")}
     before = {r: p.stat().st_mtime_ns for r, p in metrics.items()}
     report_before = (workdir / "reports" / "summary.md").stat().st_mtime_ns

@@ -49,6 +49,9 @@ rule report:
         metrics="results/metrics.csv",
         history="results/log_history.csv",
         eval_losses="results/eval_losses.csv",
+        verify=expand("results/runs/{run}/verify.json", run=ADAPTER_RUNS),
+        switch="results/switch.json" if LORA_RUNS else [],
+        samples="results/samples.json",
         data_summary="results/data/summary.json",
         figures=expand("reports/figures/{name}.png", name=FIGURES),
     output:

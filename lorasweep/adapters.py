@@ -1,0 +1,224 @@
+"""After training: merge adapters for deployment, verify the merge, switch adapters on one base, sample.
+
+Write-up W5's advice as workflow stages. Everything here uses PEFT's own API: ``PeftModel.from_pretrained``,
+``merge_and_unload``, ``load_adapter`` / ``set_adapter`` / ``unload``.
+
+- **merge**: base + adapter -> ``merge_and_unload`` -> a plain model saved with its tokenizer (safetensors).
+  A QLoRA adapter is merged onto the *dequantized* 4-bit base (``model.dequantize()``): the merged model
+  computes what the 4-bit base + adapter computed, in full precision. Merging onto the original
+  full-precision weights instead would add the quantization error back; re-quantizing after the merge
+  (PEFT's default for a 4-bit base) would add a second rounding.
+- **verify**: the merged model against base + adapter on held-out prompts: the largest absolute logit
+  difference, whether greedy generations are identical, and the eval loss of both.
+- **switch**: one base model, every LoRA adapter attached by name, scored in turn, then unloaded; the
+  base must give back its original logits bit for bit.
+- **samples**: greedy completions of a few held-out instructions by the base and by every run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from .data import read_jsonl
+
+log = logging.getLogger(__name__)
+
+# fp32 merge of W + (alpha/r) B A: rounding only; beyond this the merge is wrong, and the job fails.
+LORA_MAX_LOGIT_DIFF = 1e-3
+# documented bound for QLoRA (merged onto the dequantized base): same arithmetic, so the same bound,
+# reported rather than enforced, since 4-bit kernels may compute in another order on other hardware.
+QLORA_MAX_LOGIT_DIFF = 1e-3
+
+
+class MergeMismatch(RuntimeError):
+    pass
+
+
+def _quant_config(spec: dict):
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    q = spec["quantization"]
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q["quant_type"],
+                              bnb_4bit_use_double_quant=q["double_quant"], bnb_4bit_compute_dtype=torch.float32)
+
+
+def load_base(spec: dict, quantized: bool = False):
+    """The run's base model on the CPU in fp32; with ``quantized`` the 4-bit base it trained on."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": torch.float32, "use_safetensors": True, "trust_remote_code": spec["model"]["trust_remote_code"]}
+    if quantized:
+        kwargs.update(quantization_config=_quant_config(spec), device_map={"": "cpu"})
+    model = AutoModelForCausalLM.from_pretrained(spec["model"]["name_or_path"], **kwargs)
+    for m in model.modules():  # bitsandbytes CPU layout workaround, as in training (see train.load_model)
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+    return model.eval()
+
+
+def held_out(eval_jsonl, n: int) -> list[dict]:
+    return read_jsonl(eval_jsonl)[:n]
+
+
+def _batch(tokenizer, rows):
+    """Prompt + completion, right-padded, labels -100 on prompt and padding (as in training)."""
+    import torch
+
+    ids, labels = [], []
+    for r in rows:
+        p = tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]
+        c = tokenizer(r["completion"] + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+        ids.append(p + c)
+        labels.append([-100] * len(p) + c)
+    width = max(map(len, ids))
+    pad = tokenizer.pad_token_id
+    return {"input_ids": torch.tensor([x + [pad] * (width - len(x)) for x in ids]),
+            "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids]),
+            "labels": torch.tensor([x + [-100] * (width - len(x)) for x in labels])}
+
+
+def score(model, batch) -> dict:
+    """Logits (for comparisons) and the token-weighted loss on the response tokens."""
+    import torch
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    lab = batch["labels"][:, 1:]
+    nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), lab, ignore_index=-100, reduction="sum")
+    mask = batch["attention_mask"].bool()
+    return {"logits": logits[mask], "loss": float(nll / (lab != -100).sum())}
+
+
+def greedy(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
+    import torch
+
+    out = []
+    for p in prompts:
+        enc = tokenizer(p, return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+        out.append(tokenizer.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+    return out
+
+
+def merge_run(spec: dict, adapter_dir, out_dir) -> Path:
+    """Merge a LoRA / QLoRA adapter into its base and save model + tokenizer (safetensors)."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    quantized = bool(spec["quantization"])
+    base = load_base(spec, quantized)
+    if quantized:
+        base = base.dequantize()
+        log.info("QLoRA: merging onto the dequantized %s base (lossless w.r.t. what the adapter trained on)",
+                 spec["quantization"]["quant_type"])
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    out_dir = Path(out_dir)
+    merged.save_pretrained(out_dir, safe_serialization=True)
+    AutoTokenizer.from_pretrained(spec["model"]["name_or_path"]).save_pretrained(out_dir)
+    log.info("merged %s into %s", adapter_dir, out_dir)
+    return out_dir
+
+
+def verify_run(spec: dict, adapter_dir, merged_dir, eval_jsonl, out_json, n_prompts: int = 8,
+               max_new_tokens: int = 24) -> dict:
+    """Compare the merged model with base + adapter; fail on a LoRA merge beyond tolerance."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quantized = bool(spec["quantization"])
+    tok = AutoTokenizer.from_pretrained(merged_dir)
+    rows = held_out(eval_jsonl, n_prompts)
+    batch = _batch(tok, rows)
+    with_adapter = PeftModel.from_pretrained(load_base(spec, quantized), str(adapter_dir)).eval()
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, use_safetensors=True).eval()  # plain transformers
+    a, m = score(with_adapter, batch), score(merged, batch)
+    diff = float((a["logits"] - m["logits"]).abs().max())
+    gen_a = greedy(with_adapter, tok, [r["prompt"] for r in rows], max_new_tokens)
+    gen_m = greedy(merged, tok, [r["prompt"] for r in rows], max_new_tokens)
+    bound = QLORA_MAX_LOGIT_DIFF if quantized else LORA_MAX_LOGIT_DIFF
+    result = {"run": spec["run"], "quantized": quantized, "prompts": len(rows),
+              "max_abs_logit_diff": diff, "tolerance": bound, "within_tolerance": diff <= bound,
+              "greedy_identical": gen_a == gen_m, "greedy_identical_count": sum(x == y for x, y in zip(gen_a, gen_m)),
+              "eval_loss_adapter": a["loss"], "eval_loss_merged": m["loss"],
+              "merged_onto": "dequantized 4-bit base" if quantized else "base weights"}
+    Path(out_json).write_text(json.dumps(result, indent=2) + "\n")
+    log.info("%s: max |logit diff| %.2e (tolerance %.0e), greedy identical %d/%d, loss %.5f vs %.5f", spec["run"],
+             diff, bound, result["greedy_identical_count"], len(rows), a["loss"], m["loss"])
+    if not quantized and not result["within_tolerance"]:
+        raise MergeMismatch(f"merged {spec['run']} differs from base + adapter by {diff:.3g} in the logits "
+                            f"(tolerance {bound:g}): do not deploy this merge; see {out_json}")
+    return result
+
+
+def switch_adapters(spec: dict, adapters: dict[str, str], eval_jsonl, out_json, n_prompts: int = 8) -> dict:
+    """Load the base once, attach every adapter by name, score each, unload, check the base is untouched."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(spec["model"]["name_or_path"])
+    batch = _batch(tok, held_out(eval_jsonl, n_prompts))
+    base = load_base(spec)
+    before = score(base, batch)
+    names = list(adapters)
+    model = PeftModel.from_pretrained(base, adapters[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(adapters[name], adapter_name=name)
+    results = []
+    for name in names:
+        model.set_adapter(name)
+        s = score(model.eval(), batch)
+        results.append({"adapter": name, "eval_loss": s["loss"],
+                        "max_abs_logit_diff_vs_base": float((s["logits"] - before["logits"]).abs().max())})
+        log.info("adapter %s: eval loss %.5f on %d held-out examples", name, s["loss"], len(batch["input_ids"]))
+    restored = model.unload()
+    after = score(restored, batch)
+    exact = bool(torch.equal(after["logits"], before["logits"]))
+    out = {"base_eval_loss": before["loss"], "adapters": results, "unload_restores_base_exactly": exact,
+           "examples": int(batch["input_ids"].shape[0])}
+    Path(out_json).write_text(json.dumps(out, indent=2) + "\n")
+    if not exact:
+        raise RuntimeError(f"after unload() the base model's logits differ from the original: {out_json}")
+    return out
+
+
+def _instruction_and_input(prompt: str) -> dict:
+    """The instruction and input back out of an Alpaca-formatted prompt."""
+    import re
+
+    ins = re.search(r"### Instruction:\n(.*?)\n\n###", prompt, re.S)
+    inp = re.search(r"### Input:\n(.*?)\n\n###", prompt, re.S)
+    return {"instruction": ins.group(1) if ins else prompt, "input": inp.group(1) if inp else ""}
+
+
+def sample_runs(specs: dict[str, dict], models: dict[str, str], eval_jsonl, out_json, n: int = 3,
+                max_new_tokens: int = 48) -> list[dict]:
+    """Greedy completions of the first ``n`` held-out instructions: the base model, then every run."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = next(iter(specs.values()))
+    tok = AutoTokenizer.from_pretrained(spec["model"]["name_or_path"])
+    rows = held_out(eval_jsonl, n)
+    prompts = [r["prompt"] for r in rows]
+    out = [{**_instruction_and_input(r["prompt"]), "reference": r["completion"], "completions": {}} for r in rows]
+    for i, text in enumerate(greedy(load_base(spec), tok, prompts, max_new_tokens)):
+        out[i]["completions"]["base (untrained)"] = text
+    for run, path in models.items():
+        if (Path(path) / "adapter_config.json").exists():
+            model = PeftModel.from_pretrained(load_base(specs[run], bool(specs[run]["quantization"])), path).eval()
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True).eval()
+        for i, text in enumerate(greedy(model, tok, prompts, max_new_tokens)):
+            out[i]["completions"][run] = text
+        log.info("sampled %s", run)
+    Path(out_json).write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
