@@ -287,6 +287,15 @@ def _monotone(values: list[float], increasing: bool, tol: float) -> bool:
     return all(b < a * (1 - tol) for a, b in pairs)
 
 
+def _lowest(values: pd.Series, run: str, others: list[str], tol: float) -> str:
+    """Is ``run``'s value below every other's by more than ``tol`` (relative)?"""
+    if all(values[run] < values[r] * (1 - tol) for r in others):
+        return "agrees"
+    if any(values[r] < values[run] * (1 - tol) for r in others):
+        return "disagrees"
+    return f"too close to call (within {tol:.0%})"
+
+
 def _rises(values: list[float], tol: float) -> str:
     """'agrees' if every step rises beyond tol, 'disagrees' if any falls beyond it, else too close to call."""
     if _monotone(values, True, tol):
@@ -323,25 +332,13 @@ def writeup_claims(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None) ->
             f"full {m.loc['full', 'eval_loss']:.4f} vs best LoRA `{best_lora}` {m.loc[best_lora, 'eval_loss']:.4f}"
             + (f" (Δ {d['diff']:+.4f} ± {d['half']:.4f})" if d else ""))
         others = [r for r in m.index if r != "full"]
-        if all(m.loc["full", mem] < m.loc[r, mem] * (1 - MEM_TOL) for r in others):
-            verdict = "agrees"
-        elif any(m.loc[r, mem] < m.loc["full", mem] * (1 - MEM_TOL) for r in others):
-            verdict = "disagrees"
-        else:
-            verdict = f"too close to call (within {MEM_TOL:.0%})"
-        add("W1", "full fine-tuning used the least peak memory", verdict,
+        add("W1", "full fine-tuning used the least peak memory", _lowest(m[mem], "full", others, MEM_TOL),
             f"{mem_name}: full {mib(m.loc['full', mem])}; " +
             ", ".join(f"{r} {mib(m.loc[r, mem])}" for r in others))
         slower = [r for r in lo if parse_run(r)[1] >= 128]
         if slower:
-            full_t = m.loc["full", "train_runtime_s"]
-            if all(full_t < m.loc[r, "train_runtime_s"] * (1 - TIME_TOL) for r in slower):
-                verdict = "agrees"
-            elif any(m.loc[r, "train_runtime_s"] < full_t * (1 - TIME_TOL) for r in slower):
-                verdict = "disagrees"
-            else:
-                verdict = f"too close to call (within {TIME_TOL:.0%})"
-            add("W1", "full fine-tuning was faster than LoRA r=128 and r=256", verdict,
+            add("W1", "full fine-tuning was faster than LoRA r=128 and r=256",
+                _lowest(m["train_runtime_s"], "full", slower, TIME_TOL),
                 f"runtime s: full {m.loc['full', 'train_runtime_s']:.1f}; " +
                 ", ".join(f"{r} {m.loc[r, 'train_runtime_s']:.1f}" for r in slower))
     if len(lo) >= 2:
