@@ -84,14 +84,13 @@ def _batch(tokenizer, rows):
 def score(model, batch) -> dict:
     """Logits (for comparisons) and the token-weighted loss on the response tokens."""
     import torch
-    import torch.nn.functional as F
+
+    from .train import response_nll
 
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-    lab = batch["labels"][:, 1:]
-    nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), lab, ignore_index=-100, reduction="sum")
-    mask = batch["attention_mask"].bool()
-    return {"logits": logits[mask], "loss": float(nll / (lab != -100).sum())}
+    sums, counts = response_nll(logits, batch["labels"])
+    return {"logits": logits[batch["attention_mask"].bool()], "loss": float(sums.sum() / counts.sum())}
 
 
 def greedy(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:

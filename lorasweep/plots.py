@@ -34,13 +34,6 @@ def run_palette(runs: list[str]) -> dict:
     return {r: pal[r] for r in runs}
 
 
-def memory_column(df: pd.DataFrame) -> tuple[str, str]:
-    """The peak-memory figure to plot: CUDA peak allocated when measured, else peak RSS."""
-    if "peak_cuda_allocated_bytes" in df and df["peak_cuda_allocated_bytes"].notna().any():
-        return "peak_cuda_allocated_bytes", "peak CUDA memory allocated (GiB)"
-    return "peak_rss_bytes", "peak resident memory of the process (GiB)"
-
-
 def _bar(ax, df, col, pal, xlabel, scale=1.0, log=False, fmt="{:.3g}"):
     import seaborn as sns
 
@@ -66,8 +59,9 @@ def memory_parts(df: pd.DataFrame) -> dict:
     memory predicts, so on the CPU the model's *increment* (gradients, optimizer, activations) is
     compared with the measured increment ``peak_rss_bytes - rss_at_load_bytes``.
     """
-    cuda = "peak_cuda_allocated_bytes" in df and df["peak_cuda_allocated_bytes"].notna().any()
-    if cuda:
+    from .findings import memory_measure
+
+    if memory_measure(df)[0] == "peak_cuda_allocated_bytes":
         return {"cuda": True, "at_load": df["cuda_allocated_at_load_bytes"], "peak": df["peak_cuda_allocated_bytes"],
                 "compared": df["peak_cuda_allocated_bytes"],
                 "components": ["weights", "gradients", "optimizer", "activations"],

@@ -301,6 +301,16 @@ def _callback_class():
     return Recorder
 
 
+def response_nll(logits, labels):
+    """Next-token loss summed over each sequence's labelled (response) tokens, and their count."""
+    import torch.nn.functional as F
+
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    mask = labels != -100
+    return (nll * mask).sum(1), mask.sum(1)
+
+
 def per_example_losses(trainer) -> list[dict]:
     """Loss summed over each eval example's response tokens, and their count, in eval-split order.
 
@@ -308,7 +318,6 @@ def per_example_losses(trainer) -> list[dict]:
     examples), so a difference in eval loss comes with a confidence interval instead of a guess.
     """
     import torch
-    import torch.nn.functional as F
 
     model = trainer.model
     was_training = model.training
@@ -319,11 +328,8 @@ def per_example_losses(trainer) -> list[dict]:
             batch = trainer._prepare_inputs(batch)
             labels = batch["labels"]
             logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
-            logits, labels = logits[:, :-1].float(), labels[:, 1:]
-            nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
-            mask = labels != -100
-            for s, n in zip((nll * mask).sum(1).tolist(), mask.sum(1).tolist()):
-                out.append({"loss_sum": s, "tokens": int(n)})
+            sums, counts = response_nll(logits, labels)
+            out += [{"loss_sum": s, "tokens": int(n)} for s, n in zip(sums.tolist(), counts.tolist())]
     model.train(was_training)
     return out
 
