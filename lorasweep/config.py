@@ -125,7 +125,11 @@ def parse_run(name: str) -> tuple[str, int | None]:
 OPERATIONAL_KEYS = ("checkpoint_steps", "keep_checkpoints", "threads")
 
 
-def operational(config: dict) -> dict:
+def operational(config: dict | None = None) -> dict:
+    """The operational training settings of ``config``; without one, the schema's defaults."""
+    if config is None:
+        props = load_schema()["properties"]["training"]["properties"]
+        return {k: props[k]["default"] for k in OPERATIONAL_KEYS}
     return {k: config["training"][k] for k in OPERATIONAL_KEYS}
 
 

@@ -199,8 +199,8 @@ def figures_section(figures_dir: str) -> str:
 def writeups_section(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None) -> str:
     """Our LoRA runs beside the figures W2 and W3 reported for the same ranks."""
     ours = df.set_index("run")
-    cuda = "peak_cuda_allocated_bytes" in df and df["peak_cuda_allocated_bytes"].notna().any()
-    mem_col = "peak_cuda_allocated_bytes" if cuda else "peak_rss_bytes"
+    mem_col, _ = F.memory_measure(df)
+    cuda = mem_col == "peak_cuda_allocated_bytes"
     rows = []
     for name, w in WRITEUPS.items():
         for run, fig in w["runs"].items():

@@ -418,10 +418,10 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
     """Train one run and write ``model/``, ``log_history.jsonl`` and (last) ``metrics.json`` under ``out_dir``."""
     started = datetime.now(timezone.utc)
     from .config import OPERATIONAL_KEYS
+    from .config import operational as schema_operational
 
-    # how to run (checkpointing, threads): from the config, not the spec; defaults as in the schema
-    ops = {"checkpoint_steps": 200, "keep_checkpoints": False, "threads": None, **(operational or {})}
-    training = {**spec["training"], **{k: ops[k] for k in OPERATIONAL_KEYS}}
+    # how to run (checkpointing, threads): from the config, not the spec; the schema's defaults otherwise
+    training = {**spec["training"], **schema_operational(), **(operational or {})}
     device = resolve_device(training["device"])  # first: fail before any loading when CUDA is missing
     precision = resolve_precision(training["precision"], device)
 
