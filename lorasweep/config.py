@@ -42,7 +42,11 @@ def _describe(error) -> str:
     if v == "enum":
         return f"{key} = {error.instance!r}: must be one of {', '.join(map(repr, schema['enum']))}"
     if v == "oneOf" and "target_modules" in key:
-        return f"{key} = {error.instance!r}: must be a list of module names or the string 'all-linear'"
+        return f"{key} = {error.instance!r}: must be a list of module names, 'attention' or 'all-linear'"
+    if v == "oneOf" and ".ranks[" in key:
+        return (f"{key} = {error.instance!r}: must be a rank (integer >= 1) or {{rank, "
+                + ("" if key.startswith("methods.qlora") else "init: default|olora|pissa, ")
+                + "use_rslora: bool, use_dora: bool}")
     if v in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
         op = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">", "exclusiveMaximum": "<"}[v]
         return f"{key} = {error.instance!r}: must be {op} {error.validator_value}"
@@ -70,7 +74,11 @@ def validate_config(config: dict) -> dict:
         lines = "\n".join(f"  - {_describe(e)}" for e in errors)
         raise ConfigError(f"invalid lorasweep configuration:\n{lines}\n(schema: {SCHEMA_PATH})")
     _fill_defaults(config, schema)
-    if not run_names(config):
+    try:
+        table = runs(config)
+    except ConfigError as e:  # duplicate run names, unsupported option combinations
+        raise ConfigError(f"invalid lorasweep configuration:\n  - {e}") from None
+    if not table:
         raise ConfigError("invalid lorasweep configuration: no runs enabled (methods.full.enabled is false "
                           "and methods.lora.ranks and methods.qlora.ranks are empty)")
     return config
@@ -99,25 +107,67 @@ def load_config(*paths: str | Path) -> dict:
     return validate_config(config)
 
 
-def run_names(config: dict) -> list[str]:
-    """``full``, ``lora-r{rank}`` for each LoRA rank, ``qlora-r{rank}`` for each QLoRA rank, in that order."""
+ADAPTER_DEFAULTS = {"init": "default", "use_rslora": False, "use_dora": False}
+
+
+def _variant_suffix(v: dict) -> str:
+    """The part of a run name that says how an adapter run differs from the defaults: -olora, -rslora, -dora."""
+    return (f"-{v['init']}" if v["init"] != "default" else "") + ("-rslora" if v["use_rslora"] else "") + \
+        ("-dora" if v["use_dora"] else "")
+
+
+def runs(config: dict) -> dict[str, dict]:
+    """Every run of the configuration, by name, in order: full, then LoRA entries, then QLoRA entries.
+
+    A value holds the method, rank and adapter options (init, use_rslora, use_dora) of the run. A ranks entry
+    is a rank (the method's defaults apply) or a dict with its own options; the name says what differs from
+    PEFT's defaults: ``lora-r128``, ``lora-r128-olora``, ``qlora-r8-dora``.
+    """
     methods = config.get("methods", {})
-    names = []
+    out: dict[str, dict] = {}
     if methods.get("full", {}).get("enabled", True):
-        names.append("full")
-    names += [f"lora-r{r}" for r in methods.get("lora", {}).get("ranks", [])]
-    names += [f"qlora-r{r}" for r in methods.get("qlora", {}).get("ranks", [])]
-    return names
+        out["full"] = {"method": "full", "rank": None}
+    for method in ("lora", "qlora"):
+        m = methods.get(method, {})
+        defaults = {k: m.get(k, d) for k, d in ADAPTER_DEFAULTS.items()} if method == "lora" else dict(ADAPTER_DEFAULTS)
+        for i, entry in enumerate(m.get("ranks", [])):
+            v = {**defaults, **({"rank": entry} if isinstance(entry, int) else entry)}
+            if method == "qlora" and v["init"] != "default":
+                raise ConfigError(f"methods.qlora.ranks[{i}]: init {v['init']!r} is not available for QLoRA")
+            if v["use_dora"] and v["init"] != "default":
+                raise ConfigError(f"methods.{method}.ranks[{i}]: init {v['init']!r} cannot be combined with use_dora "
+                                  "(PEFT cannot convert a DoRA adapter back to the original base model)")
+            name = f"{method}-r{v['rank']}{_variant_suffix(v)}"
+            if name in out:
+                raise ConfigError(f"methods.{method}.ranks[{i}]: run {name!r} is listed twice")
+            out[name] = {"method": method, **v}
+    return out
+
+
+def run_names(config: dict) -> list[str]:
+    """``full``, then one name per LoRA and QLoRA entry (see :func:`runs`), in that order."""
+    return list(runs(config))
+
+
+def seeds(config: dict) -> list[int]:
+    """The training seeds: ``seeds`` when set, else ``[seed]``."""
+    return list(config.get("seeds") or [config.get("seed", 42)])
 
 
 def parse_run(name: str) -> tuple[str, int | None]:
-    """``'lora-r128'`` -> ``('lora', 128)``; ``'full'`` -> ``('full', None)``."""
+    """``'lora-r128'`` -> ``('lora', 128)``; ``'lora-r128-olora'`` -> ``('lora', 128)``; ``'full'`` -> ``('full', None)``."""
     if name == "full":
         return "full", None
-    method, _, rank = name.partition("-r")
+    method, _, rest = name.partition("-r")
+    rank = rest.split("-", 1)[0]
     if method not in ("lora", "qlora") or not rank.isdigit():
-        raise ConfigError(f"not a run name: {name!r} (expected full, lora-r<rank> or qlora-r<rank>)")
+        raise ConfigError(f"not a run name: {name!r} (expected full, lora-r<rank>[-options] or qlora-r<rank>[-options])")
     return method, int(rank)
+
+
+def is_plain(name: str) -> bool:
+    """True for full and for adapter runs with PEFT's default options (the runs rank trends compare)."""
+    return name == "full" or name.count("-") == 1
 
 
 # Settings that change how a run is executed, never what it computes: kept out of the run spec, so that
@@ -133,17 +183,21 @@ def operational(config: dict | None = None) -> dict:
     return {k: config["training"][k] for k in OPERATIONAL_KEYS}
 
 
-def run_spec(config: dict, name: str) -> dict:
-    """Everything that determines one run's training, and nothing else."""
-    if name not in run_names(config):
-        raise ConfigError(f"run {name!r} is not in this configuration; runs: {', '.join(run_names(config))}")
-    method, rank = parse_run(name)
+def run_spec(config: dict, name: str, seed: int | None = None) -> dict:
+    """Everything that determines one run's training (for one training seed), and nothing else."""
+    table = runs(config)
+    if name not in table:
+        raise ConfigError(f"run {name!r} is not in this configuration; runs: {', '.join(table)}")
+    if seed is None:
+        seed = seeds(config)[0]
+    run = table[name]
+    method, rank = run["method"], run["rank"]
     methods = config["methods"]
     spec = {
         "run": name,
         "method": method,
         "rank": rank,
-        "seed": config["seed"],
+        "seed": seed,
         "model": {k: config["model"][k] for k in ("name_or_path", "trust_remote_code")},
         "training": {k: copy.deepcopy(v) for k, v in config["training"].items() if k not in OPERATIONAL_KEYS},
         "learning_rate": methods[method]["learning_rate"],
@@ -158,6 +212,9 @@ def run_spec(config: dict, name: str) -> dict:
             "alpha": lora["alpha_per_rank"] * rank,
             "dropout": lora["dropout"],
             "target_modules": targets if isinstance(targets, str) else list(targets),
+            "init": run["init"],
+            "use_rslora": run["use_rslora"],
+            "use_dora": run["use_dora"],
         }
     if method == "qlora":
         q = methods["qlora"]

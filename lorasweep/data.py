@@ -189,3 +189,23 @@ def prepare(source: str, train_out: str | Path, eval_out: str | Path, summary_ou
     Path(summary_out).write_text(json.dumps(summary, indent=2) + "\n")
     log.info("prepared %d train and %d eval examples from %s", len(train_recs), len(eval_recs), source)
     return summary
+
+
+CACHE_DIR = "cache"  # beside the prepared splits: results/data/cache
+
+
+def load_splits(train_path: str | Path, eval_path: str | Path) -> tuple:
+    """The prepared splits as Arrow-backed datasets with an on-disk cache beside them.
+
+    Every transformation TRL's SFTTrainer applies (EOS, tokenization, labels, truncation) is a
+    ``Dataset.map`` whose result ``datasets`` caches under a fingerprint of the input data, the function
+    and its arguments (the tokenizer included). The first training job of a sweep tokenizes; every other
+    run with the same tokenizer and ``max_length``, and every rerun, loads the cached result instead.
+    The cache lives in ``results/data/cache`` and is rebuilt when the prepared splits change.
+    """
+    from datasets import load_dataset
+
+    cache = Path(train_path).parent / CACHE_DIR
+    ds = load_dataset("json", data_files={"train": str(train_path), "eval": str(eval_path)}, cache_dir=str(cache))
+    cols = ["prompt", "completion"]
+    return ds["train"].select_columns(cols), ds["eval"].select_columns(cols)

@@ -3,11 +3,14 @@
 Comparisons of eval loss are *paired*: every run is scored on the same held-out examples, so the
 difference between two runs is estimated from per-example differences (``results/eval_losses.csv``),
 with a 95% confidence interval. When the interval contains zero the report says the runs are not
-distinguishable on this eval split instead of ranking them. The interval covers the sampling of eval
-examples, not seed-to-seed variation of training (replicate seeds for that).
+distinguishable instead of ranking them. With one training seed the interval covers the sampling of
+eval examples only; with replicate seeds (``seeds: [0, 1, 2]``) every figure is the mean over seeds and
+the interval also covers seed-to-seed variation: its half-width is
+sqrt((1.96 se_examples)^2 + (t se_seeds)^2), with t the 97.5% Student quantile for the seeds' degrees
+of freedom (12.7 for two seeds: two seeds say little, and the interval says so).
 
-Timings and memory come from one measurement per run; differences smaller than ``TIME_TOL`` and
-``MEM_TOL`` (relative) are called "about the same".
+Timings and memory are one measurement per run (the mean over seeds with replicates); differences
+smaller than ``TIME_TOL`` and ``MEM_TOL`` (relative) are called "about the same".
 """
 
 from __future__ import annotations
@@ -16,9 +19,16 @@ import math
 
 import pandas as pd
 
-from .config import parse_run
+from .config import is_plain, parse_run
 
 Z95 = 1.96
+# 97.5% quantiles of Student's t for 1..30 degrees of freedom (beyond: 1.96)
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def t975(dof: int) -> float:
+    return T975[dof - 1] if 1 <= dof <= len(T975) else Z95
 TIME_TOL = 0.05  # single timings on a shared machine differ by a few percent from run to run
 MEM_TOL = 0.02
 
@@ -53,55 +63,120 @@ def ratio_text(new: float, old: float, tol: float, more: str, less: str) -> str:
     return f"{abs(r):.0%} {more if r > 0 else less}"
 
 
+def by_run(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per run: the mean over training seeds of every numeric column, ``<column>_sd`` its standard
+    deviation across seeds (NaN with one seed), ``n_seeds`` and ``seeds``. Run order is kept; a table that
+    is already one row per run is returned unchanged apart from those columns."""
+    if "n_seeds" in df:
+        return df
+    if "seed" not in df:
+        df = df.assign(seed=0)
+    g = df.groupby("run", sort=False)
+    numeric = [c for c in df.select_dtypes("number").columns if c != "seed"]
+    other = [c for c in df.columns if c not in numeric and c not in ("run", "seed")]
+    out = g[other].first().join(g[numeric].mean()) if other else g[numeric].mean()
+    sd = g[numeric].std(ddof=1).add_suffix("_sd")
+    out = out.join(sd)
+    out["n_seeds"] = g.size()
+    out["seeds"] = g["seed"].apply(lambda s: ",".join(str(int(v)) for v in s))
+    return out.reset_index()[["run", *[c for c in df.columns if c not in ("run", "seed")], "seeds", "n_seeds",
+                              *sd.columns]]
+
+
+def pm(r: pd.Series, col: str, fmt: str = "{:.4f}") -> str:
+    """'1.2345' for one seed, '1.2345 ± 0.0123' (sd over seeds) with replicates."""
+    v = fmt.format(r[col])
+    sd = r.get(f"{col}_sd")
+    return v if sd is None or pd.isna(sd) else f"{v} ± {fmt.format(sd)}"
+
+
 def lora_runs(df: pd.DataFrame, method: str = "lora") -> list[tuple[int, str]]:
-    return sorted((parse_run(r)[1], r) for r in df["run"] if parse_run(r)[0] == method)
+    """(rank, run) of the method's runs with PEFT's default options (variants like -olora left out)."""
+    return sorted((parse_run(r)[1], r) for r in df["run"] if parse_run(r)[0] == method and is_plain(r))
 
 
 class Losses:
-    """Per-example eval losses of every run (``results/eval_losses.csv``) for paired comparisons."""
+    """Per-example eval losses of every run and seed (``results/eval_losses.csv``) for paired comparisons."""
 
     def __init__(self, table: pd.DataFrame | None):
         self.table = table if table is not None and len(table) else None
+        if self.table is not None:
+            self.table = self.table.assign(seed=self.table["seed"].fillna(0)) if "seed" in self.table else \
+                self.table.assign(seed=0)
 
-    def _sums(self, run: str, which: str = "final") -> pd.DataFrame | None:
+    def _rows(self, run: str) -> pd.DataFrame | None:
         if self.table is None:
             return None
-        t = self.table[self.table["run"] == run].set_index("example")
+        t = self.table[self.table["run"] == run]
         return t if len(t) else None
+
+    @staticmethod
+    def _per_seed(t: pd.DataFrame, which: str) -> pd.Series:
+        """Token-weighted eval loss of each seed."""
+        g = t.groupby("seed")
+        return g[f"{which}_loss_sum"].sum() / g["tokens"].sum()
 
     def diff(self, a: str, b: str, which_a: str = "final", which_b: str = "final") -> dict | None:
         """Token-weighted eval loss of a minus b on the shared examples, with a 95% interval.
 
         D = sum_i (s_ai - s_bi) / sum_i n_i over examples i (s: loss summed over the example's response
-        tokens, n: their count); its standard error treats examples as the independent units
-        (ratio estimator), so long and short examples are weighted as the loss itself weights them.
+        tokens, averaged over seeds; n: their count); its example-level standard error treats examples as the
+        independent units (ratio estimator), so long and short examples are weighted as the loss itself weights
+        them. With replicate seeds, the seed-level standard error of the per-seed losses (paired by seed when a
+        run is compared with its own untrained start) is added, with Student's t for the seeds' degrees of
+        freedom.
         """
-        ta, tb = self._sums(a), self._sums(b)
-        if ta is None or tb is None:
+        ra, rb = self._rows(a), self._rows(b)
+        if ra is None or rb is None:
             return None
-        j = ta.merge(tb, left_index=True, right_index=True, suffixes=("_a", "_b"), how="inner")
+        ta = ra.groupby("example")[["tokens", f"{which_a}_loss_sum"]].mean().set_axis(["tokens_a", "sum_a"], axis=1)
+        tb = rb.groupby("example")[["tokens", f"{which_b}_loss_sum"]].mean().set_axis(["tokens_b", "sum_b"], axis=1)
+        j = ta.join(tb, how="inner")
         j = j[j["tokens_a"] > 0]
         n = len(j)
         if n < 2:
             return None
-        d = j[f"{which_a}_loss_sum_a"] - j[f"{which_b}_loss_sum_b"]
+        d = j["sum_a"] - j["sum_b"]
         tokens = j["tokens_a"]
         mean = d.sum() / tokens.sum()
         resid = d - mean * tokens
         se = math.sqrt(n / (n - 1) * (resid**2).sum()) / tokens.sum()
-        return {"diff": float(mean), "half": float(Z95 * se), "n": n, "distinguishable": bool(abs(mean) > Z95 * se)}
+        half2, dofs = (Z95 * se) ** 2, []
+        la, lb = self._per_seed(ra, which_a), self._per_seed(rb, which_b)
+        if a == b:  # the same run's replicates before and after training: paired by seed
+            ds = (la - lb).dropna()
+            if len(ds) >= 2:
+                half2 += (t975(len(ds) - 1) * ds.std(ddof=1) / math.sqrt(len(ds))) ** 2
+                dofs.append(len(ds) - 1)
+        else:
+            var, k = 0.0, [len(x) for x in (la, lb) if len(x) >= 2]
+            for x in (la, lb):
+                if len(x) >= 2:
+                    var += x.var(ddof=1) / len(x)
+            if k:
+                dofs.append(min(k) - 1)
+                half2 += (t975(min(k) - 1)) ** 2 * var
+        half = math.sqrt(half2)
+        return {"diff": float(mean), "half": float(half), "n": n, "seeds": (len(la), len(lb)),
+                "distinguishable": bool(abs(mean) > half)}
+
+
+def ci_text(d: dict) -> str:
+    """'95% CI over 40 examples' or '95% CI over 40 examples and 3 seeds each'."""
+    ka, kb = d.get("seeds", (1, 1))
+    seeds = "" if max(ka, kb) < 2 else (f" and {ka} seeds each" if ka == kb else f" and {ka} / {kb} seeds")
+    return f"95% CI over {d['n']} examples{seeds}"
 
 
 def _loss_change(losses: Losses, a: str, b: str, df: pd.DataFrame) -> tuple[str, bool | None]:
     """'eval loss 1.234 → 1.200 (−0.034 ± 0.010, distinguishable)' going from run a to run b."""
-    ev = df.set_index("run")["eval_loss"]
+    m = df.set_index("run")
     d = losses.diff(b, a)
-    head = f"eval loss {ev[a]:.4f} → {ev[b]:.4f}"
+    head = f"eval loss {pm(m.loc[a], 'eval_loss')} → {pm(m.loc[b], 'eval_loss')}"
     if d is None:
         return head + " (no per-example losses: significance unknown)", None
-    verdict = "a real difference" if d["distinguishable"] else "not distinguishable on this eval split"
-    return head + f" (Δ {d['diff']:+.4f} ± {d['half']:.4f}, 95% CI over {d['n']} examples: {verdict})", \
-        d["distinguishable"]
+    verdict = "a real difference" if d["distinguishable"] else "not distinguishable"
+    return head + f" (Δ {d['diff']:+.4f} ± {d['half']:.4f}, {ci_text(d)}: {verdict})", d["distinguishable"]
 
 
 # ---------------------------------------------------------------- findings
@@ -115,7 +190,7 @@ def best_run(df: pd.DataFrame, losses: Losses) -> str:
     text = f"**Lowest eval loss: `{best}`** ({ev[best]:.4f}, perplexity {math.exp(ev[best]):.2f})"
     if ties:
         return text + (", but " + ", ".join(f"`{r}` ({ev[r]:.4f})" for r in ties) +
-                       (" is" if len(ties) == 1 else " are") + " not distinguishable from it on this eval split "
+                       (" is" if len(ties) == 1 else " are") + " not distinguishable from it "
                        "(95% paired interval contains zero): too close to call.")
     if len(order) > 1:
         second = order[1]
@@ -263,12 +338,13 @@ def busy_machine(df: pd.DataFrame) -> str | None:
             ", ".join(f"{r['other_processes_cpu_share_pct']:.0f}% of the CPU while `{r['run']}` trained"
                       for _, r in busy.iterrows()) +
             ". Their runtime and throughput are not comparable with the other runs; rerun them alone "
-            "(`--forcerun results/runs/<run>/metrics.json`) for timings that are.")
+            "(`--forcerun results/runs/<run>/seed<seed>/metrics.json`) for timings that are.")
 
 
 def findings(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None) -> list[str]:
     """All findings, in reading order; each entry is one Markdown paragraph or bullet."""
     losses = Losses(eval_losses)
+    df = by_run(df)
     out = [w for w in [busy_machine(df)] if w]
     out += [best_run(df, losses), learning(df, losses)]
     out += rank_steps(df, losses, "lora")
@@ -310,6 +386,7 @@ def _rises(values: list[float], tol: float) -> str:
 def writeup_claims(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None) -> list[dict]:
     """Each published claim, and whether this sweep's measurements agree (agrees / disagrees / cannot check)."""
     losses = Losses(eval_losses)
+    df = by_run(df)
     m = df.set_index("run")
     mem, mem_name = memory_measure(df)
     ranks = lora_runs(df)
@@ -379,6 +456,7 @@ def writeup_claims(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None) ->
 
 def tradeoffs(df: pd.DataFrame) -> list[str]:
     """LoRA's trade-offs against full fine-tuning, in this sweep's numbers."""
+    df = by_run(df)
     m = df.set_index("run")
     if "full" not in m.index:
         return []

@@ -34,17 +34,22 @@ def run_palette(runs: list[str]) -> dict:
     return {r: pal[r] for r in runs}
 
 
-def _bar(ax, df, col, pal, xlabel, scale=1.0, log=False, fmt="{:.3g}"):
+def _bar(ax, per_seed, col, pal, xlabel, runs, log=False, fmt="{:.3g}"):
+    """One bar per run at the mean over seeds, with ± one standard deviation as error bars (replicates)."""
     import seaborn as sns
 
-    values = df[col] * scale
-    sns.barplot(x=values, y=df["run"], hue=df["run"], palette=pal, ax=ax, legend=False, orient="h")
+    replicates = per_seed.groupby("run").size().max() > 1
+    sns.barplot(data=per_seed, x=col, y="run", hue="run", order=runs, hue_order=runs, palette=pal, ax=ax,
+                legend=False, orient="h", errorbar="sd" if replicates else None, capsize=0.2,
+                err_kws={"linewidth": 1.2})
     if log:
         ax.set_xscale("log")
-    ax.set_xlabel(xlabel)
+    ax.set_xlabel(xlabel + (" — mean ± sd over seeds" if replicates else ""))
     ax.set_ylabel("")
-    for i, v in enumerate(values):
-        ax.text(v, i, " " + fmt.format(v), va="center", fontsize=9)
+    means = per_seed.groupby("run")[col].mean()
+    ends = means + per_seed.groupby("run")[col].std(ddof=1).fillna(0)  # labels clear of the error bars
+    for i, run in enumerate(runs):
+        ax.text(ends[run], i, " " + fmt.format(means[run]), va="center", fontsize=9)
     ax.margins(x=0.2)
 
 
@@ -122,11 +127,18 @@ def _tradeoff_figure(df, runs, pal, plt, sns):
     base = df.loc[~df["run"].str.startswith("qlora"), "base_eval_loss"]
     for ax, x, xlabel in [(axes[0], "peak_gib", f"{parts['measured_label']} (GiB)"),
                           (axes[1], "train_runtime_s", "train runtime, evaluation excluded (s)")]:
+        if "eval_loss_sd" in data and data["eval_loss_sd"].notna().any():  # replicates: ± one sd both ways
+            for _, r in data.iterrows():
+                xsd = r.get(f"{x}_sd") if x != "peak_gib" else r.get(f"{parts['peak'].name}_sd", 0) / 2**30
+                ax.errorbar(r[x], r["eval_loss"], xerr=xsd, yerr=r["eval_loss_sd"], color=pal[r["run"]], capsize=3,
+                            lw=1, zorder=1)
         sns.scatterplot(data=data, x=x, y="eval_loss", hue="run", hue_order=runs, palette=pal, s=120, ax=ax,
-                        legend=ax is axes[1], edgecolor="black")
+                        legend=ax is axes[1], edgecolor="black", zorder=2)
         if len(base):
             ax.axhline(base.median(), ls="--", color="grey", lw=1, label="untrained base")
-        ax.set_xlim(left=0, right=data[x].max() * 1.15)  # from zero: distances read as the real ratios
+        sd = data.get(f"{x}_sd") if x != "peak_gib" else data.get(f"{parts['peak'].name}_sd", 0) / 2**30
+        right = (data[x] + (sd.fillna(0) if isinstance(sd, pd.Series) else 0)).max()
+        ax.set_xlim(left=0, right=right * 1.15)  # from zero: distances read as the real ratios
         ax.set_xlabel(xlabel)
         ax.margins(y=0.15)
     axes[1].legend(title="run", loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=9)
@@ -144,8 +156,14 @@ def plot_all(metrics_csv, history_csv, out_dir) -> list[Path]:
     import seaborn as sns
 
     sns.set_theme(style="whitegrid", context="notebook")
-    df = pd.read_csv(metrics_csv)
+    from .findings import by_run
+
+    per_seed = pd.read_csv(metrics_csv)
+    df = by_run(per_seed)  # one row per run: means over seeds (the table itself with one seed)
+    replicates = df["n_seeds"].max() > 1
     hist = pd.read_csv(history_csv)
+    if "seed" not in hist:
+        hist = hist.assign(seed=0)
     runs = list(df["run"])
     pal = run_palette(runs)
     out_dir = Path(out_dir)
@@ -165,13 +183,17 @@ def plot_all(metrics_csv, history_csv, out_dir) -> list[Path]:
     ev = hist[hist["eval_loss"].notna()]
     for row, (x, xlabel) in enumerate([("step", "optimizer step"),
                                        ("tokens_nonpad_seen", "non-padding tokens seen")]):
+        # over steps: mean over seeds with a ± sd band; over tokens (which differ between seeds): one line per seed
+        spread = {"errorbar": "sd"} if row == 0 else {"units": "seed", "estimator": None}
         sns.lineplot(data=train, x=x, y="loss", hue="run", hue_order=runs, palette=pal, ax=axes[row, 0],
-                     legend=row == 0)
+                     legend=row == 0, **spread)
         sns.lineplot(data=ev, x=x, y="eval_loss", hue="run", hue_order=runs, palette=pal, marker="o",
-                     ax=axes[row, 1], legend=False)
+                     ax=axes[row, 1], legend=False, **spread)
         for ax in axes[row]:
             ax.set_xlabel(xlabel)
             ax.set_ylabel("cross-entropy (nats / token)")
+    if replicates:
+        fig.suptitle(f"{int(df['n_seeds'].max())} seeds per run: top, mean ± sd band; bottom, one line per seed")
     axes[0, 0].set_title("train loss (response tokens)")
     axes[0, 1].set_title("eval loss on the held-out split (first point: untrained)")
     axes[0, 0].legend(title="run", fontsize=9)
@@ -179,17 +201,18 @@ def plot_all(metrics_csv, history_csv, out_dir) -> list[Path]:
 
     h = 0.45 * len(runs) + 1.2
     fig, ax = plt.subplots(figsize=(7, h))
-    _bar(ax, df, "train_runtime_s", pal, "train runtime, evaluation excluded (s)", fmt="{:.1f}")
+    _bar(ax, per_seed, "train_runtime_s", pal, "train runtime, evaluation excluded (s)", runs, fmt="{:.1f}")
     save(fig, "runtime")
 
     fig, ax = plt.subplots(figsize=(7, h))
-    _bar(ax, df, "train_tokens_nonpad_per_s", pal, "training throughput (non-padding tokens / s)", fmt="{:,.0f}")
+    _bar(ax, per_seed, "train_tokens_nonpad_per_s", pal, "training throughput (non-padding tokens / s)", runs,
+         fmt="{:,.0f}")
     save(fig, "throughput")
 
     save(_memory_figure(df, runs, pal, plt, h), "memory")
 
     fig, ax = plt.subplots(figsize=(7, h))
-    _bar(ax, df, "trainable_params", pal, "trainable parameters (log scale)", log=True, fmt="{:,.0f}")
+    _bar(ax, per_seed, "trainable_params", pal, "trainable parameters (log scale)", runs, log=True, fmt="{:,.0f}")
     save(fig, "trainable_params")
     save(_tradeoff_figure(df, runs, pal, plt, sns), "tradeoff")
     log.info("wrote %d figure files to %s", len(written), out_dir)

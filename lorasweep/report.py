@@ -35,8 +35,10 @@ def _gib(v) -> str:
 
 
 def load(metrics_csv, history_csv, data_summary, eval_losses_csv=None) -> dict:
+    per_seed = pd.read_csv(metrics_csv)
     return {
-        "metrics": pd.read_csv(metrics_csv),
+        "metrics": F.by_run(per_seed),  # one row per run: means over seeds, <column>_sd their spread
+        "metrics_per_seed": per_seed,
         "history": pd.read_csv(history_csv),
         "data": json.loads(Path(data_summary).read_text()),
         "eval_losses": pd.read_csv(eval_losses_csv) if eval_losses_csv and Path(eval_losses_csv).exists() else None,
@@ -47,7 +49,9 @@ def title_section(ctx: dict, experiment: str) -> str:
     df, data = ctx["metrics"], ctx["data"]
     return (f"# {experiment}: full fine-tuning vs LoRA vs QLoRA\n\n"
             f"`{df['model'].iloc[0]}` on `{data['source']}`, runs {', '.join(f'`{r}`' for r in df['run'])}, "
-            f"on {df['hardware'].iloc[0]}. Every number below is read from `results/metrics.csv`; "
+            + (f"each trained with {int(df['n_seeds'].max())} seeds ({df['seeds'].iloc[0]}; figures are means, "
+               "± one standard deviation across seeds), " if df["n_seeds"].max() > 1 else "")
+            + f"on {df['hardware'].iloc[0]}. Every number below is read from `results/metrics.csv`; "
             "the executed notebook `summary.ipynb` beside this file holds the code that produced it.")
 
 
@@ -56,9 +60,13 @@ def findings_section(ctx: dict) -> str:
     out = ["## Findings", "",
            "Computed from `results/metrics.csv` and the per-example eval losses in `results/eval_losses.csv`. "
            "Differences in eval loss come with a 95% confidence interval from a paired comparison over the same "
-           "held-out examples; when it contains zero the runs are called *not distinguishable*. It covers the "
-           "choice of eval examples, not seed-to-seed variation of training. Timings and memory are single "
-           f"measurements: differences under {F.TIME_TOL:.0%} (time) and {F.MEM_TOL:.0%} (memory) are called "
+           "held-out examples; when it contains zero the runs are called *not distinguishable*. "
+           + ("It covers both the choice of eval examples and seed-to-seed variation of training (Student's t "
+              "over the seeds). Timings and memory are means over seeds: "
+              if df["n_seeds"].max() > 1 else
+              "It covers the choice of eval examples, not seed-to-seed variation of training (set `seeds: "
+              "[0, 1, 2]` for that). Timings and memory are single measurements: ")
+           + f"differences under {F.TIME_TOL:.0%} (time) and {F.MEM_TOL:.0%} (memory) are called "
            "*about the same*.", ""]
     out += [f"- {p}" for p in F.findings(df, ev)]
     return "\n".join(out)
@@ -136,8 +144,9 @@ def setup_section(ctx: dict) -> str:
         "Per-run hyperparameters:",
         "",
     ]
-    cols = ["run", "method", "rank", "learning_rate", "lora_alpha", "lora_dropout", "target_modules", "quant_type",
-            "batch_size", "grad_accum", "max_length", "train_steps", "seed"]
+    cols = ["run", "method", "rank", "learning_rate", "lora_alpha", "lora_dropout", "target_modules", "lora_init",
+            "use_rslora", "use_dora", "quant_type", "batch_size", "grad_accum", "max_length", "train_steps",
+            "seeds" if "seeds" in df else "seed"]
     hp = df[[c for c in cols if c in df]].astype(object)
     for c in ("rank", "lora_alpha", "train_steps", "batch_size", "grad_accum", "max_length", "seed"):
         if c in hp:
@@ -153,13 +162,13 @@ def results_table(df: pd.DataFrame) -> str:
     for _, r in df.iterrows():
         row = {
             "run": r["run"],
-            "train loss": _num(r["train_loss"]),
-            "eval loss": _num(r["eval_loss"]),
+            "train loss": F.pm(r, "train_loss"),
+            "eval loss": F.pm(r, "eval_loss"),
             "eval ppl": _num(r["eval_perplexity"], "{:.2f}"),
-            "runtime s": _num(r["train_runtime_s"], "{:.1f}"),
+            "runtime s": F.pm(r, "train_runtime_s", "{:.1f}"),
             "samples/s": _num(r["train_samples_per_s"], "{:.2f}"),
             "steps/s": _num(r["train_steps_per_s"], "{:.3f}"),
-            "tokens/s": _num(r["train_tokens_nonpad_per_s"], "{:,.0f}"),
+            "tokens/s": F.pm(r, "train_tokens_nonpad_per_s", "{:,.0f}"),
             "padding": _num(r.get("padding_share_pct"), "{:.0f}%"),
         }
         if "mfu_pct" in df and df["mfu_pct"].notna().any():
@@ -173,6 +182,9 @@ def results_table(df: pd.DataFrame) -> str:
         rows.append(row)
     notes = [
         "",
+        *(["- With replicate seeds every figure is the mean over seeds; *± x* is one standard deviation across "
+           "seeds; per-seed rows are in `results/metrics.csv`."] if "n_seeds" in df and df["n_seeds"].max() > 1
+          else []),
         "- *train loss*: mean training loss over the run (Trainer's `train_loss`, as write-up W3 reports); "
         "*eval loss*: on the held-out split after training; untrained: "
         + ", ".join(f"{r['run']} {r['base_eval_loss']:.4g}" for _, r in df.iterrows()) + ".",
@@ -239,7 +251,7 @@ def adapters_section(verify_jsons=(), switch_json=None, samples_json=None) -> st
     rows = [json.loads(Path(p).read_text()) for p in verify_jsons if Path(p).is_file()]
     if rows:
         out += ["Each adapter merged into its base with PEFT's `merge_and_unload` (QLoRA onto the dequantized 4-bit "
-                "base) and saved as a plain model under `results/runs/<run>/merged/`, then compared with base + adapter "
+                "base) and saved as a plain model under `results/runs/<run>/seed<seed>/merged/`, then compared with base + adapter "
                 "on held-out examples:", ""]
         out.append(pd.DataFrame([{
             "run": r["run"], "merged onto": r["merged_onto"], "max abs logit diff": f"{r['max_abs_logit_diff']:.2e}",
@@ -282,12 +294,12 @@ def rerun_section() -> str:
         "",
         "```bash",
         "snakemake --cores 4 --resources gpu=1                      # the whole sweep, up to date",
-        "snakemake --cores 4 --resources gpu=1 --forcerun results/runs/lora-r128/metrics.json  # retrain one run",
+        "snakemake --cores 4 --resources gpu=1 --forcerun results/runs/lora-r128/seed*/metrics.json  # retrain one run",
         "snakemake --cores 4 --resources gpu=1 reports/summary.md   # refresh this report",
         "```",
         "",
         "Each run's full provenance (resolved settings, package versions, hardware, commit, data fingerprint) is in "
-        "`results/runs/<run>/metrics.json` under `run_info`, `train_info` and `meta_info`.",
+        "`results/runs/<run>/seed<seed>/metrics.json` under `run_info`, `train_info` and `meta_info`.",
     ])
 
 

@@ -117,31 +117,64 @@ def load_model(spec: dict, device: str, precision: str):
     return model
 
 
-def check_target_modules(model, targets) -> None:
-    """Every configured target module must exist in the model (matched on the last name component)."""
-    if isinstance(targets, str):
-        return
-    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    missing = [t for t in targets if t not in names]
-    if missing:
-        import torch
+MUTATING_INITS = ("olora", "pissa")  # initialisations that move part of the base weight into the adapter
 
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-        raise ConfigError(f"methods.lora.target_modules: {missing} not found in {type(model).__name__}; "
-                          f"its linear modules are {linear} (or use 'all-linear')")
+
+def lora_config(spec: dict, target_modules):
+    """PEFT's LoraConfig for the run: rank, alpha, dropout, targets, init, rsLoRA, DoRA."""
+    from peft import LoraConfig
+
+    lora = spec["lora"]
+    init = lora.get("init", "default")
+    return LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                      target_modules=target_modules, bias="none", task_type="CAUSAL_LM",
+                      init_lora_weights=True if init == "default" else init,
+                      use_rslora=lora.get("use_rslora", False), use_dora=lora.get("use_dora", False))
 
 
 def attach_lora(model, spec: dict):
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model, prepare_model_for_kbit_training
 
-    lora = spec["lora"]
-    check_target_modules(model, lora["target_modules"])
+    from .presets import resolve_target_modules
+
+    targets = resolve_target_modules(model, spec["lora"]["target_modules"])
     if spec["quantization"]:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=spec["training"]["gradient_checkpointing"])
-    cfg = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                     target_modules=lora["target_modules"], bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, cfg)
+    return get_peft_model(model, lora_config(spec, targets))
+
+
+def save_initial_adapter(model, spec: dict, path: Path) -> Path | None:
+    """For OLoRA / PiSSA: save the adapter as initialised, so that the trained one can be converted back.
+
+    These inits subtract A0 B0 from the base weight; the trained adapter only fits that residual base. PEFT
+    converts it to a plain LoRA adapter for the *original* base (Delta W = A B - A0 B0, rank 2r) when it is
+    given the initial adapter, saved with ``init_lora_weights=True`` so that loading it mutates nothing.
+    """
+    if not spec["lora"] or spec["lora"].get("init", "default") not in MUTATING_INITS:
+        return None
+    cfg = model.peft_config["default"]
+    init, cfg.init_lora_weights = cfg.init_lora_weights, True
+    try:
+        model.save_pretrained(str(path))
+    finally:
+        cfg.init_lora_weights = init
+    return path
+
+
+def save_trained(trainer, model_dir: Path, initial: Path | None) -> None:
+    """Save the model (adapter or full) with its tokenizer; an OLoRA / PiSSA adapter converted to plain LoRA."""
+    if initial is None:
+        trainer.save_model(str(model_dir))
+        return
+    trainer.model.save_pretrained(str(model_dir), path_initial_model_for_weight_conversion=str(initial))
+    trainer.processing_class.save_pretrained(str(model_dir))
+
+
+def adapted_modules(model) -> str:
+    """The module names PEFT actually adapted, comma-separated (a preset or all-linear resolved)."""
+    t = model.peft_config["default"].target_modules
+    return t if isinstance(t, str) else ",".join(sorted(t))
 
 
 def count_parameters(model) -> dict:
@@ -359,6 +392,8 @@ def find_resumable(ckpt_root: Path, key: str) -> tuple[Path | None, dict | None]
     if not ckpt_root.is_dir():
         return None, None
     last = get_last_checkpoint(str(ckpt_root))
+    if last is None:  # the trainer creates its output folder up front: empty on a fresh run
+        return None, None
     state = None
     if last and (Path(last) / STATE_FILE).is_file():
         state = json.loads((Path(last) / STATE_FILE).read_text())
@@ -426,7 +461,6 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
     precision = resolve_precision(training["precision"], device)
 
     import torch
-    from datasets import Dataset
     from transformers import set_seed
     from trl import SFTConfig
 
@@ -442,12 +476,9 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
     log.info("run %s: method %s, device %s, precision %s, %d torch threads", spec["run"], spec["method"],
              device, precision, torch.get_num_threads())
 
-    from .data import fingerprint, read_jsonl
+    from .data import fingerprint, load_splits
 
-    train_rows, eval_rows = read_jsonl(train_path), read_jsonl(eval_path)
-    cols = ("prompt", "completion")
-    train_ds = Dataset.from_list([{k: r[k] for k in cols} for r in train_rows])
-    eval_ds = Dataset.from_list([{k: r[k] for k in cols} for r in eval_rows])
+    train_ds, eval_ds = load_splits(train_path, eval_path)  # tokenized once per sweep: see load_splits
 
     set_seed(spec["seed"])
     tokenizer = load_tokenizer(spec)
@@ -455,8 +486,10 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
     n4bit = count_4bit_layers(model)
     if spec["quantization"] and n4bit == 0:
         raise RuntimeError("QLoRA run loaded no 4-bit layers: bitsandbytes quantization did not take effect")
+    initial_adapter = None
     if spec["lora"]:
         model = attach_lora(model, spec)
+        initial_adapter = save_initial_adapter(model, spec, out_dir / "initial_adapter")
     params = count_parameters(model)
     log.info("parameters: %d trainable of %d (%.3f%%); 4-bit linear layers: %d", params["trainable_params"],
              params["total_params"], params["trainable_share_pct"], n4bit)
@@ -495,8 +528,12 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         include_num_input_tokens_seen="non_padding",
         dataset_num_proc=None,
     )
+    t_prep = time.perf_counter()
     trainer = _trainer_class()(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                processing_class=tokenizer)
+    data_prep_s = time.perf_counter() - t_prep
+    log.info("datasets ready in %.1fs (tokenization cached in %s after the first run of a sweep)", data_prep_s,
+             Path(train_path).parent / "cache")
     if spec["quantization"]:
         # TRL casts QLoRA adapter weights to bf16 (QLoRA paper's recipe). Keep them in fp32 like the LoRA
         # runs, so that qlora-rN vs lora-rN differs only by the 4-bit base weights.
@@ -566,7 +603,11 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         "base": base_examples, "final": final_examples})
 
     model_dir = out_dir / "model"
-    trainer.save_model(str(model_dir))
+    save_trained(trainer, model_dir, initial_adapter)
+    if initial_adapter:
+        import shutil
+
+        shutil.rmtree(initial_adapter)  # the saved adapter is converted: the initial one has served its purpose
     saved = dir_bytes(model_dir)
 
     def mean_of(key):
@@ -589,8 +630,10 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         "learning_rate": spec["learning_rate"],
         "lora_alpha": spec["lora"]["alpha"] if spec["lora"] else None,
         "lora_dropout": spec["lora"]["dropout"] if spec["lora"] else None,
-        "target_modules": (",".join(t) if isinstance(t := spec["lora"]["target_modules"], list) else t)
-        if spec["lora"] else None,
+        "target_modules": adapted_modules(trainer.model) if spec["lora"] else None,
+        "lora_init": spec["lora"].get("init", "default") if spec["lora"] else None,
+        "use_rslora": spec["lora"].get("use_rslora", False) if spec["lora"] else None,
+        "use_dora": spec["lora"].get("use_dora", False) if spec["lora"] else None,
         "quant_type": spec["quantization"]["quant_type"] if spec["quantization"] else None,
         "batch_size": training["batch_size"],
         "grad_accum": training["grad_accum"],
@@ -648,7 +691,7 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         "run_info": {"spec": spec, "seed": spec["seed"], "started_utc": started.isoformat(),
                      "finished_utc": datetime.now(timezone.utc).isoformat(),
                      "data_summary": json.loads(Path(data_summary_path).read_text()) if data_summary_path else None},
-        "train_info": {"total_steps_planned": steps, "eval_steps": eval_steps, "memory_at_load": at_load,
+        "train_info": {"data_prep_s": data_prep_s, "total_steps_planned": steps, "eval_steps": eval_steps, "memory_at_load": at_load,
                        "train_examples": len(train_ds), "eval_examples": len(eval_ds),
                        "num_input_tokens_seen_hf": trainer.state.num_input_tokens_seen},
         "meta_info": {"packages": versions, **git, "hardware": hw},

@@ -12,7 +12,7 @@ MINIMAL = {"model": {"name_or_path": "facebook/opt-350m"}, "dataset": {"source":
 def test_defaults_are_filled():
     cfg = validate_config(copy.deepcopy(MINIMAL))
     assert cfg["methods"]["lora"]["ranks"] == [8, 128, 256]
-    assert cfg["methods"]["lora"]["target_modules"] == ["q_proj", "k_proj", "v_proj"]
+    assert cfg["methods"]["lora"]["target_modules"] == "attention"  # OPT: q_proj, k_proj, v_proj (lorasweep.presets)
     assert cfg["methods"]["qlora"]["quant_type"] == "nf4"
     assert cfg["training"]["device"] == "cuda"
     assert run_names(cfg) == ["full", "lora-r8", "lora-r128", "lora-r256", "qlora-r8"]
@@ -24,7 +24,8 @@ def test_default_config_file_is_the_writeups_experiment():
     assert cfg["dataset"]["source"] == "sahil2801/CodeAlpaca-20k"
     assert run_names(cfg) == ["full", "lora-r8", "lora-r128", "lora-r256", "qlora-r8"]
     spec = run_spec(cfg, "lora-r128")
-    assert spec["lora"] == {"r": 128, "alpha": 512, "dropout": 0.1, "target_modules": ["q_proj", "k_proj", "v_proj"]}
+    assert spec["lora"] == {"r": 128, "alpha": 512, "dropout": 0.1, "target_modules": "attention", "init": "default",
+                            "use_rslora": False, "use_dora": False}
     q8, l8 = run_spec(cfg, "qlora-r8"), run_spec(cfg, "lora-r8")
     assert q8["lora"] == l8["lora"] and q8["quantization"]["quant_type"] == "nf4" and l8["quantization"] is None
 
@@ -53,13 +54,13 @@ def test_any_rank_list_and_all_linear():
 @pytest.mark.parametrize(
     "override, message",
     [
-        ({"methods": {"lora": {"ranks": [0]}}}, r"methods.lora.ranks\[0\] = 0: must be >= 1"),
+        ({"methods": {"lora": {"ranks": [0]}}}, r"methods.lora.ranks\[0\] = 0: must be a rank \(integer >= 1\)"),
         ({"methods": {"lora": {"rank": [8]}}}, r"unknown key\(s\) methods.lora.rank; allowed here: .*ranks"),
         ({"methods": {"dora": {}}}, r"unknown key\(s\) methods.dora; allowed here: full, lora, qlora"),
         ({"methods": {"qlora": {"quant_type": "int4"}}}, r"methods.qlora.quant_type = 'int4': must be one of 'nf4', 'fp4'"),
         ({"dataset": {"source": "x.json", "fraction": 1.5}}, r"dataset.fraction = 1.5: must be <= 1"),
         ({"dataset": {"source": "x.json", "fraction": 0}}, r"dataset.fraction = 0: must be > 0"),
-        ({"methods": {"lora": {"target_modules": 3}}}, r"target_modules = 3: must be a list of module names or the string 'all-linear'"),
+        ({"methods": {"lora": {"target_modules": 3}}}, r"target_modules = 3: must be a list of module names, 'attention' or 'all-linear'"),
         ({"training": {"batch_size": "8"}}, r"training.batch_size = '8': must be of type integer"),
         ({"training": {"max_steps": 0}}, r"training.max_steps = 0: must be -1"),
         ({"methods": {"full": {"enabled": False}, "lora": {"ranks": []}, "qlora": {"ranks": []}}}, "no runs enabled"),

@@ -31,8 +31,8 @@ def _workdir(tmp_path, **training):
 @pytest.mark.slow
 def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     workdir, args = _workdir(tmp_path, max_steps=150, checkpoint_steps=20, evals=3, logging_steps=5)
-    run = workdir / "results" / "runs" / "full"
-    target = "results/runs/full/metrics.json"
+    run = workdir / "results" / "runs" / "full" / "seed0"
+    target = "results/runs/full/seed0/metrics.json"
     proc = subprocess.Popen(snakemake_cmd(target, *args, workdir=workdir), cwd=workdir, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -49,7 +49,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     # what a user does after a crash: release Snakemake's lock, rerun the incomplete job
     run_snakemake(target, "--unlock", *args, workdir=workdir)
     done = run_snakemake(target, "--rerun-incomplete", *args, workdir=workdir)
-    log = (workdir / "logs" / "train" / "full.log").read_text()
+    log = (workdir / "logs" / "train" / "full" / "seed0.log").read_text()
     assert "resuming from checkpoint-" in log, done.stderr[-3000:]
     m = json.loads((run / "metrics.json").read_text())
     assert m["train_segments"] == 2 and m["resumed_from_step"] >= 40 and m["resumed_from_step"] % 20 == 0
@@ -83,15 +83,15 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path):
 @pytest.mark.slow
 def test_out_of_memory_is_retried_with_half_the_batch(tmp_path):
     workdir, args = _workdir(tmp_path, max_steps=6, evals=1, logging_steps=2)
-    proc = run_snakemake("results/runs/lora-r8/metrics.json", *args, workdir=workdir,
+    proc = run_snakemake("results/runs/lora-r8/seed0/metrics.json", *args, workdir=workdir,
                          env={"LORASWEEP_SIMULATE_OOM_ABOVE_BATCH": "4"})
     # the first attempt's reason is on the console; Snakemake retried the job once
     assert "out of memory at per-device batch 8 x accumulation 1" in proc.stdout + proc.stderr
-    run = workdir / "results" / "runs" / "lora-r8"
+    run = workdir / "results" / "runs" / "lora-r8" / "seed0"
     m = json.loads((run / "metrics.json").read_text())
     assert (m["batch_size"], m["grad_accum"], m["effective_batch"], m["oom_halvings"]) == (4, 2, 8, 1)
     assert m["train_samples"] == 6 * 8
-    log = (workdir / "logs" / "train" / "lora-r8.log").read_text()  # the successful attempt's log
+    log = (workdir / "logs" / "train" / "lora-r8" / "seed0.log").read_text()  # the successful attempt's log
     assert "per-device batch 4 x accumulation 2 (effective batch kept)" in log
     assert not (run / "oom.json").exists()
 

@@ -132,3 +132,67 @@ def test_report_renders_without_per_example_losses(tmp_path):
     md, text = _render(tmp_path, eval_losses=ev.iloc[0:0])
     assert "significance unknown" in text
     assert json.loads((md.parent / "summary.ipynb").read_text())["cells"]
+
+
+def _two_seeds():
+    """The fixture as if every run had been trained with seeds 0 and 1 (seed 1: shifted losses and times)."""
+    m, ev = _fixture()
+    m1 = m.assign(seed=1, eval_loss=m["eval_loss"] + 0.02, train_runtime_s=m["train_runtime_s"] * 1.1)
+    ev1 = ev.assign(seed=1, final_loss_sum=ev["final_loss_sum"] + 0.02 * ev["tokens"])
+    return pd.concat([m.assign(seed=0), m1], ignore_index=True), pd.concat([ev.assign(seed=0), ev1], ignore_index=True)
+
+
+def test_replicates_are_aggregated_to_mean_and_sd_per_run():
+    m, _ = _fixture()
+    m2, _ = _two_seeds()
+    agg = F.by_run(m2)
+    assert list(agg["run"]) == list(m["run"]) and (agg["n_seeds"] == 2).all() and (agg["seeds"] == "0,1").all()
+    assert agg["eval_loss"].tolist() == pytest.approx((m["eval_loss"] + 0.01).tolist())
+    assert agg["eval_loss_sd"].tolist() == pytest.approx([0.02 / 2**0.5] * len(m))
+    assert F.pm(agg.iloc[0], "eval_loss") == f"{agg['eval_loss'].iloc[0]:.4f} ± 0.0141"
+    single = F.by_run(m)
+    assert single["eval_loss"].tolist() == m["eval_loss"].tolist() and single["eval_loss_sd"].isna().all()
+    assert F.pm(single.iloc[0], "eval_loss") == f"{m['eval_loss'].iloc[0]:.4f}"
+
+
+def test_seed_spread_widens_the_interval_and_can_make_runs_indistinguishable():
+    m, ev = _fixture()
+    one = F.Losses(ev).diff("lora-r8", "qlora-r8")
+    assert one["seeds"] == (1, 1)
+    # two seeds whose losses disagree by as much as the two runs differ: no longer distinguishable
+    gap = one["diff"]
+    ev2 = pd.concat([ev.assign(seed=0), ev.assign(seed=1, final_loss_sum=ev["final_loss_sum"] - 3 * gap * ev["tokens"]
+                                                   * (ev["run"] == "lora-r8"))], ignore_index=True)
+    two = F.Losses(ev2).diff("lora-r8", "qlora-r8")
+    assert two["seeds"] == (2, 2) and two["half"] > one["half"]
+    assert one["distinguishable"] and not two["distinguishable"]
+    assert "and 2 seeds each" in F.ci_text(two)
+
+
+def test_bar_figures_draw_error_bars_only_with_replicates():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lorasweep.plots import _bar, run_palette
+
+    m, _ = _fixture()
+    m2, _ = _two_seeds()
+    runs = list(m["run"])
+    counts = []
+    for df in (m, m2):
+        fig, ax = plt.subplots()
+        _bar(ax, df, "train_runtime_s", run_palette(runs), "runtime", runs)
+        counts.append(len(ax.lines))
+        plt.close(fig)
+    assert counts[0] == 0 and counts[1] >= len(runs)  # one error bar (with caps) per run
+
+
+def test_report_with_two_seeds_shows_spread(tmp_path):
+    m2, ev2 = _two_seeds()
+    _, text = _render(tmp_path, m2, ev2)
+    assert "each trained with 2 seeds (0,1" in text
+    results = text.split("## Results")[1].split("\n## ")[0]
+    assert results.count(" ± ") >= 4 * len(m2["run"].unique())  # train / eval loss, runtime, tokens/s
+    assert "seed-to-seed variation of training (Student's t" in text

@@ -152,3 +152,29 @@ def test_memory_model_components(tiny_config, tiny_data, tmp_path):
         assert math.isfinite(m["memory_model_error_pct"])
     assert full["predicted_weights_bytes"] == 4 * full["total_params"]
     assert qlora["predicted_weights_bytes"] < lora["predicted_weights_bytes"]  # 4-bit base weights
+
+
+def test_tokenization_runs_once_per_sweep_and_is_reused(tiny_config, tiny_data, tmp_path):
+    """The first run tokenizes into results/data/cache; the next run (same tokenizer, max_length) only loads it."""
+    import shutil
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for k in ("train", "eval"):
+        shutil.copy(tiny_data[k], data / f"{k}.jsonl")
+
+    def cache_files():
+        return sorted(p.name for p in (data / "cache").rglob("cache-*.arrow"))
+
+    cfg = tiny_config(max_steps=2)
+    first = train_run(run_spec(cfg, "full"), data / "train.jsonl", data / "eval.jsonl", tmp_path / "full")
+    written = cache_files()
+    assert len(written) >= 4  # EOS, tokenize, labels, truncate ... for train and eval
+    second = train_run(run_spec(cfg, "lora-r8"), data / "train.jsonl", data / "eval.jsonl", tmp_path / "lora")
+    assert cache_files() == written  # nothing recomputed
+    assert second["train_tokens_nonpad"] == first["train_tokens_nonpad"]
+    assert second["train_info"]["data_prep_s"] >= 0 and first["train_info"]["data_prep_s"] >= 0
+    # a different max_length is a different preparation: computed once more
+    train_run(run_spec(tiny_config(max_steps=2, max_length=64), "full"), data / "train.jsonl", data / "eval.jsonl",
+              tmp_path / "short")
+    assert set(cache_files()) > set(written)

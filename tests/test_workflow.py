@@ -41,7 +41,7 @@ def test_default_config_dry_run_plans_five_gpu_training_jobs_offline(tmp_path):
     assert stats == {"prepare_data": 1, "train": 5, "merge": 4, "verify": 4, "switch": 1, "samples": 1, "collect": 1,
                      "plot": 1, "report": 1, "all": 1}
     for run in ("full", "lora-r8", "lora-r128", "lora-r256", "qlora-r8"):
-        assert f"results/runs/{run}/metrics.json" in proc.stdout
+        assert f"results/runs/{run}/seed42/metrics.json" in proc.stdout  # seeds: null -> the one seed, 42
     assert len(re.findall(r"resources: .*gpu=1", proc.stdout)) == 5  # only training jobs hold the GPU
     assert not (tmp_path / "results").exists()
 
@@ -58,7 +58,7 @@ def test_invalid_config_fails_before_any_job(tmp_path):
     bad.write_text("model: {name_or_path: m}\ndataset: {source: d.json}\nmethods: {lora: {ranks: [-1]}}\n")
     proc = run_snakemake("-n", "--cores", 1, "--configfile", bad, workdir=tmp_path, check=False)
     assert proc.returncode != 0
-    assert "methods.lora.ranks[0] = -1: must be >= 1" in proc.stdout + proc.stderr
+    assert "methods.lora.ranks[0] = -1: must be a rank (integer >= 1)" in proc.stdout + proc.stderr
     assert not (tmp_path / "results").exists()
 
 
@@ -69,7 +69,23 @@ def test_overrides_compose_with_a_second_configfile(tmp_path):
                          workdir=tmp_path)
     stats = job_stats(proc.stdout)
     assert stats["train"] == 2 and stats["tiny_model"] == 1 and stats["tiny_dataset"] == 1
-    assert "results/runs/lora-r16/metrics.json" in proc.stdout and "lora-r8/" not in proc.stdout
+    assert "results/runs/lora-r16/seed0/metrics.json" in proc.stdout and "lora-r8/" not in proc.stdout
+
+
+def test_seeds_and_adapter_variants_plan_one_job_per_run_and_seed(tmp_path):
+    override = tmp_path / "override.yaml"
+    override.write_text("seeds: [3, 4, 5]\nmethods:\n  lora:\n    ranks: [8, {rank: 8, init: olora}, "
+                        "{rank: 16, use_rslora: true, use_dora: true}]\n  qlora:\n    ranks: []\n")
+    proc = run_snakemake("-n", "--cores", 1, "--configfile", REPO / "config" / "tiny.yaml", override,
+                         workdir=tmp_path)
+    stats = job_stats(proc.stdout)
+    assert stats["train"] == 4 * 3  # full + three LoRA runs, three seeds each
+    assert stats["merge"] == stats["verify"] == 3  # adapter stages on the first seed only
+    for run in ("full", "lora-r8", "lora-r8-olora", "lora-r16-rslora-dora"):
+        for seed in (3, 4, 5):
+            assert f"results/runs/{run}/seed{seed}/metrics.json" in proc.stdout
+    assert "results/runs/lora-r8-olora/seed3/verify.json" in proc.stdout
+    assert "results/runs/lora-r8-olora/seed4/verify.json" not in proc.stdout
 
 
 def test_lint_is_clean():
@@ -81,9 +97,13 @@ def test_lint_is_clean():
 def tiny_sweep(tmp_path_factory):
     """The whole tiny preset, run once as a user would."""
     workdir = tmp_path_factory.mktemp("sweep")
+    (workdir / "seeds.yaml").write_text("seeds: [0, 1]\n")  # two replicates: the report shows their spread
     proc = run_snakemake("--cores", 2, "--resources", "gpu=1", "--configfile", REPO / "config" / "tiny.yaml",
-                         workdir=workdir)
+                         workdir / "seeds.yaml", workdir=workdir)
     return workdir, proc
+
+
+SWEEP_ARGS = ("--cores", 2, "--resources", "gpu=1", "--configfile", REPO / "config" / "tiny.yaml", "seeds.yaml")
 
 
 @pytest.mark.slow
@@ -91,24 +111,32 @@ def test_tiny_sweep_produces_metrics_figures_and_report(tiny_sweep):
     workdir, _ = tiny_sweep
     runs = ["full", "lora-r8", "lora-r128", "lora-r256", "qlora-r8"]
     df = pd.read_csv(workdir / "results" / "metrics.csv")
-    assert list(df["run"]) == runs
+    assert list(df["run"]) == [r for r in runs for _ in (0, 1)] and list(df["seed"]) == [0, 1] * len(runs)
     for col in ("train_loss", "eval_loss", "base_eval_loss", "train_runtime_s", "train_samples_per_s",
                 "peak_rss_bytes", "trainable_params", "total_params"):
         assert df[col].map(math.isfinite).all(), col
     assert (df["eval_loss"] < df["base_eval_loss"]).all()  # every run's loss falls
-    assert df.set_index("run").loc["qlora-r8", "quantized_4bit_layers"] > 0
+    assert (df.loc[df["run"] == "qlora-r8", "quantized_4bit_layers"] > 0).all()
     for run in runs:
-        assert (workdir / "logs" / "train" / f"{run}.log").stat().st_size > 0
-        bench = pd.read_csv(workdir / "results" / "benchmarks" / "train" / f"{run}.tsv", sep="\t")
-        assert bench["s"].iloc[0] > 0
-        assert json.loads((workdir / "results" / "runs" / run / "metrics.json").read_text())["run"] == run
+        for seed in (0, 1):
+            assert (workdir / "logs" / "train" / run / f"seed{seed}.log").stat().st_size > 0
+            bench = pd.read_csv(workdir / "results" / "benchmarks" / "train" / run / f"seed{seed}.tsv", sep="\t")
+            assert bench["s"].iloc[0] > 0
+            m = json.loads((workdir / "results" / "runs" / run / f"seed{seed}" / "metrics.json").read_text())
+            assert (m["run"], m["seed"]) == (run, seed)
+        # replicates differ (adapter init, data order), but not by more than training noise
+        e0, e1 = df.loc[df["run"] == run, "eval_loss"]
+        assert e0 != e1 and abs(e0 - e1) < 0.5
     md = (workdir / "reports" / "summary.md").read_text()
     for heading in ("## Findings", "## Setup", "## Results", "## Figures", "## Memory: measured and predicted",
                     "## Beside the published write-ups"):
         assert heading in md
     assert "**Lowest eval loss: `full`**" in md  # on a random-init tiny model only full fine-tuning learns much
+    assert "each trained with 2 seeds (0,1" in md and "one standard deviation across seeds" in md
+    assert re.search(r"\| full +\| [\d.]+ ± [\d.]+ +\| [\d.]+ ± [\d.]+", md)  # train / eval loss: mean ± sd
+    assert "examples and 2 seeds each" in md  # intervals cover seed-to-seed variation
     ev = pd.read_csv(workdir / "results" / "eval_losses.csv")
-    assert sorted(set(ev["run"])) == sorted(runs) and (ev["tokens"] > 0).all()
+    assert sorted(set(ev["run"])) == sorted(runs) and (ev["tokens"] > 0).all() and set(ev["seed"]) == {0, 1}
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     assert len(links) == 6
     for link in links:
@@ -127,13 +155,14 @@ def test_every_adapter_is_merged_verified_and_switched(tiny_sweep, tmp_path):
     workdir, _ = tiny_sweep
     runs = workdir / "results" / "runs"
     for run in ("lora-r8", "lora-r128", "lora-r256", "qlora-r8"):
-        v = json.loads((runs / run / "verify.json").read_text())
+        v = json.loads((runs / run / "seed0" / "verify.json").read_text())
         assert v["within_tolerance"] and v["greedy_identical"], v
         assert v["eval_loss_merged"] == pytest.approx(v["eval_loss_adapter"], abs=1e-4)
-        model = AutoModelForCausalLM.from_pretrained(runs / run / "merged")  # plain transformers, no PEFT
+        model = AutoModelForCausalLM.from_pretrained(runs / run / "seed0" / "merged")  # plain transformers, no PEFT
         assert not any("lora" in n for n, _ in model.named_parameters())
-        assert (runs / run / "merged" / "tokenizer.json").is_file()
-    assert not (runs / "full" / "merged").exists()
+        assert (runs / run / "seed0" / "merged" / "tokenizer.json").is_file()
+        assert not (runs / run / "seed1" / "merged").exists()  # adapter stages: first seed only
+    assert not (runs / "full" / "seed0" / "merged").exists()
     sw = json.loads((workdir / "results" / "switch.json").read_text())
     assert [a["adapter"] for a in sw["adapters"]] == ["lora-r8", "lora-r128", "lora-r256"]
     assert sw["unload_restores_base_exactly"] and all(a["max_abs_logit_diff_vs_base"] > 0 for a in sw["adapters"])
@@ -148,15 +177,14 @@ def test_every_adapter_is_merged_verified_and_switched(tiny_sweep, tmp_path):
     spec = run_spec(cfg, "lora-r8")
     spec["model"]["name_or_path"] = str(workdir / spec["model"]["name_or_path"])
     with pytest.raises(MergeMismatch, match="do not deploy this merge"):
-        verify_run(spec, runs / "lora-r8" / "model", runs / "lora-r256" / "merged",
+        verify_run(spec, runs / "lora-r8" / "seed0" / "model", runs / "lora-r256" / "seed0" / "merged",
                    workdir / "results" / "data" / "eval.jsonl", tmp_path / "verify.json")
 
 
 @pytest.mark.slow
 def test_snakemake_html_report_holds_the_figures(tiny_sweep):
     workdir, _ = tiny_sweep
-    run_snakemake("--cores", 2, "--resources", "gpu=1", "--configfile", REPO / "config" / "tiny.yaml",
-                  "--report", "reports/report.html", workdir=workdir)
+    run_snakemake(*SWEEP_ARGS, "--report", "reports/report.html", workdir=workdir)
     html = (workdir / "reports" / "report.html").read_text()
     for name in ("loss_curves.png", "tradeoff.png", "memory.png", "metrics.csv"):
         assert name in html, name
@@ -165,19 +193,20 @@ def test_snakemake_html_report_holds_the_figures(tiny_sweep):
 @pytest.mark.slow
 def test_rerunning_one_rank_retrains_only_that_run(tiny_sweep):
     workdir, _ = tiny_sweep
-    args = ("--cores", 2, "--resources", "gpu=1", "--configfile", REPO / "config" / "tiny.yaml")
+    args = SWEEP_ARGS
     assert "Nothing to be done" in run_snakemake(*args, "-n", workdir=workdir).stdout
     # how a run is executed (checkpoint interval, threads) is not what it computes: no retraining
     ops = workdir / "ops.yaml"
     ops.write_text("training:\n  checkpoint_steps: 7\n  keep_checkpoints: true\n  threads: 1\n")
     assert "Nothing to be done" in run_snakemake("-n", *args, ops, workdir=workdir).stdout
-    metrics = {r: (workdir / "results" / "runs" / r / "metrics.json") for r in ("full", "lora-r8", "lora-r128")}
-    before = {r: p.stat().st_mtime_ns for r, p in metrics.items()}
+    metrics = {(r, s): (workdir / "results" / "runs" / r / f"seed{s}" / "metrics.json")
+               for r in ("full", "lora-r8", "lora-r128") for s in (0, 1)}
+    before = {k: p.stat().st_mtime_ns for k, p in metrics.items()}
     report_before = (workdir / "reports" / "summary.md").stat().st_mtime_ns
-    proc = run_snakemake(*args, "--forcerun", "results/runs/lora-r128/metrics.json", workdir=workdir)
+    proc = run_snakemake(*args, "--forcerun", "results/runs/lora-r128/seed1/metrics.json", workdir=workdir)
     log = proc.stdout + proc.stderr
-    assert len(re.findall(r"rule train:", log)) == 1 and "wildcards: run=lora-r128" in log
-    after = {r: p.stat().st_mtime_ns for r, p in metrics.items()}
-    assert after["lora-r128"] > before["lora-r128"]
-    assert after["full"] == before["full"] and after["lora-r8"] == before["lora-r8"]
+    assert len(re.findall(r"rule train:", log)) == 1 and "wildcards: run=lora-r128, seed=1" in log
+    after = {k: p.stat().st_mtime_ns for k, p in metrics.items()}
+    assert after[("lora-r128", 1)] > before[("lora-r128", 1)]
+    assert all(after[k] == before[k] for k in metrics if k != ("lora-r128", 1))
     assert (workdir / "reports" / "summary.md").stat().st_mtime_ns > report_before

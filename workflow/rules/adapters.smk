@@ -2,20 +2,21 @@
 
 ADAPTER_RUNS = [r for r in RUNS if r != "full"]
 LORA_RUNS = [r for r in RUNS if r.startswith("lora-")]
+# merge and verify work for any seed; the report asks for the first seed's (replicates would repeat them)
 
 
 rule merge:
     input:
-        adapter="results/runs/{run}/model",
+        adapter="results/runs/{run}/seed{seed}/model",
         model=get_model_input,
     output:
-        merged=directory("results/runs/{run}/merged"),
+        merged=directory("results/runs/{run}/seed{seed}/merged"),
     params:
         spec=get_run_spec,
     log:
-        "logs/merge/{run}.log",
+        "logs/merge/{run}/seed{seed}.log",
     benchmark:
-        "results/benchmarks/merge/{run}.tsv"
+        "results/benchmarks/merge/{run}/seed{seed}.tsv"
     conda:
         ENV
     script:
@@ -24,17 +25,17 @@ rule merge:
 
 rule verify:
     input:
-        adapter="results/runs/{run}/model",
-        merged="results/runs/{run}/merged",
+        adapter="results/runs/{run}/seed{seed}/model",
+        merged="results/runs/{run}/seed{seed}/merged",
         eval="results/data/eval.jsonl",
     output:
-        verify="results/runs/{run}/verify.json",
+        verify="results/runs/{run}/seed{seed}/verify.json",
     params:
         spec=get_run_spec,
     log:
-        "logs/verify/{run}.log",
+        "logs/verify/{run}/seed{seed}.log",
     benchmark:
-        "results/benchmarks/verify/{run}.tsv"
+        "results/benchmarks/verify/{run}/seed{seed}.tsv"
     conda:
         ENV
     script:
@@ -43,13 +44,13 @@ rule verify:
 
 rule switch:
     input:
-        adapters=expand("results/runs/{run}/model", run=LORA_RUNS),
+        adapters=run_files("model", LORA_RUNS, [FIRST_SEED]),
         eval="results/data/eval.jsonl",
         model=get_model_input,
     output:
         switch="results/switch.json",
     params:
-        spec=lambda wildcards: run_spec(config, LORA_RUNS[0]),
+        spec=lambda wildcards: run_spec(config, LORA_RUNS[0], FIRST_SEED),
         names=LORA_RUNS,
     log:
         "logs/switch.log",
@@ -63,13 +64,13 @@ rule switch:
 
 rule samples:
     input:
-        models=expand("results/runs/{run}/model", run=RUNS),
+        models=run_files("model", RUNS, [FIRST_SEED]),
         eval="results/data/eval.jsonl",
         model=get_model_input,
     output:
         samples="results/samples.json",
     params:
-        specs=lambda wildcards: {r: run_spec(config, r) for r in RUNS},
+        specs=lambda wildcards: {r: run_spec(config, r, FIRST_SEED) for r in RUNS},
     log:
         "logs/samples.log",
     benchmark:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
-from lorasweep.config import ConfigError, run_names, run_spec, validate_config
+from lorasweep.config import ConfigError, run_names, run_spec, seeds, validate_config
 from lorasweep.data import is_local_source
 
 try:
@@ -14,17 +14,26 @@ except ConfigError as e:
     raise WorkflowError(str(e)) from None
 
 RUNS = run_names(config)
+SEEDS = seeds(config)  # training seeds; every run is trained once per seed
+FIRST_SEED = SEEDS[0]  # the replicate the adapter stages (merge, verify, switch, samples) use
 ENV = "../../envs/lorasweep.yaml"
 NOTEBOOK = str(Path(workflow.basedir) / "workflow" / "notebooks" / "summary.ipynb")
 
 
 wildcard_constraints:
     run="|".join(re.escape(r) for r in RUNS),
+    seed=r"\d+",
 
 
 def get_run_spec(wildcards):
     """Only the settings that affect this run: changing another run's settings does not retrain it."""
-    return run_spec(config, wildcards.run)
+    return run_spec(config, wildcards.run, int(wildcards.seed))
+
+
+def run_files(name, runs=None, seeds=None):
+    """``results/runs/<run>/seed<seed>/<name>`` for every run and seed (by default all of them)."""
+    return expand(f"results/runs/{{run}}/seed{{seed}}/{name}", run=RUNS if runs is None else runs,
+                  seed=SEEDS if seeds is None else seeds)
 
 
 def get_model_input(wildcards):

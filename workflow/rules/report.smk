@@ -5,9 +5,9 @@ from lorasweep.plots import FIGURES
 
 rule collect:
     input:
-        metrics=expand("results/runs/{run}/metrics.json", run=RUNS),
-        histories=expand("results/runs/{run}/log_history.jsonl", run=RUNS),
-        eval_losses=expand("results/runs/{run}/eval_losses.json", run=RUNS),
+        metrics=run_files("metrics.json"),
+        histories=run_files("log_history.jsonl"),
+        eval_losses=run_files("eval_losses.json"),
     output:
         metrics=report("results/metrics.csv", caption="../report/metrics.rst", category="Tables"),
         history="results/log_history.csv",
@@ -49,7 +49,7 @@ rule report:
         metrics="results/metrics.csv",
         history="results/log_history.csv",
         eval_losses="results/eval_losses.csv",
-        verify=expand("results/runs/{run}/verify.json", run=ADAPTER_RUNS),
+        verify=run_files("verify.json", ADAPTER_RUNS, [FIRST_SEED]),
         switch="results/switch.json" if LORA_RUNS else [],
         samples="results/samples.json",
         data_summary="results/data/summary.json",

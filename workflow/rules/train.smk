@@ -1,4 +1,4 @@
-# One training job per run (full, lora-r{rank}, qlora-r{rank}), each holding one `gpu` resource.
+# One training job per run (full, lora-r{rank}, qlora-r{rank}) and training seed, each holding one `gpu` resource.
 
 
 rule train:
@@ -8,16 +8,16 @@ rule train:
         summary="results/data/summary.json",
         model=get_model_input,
     output:
-        metrics="results/runs/{run}/metrics.json",
-        history="results/runs/{run}/log_history.jsonl",
-        eval_losses="results/runs/{run}/eval_losses.json",
-        model=directory("results/runs/{run}/model"),
+        metrics="results/runs/{run}/seed{seed}/metrics.json",
+        history="results/runs/{run}/seed{seed}/log_history.jsonl",
+        eval_losses="results/runs/{run}/seed{seed}/eval_losses.json",
+        model=directory("results/runs/{run}/seed{seed}/model"),
     params:
         spec=get_run_spec,
     log:
-        "logs/train/{run}.log",
+        "logs/train/{run}/seed{seed}.log",
     benchmark:
-        "results/benchmarks/train/{run}.tsv"
+        "results/benchmarks/train/{run}/seed{seed}.tsv"
     threads: 4
     retries: 2  # a run that ran out of memory is retried with half the per-device batch (twice the accumulation)
     resources:

@@ -5,5 +5,5 @@ from lorasweep.logs import script_logging
 
 with script_logging(snakemake.log[0]):  # noqa: F821 - injected by Snakemake
     inp, params = snakemake.input, snakemake.params  # noqa: F821
-    models = {Path(p).parent.name: p for p in inp.models}
+    models = {Path(p).parent.parent.name: p for p in inp.models}  # results/runs/<run>/seed<seed>/model
     sample_runs(params.specs, models, inp.eval, snakemake.output.samples)  # noqa: F821

@@ -1,0 +1,64 @@
+"""Target-module presets: which linear layers ``target_modules: attention`` adapts, per architecture.
+
+The write-ups adapt OPT's attention projections (q_proj, k_proj, v_proj); the same choice on another
+architecture means other module names. Architectures are keyed by ``config.model_type``; one without a
+preset falls back to ``all-linear`` (PEFT: every linear layer except the output head), and says so.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .config import ConfigError
+
+log = logging.getLogger(__name__)
+
+QKV = ["q_proj", "k_proj", "v_proj"]
+ATTENTION = {
+    "opt": QKV,
+    # Llama-style decoders
+    "llama": QKV, "mistral": QKV, "mixtral": QKV, "qwen2": QKV, "qwen3": QKV, "gemma": QKV, "gemma2": QKV,
+    "gemma3_text": QKV, "phi3": ["qkv_proj"], "phi": QKV, "olmo": QKV, "olmo2": QKV, "smollm3": QKV,
+    "granite": QKV, "starcoder2": QKV,
+    # fused query-key-value projections
+    "gpt2": ["c_attn"], "gpt_bigcode": ["c_attn"], "gpt_neox": ["query_key_value"], "bloom": ["query_key_value"],
+    "falcon": ["query_key_value"], "gptj": QKV, "gpt_neo": QKV,
+}
+
+
+def linear_module_names(model) -> list[str]:
+    """Last name components of the model's linear layers (nn.Linear, GPT-2's Conv1D, 4-bit Linear)."""
+    import torch
+
+    kinds = [torch.nn.Linear]
+    try:
+        from transformers.pytorch_utils import Conv1D
+
+        kinds.append(Conv1D)
+    except ImportError:  # pragma: no cover
+        pass
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, tuple(kinds)) and n})
+
+
+def resolve_target_modules(model, targets) -> list[str] | str:
+    """The module names (or ``'all-linear'``) to pass to PEFT for ``targets``, checked against the model.
+
+    Raises ConfigError naming the missing modules and the model's linear layers when a list or a preset
+    does not match the model.
+    """
+    if targets == "all-linear":
+        return "all-linear"
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    source = ""
+    if targets == "attention":
+        if model_type not in ATTENTION:
+            log.warning("no attention preset for model type %r: adapting all linear layers (all-linear)", model_type)
+            return "all-linear"
+        targets, source = ATTENTION[model_type], f" (the attention preset for model type {model_type!r})"
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [t for t in targets if t not in names]
+    if missing:
+        raise ConfigError(f"methods.lora.target_modules: {missing}{source} not found in "
+                          f"{type(model).__name__}; its linear modules are {linear_module_names(model)} "
+                          "(list some of them, or use 'all-linear')")
+    return list(targets)

@@ -1,0 +1,139 @@
+"""Adapter options (init, rsLoRA, DoRA) and target-module presets, on real models and real training steps."""
+
+import json
+
+import pytest
+import torch
+
+from lorasweep.config import ConfigError, run_names, run_spec, validate_config
+
+
+def _config(tiny_config, ranks, **training):
+    cfg = tiny_config(**training)
+    cfg["methods"]["lora"]["ranks"] = ranks
+    return validate_config(cfg)
+
+
+def test_olora_moves_base_weight_into_the_adapter_and_still_merges_exactly(tiny_config, tiny_data, tiny_model,
+                                                                           tmp_path):
+    """PEFT documents OLoRA as W = W_res + s B0 A0 with B0 orthonormal (QR of W): the base weight changes.
+    The saved adapter must still fit the *original* base, and the merged model must compute what the
+    trained (residual base + adapter) model computed."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorasweep.adapters import _batch, merge_run, score, verify_run
+    from lorasweep.data import read_jsonl
+    from lorasweep.train import attach_lora, load_model, train_run
+
+    cfg = _config(tiny_config, [{"rank": 8, "init": "olora"}], max_steps=6)
+    spec = run_spec(cfg, "lora-r8-olora")
+    assert spec["lora"]["init"] == "olora"
+
+    original = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    model = attach_lora(load_model(spec, "cpu", "fp32"), spec).eval()
+    layer = model.base_model.model.model.decoder.layers[0].self_attn.q_proj
+    w0 = original.model.decoder.layers[0].self_attn.q_proj.weight
+    w_res, a, b = layer.base_layer.weight, layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    assert (w_res - w0).abs().max() > 1e-2  # the base weight really changed ...
+    torch.testing.assert_close(w_res + layer.scaling["default"] * b @ a, w0, atol=1e-5, rtol=0)  # ... by s B0 A0
+    torch.testing.assert_close(b.T @ b, torch.eye(8), atol=1e-5, rtol=0)  # B0: orthonormal columns (Q of the QR)
+    batch = _batch(AutoTokenizer.from_pretrained(tiny_model), read_jsonl(tiny_data["eval"])[:4])
+    torch.testing.assert_close(score(model, batch)["logits"], score(original, batch)["logits"], atol=1e-4, rtol=0)
+
+    out = tmp_path / "run"
+    m = train_run(spec, tiny_data["train"], tiny_data["eval"], out,
+                  operational={"checkpoint_steps": 6, "keep_checkpoints": True})
+    assert m["lora_init"] == "olora" and m["eval_loss"] < m["base_eval_loss"]
+    saved = json.loads((out / "model" / "adapter_config.json").read_text())
+    assert saved["r"] == 16 and saved["init_lora_weights"] is True  # converted: Delta W = A B - A0 B0, rank 2r
+
+    # the trained model as it trained: residual base + the unconverted adapter from the final checkpoint
+    trained = attach_lora(load_model(spec, "cpu", "fp32"), spec)
+    set_peft_model_state_dict(trained, load_file(out / "checkpoints" / "checkpoint-6" / "adapter_model.safetensors"))
+    merged_dir = merge_run(spec, out / "model", tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    diff = (score(trained.eval(), batch)["logits"] - score(merged, batch)["logits"]).abs().max()
+    assert diff < 1e-4
+    result = verify_run(spec, out / "model", merged_dir, tiny_data["eval"], tmp_path / "verify.json", n_prompts=4,
+                        max_new_tokens=4)
+    assert result["within_tolerance"] and result["greedy_identical"]
+
+
+def test_rslora_and_dora_reach_peft(tiny_config, tiny_model):
+    from lorasweep.train import attach_lora, count_parameters, load_model
+
+    cfg = _config(tiny_config, [8, {"rank": 8, "use_rslora": True, "use_dora": True}])
+    assert run_names(cfg) == ["full", "lora-r8", "lora-r8-rslora-dora", "qlora-r8"]
+    plain = attach_lora(load_model(run_spec(cfg, "lora-r8"), "cpu", "fp32"), run_spec(cfg, "lora-r8"))
+    spec = run_spec(cfg, "lora-r8-rslora-dora")
+    model = attach_lora(load_model(spec, "cpu", "fp32"), spec)
+    layer = model.base_model.model.model.decoder.layers[0].self_attn.q_proj
+    assert layer.scaling["default"] == pytest.approx(spec["lora"]["alpha"] / 8**0.5)  # alpha / sqrt(r)
+    assert "default" in layer.lora_magnitude_vector  # DoRA's learned magnitude
+    extra = count_parameters(model)["trainable_params"] - count_parameters(plain)["trainable_params"]
+    base = load_model(spec, "cpu", "fp32")
+    assert extra == sum(m.out_features for n, m in base.named_modules() if n.endswith(("q_proj", "k_proj", "v_proj")))
+
+
+def test_option_combinations_peft_cannot_undo_are_refused(tiny_config):
+    with pytest.raises(ConfigError, match=r"methods.lora.ranks\[0\]: init 'pissa' cannot be combined with use_dora"):
+        _config(tiny_config, [{"rank": 8, "init": "pissa", "use_dora": True}])
+    with pytest.raises(ConfigError, match=r"run 'lora-r8' is listed twice"):
+        _config(tiny_config, [8, {"rank": 8, "init": "default"}])
+    cfg = tiny_config()
+    cfg["methods"]["qlora"]["ranks"] = [{"rank": 8, "init": "olora"}]
+    with pytest.raises(ConfigError, match=r"methods.qlora.ranks\[0\] = .*must be a rank .*use_dora"):
+        validate_config(cfg)
+
+
+def _tiny(arch: str):
+    from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig
+
+    configs = {
+        "gpt2": GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=32),
+        "llama": LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                             num_key_value_heads=2, vocab_size=64),
+        "gpt_neox": GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                  vocab_size=64),
+    }
+    return AutoModelForCausalLM.from_config(configs[arch])
+
+
+@pytest.mark.parametrize("arch, expected", [("gpt2", ["c_attn"]), ("llama", ["q_proj", "k_proj", "v_proj"]),
+                                            ("gpt_neox", ["query_key_value"])])
+def test_attention_preset_per_architecture_attaches_with_peft(arch, expected):
+    from peft import LoraConfig, get_peft_model
+
+    from lorasweep.presets import resolve_target_modules
+
+    model = _tiny(arch)
+    targets = resolve_target_modules(model, "attention")
+    assert targets == expected
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=targets, task_type="CAUSAL_LM"))
+    adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in peft_model.named_parameters() if "lora_A" in n}
+    assert adapted == set(expected)
+
+
+def test_unknown_architecture_falls_back_to_all_linear_and_a_wrong_list_names_the_real_modules(caplog):
+    from lorasweep.presets import ATTENTION, resolve_target_modules
+
+    model = _tiny("gpt2")
+    model.config.model_type = "my-new-arch"
+    assert "my-new-arch" not in ATTENTION
+    assert resolve_target_modules(model, "attention") == "all-linear"
+    assert "no attention preset for model type 'my-new-arch'" in caplog.text
+    with pytest.raises(ConfigError, match=r"\['q_proj'\] not found in GPT2LMHeadModel; its linear modules are "
+                                          r"\['c_attn', 'c_fc', 'c_proj', 'lm_head'\]"):
+        resolve_target_modules(model, ["q_proj"])
+
+
+def test_a_preset_that_does_not_match_the_model_says_which_preset():
+    from lorasweep.presets import resolve_target_modules
+
+    model = _tiny("gpt2")
+    model.config.model_type = "opt"  # claims OPT, has GPT-2's modules
+    with pytest.raises(ConfigError, match=r"\['q_proj', 'k_proj', 'v_proj'\] \(the attention preset for model type "
+                                          r"'opt'\) not found in GPT2LMHeadModel"):
+        resolve_target_modules(model, "attention")
