@@ -14,11 +14,12 @@ def _config(tiny_config, ranks, **training):
     return validate_config(cfg)
 
 
-def test_olora_moves_base_weight_into_the_adapter_and_still_merges_exactly(tiny_config, tiny_data, tiny_model,
-                                                                           tmp_path):
-    """PEFT documents OLoRA as W = W_res + s B0 A0 with B0 orthonormal (QR of W): the base weight changes.
-    The saved adapter must still fit the *original* base, and the merged model must compute what the
-    trained (residual base + adapter) model computed."""
+@pytest.mark.parametrize("init", ["olora", "pissa"])
+def test_olora_and_pissa_move_base_weight_into_the_adapter_and_still_merge_exactly(init, tiny_config, tiny_data,
+                                                                                   tiny_model, tmp_path):
+    """PEFT documents OLoRA as W = W_res + s B0 A0 with B0 orthonormal (QR of W), PiSSA likewise from the top-r
+    singular vectors: the base weight changes. The saved adapter must still fit the *original* base, and the
+    merged model must compute what the trained (residual base + adapter) model computed."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -27,9 +28,9 @@ def test_olora_moves_base_weight_into_the_adapter_and_still_merges_exactly(tiny_
     from lorasweep.data import read_jsonl
     from lorasweep.train import attach_lora, load_model, train_run
 
-    cfg = _config(tiny_config, [{"rank": 8, "init": "olora"}], max_steps=6)
-    spec = run_spec(cfg, "lora-r8-olora")
-    assert spec["lora"]["init"] == "olora"
+    cfg = _config(tiny_config, [{"rank": 8, "init": init}], max_steps=6)
+    spec = run_spec(cfg, f"lora-r8-{init}")
+    assert spec["lora"]["init"] == init
 
     original = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
     model = attach_lora(load_model(spec, "cpu", "fp32"), spec).eval()
@@ -38,14 +39,18 @@ def test_olora_moves_base_weight_into_the_adapter_and_still_merges_exactly(tiny_
     w_res, a, b = layer.base_layer.weight, layer.lora_A["default"].weight, layer.lora_B["default"].weight
     assert (w_res - w0).abs().max() > 1e-2  # the base weight really changed ...
     torch.testing.assert_close(w_res + layer.scaling["default"] * b @ a, w0, atol=1e-5, rtol=0)  # ... by s B0 A0
-    torch.testing.assert_close(b.T @ b, torch.eye(8), atol=1e-5, rtol=0)  # B0: orthonormal columns (Q of the QR)
+    if init == "olora":
+        torch.testing.assert_close(b.T @ b, torch.eye(8), atol=1e-5, rtol=0)  # B0: orthonormal columns (Q of the QR)
+    else:  # PiSSA: B0 A0 is the best rank-8 approximation of W, so the residual holds the smaller singular values
+        s_w, s_res = torch.linalg.svdvals(w0), torch.linalg.svdvals(w_res.detach())
+        torch.testing.assert_close(s_res[: len(s_w) - 8], s_w[8:], atol=1e-4, rtol=0)
     batch = _batch(AutoTokenizer.from_pretrained(tiny_model), read_jsonl(tiny_data["eval"])[:4])
     torch.testing.assert_close(score(model, batch)["logits"], score(original, batch)["logits"], atol=1e-4, rtol=0)
 
     out = tmp_path / "run"
     m = train_run(spec, tiny_data["train"], tiny_data["eval"], out,
                   operational={"checkpoint_steps": 6, "keep_checkpoints": True})
-    assert m["lora_init"] == "olora" and m["eval_loss"] < m["base_eval_loss"]
+    assert m["lora_init"] == init and m["eval_loss"] < m["base_eval_loss"]
     saved = json.loads((out / "model" / "adapter_config.json").read_text())
     assert saved["r"] == 16 and saved["init_lora_weights"] is True  # converted: Delta W = A B - A0 B0, rank 2r
 
