@@ -209,7 +209,7 @@ def run_spec(config: dict, name: str, seed: int | None = None) -> dict:
         targets = lora["target_modules"]
         spec["lora"] = {
             "r": rank,
-            "alpha": lora["alpha_per_rank"] * rank,
+            "alpha": lora["alpha"] if lora.get("alpha") is not None else lora["alpha_per_rank"] * rank,
             "dropout": lora["dropout"],
             "target_modules": targets if isinstance(targets, str) else list(targets),
             "init": run["init"],

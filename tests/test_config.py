@@ -83,3 +83,15 @@ def test_tiny_preset_validates_and_runs_on_cpu():
     cfg = validate_config(cfg)
     assert cfg["training"]["device"] == "cpu" and cfg["model"]["build_tiny"]
     assert run_names(cfg) == ["full", "lora-r8", "lora-r128", "lora-r256", "qlora-r8"]
+
+
+def test_alpha_rule_is_per_rank_by_default_or_fixed():
+    cfg = load_config(REPO / "config" / "config.yaml")
+    assert [run_spec(cfg, f"lora-r{r}")["lora"]["alpha"] for r in (8, 128, 256)] == [32, 512, 1024]
+    cfg["methods"]["lora"]["alpha"] = 16
+    validate_config(cfg)
+    assert [run_spec(cfg, f"lora-r{r}")["lora"]["alpha"] for r in (8, 128, 256)] == [16, 16, 16]
+    assert run_spec(cfg, "qlora-r8")["lora"]["alpha"] == 16  # QLoRA shares the LoRA settings
+    cfg["methods"]["lora"]["alpha"] = 0
+    with pytest.raises(ConfigError, match=r"methods.lora.alpha = 0: must be > 0"):
+        validate_config(cfg)
