@@ -18,22 +18,16 @@ import json
 import tempfile
 from pathlib import Path
 
-from lorasweep.config import run_spec, validate_config
+from lorasweep.config import run_spec
+from lorasweep.speed import single_run_config
 from lorasweep.data import prepare
 from lorasweep.train import train_run
 
 
 def one_epoch(model: str, train: Path, evals: Path, out: Path, *, run: str, batch: int, lr: float, max_length: int,
               device: str, seed: int) -> dict:
-    key = "full" if run == "full" else "lora"
-    cfg = validate_config({
-        "model": {"name_or_path": model}, "dataset": {"source": str(train)}, "seed": seed,
-        "methods": {"full": {"enabled": run == "full", "learning_rate": lr},
-                    "lora": {"ranks": [int(run.split("r")[-1])] if key == "lora" else [], "learning_rate": lr},
-                    "qlora": {"ranks": []}},
-        "training": {"device": device, "epochs": 1, "batch_size": batch, "max_length": max_length, "evals": 1,
-                     "checkpoint_steps": 0},
-    })
+    cfg = single_run_config(model, train, run, lr=lr, device=device, seed=seed, epochs=1, batch_size=batch,
+                            max_length=max_length)
     m = train_run(run_spec(cfg, run), train, evals, out)
     return {"train_examples": m["train_info"]["train_examples"], "steps": m["train_steps"],
             "tokens": m["train_tokens_nonpad"], "seconds": m["train_runtime_s"],

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from lorasweep import speed
-from lorasweep.config import run_spec, validate_config
+from lorasweep.config import run_spec
 from lorasweep.data import prepare, read_jsonl
 from lorasweep.train import train_run
 
@@ -70,15 +70,8 @@ def plain_recipe(model_path: str, train_jsonl: Path, eval_jsonl: Path, out: Path
 
 def lorasweep_recipe(model_path: str, train_jsonl: Path, eval_jsonl: Path, out: Path, *, run: str, steps: int,
                      batch: int, lr: float, max_length: int, device: str, seed: int) -> dict:
-    key = "full" if run == "full" else "lora"
-    cfg = validate_config({
-        "model": {"name_or_path": model_path}, "dataset": {"source": str(train_jsonl)}, "seed": seed,
-        "methods": {"full": {"enabled": run == "full", "learning_rate": lr},
-                    "lora": {"ranks": [int(run.split("r")[-1])] if key == "lora" else [], "learning_rate": lr},
-                    "qlora": {"ranks": []}},
-        "training": {"device": device, "max_steps": steps, "batch_size": batch, "max_length": max_length,
-                     "evals": 1, "checkpoint_steps": 0},
-    })
+    cfg = speed.single_run_config(model_path, train_jsonl, run, lr=lr, device=device, seed=seed, max_steps=steps,
+                                  batch_size=batch, max_length=max_length)
     m = train_run(run_spec(cfg, run), train_jsonl, eval_jsonl, out)
     return {"tokens_per_s": m["train_tokens_nonpad_per_s"], "tokens": m["train_tokens_nonpad"],
             "seconds": m["train_runtime_s"], "eval_loss": m["eval_loss"], "padding_share_pct": m["padding_share_pct"],

@@ -25,3 +25,17 @@ def flops_per_token(total_params: int, full: bool) -> float:
 def mfu(total_params: int, full: bool, tokens_per_s: float, gpu_name: str | None) -> float | None:
     peak = peak_flops(gpu_name)
     return flops_per_token(total_params, full) * tokens_per_s / peak if peak else None
+
+
+def single_run_config(model: str, train_jsonl, run: str, *, lr: float, device: str, seed: int, **training) -> dict:
+    """A validated configuration with one run (``full`` or ``lora-r<rank>``): what the benchmarks train."""
+    from .config import validate_config
+
+    lora = run != "full"
+    return validate_config({
+        "model": {"name_or_path": model}, "dataset": {"source": str(train_jsonl)}, "seed": seed,
+        "methods": {"full": {"enabled": not lora, "learning_rate": lr},
+                    "lora": {"ranks": [int(run.split("r")[-1])] if lora else [], "learning_rate": lr},
+                    "qlora": {"ranks": []}},
+        "training": {"device": device, "evals": 1, "checkpoint_steps": 0, **training},
+    })

@@ -1,0 +1,36 @@
+"""The benchmark scripts run as documented (tiny settings): they measure what they say, in the same units."""
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def _run(script, tmp_path, *args):
+    out = tmp_path / "result.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *map(str, args), "--json", out],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_throughput_benchmark_compares_both_recipes_on_the_same_tokens(tiny_data, tmp_path):
+    from lorasweep.data import prepare
+
+    n_train = prepare(tiny_data["source"], tmp_path / "t.jsonl", tmp_path / "e.jsonl", tmp_path / "s.json",
+                      eval_size=0.05, seed=0)["train_examples"]  # as the benchmark prepares it
+    epoch = -(-n_train // 8)
+    r, stdout = _run("throughput.py", tmp_path, "--data", tiny_data["source"], "--steps", epoch, "--repeats", 1,
+                     "--max-length", 128)
+    assert set(r["median_tokens_per_s"]) == {"plain", "plain, checkpointing off", "lorasweep"}
+    assert len(set(r["tokens_per_run"].values())) == 1  # one epoch each: same examples, same non-padding tokens
+    assert r["speedup"] == r["median_tokens_per_s"]["lorasweep"] / r["median_tokens_per_s"]["plain"]
+    assert "speed-up of lorasweep over the plain recipe" in stdout
+
+
+def test_scaling_benchmark_trains_one_epoch_per_fraction_and_reuses_tokenization(tiny_data, tmp_path):
+    r, _ = _run("scaling.py", tmp_path, "--data", tiny_data["source"], "--fractions", 0.5, 1.0, "--max-length", 128)
+    small, large = r["fractions"]
+    assert small["train_examples"] < large["train_examples"] and small["steps"] < large["steps"]
+    assert r["rerun_on_largest"]["tokens"] == large["tokens"]  # the same epoch again
