@@ -9,7 +9,9 @@ write-ups ran it: random batches padded to the longest, activation checkpointing
 *lorasweep* is `lorasweep.train.train_run`, the step the workflow runs (length-grouped batches,
 activation checkpointing off unless asked for). Tokens/s counts prompt + response tokens without
 padding, over training time only. The median of ``--repeats`` runs is printed, with the eval loss each
-recipe reached on the held-out split after the same steps. Pass ``--model`` for a real model (local
+recipe reached on the held-out split after the same steps (per response token, both scored the same
+way). Repeat i trains with seed + i (another initialisation and data order on the same split), so the
+eval-loss difference comes with its seed-to-seed spread. Pass ``--model`` for a real model (local
 path or hub id) and ``--device cuda`` on a GPU, where MFU is printed too.
 """
 
@@ -25,7 +27,7 @@ from pathlib import Path
 from lorasweep import speed
 from lorasweep.config import run_spec
 from lorasweep.data import prepare, read_jsonl
-from lorasweep.train import train_run
+from lorasweep.train import per_example_losses, token_weighted, train_run
 
 
 
@@ -63,7 +65,7 @@ def plain_recipe(model_path: str, train_jsonl: Path, eval_jsonl: Path, out: Path
     trainer.train()
     seconds = time.perf_counter() - t0
     tokens = trainer.state.num_input_tokens_seen
-    eval_loss = trainer.evaluate()["eval_loss"]
+    eval_loss = token_weighted(per_example_losses(trainer))  # the measure lorasweep reports, on the same split
     return {"tokens_per_s": tokens / seconds, "tokens": tokens, "seconds": seconds, "eval_loss": eval_loss,
             "activation_checkpointing": bool(args.activation_checkpointing)}
 
@@ -110,25 +112,35 @@ def main(argv=None) -> dict:
                "lorasweep": lorasweep_recipe}
     results = {k: [] for k in recipes}
     for i in range(a.repeats):  # interleaved, so a slow phase of the machine hits every recipe
-        for name, fn in recipes.items():
-            r = fn(model, train, evals, work / f"{i}-{name.replace(', ', '-').replace(' ', '-')}", **common)
+        for name, fn in recipes.items():  # repeat i trains with seed + i: another init and order, same split
+            r = fn(model, train, evals, work / f"{i}-{name.replace(', ', '-').replace(' ', '-')}",
+                   **{**common, "seed": a.seed + i})
             results[name].append(r)
             print(f"[{i + 1}/{a.repeats}] {name:24s} {r['tokens_per_s']:>10,.0f} tokens/s  {r['seconds']:6.2f} s  "
                   f"eval loss {r['eval_loss']:.4f}", flush=True)
 
     med = {k: statistics.median(r["tokens_per_s"] for r in v) for k, v in results.items()}
-    ev = {k: statistics.median(r["eval_loss"] for r in v) for k, v in results.items()}
+    ev = {k: statistics.mean(r["eval_loss"] for r in v) for k, v in results.items()}
+    # eval loss of lorasweep minus plain, paired by training seed: mean and a 95% t-interval over the seeds
+    diffs = [x["eval_loss"] - y["eval_loss"] for x, y in zip(results["lorasweep"], results["plain"])]
+    from lorasweep.findings import t975
+
+    half = t975(len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
     summary_out = {"run": a.run, "steps": a.steps, "batch": a.batch, "max_length": a.max_length, "device": a.device,
                    "model": a.model or "tiny OPT (built on the data)", "data": a.data, "repeats": a.repeats,
                    "hardware": results["lorasweep"][0]["hardware"], "median_tokens_per_s": med,
-                   "median_eval_loss": ev, "speedup": med["lorasweep"] / med["plain"],
+                   "mean_eval_loss": ev, "eval_loss_diff_lorasweep_minus_plain": {
+                       "per_seed": diffs, "mean": statistics.mean(diffs), "ci95_half": half},
+                   "speedup": med["lorasweep"] / med["plain"],
                    "tokens_per_run": {k: v[0]["tokens"] for k, v in results.items()},
                    "lorasweep_padding_share_pct": results["lorasweep"][0]["padding_share_pct"], "runs": results}
-    print(f"\n{a.run} on {summary_out['hardware']}, {a.steps} steps x batch {a.batch}, median of {a.repeats}:")
+    print(f"\n{a.run} on {summary_out['hardware']}, {a.steps} steps x batch {a.batch}, {a.repeats} seeds "
+          f"({a.seed}..{a.seed + a.repeats - 1}): median tokens/s, mean eval loss per response token")
     for name in recipes:
         print(f"  {name:24s}: {med[name]:>10,.0f} non-padding tokens/s ({med[name] / med['plain']:.2f}x), "
               f"eval loss {ev[name]:.4f} after {results[name][0]['tokens']:,} tokens")
     print(f"  speed-up of lorasweep over the plain recipe: {summary_out['speedup']:.2f}x")
+    print(f"  eval loss, lorasweep minus plain, paired by seed: {statistics.mean(diffs):+.4f} ± {half:.4f} (95% t)")
     if a.device == "cuda":
         gpu = summary_out["hardware"]
         for name in recipes:

@@ -344,6 +344,11 @@ def response_nll(logits, labels):
     return (nll * mask).sum(1), mask.sum(1)
 
 
+def token_weighted(examples: list[dict]) -> float:
+    """Mean loss per response token over the eval split: every token counts once, whatever its batch."""
+    return sum(e["loss_sum"] for e in examples) / max(1, sum(e["tokens"] for e in examples))
+
+
 def per_example_losses(trainer) -> list[dict]:
     """Loss summed over each eval example's response tokens, and their count, in eval-split order.
 
@@ -646,9 +651,13 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         # quality
         "train_loss": result.training_loss,
         "train_loss_last": losses[-1] if losses else None,
-        "eval_loss": final_eval["eval_loss"],
-        "eval_perplexity": math.exp(final_eval["eval_loss"]),
-        "base_eval_loss": base_eval["eval_loss"],
+        # eval loss per response token of the eval split (token-weighted, as the paired comparisons): the
+        # Trainer's eval_loss averages per-batch means, so it depends on the eval batch size
+        "eval_loss": token_weighted(final_examples),
+        "eval_perplexity": math.exp(token_weighted(final_examples)),
+        "base_eval_loss": token_weighted(base_examples),
+        "eval_loss_trainer": final_eval["eval_loss"],
+        "base_eval_loss_trainer": base_eval["eval_loss"],
         # speed (training only: evaluation time is subtracted)
         "train_runtime_s": train_time,
         "train_wall_s": wall,
