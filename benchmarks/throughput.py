@@ -74,7 +74,7 @@ def lorasweep_recipe(model_path: str, train_jsonl: Path, eval_jsonl: Path, out: 
                      batch: int, lr: float, max_length: int, device: str, seed: int) -> dict:
     cfg = speed.single_run_config(model_path, train_jsonl, run, lr=lr, device=device, seed=seed, max_steps=steps,
                                   batch_size=batch, max_length=max_length)
-    m = train_run(run_spec(cfg, run), train_jsonl, eval_jsonl, out)
+    m = train_run(run_spec(cfg, run), train_jsonl, eval_jsonl, out, operational={"checkpoint_steps": 0})
     return {"tokens_per_s": m["train_tokens_nonpad_per_s"], "tokens": m["train_tokens_nonpad"],
             "seconds": m["train_runtime_s"], "eval_loss": m["eval_loss"], "padding_share_pct": m["padding_share_pct"],
             "params": m["total_params"], "trainable": m["trainable_params"], "hardware": m["hardware"]}

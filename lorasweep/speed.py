@@ -37,5 +37,7 @@ def single_run_config(model: str, train_jsonl, run: str, *, lr: float, device: s
         "methods": {"full": {"enabled": not lora, "learning_rate": lr},
                     "lora": {"ranks": [int(run.split("r")[-1])] if lora else [], "learning_rate": lr},
                     "qlora": {"ranks": []}},
-        "training": {"device": device, "evals": 1, "checkpoint_steps": 0, **training},
+        # no warmup: the plain recipe (SFTConfig defaults) has none, and the benchmarks compare the training
+        # step at equal hyperparameters
+        "training": {"device": device, "evals": 1, "warmup_ratio": 0.0, **training},
     })

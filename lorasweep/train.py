@@ -255,6 +255,12 @@ def _trainer_class():
             self.token_counts["max_seq_len"] = max(self.token_counts["max_seq_len"], int(inputs["input_ids"].shape[1]))
             return super().training_step(model, inputs, num_items_in_batch)
 
+        def _get_eval_sampler(self, eval_dataset):
+            # transformers length-groups the eval set too when training does, in an order drawn from the global
+            # RNG: per-example losses would then not line up across runs (the paired intervals pair example i of
+            # one run with example i of another). Evaluate in eval-split order, every run the same.
+            return torch.utils.data.SequentialSampler(eval_dataset) if eval_dataset is not None else None
+
         def _get_train_sampler(self, train_dataset=None):
             sampler = super()._get_train_sampler(train_dataset)
             if type(sampler) is LengthGroupedSampler:

@@ -184,3 +184,21 @@ def test_tokenization_runs_once_per_sweep_and_is_reused(tiny_config, tiny_data, 
     train_run(run_spec(tiny_config(max_steps=2, max_length=64), "full"), data / "train.jsonl", data / "eval.jsonl",
               tmp_path / "short")
     assert set(cache_files()) > set(written)
+
+
+def test_per_example_eval_losses_line_up_across_runs(tiny_config, tiny_data, tiny_model, tmp_path):
+    """Example i is the same eval example in every run (eval-split order), so paired differences pair like with
+    like: the untrained full model and the untrained LoRA model (B = 0) score every example identically."""
+    from transformers import AutoTokenizer
+
+    from lorasweep.data import read_jsonl
+
+    _train(tiny_config, tiny_data, tmp_path, "full", max_steps=1)
+    _train(tiny_config, tiny_data, tmp_path, "lora-r8", max_steps=1)
+    full, lora = (json.loads((tmp_path / r / "eval_losses.json").read_text())["base"] for r in ("full", "lora-r8"))
+    assert [e["tokens"] for e in full] == [e["tokens"] for e in lora]
+    assert [e["loss_sum"] for e in full] == pytest.approx([e["loss_sum"] for e in lora], rel=1e-5)
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    rows = read_jsonl(tiny_data["eval"])
+    lengths = [len(tok(r["completion"] + tok.eos_token, add_special_tokens=False)["input_ids"]) for r in rows]
+    assert sum(abs(e["tokens"] - n) <= 1 for e, n in zip(full, lengths)) == len(rows)  # split order, not grouped
