@@ -141,21 +141,17 @@ class Losses:
         mean = d.sum() / tokens.sum()
         resid = d - mean * tokens
         se = math.sqrt(n / (n - 1) * (resid**2).sum()) / tokens.sum()
-        half2, dofs = (Z95 * se) ** 2, []
+        half2 = (Z95 * se) ** 2
         la, lb = self._per_seed(ra, which_a), self._per_seed(rb, which_b)
         if a == b:  # the same run's replicates before and after training: paired by seed
             ds = (la - lb).dropna()
             if len(ds) >= 2:
                 half2 += (t975(len(ds) - 1) * ds.std(ddof=1) / math.sqrt(len(ds))) ** 2
-                dofs.append(len(ds) - 1)
         else:
-            var, k = 0.0, [len(x) for x in (la, lb) if len(x) >= 2]
-            for x in (la, lb):
-                if len(x) >= 2:
-                    var += x.var(ddof=1) / len(x)
-            if k:
-                dofs.append(min(k) - 1)
-                half2 += (t975(min(k) - 1)) ** 2 * var
+            replicated = [x for x in (la, lb) if len(x) >= 2]
+            if replicated:
+                var = sum(x.var(ddof=1) / len(x) for x in replicated)
+                half2 += t975(min(len(x) for x in replicated) - 1) ** 2 * var
         half = math.sqrt(half2)
         return {"diff": float(mean), "half": float(half), "n": n, "seeds": (len(la), len(lb)),
                 "distinguishable": bool(abs(mean) > half)}

@@ -124,20 +124,21 @@ def _tradeoff_figure(df, runs, pal, plt, sns):
     parts = memory_parts(df)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     data = df.assign(peak_gib=parts["peak"] / 2**30)
+    peak_sd = f"{parts['peak'].name}_sd"
+    if peak_sd in data:
+        data["peak_gib_sd"] = data[peak_sd] / 2**30
     base = df.loc[~df["run"].str.startswith("qlora"), "base_eval_loss"]
     for ax, x, xlabel in [(axes[0], "peak_gib", f"{parts['measured_label']} (GiB)"),
                           (axes[1], "train_runtime_s", "train runtime, evaluation excluded (s)")]:
         if "eval_loss_sd" in data and data["eval_loss_sd"].notna().any():  # replicates: ± one sd both ways
             for _, r in data.iterrows():
-                xsd = r.get(f"{x}_sd") if x != "peak_gib" else r.get(f"{parts['peak'].name}_sd", 0) / 2**30
-                ax.errorbar(r[x], r["eval_loss"], xerr=xsd, yerr=r["eval_loss_sd"], color=pal[r["run"]], capsize=3,
+                ax.errorbar(r[x], r["eval_loss"], xerr=r.get(f"{x}_sd"), yerr=r["eval_loss_sd"], color=pal[r["run"]], capsize=3,
                             lw=1, zorder=1)
         sns.scatterplot(data=data, x=x, y="eval_loss", hue="run", hue_order=runs, palette=pal, s=120, ax=ax,
                         legend=ax is axes[1], edgecolor="black", zorder=2)
         if len(base):
             ax.axhline(base.median(), ls="--", color="grey", lw=1, label="untrained base")
-        sd = data.get(f"{x}_sd") if x != "peak_gib" else data.get(f"{parts['peak'].name}_sd", 0) / 2**30
-        right = (data[x] + (sd.fillna(0) if isinstance(sd, pd.Series) else 0)).max()
+        right = (data[x] + data.get(f"{x}_sd", pd.Series(0.0, index=data.index)).fillna(0)).max()
         ax.set_xlim(left=0, right=right * 1.15)  # from zero: distances read as the real ratios
         ax.set_xlabel(xlabel)
         ax.margins(y=0.15)
