@@ -61,13 +61,22 @@ def plain_recipe(model_path: str, train_jsonl: Path, eval_jsonl: Path, out: Path
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # prints every log dict; not part of the work measured
+    if device == "cuda":  # same baseline as lorasweep's: model loaded, peaks counted from here
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - t0
+    peaks = {}
+    if device == "cuda":
+        peaks = {"peak_cuda_allocated_bytes": torch.cuda.max_memory_allocated(),
+                 "peak_cuda_reserved_bytes": torch.cuda.max_memory_reserved()}
     tokens = trainer.state.num_input_tokens_seen
     eval_loss = token_weighted(per_example_losses(trainer))  # the measure lorasweep reports, on the same split
+    del trainer, model
     return {"tokens_per_s": tokens / seconds, "tokens": tokens, "seconds": seconds, "eval_loss": eval_loss,
-            "activation_checkpointing": bool(args.activation_checkpointing)}
+            "activation_checkpointing": bool(args.activation_checkpointing), **peaks}
 
 
 def lorasweep_recipe(model_path: str, train_jsonl: Path, eval_jsonl: Path, out: Path, *, run: str, steps: int,
@@ -77,13 +86,47 @@ def lorasweep_recipe(model_path: str, train_jsonl: Path, eval_jsonl: Path, out: 
     m = train_run(run_spec(cfg, run), train_jsonl, eval_jsonl, out, operational={"checkpoint_steps": 0})
     return {"tokens_per_s": m["train_tokens_nonpad_per_s"], "tokens": m["train_tokens_nonpad"],
             "seconds": m["train_runtime_s"], "eval_loss": m["eval_loss"], "padding_share_pct": m["padding_share_pct"],
-            "params": m["total_params"], "trainable": m["trainable_params"], "hardware": m["hardware"]}
+            "params": m["total_params"], "trainable": m["trainable_params"], "hardware": m["hardware"],
+            **{k: m[k] for k in ("peak_cuda_allocated_bytes", "peak_cuda_reserved_bytes") if m.get(k) is not None}}
+
+
+def _hardware(device: str) -> str:
+    from lorasweep.provenance import hardware
+
+    hw = hardware(device)
+    return hw.get("gpu_name") or f"CPU ({hw['cpu']}, {hw['torch_threads']} threads)"
+
+
+def _param_count(model_path: str) -> int:
+    """Parameters of the model as loaded (embedding tied with the output layer counted once)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        from transformers import AutoConfig
+
+        m = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
+    return sum(p.numel() for p in m.parameters())
+
+
+def _release_memory() -> None:
+    """Free the finished recipe's model, so that the next one's peak is its own."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="CodeAlpaca-format .json/.jsonl/.parquet (or hub id)")
-    ap.add_argument("--model", help="model path or hub id; default: build the tiny OPT on the data")
+    ap.add_argument("--model", help="model path or hub id; default: build a random OPT on the data (--shape)")
+    ap.add_argument("--shape", default="tiny", choices=["tiny", "opt-350m"],
+                    help="the OPT built when no --model is given: the tiny preset's, or facebook/opt-350m's "
+                         "(331 M parameters, random weights: its speed and memory, offline)")
     ap.add_argument("--run", default="full", help="full or lora-r<rank>")
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--batch", type=int, default=8)
@@ -92,8 +135,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--recipes", default="plain,plain-nockpt,lorasweep",
+                    help="comma-separated subset of plain, plain-nockpt (checkpointing off), lorasweep")
     ap.add_argument("--json", help="write the results here")
     a = ap.parse_args(argv)
+    known = ("plain", "plain-nockpt", "lorasweep")
+    wanted = [r.strip() for r in a.recipes.split(",") if r.strip()]
+    if not wanted or set(wanted) - set(known):
+        ap.error(f"--recipes: choose from {', '.join(known)}")
 
     work = Path(tempfile.mkdtemp(prefix="lorasweep-bench-"))
     train, evals, summary = work / "train.jsonl", work / "eval.jsonl", work / "summary.json"
@@ -102,49 +151,67 @@ def main(argv=None) -> dict:
     if model is None:
         from lorasweep.tiny import build_tiny_model_from_jsonl
 
-        model = str(build_tiny_model_from_jsonl(train, work / "opt-tiny"))
+        from lorasweep.tiny import OPT_350M_SHAPE
+
+        model = str(build_tiny_model_from_jsonl(train, work / f"opt-{a.shape}",
+                                                **(OPT_350M_SHAPE if a.shape == "opt-350m" else {})))
     common = dict(run=a.run, steps=a.steps, batch=a.batch, lr=a.lr, max_length=a.max_length, device=a.device,
                   seed=a.seed)
     import functools
 
-    recipes = {"plain": plain_recipe,
-               "plain, checkpointing off": functools.partial(plain_recipe, checkpointing=False),
-               "lorasweep": lorasweep_recipe}
+    by_key = {"plain": ("plain", plain_recipe),
+              "plain-nockpt": ("plain, checkpointing off", functools.partial(plain_recipe, checkpointing=False)),
+              "lorasweep": ("lorasweep", lorasweep_recipe)}
+    recipes = dict(by_key[r] for r in wanted)
     results = {k: [] for k in recipes}
     for i in range(a.repeats):  # interleaved, so a slow phase of the machine hits every recipe
         for name, fn in recipes.items():  # repeat i trains with seed + i: another init and order, same split
             r = fn(model, train, evals, work / f"{i}-{name.replace(', ', '-').replace(' ', '-')}",
                    **{**common, "seed": a.seed + i})
             results[name].append(r)
+            _release_memory()
             print(f"[{i + 1}/{a.repeats}] {name:24s} {r['tokens_per_s']:>10,.0f} tokens/s  {r['seconds']:6.2f} s  "
                   f"eval loss {r['eval_loss']:.4f}", flush=True)
 
     med = {k: statistics.median(r["tokens_per_s"] for r in v) for k, v in results.items()}
     ev = {k: statistics.mean(r["eval_loss"] for r in v) for k, v in results.items()}
-    # eval loss of lorasweep minus plain, paired by training seed: mean and a 95% t-interval over the seeds
-    diffs = [x["eval_loss"] - y["eval_loss"] for x, y in zip(results["lorasweep"], results["plain"])]
-    from lorasweep.findings import t975
-
-    half = t975(len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
     summary_out = {"run": a.run, "steps": a.steps, "batch": a.batch, "max_length": a.max_length, "device": a.device,
-                   "model": a.model or "tiny OPT (built on the data)", "data": a.data, "repeats": a.repeats,
-                   "hardware": results["lorasweep"][0]["hardware"], "median_tokens_per_s": med,
-                   "mean_eval_loss": ev, "eval_loss_diff_lorasweep_minus_plain": {
-                       "per_seed": diffs, "mean": statistics.mean(diffs), "ci95_half": half},
-                   "speedup": med["lorasweep"] / med["plain"],
-                   "tokens_per_run": {k: v[0]["tokens"] for k, v in results.items()},
-                   "lorasweep_padding_share_pct": results["lorasweep"][0]["padding_share_pct"], "runs": results}
+                   "model": a.model or f"random OPT, {a.shape} shape (built on the data)", "data": a.data,
+                   "repeats": a.repeats, "hardware": _hardware(a.device), "median_tokens_per_s": med,
+                   "mean_eval_loss": ev, "tokens_per_run": {k: v[0]["tokens"] for k, v in results.items()},
+                   "runs": results}
+    if "lorasweep" in results:
+        summary_out["lorasweep_padding_share_pct"] = results["lorasweep"][0]["padding_share_pct"]
     print(f"\n{a.run} on {summary_out['hardware']}, {a.steps} steps x batch {a.batch}, {a.repeats} seeds "
           f"({a.seed}..{a.seed + a.repeats - 1}): median tokens/s, mean eval loss per response token")
+    base = med.get("plain")
     for name in recipes:
-        print(f"  {name:24s}: {med[name]:>10,.0f} non-padding tokens/s ({med[name] / med['plain']:.2f}x), "
+        ratio = f" ({med[name] / base:.2f}x)" if base else ""
+        print(f"  {name:24s}: {med[name]:>10,.0f} non-padding tokens/s{ratio}, "
               f"eval loss {ev[name]:.4f} after {results[name][0]['tokens']:,} tokens")
-    print(f"  speed-up of lorasweep over the plain recipe: {summary_out['speedup']:.2f}x")
-    print(f"  eval loss, lorasweep minus plain, paired by seed: {statistics.mean(diffs):+.4f} ± {half:.4f} (95% t)")
+    if base and "lorasweep" in results:
+        # eval loss of lorasweep minus plain, paired by training seed: mean and a 95% t-interval over the seeds
+        from lorasweep.findings import t975
+
+        diffs = [x["eval_loss"] - y["eval_loss"] for x, y in zip(results["lorasweep"], results["plain"])]
+        half = t975(len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+        summary_out["eval_loss_diff_lorasweep_minus_plain"] = {"per_seed": diffs, "mean": statistics.mean(diffs),
+                                                               "ci95_half": half}
+        summary_out["speedup"] = med["lorasweep"] / base
+        print(f"  speed-up of lorasweep over the plain recipe: {summary_out['speedup']:.2f}x")
+        print(f"  eval loss, lorasweep minus plain, paired by seed: {statistics.mean(diffs):+.4f} ± {half:.4f} "
+              "(95% t)")
+    for name in recipes:
+        if "peak_cuda_allocated_bytes" in results[name][0]:
+            peak = max(r["peak_cuda_allocated_bytes"] for r in results[name]) / 2**30
+            res = max(r["peak_cuda_reserved_bytes"] for r in results[name]) / 2**30
+            summary_out.setdefault("peak_cuda_gib", {})[name] = {"allocated": peak, "reserved": res}
+            print(f"  peak CUDA memory {name:20s}: {peak:6.2f} GiB allocated, {res:6.2f} GiB reserved "
+                  "(from the loaded model on)")
     if a.device == "cuda":
         gpu = summary_out["hardware"]
         for name in recipes:
-            u = speed.mfu(results["lorasweep"][0]["params"], a.run == "full", med[name], gpu)
+            u = speed.mfu(_param_count(model), a.run == "full", med[name], gpu)
             if u is not None:
                 summary_out.setdefault("mfu", {})[name] = u
                 print(f"  MFU {name:20s}: {u:.1%} of {gpu}'s {speed.peak_flops(gpu) / 1e12:.0f} TFLOP/s bf16 peak")

@@ -28,15 +28,17 @@ def mfu(total_params: int, full: bool, tokens_per_s: float, gpu_name: str | None
 
 
 def single_run_config(model: str, train_jsonl, run: str, *, lr: float, device: str, seed: int, **training) -> dict:
-    """A validated configuration with one run (``full`` or ``lora-r<rank>``): what the benchmarks train."""
+    """A validated configuration with one run (``full``, ``lora-r<rank>`` or ``qlora-r<rank>``): what the
+    benchmarks train."""
     from .config import validate_config
 
-    lora = run != "full"
+    method = "full" if run == "full" else run.split("-r")[0]
+    rank = [int(run.split("-r")[-1])] if method != "full" else []
     return validate_config({
         "model": {"name_or_path": model}, "dataset": {"source": str(train_jsonl)}, "seed": seed,
-        "methods": {"full": {"enabled": not lora, "learning_rate": lr},
-                    "lora": {"ranks": [int(run.split("r")[-1])] if lora else [], "learning_rate": lr},
-                    "qlora": {"ranks": []}},
+        "methods": {"full": {"enabled": method == "full", "learning_rate": lr},
+                    "lora": {"ranks": rank if method == "lora" else [], "learning_rate": lr},
+                    "qlora": {"ranks": rank if method == "qlora" else [], "learning_rate": lr}},
         # no warmup: the plain recipe (SFTConfig defaults) has none, and the benchmarks compare the training
         # step at equal hyperparameters
         "training": {"device": device, "evals": 1, "warmup_ratio": 0.0, **training},

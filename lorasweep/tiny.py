@@ -149,29 +149,51 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
 
 
-def build_tiny_model(texts: list[str], out_dir: str | Path, *, hidden_size: int = 64, num_layers: int = 2,
-                     num_heads: int = 4, ffn_dim: int = 256, vocab_size: int = 1024, max_positions: int = 512,
-                     seed: int = 0) -> Path:
-    """Build a randomly initialised OPT model and its tokenizer; save both with ``save_pretrained``."""
-    import torch
-    from transformers import OPTConfig, OPTForCausalLM
+# facebook/opt-350m's shape (its config.json): 24 post-LN layers of width 1024, embeddings of width 512
+# projected in and out, 50,272 tokens, 331 M parameters. Built with random weights it trains at the real
+# model's speed and memory, offline; its losses mean nothing (config/opt-350m-shape.yaml).
+OPT_350M_SHAPE = dict(hidden_size=1024, num_layers=24, num_heads=16, ffn_dim=4096, vocab_size=50272,
+                      word_embed_proj_dim=512, do_layer_norm_before=False, max_positions=2048, embedding_rows=50272)
 
-    tokenizer = train_tokenizer(texts, vocab_size)
-    torch.manual_seed(seed)
-    cfg = OPTConfig(
-        vocab_size=len(tokenizer),
+
+def opt_config(n_tokens: int, *, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4, ffn_dim: int = 256,
+               max_positions: int = 512, word_embed_proj_dim: int | None = None, do_layer_norm_before: bool = True,
+               embedding_rows: int | None = None, special_ids: dict | None = None):
+    """The OPTConfig of a model over a tokenizer of ``n_tokens`` tokens (``embedding_rows`` rows if more)."""
+    from transformers import OPTConfig
+
+    return OPTConfig(
+        vocab_size=max(n_tokens, embedding_rows or 0),
         hidden_size=hidden_size,
         num_hidden_layers=num_layers,
         ffn_dim=ffn_dim,
         num_attention_heads=num_heads,
-        word_embed_proj_dim=hidden_size,
+        word_embed_proj_dim=word_embed_proj_dim or hidden_size,
+        do_layer_norm_before=do_layer_norm_before,
         max_position_embeddings=max_positions,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
         dropout=0.0,
         attention_dropout=0.0,
+        **(special_ids or {}),
     )
+
+
+def build_tiny_model(texts: list[str], out_dir: str | Path, *, vocab_size: int = 1024, seed: int = 0,
+                     **shape) -> Path:
+    """Build a randomly initialised OPT model and its tokenizer; save both with ``save_pretrained``.
+
+    The tokenizer is trained on ``texts`` with at most ``vocab_size`` tokens. The embedding has one row per
+    token, or ``embedding_rows`` when given (at least the tokenizer's size), so that a real model's shape
+    and cost are kept when the text yields fewer tokens than its vocabulary. ``shape``: see
+    :func:`opt_config` (the ``model.build_tiny`` keys of the config schema).
+    """
+    import torch
+    from transformers import OPTForCausalLM
+
+    tokenizer = train_tokenizer(texts, vocab_size)
+    torch.manual_seed(seed)
+    cfg = opt_config(len(tokenizer), **shape, special_ids=dict(
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id))
     model = OPTForCausalLM(cfg)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -475,6 +475,8 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
     from transformers import set_seed
     from trl import SFTConfig
 
+    if device == "cuda":  # see config.schema.yaml: cuDNN attention re-plans for every new batch shape
+        torch.backends.cuda.enable_cudnn_sdp(bool(training.get("cudnn_attention", False)))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     training, oom_halvings = batch_after_oom(out_dir, training)

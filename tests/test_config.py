@@ -95,3 +95,23 @@ def test_alpha_rule_is_per_rank_by_default_or_fixed():
     cfg["methods"]["lora"]["alpha"] = 0
     with pytest.raises(ConfigError, match=r"methods.lora.alpha = 0: must be > 0"):
         validate_config(cfg)
+
+
+def test_opt_350m_shape_preset_has_the_real_models_shape():
+    """config/opt-350m-shape.yaml builds facebook/opt-350m's architecture offline: same parameter count."""
+    import torch
+    from transformers import OPTForCausalLM
+
+    from lorasweep.tiny import OPT_350M_SHAPE, opt_config
+
+    cfg = load_config(REPO / "config" / "config.yaml", REPO / "config" / "opt-350m-shape.yaml")
+    shape = cfg["model"]["build_tiny"]
+    assert shape == OPT_350M_SHAPE  # the benchmarks' --shape opt-350m builds the same
+    assert run_names(cfg) == ["full", "lora-r8", "lora-r128", "lora-r256", "qlora-r8"]
+    arch = {k: v for k, v in shape.items() if k != "vocab_size"}
+    with torch.device("meta"):  # a tokenizer trained on 2k records has ~12k tokens; the embedding keeps 50,272 rows
+        model = OPTForCausalLM(opt_config(11_756, **arch))
+    assert model.config.vocab_size == 50272 and model.config.do_layer_norm_before is False
+    assert sum(p.numel() for p in model.parameters()) == 331_196_416  # facebook/opt-350m: 331 M
+    with pytest.raises(ConfigError, match="embedding_rows"):
+        validate_config({**copy.deepcopy(MINIMAL), "model": {"name_or_path": "x", "build_tiny": {"embedding_rows": 5}}})

@@ -116,3 +116,21 @@ def test_prepare_real_codealpaca_sample(codealpaca_sample, tmp_path):
     again = data.prepare(str(codealpaca_sample), tmp_path / "t2.jsonl", tmp_path / "e2.jsonl", tmp_path / "s2.json",
                          eval_size=0.05, fraction=0.5, seed=42)
     assert again["fingerprint_sha256"] == summary["fingerprint_sha256"]
+
+
+def test_built_model_keeps_the_requested_shape_beyond_the_tokenizers_vocabulary(tmp_path):
+    """build_tiny's shape keys (what config/opt-350m-shape.yaml uses) reach the saved model."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorasweep.tiny import build_tiny_model
+
+    texts = [f"{r['instruction']} {r['input']} {r['output']}" for r in make_tiny_records(50)]
+    path = build_tiny_model(texts, tmp_path / "m", vocab_size=400, hidden_size=32, num_layers=1, num_heads=2,
+                            ffn_dim=64, word_embed_proj_dim=16, do_layer_norm_before=False, embedding_rows=600)
+    model, tok = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    assert len(tok) <= 400 < 600 == model.config.vocab_size
+    assert tuple(model.get_input_embeddings().weight.shape) == (600, 16)  # 16-wide embeddings, projected to 32
+    assert model.model.decoder.project_in is not None and model.config.do_layer_norm_before is False
+    ids = tok("def f(x): return x", return_tensors="pt")["input_ids"]
+    assert torch.isfinite(model(input_ids=ids, labels=ids).loss)

@@ -42,3 +42,16 @@ def test_padding_and_length_grouping_do_not_change_any_examples_loss(tiny_model,
         assert n.item() == n_batched[i].item()
         assert batched[i].item() == pytest.approx(s.item(), rel=1e-5, abs=1e-4)
     assert regrouped.tolist() == pytest.approx([batched[5].item(), batched[3].item(), batched[1].item()], rel=1e-5)
+
+
+@pytest.mark.parametrize("run,method", [("full", "full"), ("lora-r8", "lora"), ("qlora-r8", "qlora")])
+def test_benchmark_config_holds_exactly_the_one_run(run, method):
+    from lorasweep.config import run_names, run_spec
+    from lorasweep.speed import single_run_config
+
+    cfg = single_run_config("m", "t.jsonl", run, lr=1e-4, device="cpu", seed=3, batch_size=4)
+    assert run_names(cfg) == [run]
+    spec = run_spec(cfg, run)
+    assert spec["method"] == method and spec["learning_rate"] == 1e-4 and spec["training"]["batch_size"] == 4
+    assert (spec["quantization"] is not None) == (method == "qlora")
+    assert cfg["training"]["cudnn_attention"] is False  # variable-length batches: see the schema's description
