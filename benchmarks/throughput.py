@@ -27,8 +27,12 @@ from pathlib import Path
 from lorasweep import speed
 from lorasweep.config import run_spec
 from lorasweep.data import prepare, read_jsonl
+from lorasweep.memory import PeakMemory
 from lorasweep.train import per_example_losses, token_weighted, train_run
 
+
+
+PEAKS = ("peak_rss_bytes", "peak_cuda_allocated_bytes", "peak_cuda_reserved_bytes")
 
 
 def plain_recipe(model_path: str, train_jsonl: Path, eval_jsonl: Path, out: Path, *, run: str, steps: int,
@@ -61,17 +65,12 @@ def plain_recipe(model_path: str, train_jsonl: Path, eval_jsonl: Path, out: Path
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # prints every log dict; not part of the work measured
-    if device == "cuda":  # same baseline as lorasweep's: model loaded, peaks counted from here
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+    memory = PeakMemory(device)  # lorasweep's measure, same baseline: model loaded, peaks counted from here
+    memory.reset()
     t0 = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - t0
-    peaks = {}
-    if device == "cuda":
-        peaks = {"peak_cuda_allocated_bytes": torch.cuda.max_memory_allocated(),
-                 "peak_cuda_reserved_bytes": torch.cuda.max_memory_reserved()}
+    peaks = {k: v for k, v in memory.read().items() if k in PEAKS}
     tokens = trainer.state.num_input_tokens_seen
     eval_loss = token_weighted(per_example_losses(trainer))  # the measure lorasweep reports, on the same split
     del trainer, model
@@ -87,7 +86,7 @@ def lorasweep_recipe(model_path: str, train_jsonl: Path, eval_jsonl: Path, out: 
     return {"tokens_per_s": m["train_tokens_nonpad_per_s"], "tokens": m["train_tokens_nonpad"],
             "seconds": m["train_runtime_s"], "eval_loss": m["eval_loss"], "padding_share_pct": m["padding_share_pct"],
             "params": m["total_params"], "trainable": m["trainable_params"], "hardware": m["hardware"],
-            **{k: m[k] for k in ("peak_cuda_allocated_bytes", "peak_cuda_reserved_bytes") if m.get(k) is not None}}
+            **{k: m[k] for k in PEAKS if m.get(k) is not None}}
 
 
 def _hardware(device: str) -> str:
@@ -202,6 +201,10 @@ def main(argv=None) -> dict:
         print(f"  eval loss, lorasweep minus plain, paired by seed: {statistics.mean(diffs):+.4f} ± {half:.4f} "
               "(95% t)")
     for name in recipes:
+        rss = max(r.get("peak_rss_bytes") or 0 for r in results[name]) / 2**30
+        summary_out.setdefault("peak_rss_gib", {})[name] = rss
+        print(f"  peak RSS {name:28s}: {rss:6.2f} GiB (whole process, highest since its model "
+              "was loaded; memory earlier recipes left to the allocator counts too)")
         if "peak_cuda_allocated_bytes" in results[name][0]:
             peak = max(r["peak_cuda_allocated_bytes"] for r in results[name]) / 2**30
             res = max(r["peak_cuda_reserved_bytes"] for r in results[name]) / 2**30

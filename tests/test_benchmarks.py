@@ -27,6 +27,8 @@ def test_throughput_benchmark_compares_both_recipes_on_the_same_tokens(tiny_data
     assert len(set(r["tokens_per_run"].values())) == 1  # one epoch each: same examples, same non-padding tokens
     assert r["speedup"] == r["median_tokens_per_s"]["lorasweep"] / r["median_tokens_per_s"]["plain"]
     assert "speed-up of lorasweep over the plain recipe" in stdout
+    assert set(r["peak_rss_gib"]) == set(r["median_tokens_per_s"]) and min(r["peak_rss_gib"].values()) > 0.1
+    assert "peak_cuda_gib" not in r and "mfu" not in r  # CUDA-only figures are absent on the CPU, never 0
 
 
 def test_scaling_benchmark_trains_one_epoch_per_fraction_and_reuses_tokenization(tiny_data, tmp_path):
