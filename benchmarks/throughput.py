@@ -12,13 +12,16 @@ padding, over training time only. The median of ``--repeats`` runs is printed, w
 recipe reached on the held-out split after the same steps (per response token, both scored the same
 way). Repeat i trains with seed + i (another initialisation and data order on the same split), so the
 eval-loss difference comes with its seed-to-seed spread. Pass ``--model`` for a real model (local
-path or hub id) and ``--device cuda`` on a GPU, where MFU is printed too.
+path or hub id), or ``--shape opt-350m`` for opt-350m's architecture with random weights (its speed and
+memory without the Hub), and ``--device cuda`` on a GPU, where MFU and CUDA memory peaks are printed too.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import re
 import statistics
 import tempfile
 import time
@@ -73,7 +76,6 @@ def plain_recipe(model_path: str, train_jsonl: Path, eval_jsonl: Path, out: Path
     peaks = {k: v for k, v in memory.read().items() if k in PEAKS}
     tokens = trainer.state.num_input_tokens_seen
     eval_loss = token_weighted(per_example_losses(trainer))  # the measure lorasweep reports, on the same split
-    del trainer, model
     return {"tokens_per_s": tokens / seconds, "tokens": tokens, "seconds": seconds, "eval_loss": eval_loss,
             "activation_checkpointing": bool(args.activation_checkpointing), **peaks}
 
@@ -89,6 +91,11 @@ def lorasweep_recipe(model_path: str, train_jsonl: Path, eval_jsonl: Path, out: 
             **{k: m[k] for k in PEAKS if m.get(k) is not None}}
 
 
+RECIPES = {"plain": ("plain", plain_recipe),  # --recipes key: (name printed, function)
+           "plain-nockpt": ("plain, checkpointing off", functools.partial(plain_recipe, checkpointing=False)),
+           "lorasweep": ("lorasweep", lorasweep_recipe)}
+
+
 def _hardware(device: str) -> str:
     from lorasweep.provenance import hardware
 
@@ -99,11 +106,9 @@ def _hardware(device: str) -> str:
 def _param_count(model_path: str) -> int:
     """Parameters of the model as loaded (embedding tied with the output layer counted once)."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):
-        from transformers import AutoConfig
-
         m = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
     return sum(p.numel() for p in m.parameters())
 
@@ -126,7 +131,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--shape", default="tiny", choices=["tiny", "opt-350m"],
                     help="the OPT built when no --model is given: the tiny preset's, or facebook/opt-350m's "
                          "(331 M parameters, random weights: its speed and memory, offline)")
-    ap.add_argument("--run", default="full", help="full or lora-r<rank>")
+    ap.add_argument("--run", default="full", help="full, lora-r<rank>, or qlora-r<rank> (lorasweep's recipe only)")
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -134,34 +139,29 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--recipes", default="plain,plain-nockpt,lorasweep",
+    ap.add_argument("--recipes", default=",".join(RECIPES),
                     help="comma-separated subset of plain, plain-nockpt (checkpointing off), lorasweep")
     ap.add_argument("--json", help="write the results here")
     a = ap.parse_args(argv)
-    known = ("plain", "plain-nockpt", "lorasweep")
     wanted = [r.strip() for r in a.recipes.split(",") if r.strip()]
-    if not wanted or set(wanted) - set(known):
-        ap.error(f"--recipes: choose from {', '.join(known)}")
+    if not wanted or set(wanted) - set(RECIPES):
+        ap.error(f"--recipes: choose from {', '.join(RECIPES)}")
+    if not re.fullmatch(r"full|(q?lora)-r\d+", a.run) or (a.run.startswith("qlora") and wanted != ["lorasweep"]):
+        ap.error("--run: full or lora-r<rank>; qlora-r<rank> only with --recipes lorasweep (the plain recipe "
+                 "has no 4-bit base)")
 
     work = Path(tempfile.mkdtemp(prefix="lorasweep-bench-"))
     train, evals, summary = work / "train.jsonl", work / "eval.jsonl", work / "summary.json"
     prepare(a.data, train, evals, summary, eval_size=0.05, seed=a.seed)
     model = a.model
     if model is None:
-        from lorasweep.tiny import build_tiny_model_from_jsonl
-
-        from lorasweep.tiny import OPT_350M_SHAPE
+        from lorasweep.tiny import OPT_350M_SHAPE, build_tiny_model_from_jsonl
 
         model = str(build_tiny_model_from_jsonl(train, work / f"opt-{a.shape}",
                                                 **(OPT_350M_SHAPE if a.shape == "opt-350m" else {})))
     common = dict(run=a.run, steps=a.steps, batch=a.batch, lr=a.lr, max_length=a.max_length, device=a.device,
                   seed=a.seed)
-    import functools
-
-    by_key = {"plain": ("plain", plain_recipe),
-              "plain-nockpt": ("plain, checkpointing off", functools.partial(plain_recipe, checkpointing=False)),
-              "lorasweep": ("lorasweep", lorasweep_recipe)}
-    recipes = dict(by_key[r] for r in wanted)
+    recipes = dict(RECIPES[r] for r in wanted)
     results = {k: [] for k in recipes}
     for i in range(a.repeats):  # interleaved, so a slow phase of the machine hits every recipe
         for name, fn in recipes.items():  # repeat i trains with seed + i: another init and order, same split
