@@ -240,6 +240,7 @@ def _trainer_class():
     class MeasuredSFTTrainer(SFTTrainer):
         """SFTTrainer that counts the tokens of every training batch it actually feeds."""
 
+        last_eval_examples: list[dict] | None = None  # per-example losses of the latest evaluate()
         token_counts = {"tokens_padded": 0, "tokens_nonpad": 0, "tokens_labelled": 0, "samples": 0,
                         "max_seq_len": 0}
 
@@ -254,6 +255,30 @@ def _trainer_class():
                 self.token_counts[k] += v
             self.token_counts["max_seq_len"] = max(self.token_counts["max_seq_len"], int(inputs["input_ids"].shape[1]))
             return super().training_step(model, inputs, num_items_in_batch)
+
+        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+            """One pass over the eval split scored per response token (every token counts once, whatever its
+            batch): the measure of the metrics and of the paired intervals, so the loss curves end where the
+            tables say. The Trainer's own figure, a mean of per-batch means that moves with the eval batch
+            size, is kept as ``<prefix>_loss_batch_mean``."""
+            if eval_dataset is not None:
+                return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+            start = time.perf_counter()
+            examples = per_example_losses(self)
+            runtime = time.perf_counter() - start
+            size = self.args.per_device_eval_batch_size
+            batches = [examples[i:i + size] for i in range(0, len(examples), size)]
+            metrics = {f"{metric_key_prefix}_loss": token_weighted(examples),
+                       f"{metric_key_prefix}_loss_batch_mean":
+                           sum(len(b) * token_weighted(b) for b in batches) / max(1, len(examples)),
+                       f"{metric_key_prefix}_runtime": runtime,
+                       f"{metric_key_prefix}_samples": len(examples)}
+            self.last_eval_examples = examples
+            # Trainer.log (-> Recorder.on_log -> log_history.jsonl), not SFTTrainer.log: that one would move
+            # the training metrics TRL has gathered since the last training log into this record
+            super(SFTTrainer, self).log(metrics)
+            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+            return metrics
 
         def _get_eval_sampler(self, eval_dataset):
             # transformers length-groups the eval set too when training does, in an order drawn from the global
@@ -572,10 +597,8 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
     else:
         recorder.history_path.write_text("")
         log.info("evaluating the untrained model on %d eval examples", len(eval_ds))
-        base_eval = trainer.evaluate()
-        base_examples = per_example_losses(trainer)
-        recorder.write({"step": 0, "epoch": 0.0, **base_eval, "tokens_nonpad_seen": 0, "tokens_padded_seen": 0,
-                        "elapsed_s": 0.0})
+        base_eval = trainer.evaluate()  # logged as the curves' step-0 point by the Recorder
+        base_examples = trainer.last_eval_examples
     recorder.extra_state = {"key": key, "base_eval": base_eval, "base_examples": base_examples}
     log.info("untrained eval_loss %.4f; training %d steps (%d examples, batch %d x accumulation %d)",
              base_eval["eval_loss"], steps, len(train_ds), training["batch_size"], training["grad_accum"])
@@ -602,15 +625,12 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
     eval_during = recorder.eval_time_s + (resumed or {}).get("eval_time_s", 0.0)
     train_time = recorder.t_end - recorder.t_begin - recorder.eval_time_s + (resumed or {}).get("train_time_s", 0.0)
     last_eval = [h for h in history if "eval_loss" in h]
-    if not last_eval or last_eval[-1].get("step") != trainer.state.global_step:
-        final_eval = trainer.evaluate()
-        recorder.write({"step": trainer.state.global_step, "epoch": trainer.state.epoch, **final_eval,
-                        "tokens_nonpad_seen": counts["tokens_nonpad"], "tokens_padded_seen": counts["tokens_padded"],
-                        "elapsed_s": recorder.elapsed()})
+    if not last_eval or last_eval[-1].get("step") != trainer.state.global_step or not trainer.last_eval_examples:
+        final_eval = trainer.evaluate()  # logged by the Recorder
     else:
         final_eval = last_eval[-1]
     losses = [h["loss"] for h in history if "loss" in h]
-    final_examples = per_example_losses(trainer)
+    final_examples = trainer.last_eval_examples  # the final evaluation's, of the trained model
     _atomic_write_json(out_dir / "eval_losses.json", {
         "what": "per eval example (eval-split order): response-token loss sum and token count",
         "base": base_examples, "final": final_examples})
@@ -659,13 +679,13 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         # quality
         "train_loss": result.training_loss,
         "train_loss_last": losses[-1] if losses else None,
-        # eval loss per response token of the eval split (token-weighted, as the paired comparisons): the
-        # Trainer's eval_loss averages per-batch means, so it depends on the eval batch size
+        # eval loss per response token of the eval split (token-weighted, as the paired comparisons); the
+        # Trainer's way, a mean of per-batch means, depends on the eval batch size: kept beside it
         "eval_loss": token_weighted(final_examples),
         "eval_perplexity": math.exp(token_weighted(final_examples)),
         "base_eval_loss": token_weighted(base_examples),
-        "eval_loss_trainer": final_eval["eval_loss"],
-        "base_eval_loss_trainer": base_eval["eval_loss"],
+        "eval_loss_batch_mean": final_eval["eval_loss_batch_mean"],
+        "base_eval_loss_batch_mean": base_eval["eval_loss_batch_mean"],
         # speed (training only: evaluation time is subtracted)
         "train_runtime_s": train_time,
         "train_wall_s": wall,

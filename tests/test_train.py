@@ -30,14 +30,20 @@ def test_full_finetuning_learns_and_writes_everything(tiny_config, tiny_data, tm
     assert m["train_tokens_labelled"] < m["train_tokens_nonpad"] <= m["train_tokens_padded"]
     history = [json.loads(line) for line in (out / "log_history.jsonl").read_text().splitlines()]
     evals = [h for h in history if "eval_loss" in h]
-    assert evals[0]["step"] == 0 and evals[0]["eval_loss"] == pytest.approx(m["base_eval_loss_trainer"])
-    assert evals[-1]["step"] == 20 and evals[-1]["eval_loss"] == pytest.approx(m["eval_loss_trainer"])
+    # one record per evaluation (untrained, then every eval_steps); the curves end where the metrics say
+    assert [h["step"] for h in evals] == sorted({h["step"] for h in evals}) and evals[0]["step"] == 0
+    assert evals[0]["eval_loss"] == pytest.approx(m["base_eval_loss"])
+    assert evals[-1]["step"] == 20 and evals[-1]["eval_loss"] == pytest.approx(m["eval_loss"])
     # the reported eval loss counts every response token of the eval split once (not a mean of batch means)
     per_example = json.loads((out / "eval_losses.json").read_text())
     for which, key in (("final", "eval_loss"), ("base", "base_eval_loss")):
         rows = per_example[which]
         assert m[key] == pytest.approx(sum(r["loss_sum"] for r in rows) / sum(r["tokens"] for r in rows))
-    assert abs(m["eval_loss"] - m["eval_loss_trainer"]) < 0.1  # close, but not the same measure
+    assert abs(m["eval_loss"] - m["eval_loss_batch_mean"]) < 0.1  # close, but not the same measure
+    assert m["eval_loss"] != m["eval_loss_batch_mean"]
+    # TRL's training metrics stay in the training records (an evaluation does not take them over)
+    assert all("mean_token_accuracy" in h for h in history if "loss" in h)
+    assert not any("mean_token_accuracy" in h for h in evals)
     assert sum(1 for h in history if "loss" in h) == 10
     meta = m["meta_info"]
     assert meta["packages"]["transformers"] and meta["hardware"]["device"] == "cpu"
