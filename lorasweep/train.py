@@ -684,8 +684,8 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         "eval_loss": token_weighted(final_examples),
         "eval_perplexity": math.exp(token_weighted(final_examples)),
         "base_eval_loss": token_weighted(base_examples),
-        "eval_loss_batch_mean": final_eval["eval_loss_batch_mean"],
-        "base_eval_loss_batch_mean": base_eval["eval_loss_batch_mean"],
+        "eval_loss_batch_mean": final_eval.get("eval_loss_batch_mean"),
+        "base_eval_loss_batch_mean": base_eval.get("eval_loss_batch_mean"),  # absent: resumed from an older checkpoint
         # speed (training only: evaluation time is subtracted)
         "train_runtime_s": train_time,
         "train_wall_s": wall,
