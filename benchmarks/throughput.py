@@ -31,6 +31,7 @@ from lorasweep import speed
 from lorasweep.config import run_spec
 from lorasweep.data import prepare, read_jsonl
 from lorasweep.memory import PeakMemory
+from lorasweep.provenance import hardware, hardware_label
 from lorasweep.train import per_example_losses, token_weighted, train_run
 
 
@@ -94,13 +95,6 @@ def lorasweep_recipe(model_path: str, train_jsonl: Path, eval_jsonl: Path, out: 
 RECIPES = {"plain": ("plain", plain_recipe),  # --recipes key: (name printed, function)
            "plain-nockpt": ("plain, checkpointing off", functools.partial(plain_recipe, checkpointing=False)),
            "lorasweep": ("lorasweep", lorasweep_recipe)}
-
-
-def _hardware(device: str) -> str:
-    from lorasweep.provenance import hardware
-
-    hw = hardware(device)
-    return hw.get("gpu_name") or f"CPU ({hw['cpu']}, {hw['torch_threads']} threads)"
 
 
 def _param_count(model_path: str) -> int:
@@ -176,7 +170,7 @@ def main(argv=None) -> dict:
     ev = {k: statistics.mean(r["eval_loss"] for r in v) for k, v in results.items()}
     summary_out = {"run": a.run, "steps": a.steps, "batch": a.batch, "max_length": a.max_length, "device": a.device,
                    "model": a.model or f"random OPT, {a.shape} shape (built on the data)", "data": a.data,
-                   "repeats": a.repeats, "hardware": _hardware(a.device), "median_tokens_per_s": med,
+                   "repeats": a.repeats, "hardware": hardware_label(hardware(a.device)), "median_tokens_per_s": med,
                    "mean_eval_loss": ev, "tokens_per_run": {k: v[0]["tokens"] for k, v in results.items()},
                    "runs": results}
     if "lorasweep" in results:

@@ -53,6 +53,11 @@ def hardware(device: str) -> dict:
     return out
 
 
+def hardware_label(hw: dict) -> str:
+    """One line naming what trained: the GPU, or the CPU and its torch threads (``hw`` from :func:`hardware`)."""
+    return hw.get("gpu_name") or f"CPU ({hw['cpu']}, {hw['torch_threads']} threads)"
+
+
 class MachineShare:
     """How much of the machine's CPU other processes used while a run trained.
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from .config import ConfigError
 from . import memory_model, speed
 from .memory import PeakMemory
-from .provenance import MachineShare, git_state, hardware, package_versions
+from .provenance import MachineShare, git_state, hardware, hardware_label, package_versions
 
 log = logging.getLogger("lorasweep.train")
 
@@ -631,6 +631,7 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         final_eval = last_eval[-1]
     losses = [h["loss"] for h in history if "loss" in h]
     final_examples = trainer.last_eval_examples  # the final evaluation's, of the trained model
+    eval_loss = token_weighted(final_examples)
     _atomic_write_json(out_dir / "eval_losses.json", {
         "what": "per eval example (eval-split order): response-token loss sum and token count",
         "base": base_examples, "final": final_examples})
@@ -657,7 +658,7 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         "rank": spec["rank"],
         "model": spec["model"]["name_or_path"],
         "device": device,
-        "hardware": hw.get("gpu_name") or f"CPU ({hw['cpu']}, {hw['torch_threads']} threads)",
+        "hardware": hardware_label(hw),
         "precision": precision,
         # hyperparameters of this run
         "learning_rate": spec["learning_rate"],
@@ -681,8 +682,8 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         "train_loss_last": losses[-1] if losses else None,
         # eval loss per response token of the eval split (token-weighted, as the paired comparisons); the
         # Trainer's way, a mean of per-batch means, depends on the eval batch size: kept beside it
-        "eval_loss": token_weighted(final_examples),
-        "eval_perplexity": math.exp(token_weighted(final_examples)),
+        "eval_loss": eval_loss,
+        "eval_perplexity": math.exp(eval_loss),
         "base_eval_loss": token_weighted(base_examples),
         "eval_loss_batch_mean": final_eval.get("eval_loss_batch_mean"),
         "base_eval_loss_batch_mean": base_eval.get("eval_loss_batch_mean"),  # absent: resumed from an older checkpoint
