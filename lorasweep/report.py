@@ -193,8 +193,10 @@ def results_table(df: pd.DataFrame) -> str:
         + ("; *MFU*: model FLOPs (6·N per token for full fine-tuning, 4·N with a frozen base) per second over "
            "the GPU's dense bf16 peak." if "mfu_pct" in df and df["mfu_pct"].notna().any() else "."),
         "- *peak RSS*: peak resident memory of the training process after the model was loaded and the peak "
-        "was reset" + ("; *peak alloc / reserved*: `torch.cuda` peaks after a reset at the same point." if cuda else
-                       " (CPU run: no CUDA figures)."),
+        "was reset" + ("; *peak alloc / reserved*: `torch.cuda` peaks after a reset at the same point" if cuda else
+                       " (CPU run: no CUDA figures)") + ". Training only: the evaluations during training are "
+        "measured apart (`eval_peak_*` in metrics.csv) and left out, since their memory depends on the eval batch "
+        "size, not on the method.",
         "- *saved*: adapter file size for LoRA / QLoRA, full model weights for full fine-tuning.",
     ]
     return "## Results\n\n" + _table(rows) + "\n" + "\n".join(notes)
@@ -232,7 +234,8 @@ def writeups_section(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None) 
     notes = [
         "",
         f"Memory: W2 reports mean GPU memory allocated, W3 max memory allocated; ours is "
-        f"{'peak CUDA memory allocated' if cuda else 'peak resident memory of the process (CPU run)'}, in GB (1e9 bytes). "
+        f"{'peak CUDA memory allocated' if cuda else 'peak resident memory of the process (CPU run)'} while "
+        "training (evaluations left out), in GB (1e9 bytes). "
         "W2's train loss is the last logged value, W3's and ours the mean over the run. The write-ups trained "
         "on opt-350m with CodeAlpaca-20k; compare magnitudes only when our model and data are the same.",
         "",

@@ -7,6 +7,7 @@ evaluate the untrained model; reset the memory baseline; train; evaluate; save; 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -241,6 +242,7 @@ def _trainer_class():
         """SFTTrainer that counts the tokens of every training batch it actually feeds."""
 
         last_eval_examples: list[dict] | None = None  # per-example losses of the latest evaluate()
+        memory: PeakMemory | None = None  # evaluations are left out of its training peaks
         token_counts = {"tokens_padded": 0, "tokens_nonpad": 0, "tokens_labelled": 0, "samples": 0,
                         "max_seq_len": 0}
 
@@ -264,7 +266,8 @@ def _trainer_class():
             if eval_dataset is not None:
                 return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
             start = time.perf_counter()
-            examples = per_example_losses(self)
+            with self.memory.excluded() if self.memory else contextlib.nullcontext():
+                examples = per_example_losses(self)
             runtime = time.perf_counter() - start
             size = self.args.per_device_eval_batch_size
             batches = [examples[i:i + size] for i in range(0, len(examples), size)]
@@ -328,7 +331,7 @@ def _callback_class():
                 "eval_time_s": self.prior.get("eval_time_s", 0.0) + self.eval_time_s,
                 "elapsed_s": self.elapsed(), "segments": self.prior.get("segments", 0) + 1,
                 "peaks": {k: max(v or 0, self.prior.get("peaks", {}).get(k) or 0) for k, v in mem.items()
-                          if k.startswith("peak_") and k != "peak_rss_method"},
+                          if k.startswith(("peak_", "eval_peak_")) and k != "peak_rss_method"},
                 "history": [json.loads(line) for line in self.history_path.read_text().splitlines() if line.strip()],
             })
             log.info("checkpoint at step %d saved (%s)", state.global_step, ckpt)
@@ -366,13 +369,19 @@ def _callback_class():
 
 
 def response_nll(logits, labels):
-    """Next-token loss summed over each sequence's labelled (response) tokens, and their count."""
+    """Next-token loss summed over each sequence's labelled (response) tokens, and their count.
+
+    One sequence at a time: an fp32 copy of a whole batch's logits (and cross-entropy's log-softmax of
+    it) would be 2 x 16 x 512 x 50,272 x 4 bytes = 3.3 GB for opt-350m at the default eval batch, more
+    than training itself needs."""
+    import torch
     import torch.nn.functional as F
 
-    logits, labels = logits[:, :-1].float(), labels[:, 1:]
-    nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    labels = labels[:, 1:]
     mask = labels != -100
-    return (nll * mask).sum(1), mask.sum(1)
+    nll = torch.stack([F.cross_entropy(logits[i, :-1].float(), labels[i], ignore_index=-100, reduction="sum")
+                       for i in range(logits.shape[0])])
+    return nll, mask.sum(1)
 
 
 def token_weighted(examples: list[dict]) -> float:
@@ -581,7 +590,7 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
     counts = trainer.token_counts = dict(trainer.token_counts)
     key = resume_key(spec, {k: v for k, v in training.items() if k not in OPERATIONAL_KEYS})
     ckpt, resumed = find_resumable(out_dir / "checkpoints", key)
-    memory = PeakMemory(device)
+    memory = trainer.memory = PeakMemory(device)
     recorder = _callback_class()(out_dir / "log_history.jsonl", counts, memory, resumed)
     trainer.add_callback(recorder)
     from transformers.trainer_callback import PrinterCallback
@@ -724,7 +733,8 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         **predicted,
         **memory_model.compare(predicted, mem),
         "memory_measured": ("CUDA peak allocated/reserved since the counters were reset after model load; "
-                            if device == "cuda" else "") + f"peak RSS of the training process ({mem['peak_rss_method']})",
+                            if device == "cuda" else "") + f"peak RSS of the training process ({mem['peak_rss_method']}); "
+                           "evaluations during training excluded (their own peaks: eval_peak_*)",
         # provenance
         "run_info": {"spec": spec, "seed": spec["seed"], "started_utc": started.isoformat(),
                      "finished_utc": datetime.now(timezone.utc).isoformat(),

@@ -151,6 +151,16 @@ def test_peak_rss_grows_with_the_batch_size(tiny_config, tiny_data, tmp_path):
     assert large["predicted_activations_bytes"] > small["predicted_activations_bytes"]
 
 
+def test_training_peak_leaves_out_the_evaluations(tiny_config, tiny_data, tmp_path):
+    """An evaluation of the whole eval split in one batch needs more memory than training at batch 1: that is
+    the evaluation's peak (eval_peak_*), not training's."""
+    m, _ = _train(tiny_config, tiny_data, tmp_path, "full", max_steps=4, batch_size=1, max_length=256, evals=4,
+                  eval_batch_size=64)
+    assert m["eval_peak_rss_bytes"] > m["peak_rss_bytes"] + 10 * 2**20
+    assert m["peak_rss_bytes"] >= m["rss_at_load_bytes"]
+    assert "evaluations during training excluded" in m["memory_measured"]
+
+
 def test_memory_model_components(tiny_config, tiny_data, tmp_path):
     full, _ = _train(tiny_config, tiny_data, tmp_path, "full", max_steps=2)
     lora, _ = _train(tiny_config, tiny_data, tmp_path, "lora-r8", max_steps=2)
