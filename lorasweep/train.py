@@ -401,7 +401,12 @@ def per_example_losses(trainer) -> list[dict]:
     was_training = model.training
     model.eval()
     out = []
-    with torch.no_grad():
+    # The precision training computes in, for every evaluation: accelerate wraps the model's forward in
+    # autocast only once training starts, so without this the untrained model was scored in fp32 and every
+    # later evaluation in bf16 (~1e-3 apart per example on the tiny model).
+    half = torch.bfloat16 if trainer.args.bf16 else torch.float16 if trainer.args.fp16 else None
+    device_type = next(model.parameters()).device.type
+    with torch.no_grad(), torch.autocast(device_type, dtype=half, enabled=half is not None):
         for batch in trainer.get_eval_dataloader():
             batch = trainer._prepare_inputs(batch)
             labels = batch["labels"]

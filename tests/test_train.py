@@ -161,6 +161,33 @@ def test_training_peak_leaves_out_the_evaluations(tiny_config, tiny_data, tmp_pa
     assert "evaluations during training excluded" in m["memory_measured"]
 
 
+def test_every_evaluation_computes_in_the_training_precision(tiny_model, tiny_data, tmp_path):
+    """accelerate puts autocast around the model's forward only once training starts; the untrained model's
+    evaluation must be scored in the same precision as the later ones, or base-vs-final differences carry a
+    precision change. Here one training step at learning rate 0 leaves the weights as they were."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig
+
+    from lorasweep.data import load_splits
+    from lorasweep.train import _trainer_class, per_example_losses
+
+    train, evals = load_splits(tiny_data["train"], tiny_data["eval"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    args = SFTConfig(output_dir=str(tmp_path), max_steps=1, learning_rate=0.0, use_cpu=True, bf16=True,
+                     report_to="none", per_device_train_batch_size=2, max_length=128, save_strategy="no")
+    trainer = _trainer_class()(model=model, args=args, train_dataset=train, eval_dataset=evals,
+                               processing_class=AutoTokenizer.from_pretrained(tiny_model))
+    before = per_example_losses(trainer)
+    trainer.train()
+    after = per_example_losses(trainer)
+    assert [e["loss_sum"] for e in after] == [e["loss_sum"] for e in before]
+    fp32 = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    trainer.model = fp32
+    trainer.args.bf16 = False
+    in_fp32 = per_example_losses(trainer)
+    assert max(abs(a["loss_sum"] - b["loss_sum"]) for a, b in zip(in_fp32, before)) > 1e-4  # bf16 really used
+
+
 def test_memory_model_components(tiny_config, tiny_data, tmp_path):
     full, _ = _train(tiny_config, tiny_data, tmp_path, "full", max_steps=2)
     lora, _ = _train(tiny_config, tiny_data, tmp_path, "lora-r8", max_steps=2)
