@@ -284,10 +284,14 @@ def _trainer_class():
             return metrics
 
         def _get_eval_sampler(self, eval_dataset):
-            # transformers length-groups the eval set too when training does, in an order drawn from the global
-            # RNG: per-example losses would then not line up across runs (the paired intervals pair example i of
-            # one run with example i of another). Evaluate in eval-split order, every run the same.
-            return torch.utils.data.SequentialSampler(eval_dataset) if eval_dataset is not None else None
+            # Longest first, ties in split order: the same order in every run (transformers would length-group
+            # the eval set in an order drawn from the global RNG), little padding, and an eval batch too large
+            # for the device fails in the untrained model's evaluation, not after training. per_example_losses
+            # puts the results back in eval-split order, which the paired intervals rely on.
+            if eval_dataset is None:
+                return None
+            lengths = [len(ids) for ids in eval_dataset["input_ids"]]
+            return sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
 
         def _get_train_sampler(self, train_dataset=None):
             sampler = super()._get_train_sampler(train_dataset)
@@ -400,7 +404,14 @@ def per_example_losses(trainer) -> list[dict]:
     model = trainer.model
     was_training = model.training
     model.eval()
-    out = []
+    # the order the eval dataloader visits the examples in (lorasweep's: longest first; a plain Trainer's:
+    # split order), so that every result lands at its example's place in the split
+    sampler = trainer._get_eval_sampler(trainer.eval_dataset)
+    if sampler is not None and not isinstance(sampler, (list, torch.utils.data.SequentialSampler)):
+        raise TypeError(f"per-example losses need a fixed eval order, not a {type(sampler).__name__}")
+    order = list(sampler if sampler is not None else range(len(trainer.eval_dataset)))
+    out: list[dict | None] = [None] * len(order)
+    seen = 0
     # The precision training computes in, for every evaluation: accelerate wraps the model's forward in
     # autocast only once training starts, so without this the untrained model was scored in fp32 and every
     # later evaluation in bf16 (~1e-3 apart per example on the tiny model).
@@ -412,8 +423,12 @@ def per_example_losses(trainer) -> list[dict]:
             labels = batch["labels"]
             logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
             sums, counts = response_nll(logits, labels)
-            out += [{"loss_sum": s, "tokens": int(n)} for s, n in zip(sums.tolist(), counts.tolist())]
+            for s, n in zip(sums.tolist(), counts.tolist()):
+                out[order[seen]] = {"loss_sum": s, "tokens": int(n)}
+                seen += 1
     model.train(was_training)
+    if seen != len(order):
+        raise RuntimeError(f"evaluation scored {seen} of {len(order)} eval examples")
     return out
 
 

@@ -44,6 +44,36 @@ def test_padding_and_length_grouping_do_not_change_any_examples_loss(tiny_model,
     assert regrouped.tolist() == pytest.approx([batched[5].item(), batched[3].item(), batched[1].item()], rel=1e-5)
 
 
+def test_evaluation_runs_longest_first_and_keeps_every_result_in_split_order(tiny_config, tiny_data, tiny_model,
+                                                                             tmp_path):
+    """Eval batches are length-sorted (little padding); each example's loss still lands at its place in the
+    split: it equals that example scored alone."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from datasets import Dataset
+
+    from lorasweep.config import run_spec
+    from lorasweep.train import _trainer_class, train_run
+
+    tokenized = Dataset.from_dict({"input_ids": [[1] * n for n in (3, 7, 5, 7, 1)]})
+    assert _trainer_class()._get_eval_sampler(None, tokenized) == [1, 3, 2, 0, 4]  # longest first, ties in order
+
+    cfg = tiny_config(max_steps=1, eval_batch_size=16)
+    train_run(run_spec(cfg, "full"), tiny_data["train"], tiny_data["eval"], tmp_path, threads=2)
+    base = json.loads((tmp_path / "eval_losses.json").read_text())["base"]  # the untrained model: tiny_model
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    rows = read_jsonl(tiny_data["eval"])
+    assert len(base) == len(rows)
+    with torch.no_grad():
+        for r, e in zip(rows, base):
+            s, n = _loss_sums(model, _collate(tok, [r], max_length=cfg["training"]["max_length"]))
+            assert e["tokens"] == n.item()
+            assert e["loss_sum"] == pytest.approx(s.item(), rel=1e-5, abs=1e-4)
+
+
 @pytest.mark.parametrize("run,method", [("full", "full"), ("lora-r8", "lora"), ("qlora-r8", "qlora")])
 def test_benchmark_config_holds_exactly_the_one_run(run, method):
     from lorasweep.config import run_names, run_spec
