@@ -21,6 +21,7 @@ from pathlib import Path
 from lorasweep.config import run_spec
 from lorasweep.speed import single_run_config
 from lorasweep.data import prepare
+from lorasweep.logs import console_progress
 from lorasweep.train import train_run
 
 
@@ -48,6 +49,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write the results here")
     a = ap.parse_args(argv)
+    console_progress()  # lorasweep's step and evaluation lines on stderr while it trains
 
     work = Path(tempfile.mkdtemp(prefix="lorasweep-scaling-"))
     model = a.model

@@ -14,6 +14,9 @@ way). Repeat i trains with seed + i (another initialisation and data order on th
 eval-loss difference comes with its seed-to-seed spread. Pass ``--model`` for a real model (local
 path or hub id), or ``--shape opt-350m`` for opt-350m's architecture with random weights (its speed and
 memory without the Hub), and ``--device cuda`` on a GPU, where MFU and CUDA memory peaks are printed too.
+``--training KEY=VALUE`` (repeatable) sets a training key of lorasweep's recipe, e.g. ``torch_compile=true``;
+each run prints, beside its rate over the whole of training, the rate over its second half (after warm-up
+and any compiling). lorasweep's progress lines (steps, losses, evaluations) go to stderr as it trains.
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ import time
 from pathlib import Path
 
 from lorasweep import speed
-from lorasweep.config import run_spec
+from lorasweep.config import OPERATIONAL_KEYS, run_spec
 from lorasweep.data import prepare, read_jsonl
+from lorasweep.logs import console_progress
 from lorasweep.memory import PeakMemory
 from lorasweep.provenance import hardware, hardware_label
 from lorasweep.train import per_example_losses, token_weighted, train_run
@@ -81,12 +85,29 @@ def plain_recipe(model_path: str, train_jsonl: Path, eval_jsonl: Path, out: Path
             "activation_checkpointing": bool(args.activation_checkpointing), **peaks}
 
 
+def second_half_rate(history: Path) -> float | None:
+    """Non-padding tokens/s over the second half of training (logged records): the steady state, after
+    warm-up and any compilation, which the whole-run figure includes."""
+    recs = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
+    logs = [r for r in recs if "loss" in r and "eval_loss" not in r]
+    if len(logs) < 3:
+        return None
+    a, b = logs[len(logs) // 2], logs[-1]
+    dt = b["elapsed_s"] - a["elapsed_s"]
+    return (b["tokens_nonpad_seen"] - a["tokens_nonpad_seen"]) / dt if dt > 0 else None
+
+
 def lorasweep_recipe(model_path: str, train_jsonl: Path, eval_jsonl: Path, out: Path, *, run: str, steps: int,
-                     batch: int, lr: float, max_length: int, device: str, seed: int) -> dict:
+                     batch: int, lr: float, max_length: int, device: str, seed: int,
+                     training: dict | None = None) -> dict:
+    training = training or {}
+    how = {k: v for k, v in training.items() if k in OPERATIONAL_KEYS}  # run_spec leaves these out
     cfg = speed.single_run_config(model_path, train_jsonl, run, lr=lr, device=device, seed=seed, max_steps=steps,
-                                  batch_size=batch, max_length=max_length)
-    m = train_run(run_spec(cfg, run), train_jsonl, eval_jsonl, out, operational={"checkpoint_steps": 0})
+                                  batch_size=batch, max_length=max_length, **training)
+    m = train_run(run_spec(cfg, run), train_jsonl, eval_jsonl, out, operational={"checkpoint_steps": 0, **how})
     return {"tokens_per_s": m["train_tokens_nonpad_per_s"], "tokens": m["train_tokens_nonpad"],
+            "steady_tokens_per_s": second_half_rate(out / "log_history.jsonl"),
+            "tokens_padded": m["train_tokens_padded"],
             "seconds": m["train_runtime_s"], "eval_loss": m["eval_loss"], "padding_share_pct": m["padding_share_pct"],
             "params": m["total_params"], "trainable": m["trainable_params"], "hardware": m["hardware"],
             **{k: m[k] for k in PEAKS if m.get(k) is not None}}
@@ -135,8 +156,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--recipes", default=",".join(RECIPES),
                     help="comma-separated subset of plain, plain-nockpt (checkpointing off), lorasweep")
+    ap.add_argument("--training", action="append", default=[], metavar="KEY=VALUE",
+                    help="a training setting for lorasweep's recipe (YAML value), e.g. torch_compile=true or "
+                         "pad_to_multiple_of=64; repeatable")
     ap.add_argument("--json", help="write the results here")
     a = ap.parse_args(argv)
+    console_progress()  # lorasweep's step and evaluation lines on stderr while it trains
     wanted = [r.strip() for r in a.recipes.split(",") if r.strip()]
     if not wanted or set(wanted) - set(RECIPES):
         ap.error(f"--recipes: choose from {', '.join(RECIPES)}")
@@ -156,6 +181,17 @@ def main(argv=None) -> dict:
     common = dict(run=a.run, steps=a.steps, batch=a.batch, lr=a.lr, max_length=a.max_length, device=a.device,
                   seed=a.seed)
     recipes = dict(RECIPES[r] for r in wanted)
+    overrides = {}
+    if a.training:
+        import yaml
+
+        if "lorasweep" not in recipes:
+            ap.error("--training applies to lorasweep's recipe: add lorasweep to --recipes")
+        pairs = [kv.split("=", 1) for kv in a.training]
+        if any(len(p) != 2 for p in pairs):
+            ap.error("--training takes KEY=VALUE")
+        overrides = {k: yaml.safe_load(v) for k, v in pairs}
+        recipes["lorasweep"] = functools.partial(lorasweep_recipe, training=overrides)
     results = {k: [] for k in recipes}
     for i in range(a.repeats):  # interleaved, so a slow phase of the machine hits every recipe
         for name, fn in recipes.items():  # repeat i trains with seed + i: another init and order, same split
@@ -163,14 +199,16 @@ def main(argv=None) -> dict:
                    **{**common, "seed": a.seed + i})
             results[name].append(r)
             _release_memory()
-            print(f"[{i + 1}/{a.repeats}] {name:24s} {r['tokens_per_s']:>10,.0f} tokens/s  {r['seconds']:6.2f} s  "
-                  f"eval loss {r['eval_loss']:.4f}", flush=True)
+            steady = f"  (second half {r['steady_tokens_per_s']:,.0f})" if r.get("steady_tokens_per_s") else ""
+            print(f"[{i + 1}/{a.repeats}] {name:24s} {r['tokens_per_s']:>10,.0f} tokens/s{steady}  {r['seconds']:6.2f} s"
+                  f"  eval loss {r['eval_loss']:.4f}", flush=True)
 
     med = {k: statistics.median(r["tokens_per_s"] for r in v) for k, v in results.items()}
     ev = {k: statistics.mean(r["eval_loss"] for r in v) for k, v in results.items()}
     summary_out = {"run": a.run, "steps": a.steps, "batch": a.batch, "max_length": a.max_length, "device": a.device,
                    "model": a.model or f"random OPT, {a.shape} shape (built on the data)", "data": a.data,
                    "repeats": a.repeats, "hardware": hardware_label(hardware(a.device)), "median_tokens_per_s": med,
+                   "lorasweep_training": overrides,
                    "mean_eval_loss": ev, "tokens_per_run": {k: v[0]["tokens"] for k, v in results.items()},
                    "runs": results}
     if "lorasweep" in results:

@@ -46,3 +46,16 @@ def script_logging(log_path: str | os.PathLike, level: int = logging.INFO):
         raise SystemExit(1) from None
     sys.stdout, sys.stderr = old_out, old_err
     log_file.close()
+
+
+def console_progress(level: int = logging.INFO) -> logging.Logger:
+    """lorasweep's progress lines (steps, losses, evaluations) on stderr, for scripts run by hand such as
+    the benchmarks: a long run shows where it is."""
+    ours = logging.getLogger("lorasweep")
+    if not any(getattr(h, "_lorasweep_console", False) for h in ours.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+        handler._lorasweep_console = True
+        ours.addHandler(handler)
+    ours.setLevel(level)
+    return ours

@@ -201,6 +201,15 @@ def count_4bit_layers(model) -> int:
     return sum(1 for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
 
 
+def compile_args(setting) -> dict:
+    """``training.torch_compile`` as TrainingArguments: false, true / "default" (inductor's default mode) or
+    a torch.compile mode name."""
+    if setting is False or setting is None:
+        return {"torch_compile": False}
+    mode = None if setting is True or setting == "default" else str(setting)
+    return {"torch_compile": True, "torch_compile_mode": mode}
+
+
 def count_batch_tokens(batch: dict) -> dict:
     """Tokens in one training batch: all positions fed, non-padding positions, positions with a label.
 
@@ -594,6 +603,8 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         train_sampling_strategy="group_by_length" if training["group_by_length"] else "random",
         include_num_input_tokens_seen="non_padding",
         dataset_num_proc=None,
+        pad_to_multiple_of=training.get("pad_to_multiple_of"),
+        **compile_args(training.get("torch_compile", False)),
     )
     t_prep = time.perf_counter()
     trainer = _trainer_class()(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
@@ -706,6 +717,8 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         "train_segments": (resumed["segments"] if resumed else 0) + 1,
         "max_length": training["max_length"],
         "seed": spec["seed"],
+        "torch_compile": training.get("torch_compile", False),
+        "pad_to_multiple_of": training.get("pad_to_multiple_of"),
         # quality
         "train_loss": result.training_loss,
         "train_loss_last": losses[-1] if losses else None,

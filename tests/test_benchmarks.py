@@ -31,8 +31,26 @@ def test_throughput_benchmark_compares_both_recipes_on_the_same_tokens(tiny_data
     assert "peak_cuda_gib" not in r and "mfu" not in r  # CUDA-only figures are absent on the CPU, never 0
 
 
+def test_throughput_benchmark_passes_training_settings_to_lorasweeps_recipe(tiny_data, tmp_path):
+    r, stdout = _run("throughput.py", tmp_path, "--data", tiny_data["source"], "--steps", 6, "--repeats", 1,
+                     "--max-length", 128, "--recipes", "lorasweep", "--training", "pad_to_multiple_of=64",
+                     "--training", "logging_steps=1")
+    assert r["lorasweep_training"] == {"pad_to_multiple_of": 64, "logging_steps": 1}
+    run = r["runs"]["lorasweep"][0]
+    assert run["tokens_padded"] % (64 * 8) == 0 and run["steady_tokens_per_s"] > 0
+    assert "(second half" in stdout
+
+
 def test_scaling_benchmark_trains_one_epoch_per_fraction_and_reuses_tokenization(tiny_data, tmp_path):
     r, _ = _run("scaling.py", tmp_path, "--data", tiny_data["source"], "--fractions", 0.5, 1.0, "--max-length", 128)
     small, large = r["fractions"]
     assert small["train_examples"] < large["train_examples"] and small["steps"] < large["steps"]
     assert r["rerun_on_largest"]["tokens"] == large["tokens"]  # the same epoch again
+
+
+def test_op_count_benchmark_counts_more_operations_for_lora(tmp_path):
+    r, stdout = _run("op_count.py", tmp_path, "--layers", 2, "--batch", 2, "--length", 16)
+    full, lora, nodrop = r["full"], r["lora-r8"], r["lora-r8, dropout 0"]
+    assert 0 < full["ops_not_views"] < nodrop["ops_not_views"] < lora["ops_not_views"] <= lora["ops"]
+    assert lora["mm"] > full["mm"]  # the adapters' small products outnumber the weight gradients saved
+    assert "not views" in stdout

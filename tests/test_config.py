@@ -63,6 +63,8 @@ def test_any_rank_list_and_all_linear():
         ({"methods": {"lora": {"target_modules": 3}}}, r"target_modules = 3: must be a list of module names, 'attention' or 'all-linear'"),
         ({"training": {"batch_size": "8"}}, r"training.batch_size = '8': must be of type integer"),
         ({"training": {"max_steps": 0}}, r"training.max_steps = 0: must be -1"),
+        ({"training": {"torch_compile": "fast"}},
+         r"training.torch_compile = 'fast': must be one of False, True, 'default', 'reduce-overhead'"),
         ({"methods": {"full": {"enabled": False}, "lora": {"ranks": []}, "qlora": {"ranks": []}}}, "no runs enabled"),
     ],
 )

@@ -85,3 +85,42 @@ def test_benchmark_config_holds_exactly_the_one_run(run, method):
     assert spec["method"] == method and spec["learning_rate"] == 1e-4 and spec["training"]["batch_size"] == 4
     assert (spec["quantization"] is not None) == (method == "qlora")
     assert cfg["training"]["cudnn_attention"] is False  # variable-length batches: see the schema's description
+
+
+def _train_fast(tiny_config, tiny_data, out, **how):
+    from lorasweep.config import run_spec
+    from lorasweep.train import train_run
+
+    spec = run_spec(tiny_config(max_steps=6, evals=1, logging_steps=1), "full")
+    return train_run(spec, tiny_data["train"], tiny_data["eval"], out, threads=2,
+                     operational={"checkpoint_steps": 0, **how})
+
+
+@pytest.mark.slow
+def test_padding_to_a_multiple_changes_the_shapes_not_what_is_learned(tiny_config, tiny_data, tmp_path):
+    """pad_to_multiple_of (fewer shapes for torch.compile): every batch is padded up to a multiple of 64, the
+    same tokens are counted and the same losses come out, to floating-point rounding."""
+    plain = _train_fast(tiny_config, tiny_data, tmp_path / "plain")
+    padded = _train_fast(tiny_config, tiny_data, tmp_path / "padded", pad_to_multiple_of=64)
+    assert padded["pad_to_multiple_of"] == 64 and plain["pad_to_multiple_of"] is None
+    assert padded["train_tokens_padded"] % (64 * 8) == 0 and plain["train_tokens_padded"] % (64 * 8) != 0
+    assert padded["train_tokens_padded"] > plain["train_tokens_padded"]
+    for k in ("train_tokens_nonpad", "train_tokens_labelled", "train_samples"):
+        assert padded[k] == plain[k], k
+    assert padded["train_loss"] == pytest.approx(plain["train_loss"], abs=1e-4)
+    assert padded["eval_loss"] == pytest.approx(plain["eval_loss"], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_torch_compile_trains_a_compiled_step_and_learns_the_same(tiny_config, tiny_data, tmp_path):
+    """training.torch_compile really compiles (dynamo captured graphs) and leaves the losses as they were."""
+    import torch._dynamo
+
+    eager = _train_fast(tiny_config, tiny_data, tmp_path / "eager", pad_to_multiple_of=64)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = _train_fast(tiny_config, tiny_data, tmp_path / "compiled", pad_to_multiple_of=64, torch_compile=True)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
+    assert compiled["torch_compile"] is True and eager["torch_compile"] is False
+    assert compiled["train_loss"] == pytest.approx(eager["train_loss"], abs=1e-3)
+    assert compiled["eval_loss"] == pytest.approx(eager["eval_loss"], abs=1e-3)
