@@ -323,12 +323,16 @@ def full_finetuning(df: pd.DataFrame, losses: Losses) -> list[str]:
     return out
 
 
+def _rows_above(df: pd.DataFrame, col: str, limit: float) -> pd.DataFrame | None:
+    """The rows whose ``col`` exceeds ``limit`` (a missing value counts as 0); None when there are none."""
+    rows = df[df[col].fillna(0) > limit] if col in df else df.iloc[:0]
+    return None if rows.empty else rows
+
+
 def busy_machine(df: pd.DataFrame) -> str | None:
     """A warning when some runs trained while other processes took a share of the machine's CPU."""
-    if "other_processes_cpu_share_pct" not in df:
-        return None
-    busy = df[df["other_processes_cpu_share_pct"].fillna(0) > 10.0]
-    if busy.empty:
+    busy = _rows_above(df, "other_processes_cpu_share_pct", 10.0)
+    if busy is None:
         return None
     return ("**Timings taken on a busy machine**: other processes used " +
             ", ".join(f"{r['other_processes_cpu_share_pct']:.0f}% of the CPU while `{r['run']}` trained"
@@ -337,11 +341,34 @@ def busy_machine(df: pd.DataFrame) -> str | None:
             "(`--forcerun results/runs/<run>/seed<seed>/metrics.json`) for timings that are.")
 
 
+def shared_gpu(df: pd.DataFrame) -> str | None:
+    """A warning when runs trained beside other training jobs on their GPU (``training.jobs_per_gpu`` > 1)."""
+    shared = _rows_above(df, "gpu_jobs_beside_max", 0)
+    if shared is None:
+        return None
+    seeds = "seed" in shared and df.groupby("run")["seed"].nunique().max() > 1
+
+    def name(r):
+        return f"`{r['run']}`" + (f" (seed {int(r['seed'])})" if seeds else "")
+
+    if len(shared) == len(df) > 1:
+        who = (f"every run, each beside up to {int(shared['gpu_jobs_beside_max'].max())} other training job(s) "
+               "at a time")
+    else:
+        who = ", ".join(f"{name(r)} beside up to {int(r['gpu_jobs_beside_max'])} other training job(s)"
+                        for _, r in shared.iterrows())
+    return ("**Runs that shared their GPU**: " + who +
+            ". Their runtime, tokens/s and MFU are lower than each would reach alone (on an H200, four jobs at "
+            "once ran 8-20% slower each); their losses and memory peaks are their own. Set "
+            "`training.jobs_per_gpu: 1` for timings comparable with a run alone.")
+
+
 def findings(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None) -> list[str]:
     """All findings, in reading order; each entry is one Markdown paragraph or bullet."""
     losses = Losses(eval_losses)
+    shared = shared_gpu(df)  # per run and seed, before seeds are averaged
     df = by_run(df)
-    out = [w for w in [busy_machine(df)] if w]
+    out = [w for w in [busy_machine(df), shared] if w]
     out += [best_run(df, losses), learning(df, losses)]
     out += rank_steps(df, losses, "lora")
     out += quantization(df, losses)

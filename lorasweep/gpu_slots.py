@@ -1,4 +1,4 @@
-"""One GPU per concurrent training job on a multi-GPU machine.
+"""One GPU per concurrent training job (or ``training.jobs_per_gpu`` jobs per GPU).
 
 `--resources gpu=N` lets N training jobs run at once, but Snakemake does not tell a job *which* GPU is
 its own. Each training job claims a slot here before CUDA is initialised: an exclusive ``flock`` on
@@ -36,40 +36,82 @@ def visible_gpus() -> list[str]:
 
 
 class GpuSlot:
-    """Claim a free GPU (blocking up to ``timeout_s``); keep the object alive while training."""
+    """Claim a free slot on a GPU (blocking, up to ``timeout_s`` when one is given); keep the object alive
+    while training.
 
-    def __init__(self, lock_dir: str | Path, gpus: list[str] | None = None, timeout_s: float = 3600,
-                 poll_s: float = 0.5):
+    Each GPU has ``jobs_per_gpu`` slots (``training.jobs_per_gpu``, default 1: one training job per GPU at a
+    time). Slots are handed out GPU by GPU before any GPU gets a second job. ``peers()`` tells how many
+    other training jobs hold a slot on the same GPU right now, so a run can record that it shared its GPU.
+    """
+
+    def __init__(self, lock_dir: str | Path, gpus: list[str] | None = None, jobs_per_gpu: int = 1,
+                 timeout_s: float | None = None, poll_s: float = 0.5):
         self.lock_dir = Path(lock_dir)
         self.gpus = visible_gpus() if gpus is None else gpus
+        self.jobs_per_gpu = max(1, int(jobs_per_gpu))
         self.timeout_s, self.poll_s = timeout_s, poll_s
         self.gpu: str | None = None
+        self.slot: int | None = None
         self._fd: int | None = None
 
+    def _path(self, gpu: str, k: int) -> Path:
+        return self.lock_dir / (f"gpu-{gpu}.lock" if k == 0 else f"gpu-{gpu}.{k}.lock")
+
     def claim(self) -> str | None:
-        if len(self.gpus) <= 1:  # nothing to share out
-            self.gpu = self.gpus[0] if self.gpus else None
+        if not self.gpus:  # no GPU: nothing to share out
+            return None
+        if (len(self.gpus) == 1 and self.jobs_per_gpu == 1) or os.environ.get("SLURM_JOB_ID"):
+            # one GPU, one job on it (or a scheduler that gave this job its own GPU): nothing to share out;
+            # without a claim, jobs that share it anyway (--resources gpu=N above 1) are not counted as peers
+            self.gpu = self.gpus[0]
             return self.gpu
         self.lock_dir.mkdir(parents=True, exist_ok=True)
-        deadline = time.monotonic() + self.timeout_s
+        start, noted = time.monotonic(), None
         while True:
-            for gpu in self.gpus:
-                fd = os.open(self.lock_dir / f"gpu-{gpu}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    os.close(fd)
-                    continue
-                os.ftruncate(fd, 0)
-                os.write(fd, f"{os.getpid()}\n".encode())
-                self._fd, self.gpu = fd, gpu
-                os.environ["CUDA_VISIBLE_DEVICES"] = gpu
-                log.info("claimed GPU %s (of %s)", gpu, ",".join(self.gpus))
-                return gpu
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no free GPU among {self.gpus} after {self.timeout_s:.0f}s: is "
-                                   "--resources gpu=N larger than the number of GPUs?")
+            for k in range(self.jobs_per_gpu):  # every GPU's first slot before any GPU's second
+                for gpu in self.gpus:
+                    fd = os.open(self._path(gpu, k), os.O_RDWR | os.O_CREAT, 0o644)
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        os.close(fd)
+                        continue
+                    os.ftruncate(fd, 0)
+                    os.write(fd, f"{os.getpid()}\n".encode())
+                    self._fd, self.gpu, self.slot = fd, gpu, k
+                    os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+                    log.info("claimed GPU %s (GPUs: %s), slot %d of %d", gpu, ",".join(self.gpus), k + 1,
+                             self.jobs_per_gpu)
+                    return gpu
+            now = time.monotonic()
+            if self.timeout_s is not None and now - start > self.timeout_s:
+                raise TimeoutError(f"no free GPU slot among {self.gpus} x {self.jobs_per_gpu} after "
+                                   f"{self.timeout_s:.0f}s")
+            if noted is None or now - noted > 600:
+                log.info("waiting for a free GPU slot: %d GPU(s) x %d job(s) each are taken (--resources gpu=N "
+                         "above that queues jobs; training.jobs_per_gpu lets jobs share a GPU)", len(self.gpus),
+                         self.jobs_per_gpu)
+                noted = now
             time.sleep(self.poll_s)
+
+    def peers(self) -> int | None:
+        """Other training jobs holding a slot on this job's GPU now; None when this job holds no slot."""
+        if self._fd is None:
+            return None
+        n = 0
+        for k in range(self.jobs_per_gpu):
+            path = self._path(self.gpu, k)
+            if k == self.slot or not path.exists():
+                continue
+            fd = os.open(path, os.O_RDWR)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free: taken and given back at once
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            except BlockingIOError:
+                n += 1  # held by a live process (the kernel drops a dead one's lock)
+            finally:
+                os.close(fd)
+        return n
 
     def release(self) -> None:
         if self._fd is not None:

@@ -318,8 +318,14 @@ def _callback_class():
     class Recorder(TrainerCallback):
         """Writes every log record to log_history.jsonl as it happens, prints progress, times training."""
 
-        def __init__(self, history_path: Path, counts: dict, memory: PeakMemory, resume: dict | None = None):
+        PEERS_EVERY_S = 10.0  # how often step ends ask how many other jobs share the GPU
+
+        def __init__(self, history_path: Path, counts: dict, memory: PeakMemory, resume: dict | None = None,
+                     gpu_peers=None):
             self.history_path = history_path
+            self.gpu_peers = gpu_peers  # GpuSlot.peers: other training jobs on this job's GPU, or None
+            self.peers_max = (resume or {}).get("gpu_jobs_beside_max")
+            self._peers_at = None
             self.counts = counts
             self.memory = memory
             self.t_begin = self.t_end = None
@@ -327,6 +333,15 @@ def _callback_class():
             self.eval_time_s = 0.0  # evaluation inside this segment of training
             self.prior = resume or {}  # what earlier segments (before a crash) measured
             self.extra_state: dict = {}
+
+        def sample_peers(self, force: bool = False) -> None:
+            now = time.monotonic()
+            if self.gpu_peers is None or (not force and self._peers_at and now - self._peers_at < self.PEERS_EVERY_S):
+                return
+            self._peers_at = now
+            n = self.gpu_peers()
+            if n is not None:
+                self.peers_max = max(n, self.peers_max or 0)
 
         def elapsed(self) -> float:
             return self.prior.get("elapsed_s", 0.0) + (time.perf_counter() - self.t_begin if self.t_begin else 0.0)
@@ -343,6 +358,7 @@ def _callback_class():
                 "train_time_s": self.prior.get("train_time_s", 0.0) + seg_train,
                 "eval_time_s": self.prior.get("eval_time_s", 0.0) + self.eval_time_s,
                 "elapsed_s": self.elapsed(), "segments": self.prior.get("segments", 0) + 1,
+                "gpu_jobs_beside_max": self.peers_max,
                 "peaks": {k: max(v or 0, self.prior.get("peaks", {}).get(k) or 0) for k, v in mem.items()
                           if k.startswith(("peak_", "eval_peak_")) and k != "peak_rss_method"},
                 "history": [json.loads(line) for line in self.history_path.read_text().splitlines() if line.strip()],
@@ -355,12 +371,15 @@ def _callback_class():
 
         def on_train_begin(self, args, state, control, **kw):
             self.t_begin = time.perf_counter()
+            self.sample_peers(force=True)
 
         def on_step_end(self, args, state, control, **kw):
             self.mem_samples.append(self.memory.current())
+            self.sample_peers()
 
         def on_train_end(self, args, state, control, **kw):
             self.t_end = time.perf_counter()
+            self.sample_peers(force=True)
 
         def on_log(self, args, state, control, logs=None, **kw):
             logs = dict(logs or {})
@@ -523,8 +542,11 @@ def _atomic_write_json(path: Path, obj: dict) -> None:
 
 def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir: str | Path,
               data_summary_path: str | Path | None = None, threads: int | None = None,
-              workflow_dir: str | Path | None = None, operational: dict | None = None) -> dict:
-    """Train one run and write ``model/``, ``log_history.jsonl`` and (last) ``metrics.json`` under ``out_dir``."""
+              workflow_dir: str | Path | None = None, operational: dict | None = None, gpu_peers=None) -> dict:
+    """Train one run and write ``model/``, ``log_history.jsonl`` and (last) ``metrics.json`` under ``out_dir``.
+
+    ``gpu_peers`` (the workflow passes ``GpuSlot.peers``) tells how many other training jobs hold a slot on
+    this job's GPU; the most seen during training is recorded as ``gpu_jobs_beside_max``."""
     started = datetime.now(timezone.utc)
     from .config import OPERATIONAL_KEYS
     from .config import operational as schema_operational
@@ -622,7 +644,7 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
     key = resume_key(spec, {k: v for k, v in training.items() if k not in OPERATIONAL_KEYS})
     ckpt, resumed = find_resumable(out_dir / "checkpoints", key)
     memory = trainer.memory = PeakMemory(device)
-    recorder = _callback_class()(out_dir / "log_history.jsonl", counts, memory, resumed)
+    recorder = _callback_class()(out_dir / "log_history.jsonl", counts, memory, resumed, gpu_peers=gpu_peers)
     trainer.add_callback(recorder)
     from transformers.trainer_callback import PrinterCallback
 
@@ -654,6 +676,9 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
     for k, v in (resumed or {}).get("peaks", {}).items():  # a resumed run's peak is the peak of all its segments
         mem[k] = max(mem.get(k) or 0, v)
     machine_share = machine.stop()
+    if recorder.peers_max:
+        log.warning("trained beside up to %d other training job(s) on its GPU (training.jobs_per_gpu): its speed "
+                    "figures are lower than alone; its losses and memory peaks are its own", recorder.peers_max)
     if machine_share["machine_busy_during_train"]:
         log.warning("other processes used %.0f%% of this machine's CPU while %s trained: its timings are not "
                     "comparable with runs on an idle machine", machine_share["other_processes_cpu_share_pct"],
@@ -746,6 +771,9 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
                                                    counts["tokens_nonpad"] / train_time, hw.get("gpu_name")))
            else {}),
         **machine_share,
+        # other training jobs on this run's GPU during training (training.jobs_per_gpu > 1); None: not shared
+        # out by lorasweep (no GPU, one job per GPU, or a scheduler's own GPU)
+        "gpu_jobs_beside_max": recorder.peers_max,
         # parameters and size
         **params,
         "quantized_4bit_layers": n4bit,

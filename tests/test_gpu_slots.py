@@ -6,6 +6,8 @@ import os
 import signal
 import time
 
+import pytest
+
 from lorasweep.gpu_slots import GpuSlot
 
 
@@ -57,5 +59,59 @@ def test_a_killed_job_releases_its_gpu(tmp_path):
 
 def test_one_or_no_gpu_needs_no_claim(tmp_path):
     assert GpuSlot(tmp_path, gpus=[]).claim() is None
-    assert GpuSlot(tmp_path, gpus=["3"]).claim() == "3"
+    one = GpuSlot(tmp_path, gpus=["3"])
+    assert one.claim() == "3" and one.peers() is None  # not shared out: nobody counted
+    assert not list(tmp_path.glob("*.lock"))
+
+
+def _hold_slot(lock_dir, gpus, jobs_per_gpu, ready, stop):
+    slot = GpuSlot(lock_dir, gpus=gpus, jobs_per_gpu=jobs_per_gpu, poll_s=0.02)
+    slot.claim()
+    ready.set()
+    stop.wait(60)
+    slot.release()
+
+
+def test_jobs_per_gpu_fills_every_gpu_once_before_sharing_and_counts_the_peers(tmp_path, monkeypatch):
+    """training.jobs_per_gpu: 2 on two GPUs: four jobs at once, two per GPU, spread before doubled up; each
+    job sees the other job on its GPU as its peer, and a fifth job waits."""
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    ctx = mp.get_context("spawn")
+    stop = ctx.Event()
+    first = GpuSlot(tmp_path, gpus=["0", "1"], jobs_per_gpu=2, poll_s=0.02)
+    second = GpuSlot(tmp_path, gpus=["0", "1"], jobs_per_gpu=2, poll_s=0.02)
+    assert (first.claim(), second.claim()) == ("0", "1")  # a GPU each before any GPU takes a second job
+    assert first.peers() == 0 and second.peers() == 0
+    holders = []
+    for _ in range(2):  # other processes, as Snakemake's jobs are
+        ready = ctx.Event()
+        holders.append(ctx.Process(target=_hold_slot, args=(tmp_path, ["0", "1"], 2, ready, stop)))
+        holders[-1].start()
+        assert ready.wait(30)
+    assert first.peers() == 1 and second.peers() == 1
+    fifth = GpuSlot(tmp_path, gpus=["0", "1"], jobs_per_gpu=2, poll_s=0.02, timeout_s=0.3)
+    with pytest.raises(TimeoutError, match="no free GPU slot"):
+        fifth.claim()
+    stop.set()
+    for h in holders:
+        h.join(30)
+        assert h.exitcode == 0
+    assert first.peers() == 0  # the peers' locks went with them
+    second.release()
+    assert first.peers() == 0 and fifth.claim() in ("0", "1")
+
+
+def test_one_gpu_shared_by_jobs_per_gpu(tmp_path, monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    slots = [GpuSlot(tmp_path, gpus=["0"], jobs_per_gpu=3, poll_s=0.02) for _ in range(3)]
+    assert [s.claim() for s in slots] == ["0", "0", "0"]
+    assert [s.peers() for s in slots] == [2, 2, 2]
+    slots[1].release()
+    assert slots[0].peers() == 1
+
+
+def test_a_scheduler_given_gpu_is_never_claimed(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "42")  # SLURM gave this job its GPU; other jobs' "GPU 0" is another card
+    slot = GpuSlot(tmp_path, gpus=["0"], jobs_per_gpu=4)
+    assert slot.claim() == "0" and slot.peers() is None and not list(tmp_path.glob("*.lock"))
     assert not any(tmp_path.iterdir())

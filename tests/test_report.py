@@ -196,3 +196,17 @@ def test_report_with_two_seeds_shows_spread(tmp_path):
     results = text.split("## Results")[1].split("\n## ")[0]
     assert results.count(" ± ") >= 4 * len(m2["run"].unique())  # train / eval loss, runtime, tokens/s
     assert "seed-to-seed variation of training (Student's t" in text
+
+
+def test_runs_that_shared_their_gpu_are_flagged_by_run_and_seed():
+    m, ev = _two_seeds()
+    assert not any("shared their GPU" in f for f in F.findings(m, ev))
+    m["gpu_jobs_beside_max"] = float("nan")  # not shared out (one job per GPU): no warning either
+    assert not any("shared their GPU" in f for f in F.findings(m, ev))
+    m.loc[(m["run"] == "lora-r8") & (m["seed"] == 1), "gpu_jobs_beside_max"] = 3
+    m.loc[m["run"] == "full", "gpu_jobs_beside_max"] = 0  # claimed a slot, nobody beside it
+    warning = F.findings(m, ev)[0]
+    assert warning.startswith("**Runs that shared their GPU**: `lora-r8` (seed 1) beside up to 3 other")
+    assert "`full`" not in warning and "jobs_per_gpu: 1" in warning
+    m["gpu_jobs_beside_max"] = 4
+    assert F.findings(m, ev)[0].startswith("**Runs that shared their GPU**: every run, each beside up to 4 other")

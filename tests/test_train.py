@@ -245,3 +245,15 @@ def test_per_example_eval_losses_line_up_across_runs(tiny_config, tiny_data, tin
     rows = read_jsonl(tiny_data["eval"])
     lengths = [len(tok(r["completion"] + tok.eos_token, add_special_tokens=False)["input_ids"]) for r in rows]
     assert sum(abs(e["tokens"] - n) <= 1 for e, n in zip(full, lengths)) == len(rows)  # split order, not grouped
+
+
+def test_a_run_records_the_training_jobs_that_shared_its_gpu(tiny_config, tiny_data, tmp_path):
+    """gpu_peers is GpuSlot.peers in the workflow: asked when training starts, every 10 s and at the end; the
+    most seen is recorded. Without it (no slot claimed) the metric is None, not 0."""
+    seen = iter([2, 1, 0, 0, 0, 0, 0, 0, 0, 0])
+    spec = run_spec(tiny_config(max_steps=3, evals=1), "lora-r8")
+    m = train_run(spec, tiny_data["train"], tiny_data["eval"], tmp_path / "shared", threads=2,
+                  gpu_peers=lambda: next(seen))
+    assert m["gpu_jobs_beside_max"] == 2
+    alone, _ = _train(tiny_config, tiny_data, tmp_path, "lora-r8", max_steps=2, evals=1)
+    assert alone["gpu_jobs_beside_max"] is None
