@@ -60,9 +60,10 @@ class GpuSlot:
     def claim(self) -> str | None:
         if not self.gpus:  # no GPU: nothing to share out
             return None
-        if (len(self.gpus) == 1 and self.jobs_per_gpu == 1) or os.environ.get("SLURM_JOB_ID"):
-            # one GPU, one job on it (or a scheduler that gave this job its own GPU): nothing to share out;
-            # without a claim, jobs that share it anyway (--resources gpu=N above 1) are not counted as peers
+        if len(self.gpus) == 1 and (self.jobs_per_gpu == 1 or os.environ.get("SLURM_JOB_ID")):
+            # one GPU and one job on it, or a SLURM job's own GPU (another job's "GPU 0" is another card, while
+            # the lock folder may be shared between nodes): nothing to share out. Without a claim, jobs that
+            # share the GPU anyway (--resources gpu=N above 1) are not counted as peers.
             self.gpu = self.gpus[0]
             return self.gpu
         self.lock_dir.mkdir(parents=True, exist_ok=True)
