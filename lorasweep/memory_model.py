@@ -4,8 +4,11 @@ Assumptions (stated in the report):
 - weights at their storage dtype: fp32 = 4 bytes; a 4-bit layer 0.5 byte per weight plus one fp32
   absmax per 64-weight block (0.0625 byte; double quantization makes it smaller);
 - gradients and AdamW's two moments for trainable parameters only, in fp32: 4 + 8 bytes each;
-- activations per decoder layer, after Korthikanti et al. (2022): s*b*h*(34 + 5*a*s/h) bytes for 16-bit
-  activations, doubled for fp32 (CPU) runs; s = the longest padded batch actually fed;
+- activations per decoder layer, after Korthikanti et al. (2022): s*b*h*34 bytes for 16-bit activations,
+  doubled for fp32 (CPU) runs; s = the longest padded batch actually fed. The attention matrices
+  (scores, probabilities, dropout mask: 5*a*s^2*b more) are kept for the backward pass only by eager
+  attention: PyTorch's SDPA (transformers' default) runs fused kernels that keep none (flash or
+  memory-efficient on CUDA, the flash kernel on the CPU, masks included);
 - logits: the fp32 logits, their log-softmax and its gradient, 3 * b * s * vocab * 4 bytes;
 - no allocator caching, fragmentation or framework workspace: the error shows how much that is.
 """
@@ -29,6 +32,11 @@ def weight_bytes(model) -> int:
     return total
 
 
+def stores_attention_matrices(model) -> bool:
+    """Whether the model's attention keeps its s x s matrices for the backward pass (eager attention)."""
+    return getattr(model.config, "_attn_implementation", None) in (None, "eager")
+
+
 def predict(model, trainable_params: int, batch_size: int, seq_len: int, precision: str) -> dict:
     """Predicted bytes by component; ``predicted_train_increment_bytes`` excludes the weights loaded before."""
     cfg = model.config
@@ -38,7 +46,7 @@ def predict(model, trainable_params: int, batch_size: int, seq_len: int, precisi
     vocab = cfg.vocab_size
     b, s = batch_size, seq_len
     act_bytes = 2 if precision in ("bf16", "fp16") else 4
-    per_layer = s * b * h * (34 + 5 * heads * s / h) * (act_bytes / 2)
+    per_layer = s * b * h * (34 + (5 * heads * s / h if stores_attention_matrices(model) else 0)) * (act_bytes / 2)
     activations = int(layers * per_layer + 3 * b * s * vocab * 4)
     weights = weight_bytes(model)
     grads = 4 * trainable_params

@@ -108,9 +108,10 @@ def memory_model_section(df: pd.DataFrame) -> str:
         "- weights at their storage dtype: fp32 4 bytes per parameter; a 4-bit layer 0.5 byte per weight plus "
         "one fp32 absmax per 64 weights;",
         "- gradients (4 bytes) and AdamW's two moments (8 bytes) for trainable parameters only;",
-        "- activations per decoder layer after Korthikanti et al. (2022): s·b·h·(34 + 5·a·s/h) bytes at 16-bit, "
-        "doubled for fp32, with s the longest padded batch fed; plus fp32 logits, their log-softmax and its "
-        "gradient, 3·b·s·V·4 bytes;",
+        "- activations per decoder layer after Korthikanti et al. (2022): s·b·h·34 bytes at 16-bit, doubled for "
+        "fp32, with s the longest padded batch fed, plus 5·a·s²·b for the attention matrices with eager "
+        "attention only (PyTorch's SDPA, the default, runs fused kernels that keep none); plus fp32 logits, "
+        "their log-softmax and its gradient, 3·b·s·V·4 bytes;",
         "- nothing for allocator caching, fragmentation, framework workspaces or (on the CPU) memory the "
         "allocator reuses without returning it: the error column shows how much that is on this machine.",
     ]

@@ -257,3 +257,35 @@ def test_a_run_records_the_training_jobs_that_shared_its_gpu(tiny_config, tiny_d
     assert m["gpu_jobs_beside_max"] == 2
     alone, _ = _train(tiny_config, tiny_data, tmp_path, "lora-r8", max_steps=2, evals=1)
     assert alone["gpu_jobs_beside_max"] is None
+
+
+def test_memory_model_keeps_attention_matrices_only_for_eager_attention(tiny_model):
+    """SDPA's fused kernels keep no s x s matrices for the backward pass, eager attention keeps them: measured
+    on the real model (bytes autograd saves), and the prediction follows."""
+    from transformers import AutoModelForCausalLM
+
+    from lorasweep.memory_model import predict
+
+    models = {impl: AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=impl).train()
+              for impl in ("sdpa", "eager")}
+    cfg = models["sdpa"].config
+    b, s = 4, 128
+    ids = torch.randint(0, cfg.vocab_size, (b, s))
+
+    def saved_bytes(model):
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=ids, labels=ids)
+        return total
+
+    probs = cfg.num_hidden_layers * cfg.num_attention_heads * s * s * b * 4  # fp32 attention probabilities
+    assert saved_bytes(models["eager"]) - saved_bytes(models["sdpa"]) >= probs
+    pred = {k: predict(m, 0, b, s, "fp32")["predicted_activations_bytes"] for k, m in models.items()}
+    # 5·a·s²·b bytes at 16-bit, doubled in fp32: 2.5 times the fp32 probabilities
+    assert pred["eager"] - pred["sdpa"] == pytest.approx(2.5 * probs, abs=2)
