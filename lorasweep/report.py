@@ -113,7 +113,10 @@ def memory_model_section(df: pd.DataFrame) -> str:
         "attention only (PyTorch's SDPA, the default, runs fused kernels that keep none); plus fp32 logits, "
         "their log-softmax and its gradient, 3·b·s·V·4 bytes;",
         "- nothing for allocator caching, fragmentation, framework workspaces or (on the CPU) memory the "
-        "allocator reuses without returning it: the error column shows how much that is on this machine.",
+        "allocator reuses without returning it: the error column shows how much that is on this machine. On "
+        "the CPU, glibc keeps freed large tensors when its mmap threshold has risen, more for LoRA's many "
+        "short-lived tensors than for full fine-tuning's; `export MALLOC_MMAP_THRESHOLD_=1048576` before "
+        "`snakemake` makes the RSS follow live memory, at slower steps (README, What the numbers mean).",
     ]
     return "## Memory: measured and predicted\n\n" + _table(rows) + "\n" + "\n".join(notes)
 

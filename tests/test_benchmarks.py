@@ -54,3 +54,11 @@ def test_op_count_benchmark_counts_more_operations_for_lora(tmp_path):
     assert 0 < full["ops_not_views"] < nodrop["ops_not_views"] < lora["ops_not_views"] <= lora["ops"]
     assert lora["mm"] > full["mm"]  # the adapters' small products outnumber the weight gradients saved
     assert "not views" in stdout
+
+
+def test_cpu_rss_benchmark_reports_every_pass(tmp_path):
+    r, stdout = _run("cpu_rss.py", tmp_path, "--run", "lora-r8", "--passes", 2, "--layers", 2, "--hidden", 64,
+                     "--vocab", 500, "--length", 64)
+    assert [p["peak_rss_above_base_bytes"] >= 0 and p["seconds"] > 0 for p in r["passes"]] == [True, True]
+    assert r["passes"][1]["peak_rss_above_base_bytes"] >= r["passes"][0]["peak_rss_above_base_bytes"]  # a peak
+    assert "pass 2:" in stdout
