@@ -29,7 +29,7 @@ T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
 
 def t975(dof: int) -> float:
     return T975[dof - 1] if 1 <= dof <= len(T975) else Z95
-TIME_TOL = 0.05  # single timings on a shared machine differ by a few percent from run to run
+TIME_TOL = 0.05  # single timings of runs of minutes differ by a few percent; short runs more (report.short_runs_caveat)
 MEM_TOL = 0.02
 
 

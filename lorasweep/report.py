@@ -55,6 +55,19 @@ def title_section(ctx: dict, experiment: str) -> str:
             "the executed notebook `summary.ipynb` beside this file holds the code that produced it.")
 
 
+SHORT_RUN_S = 60.0
+
+
+def short_runs_caveat(df: pd.DataFrame) -> str:
+    """A caution for timings of runs that trained for under a minute, measured once each."""
+    if df["n_seeds"].max() > 1 or not (df["train_runtime_s"].median() < SHORT_RUN_S):
+        return ""
+    return (f" These runs trained for under {SHORT_RUN_S:.0f} s each, and runs that short move between reruns by "
+            "more than that: the tiny preset's lora-r128 and lora-r256, rerun back to back on an idle 2-core "
+            "machine, went from 7.0 to 5.9 s and from 4.7 to 5.8 s. Read their timing differences as indicative; "
+            "`seeds: [0, 1, 2]` measures the spread.")
+
+
 def findings_section(ctx: dict) -> str:
     df, ev = ctx["metrics"], ctx["eval_losses"]
     out = ["## Findings", "",
@@ -67,7 +80,7 @@ def findings_section(ctx: dict) -> str:
               "It covers the choice of eval examples, not seed-to-seed variation of training (set `seeds: "
               "[0, 1, 2]` for that). Timings and memory are single measurements: ")
            + f"differences under {F.TIME_TOL:.0%} (time) and {F.MEM_TOL:.0%} (memory) are called "
-           "*about the same*.", ""]
+           "*about the same*." + short_runs_caveat(df), ""]
     out += [f"- {p}" for p in F.findings(df, ev)]
     return "\n".join(out)
 

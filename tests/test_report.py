@@ -210,3 +210,15 @@ def test_runs_that_shared_their_gpu_are_flagged_by_run_and_seed():
     assert "`full`" not in warning and "jobs_per_gpu: 1" in warning
     m["gpu_jobs_beside_max"] = 4
     assert F.findings(m, ev)[0].startswith("**Runs that shared their GPU**: every run, each beside up to 4 other")
+
+
+def test_timings_of_short_single_runs_come_with_a_caution():
+    m, ev = _fixture()
+    ctx = {"metrics": F.by_run(m), "eval_losses": ev}
+    from lorasweep.report import findings_section
+
+    assert "trained for under 60 s each" in findings_section(ctx)  # the fixture's tiny runs: seconds
+    long = F.by_run(m.assign(train_runtime_s=m["train_runtime_s"] * 100))
+    assert "trained for under" not in findings_section({"metrics": long, "eval_losses": ev})
+    two, ev2 = _two_seeds()
+    assert "trained for under" not in findings_section({"metrics": F.by_run(two), "eval_losses": ev2})
