@@ -40,21 +40,22 @@ def main(argv=None) -> dict:
     a = ap.parse_args(argv)
 
     import torch
-    from transformers import OPTConfig, OPTForCausalLM
 
     from lorasweep.memory import _return_freed_heap
+    from lorasweep.tiny import random_opt
 
-    torch.manual_seed(0)
-    cfg = OPTConfig(vocab_size=a.vocab, hidden_size=a.hidden, num_hidden_layers=a.layers, ffn_dim=4 * a.hidden,
-                    num_attention_heads=max(1, a.hidden // 64), word_embed_proj_dim=min(512, a.hidden),
-                    do_layer_norm_before=False, max_position_embeddings=max(2048, a.length))
-    model = OPTForCausalLM(cfg)
+    # opt-350m's shape as the workflow builds it (config/opt-350m-shape.yaml), at --layers x --hidden
+    model = random_opt(a.vocab, num_layers=a.layers, hidden_size=a.hidden, num_heads=max(1, a.hidden // 64),
+                       ffn_dim=4 * a.hidden, word_embed_proj_dim=min(512, a.hidden), do_layer_norm_before=False,
+                       max_positions=max(2048, a.length))
     if a.run != "full":
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
+
+        from lorasweep.train import lora_config
 
         r = int(a.run.split("-r")[-1])
-        model = get_peft_model(model, LoraConfig(r=r, lora_alpha=4 * r, lora_dropout=0.1,
-                                                 target_modules=["q_proj", "k_proj", "v_proj"], task_type="CAUSAL_LM"))
+        model = get_peft_model(model, lora_config({"lora": {"r": r, "alpha": 4 * r, "dropout": 0.1}},
+                                                  ["q_proj", "k_proj", "v_proj"]))
     model.train()
     ids = torch.randint(0, a.vocab, (a.batch, a.length))
     _return_freed_heap()

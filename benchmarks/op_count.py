@@ -21,9 +21,11 @@ VIEWS = {"view", "t", "transpose", "detach", "expand", "unsqueeze", "reshape", "
 
 def count_step(run: str, layers: int, rank: int, dropout: float, batch: int, length: int) -> dict:
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from torch.utils._python_dispatch import TorchDispatchMode
-    from transformers import OPTConfig, OPTForCausalLM
+
+    from lorasweep.tiny import random_opt
+    from lorasweep.train import lora_config
 
     class Count(TorchDispatchMode):
         def __init__(self):
@@ -34,15 +36,12 @@ def count_step(run: str, layers: int, rank: int, dropout: float, batch: int, len
             self.ops[func.overloadpacket.__name__] += 1
             return func(*args, **(kwargs or {}))
 
-    torch.manual_seed(0)
-    cfg = OPTConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=layers, ffn_dim=256, num_attention_heads=4,
-                    word_embed_proj_dim=64, max_position_embeddings=max(512, length))
-    model = OPTForCausalLM(cfg)
+    model = random_opt(1000, num_layers=layers, max_positions=max(512, length))  # the workflow's OPT, narrow
     if run != "full":
-        model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=4 * rank, lora_dropout=dropout,
-                                                 target_modules=["q_proj", "k_proj", "v_proj"], task_type="CAUSAL_LM"))
+        model = get_peft_model(model, lora_config({"lora": {"r": rank, "alpha": 4 * rank, "dropout": dropout}},
+                                                  ["q_proj", "k_proj", "v_proj"]))
     model.train()
-    ids = torch.randint(0, cfg.vocab_size, (batch, length))
+    ids = torch.randint(0, 1000, (batch, length))
     with Count() as c:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = model(input_ids=ids, labels=ids).loss

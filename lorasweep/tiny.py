@@ -177,6 +177,15 @@ def opt_config(n_tokens: int, *, hidden_size: int = 64, num_layers: int = 2, num
     )
 
 
+def random_opt(n_tokens: int, *, seed: int = 0, **shape):
+    """A randomly initialised OPT over ``n_tokens`` tokens, of ``shape`` (see :func:`opt_config`)."""
+    import torch
+    from transformers import OPTForCausalLM
+
+    torch.manual_seed(seed)
+    return OPTForCausalLM(opt_config(n_tokens, **shape))
+
+
 def build_tiny_model(texts: list[str], out_dir: str | Path, *, vocab_size: int = 1024, seed: int = 0,
                      **shape) -> Path:
     """Build a randomly initialised OPT model and its tokenizer; save both with ``save_pretrained``.
@@ -186,15 +195,10 @@ def build_tiny_model(texts: list[str], out_dir: str | Path, *, vocab_size: int =
     and cost are kept when the text yields fewer tokens than its vocabulary. ``shape``: see
     :func:`opt_config` (the ``model.build_tiny`` keys of the config schema).
     """
-    import torch
-    from transformers import OPTForCausalLM
-
     tokenizer = train_tokenizer(texts, vocab_size)
-    torch.manual_seed(seed)
-    cfg = opt_config(len(tokenizer), **shape, special_ids=dict(
+    model = random_opt(len(tokenizer), seed=seed, **shape, special_ids=dict(
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id))
-    model = OPTForCausalLM(cfg)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
