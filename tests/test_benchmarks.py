@@ -60,5 +60,6 @@ def test_cpu_rss_benchmark_reports_every_pass(tmp_path):
     r, stdout = _run("cpu_rss.py", tmp_path, "--run", "lora-r8", "--passes", 2, "--layers", 2, "--hidden", 64,
                      "--vocab", 500, "--length", 64)
     assert [p["peak_rss_above_base_bytes"] >= 0 and p["seconds"] > 0 for p in r["passes"]] == [True, True]
-    assert r["passes"][1]["peak_rss_above_base_bytes"] >= r["passes"][0]["peak_rss_above_base_bytes"]  # a peak
+    logits = 8 * 64 * 500 * 4  # batch x length x vocab in fp32: resident at once in every forward pass
+    assert all(p["peak_rss_above_base_bytes"] >= logits for p in r["passes"])
     assert "pass 2:" in stdout
