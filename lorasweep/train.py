@@ -202,12 +202,23 @@ def count_4bit_layers(model) -> int:
 
 
 def compile_args(setting) -> dict:
-    """``training.torch_compile`` as TrainingArguments: false, true / "default" (inductor's default mode) or
-    a torch.compile mode name."""
+    """``training.torch_compile`` as TrainingArguments: false, true / "default" (inductor's default mode),
+    "regional" (default mode, repeated blocks only: see `use_regional_compilation`) or a torch.compile mode name."""
     if setting is False or setting is None:
         return {"torch_compile": False}
-    mode = None if setting is True or setting == "default" else str(setting)
+    mode = None if setting in (True, "default", "regional") else str(setting)
     return {"torch_compile": True, "torch_compile_mode": mode}
+
+
+def use_regional_compilation(trainer) -> None:
+    """Compile the model's repeated blocks (its decoder layers) and its other leaf modules one by one instead of
+    the whole forward: accelerate's regional compilation, which the Trainer applies when it prepares the model.
+    Every decoder layer runs the same compiled code (compiled once, not once per layer), and the forward around
+    them stays eager: TRL's chunked loss over the LM head, which breaks whole-model graphs, is not traced."""
+    plugin = trainer.accelerator.state.dynamo_plugin
+    if plugin is None:
+        raise RuntimeError("torch_compile: regional, but the Trainer set up no torch.compile (TorchDynamoPlugin)")
+    plugin.use_regional_compilation = True
 
 
 def count_batch_tokens(batch: dict) -> dict:
@@ -632,6 +643,8 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
     trainer = _trainer_class()(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                processing_class=tokenizer)
     data_prep_s = time.perf_counter() - t_prep
+    if training.get("torch_compile") == "regional":
+        use_regional_compilation(trainer)
     log.info("datasets ready in %.1fs (tokenization cached in %s after the first run of a sweep)", data_prep_s,
              Path(train_path).parent / "cache")
     if spec["quantization"]:
