@@ -81,6 +81,10 @@ def validate_config(config: dict) -> dict:
     if not table:
         raise ConfigError("invalid lorasweep configuration: no runs enabled (methods.full.enabled is false "
                           "and methods.lora.ranks and methods.qlora.ranks are empty)")
+    training = config.get("training", {})
+    if training.get("torch_compile_regional") and training.get("torch_compile") in (False, None):
+        raise ConfigError("invalid lorasweep configuration: training.torch_compile_regional = true needs "
+                          "training.torch_compile (true or a mode: it picks the mode, regional the scope)")
     return config
 
 
@@ -173,8 +177,8 @@ def is_plain(name: str) -> bool:
 # Settings that change how a run is executed, never what it computes (beyond floating-point rounding): kept
 # out of the run spec, so that changing them does not make Snakemake retrain finished runs (its params
 # trigger compares the spec). Each run's metrics record the values it ran with.
-OPERATIONAL_KEYS = ("checkpoint_steps", "keep_checkpoints", "threads", "torch_compile", "pad_to_multiple_of",
-                    "jobs_per_gpu")
+OPERATIONAL_KEYS = ("checkpoint_steps", "keep_checkpoints", "threads", "torch_compile",
+                    "torch_compile_regional", "pad_to_multiple_of", "jobs_per_gpu")
 
 
 def operational(config: dict | None = None) -> dict:

@@ -202,11 +202,11 @@ def count_4bit_layers(model) -> int:
 
 
 def compile_args(setting) -> dict:
-    """``training.torch_compile`` as TrainingArguments: false, true / "default" (inductor's default mode),
-    "regional" (default mode, repeated blocks only: see `use_regional_compilation`) or a torch.compile mode name."""
+    """``training.torch_compile`` as TrainingArguments: false, true / "default" (inductor's default mode) or
+    a torch.compile mode name."""
     if setting is False or setting is None:
         return {"torch_compile": False}
-    mode = None if setting in (True, "default", "regional") else str(setting)
+    mode = None if setting is True or setting == "default" else str(setting)
     return {"torch_compile": True, "torch_compile_mode": mode}
 
 
@@ -216,8 +216,8 @@ def use_regional_compilation(trainer) -> None:
     Every decoder layer runs the same compiled code (compiled once, not once per layer), and the forward around
     them stays eager: TRL's chunked loss over the LM head, which breaks whole-model graphs, is not traced."""
     plugin = trainer.accelerator.state.dynamo_plugin
-    if plugin is None:
-        raise RuntimeError("torch_compile: regional, but the Trainer set up no torch.compile (TorchDynamoPlugin)")
+    if not trainer.args.torch_compile or plugin is None:
+        raise RuntimeError("torch_compile_regional without torch_compile: the Trainer set up no torch.compile")
     plugin.use_regional_compilation = True
 
 
@@ -643,7 +643,7 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
     trainer = _trainer_class()(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                processing_class=tokenizer)
     data_prep_s = time.perf_counter() - t_prep
-    if training.get("torch_compile") == "regional":
+    if training.get("torch_compile_regional"):
         use_regional_compilation(trainer)
     log.info("datasets ready in %.1fs (tokenization cached in %s after the first run of a sweep)", data_prep_s,
              Path(train_path).parent / "cache")
@@ -756,6 +756,7 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         "max_length": training["max_length"],
         "seed": spec["seed"],
         "torch_compile": training.get("torch_compile", False),
+        "torch_compile_regional": bool(training.get("torch_compile_regional")),
         "pad_to_multiple_of": training.get("pad_to_multiple_of"),
         # quality
         "train_loss": result.training_loss,

@@ -64,8 +64,9 @@ def test_any_rank_list_and_all_linear():
         ({"training": {"batch_size": "8"}}, r"training.batch_size = '8': must be of type integer"),
         ({"training": {"max_steps": 0}}, r"training.max_steps = 0: must be -1"),
         ({"training": {"torch_compile": "fast"}},
-         r"training.torch_compile = 'fast': must be one of False, True, 'default', 'regional', 'reduce-overhead'"),
+         r"training.torch_compile = 'fast': must be one of False, True, 'default', 'reduce-overhead'"),
         ({"methods": {"full": {"enabled": False}, "lora": {"ranks": []}, "qlora": {"ranks": []}}}, "no runs enabled"),
+        ({"training": {"torch_compile_regional": True}}, r"training.torch_compile_regional = true needs training.torch_compile"),
     ],
 )
 def test_errors_name_the_key_and_what_is_allowed(override, message):

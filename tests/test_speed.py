@@ -129,7 +129,7 @@ def test_torch_compile_trains_a_compiled_step_and_learns_the_same(tiny_config, t
 @pytest.mark.slow
 def test_regional_compilation_compiles_the_layers_without_graph_breaks_and_learns_the_same(tiny_config, tiny_data,
                                                                                         tmp_path):
-    """torch_compile: regional compiles the decoder layers and leaf modules, not the forward around them: none of
+    """torch_compile_regional compiles the decoder layers and leaf modules, not the forward around them: none of
     the graph breaks that TRL's chunked loss causes in a whole-model compile, and the same losses as eager."""
     import torch._dynamo
 
@@ -137,10 +137,10 @@ def test_regional_compilation_compiles_the_layers_without_graph_breaks_and_learn
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     regional = _train_fast(tiny_config, tiny_data, tmp_path / "regional", pad_to_multiple_of=64,
-                           torch_compile="regional")
+                           torch_compile=True, torch_compile_regional=True)
     counters = torch._dynamo.utils.counters
     assert counters["stats"]["unique_graphs"] > 0
     assert dict(counters["graph_break"]) == {}
-    assert regional["torch_compile"] == "regional"
+    assert regional["torch_compile"] is True and regional["torch_compile_regional"] is True
     assert regional["train_loss"] == pytest.approx(eager["train_loss"], abs=1e-3)
     assert regional["eval_loss"] == pytest.approx(eager["eval_loss"], abs=1e-3)

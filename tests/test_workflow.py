@@ -199,7 +199,7 @@ def test_rerunning_one_rank_retrains_only_that_run(tiny_sweep):
     # computes: no retraining
     ops = workdir / "ops.yaml"
     ops.write_text("training:\n  checkpoint_steps: 7\n  keep_checkpoints: true\n  threads: 1\n"
-                   "  torch_compile: true\n  pad_to_multiple_of: 64\n  jobs_per_gpu: 2\n")
+                   "  torch_compile: true\n  torch_compile_regional: true\n  pad_to_multiple_of: 64\n  jobs_per_gpu: 2\n")
     assert "Nothing to be done" in run_snakemake("-n", *args, ops, workdir=workdir).stdout
     metrics = {(r, s): (workdir / "results" / "runs" / r / f"seed{s}" / "metrics.json")
                for r in ("full", "lora-r8", "lora-r128") for s in (0, 1)}
