@@ -28,7 +28,7 @@ cap() { python3 -c "print(max(10, int($1 * $scale)))"; }
 bench() {  # bench NAME CAP_S ARGS...: one throughput run of lorasweep's recipe
     local name=$1 limit; limit=$(cap "$2"); shift 2
     local t0=$SECONDS
-    timeout "$limit" python benchmarks/throughput.py --data "$data" --shape "$shape" --device "$device" \
+    timeout "$limit" python3 benchmarks/throughput.py --data "$data" --shape "$shape" --device "$device" \
         --recipes lorasweep --repeats 1 --steps "$steps" --json "$out/$name.json" "$@" >"$out/$name.log" 2>&1
     local rc=$?
     if [ $rc -eq 0 ]; then
