@@ -63,3 +63,14 @@ def test_cpu_rss_benchmark_reports_every_pass(tmp_path):
     logits = 8 * 64 * 500 * 4  # batch x length x vocab in fp32: resident at once in every forward pass
     assert all(p["peak_rss_above_base_bytes"] >= logits for p in r["passes"])
     assert "pass 2:" in stdout
+
+
+def test_compile_graphs_benchmark_finds_the_cuda_graph_blockers_a_regional_compile_avoids(tiny_data, tmp_path):
+    whole, stdout = _run("compile_graphs.py", tmp_path, "--data", tiny_data["source"], "--steps", 4)
+    assert whole["graphs_compiled"] > 0 and whole["graph_breaks"] > 0 and whole["graphs_with_mutated_inputs"] > 0
+    assert all("chunked_logprob.py" in where for where in whole["mutated_at"])  # TRL's loss, not the model
+    assert "mutated at: trl/kernels/chunked_logprob.py" in stdout
+    regional, _ = _run("compile_graphs.py", tmp_path, "--data", tiny_data["source"], "--steps", 4,
+                       "--training", "torch_compile_regional=true")
+    assert regional["graphs_compiled"] > 0
+    assert regional["graph_breaks"] == 0 and regional["graphs_with_mutated_inputs"] == 0
