@@ -40,10 +40,8 @@ def main(argv=None) -> dict:
     from torch._inductor.cudagraph_utils import get_placeholder_info, get_mutation_stack_trace
 
     from lorasweep import speed
-    from lorasweep.config import OPERATIONAL_KEYS, run_spec
     from lorasweep.data import prepare
     from lorasweep.tiny import build_tiny_model_from_jsonl
-    from lorasweep.train import train_run
 
     graphs = []
     init = output_code.CompiledFxGraph.__init__
@@ -65,11 +63,10 @@ def main(argv=None) -> dict:
     train, evals = work / "train.jsonl", work / "eval.jsonl"
     prepare(a.data, train, evals, work / "summary.json", eval_size=0.05, seed=0)
     model = str(build_tiny_model_from_jsonl(train, work / "opt-tiny"))
-    how = {k: v for k, v in training.items() if k in OPERATIONAL_KEYS}
-    cfg = speed.single_run_config(model, train, a.run, lr=1e-3, device="cpu", seed=0, max_steps=a.steps, **training)
     torch._dynamo.utils.counters.clear()
     try:
-        train_run(run_spec(cfg, a.run), train, evals, work / "run", operational={"checkpoint_steps": 0, **how})
+        speed.train_single_run(model, train, evals, work / "run", a.run, lr=1e-3, device="cpu", seed=0,
+                               max_steps=a.steps, **training)
     finally:
         output_code.CompiledFxGraph.__init__ = init
     counters = torch._dynamo.utils.counters

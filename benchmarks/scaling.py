@@ -18,18 +18,15 @@ import json
 import tempfile
 from pathlib import Path
 
-from lorasweep.config import run_spec
-from lorasweep.speed import single_run_config
 from lorasweep.data import prepare
 from lorasweep.logs import console_progress
-from lorasweep.train import train_run
+from lorasweep.speed import train_single_run
 
 
 def one_epoch(model: str, train: Path, evals: Path, out: Path, *, run: str, batch: int, lr: float, max_length: int,
               device: str, seed: int) -> dict:
-    cfg = single_run_config(model, train, run, lr=lr, device=device, seed=seed, epochs=1, batch_size=batch,
-                            max_length=max_length)
-    m = train_run(run_spec(cfg, run), train, evals, out, operational={"checkpoint_steps": 0})
+    m = train_single_run(model, train, evals, out, run, lr=lr, device=device, seed=seed, epochs=1, batch_size=batch,
+                         max_length=max_length)
     return {"train_examples": m["train_info"]["train_examples"], "steps": m["train_steps"],
             "tokens": m["train_tokens_nonpad"], "seconds": m["train_runtime_s"],
             "tokens_per_s": m["train_tokens_nonpad_per_s"], "data_prep_s": m["train_info"]["data_prep_s"],

@@ -31,12 +31,11 @@ import time
 from pathlib import Path
 
 from lorasweep import speed
-from lorasweep.config import OPERATIONAL_KEYS, run_spec
 from lorasweep.data import prepare, read_jsonl
 from lorasweep.logs import console_progress
 from lorasweep.memory import PeakMemory
 from lorasweep.provenance import hardware, hardware_label
-from lorasweep.train import per_example_losses, token_weighted, train_run
+from lorasweep.train import per_example_losses, token_weighted
 
 
 
@@ -100,11 +99,8 @@ def second_half_rate(history: Path) -> float | None:
 def lorasweep_recipe(model_path: str, train_jsonl: Path, eval_jsonl: Path, out: Path, *, run: str, steps: int,
                      batch: int, lr: float, max_length: int, device: str, seed: int,
                      training: dict | None = None) -> dict:
-    training = training or {}
-    how = {k: v for k, v in training.items() if k in OPERATIONAL_KEYS}  # run_spec leaves these out
-    cfg = speed.single_run_config(model_path, train_jsonl, run, lr=lr, device=device, seed=seed, max_steps=steps,
-                                  batch_size=batch, max_length=max_length, **training)
-    m = train_run(run_spec(cfg, run), train_jsonl, eval_jsonl, out, operational={"checkpoint_steps": 0, **how})
+    m = speed.train_single_run(model_path, train_jsonl, eval_jsonl, out, run, lr=lr, device=device, seed=seed,
+                               max_steps=steps, batch_size=batch, max_length=max_length, **(training or {}))
     return {"tokens_per_s": m["train_tokens_nonpad_per_s"], "tokens": m["train_tokens_nonpad"],
             "steady_tokens_per_s": second_half_rate(out / "log_history.jsonl"),
             "tokens_padded": m["train_tokens_padded"],

@@ -43,3 +43,15 @@ def single_run_config(model: str, train_jsonl, run: str, *, lr: float, device: s
         # step at equal hyperparameters
         "training": {"device": device, "evals": 1, "warmup_ratio": 0.0, **training},
     })
+
+
+def train_single_run(model: str, train_jsonl, eval_jsonl, out, run: str, *, lr: float, device: str, seed: int,
+                     **training) -> dict:
+    """Train one run as the benchmarks do (:func:`single_run_config`, its operational settings, no checkpoints)
+    and return its metrics."""
+    from .config import operational, run_spec
+    from .train import train_run
+
+    cfg = single_run_config(model, train_jsonl, run, lr=lr, device=device, seed=seed, **training)
+    return train_run(run_spec(cfg, run), train_jsonl, eval_jsonl, out,
+                     operational={**operational(cfg), "checkpoint_steps": 0})
