@@ -4,13 +4,21 @@ Assumptions (stated in the report):
 - weights at their storage dtype: fp32 = 4 bytes; a 4-bit layer 0.5 byte per weight plus one fp32
   absmax per 64-weight block (0.0625 byte; double quantization makes it smaller);
 - gradients and AdamW's two moments for trainable parameters only, in fp32: 4 + 8 bytes each;
-- activations per decoder layer, after Korthikanti et al. (2022): s*b*h*34 bytes for 16-bit activations,
-  doubled for fp32 (CPU) runs; s = the longest padded batch actually fed. The attention matrices
-  (scores, probabilities, dropout mask: 5*a*s^2*b more) are kept for the backward pass only by eager
-  attention: PyTorch's SDPA (transformers' default) runs fused kernels that keep none (flash or
-  memory-efficient on CUDA, the flash kernel on the CPU, masks included);
-- logits: the fp32 logits, their log-softmax and its gradient, 3 * b * s * vocab * 4 bytes;
-- no allocator caching, fragmentation or framework workspace: the error shows how much that is.
+- activations: the bytes autograd keeps for the backward pass (every saved tensor that is not a parameter,
+  each storage once), counted on the training model itself in its training mode, precision and device
+  with three short probe batches, and scaled to the longest padded batch fed (b sequences of s tokens) as
+  f + b * (a*s + c*s^2): what the architecture, the method (a frozen weight's layer keeps no input for a
+  weight gradient), dropout, autocast's 16-bit copies and the attention kernel (eager attention's s^2
+  matrices; SDPA's fused kernels keep none) really keep, where a formula such as Korthikanti et al.'s
+  34*s*b*h per layer fits one architecture (GeLU MLP, 16-bit, bool dropout masks) and missed OPT's by up
+  to 40%. Gradient checkpointing is counted too (only the layers' inputs are kept);
+- the working memory of TRL's chunked loss over the LM head (SFTTrainer never builds the b x s x vocab
+  logits): one tile of up to 4,096 positions x 32,768 vocabulary columns at the compute dtype, folded in
+  place by TRL's Triton kernels on CUDA; on the CPU its torch fallback holds 7.25 more fp32 tiles of
+  temporaries in the backward pass; plus the fp32 gradient of the hidden states;
+- no allocator caching, fragmentation or framework workspace: the error shows how much that is. Gradients
+  are counted in full although most are created as the activations are freed, so for full fine-tuning the
+  sum is an upper bound.
 """
 
 from __future__ import annotations
@@ -32,22 +40,88 @@ def weight_bytes(model) -> int:
     return total
 
 
-def stores_attention_matrices(model) -> bool:
-    """Whether the model's attention keeps its s x s matrices for the backward pass (eager attention)."""
-    return getattr(model.config, "_attn_implementation", None) in (None, "eager")
+PROBE_LENGTHS = (32, 64, 128)  # tokens per probe sequence: three lengths separate the fixed, s and s^2 terms
+PROBE_BATCH = 2
 
 
-def predict(model, trainable_params: int, batch_size: int, seq_len: int, precision: str) -> dict:
-    """Predicted bytes by component; ``predicted_train_increment_bytes`` excludes the weights loaded before."""
-    cfg = model.config
-    h = cfg.hidden_size
-    layers = cfg.num_hidden_layers
-    heads = cfg.num_attention_heads
-    vocab = cfg.vocab_size
-    b, s = batch_size, seq_len
-    act_bytes = 2 if precision in ("bf16", "fp16") else 4
-    per_layer = s * b * h * (34 + (5 * heads * s / h if stores_attention_matrices(model) else 0)) * (act_bytes / 2)
-    activations = int(layers * per_layer + 3 * b * s * vocab * 4)
+def saved_bytes(model, batch: int, length: int, half, fused_loss: bool) -> int:
+    """Bytes of the tensors autograd saves for the backward pass of one training forward of ``batch`` random
+    sequences of ``length`` tokens (parameters left out, a storage shared by several saved tensors counted
+    once). ``half``: the autocast dtype training uses, or None."""
+    import torch
+
+    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    device = next(model.parameters()).device
+    vocab = model.get_input_embeddings().num_embeddings
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, length), generator=g).to(device)
+    kept: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in param_storages:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    was_training = model.training
+    model.train()
+    kwargs = {"fused_lm_head": True} if fused_loss else {}
+    try:
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                torch.autocast(device.type, dtype=half, enabled=half is not None):
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, **kwargs)
+        del out
+    finally:
+        model.train(was_training)
+    return sum(kept.values())
+
+
+def activation_bytes(model, batch_size: int, seq_len: int, half, fused_loss: bool) -> int:
+    """What autograd keeps for a batch of ``batch_size`` x ``seq_len``: f + b * (a*s + c*s^2), with f (kept once
+    per step whatever the batch: autocast's 16-bit copies of trainable weights), a and c solved from three
+    probe batches (c is 0 up to rounding unless attention keeps its s x s matrices)."""
+    import numpy as np
+
+    lengths = np.array(PROBE_LENGTHS, dtype=float)
+    kept = np.array([saved_bytes(model, PROBE_BATCH, int(n), half, fused_loss) for n in lengths], dtype=float)
+    f, a, c = np.linalg.solve(np.stack([np.ones_like(lengths), PROBE_BATCH * lengths, PROBE_BATCH * lengths**2], 1),
+                              kept)
+    return int(max(0.0, f) + batch_size * (a * seq_len + max(0.0, c) * seq_len**2))
+
+
+def chunked_loss_work_bytes(model, batch_size: int, seq_len: int, precision: str) -> int:
+    """Working memory of TRL's chunked log-prob loss over the LM head in the backward pass (its largest):
+    a tile of positions x vocabulary columns at the compute dtype, plus (CPU fallback) 7.25 fp32 tiles of
+    temporaries, plus the fp32 gradient of the hidden states. Positions: all ``batch_size * (seq_len - 1)``
+    (on CUDA only labelled ones are scored: an upper bound there)."""
+    try:
+        from trl.kernels.chunked_logprob import TOKEN_CHUNK_SIZE, _use_triton
+        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as VOCAB_CHUNK
+    except ImportError:  # the constants of TRL 1.16
+        TOKEN_CHUNK_SIZE, VOCAB_CHUNK = 4096, 32768
+
+        def _use_triton(device):
+            return device.type == "cuda"
+    vocab, width = model.get_output_embeddings().weight.shape
+    device = next(model.parameters()).device
+    n = batch_size * max(0, seq_len - 1)
+    tile = min(n, TOKEN_CHUNK_SIZE) * min(vocab, VOCAB_CHUNK)
+    compute = 2 if precision in ("bf16", "fp16") else 4
+    temporaries = 0 if _use_triton(device) else 7.25 * 4
+    return int(tile * (compute + temporaries) + n * width * 4)
+
+
+def predict(model, trainable_params: int, batch_size: int, seq_len: int, precision: str,
+            fused_loss: bool = False) -> dict:
+    """Predicted bytes by component; ``predicted_train_increment_bytes`` excludes the weights loaded before.
+    ``fused_loss``: the model's forward takes TRL's ``fused_lm_head`` (SFTTrainer's loss, as lorasweep trains);
+    without it the model's own loss, whose saved logits the probe counts."""
+    import torch
+
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    saved = activation_bytes(model, batch_size, seq_len, half, fused_loss)
+    loss_work = chunked_loss_work_bytes(model, batch_size, seq_len, precision) if fused_loss else 0
+    activations = saved + loss_work
     weights = weight_bytes(model)
     grads = 4 * trainable_params
     optimizer = 8 * trainable_params
@@ -56,9 +130,11 @@ def predict(model, trainable_params: int, batch_size: int, seq_len: int, precisi
         "predicted_gradients_bytes": grads,
         "predicted_optimizer_bytes": optimizer,
         "predicted_activations_bytes": activations,
+        "predicted_saved_for_backward_bytes": saved,
+        "predicted_loss_work_bytes": loss_work,
         "predicted_peak_bytes": weights + grads + optimizer + activations,
         "predicted_train_increment_bytes": grads + optimizer + activations,
-        "predicted_for_seq_len": s,
+        "predicted_for_seq_len": seq_len,
     }
 
 

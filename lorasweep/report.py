@@ -121,10 +121,16 @@ def memory_model_section(df: pd.DataFrame) -> str:
         "- weights at their storage dtype: fp32 4 bytes per parameter; a 4-bit layer 0.5 byte per weight plus "
         "one fp32 absmax per 64 weights;",
         "- gradients (4 bytes) and AdamW's two moments (8 bytes) for trainable parameters only;",
-        "- activations per decoder layer after Korthikanti et al. (2022): s·b·h·34 bytes at 16-bit, doubled for "
-        "fp32, with s the longest padded batch fed, plus 5·a·s²·b for the attention matrices with eager "
-        "attention only (PyTorch's SDPA, the default, runs fused kernels that keep none); plus fp32 logits, "
-        "their log-softmax and its gradient, 3·b·s·V·4 bytes;",
+        "- activations: the bytes autograd keeps for the backward pass (saved tensors that are not parameters, "
+        "each storage once), counted on the trained model itself, in its training mode, precision and device, "
+        "with three probe batches of 32, 64 and 128 tokens and scaled to the longest padded batch fed as "
+        "f + b·(a·s + c·s²) (c: attention matrices, kept by eager attention only; f: autocast's 16-bit copies "
+        "of trainable weights): what the architecture, the method, dropout and precision really keep; plus the "
+        "working memory of TRL's chunked loss over the LM head (no b·s·V logits are built): a tile of up to "
+        "4,096 positions × 32,768 vocabulary columns at the compute dtype (CUDA), with 7.25 fp32 tiles of "
+        "temporaries more in its CPU fallback;",
+        "- gradients counted in full, although most are created as the activations are freed: for full "
+        "fine-tuning the sum is an upper bound by up to the gradients;",
         "- nothing for allocator caching, fragmentation, framework workspaces or (on the CPU) memory the "
         "allocator reuses without returning it: the error column shows how much that is on this machine. On "
         "the CPU, glibc keeps freed large tensors when its mmap threshold has risen, more for LoRA's many "

@@ -727,8 +727,9 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         return sum(vals) / len(vals) if vals else None
 
     n_steps = trainer.state.global_step
+    # fused_loss: SFTTrainer's loss is TRL's chunked LM head (no full logits), and the probe forwards through it
     predicted = memory_model.predict(trainer.model, params["trainable_params"], training["batch_size"],
-                                     counts["max_seq_len"], precision)
+                                     counts["max_seq_len"], precision, fused_loss=True)
     hw, versions, git = hardware(device), package_versions(), git_state(workflow_dir)
     metrics = {
         "run": spec["run"],
