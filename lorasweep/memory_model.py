@@ -144,6 +144,8 @@ def compare(pred: dict, measured: dict) -> dict:
     CUDA: predicted peak vs ``peak_cuda_allocated_bytes``. CPU: predicted increment over the load footprint
     vs ``peak_rss_bytes - rss_at_load_bytes`` (the process's own baseline is not modelled).
     """
+    if not pred:
+        return {"memory_model_compared_to": None, "memory_model_error_pct": None}
     if measured.get("peak_cuda_allocated_bytes"):
         target, value = "peak_cuda_allocated_bytes", pred["predicted_peak_bytes"]
         actual = measured["peak_cuda_allocated_bytes"]

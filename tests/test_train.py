@@ -369,3 +369,17 @@ print(json.dumps({"peak": status("VmHWM") - base, "pred": chunked_loss_work_byte
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["pred"] > 3 * 2**30  # 8.25 fp32 tiles of 4,088 positions x 32,768 columns, and more
     assert r["pred"] == pytest.approx(r["peak"] - r["grads"], rel=0.1)
+
+
+def test_a_failed_memory_prediction_costs_the_run_nothing(tiny_config, tiny_data, tmp_path):
+    """A model too short for the memory model's probe batches (100 positions against a 128-token probe) still
+    trains and writes its metrics, without a prediction."""
+    from lorasweep import tiny
+
+    short = tiny.build_tiny_model_from_jsonl(tiny_data["train"], tmp_path / "short", max_positions=100)
+    spec = run_spec(tiny_config(max_steps=2, evals=1, max_length=96), "full")
+    spec["model"]["name_or_path"] = str(short)
+    m = train_run(spec, tiny_data["train"], tiny_data["eval"], tmp_path / "run", threads=2)
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["eval_loss"] == m["eval_loss"]
+    assert m["memory_model_error_pct"] is None and "predicted_peak_bytes" not in m
+    assert m["peak_rss_bytes"] > 0
