@@ -16,9 +16,10 @@ Assumptions (stated in the report):
   logits): one tile of up to 4,096 positions x 32,768 vocabulary columns at the compute dtype, folded in
   place by TRL's Triton kernels on CUDA; on the CPU its torch fallback holds 7.25 more fp32 tiles of
   temporaries in the backward pass; plus the fp32 gradient of the hidden states;
-- no allocator caching, fragmentation or framework workspace: the error shows how much that is. Gradients
-  are counted in full although most are created as the activations are freed, so for full fine-tuning the
-  sum is an upper bound.
+- the peak is weights + AdamW state + the larger of activations and gradients: autograd creates each
+  layer's weight gradients as it frees that layer's saved tensors, and the Trainer frees the gradients
+  between steps, so the two peak at the two ends of a backward pass, not together;
+- no allocator caching, fragmentation or framework workspace: the error shows how much that is.
 """
 
 from __future__ import annotations
@@ -132,8 +133,12 @@ def predict(model, trainable_params: int, batch_size: int, seq_len: int, precisi
         "predicted_activations_bytes": activations,
         "predicted_saved_for_backward_bytes": saved,
         "predicted_loss_work_bytes": loss_work,
-        "predicted_peak_bytes": weights + grads + optimizer + activations,
-        "predicted_train_increment_bytes": grads + optimizer + activations,
+        # the larger of the two phases of a backward pass: its start (every activation kept, no gradient yet:
+        # the Trainer frees them between steps) and its end (every gradient, the activations freed as each
+        # layer's backward ran)
+        "predicted_gradients_beyond_activations_bytes": max(0, grads - activations),
+        "predicted_peak_bytes": weights + optimizer + max(grads, activations),
+        "predicted_train_increment_bytes": optimizer + max(grads, activations),
         "predicted_for_seq_len": seq_len,
     }
 

@@ -53,8 +53,9 @@ def _bar(ax, per_seed, col, pal, xlabel, runs, log=False, fmt="{:.3g}"):
     ax.margins(x=0.2)
 
 
-COMPONENT_COLOURS = {"weights": "#9e9e9e", "gradients": "#4c72b0", "optimizer": "#dd8452",
+COMPONENT_COLOURS = {"weights": "#9e9e9e", "gradients_beyond_activations": "#4c72b0", "optimizer": "#dd8452",
                      "activations": "#55a868"}
+COMPONENT_LABELS = {"gradients_beyond_activations": "gradients beyond the activations", "optimizer": "AdamW state"}
 
 
 def memory_parts(df: pd.DataFrame) -> dict:
@@ -69,11 +70,11 @@ def memory_parts(df: pd.DataFrame) -> dict:
     if memory_measure(df)[0] == "peak_cuda_allocated_bytes":
         return {"cuda": True, "at_load": df["cuda_allocated_at_load_bytes"], "peak": df["peak_cuda_allocated_bytes"],
                 "compared": df["peak_cuda_allocated_bytes"],
-                "components": ["weights", "gradients", "optimizer", "activations"],
+                "components": ["weights", "optimizer", "activations", "gradients_beyond_activations"],
                 "measured_label": "peak CUDA allocated", "compared_label": "peak CUDA memory allocated (GiB)"}
     return {"cuda": False, "at_load": df["rss_at_load_bytes"], "peak": df["peak_rss_bytes"],
             "compared": df["peak_rss_bytes"] - df["rss_at_load_bytes"],
-            "components": ["gradients", "optimizer", "activations"],
+            "components": ["optimizer", "activations", "gradients_beyond_activations"],
             "measured_label": "peak RSS", "compared_label": "memory added by training: peak RSS − RSS at load (GiB)"}
 
 
@@ -103,7 +104,8 @@ def _memory_figure(df, runs, pal, plt, h):
         if col not in df:
             continue
         vals = df[col].fillna(0) / gib
-        ax.barh(y, vals, left=left, color=COMPONENT_COLOURS[comp], label=f"predicted: {comp}", height=0.6)
+        ax.barh(y, vals, left=left, color=COMPONENT_COLOURS[comp], height=0.6,
+                label=f"predicted: {COMPONENT_LABELS.get(comp, comp)}")
         left = left + vals
     measured = parts["compared"] / gib
     ax.scatter(measured, list(y), marker="D", color="black", zorder=3, label="measured")

@@ -99,7 +99,7 @@ def memory_model_section(df: pd.DataFrame) -> str:
     parts = memory_parts(df)
     rows = []
     for i, r in df.iterrows():
-        pred = sum(r.get(f"predicted_{c}_bytes", 0) or 0 for c in parts["components"])
+        pred = r.get("predicted_peak_bytes" if parts["cuda"] else "predicted_train_increment_bytes")
         meas = parts["compared"].iloc[i]
         rows.append({"run": r["run"],
                      "weights": _gib(r.get("predicted_weights_bytes")),
@@ -107,9 +107,11 @@ def memory_model_section(df: pd.DataFrame) -> str:
                      "AdamW state": _gib(r.get("predicted_optimizer_bytes")),
                      "activations": _gib(r.get("predicted_activations_bytes")),
                      "predicted": _gib(pred), "measured": _gib(meas),
-                     "error": _num(100 * (pred - meas) / meas if meas else None, "{:+.0f}%")})
-    compared = ("the predicted peak (all four components) against `peak_cuda_allocated_bytes`" if parts["cuda"] else
-                "the predicted training increment (gradients + AdamW state + activations) against what training "
+                     "error": _num(100 * (pred - meas) / meas if meas and pd.notna(pred) else None, "{:+.0f}%")})
+    compared = ("the predicted peak (weights + AdamW state + the larger of activations and gradients) against "
+                "`peak_cuda_allocated_bytes`" if parts["cuda"] else
+                "the predicted training increment (AdamW state + the larger of activations and gradients) against "
+                "what training "
                 "added to the process: `peak_rss_bytes − rss_at_load_bytes`. The weights column is shown for "
                 "reference; it is inside the load footprint")
     notes = [
@@ -129,8 +131,9 @@ def memory_model_section(df: pd.DataFrame) -> str:
         "working memory of TRL's chunked loss over the LM head (no b·s·V logits are built): a tile of up to "
         "4,096 positions × 32,768 vocabulary columns at the compute dtype (CUDA), with 7.25 fp32 tiles of "
         "temporaries more in its CPU fallback;",
-        "- gradients counted in full, although most are created as the activations are freed: for full "
-        "fine-tuning the sum is an upper bound by up to the gradients;",
+        "- gradients and activations do not peak together: autograd creates each layer's weight gradients as "
+        "it frees that layer's saved tensors, and the Trainer frees the gradients between steps, so the peak "
+        "holds the larger of the two;",
         "- nothing for allocator caching, fragmentation, framework workspaces or (on the CPU) memory the "
         "allocator reuses without returning it: the error column shows how much that is on this machine. On "
         "the CPU, glibc keeps freed large tensors when its mmap threshold has risen, more for LoRA's many "

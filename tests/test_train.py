@@ -198,12 +198,31 @@ def test_memory_model_components(tiny_config, tiny_data, tmp_path):
     for m in (full, lora, qlora):
         assert m["predicted_optimizer_bytes"] == 8 * m["trainable_params"]
         assert m["predicted_gradients_bytes"] == 4 * m["trainable_params"]
-        assert m["predicted_peak_bytes"] == sum(m[f"predicted_{k}_bytes"] for k in
-                                                ("weights", "gradients", "optimizer", "activations"))
+        # the larger of activations and gradients: they peak at the two ends of a backward pass
+        assert m["predicted_peak_bytes"] == (m["predicted_weights_bytes"] + m["predicted_optimizer_bytes"]
+                                             + max(m["predicted_gradients_bytes"], m["predicted_activations_bytes"]))
+        assert m["predicted_peak_bytes"] == sum(m[f"predicted_{k}_bytes"] for k in  # what the figure stacks
+                                                ("weights", "optimizer", "activations", "gradients_beyond_activations"))
         assert m["memory_model_compared_to"] == "peak_rss_bytes - rss_at_load_bytes"
         assert math.isfinite(m["memory_model_error_pct"])
     assert full["predicted_weights_bytes"] == 4 * full["total_params"]
     assert qlora["predicted_weights_bytes"] < lora["predicted_weights_bytes"]  # 4-bit base weights
+
+
+def test_memory_model_peak_holds_the_gradients_when_they_outweigh_the_activations(tiny_model):
+    """One short sequence keeps less than full fine-tuning's gradients: the peak is then at the end of the backward
+    pass, weights + AdamW state + gradients, with the gradients beyond the activations shown apart."""
+    from transformers import AutoModelForCausalLM
+
+    from lorasweep.memory_model import predict
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    n = sum(p.numel() for p in model.parameters())
+    small, large = predict(model, n, 1, 8, "fp32"), predict(model, n, 64, 128, "fp32")
+    assert small["predicted_activations_bytes"] < 4 * n < large["predicted_activations_bytes"]
+    assert small["predicted_peak_bytes"] == small["predicted_weights_bytes"] + 12 * n
+    assert small["predicted_gradients_beyond_activations_bytes"] == 4 * n - small["predicted_activations_bytes"]
+    assert large["predicted_gradients_beyond_activations_bytes"] == 0
 
 
 def test_tokenization_runs_once_per_sweep_and_is_reused(tiny_config, tiny_data, tmp_path):
