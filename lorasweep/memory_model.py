@@ -18,7 +18,8 @@ Assumptions (stated in the report):
   temporaries in the backward pass; plus the fp32 gradient of the hidden states;
 - the peak is weights + AdamW state + the larger of activations and gradients: autograd creates each
   layer's weight gradients as it frees that layer's saved tensors, and the Trainer frees the gradients
-  between steps, so the two peak at the two ends of a backward pass, not together;
+  between steps, so the two peak at the two ends of a backward pass, not together (with gradient
+  accumulation the first micro-batches' gradients wait beside the next one's activations: both count);
 - no allocator caching, fragmentation or framework workspace: the error shows how much that is.
 """
 
@@ -79,7 +80,7 @@ def saved_bytes(model, batch: int, length: int, half, fused_loss: bool) -> int:
 
 def activation_bytes(model, batch_size: int, seq_len: int, half, fused_loss: bool) -> int:
     """What autograd keeps for a batch of ``batch_size`` x ``seq_len``: f + b * (a*s + c*s^2), with f (kept once
-    per step whatever the batch: autocast's 16-bit copies of trainable weights), a and c solved from three
+    per step whatever the batch: autocast's 16-bit copies of the weights), a and c solved from three
     probe batches (c is 0 up to rounding unless attention keeps its s x s matrices)."""
     import numpy as np
 
@@ -113,10 +114,11 @@ def chunked_loss_work_bytes(model, batch_size: int, seq_len: int, precision: str
 
 
 def predict(model, trainable_params: int, batch_size: int, seq_len: int, precision: str,
-            fused_loss: bool = False) -> dict:
+            fused_loss: bool = False, grad_accum: int = 1) -> dict:
     """Predicted bytes by component; ``predicted_train_increment_bytes`` excludes the weights loaded before.
     ``fused_loss``: the model's forward takes TRL's ``fused_lm_head`` (SFTTrainer's loss, as lorasweep trains);
-    without it the model's own loss, whose saved logits the probe counts."""
+    without it the model's own loss, whose saved logits the probe counts. With ``grad_accum`` > 1 the
+    gradients of the first micro-batches are kept while the next ones' activations are: then both count."""
     import torch
 
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
@@ -126,6 +128,7 @@ def predict(model, trainable_params: int, batch_size: int, seq_len: int, precisi
     weights = weight_bytes(model)
     grads = 4 * trainable_params
     optimizer = 8 * trainable_params
+    beyond = grads if grad_accum > 1 else max(0, grads - activations)
     return {
         "predicted_weights_bytes": weights,
         "predicted_gradients_bytes": grads,
@@ -135,10 +138,10 @@ def predict(model, trainable_params: int, batch_size: int, seq_len: int, precisi
         "predicted_loss_work_bytes": loss_work,
         # the larger of the two phases of a backward pass: its start (every activation kept, no gradient yet:
         # the Trainer frees them between steps) and its end (every gradient, the activations freed as each
-        # layer's backward ran)
-        "predicted_gradients_beyond_activations_bytes": max(0, grads - activations),
-        "predicted_peak_bytes": weights + optimizer + max(grads, activations),
-        "predicted_train_increment_bytes": optimizer + max(grads, activations),
+        # layer's backward ran); with gradient accumulation, both at once
+        "predicted_gradients_beyond_activations_bytes": beyond,
+        "predicted_peak_bytes": weights + optimizer + activations + beyond,
+        "predicted_train_increment_bytes": optimizer + activations + beyond,
         "predicted_for_seq_len": seq_len,
     }
 

@@ -730,7 +730,8 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
     # fused_loss: SFTTrainer's loss is TRL's chunked LM head (no full logits), and the probe forwards through it
     try:
         predicted = memory_model.predict(trainer.model, params["trainable_params"], training["batch_size"],
-                                         counts["max_seq_len"], precision, fused_loss=True)
+                                         counts["max_seq_len"], precision, fused_loss=True,
+                                         grad_accum=training["grad_accum"])
     except Exception as e:  # a model whose probe batches fail must not cost the trained run its metrics
         log.warning("memory model: no prediction for this run (%s: %s)", type(e).__name__, e)
         predicted = {}

@@ -223,6 +223,10 @@ def test_memory_model_peak_holds_the_gradients_when_they_outweigh_the_activation
     assert small["predicted_peak_bytes"] == small["predicted_weights_bytes"] + 12 * n
     assert small["predicted_gradients_beyond_activations_bytes"] == 4 * n - small["predicted_activations_bytes"]
     assert large["predicted_gradients_beyond_activations_bytes"] == 0
+    # with gradient accumulation the first micro-batches' gradients wait beside the next one's activations
+    accum = predict(model, n, 64, 128, "fp32", grad_accum=2)
+    assert accum["predicted_peak_bytes"] == (large["predicted_weights_bytes"] + 12 * n
+                                             + large["predicted_activations_bytes"])
 
 
 def test_tokenization_runs_once_per_sweep_and_is_reused(tiny_config, tiny_data, tmp_path):
