@@ -285,36 +285,19 @@ def test_a_run_records_the_training_jobs_that_shared_its_gpu(tiny_config, tiny_d
     assert alone["gpu_jobs_beside_max"] is None
 
 
-def _saved_bytes(model, **inputs):
-    """Bytes of the tensors autograd saves in one forward (parameters left out, each storage once)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    kept = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in params:
-            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(**inputs)
-    return sum(kept.values())
-
-
 def test_memory_model_keeps_attention_matrices_only_for_eager_attention(tiny_model):
     """SDPA's fused kernels keep no s x s matrices for the backward pass, eager attention keeps them: measured
     on the real model (bytes autograd saves), and the prediction, scaled from three short probe batches to a
     longer batch, is what autograd saves for that batch."""
     from transformers import AutoModelForCausalLM
 
-    from lorasweep.memory_model import predict
+    from lorasweep.memory_model import predict, saved_bytes
 
     models = {impl: AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=impl).train()
               for impl in ("sdpa", "eager")}
     cfg = models["sdpa"].config
     b, s = 4, 200
-    ids = torch.randint(0, cfg.vocab_size, (b, s))
-    measured = {k: _saved_bytes(m, input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
-                for k, m in models.items()}
+    measured = {k: saved_bytes(m, b, s, None, fused_loss=False) for k, m in models.items()}
     probs = cfg.num_hidden_layers * cfg.num_attention_heads * s * s * b * 4  # fp32 attention probabilities
     # eager keeps the fp32 probabilities (SDPA keeps a per-row log-sum-exp instead: a little under them)
     assert measured["eager"] - measured["sdpa"] == pytest.approx(probs, rel=0.02)
@@ -332,7 +315,7 @@ def test_memory_model_follows_method_dropout_and_autocast(tiny_model):
     from transformers import AutoModelForCausalLM
     from trl.trainer.utils import add_fused_lm_head
 
-    from lorasweep.memory_model import activation_bytes
+    from lorasweep.memory_model import activation_bytes, saved_bytes
     from lorasweep.train import lora_config
 
     def fused():
@@ -344,13 +327,9 @@ def test_memory_model_follows_method_dropout_and_autocast(tiny_model):
               "lora-r8": get_peft_model(fused(), lora_config({"lora": {"r": 8, "alpha": 32, "dropout": 0.1}},
                                                              ["q_proj", "k_proj", "v_proj"]))}
     b, s = 6, 300
-    ids = torch.randint(0, models["full"].config.vocab_size, (b, s))
     for name, model in models.items():
         for half in (None, torch.bfloat16):
-            torch.manual_seed(0)
-            with torch.autocast("cpu", dtype=half or torch.bfloat16, enabled=half is not None):
-                real = _saved_bytes(model, input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids,
-                                    fused_lm_head=True)
+            real = saved_bytes(model, b, s, half, fused_loss=True)  # the longer batch itself, counted directly
             assert activation_bytes(model, b, s, half, True) == pytest.approx(real, rel=1e-3), (name, half)
 
 
