@@ -17,11 +17,15 @@ memory without the Hub), and ``--device cuda`` on a GPU, where MFU and CUDA memo
 ``--training KEY=VALUE`` (repeatable) sets a training key of lorasweep's recipe, e.g. ``torch_compile=true``;
 each run prints, beside its rate over the whole of training, the rate over its second half (after warm-up
 and any compiling). lorasweep's progress lines (steps, losses, evaluations) go to stderr as it trains.
+``--host-reads`` also counts, per training step and per recipe, where Python reads a tensor's value
+(``.item()``, ``if t:``, ...: each one a wait for the GPU; ``lorasweep.speed.HostReads``), by site.
+Counting intercepts every torch call, so the rates of such a run are not the recipes' own.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import re
@@ -155,6 +159,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--training", action="append", default=[], metavar="KEY=VALUE",
                     help="a training setting for lorasweep's recipe (YAML value), e.g. torch_compile=true or "
                          "pad_to_multiple_of=64; repeatable")
+    ap.add_argument("--host-reads", action="store_true",
+                    help="count the tensor reads per training step (waits for the GPU) by site; slows every "
+                         "recipe, so its rates are not comparable")
     ap.add_argument("--json", help="write the results here")
     a = ap.parse_args(argv)
     console_progress()  # lorasweep's step and evaluation lines on stderr while it trains
@@ -191,8 +198,11 @@ def main(argv=None) -> dict:
     results = {k: [] for k in recipes}
     for i in range(a.repeats):  # interleaved, so a slow phase of the machine hits every recipe
         for name, fn in recipes.items():  # repeat i trains with seed + i: another init and order, same split
-            r = fn(model, train, evals, work / f"{i}-{name.replace(', ', '-').replace(' ', '-')}",
-                   **{**common, "seed": a.seed + i})
+            with speed.HostReads() if a.host_reads else contextlib.nullcontext() as reads:
+                r = fn(model, train, evals, work / f"{i}-{name.replace(', ', '-').replace(' ', '-')}",
+                       **{**common, "seed": a.seed + i})
+            if reads is not None:
+                r["host_reads_per_step"] = {k: n / a.steps for k, n in reads.in_steps().items()}
             results[name].append(r)
             _release_memory()
             steady = f"  (second half {r['steady_tokens_per_s']:,.0f})" if r.get("steady_tokens_per_s") else ""
@@ -239,6 +249,14 @@ def main(argv=None) -> dict:
             summary_out.setdefault("peak_cuda_gib", {})[name] = {"allocated": peak, "reserved": res}
             print(f"  peak CUDA memory {name:20s}: {peak:6.2f} GiB allocated, {res:6.2f} GiB reserved "
                   "(from the loaded model on)")
+    if a.host_reads:
+        print("  tensor values read by the host per training step (each a wait for the GPU), first seed:")
+        for name in recipes:
+            per_step = results[name][0]["host_reads_per_step"]
+            print(f"    {name:24s}: {sum(per_step.values()):5.2f}")
+            for site, n in sorted(per_step.items(), key=lambda kv: -kv[1]):
+                print(f"      {n:5.2f}  {site}")
+        print("  (rates above were measured with every torch call intercepted: not the recipes' own)")
     if a.device == "cuda":
         gpu = summary_out["hardware"]
         for name in recipes:

@@ -55,3 +55,73 @@ def train_single_run(model: str, train_jsonl, eval_jsonl, out, run: str, *, lr: 
     cfg = single_run_config(model, train_jsonl, run, lr=lr, device=device, seed=seed, **training)
     return train_run(run_spec(cfg, run), train_jsonl, eval_jsonl, out,
                      operational={**operational(cfg), "checkpoint_steps": 0})
+
+
+# Tensor methods that hand a value to Python: on a GPU each one waits until the device has computed it
+HOST_READS = frozenset({"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy"})
+
+
+_BATCH_ASSEMBLY = ("accelerate/data_loader.py", "transformers/trainer_pt_utils.py")
+
+
+class HostReads:
+    """Counts the places where Python reads a tensor's value (``.item()``, ``int(t)``, ``if t:``, ``.tolist()``,
+    ``.cpu()``, ...) while active. On a GPU each such read makes the host wait until the device has caught
+    up with everything queued before it, so the GPU then idles while the host queues the next kernels; a
+    training step bound by the host (see benchmarks/results) pays for every one. On the CPU they cost
+    nothing, but they are the same calls, so counting them here shows what a GPU would wait for.
+
+    Each read is filed under the innermost calling frame outside torch (``path:line``, path from
+    ``site-packages`` or the repository) and under the phase it happened in: ``step`` inside a
+    training step, ``log`` in the Trainer's logging, saving and evaluation between steps, ``other``
+    ``data`` while batches are drawn and collated (host tensors: no wait), ``other`` anywhere else (model
+    loading, the evaluation before training, saving at the end).
+    """
+
+    def __init__(self):
+        import collections
+
+        from torch.overrides import TorchFunctionMode
+
+        counter = self
+
+        class _Mode(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                if getattr(func, "__name__", None) in HOST_READS:
+                    counter._record(func.__name__)
+                return func(*args, **(kwargs or {}))
+
+        self.sites: collections.Counter = collections.Counter()  # (phase, site, method) -> reads
+        self._mode = _Mode()
+
+    def _record(self, method: str) -> None:
+        import sys
+
+        frame, site, phase = sys._getframe(2), None, "other"
+        while frame is not None:
+            path = frame.f_code.co_filename
+            if site is None and "/torch/" not in path and path != __file__:
+                site = f"{path.split('site-packages/')[-1]}:{frame.f_lineno}"
+            name = frame.f_code.co_name
+            if "/torch/utils/data/" in path or path.endswith(_BATCH_ASSEMBLY):
+                phase = "data"  # samplers and collators: tensors on the host, read without waiting for a GPU
+                break
+            if name in ("_maybe_log_save_evaluate", "evaluate", "_save_checkpoint"):
+                phase = "log"
+                break
+            if name == "_inner_training_loop":
+                phase = "step"
+                break
+            frame = frame.f_back
+        self.sites[(phase, site or "?", method)] += 1
+
+    def __enter__(self):
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)
+
+    def in_steps(self) -> dict:
+        """Reads inside training steps, by ``site (method)``."""
+        return {f"{site} ({method})": n for (phase, site, method), n in self.sites.items() if phase == "step"}

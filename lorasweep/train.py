@@ -221,19 +221,46 @@ def use_regional_compilation(trainer) -> None:
     plugin.use_regional_compilation = True
 
 
-def count_batch_tokens(batch: dict) -> dict:
-    """Tokens in one training batch: all positions fed, non-padding positions, positions with a label.
+class TokenCounts:
+    """Tokens fed to training, batch by batch: all positions fed (``tokens_padded``), non-padding positions
+    (``tokens_nonpad``: attention-mask ones; without a mask, as in padding-free batches, every position),
+    positions with a label (``tokens_labelled``), examples (``samples``) and the longest batch (``max_seq_len``).
 
-    Non-padding = attention_mask ones (prompt + response tokens actually fed); without an attention
-    mask (padding-free batches) every position is real.
+    Counting never makes the host wait for the device: what the batch's shape gives is added at once, the
+    sums over masks and labels stay on the batch's device and are read (one wait, for all batches since the
+    last read) only when :meth:`read` is called, at logging steps, checkpoints and the end. Reading them
+    every step would stall a GPU's queue once per step.
     """
-    ids = batch["input_ids"]
-    fed = int(ids.numel())
-    mask = batch.get("attention_mask")
-    real = int(mask.sum()) if mask is not None and mask.dim() == 2 else fed
-    labels = batch.get("labels")
-    labelled = int((labels != -100).sum()) if labels is not None else real
-    return {"tokens_padded": fed, "tokens_nonpad": real, "tokens_labelled": labelled, "samples": int(ids.shape[0])}
+
+    KEYS = ("tokens_padded", "tokens_nonpad", "tokens_labelled", "samples", "max_seq_len")
+
+    def __init__(self, start: dict | None = None):
+        self._totals = {k: 0 for k in self.KEYS}
+        self._totals.update({k: int(v) for k, v in (start or {}).items() if k in self.KEYS})
+        self._pending = None  # on the device: [non-padding, labelled] since the last read
+
+    def add(self, batch: dict) -> None:
+        import torch
+
+        ids = batch["input_ids"]
+        fed = ids.numel()
+        self._totals["tokens_padded"] += fed
+        self._totals["samples"] += ids.shape[0]
+        self._totals["max_seq_len"] = max(self._totals["max_seq_len"], ids.shape[-1])
+        mask, labels = batch.get("attention_mask"), batch.get("labels")
+        real = mask.sum() if mask is not None and mask.dim() == 2 else ids.new_full((), fed)
+        labelled = (labels != -100).sum() if labels is not None else real
+        step = torch.stack([real.to(torch.int64), labelled.to(torch.int64)])
+        self._pending = step if self._pending is None else self._pending + step
+
+    def read(self) -> dict:
+        """The counts so far, as ints."""
+        if self._pending is not None:
+            real, labelled = self._pending.tolist()
+            self._pending = None
+            self._totals["tokens_nonpad"] += real
+            self._totals["tokens_labelled"] += labelled
+        return dict(self._totals)
 
 
 def _trainer_class():
@@ -263,8 +290,9 @@ def _trainer_class():
 
         last_eval_examples: list[dict] | None = None  # per-example losses of the latest evaluate()
         memory: PeakMemory | None = None  # evaluations are left out of its training peaks
-        token_counts = {"tokens_padded": 0, "tokens_nonpad": 0, "tokens_labelled": 0, "samples": 0,
-                        "max_seq_len": 0}
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.token_counts = TokenCounts()  # train_run replaces it with one that holds a resumed run's counts
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             limit = os.environ.get("LORASWEEP_SIMULATE_OOM_ABOVE_BATCH")
@@ -273,9 +301,7 @@ def _trainer_class():
 
                 raise torch.OutOfMemoryError(f"simulated: CUDA out of memory (batch {inputs['input_ids'].shape[0]} "
                                              f"> LORASWEEP_SIMULATE_OOM_ABOVE_BATCH={limit})")
-            for k, v in count_batch_tokens(inputs).items():
-                self.token_counts[k] += v
-            self.token_counts["max_seq_len"] = max(self.token_counts["max_seq_len"], int(inputs["input_ids"].shape[1]))
+            self.token_counts.add(inputs)
             return super().training_step(model, inputs, num_items_in_batch)
 
         def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
@@ -331,7 +357,7 @@ def _callback_class():
 
         PEERS_EVERY_S = 10.0  # how often step ends ask how many other jobs share the GPU
 
-        def __init__(self, history_path: Path, counts: dict, memory: PeakMemory, resume: dict | None = None,
+        def __init__(self, history_path: Path, counts: TokenCounts, memory: PeakMemory, resume: dict | None = None,
                      gpu_peers=None):
             self.history_path = history_path
             self.gpu_peers = gpu_peers  # GpuSlot.peers: other training jobs on this job's GPU, or None
@@ -365,7 +391,7 @@ def _callback_class():
             seg_train = time.perf_counter() - self.t_begin - self.eval_time_s
             mem = self.memory.read(keep_running=True)
             _atomic_write_json(ckpt / STATE_FILE, {
-                **self.extra_state, "step": state.global_step, "counts": dict(self.counts),
+                **self.extra_state, "step": state.global_step, "counts": self.counts.read(),
                 "train_time_s": self.prior.get("train_time_s", 0.0) + seg_train,
                 "eval_time_s": self.prior.get("eval_time_s", 0.0) + self.eval_time_s,
                 "elapsed_s": self.elapsed(), "segments": self.prior.get("segments", 0) + 1,
@@ -396,9 +422,10 @@ def _callback_class():
             logs = dict(logs or {})
             if "eval_runtime" in logs and self.t_begin:
                 self.eval_time_s += logs["eval_runtime"]
+            counts = self.counts.read()  # the one wait for the device's token sums since the last log
             record = {"step": state.global_step, "epoch": state.epoch, **logs,
-                      "tokens_nonpad_seen": self.counts["tokens_nonpad"],
-                      "tokens_padded_seen": self.counts["tokens_padded"],
+                      "tokens_nonpad_seen": counts["tokens_nonpad"],
+                      "tokens_padded_seen": counts["tokens_padded"],
                       "elapsed_s": self.elapsed()}
             self.write(record)
             if "loss" in logs:
@@ -634,7 +661,11 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         # TRL's SFTConfig turns activation checkpointing and bf16 ON by default; both are explicit here.
         activation_checkpointing=training["gradient_checkpointing"],
         train_sampling_strategy="group_by_length" if training["group_by_length"] else "random",
-        include_num_input_tokens_seen="non_padding",
+        # lorasweep counts the tokens itself (TokenCounts) without waiting for the device each step; the Trainer's
+        # count and its NaN/inf filter on the logged loss would each read a value back from the GPU every step.
+        # Unfiltered, a diverging run logs its NaN loss instead of hiding it in an average.
+        include_num_input_tokens_seen="no",
+        logging_nan_inf_filter=False,
         dataset_num_proc=None,
         pad_to_multiple_of=training.get("pad_to_multiple_of"),
         **compile_args(training.get("torch_compile", False)),
@@ -653,9 +684,9 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         for p in trainer.model.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
-    counts = trainer.token_counts = dict(trainer.token_counts)
     key = resume_key(spec, {k: v for k, v in training.items() if k not in OPERATIONAL_KEYS})
     ckpt, resumed = find_resumable(out_dir / "checkpoints", key)
+    counts = trainer.token_counts = TokenCounts((resumed or {}).get("counts"))
     memory = trainer.memory = PeakMemory(device)
     recorder = _callback_class()(out_dir / "log_history.jsonl", counts, memory, resumed, gpu_peers=gpu_peers)
     trainer.add_callback(recorder)
@@ -664,7 +695,6 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
     trainer.remove_callback(PrinterCallback)  # the Recorder logs progress; PrinterCallback dumps raw dicts
 
     if resumed:
-        counts.update(resumed["counts"])
         base_eval, base_examples = resumed["base_eval"], resumed["base_examples"]
         recorder.history_path.write_text("".join(json.dumps(r) + "\n" for r in resumed["history"]))
         log.info("resuming from %s (step %d of %d; %d segment(s) before, %.1fs of training kept)", ckpt.name,
@@ -698,6 +728,7 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
                     spec["run"])
 
     history = trainer.state.log_history
+    counts = counts.read()
     # this segment's wall time minus its evaluations, plus what earlier segments (before a crash) measured
     wall = recorder.t_end - recorder.t_begin + (resumed or {}).get("elapsed_s", 0.0)
     eval_during = recorder.eval_time_s + (resumed or {}).get("eval_time_s", 0.0)
@@ -821,8 +852,7 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
                      "finished_utc": datetime.now(timezone.utc).isoformat(),
                      "data_summary": json.loads(Path(data_summary_path).read_text()) if data_summary_path else None},
         "train_info": {"data_prep_s": data_prep_s, "total_steps_planned": steps, "eval_steps": eval_steps, "memory_at_load": at_load,
-                       "train_examples": len(train_ds), "eval_examples": len(eval_ds),
-                       "num_input_tokens_seen_hf": trainer.state.num_input_tokens_seen},
+                       "train_examples": len(train_ds), "eval_examples": len(eval_ds)},
         "meta_info": {"packages": versions, **git, "hardware": hw},
     }
     _atomic_write_json(out_dir / "metrics.json", metrics)

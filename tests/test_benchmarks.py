@@ -41,6 +41,16 @@ def test_throughput_benchmark_passes_training_settings_to_lorasweeps_recipe(tiny
     assert "(second half" in stdout
 
 
+def test_throughput_benchmark_counts_the_tensor_reads_of_each_recipes_step(tiny_data, tmp_path):
+    r, stdout = _run("throughput.py", tmp_path, "--data", tiny_data["source"], "--steps", 6, "--repeats", 1,
+                     "--max-length", 128, "--recipes", "plain,lorasweep", "--host-reads")
+    per_step = {name: sum(runs[0]["host_reads_per_step"].values()) for name, runs in r["runs"].items()}
+    # the plain recipe's Trainer reads its token count and checks the loss for NaN every step; lorasweep's not
+    assert per_step["plain"] - per_step["lorasweep"] > 2.9 and per_step["lorasweep"] > 0
+    assert any(site.startswith("transformers/trainer.py") for site in r["runs"]["plain"][0]["host_reads_per_step"])
+    assert "tensor values read by the host per training step" in stdout
+
+
 def test_scaling_benchmark_trains_one_epoch_per_fraction_and_reuses_tokenization(tiny_data, tmp_path):
     r, _ = _run("scaling.py", tmp_path, "--data", tiny_data["source"], "--fractions", 0.5, 1.0, "--max-length", 128)
     small, large = r["fractions"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lorasweep.config import run_spec
-from lorasweep.train import NoGPUError, count_batch_tokens, resolve_device, train_run
+from lorasweep.train import NoGPUError, TokenCounts, resolve_device, train_run
 
 
 def _train(tiny_config, tiny_data, tmp_path, run, **training):
@@ -89,16 +89,42 @@ def test_qlora_really_trains_a_4bit_base(tiny_config, tiny_data, tmp_path):
     assert m["total_params"] == lora["total_params"] and m["trainable_params"] == lora["trainable_params"]
 
 
-def test_count_batch_tokens_on_a_hand_built_batch():
+def test_token_counts_on_hand_built_batches():
     batch = {
         "input_ids": torch.tensor([[5, 6, 7, 0, 0], [8, 9, 10, 11, 12]]),
         "attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]),
         "labels": torch.tensor([[-100, 6, 7, -100, -100], [-100, -100, 10, 11, 12]]),
     }
-    counts = count_batch_tokens(batch)
-    assert counts == {"tokens_padded": 10, "tokens_nonpad": 8, "tokens_labelled": 5, "samples": 2}
+    counts = TokenCounts()
+    counts.add(batch)
+    first = counts.read()
+    assert first == {"tokens_padded": 10, "tokens_nonpad": 8, "tokens_labelled": 5, "samples": 2, "max_seq_len": 5}
     prompt_tokens = 1 + 2  # fed, but without a label
-    assert counts["tokens_nonpad"] == counts["tokens_labelled"] + prompt_tokens
+    assert first["tokens_nonpad"] == first["tokens_labelled"] + prompt_tokens
+    assert counts.read() == first  # reading twice counts nothing twice
+    # a padding-free batch (no attention mask: every position is real), added to the counts of a resumed run
+    resumed = TokenCounts(first)
+    resumed.add({"input_ids": torch.tensor([[1, 2, 3, 4, 5, 6, 7]]), "labels": torch.tensor([[-100] * 4 + [5, 6, 7]])})
+    resumed.add(batch)
+    assert resumed.read() == {"tokens_padded": 27, "tokens_nonpad": 23, "tokens_labelled": 13, "samples": 5,
+                              "max_seq_len": 7}
+
+
+def test_the_training_step_reads_no_tensor_values_of_its_own(tiny_config, tiny_data, tmp_path):
+    """Every tensor value Python reads in a training step is a wait for the GPU. lorasweep's token counting
+    and the Trainer's per-step token count and NaN filter read three to four a step; none may be left. (What
+    TRL's loss and transformers' attention mask read is theirs: counted here, so the check cannot pass by
+    counting nothing.)"""
+    from lorasweep.speed import HostReads
+
+    steps = 8
+    with HostReads() as reads:
+        _train(tiny_config, tiny_data, tmp_path, "lora-r8", max_steps=steps, evals=1, logging_steps=steps)
+    per_site = reads.in_steps()
+    assert sum(per_site.values()) >= steps  # TRL's metrics read every step: the counting works
+    ours = {site: n for site, n in per_site.items()
+            if "lorasweep/" in site.replace("\\", "/") or site.startswith("transformers/trainer.py")}
+    assert all(n <= 1 for n in ours.values()), ours  # at most once a run (the Trainer's final loss), never per step
 
 
 def test_cuda_requested_without_gpu_stops_with_guidance():
