@@ -20,6 +20,7 @@ import math
 import pandas as pd
 
 from .config import is_plain, parse_run
+from .train import perplexity
 
 Z95 = 1.96
 # 97.5% quantiles of Student's t for 1..30 degrees of freedom (beyond: 1.96)
@@ -183,7 +184,7 @@ def best_run(df: pd.DataFrame, losses: Losses) -> str:
     best = order[0]
     ties = [r for r in order[1:] if (d := losses.diff(r, best)) is not None and not d["distinguishable"]]
     ev = df.set_index("run")["eval_loss"]
-    text = f"**Lowest eval loss: `{best}`** ({ev[best]:.4f}, perplexity {math.exp(ev[best]):.2f})"
+    text = f"**Lowest eval loss: `{best}`** ({ev[best]:.4f}, perplexity {perplexity(ev[best]):.2f})"
     if ties:
         return text + (", but " + ", ".join(f"`{r}` ({ev[r]:.4f})" for r in ties) +
                        (" is" if len(ties) == 1 else " are") + " not distinguishable from it "
@@ -329,6 +330,34 @@ def _rows_above(df: pd.DataFrame, col: str, limit: float) -> pd.DataFrame | None
     return None if rows.empty else rows
 
 
+def _not_finite(v) -> bool:
+    return v is None or pd.isna(v) or not math.isfinite(v)
+
+
+def diverged(df: pd.DataFrame) -> tuple[str | None, list[str]]:
+    """Runs whose training diverged, per run and seed: a finding (or None) and the runs to leave out of the
+    comparisons (those whose eval loss is not a number: nothing can be compared with it). Runs that logged a
+    non-finite loss or gradient norm but ended with a finite eval loss are named and still compared."""
+    parts, excluded = [], []
+    for _, r in df.iterrows():
+        who = f"`{r['run']}`" + (f" (seed {int(r['seed'])})" if "seed" in df and df["run"].eq(r["run"]).sum() > 1
+                                 else "")
+        bad_logs = r.get("train_nonfinite_logs")
+        logs = f"{int(bad_logs)} of {int(r['train_logs'])} training logs with a non-finite loss or gradient norm" \
+            if not _not_finite(bad_logs) and bad_logs > 0 and not _not_finite(r.get("train_logs")) else None
+        if _not_finite(r["eval_loss"]):
+            excluded.append(r["run"])
+            parts.append(f"{who}: eval loss {r['eval_loss']}" + (f", {logs}" if logs else ""))
+        elif logs:
+            parts.append(f"{who}: {logs}")
+    if not parts:
+        return None, []
+    return ("**Training diverged**: " + "; ".join(parts) + ". A run whose eval loss is not a number is left out "
+            "of every comparison below; the others are compared as measured, though their training was not "
+            "stable (a non-finite gradient norm makes clipping zero the update). Lower the run's learning rate "
+            "(`methods.<method>.learning_rate`) and retrain it (How to rerun, below)."), sorted(set(excluded))
+
+
 def busy_machine(df: pd.DataFrame) -> str | None:
     """A warning when some runs trained while other processes took a share of the machine's CPU."""
     busy = _rows_above(df, "other_processes_cpu_share_pct", 10.0)
@@ -367,8 +396,11 @@ def findings(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None) -> list[
     """All findings, in reading order; each entry is one Markdown paragraph or bullet."""
     losses = Losses(eval_losses)
     shared = shared_gpu(df)  # per run and seed, before seeds are averaged
-    df = by_run(df)
-    out = [w for w in [busy_machine(df), shared] if w]
+    unstable, excluded = diverged(df)
+    df = by_run(df[~df["run"].isin(excluded)])
+    out = [w for w in [unstable, busy_machine(df), shared] if w]
+    if df.empty:
+        return out
     out += [best_run(df, losses), learning(df, losses)]
     out += rank_steps(df, losses, "lora")
     out += quantization(df, losses)
@@ -409,7 +441,7 @@ def _rises(values: list[float], tol: float) -> str:
 def writeup_claims(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None) -> list[dict]:
     """Each published claim, and whether this sweep's measurements agree (agrees / disagrees / cannot check)."""
     losses = Losses(eval_losses)
-    df = by_run(df)
+    df = by_run(df[~df["run"].isin(diverged(df)[1])])  # no claim rests on a run whose eval loss is not a number
     m = df.set_index("run")
     mem, mem_name = memory_measure(df)
     ranks = lora_runs(df)

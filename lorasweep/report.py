@@ -285,7 +285,8 @@ def adapters_section(verify_jsons=(), switch_json=None, samples_json=None) -> st
                 "on held-out examples:", ""]
         out.append(pd.DataFrame([{
             "run": r["run"], "merged onto": r["merged_onto"], "max abs logit diff": f"{r['max_abs_logit_diff']:.2e}",
-            "tolerance": f"{r['tolerance']:.0e}", "within": "yes" if r["within_tolerance"] else "**no**",
+            "tolerance": f"{r['tolerance']:.0e}", "within": ("not checked: the run diverged" if r.get("diverged")
+                                                     else "yes" if r["within_tolerance"] else "**no**"),
             "greedy identical": f"{r['greedy_identical_count']}/{r['prompts']}",
             "eval loss adapter": f"{r['eval_loss_adapter']:.5f}", "eval loss merged": f"{r['eval_loss_merged']:.5f}"}
             for r in rows]).to_markdown(index=False))

@@ -370,6 +370,7 @@ def _callback_class():
             self.eval_time_s = 0.0  # evaluation inside this segment of training
             self.prior = resume or {}  # what earlier segments (before a crash) measured
             self.extra_state: dict = {}
+            self.warned_diverged = False
 
         def sample_peers(self, force: bool = False) -> None:
             now = time.monotonic()
@@ -428,6 +429,11 @@ def _callback_class():
                       "tokens_padded_seen": counts["tokens_padded"],
                       "elapsed_s": self.elapsed()}
             self.write(record)
+            if "loss" in logs and not _finite_log(logs) and not self.warned_diverged:
+                self.warned_diverged = True
+                log.warning("training loss %s, gradient norm %s at step %d: the run has diverged (learning rate %s "
+                            "too high for this model?); it trains on and its metrics are written as measured",
+                            logs["loss"], logs.get("grad_norm"), state.global_step, args.learning_rate)
             if "loss" in logs:
                 log.info("step %d/%d  epoch %.2f  loss %.4f  lr %.2e", state.global_step, state.max_steps,
                          state.epoch or 0, logs["loss"], logs.get("learning_rate", float("nan")))
@@ -452,6 +458,19 @@ def response_nll(logits, labels):
     nll = torch.stack([F.cross_entropy(logits[i, :-1].float(), labels[i], ignore_index=-100, reduction="sum")
                        for i in range(logits.shape[0])])
     return nll, mask.sum(1)
+
+
+def _finite_log(record: dict) -> bool:
+    """A training log record whose loss and gradient norm (when logged) are finite numbers."""
+    return all(math.isfinite(record[k]) for k in ("loss", "grad_norm") if record.get(k) is not None)
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss); infinite where that overflows a float (a diverged run's loss), NaN for NaN."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
 
 
 def token_weighted(examples: list[dict]) -> float:
@@ -798,10 +817,13 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         # quality
         "train_loss": result.training_loss,
         "train_loss_last": losses[-1] if losses else None,
+        # training logs (every logging_steps) whose loss or gradient norm was not finite: a diverged run
+        "train_logs": len(losses),
+        "train_nonfinite_logs": sum(1 for h in history if "loss" in h and not _finite_log(h)),
         # eval loss per response token of the eval split (token-weighted, as the paired comparisons); the
         # Trainer's way, a mean of per-batch means, depends on the eval batch size: kept beside it
         "eval_loss": eval_loss,
-        "eval_perplexity": math.exp(eval_loss),
+        "eval_perplexity": perplexity(eval_loss),
         "base_eval_loss": token_weighted(base_examples),
         "eval_loss_batch_mean": final_eval.get("eval_loss_batch_mean"),
         "base_eval_loss_batch_mean": base_eval.get("eval_loss_batch_mean"),  # absent: resumed from an older checkpoint

@@ -126,6 +126,28 @@ def test_writeup_claims_follow_the_measurements():
     assert verdict(low) == "agrees" and verdict(high) == "disagrees"
 
 
+def test_a_diverged_run_is_named_and_left_out_of_the_comparisons(tmp_path):
+    df, ev = _fixture()
+    nan_run = df.assign(train_logs=10, train_nonfinite_logs=0)
+    nan_run.loc[nan_run["run"] == "lora-r8", ["eval_loss", "train_nonfinite_logs"]] = [float("nan"), 9]
+    out = F.findings(nan_run, ev)
+    assert out[0].startswith("**Training diverged**: `lora-r8`: eval loss nan, 9 of 10 training logs")
+    assert not any("nan" in f.replace("nano", "") for f in out[1:])  # no comparison with a NaN
+    assert not any(f.startswith(("**Lowest eval loss: `lora-r8`", "**r=8 →")) for f in out)
+    assert not any(re.search(r"(?<!q)lora-r8\b", c["evidence"]) for c in F.writeup_claims(nan_run, ev))
+    md, text = _render(tmp_path, metrics=nan_run)
+    assert "**Training diverged**" in text
+    # a run whose gradient norm went non-finite for a while but ended with a finite eval loss: named, still compared
+    wobbly = df.assign(train_logs=10, train_nonfinite_logs=0)
+    wobbly.loc[wobbly["run"] == "lora-r128", "train_nonfinite_logs"] = 3
+    out = F.findings(wobbly, ev)
+    assert out[0].startswith("**Training diverged**: `lora-r128`: 3 of 10 training logs")
+    assert any("`lora-r128`" in f for f in out[1:])
+    # metrics from before these columns existed, or a sweep without trouble: no such finding
+    assert not F.findings(df, ev)[0].startswith("**Training diverged")
+    assert not F.findings(df.assign(train_logs=10, train_nonfinite_logs=0), ev)[0].startswith("**Training diverged")
+
+
 def test_report_renders_without_per_example_losses(tmp_path):
     """Older results without eval_losses.csv still render; findings then say significance is unknown."""
     df, ev = _fixture()

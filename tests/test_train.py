@@ -147,6 +147,36 @@ def test_unknown_target_module_is_caught_against_the_model(tiny_config, tiny_dat
     assert not (tmp_path / "x" / "metrics.json").exists()
 
 
+def test_a_diverging_run_finishes_with_its_losses_as_measured(tiny_config, tiny_data, tmp_path, caplog):
+    """A learning rate far too high: the losses overflow (1e4) or turn NaN (1e8). The run still writes its
+    metrics (an infinite perplexity, not an OverflowError after training), its log history keeps the NaN
+    losses (not hidden by the Trainer's NaN filter) and a warning says what happened."""
+    cfg = tiny_config(max_steps=4, evals=1, logging_steps=1, warmup_ratio=0.0)
+    for lr, out in ((1e4, "overflow"), (1e8, "nan")):
+        cfg["methods"]["full"]["learning_rate"] = lr
+        m = train_run(run_spec(cfg, "full"), tiny_data["train"], tiny_data["eval"], tmp_path / out, threads=2)
+        assert json.loads((tmp_path / out / "metrics.json").read_text())["run"] == "full"
+        history = [json.loads(line) for line in (tmp_path / out / "log_history.jsonl").read_text().splitlines()]
+        losses = [h["loss"] for h in history if "loss" in h]
+        if out == "overflow":
+            assert m["eval_loss"] > 1000 and m["eval_perplexity"] == math.inf
+        else:
+            assert math.isnan(m["eval_loss"]) and math.isnan(m["eval_perplexity"]) and math.isnan(losses[-1])
+            assert "the run has diverged" in caplog.text
+    # a diverged LoRA run: its merge is recorded as not checkable instead of failing the workflow's verify step
+    from lorasweep.adapters import merge_run, verify_run
+
+    cfg["methods"]["lora"]["learning_rate"] = 1e30
+    cfg["training"]["max_steps"] = 6
+    spec = run_spec(cfg, "lora-r8")
+    m = train_run(spec, tiny_data["train"], tiny_data["eval"], tmp_path / "lora", threads=2)
+    assert math.isnan(m["eval_loss"]) and m["train_nonfinite_logs"] >= 1 and m["train_logs"] == 6
+    merged = merge_run(spec, tmp_path / "lora" / "model", tmp_path / "merged")
+    result = verify_run(spec, tmp_path / "lora" / "model", merged, tiny_data["eval"], tmp_path / "verify.json",
+                        n_prompts=2, max_new_tokens=2)
+    assert result["diverged"] and result["within_tolerance"] is None
+
+
 def test_perplexity_is_exp_of_eval_loss(tiny_config, tiny_data, tmp_path):
     m, _ = _train(tiny_config, tiny_data, tmp_path, "lora-r8", max_steps=2)
     assert m["eval_perplexity"] == pytest.approx(math.exp(m["eval_loss"]))
