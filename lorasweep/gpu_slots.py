@@ -60,10 +60,11 @@ class GpuSlot:
     def claim(self) -> str | None:
         if not self.gpus:  # no GPU: nothing to share out
             return None
-        if len(self.gpus) == 1 and (self.jobs_per_gpu == 1 or os.environ.get("SLURM_JOB_ID")):
-            # one GPU and one job on it, or a SLURM job's own GPU (another job's "GPU 0" is another card, while
-            # the lock folder may be shared between nodes): nothing to share out. Without a claim, jobs that
-            # share the GPU anyway (--resources gpu=N above 1) are not counted as peers.
+        if len(self.gpus) == 1 and os.environ.get("SLURM_JOB_ID"):
+            # a SLURM job's own GPU (another job's "GPU 0" is another card, while the lock folder may be shared
+            # between nodes): nothing to share out. One GPU elsewhere is claimed like several, so that
+            # --resources gpu=N above N GPUs x jobs_per_gpu queues the extra jobs instead of letting them share
+            # the GPU unrecorded.
             self.gpu = self.gpus[0]
             return self.gpu
         self.lock_dir.mkdir(parents=True, exist_ok=True)

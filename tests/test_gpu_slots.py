@@ -57,11 +57,17 @@ def test_a_killed_job_releases_its_gpu(tmp_path):
     other.release()
 
 
-def test_one_or_no_gpu_needs_no_claim(tmp_path):
-    assert GpuSlot(tmp_path, gpus=[]).claim() is None
+def test_no_gpu_needs_no_claim_and_one_gpu_is_claimed_like_several(tmp_path, monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    assert GpuSlot(tmp_path / "none", gpus=[]).claim() is None
+    assert not (tmp_path / "none").exists()
+    # one GPU, one job per GPU: a second job (--resources gpu=2 on this machine) waits instead of sharing it
     one = GpuSlot(tmp_path, gpus=["3"])
-    assert one.claim() == "3" and one.peers() is None  # not shared out: nobody counted
-    assert not any(tmp_path.iterdir())
+    assert one.claim() == "3" and one.peers() == 0
+    with pytest.raises(TimeoutError):
+        GpuSlot(tmp_path, gpus=["3"], timeout_s=0.2, poll_s=0.02).claim()
+    one.release()
+    assert GpuSlot(tmp_path, gpus=["3"], timeout_s=1).claim() == "3"
 
 
 def _hold_slot(lock_dir, gpus, jobs_per_gpu, ready, stop):
