@@ -75,11 +75,11 @@ def by_run(df: pd.DataFrame) -> pd.DataFrame:
     g = df.groupby("run", sort=False)
     numeric = [c for c in df.select_dtypes("number").columns if c != "seed"]
     other = [c for c in df.columns if c not in numeric and c not in ("run", "seed")]
-    out = g[other].first().join(g[numeric].mean()) if other else g[numeric].mean()
     sd = g[numeric].std(ddof=1).add_suffix("_sd")
-    out = out.join(sd)
-    out["n_seeds"] = g.size()
-    out["seeds"] = g["seed"].apply(lambda s: ",".join(str(int(v)) for v in s))
+    seeds = g["seed"].apply(lambda s: ",".join(str(int(v)) for v in s)).rename("seeds")
+    # one concat, not a column at a time (pandas warns of a fragmented frame on wide metrics tables)
+    out = pd.concat([*([g[other].first()] if other else []), g[numeric].mean(), sd, g.size().rename("n_seeds"),
+                     seeds], axis=1).copy()
     return out.reset_index()[["run", *[c for c in df.columns if c not in ("run", "seed")], "seeds", "n_seeds",
                               *sd.columns]]
 
