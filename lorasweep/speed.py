@@ -59,6 +59,17 @@ def train_single_run(model: str, train_jsonl, eval_jsonl, out, run: str, *, lr: 
 
 # Tensor methods that hand a value to Python: on a GPU each one waits until the device has computed it
 HOST_READS = frozenset({"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy"})
+# operations whose output size depends on the data: on a GPU they read that size back before returning
+DATA_SIZED = frozenset({"nonzero", "argwhere", "masked_select", "unique", "unique_consecutive"})
+
+
+def _bool_index(args) -> bool:
+    """``t[mask]`` with a boolean mask (a data-dependent size, like ``nonzero``)."""
+    import torch
+
+    idx = args[1] if len(args) > 1 else None
+    parts = idx if isinstance(idx, tuple) else (idx,)
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in parts)
 
 
 _BATCH_ASSEMBLY = ("accelerate/data_loader.py", "transformers/trainer_pt_utils.py")
@@ -66,7 +77,8 @@ _BATCH_ASSEMBLY = ("accelerate/data_loader.py", "transformers/trainer_pt_utils.p
 
 class HostReads:
     """Counts the places where Python reads a tensor's value (``.item()``, ``int(t)``, ``if t:``, ``.tolist()``,
-    ``.cpu()``, ...) while active. On a GPU each such read makes the host wait until the device has caught
+    ``.cpu()``, ...) or an operation must learn its output's size from the data (``nonzero``, ``t[mask]``,
+    ``unique``, ...) while active. On a GPU each such read makes the host wait until the device has caught
     up with everything queued before it, so the GPU then idles while the host queues the next kernels; a
     training step bound by the host (see benchmarks/results) pays for every one. On the CPU they cost
     nothing, but they are the same calls, so counting them here shows what a GPU would wait for.
@@ -87,8 +99,9 @@ class HostReads:
 
         class _Mode(TorchFunctionMode):
             def __torch_function__(self, func, types, args=(), kwargs=None):
-                if getattr(func, "__name__", None) in HOST_READS:
-                    counter._record(func.__name__)
+                name = getattr(func, "__name__", None)
+                if name in HOST_READS or name in DATA_SIZED or (name == "__getitem__" and _bool_index(args)):
+                    counter._record(name)
                 return func(*args, **(kwargs or {}))
 
         self.sites: collections.Counter = collections.Counter()  # (phase, site, method) -> reads

@@ -144,3 +144,20 @@ def test_regional_compilation_compiles_the_layers_without_graph_breaks_and_learn
     assert regional["torch_compile"] is True and regional["torch_compile_regional"] is True
     assert regional["train_loss"] == pytest.approx(eager["train_loss"], abs=1e-3)
     assert regional["eval_loss"] == pytest.approx(eager["eval_loss"], abs=1e-3)
+
+
+def test_host_reads_counts_values_read_back_and_data_sized_results_only():
+    """What makes a GPU's host wait: values handed to Python, and outputs whose size depends on the data.
+    Slicing, integer indexing and arithmetic do not."""
+    from lorasweep.speed import HostReads
+
+    t = torch.arange(6.0)
+    with HostReads() as reads:
+        (t * 2).sum().item()
+        if t.max() > 2:
+            int(t[0])
+        t[t > 2], t.nonzero(), torch.unique(t)
+        t[1:3], t[torch.tensor([0, 1])], t + 1, t.shape[0]
+    methods = sorted(method for (_, _, method), n in reads.sites.items() for _ in range(n))
+    assert methods == ["__bool__", "__getitem__", "__int__", "item", "nonzero", "unique"]
+    assert {phase for phase, _, _ in reads.sites} == {"other"} and reads.in_steps() == {}
