@@ -200,16 +200,22 @@ def best_run(df: pd.DataFrame, losses: Losses) -> str:
 
 
 def learning(df: pd.DataFrame, losses: Losses) -> str:
-    parts, flat = [], []
+    parts, flat, worse = [], [], []
     for _, r in df.iterrows():
         d = losses.diff(r["run"], r["run"], "final", "base")
         gain = r["base_eval_loss"] - r["eval_loss"]
         parts.append(f"`{r['run']}` {r['base_eval_loss']:.3f} → {r['eval_loss']:.3f} ({-gain:+.3f})")
         if d is not None and not d["distinguishable"]:
             flat.append(r["run"])
+        elif d is not None and d["diff"] > 0:
+            worse.append(r["run"])
     text = "**Every run against its untrained starting point** (eval loss before → after): " + "; ".join(parts) + "."
     if flat:
         text += " No measurable improvement for " + ", ".join(f"`{r}`" for r in flat) + "."
+    if worse:
+        text += (" **Worse than untrained**: " + ", ".join(f"`{r}`" for r in worse) +
+                 " (95% paired interval above zero): training made the model worse on held-out data; a learning "
+                 "rate too high is the usual cause.")
     return text
 
 

@@ -148,6 +148,17 @@ def test_a_diverged_run_is_named_and_left_out_of_the_comparisons(tmp_path):
     assert not F.findings(df.assign(train_logs=10, train_nonfinite_logs=0), ev)[0].startswith("**Training diverged")
 
 
+def test_a_run_worse_than_untrained_is_called_out():
+    df, ev = _fixture()
+    assert "Worse than untrained" not in F.learning(F.by_run(df), F.Losses(ev))
+    worse_df, worse_ev = df.copy(), ev.copy()
+    rows = worse_ev["run"] == "lora-r128"
+    worse_ev.loc[rows, "final_loss_sum"] = worse_ev.loc[rows, "base_loss_sum"] * 1.5
+    worse_df.loc[worse_df["run"] == "lora-r128", "eval_loss"] = df["base_eval_loss"].max() * 1.5
+    text = F.learning(F.by_run(worse_df), F.Losses(worse_ev))
+    assert "**Worse than untrained**: `lora-r128` (95% paired interval above zero)" in text
+
+
 def test_report_renders_without_per_example_losses(tmp_path):
     """Older results without eval_losses.csv still render; findings then say significance is unknown."""
     df, ev = _fixture()
