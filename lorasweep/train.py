@@ -263,6 +263,36 @@ class TokenCounts:
         return dict(self._totals)
 
 
+def without_padding_mask(batch: dict) -> dict:
+    """A right-padded training batch for a causal LM without its attention mask, with the positions it implied
+    (0, 1, 2, ... in every row) given instead.
+
+    For the real tokens nothing changes: causal attention already keeps every token from all positions after
+    it, right padding included, and their positions are 0..n-1 either way; the padding positions compute
+    values no label reads (a test checks the losses are the same). What it saves: transformers reads the mask
+    back from the device twice a step to see whether there is padding, and where there is, builds a 4-D mask
+    that keeps SDPA off its causal kernels. TRL's loss needs either a mask or positions."""
+    import torch
+
+    ids = batch["input_ids"]
+    out = {k: v for k, v in batch.items() if k != "attention_mask"}
+    out["position_ids"] = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+    return out
+
+
+def feeds_right_padded_batches(trainer) -> bool:
+    """Whether the trainer's batches are right-padded (TRL's language-modelling collator, not padding-free) for
+    a model that takes positions: then training can leave the attention mask out (:func:`without_padding_mask`)."""
+    import inspect
+
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    collator = trainer.data_collator
+    model = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
+    return (type(collator) is DataCollatorForLanguageModeling and not collator.padding_free
+            and "position_ids" in inspect.signature(model.forward).parameters)
+
+
 def _trainer_class():
     import torch
     from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
@@ -293,6 +323,7 @@ def _trainer_class():
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.token_counts = TokenCounts()  # train_run replaces it with one that holds a resumed run's counts
+            self.drop_padding_mask = feeds_right_padded_batches(self)
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             limit = os.environ.get("LORASWEEP_SIMULATE_OOM_ABOVE_BATCH")
@@ -301,7 +332,9 @@ def _trainer_class():
 
                 raise torch.OutOfMemoryError(f"simulated: CUDA out of memory (batch {inputs['input_ids'].shape[0]} "
                                              f"> LORASWEEP_SIMULATE_OOM_ABOVE_BATCH={limit})")
-            self.token_counts.add(inputs)
+            self.token_counts.add(inputs)  # reads the mask (on the device) before it goes
+            if self.drop_padding_mask and "attention_mask" in inputs:
+                inputs = without_padding_mask(inputs)
             return super().training_step(model, inputs, num_items_in_batch)
 
         def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
@@ -424,6 +457,8 @@ def _callback_class():
             if "eval_runtime" in logs and self.t_begin:
                 self.eval_time_s += logs["eval_runtime"]
             counts = self.counts.read()  # the one wait for the device's token sums since the last log
+            if "num_tokens" in logs:  # TRL's count: positions per row when a batch comes without its mask
+                logs["num_tokens"] = counts["tokens_nonpad"]
             record = {"step": state.global_step, "epoch": state.epoch, **logs,
                       "tokens_nonpad_seen": counts["tokens_nonpad"],
                       "tokens_padded_seen": counts["tokens_padded"],
@@ -695,6 +730,9 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
     data_prep_s = time.perf_counter() - t_prep
     if training.get("torch_compile_regional"):
         use_regional_compilation(trainer)
+    if trainer.drop_padding_mask:
+        log.info("right-padded batches: training feeds positions instead of the attention mask (causal attention "
+                 "already keeps tokens from the padding after them)")
     log.info("datasets ready in %.1fs (tokenization cached in %s after the first run of a sweep)", data_prep_s,
              Path(train_path).parent / "cache")
     if spec["quantization"]:

@@ -44,6 +44,46 @@ def test_padding_and_length_grouping_do_not_change_any_examples_loss(tiny_model,
     assert regrouped.tolist() == pytest.approx([batched[5].item(), batched[3].item(), batched[1].item()], rel=1e-5)
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("run", ["full", "lora-r8"])
+def test_a_right_padded_batch_without_its_mask_gives_every_example_the_same_loss_and_gradients(
+        tiny_config, tiny_model, tiny_data, attn, run):
+    """Training feeds right-padded batches without their attention mask (positions instead): causal attention
+    already keeps every real token from the padding after it. Every example's loss and every gradient must be
+    what the masked batch gives, with SDPA and eager attention, for full fine-tuning and LoRA."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorasweep.config import run_spec
+    from lorasweep.train import attach_lora, without_padding_mask
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=attn)
+    if run != "full":
+        spec = run_spec(tiny_config(), run)
+        model = attach_lora(model, {**spec, "lora": {**spec["lora"], "dropout": 0.0}})
+    model.eval()  # no dropout: the two passes must see the same network
+    batch = _collate(tok, read_jsonl(tiny_data["train"])[:6])
+    assert (batch["attention_mask"] == 0).any()  # really padded
+    unmasked = without_padding_mask(batch)
+    assert "attention_mask" not in unmasked and unmasked["position_ids"].shape == batch["input_ids"].shape
+
+    def losses_and_grads(b):
+        model.zero_grad()
+        logits = model(input_ids=b["input_ids"], attention_mask=b.get("attention_mask"),
+                       position_ids=b.get("position_ids")).logits[:, :-1]
+        labels = b["labels"][:, 1:]
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+        sums = (nll * (labels != -100)).sum(1)
+        sums.sum().backward()
+        return sums.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    masked, g_masked = losses_and_grads(batch)
+    plain, g_plain = losses_and_grads(unmasked)
+    torch.testing.assert_close(plain, masked, rtol=1e-5, atol=1e-4)
+    for name in g_masked:
+        torch.testing.assert_close(g_plain[name], g_masked[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_evaluation_runs_longest_first_and_keeps_every_result_in_split_order(tiny_config, tiny_data, tiny_model,
                                                                              tmp_path):
     """Eval batches are length-sorted (little padding); each example's loss still lands at its place in the

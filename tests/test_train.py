@@ -32,6 +32,9 @@ def test_full_finetuning_learns_and_writes_everything(tiny_config, tiny_data, tm
     assert m["peak_rss_bytes"] > 0 and "peak_cuda_allocated_bytes" not in m  # absent on the CPU, never 0
     assert m["train_tokens_labelled"] < m["train_tokens_nonpad"] <= m["train_tokens_padded"]
     history = [json.loads(line) for line in (out / "log_history.jsonl").read_text().splitlines()]
+    # TRL's token count (positions per row once batches come without their mask) is replaced by lorasweep's
+    logged = [h for h in history if "num_tokens" in h]
+    assert logged and all(h["num_tokens"] == h["tokens_nonpad_seen"] for h in logged)
     evals = [h for h in history if "eval_loss" in h]
     # one record per evaluation (untrained, then every eval_steps); the curves end where the metrics say
     assert [h["step"] for h in evals] == sorted({h["step"] for h in evals}) and evals[0]["step"] == 0
@@ -112,9 +115,9 @@ def test_token_counts_on_hand_built_batches():
 
 def test_the_training_step_reads_no_tensor_values_of_its_own(tiny_config, tiny_data, tmp_path):
     """Every tensor value Python reads in a training step is a wait for the GPU. lorasweep's token counting
-    and the Trainer's per-step token count and NaN filter read three to four a step; none may be left. (What
-    TRL's loss and transformers' attention mask read is theirs: counted here, so the check cannot pass by
-    counting nothing.)"""
+    and the Trainer's per-step token count and NaN filter read three to four a step, transformers' check of the
+    attention mask two; none may be left. (What TRL's loss reads is TRL's: counted here, so the check cannot
+    pass by counting nothing.)"""
     from lorasweep.speed import HostReads
 
     steps = 8
@@ -125,6 +128,8 @@ def test_the_training_step_reads_no_tensor_values_of_its_own(tiny_config, tiny_d
     ours = {site: n for site, n in per_site.items()
             if "lorasweep/" in site.replace("\\", "/") or site.startswith("transformers/trainer.py")}
     assert all(n <= 1 for n in ours.values()), ours  # at most once a run (the Trainer's final loss), never per step
+    # right-padded batches go in without their attention mask, so transformers never checks it for padding
+    assert not any(site.startswith("transformers/masking_utils.py") for site in per_site), per_site
 
 
 def test_cuda_requested_without_gpu_stops_with_guidance():
