@@ -6,7 +6,8 @@
 # opt-350m's shape (random weights, built once on DATA's training split), lorasweep's training step, in
 # order of what they answer (issue 7: MFU >= 35% for full fine-tuning, LoRA r8 >= 1.3x full, five runs in
 # <= 10 minutes):
-#   1. full, batch 8, eager                          the machine's baseline at the write-ups' batch
+#   1. full, batch 8, eager                          the machine's baseline at the write-ups' batch, beside the
+#                                                    plain SFTTrainer without checkpointing on the same machine
 #   2. full, batch 8, regional compile + CUDA graphs does cutting host time (CUDA graphs) pay, and its
 #                                                    compile time (torch_compile: reduce-overhead)
 #   3. full, batch 64, eager                         more tokens per step: the host's cost spread over 8x the work
@@ -20,7 +21,7 @@
 # Batch-8 runs train STEPS steps (default 240: one epoch of the 2k sample), batch-64 runs STEPS / 8.
 # Every benchmark line (tokens/s over the run and its second half, MFU, memory) goes to OUT/summary.txt, the
 # per-check logs and JSON beside it. A check over its cap is reported as such and the next one runs.
-# CHECKS="bench" or "sweep" runs one part (default both). Caps: eager 90 s, compiled 200 s, sweep 480 s, each
+# CHECKS="bench" or "sweep" runs one part (default both). Caps: eager 90 s (the first 150 s), compiled 200 s, sweep 480 s, each
 # scaled by CAP_SCALE; BUDGET (seconds, default 560) bounds the whole script: a check gets at most what is
 # left of it and is skipped with under 30 s left. DEVICE=cpu SHAPE=tiny and STEPS 16 try the script on a
 # CPU (the sweep then stops each run after STEPS steps).
@@ -89,7 +90,7 @@ b64=(--batch 64 --steps $(( (steps + 7) / 8 )) --training logging_steps=3)
 compiled=(--training torch_compile=true --training torch_compile_regional=true --training pad_to_multiple_of=64)
 graphs=(--training torch_compile=reduce-overhead --training torch_compile_regional=true --training pad_to_multiple_of=64)
 if [[ " $checks " == *" bench "* ]]; then
-    bench full-eager 90 --run full "${b8[@]}"
+    bench full-eager 150 --run full "${b8[@]}" --recipes plain-nockpt,lorasweep
     bench full-cudagraphs 200 --run full "${b8[@]}" "${graphs[@]}"; graphs_rc=$?
     # without CUDA graphs, a compiled layer still fuses its elementwise kernels (fewer launches for the host):
     # the next best hope when the graphs failed, so measured now rather than last

@@ -85,9 +85,9 @@ class HostReads:
 
     Each read is filed under the innermost calling frame outside torch (``path:line``, path from
     ``site-packages`` or the repository) and under the phase it happened in: ``step`` inside a
-    training step, ``log`` in the Trainer's logging, saving and evaluation between steps, ``other``
-    ``data`` while batches are drawn and collated (host tensors: no wait), ``other`` anywhere else (model
-    loading, the evaluation before training, saving at the end).
+    training step, ``log`` in the Trainer's logging, saving and evaluation between steps, ``data`` while
+    batches are drawn and collated (host tensors: no wait), ``other`` anywhere else (model loading, the
+    evaluation before training, saving at the end).
     """
 
     def __init__(self):

@@ -320,6 +320,7 @@ def _trainer_class():
 
         last_eval_examples: list[dict] | None = None  # per-example losses of the latest evaluate()
         memory: PeakMemory | None = None  # evaluations are left out of its training peaks
+
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.token_counts = TokenCounts()  # train_run replaces it with one that holds a resumed run's counts
