@@ -121,7 +121,14 @@ def _memory_figure(df, runs, pal, plt, h):
     return fig
 
 
-def _tradeoff_figure(df, runs, pal, plt, sns):
+def _name_diverged(legend, diverged: list[str]) -> None:
+    """Legend entries of runs whose eval loss is not a number (they draw no point or line) say so."""
+    for text in legend.get_texts():
+        if text.get_text() in diverged:
+            text.set_text(f"{text.get_text()} (diverged: loss not finite)")
+
+
+def _tradeoff_figure(df, runs, pal, plt, sns, diverged=()):
     """Eval loss against peak memory and against runtime, one point per run; lower-left is better."""
     parts = memory_parts(df)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
@@ -144,7 +151,7 @@ def _tradeoff_figure(df, runs, pal, plt, sns):
         ax.set_xlim(left=0, right=right * 1.15)  # from zero: distances read as the real ratios
         ax.set_xlabel(xlabel)
         ax.margins(y=0.15)
-    axes[1].legend(title="run", loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=9)
+    _name_diverged(axes[1].legend(title="run", loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=9), diverged)
     axes[0].set_ylabel("eval loss after training (lower is better)")
     axes[0].set_title("quality vs memory")
     axes[1].set_title("quality vs time")
@@ -159,9 +166,10 @@ def plot_all(metrics_csv, history_csv, out_dir) -> list[Path]:
     import seaborn as sns
 
     sns.set_theme(style="whitegrid", context="notebook")
-    from .findings import by_run
+    from .findings import by_run, diverged as diverged_runs
 
     per_seed = pd.read_csv(metrics_csv)
+    diverged = diverged_runs(per_seed)[1]
     df = by_run(per_seed)  # one row per run: means over seeds (the table itself with one seed)
     replicates = df["n_seeds"].max() > 1
     hist = pd.read_csv(history_csv)
@@ -199,7 +207,7 @@ def plot_all(metrics_csv, history_csv, out_dir) -> list[Path]:
         fig.suptitle(f"{int(df['n_seeds'].max())} seeds per run: top, mean ± sd band; bottom, one line per seed")
     axes[0, 0].set_title("train loss (response tokens)")
     axes[0, 1].set_title("eval loss on the held-out split (first point: untrained)")
-    axes[0, 0].legend(title="run", fontsize=9)
+    _name_diverged(axes[0, 0].legend(title="run", fontsize=9), diverged)
     save(fig, "loss_curves")
 
     h = 0.45 * len(runs) + 1.2
@@ -217,6 +225,6 @@ def plot_all(metrics_csv, history_csv, out_dir) -> list[Path]:
     fig, ax = plt.subplots(figsize=(7, h))
     _bar(ax, per_seed, "trainable_params", pal, "trainable parameters (log scale)", runs, log=True, fmt="{:,.0f}")
     save(fig, "trainable_params")
-    save(_tradeoff_figure(df, runs, pal, plt, sns), "tradeoff")
+    save(_tradeoff_figure(df, runs, pal, plt, sns, diverged), "tradeoff")
     log.info("wrote %d figure files to %s", len(written), out_dir)
     return written

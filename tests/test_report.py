@@ -135,8 +135,13 @@ def test_a_diverged_run_is_named_and_left_out_of_the_comparisons(tmp_path):
     assert not any("nan" in f.replace("nano", "") for f in out[1:])  # no comparison with a NaN
     assert not any(f.startswith(("**Lowest eval loss: `lora-r8`", "**r=8 →")) for f in out)
     assert not any(re.search(r"(?<!q)lora-r8\b", c["evidence"]) for c in F.writeup_claims(nan_run, ev))
-    md, text = _render(tmp_path, metrics=nan_run)
+    import matplotlib
+
+    with matplotlib.rc_context({"svg.fonttype": "none"}):  # text stays text in the SVGs
+        md, text = _render(tmp_path, metrics=nan_run)
     assert "**Training diverged**" in text
+    for figure in ("loss_curves", "tradeoff"):  # the run draws nothing there: its legend entry says why
+        assert "lora-r8 (diverged: loss not finite)" in (md.parent / "figures" / f"{figure}.svg").read_text()
     # a run whose gradient norm went non-finite for a while but ended with a finite eval loss: named, still compared
     wobbly = df.assign(train_logs=10, train_nonfinite_logs=0)
     wobbly.loc[wobbly["run"] == "lora-r128", "train_nonfinite_logs"] = 3
