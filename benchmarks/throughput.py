@@ -44,6 +44,7 @@ from lorasweep.train import per_example_losses, token_weighted
 
 
 PEAKS = ("peak_rss_bytes", "peak_cuda_allocated_bytes", "peak_cuda_reserved_bytes")
+BOUND = ("mfu_ceiling_pct", "tokens_per_s_ceiling", "step_floor_ms", "step_floor_memory_ms")  # CUDA only
 
 
 def plain_recipe(model_path: str, train_jsonl: Path, eval_jsonl: Path, out: Path, *, run: str, steps: int,
@@ -110,7 +111,7 @@ def lorasweep_recipe(model_path: str, train_jsonl: Path, eval_jsonl: Path, out: 
             "tokens_padded": m["train_tokens_padded"],
             "seconds": m["train_runtime_s"], "eval_loss": m["eval_loss"], "padding_share_pct": m["padding_share_pct"],
             "params": m["total_params"], "trainable": m["trainable_params"], "hardware": m["hardware"],
-            **{k: m[k] for k in PEAKS if m.get(k) is not None}}
+            "steps": m["train_steps"], **{k: m[k] for k in PEAKS + BOUND if m.get(k) is not None}}
 
 
 RECIPES = {"plain": ("plain", plain_recipe),  # --recipes key: (name printed, function)
@@ -264,6 +265,14 @@ def main(argv=None) -> dict:
             if u is not None:
                 summary_out.setdefault("mfu", {})[name] = u
                 print(f"  MFU {name:20s}: {u:.1%} of {gpu}'s {speed.peak_flops(gpu) / 1e12:.0f} TFLOP/s bf16 peak")
+        # both recipes feed the same examples per step, so one bound (lorasweep's run records it) holds for both
+        ours = next((r[0] for r in results.values() if r and "mfu_ceiling_pct" in r[0]), None)
+        if ours:
+            summary_out["mfu_bound"] = {k: ours[k] for k in BOUND}
+            print(f"  bound at {ours['tokens'] / ours['steps']:,.0f} tokens a step: "
+                  f"{ours['mfu_ceiling_pct']:.1f}% MFU, {ours['tokens_per_s_ceiling']:,.0f} tokens/s (a step takes at "
+                  f"least {ours['step_floor_ms']:.2f} ms, {ours['step_floor_memory_ms']:.2f} ms of it moving weights "
+                  "and optimizer state; lorasweep.speed.step_ceiling)")
     if a.json:
         Path(a.json).write_text(json.dumps(summary_out, indent=2, default=str) + "\n")
     return summary_out

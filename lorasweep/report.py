@@ -186,6 +186,7 @@ def setup_section(ctx: dict) -> str:
 def results_table(df: pd.DataFrame) -> str:
     rows = []
     cuda = "peak_cuda_allocated_bytes" in df and df["peak_cuda_allocated_bytes"].notna().any()
+    bound = "mfu_ceiling_pct" in df and df["mfu_ceiling_pct"].notna().any()
     for _, r in df.iterrows():
         row = {
             "run": r["run"],
@@ -200,6 +201,8 @@ def results_table(df: pd.DataFrame) -> str:
         }
         if "mfu_pct" in df and df["mfu_pct"].notna().any():
             row["MFU"] = _num(r.get("mfu_pct"), "{:.1f}%")
+        if bound:
+            row["MFU bound"] = _num(r.get("mfu_ceiling_pct"), "{:.0f}%")
         if cuda:
             row["peak alloc"] = _gib(r.get("peak_cuda_allocated_bytes"))
             row["peak reserved"] = _gib(r.get("peak_cuda_reserved_bytes"))
@@ -218,7 +221,14 @@ def results_table(df: pd.DataFrame) -> str:
         "- *runtime*: training wall time with evaluation time subtracted; *tokens/s* counts non-padding "
         "tokens (prompt + response) actually fed; *padding*: share of the fed batch positions that were padding"
         + ("; *MFU*: model FLOPs (6·N per token for full fine-tuning, 4·N with a frozen base) per second over "
-           "the GPU's dense bf16 peak." if "mfu_pct" in df and df["mfu_pct"].notna().any() else "."),
+           "the GPU's dense bf16 peak" if "mfu_pct" in df and df["mfu_pct"].notna().any() else "")
+        + ("; *MFU bound*: the most MFU this GPU allows at the run's tokens per optimizer step, however fast the "
+           "host and the kernels: the step's model FLOPs at the dense peak plus the memory traffic every step has "
+           "whatever its batch (each weight read for the forward and backward products, and for trainable ones "
+           "their gradient, its clipping and AdamW's update: 58 bytes per trainable weight, 10 per frozen one, with "
+           "16-bit autocast) at the GPU's full bandwidth (`lorasweep.speed.step_ceiling`; README, Speed). Few tokens a "
+           "step keep it low for full fine-tuning, whose optimizer moves every weight each step" if bound
+           else "") + ".",
         "- *peak RSS*: peak resident memory of the training process after the model was loaded and the peak "
         "was reset" + ("; *peak alloc / reserved*: `torch.cuda` peaks after a reset at the same point" if cuda else
                        " (CPU run: no CUDA figures)") + ". Training only: the evaluations during training are "

@@ -4,18 +4,48 @@ Per non-padding token, a forward and backward pass of a dense decoder costs abou
 every weight gets a gradient (full fine-tuning) and about 4 x N when the base weights are frozen
 (LoRA, QLoRA: the backward pass still computes activation gradients, not weight gradients); N is the
 number of model parameters, attention's s^2 term is left out. MFU = FLOPs per token x tokens/s / peak.
+
+:func:`step_ceiling` adds what a step must also move through GPU memory whatever its batch (reading every
+weight, AdamW's update of every trainable one): with few tokens a step, that traffic, not the arithmetic,
+bounds MFU, however fast the host and the kernels.
 """
 
 from __future__ import annotations
 
-# dense bf16 tensor-core peak FLOP/s (no sparsity), by a substring of torch.cuda.get_device_name()
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12}
+import re
+
+# By a pattern of torch.cuda.get_device_name(), first match wins: dense bf16 tensor-core peak FLOP/s (no
+# sparsity) and memory bandwidth in bytes/s, from NVIDIA's data sheets. SXM parts are named without a form
+# factor ("NVIDIA H100 80GB HBM3"); PCIe and NVL parts have lower peaks (and H100 PCIe less bandwidth).
+GPUS = (
+    (r"H200 NVL", 835e12, 4.8e12),
+    (r"H200", 989e12, 4.8e12),
+    (r"H100 NVL", 835e12, 3.9e12),
+    (r"H100.*PCIe", 756e12, 2.0e12),
+    (r"H100", 989e12, 3.35e12),
+    (r"A100.*80GB.*PCIe", 312e12, 1.935e12),
+    (r"A100.*80GB", 312e12, 2.039e12),
+    (r"A100", 312e12, 1.555e12),
+    (r"L40S", 362e12, 0.864e12),
+    (r"\bL4\b", 121e12, 0.3e12),
+    (r"\bA10\b", 125e12, 0.6e12),
+)
+
+
+def _gpu(gpu_name: str | None) -> tuple[float, float] | None:
+    if not gpu_name:
+        return None
+    return next(((peak, bw) for pat, peak, bw in GPUS if re.search(pat, gpu_name, re.IGNORECASE)), None)
 
 
 def peak_flops(gpu_name: str | None) -> float | None:
-    if not gpu_name:
-        return None
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in gpu_name), None)
+    g = _gpu(gpu_name)
+    return g[0] if g else None
+
+
+def memory_bandwidth(gpu_name: str | None) -> float | None:
+    g = _gpu(gpu_name)
+    return g[1] if g else None
 
 
 def flops_per_token(total_params: int, full: bool) -> float:
@@ -25,6 +55,67 @@ def flops_per_token(total_params: int, full: bool) -> float:
 def mfu(total_params: int, full: bool, tokens_per_s: float, gpu_name: str | None) -> float | None:
     peak = peak_flops(gpu_name)
     return flops_per_token(total_params, full) * tokens_per_s / peak if peak else None
+
+
+def bytes_per_step(trainable: int, frozen: int, quantized: int, half: bool, micro_batches: int = 1) -> float:
+    """Bytes an optimizer step reads and writes in GPU memory for its weights alone, whatever its batch.
+
+    Weights are stored in fp32 (as lorasweep loads them) and, with 16-bit autocast (``half``), cast to 16 bits
+    for each matrix product. Per trainable weight and micro-batch: the cast (read 4 bytes, write 2; autocast
+    keeps the copy for the backward pass), the forward product and the backward product for the activations'
+    gradient read the copy (2 + 2), the weight gradient is written (2) and cast back to fp32 (read 2, write
+    4), and from the second micro-batch on added to the gradient so far (read 4 + 4, write 4); once a step,
+    gradient clipping (the Trainer's ``max_grad_norm``, 1.0) reads the gradient for its norm and scales it
+    (4 + 4 + 4), and fused AdamW reads weight, gradient and both moments and writes weight and moments
+    (16 + 12): 58 bytes a step without gradient accumulation, 52 without autocast. Per frozen fp32 weight and micro-batch: the cast
+    (4 + 2; autocast does not keep casts of weights without gradients) and the two products (2 + 2): 10
+    bytes; 8 without autocast. Per 4-bit weight (QLoRA) and micro-batch: dequantized once for the forward
+    and once for the backward product (read 0.5 + 1/16 for its block's absmax, write the 16- or 32-bit
+    weight, which the product reads). Activations are left out (they grow with the batch), and so is
+    every weight read a step could avoid (activation checkpointing's second forward): a step needs at least
+    this much.
+    """
+    w = 2 if half else 4
+    g = micro_batches
+    per_trainable = g * ((4 + w if half else 0) + 3 * w + (w + 4 if half else 0)) + (g - 1) * 12 + 12 + 16 + 12
+    per_frozen = g * ((4 + w if half else 0) + 2 * w)
+    per_quantized = g * 2 * (0.5 + 1 / 16 + 2 * w)
+    return per_trainable * trainable + per_frozen * frozen + per_quantized * quantized
+
+
+def step_ceiling(*, total_params: int, trainable_params: int, quantized_params: int, full: bool,
+                 tokens_per_step: float, half: bool, gpu_name: str | None, micro_batches: int = 1) -> dict | None:
+    """The fastest an optimizer step of ``tokens_per_step`` non-padding tokens could run on this GPU: its
+    model FLOPs at the dense peak plus its weights' memory traffic (:func:`bytes_per_step`) at full bandwidth,
+    one after the other (different kernels on one stream). Returns that floor on the step time, the tokens/s
+    and MFU it allows, and the tokens a step would need for the traffic to cost as much time as the
+    arithmetic (an MFU ceiling of 50%); None for a GPU not in :data:`GPUS`. A bound, not a prediction:
+    real kernels reach 60-80% of peak and bandwidth, and a host that cannot queue kernels as fast as the
+    GPU runs them adds its own time.
+    """
+    g = _gpu(gpu_name)
+    if not g or tokens_per_step <= 0:
+        return None
+    peak, bandwidth = g
+    frozen = total_params - trainable_params - quantized_params
+    compute_s = flops_per_token(total_params, full) * tokens_per_step / peak
+    memory_s = bytes_per_step(trainable_params, frozen, quantized_params, half, micro_batches) / bandwidth
+    floor_s = compute_s + memory_s
+    return {"step_floor_s": floor_s, "step_compute_s": compute_s, "step_memory_s": memory_s,
+            "tokens_per_s": tokens_per_step / floor_s, "mfu": compute_s / floor_s,
+            "tokens_per_step_at_half": tokens_per_step * memory_s / compute_s}
+
+
+def ceiling_metrics(params: dict, full: bool, tokens_per_step: float, half: bool, gpu_name: str | None,
+                    micro_batches: int = 1) -> dict:
+    """A run's :func:`step_ceiling` as metrics (empty off a known GPU)."""
+    c = step_ceiling(total_params=params["total_params"], trainable_params=params["trainable_params"],
+                     quantized_params=params.get("quantized_params", 0), full=full, tokens_per_step=tokens_per_step,
+                     half=half, gpu_name=gpu_name, micro_batches=micro_batches)
+    if c is None:
+        return {}
+    return {"mfu_ceiling_pct": 100 * c["mfu"], "tokens_per_s_ceiling": c["tokens_per_s"],
+            "step_floor_ms": 1e3 * c["step_floor_s"], "step_floor_memory_ms": 1e3 * c["step_memory_s"]}
 
 
 def single_run_config(model: str, train_jsonl, run: str, *, lr: float, device: str, seed: int, **training) -> dict:

@@ -179,17 +179,19 @@ def adapted_modules(model) -> str:
 
 
 def count_parameters(model) -> dict:
-    """Trainable and total parameters; a packed 4-bit weight counts as the weights it represents."""
-    trainable = total = 0
+    """Trainable, 4-bit (QLoRA's base) and total parameters; a packed 4-bit weight counts as the weights it
+    represents."""
+    trainable = total = quantized = 0
     for p in model.parameters():
         n = p.numel()
         qs = getattr(p, "quant_state", None)
         if qs is not None and getattr(qs, "shape", None) is not None:
             n = math.prod(qs.shape)
+            quantized += n
         total += n
         if p.requires_grad:
             trainable += n
-    return {"trainable_params": trainable, "total_params": total,
+    return {"trainable_params": trainable, "total_params": total, "quantized_params": quantized,
             "trainable_share_pct": 100.0 * trainable / total if total else None}
 
 
@@ -882,6 +884,9 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         **({"mfu_pct": 100 * m} if (m := speed.mfu(params["total_params"], spec["method"] == "full",
                                                    counts["tokens_nonpad"] / train_time, hw.get("gpu_name")))
            else {}),
+        # the best this GPU could do at this many tokens a step (lorasweep.speed.step_ceiling); none without one
+        **speed.ceiling_metrics(params, spec["method"] == "full", counts["tokens_nonpad"] / max(n_steps, 1),
+                                precision in ("bf16", "fp16"), hw.get("gpu_name"), training["grad_accum"]),
         **machine_share,
         # other training jobs on this run's GPU during training (training.jobs_per_gpu > 1); None: not shared
         # out by lorasweep (no GPU, one job per GPU, or a scheduler's own GPU)

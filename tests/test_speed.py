@@ -201,3 +201,38 @@ def test_host_reads_counts_values_read_back_and_data_sized_results_only():
     methods = sorted(method for (_, _, method), n in reads.sites.items() for _ in range(n))
     assert methods == ["__bool__", "__getitem__", "__int__", "item", "nonzero", "unique"]
     assert {phase for phase, _, _ in reads.sites} == {"other"} and reads.in_steps() == {}
+
+
+def test_the_step_bound_adds_the_flops_at_peak_to_each_weights_bytes_at_full_bandwidth():
+    from lorasweep import speed
+
+    # bytes per weight and step, counted by hand (bf16 autocast / fp32): trainable 6 cast + 2 + 2 products + 2
+    # gradient + 6 cast back + 12 clipping + 28 AdamW; frozen 6 cast + 2 + 2; 4-bit 2 x (0.5625 + 2 + 2)
+    assert speed.bytes_per_step(1, 0, 0, half=True) == 58 and speed.bytes_per_step(1, 0, 0, half=False) == 52
+    assert speed.bytes_per_step(0, 1, 0, half=True) == 10 and speed.bytes_per_step(0, 1, 0, half=False) == 8
+    assert speed.bytes_per_step(0, 0, 1, half=True) == 9.125
+    # a second micro-batch: its own casts, products and gradient (18), added to the first (12); one update
+    assert speed.bytes_per_step(1, 0, 0, half=True, micro_batches=2) == 58 + 18 + 12
+    n, tokens, h100 = 331_196_416, 930, "NVIDIA H100 80GB HBM3"
+    full = speed.step_ceiling(total_params=n, trainable_params=n, quantized_params=0, full=True,
+                              tokens_per_step=tokens, half=True, gpu_name=h100)
+    compute, memory = 6 * n * tokens / 989e12, 58 * n / 3.35e12
+    assert full["step_floor_s"] == pytest.approx(compute + memory)
+    assert full["mfu"] == pytest.approx(compute / (compute + memory)) and 0.24 < full["mfu"] < 0.25
+    assert full["tokens_per_s"] == pytest.approx(tokens / (compute + memory))
+    # at the tokens per step where traffic costs as much time as arithmetic, the bound is exactly 50%
+    half_way = speed.step_ceiling(total_params=n, trainable_params=n, quantized_params=0, full=True,
+                                  tokens_per_step=full["tokens_per_step_at_half"], half=True, gpu_name=h100)
+    assert half_way["mfu"] == pytest.approx(0.5)
+    # a frozen base moves 10 bytes a weight, not 58: LoRA's bound is several times full fine-tuning's
+    lora = speed.step_ceiling(total_params=n, trainable_params=786_432, quantized_params=0, full=False,
+                              tokens_per_step=tokens, half=True, gpu_name=h100)
+    assert lora["tokens_per_s"] > 3 * full["tokens_per_s"]
+    # the card's variant matters; an unknown GPU has no bound (and no MFU), never a guess
+    assert speed.peak_flops("NVIDIA H100 PCIe") == 756e12 and speed.memory_bandwidth("NVIDIA H100 PCIe") == 2.0e12
+    assert speed.memory_bandwidth("NVIDIA A100-SXM4-80GB") > speed.memory_bandwidth("NVIDIA A100-SXM4-40GB")
+    for unknown in ("NVIDIA A10G", "Tesla T4", None):
+        assert speed.peak_flops(unknown) is None
+        assert speed.step_ceiling(total_params=n, trainable_params=n, quantized_params=0, full=True,
+                                  tokens_per_step=tokens, half=True, gpu_name=unknown) is None
+        assert speed.ceiling_metrics({"total_params": n, "trainable_params": n}, True, tokens, True, unknown) == {}

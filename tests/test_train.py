@@ -30,6 +30,7 @@ def test_full_finetuning_learns_and_writes_everything(tiny_config, tiny_data, tm
     assert (out / "model" / "model.safetensors").stat().st_size == m["saved_model_bytes"]
     assert 0 < m["train_runtime_s"] <= m["train_wall_s"]
     assert m["peak_rss_bytes"] > 0 and "peak_cuda_allocated_bytes" not in m  # absent on the CPU, never 0
+    assert "mfu_pct" not in m and "mfu_ceiling_pct" not in m  # GPU figures
     assert m["train_tokens_labelled"] < m["train_tokens_nonpad"] <= m["train_tokens_padded"]
     history = [json.loads(line) for line in (out / "log_history.jsonl").read_text().splitlines()]
     # TRL's token count (positions per row once batches come without their mask) is replaced by lorasweep's
@@ -90,6 +91,8 @@ def test_qlora_really_trains_a_4bit_base(tiny_config, tiny_data, tmp_path):
     # a packed 4-bit weight counts as the weights it represents, so totals match the LoRA run's
     lora, _ = _train(tiny_config, tiny_data, tmp_path, "lora-r8", max_steps=1)
     assert m["total_params"] == lora["total_params"] and m["trainable_params"] == lora["trainable_params"]
+    assert m["quantized_params"] == sum(layer.in_features * layer.out_features for layer in layers)
+    assert lora["quantized_params"] == 0
 
 
 def test_token_counts_on_hand_built_batches():
