@@ -330,6 +330,32 @@ def full_finetuning(df: pd.DataFrame, losses: Losses) -> list[str]:
     return out
 
 
+FAR_BELOW_BOUND = 0.25  # every run under this share of its bound's tokens/s: the GPU did not set the pace
+
+
+def speed_bound(df: pd.DataFrame) -> list[str]:
+    """On a known GPU: each run's tokens/s against the most its GPU allows at its tokens a step
+    (:func:`lorasweep.speed.step_ceiling`), and what it means for the runtime comparisons when every run is far
+    below its bound."""
+    if "tokens_per_s_ceiling" not in df or df["tokens_per_s_ceiling"].isna().all():
+        return []
+    rows = df[df["tokens_per_s_ceiling"].notna()]
+    share = rows["train_tokens_nonpad_per_s"] / rows["tokens_per_s_ceiling"]
+    parts = [f"`{r['run']}` {r['train_tokens_nonpad_per_s']:,.0f} of {r['tokens_per_s_ceiling']:,.0f} tokens/s "
+             f"({s:.0%}" + (f"; MFU {r['mfu_pct']:.1f}% of ≤ {r['mfu_ceiling_pct']:.0f}%)" if "mfu_pct" in r and
+                             not pd.isna(r.get("mfu_pct")) else ")")
+             for (_, r), s in zip(rows.iterrows(), share)]
+    text = ("**Speed against what the GPU allows** at each run's tokens a step (model FLOPs at the GPU's peak plus "
+            "the weights' memory traffic at its bandwidth, the results table's *MFU bound*): " + ", ".join(parts) + ".")
+    if share.max() < FAR_BELOW_BOUND:
+        text += (f" Every run stayed under {FAR_BELOW_BOUND:.0%} of its bound: neither the GPU's arithmetic nor its "
+                 "memory set the pace, but per-step overhead (on the H100 and H200 of lorasweep's README, Speed, the "
+                 "host issuing kernels). Runtime differences between the methods then follow the kernels each issues a "
+                 "step more than the work each needs; a larger batch (`training.batch_size`) or several jobs per GPU "
+                 "(`training.jobs_per_gpu`) use the GPU better.")
+    return [text]
+
+
 def _rows_above(df: pd.DataFrame, col: str, limit: float) -> pd.DataFrame | None:
     """The rows whose ``col`` exceeds ``limit`` (a missing value counts as 0); None when there are none."""
     rows = df[df[col].fillna(0) > limit] if col in df else df.iloc[:0]
@@ -411,6 +437,7 @@ def findings(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None) -> list[
     out += rank_steps(df, losses, "lora")
     out += quantization(df, losses)
     out += full_finetuning(df, losses)
+    out += speed_bound(df)
     return out
 
 

@@ -273,3 +273,17 @@ def test_results_show_mfu_and_its_bound_on_a_gpu_and_neither_on_the_cpu():
     header, full = rows[0], next(r for r in rows if r[0] == "full")
     assert full[header.index("MFU")] == "2.5%" and full[header.index("MFU bound")] == "25%"
     assert "*MFU bound*: the most MFU this GPU allows" in table
+
+
+def test_a_gpu_sweep_far_below_its_speed_bound_says_that_overhead_set_the_pace():
+    m, ev = _fixture()
+    assert not any("Speed against what the GPU allows" in f for f in F.findings(m, ev))  # CPU runs: no bound
+    rate = m["train_tokens_nonpad_per_s"]
+    gpu = m.assign(tokens_per_s_ceiling=rate * 20, mfu_pct=1.5, mfu_ceiling_pct=30.0)
+    bound = next(f for f in F.findings(gpu, ev) if f.startswith("**Speed against what the GPU allows**"))
+    assert f"`full` {rate[0]:,.0f} of {rate[0] * 20:,.0f} tokens/s (5%; MFU 1.5% of ≤ 30%)" in bound
+    assert "per-step overhead" in bound
+    # one run near its bound: no claim that overhead set every run's pace
+    gpu.loc[gpu["run"] == "full", "tokens_per_s_ceiling"] = rate[0] * 2
+    bound = next(f for f in F.findings(gpu, ev) if f.startswith("**Speed against what the GPU allows**"))
+    assert "(50%;" in bound and "per-step overhead" not in bound
