@@ -258,8 +258,8 @@ def main(argv=None) -> dict:
             for site, n in sorted(per_step.items(), key=lambda kv: -kv[1]):
                 print(f"      {n:5.2f}  {site}")
         print("  (rates above were measured with every torch call intercepted: not the recipes' own)")
-    if a.device == "cuda":
-        gpu = summary_out["hardware"]
+    gpu = summary_out["hardware"]
+    if speed.peak_flops(gpu):  # a GPU whose peak is known
         for name in recipes:
             u = speed.mfu(_param_count(model), a.run == "full", med[name], gpu)
             if u is not None:

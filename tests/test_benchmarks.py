@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 
@@ -84,3 +86,34 @@ def test_compile_graphs_benchmark_finds_the_cuda_graph_blockers_a_regional_compi
                        "--training", "torch_compile_regional=true")
     assert regional["graphs_compiled"] > 0
     assert regional["graph_breaks"] == 0 and regional["graphs_with_mutated_inputs"] == 0
+
+
+def test_on_a_known_gpu_the_benchmark_and_the_run_report_mfu_and_the_speed_bound(tiny_data, tmp_path, monkeypatch,
+                                                                               capsys):
+    """The GPU-only figures' plumbing, run on the CPU with the machine taken for an H100 (a real tiny training
+    run; only the hardware's name is stood in): what a lent GPU's session would otherwise find broken."""
+    import importlib.util
+
+    import lorasweep.train as train
+    from lorasweep import speed
+
+    spec = importlib.util.spec_from_file_location("throughput", REPO / "benchmarks" / "throughput.py")
+    throughput = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(throughput)
+    h100 = "NVIDIA H100 80GB HBM3"
+    real = train.hardware
+    monkeypatch.setattr(train, "hardware", lambda device: {**real(device), "gpu_name": h100})
+    monkeypatch.setattr(throughput, "hardware_label", lambda hw: h100)
+    monkeypatch.chdir(tmp_path)
+    r = throughput.main(["--data", str(tiny_data["source"]), "--steps", "6", "--repeats", "1", "--max-length", "128",
+                         "--recipes", "lorasweep", "--run", "lora-r8", "--json", str(tmp_path / "r.json")])
+    out = capsys.readouterr().out
+    run = r["runs"]["lorasweep"][0]
+    tokens_per_step = run["tokens"] / run["steps"]
+    bound = speed.step_ceiling(total_params=run["params"], trainable_params=run["trainable"], quantized_params=0,
+                               full=False, tokens_per_step=tokens_per_step, half=False, gpu_name=h100)
+    assert r["mfu_bound"]["mfu_ceiling_pct"] == pytest.approx(100 * bound["mfu"])
+    # the benchmark's MFU counts the base model's parameters (the adapter's, 3% of the tiny model, left out)
+    base = run["params"] - run["trainable"]
+    assert r["mfu"]["lorasweep"] == pytest.approx(4 * base * r["median_tokens_per_s"]["lorasweep"] / 989e12)
+    assert "MFU lorasweep" in out and f"bound at {tokens_per_step:,.0f} tokens a step: {100 * bound['mfu']:.1f}% MFU" in out
