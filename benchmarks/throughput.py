@@ -264,7 +264,7 @@ def main(argv=None) -> dict:
             u = speed.mfu(_param_count(model), a.run == "full", med[name], gpu)
             if u is not None:
                 summary_out.setdefault("mfu", {})[name] = u
-                print(f"  MFU {name:20s}: {u:.1%} of {gpu}'s {speed.peak_flops(gpu) / 1e12:.0f} TFLOP/s bf16 peak")
+                print(f"  MFU {name:20s}: {u:.1%} of {gpu}'s {speed.peak_flops(gpu) / 1e12:.0f} TFLOP/s 16-bit peak")
         # both recipes feed the same examples per step, so one bound (lorasweep's run records it) holds for both
         ours = next((r[0] for r in results.values() if r and "mfu_ceiling_pct" in r[0]), None)
         if ours:

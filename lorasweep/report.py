@@ -221,7 +221,8 @@ def results_table(df: pd.DataFrame) -> str:
         "- *runtime*: training wall time with evaluation time subtracted; *tokens/s* counts non-padding "
         "tokens (prompt + response) actually fed; *padding*: share of the fed batch positions that were padding"
         + ("; *MFU*: model FLOPs (6·N per token for full fine-tuning, 4·N with a frozen base) per second over "
-           "the GPU's dense bf16 peak" if "mfu_pct" in df and df["mfu_pct"].notna().any() else "")
+           "the GPU's dense 16-bit tensor-core peak (bf16; fp16 on a V100 or T4)"
+           if "mfu_pct" in df and df["mfu_pct"].notna().any() else "")
         + ("; *MFU bound*: the most MFU this GPU allows at the run's tokens per optimizer step, however fast the "
            "host and the kernels: the step's model FLOPs at the dense peak plus the memory traffic every step has "
            "whatever its batch (each weight read for the forward and backward products, and for trainable ones "

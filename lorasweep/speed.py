@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import re
 
-# By a pattern of torch.cuda.get_device_name(), first match wins: dense bf16 tensor-core peak FLOP/s (no
-# sparsity) and memory bandwidth in bytes/s, from NVIDIA's data sheets. SXM parts are named without a form
-# factor ("NVIDIA H100 80GB HBM3"); PCIe and NVL parts have lower peaks (and H100 PCIe less bandwidth).
+# By a pattern of torch.cuda.get_device_name(), first match wins: dense 16-bit tensor-core peak FLOP/s (bf16;
+# fp16 on the GPUs without bf16, V100 and T4, where lorasweep trains in fp16; no sparsity) and memory bandwidth
+# in bytes/s, from NVIDIA's data sheets. SXM parts are named without a form factor ("NVIDIA H100 80GB HBM3");
+# PCIe and NVL parts have lower peaks (and H100 PCIe less bandwidth).
 GPUS = (
     (r"H200 NVL", 835e12, 4.8e12),
     (r"H200", 989e12, 4.8e12),
@@ -29,6 +30,10 @@ GPUS = (
     (r"L40S", 362e12, 0.864e12),
     (r"\bL4\b", 121e12, 0.3e12),
     (r"\bA10\b", 125e12, 0.6e12),
+    (r"V100S", 130e12, 1.134e12),
+    (r"V100.*PCIE", 112e12, 0.9e12),
+    (r"V100", 125e12, 0.9e12),
+    (r"\bT4\b", 65e12, 0.32e12),
 )
 
 

@@ -231,7 +231,8 @@ def test_the_step_bound_adds_the_flops_at_peak_to_each_weights_bytes_at_full_ban
     # the card's variant matters; an unknown GPU has no bound (and no MFU), never a guess
     assert speed.peak_flops("NVIDIA H100 PCIe") == 756e12 and speed.memory_bandwidth("NVIDIA H100 PCIe") == 2.0e12
     assert speed.memory_bandwidth("NVIDIA A100-SXM4-80GB") > speed.memory_bandwidth("NVIDIA A100-SXM4-40GB")
-    for unknown in ("NVIDIA A10G", "Tesla T4", None):
+    assert speed.peak_flops("Tesla T4") == 65e12 and speed.peak_flops("Tesla V100-PCIE-32GB") == 112e12  # fp16
+    for unknown in ("NVIDIA A10G", "NVIDIA GeForce RTX 4090", None):
         assert speed.peak_flops(unknown) is None
         assert speed.step_ceiling(total_params=n, trainable_params=n, quantized_params=0, full=True,
                                   tokens_per_step=tokens, half=True, gpu_name=unknown) is None
