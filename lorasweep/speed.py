@@ -77,8 +77,10 @@ def bytes_per_step(trainable: int, frozen: int, quantized: int, half: bool, micr
     bytes; 8 without autocast. Per 4-bit weight (QLoRA) and micro-batch: dequantized once for the forward
     and once for the backward product (read 0.5 + 1/16 for its block's absmax, write the 16- or 32-bit
     weight, which the product reads). Activations are left out (they grow with the batch), and so is
-    every weight read a step could avoid (activation checkpointing's second forward): a step needs at least
-    this much.
+    every weight read a step could avoid (activation checkpointing's second forward), and smaller items (the
+    tied embedding's scattered gradient, fp16's loss scaling): a step made of these kernels (autocast's casts,
+    cuBLAS products, fused AdamW) moves at least this much. Kernels fused otherwise (a product reading fp32
+    weights directly) could move less.
     """
     w = 2 if half else 4
     g = micro_batches
