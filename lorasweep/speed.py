@@ -72,11 +72,11 @@ def bytes_per_step(trainable: int, frozen: int, quantized: int, half: bool, micr
     4), and from the second micro-batch on added to the gradient so far (read 4 + 4, write 4); once a step,
     gradient clipping (the Trainer's ``max_grad_norm``, 1.0) reads the gradient for its norm and scales it
     (4 + 4 + 4), and fused AdamW reads weight, gradient and both moments and writes weight and moments
-    (16 + 12): 58 bytes a step without gradient accumulation, 52 without autocast. Per frozen fp32 weight and micro-batch: the cast
-    (4 + 2; autocast does not keep casts of weights without gradients) and the two products (2 + 2): 10
-    bytes; 8 without autocast. Per 4-bit weight (QLoRA) and micro-batch: dequantized once for the forward
-    and once for the backward product (read 0.5 + 1/16 for its block's absmax, write the 16- or 32-bit
-    weight, which the product reads). Activations are left out (they grow with the batch), and so is
+    (16 + 12): 58 bytes a step without gradient accumulation, 52 without autocast. Per frozen fp32 weight
+    and micro-batch: the cast (4 + 2; autocast does not keep casts of weights without gradients) and the
+    two products (2 + 2): 10 bytes; 8 without autocast. Per 4-bit weight (QLoRA) and micro-batch:
+    dequantized once for the forward and once for the backward product (read 0.5 + 1/16 for its block's
+    absmax, write the 16- or 32-bit weight, which the product reads). Activations are left out (they grow with the batch), and so is
     every weight read a step could avoid (activation checkpointing's second forward), and smaller items (the
     tied embedding's scattered gradient, fp16's loss scaling): a step made of these kernels (autocast's casts,
     cuBLAS products, fused AdamW) moves at least this much. Kernels fused otherwise (a product reading fp32

@@ -267,7 +267,7 @@ def test_results_show_mfu_and_its_bound_on_a_gpu_and_neither_on_the_cpu():
 
     m, _ = _fixture()
     assert "MFU" not in results_table(F.by_run(m))  # the fixture's runs are CPU runs
-    gpu = m.assign(mfu_pct=[2.5, 0.9, 0.8, 0.7, 0.6][: len(m)], mfu_ceiling_pct=[24.6, 55.5, 55.4, 55.3, 57.5][: len(m)])
+    gpu = m.assign(mfu_pct=[2.5, 0.9, 0.8, 0.7, 0.6], mfu_ceiling_pct=[24.6, 55.5, 55.4, 55.3, 57.5])  # 5 runs
     table = results_table(F.by_run(gpu))
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines() if line.startswith("| ")]
     header, full = rows[0], next(r for r in rows if r[0] == "full")
