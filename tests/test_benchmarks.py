@@ -118,3 +118,13 @@ def test_on_a_known_gpu_the_benchmark_and_the_run_report_mfu_and_the_speed_bound
     assert r["mfu"]["lorasweep"] == pytest.approx(4 * base * r["median_tokens_per_s"]["lorasweep"] / 989e12)
     assert "MFU lorasweep" in out
     assert f"bound at {tokens_per_step:,.0f} tokens a step: {100 * bound['mfu']:.1f}% MFU" in out
+
+
+def test_host_time_benchmark_times_lorasweeps_step_and_a_bare_loop_on_the_same_model(tiny_data, tmp_path):
+    r, stdout = _run("host_time.py", tmp_path, "--data", tiny_data["source"], "--layers", 2, "--steps", 4,
+                     "--repeats", 1, "--max-length", 128)
+    assert r["lorasweep_ms_per_step"] > 0 and r["bare_ms_per_step"] > 0
+    phases = r["bare_phases_ms_per_step"]
+    assert set(phases) == {"forward", "backward", "clip", "optimizer"} and all(v > 0 for v in phases.values())
+    assert sum(phases.values()) <= r["bare_ms_per_step"]  # the phases are parts of the step
+    assert r["tokens"]["bare"] > 4 * 8 and "added by the Trainer, TRL's loss and lorasweep" in stdout

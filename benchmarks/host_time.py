@@ -1,0 +1,136 @@
+"""Host time of a training step: lorasweep's step against a bare PyTorch loop, on a model too narrow to compute.
+
+    python benchmarks/host_time.py --data ../shared/data/codealpaca/code_alpaca_2k.json [--run lora-r8] [--repeats 3]
+
+On a fast GPU at the write-ups' batch the step is bound by the host queueing kernels (README, Speed: On a
+GPU), so what costs there is the Python and dispatcher time each step spends, not its arithmetic. This
+measures that time on the CPU: opt-350m's depth (24 decoder layers) with hidden size 32, one torch thread,
+batch 8 of the real data, so the arithmetic is negligible and a step's time is nearly all framework
+overhead. It trains the same model on the same split two ways for the same steps: lorasweep's step (the
+Trainer, TRL's loss, lorasweep's callbacks: :func:`lorasweep.speed.train_single_run`) and a bare loop
+(forward with the model's own loss, backward, gradient clipping, fused AdamW), length-grouped batches in
+both, right-padded and fed with positions instead of the attention mask as lorasweep feeds them. It prints
+ms per step of each (median of ``--repeats``, interleaved), the bare loop's split by phase, and the
+difference: what the Trainer, TRL and lorasweep add. Both figures include their first steps. The CPU runs
+TRL's loss through its torch fallback (on CUDA it is a few Triton kernels), so that share of the difference
+does not carry over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+NARROW = dict(hidden_size=32, num_heads=2, ffn_dim=64)
+
+
+def bare_loop(model_path: Path, train_jsonl: Path, run: str, steps: int, batch: int, max_length: int,
+              seed: int) -> dict:
+    """Forward, backward, clipping and fused AdamW on length-grouped batches of the split; ms per phase."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorasweep.data import read_jsonl
+    from lorasweep.speed import single_run_config
+    from lorasweep.config import run_spec
+    from lorasweep.train import attach_lora
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    if run != "full":
+        spec = run_spec(single_run_config(str(model_path), train_jsonl, run, lr=1e-3, device="cpu", seed=seed), run)
+        model = attach_lora(model, spec)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    seqs = sorted((tok(r["prompt"] + r["completion"], truncation=True, max_length=max_length)["input_ids"]
+                   for r in read_jsonl(train_jsonl)), key=len)
+    batches = [seqs[i:i + batch] for i in range(0, len(seqs) - batch + 1, batch)]
+    random.Random(seed).shuffle(batches)
+    phases = {"forward": 0.0, "backward": 0.0, "clip": 0.0, "optimizer": 0.0}
+    tokens = 0
+    t_all = time.perf_counter()
+    for step in range(steps):
+        rows = batches[step % len(batches)]
+        width = max(map(len, rows))
+        ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        labels = ids.masked_fill(mask == 0, -100)
+        positions = torch.arange(width).expand(len(rows), width)  # as lorasweep feeds right-padded batches
+        tokens += int(mask.sum())
+        t0 = time.perf_counter()
+        loss = model(input_ids=ids, position_ids=positions, labels=labels).loss
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        t3 = time.perf_counter()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        t4 = time.perf_counter()
+        for name, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            phases[name] += dt
+    total = time.perf_counter() - t_all
+    return {"ms_per_step": 1e3 * total / steps, "tokens": tokens,
+            "phases_ms_per_step": {k: 1e3 * v / steps for k, v in phases.items()}}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True, help="CodeAlpaca-format .json/.jsonl/.parquet")
+    ap.add_argument("--run", default="full", help="full or lora-r<rank>")
+    ap.add_argument("--layers", type=int, default=24)
+    ap.add_argument("--steps", type=int, default=120)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", help="write the results here")
+    a = ap.parse_args(argv)
+
+    import torch
+
+    from lorasweep import speed
+    from lorasweep.data import prepare
+    from lorasweep.tiny import build_tiny_model_from_jsonl
+
+    torch.set_num_threads(1)  # host time, not parallel arithmetic
+    work = Path(tempfile.mkdtemp(prefix="host-time-"))
+    train, evals = work / "train.jsonl", work / "eval.jsonl"
+    prepare(a.data, train, evals, work / "summary.json", eval_size=0.05, seed=a.seed)
+    model = build_tiny_model_from_jsonl(train, work / "narrow", num_layers=a.layers, **NARROW)
+
+    ours, bares = [], []
+    for i in range(a.repeats):  # interleaved, so a slow phase of a shared machine hits both
+        m = speed.train_single_run(str(model), train, evals, work / f"lorasweep-{i}", a.run, lr=1e-3, device="cpu",
+                                   seed=a.seed, max_steps=a.steps, batch_size=a.batch, max_length=a.max_length,
+                                   threads=1)
+        ours.append(1e3 * m["train_runtime_s"] / m["train_steps"])
+        bares.append(bare_loop(model, train, a.run, a.steps, a.batch, a.max_length, a.seed))
+        print(f"[{i + 1}/{a.repeats}] lorasweep {ours[-1]:.1f} ms, bare loop {bares[-1]['ms_per_step']:.1f} ms a step",
+              flush=True)
+    mine = statistics.median(ours)
+    bare = statistics.median(b["ms_per_step"] for b in bares)
+    phases = {k: statistics.median(b["phases_ms_per_step"][k] for b in bares) for k in bares[0]["phases_ms_per_step"]}
+    out = {"run": a.run, "layers": a.layers, **NARROW, "steps": a.steps, "batch": a.batch, "repeats": a.repeats,
+           "lorasweep_ms_per_step": mine, "bare_ms_per_step": bare, "bare_phases_ms_per_step": phases,
+           "lorasweep_ms_per_step_each": ours, "bare_ms_per_step_each": [b["ms_per_step"] for b in bares],
+           "tokens": {"lorasweep": m["train_tokens_nonpad"], "bare": bares[0]["tokens"]}}
+    print(f"{a.run}, OPT with {a.layers} layers of width {NARROW['hidden_size']}, batch {a.batch}, {a.steps} steps, "
+          f"1 thread (host time: the arithmetic is negligible), median of {a.repeats}:")
+    print(f"  lorasweep's step : {mine:7.1f} ms")
+    print(f"  bare loop        : {bare:7.1f} ms  (" + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()) + ")")
+    print(f"  added by the Trainer, TRL's loss and lorasweep: {mine - bare:+.1f} ms a step")
+    if a.json:
+        Path(a.json).write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
+
+if __name__ == "__main__":
+    main()
