@@ -29,37 +29,45 @@ from pathlib import Path
 NARROW = dict(hidden_size=32, num_heads=2, ffn_dim=64)
 
 
-def bare_loop(model_path: Path, train_jsonl: Path, run: str, steps: int, batch: int, max_length: int,
-              seed: int) -> dict:
-    """Forward, backward, clipping and fused AdamW on length-grouped batches of the split; ms per phase."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def grouped_batches(model_path: Path, train_jsonl: Path, batch: int, max_length: int, seed: int) -> list:
+    """The split's token ids in length-grouped batches (sorted by length, cut in batches, shuffled)."""
+    from transformers import AutoTokenizer
 
     from lorasweep.data import read_jsonl
-    from lorasweep.speed import single_run_config
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    seqs = sorted((tok(r["prompt"] + r["completion"], truncation=True, max_length=max_length)["input_ids"]
+                   for r in read_jsonl(train_jsonl)), key=len)
+    batches = [seqs[i:i + batch] for i in range(0, len(seqs) - batch + 1, batch)]
+    random.Random(seed).shuffle(batches)
+    return batches
+
+
+def bare_loop(model_path: Path, train_jsonl: Path, batches: list, run: str, steps: int, seed: int) -> dict:
+    """Forward, backward, clipping and fused AdamW on ``batches`` (:func:`grouped_batches`); ms per phase."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     from lorasweep.config import run_spec
+    from lorasweep.speed import single_run_config
     from lorasweep.train import attach_lora
 
     torch.manual_seed(seed)
-    tok = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    pad = model.config.pad_token_id
     if run != "full":
         spec = run_spec(single_run_config(str(model_path), train_jsonl, run, lr=1e-3, device="cpu", seed=seed), run)
         model = attach_lora(model, spec)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
-    seqs = sorted((tok(r["prompt"] + r["completion"], truncation=True, max_length=max_length)["input_ids"]
-                   for r in read_jsonl(train_jsonl)), key=len)
-    batches = [seqs[i:i + batch] for i in range(0, len(seqs) - batch + 1, batch)]
-    random.Random(seed).shuffle(batches)
     phases = {"forward": 0.0, "backward": 0.0, "clip": 0.0, "optimizer": 0.0}
     tokens = 0
     t_all = time.perf_counter()
     for step in range(steps):
         rows = batches[step % len(batches)]
         width = max(map(len, rows))
-        ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
         mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
         labels = ids.masked_fill(mask == 0, -100)
         positions = torch.arange(width).expand(len(rows), width)  # as lorasweep feeds right-padded batches
@@ -106,13 +114,14 @@ def main(argv=None) -> dict:
     prepare(a.data, train, evals, work / "summary.json", eval_size=0.05, seed=a.seed)
     model = build_tiny_model_from_jsonl(train, work / "narrow", num_layers=a.layers, **NARROW)
 
+    batches = grouped_batches(model, train, a.batch, a.max_length, a.seed)
     ours, bares = [], []
     for i in range(a.repeats):  # interleaved, so a slow phase of a shared machine hits both
         m = speed.train_single_run(str(model), train, evals, work / f"lorasweep-{i}", a.run, lr=1e-3, device="cpu",
                                    seed=a.seed, max_steps=a.steps, batch_size=a.batch, max_length=a.max_length,
                                    threads=1)
         ours.append(1e3 * m["train_runtime_s"] / m["train_steps"])
-        bares.append(bare_loop(model, train, a.run, a.steps, a.batch, a.max_length, a.seed))
+        bares.append(bare_loop(model, train, batches, a.run, a.steps, a.seed))
         print(f"[{i + 1}/{a.repeats}] lorasweep {ours[-1]:.1f} ms, bare loop {bares[-1]['ms_per_step']:.1f} ms a step",
               flush=True)
     mine = statistics.median(ours)

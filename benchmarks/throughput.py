@@ -260,8 +260,9 @@ def main(argv=None) -> dict:
         print("  (rates above were measured with every torch call intercepted: not the recipes' own)")
     gpu = summary_out["hardware"]
     if speed.peak_flops(gpu):  # a GPU whose peak is known
+        n_params = _param_count(model)
         for name in recipes:
-            u = speed.mfu(_param_count(model), a.run == "full", med[name], gpu)
+            u = speed.mfu(n_params, a.run == "full", med[name], gpu)
             if u is not None:
                 summary_out.setdefault("mfu", {})[name] = u
                 print(f"  MFU {name:20s}: {u:.1%} of {gpu}'s {speed.peak_flops(gpu) / 1e12:.0f} TFLOP/s 16-bit peak")
