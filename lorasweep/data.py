@@ -103,7 +103,7 @@ def check_records(records: list) -> tuple[list[dict], dict]:
         if not (rec.get("output") or "").strip():
             dropped_empty += 1
             continue
-        if not rec["instruction"].strip():
+        if not (rec["instruction"] or "").strip():
             raise DataError(f"record {i}: empty instruction")
         kept.append({"index": i, "instruction": rec["instruction"], "input": rec.get("input") or "",
                      "output": rec["output"]})

@@ -64,10 +64,15 @@ def ratio_text(new: float, old: float, tol: float, more: str, less: str) -> str:
     return f"{abs(r):.0%} {more if r > 0 else less}"
 
 
+# a seed whose loss is not a number (a diverged run) makes the run's mean not a number: never averaged away
+STRICT_MEAN = ("eval_loss", "eval_perplexity", "base_eval_loss", "train_loss", "train_loss_last")
+
+
 def by_run(df: pd.DataFrame) -> pd.DataFrame:
     """One row per run: the mean over training seeds of every numeric column, ``<column>_sd`` its standard
     deviation across seeds (NaN with one seed), ``n_seeds`` and ``seeds``. Run order is kept; a table that
-    is already one row per run is returned unchanged apart from those columns."""
+    is already one row per run is returned unchanged apart from those columns. The losses (``STRICT_MEAN``)
+    of a run with a seed whose loss is NaN are NaN; other columns average the seeds that have a value."""
     if "n_seeds" in df:
         return df
     if "seed" not in df:
@@ -76,9 +81,13 @@ def by_run(df: pd.DataFrame) -> pd.DataFrame:
     numeric = [c for c in df.select_dtypes("number").columns if c != "seed"]
     other = [c for c in df.columns if c not in numeric and c not in ("run", "seed")]
     sd = g[numeric].std(ddof=1).add_suffix("_sd")
+    mean = g[numeric].mean()
+    strict = [c for c in STRICT_MEAN if c in numeric]
+    if strict:
+        mean[strict] = mean[strict].mask(g[strict].agg(lambda s: s.isna().any()).astype(bool))
     seeds = g["seed"].apply(lambda s: ",".join(str(int(v)) for v in s)).rename("seeds")
     # one concat, not a column at a time (pandas warns of a fragmented frame on wide metrics tables)
-    out = pd.concat([*([g[other].first()] if other else []), g[numeric].mean(), sd, g.size().rename("n_seeds"),
+    out = pd.concat([*([g[other].first()] if other else []), mean, sd, g.size().rename("n_seeds"),
                      seeds], axis=1).copy()
     return out.reset_index()[["run", *[c for c in df.columns if c not in ("run", "seed")], "seeds", "n_seeds",
                               *sd.columns]]
@@ -184,7 +193,8 @@ def best_run(df: pd.DataFrame, losses: Losses) -> str:
     best = order[0]
     ties = [r for r in order[1:] if (d := losses.diff(r, best)) is not None and not d["distinguishable"]]
     ev = df.set_index("run")["eval_loss"]
-    text = f"**Lowest eval loss: `{best}`** ({ev[best]:.4f}, perplexity {perplexity(ev[best]):.2f})"
+    ppl = df.set_index("run")["eval_perplexity"][best] if "eval_perplexity" in df else perplexity(ev[best])
+    text = f"**Lowest eval loss: `{best}`** ({ev[best]:.4f}, perplexity {ppl:.2f})"
     if ties:
         return text + (", but " + ", ".join(f"`{r}` ({ev[r]:.4f})" for r in ties) +
                        (" is" if len(ties) == 1 else " are") + " not distinguishable from it "
@@ -230,7 +240,8 @@ def rank_steps(df: pd.DataFrame, losses: Losses, method: str = "lora") -> list[s
     for (r1, a), (r2, b) in zip(runs, runs[1:]):
         loss_text, real = _loss_change(losses, a, b, df)
         d = losses.diff(b, a)
-        gains.append((r1, r2, d["diff"] if d else m.loc[b, "eval_loss"] - m.loc[a, "eval_loss"], real))
+        gains.append((r1, r2, d["diff"] if d else m.loc[b, "eval_loss"] - m.loc[a, "eval_loss"], real,
+                      d["half"] if d else None))
         out.append(
             f"**r={r1} → r={r2}**: {loss_text}; train runtime "
             f"{ratio_text(m.loc[b, 'train_runtime_s'], m.loc[a, 'train_runtime_s'], TIME_TOL, 'longer', 'shorter')}, "
@@ -241,10 +252,11 @@ def rank_steps(df: pd.DataFrame, losses: Losses, method: str = "lora") -> list[s
     return out
 
 
-def returns_verdict(gains: list[tuple[int, int, float, bool | None]]) -> str:
-    """Diminishing returns or not, from the loss change of each rank step (negative = better)."""
+def returns_verdict(gains: list[tuple[int, int, float, bool | None, float | None]]) -> str:
+    """Diminishing returns or not, from the loss change of each rank step (negative = better): (rank from,
+    rank to, change, whether its 95% interval excludes zero (None: unknown), the interval's half-width)."""
     if len(gains) == 1:
-        r1, r2, d, real = gains[0]
+        r1, r2, d, real, _ = gains[0]
         if real is False:
             return f"Raising the rank from {r1} to {r2} made no measurable difference to eval loss."
         return f"Raising the rank from {r1} to {r2} changed eval loss by {d:+.4f}."
@@ -253,16 +265,21 @@ def returns_verdict(gains: list[tuple[int, int, float, bool | None]]) -> str:
         return "**Rank made no measurable difference** to eval loss over " + \
             ", ".join(str(g[0]) for g in gains) + f", {gains[-1][1]}."
     first, last = gains[0], gains[-1]
-    if first[3] and last[3] is False:
+    if first[3] and first[2] < 0 and last[3] is False:
         return (f"**Diminishing returns**: r={first[0]} → {first[1]} lowered eval loss measurably "
                 f"({first[2]:+.4f}), r={last[0]} → {last[1]} did not ({last[2]:+.4f}, within noise).")
     if first[3] and last[3]:
         if first[2] < 0 and last[2] < 0:
-            per_first = first[2] / math.log2(first[1] / first[0])
-            per_last = last[2] / math.log2(last[1] / last[0])
-            kind = "**Diminishing returns**" if abs(per_last) < abs(per_first) else "**No sign of diminishing returns**"
-            return (f"{kind}: per doubling of the rank, eval loss fell by {-per_first:.4f} from r={first[0]} to "
-                    f"{first[1]} and by {-per_last:.4f} from r={last[0]} to {last[1]}.")
+            doublings_first, doublings_last = math.log2(first[1] / first[0]), math.log2(last[1] / last[0])
+            per_first, per_last = -first[2] / doublings_first, -last[2] / doublings_last  # the fall per doubling
+            noise = first[4] / doublings_first + last[4] / doublings_last  # both intervals' half-widths
+            kind = ("**Diminishing returns**" if per_first - per_last > noise else
+                    "**No sign of diminishing returns**" if per_last - per_first > noise else
+                    "**No measurable change in returns**")
+            return (f"{kind}: per doubling of the rank, eval loss fell by {per_first:.4f} from r={first[0]} to "
+                    f"{first[1]} and by {per_last:.4f} from r={last[0]} to {last[1]}"
+                    + (" (the two differ by less than their 95% intervals together)"
+                       if abs(per_first - per_last) <= noise else "") + ".")
         return ("Eval loss does not fall steadily with rank: " +
                 ", ".join(f"r={g[0]} → {g[1]}: {g[2]:+.4f}" for g in gains) + ".")
     if real:
@@ -312,18 +329,23 @@ def full_finetuning(df: pd.DataFrame, losses: Losses) -> list[str]:
     faster = [r for r in others if m.loc[r, "train_runtime_s"] < m.loc["full", "train_runtime_s"] * (1 - TIME_TOL)]
     out = [f"**Full fine-tuning** trains all {int(m.loc['full', 'trainable_params']):,} parameters; against the best "
            f"adapter run `{best_adapter}`: {loss_text}."]
+    within = [r for r in others if r not in lighter and r not in heavier]
+
+    def listed(runs):
+        return ", ".join(f"`{r}` {mib(m.loc[r, mem])}" for r in runs)
+
     mem_sentence = f"Its {mem_name} is {mib(m.loc['full', mem])}: "
     if not heavier and not lighter:
         mem_sentence += f"about the same as every other run (all within {MEM_TOL:.0%})."
-    elif heavier and not lighter:
-        mem_sentence += "the **lowest** of all runs (" + ", ".join(f"`{r}` {mib(m.loc[r, mem])}" for r in heavier) + ")."
-    elif lighter and not heavier:
-        mem_sentence += "the highest; every adapter run needs less (" + \
-            ", ".join(f"`{r}` {mib(m.loc[r, mem])}" for r in lighter) + ")."
-    else:
-        mem_sentence += ("higher than " + (", ".join(f"`{r}`" for r in lighter) or "no run") + "; lower than " +
-                         (", ".join(f"`{r}`" for r in heavier) or "no run") + "; the rest within "
-                         f"{MEM_TOL:.0%}.")
+    elif heavier and not lighter and not within:
+        mem_sentence += f"the **lowest** of all runs ({listed(heavier)})."
+    elif lighter and not heavier and not within:
+        mem_sentence += f"the highest; every adapter run needs less ({listed(lighter)})."
+    else:  # no superlative when some run is within the tolerance of it
+        mem_sentence += "; ".join(part for part in [
+            f"higher than {listed(lighter)}" if lighter else "",
+            f"lower than {listed(heavier)}" if heavier else "",
+            f"about the same as {listed(within)} (within {MEM_TOL:.0%})" if within else ""] if part) + "."
     out.append(mem_sentence)
     out.append(f"Train runtime {m.loc['full', 'train_runtime_s']:.1f} s; faster than full fine-tuning: " +
                (", ".join(f"`{r}` ({m.loc[r, 'train_runtime_s']:.1f} s)" for r in faster) or "no run") + ".")
@@ -395,8 +417,10 @@ def busy_machine(df: pd.DataFrame) -> str | None:
     busy = _rows_above(df, "other_processes_cpu_share_pct", 10.0)
     if busy is None:
         return None
+    seeds = "seed" in busy and df.groupby("run")["seed"].nunique().max() > 1
     return ("**Timings taken on a busy machine**: other processes used " +
-            ", ".join(f"{r['other_processes_cpu_share_pct']:.0f}% of the CPU while `{r['run']}` trained"
+            ", ".join(f"{r['other_processes_cpu_share_pct']:.0f}% of the CPU while `{r['run']}`"
+                      + (f" (seed {int(r['seed'])})" if seeds else "") + " trained"
                       for _, r in busy.iterrows()) +
             ". Their runtime and throughput are not comparable with the other runs; rerun them alone "
             "(`--forcerun results/runs/<run>/seed<seed>/metrics.json`) for timings that are.")
@@ -427,10 +451,11 @@ def shared_gpu(df: pd.DataFrame) -> str | None:
 def findings(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None) -> list[str]:
     """All findings, in reading order; each entry is one Markdown paragraph or bullet."""
     losses = Losses(eval_losses)
-    shared = shared_gpu(df)  # per run and seed, before seeds are averaged
+    # per run and seed, before seeds are averaged (a table already averaged has lost what these look for)
+    shared, busy = shared_gpu(df), busy_machine(df)
     unstable, excluded = diverged(df)
     df = by_run(df[~df["run"].isin(excluded)])
-    out = [w for w in [unstable, busy_machine(df), shared] if w]
+    out = [w for w in [unstable, busy, shared] if w]
     if df.empty:
         return out
     out += [best_run(df, losses), learning(df, losses)]

@@ -69,6 +69,24 @@ class MachineShare:
 
     BUSY_PCT = 10.0
 
+    def __init__(self, prior: dict | None = None):
+        """``prior``: :meth:`totals` of earlier segments of the same run (a run resumed after a crash)."""
+        self.prior = prior or {}
+        self._t = None
+
+    def totals(self) -> dict:
+        """Other processes' CPU seconds and the wall seconds so far, earlier segments included."""
+        import time
+
+        import psutil
+
+        other = self.prior.get("other_cpu_s", 0.0)
+        wall = self.prior.get("wall_s", 0.0)
+        if self._t is not None:
+            other += max(0.0, (self._busy(psutil.cpu_times()) - self._sys) - (self._own_cpu() - self._own))
+            wall += time.perf_counter() - self._t
+        return {"other_cpu_s": other, "wall_s": wall}
+
     def start(self) -> None:
         import time
 
@@ -91,13 +109,10 @@ class MachineShare:
 
     def stop(self) -> dict:
         import os
-        import time
 
-        import psutil
-
-        wall = time.perf_counter() - self._t
+        t = self.totals()
+        wall, other = t["wall_s"], t["other_cpu_s"]
         cores = os.cpu_count() or 1
-        other = max(0.0, (self._busy(psutil.cpu_times()) - self._sys) - (self._own_cpu() - self._own))
         share = 100.0 * other / (wall * cores) if wall > 0 else 0.0
         return {"other_processes_cpu_share_pct": share, "machine_cpu_count": cores,
                 "machine_busy_during_train": share > self.BUSY_PCT}

@@ -70,6 +70,7 @@ def short_runs_caveat(df: pd.DataFrame) -> str:
 
 def findings_section(ctx: dict) -> str:
     df, ev = ctx["metrics"], ctx["eval_losses"]
+    per_seed = ctx.get("metrics_per_seed", df)  # the findings look at every seed before averaging
     out = ["## Findings", "",
            "Computed from `results/metrics.csv` and the per-example eval losses in `results/eval_losses.csv`. "
            "Differences in eval loss come with a 95% confidence interval from a paired comparison over the same "
@@ -81,7 +82,7 @@ def findings_section(ctx: dict) -> str:
               "[0, 1, 2]` for that). Timings and memory are single measurements: ")
            + f"differences under {F.TIME_TOL:.0%} (time) and {F.MEM_TOL:.0%} (memory) are called "
            "*about the same*." + short_runs_caveat(df), ""]
-    out += [f"- {p}" for p in F.findings(df, ev)]
+    out += [f"- {p}" for p in F.findings(per_seed, ev)]
     return "\n".join(out)
 
 
@@ -215,11 +216,13 @@ def results_table(df: pd.DataFrame) -> str:
         *(["- With replicate seeds every figure is the mean over seeds; *± x* is one standard deviation across "
            "seeds; per-seed rows are in `results/metrics.csv`."] if "n_seeds" in df and df["n_seeds"].max() > 1
           else []),
-        "- *train loss*: mean training loss over the run (Trainer's `train_loss`, as write-up W3 reports); "
+        "- *train loss*: mean training loss over the run's steps (the Trainer's `train_loss`, as write-up W3 "
+        "reports; a run resumed after a crash: over all its steps); "
         "*eval loss*: on the held-out split after training; untrained: "
         + ", ".join(f"{r['run']} {r['base_eval_loss']:.4g}" for _, r in df.iterrows()) + ".",
-        "- *runtime*: training wall time with evaluation time subtracted; *tokens/s* counts non-padding "
-        "tokens (prompt + response) actually fed; *padding*: share of the fed batch positions that were padding"
+        "- *runtime*: training wall time with the time of evaluations and of writing checkpoints subtracted; "
+        "*tokens/s* counts non-padding tokens (prompt + response) actually fed; *padding*: share of the fed batch "
+        "positions that were padding"
         + ("; *MFU*: model FLOPs (6·N per token for full fine-tuning, 4·N with a frozen base) per second over "
            "the GPU's dense 16-bit tensor-core peak (bf16; fp16 on a V100 or T4)"
            if "mfu_pct" in df and df["mfu_pct"].notna().any() else "")

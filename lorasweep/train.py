@@ -322,6 +322,7 @@ def _trainer_class():
 
         last_eval_examples: list[dict] | None = None  # per-example losses of the latest evaluate()
         memory: PeakMemory | None = None  # evaluations are left out of its training peaks
+        checkpoint_time_s = 0.0  # writing checkpoints (training.checkpoint_steps): not training, so not timed as it
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
@@ -365,6 +366,13 @@ def _trainer_class():
             self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
             return metrics
 
+        def _save_checkpoint(self, model, trial):
+            start = time.perf_counter()
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self.checkpoint_time_s += time.perf_counter() - start
+
         def _get_eval_sampler(self, eval_dataset):
             # Longest first, ties in split order: the same order in every run (transformers would length-group
             # the eval set in an order drawn from the global RNG), little padding, and an eval batch too large
@@ -394,8 +402,11 @@ def _callback_class():
         PEERS_EVERY_S = 10.0  # how often step ends ask how many other jobs share the GPU
 
         def __init__(self, history_path: Path, counts: TokenCounts, memory: PeakMemory, resume: dict | None = None,
-                     gpu_peers=None):
+                     gpu_peers=None, trainer=None, machine: MachineShare | None = None):
             self.history_path = history_path
+            self.trainer = trainer  # its checkpoint_time_s: the Trainer's own checkpoint writing
+            self.machine = machine  # saved with each checkpoint, so that a resumed run's share covers all of it
+            self.state_save_s = 0.0  # this callback's part of checkpointing (lorasweep_state.json)
             self.gpu_peers = gpu_peers  # GpuSlot.peers: other training jobs on this job's GPU, or None
             self.peers_max = (resume or {}).get("gpu_jobs_beside_max")
             self._peers_at = None
@@ -420,23 +431,35 @@ def _callback_class():
         def elapsed(self) -> float:
             return self.prior.get("elapsed_s", 0.0) + (time.perf_counter() - self.t_begin if self.t_begin else 0.0)
 
+        @property
+        def checkpoint_time_s(self) -> float:
+            """Time this segment spent writing checkpoints (the Trainer's files and lorasweep's state)."""
+            return (self.trainer.checkpoint_time_s if self.trainer is not None else 0.0) + self.state_save_s
+
         def on_save(self, args, state, control, **kw):
             """Beside each Trainer checkpoint, what resuming from it needs to keep the metrics whole."""
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if not ckpt.is_dir():
                 return
-            seg_train = time.perf_counter() - self.t_begin - self.eval_time_s
+            start = time.perf_counter()
+            seg_train = start - self.t_begin - self.eval_time_s - self.checkpoint_time_s
             mem = self.memory.read(keep_running=True)
+            history = [json.loads(line) for line in self.history_path.read_text().splitlines() if line.strip()]
             _atomic_write_json(ckpt / STATE_FILE, {
                 **self.extra_state, "step": state.global_step, "counts": self.counts.read(),
                 "train_time_s": self.prior.get("train_time_s", 0.0) + seg_train,
                 "eval_time_s": self.prior.get("eval_time_s", 0.0) + self.eval_time_s,
+                "checkpoint_time_s": self.prior.get("checkpoint_time_s", 0.0) + self.checkpoint_time_s,
+                # the training loss summed over steps 1..step (every checkpoint step is a logging step)
+                "train_loss_sum": logged_loss_sum(history, state.global_step),
+                "machine": self.machine.totals() if self.machine else None,
                 "elapsed_s": self.elapsed(), "segments": self.prior.get("segments", 0) + 1,
                 "gpu_jobs_beside_max": self.peers_max,
                 "peaks": {k: max(v or 0, self.prior.get("peaks", {}).get(k) or 0) for k, v in mem.items()
                           if k.startswith(("peak_", "eval_peak_")) and k != "peak_rss_method"},
-                "history": [json.loads(line) for line in self.history_path.read_text().splitlines() if line.strip()],
+                "history": history,
             })
+            self.state_save_s += time.perf_counter() - start
             log.info("checkpoint at step %d saved (%s)", state.global_step, ckpt)
 
         def write(self, record: dict) -> None:
@@ -450,6 +473,13 @@ def _callback_class():
         def on_step_end(self, args, state, control, **kw):
             self.mem_samples.append(self.memory.current())
             self.sample_peers()
+            if state.global_step >= state.max_steps:
+                # no checkpoint of the finished run (the Trainer writes one at the end): resuming from it would
+                # train one step more, and the trained model is saved anyway; a crash after training resumes
+                # from the last periodic checkpoint instead
+                control.should_save = False
+            elif control.should_save:
+                control.should_log = True  # so that the logged losses cover every step up to the checkpoint
 
         def on_train_end(self, args, state, control, **kw):
             self.t_end = time.perf_counter()
@@ -496,6 +526,17 @@ def response_nll(logits, labels):
     nll = torch.stack([F.cross_entropy(logits[i, :-1].float(), labels[i], ignore_index=-100, reduction="sum")
                        for i in range(logits.shape[0])])
     return nll, mask.sum(1)
+
+
+def logged_loss_sum(history: list[dict], step: int) -> float | None:
+    """The training loss summed over steps 1..``step`` from the logged records (each the mean over the steps
+    since the one before); None when the last one logged is not at ``step``."""
+    total, prev = 0.0, 0
+    for h in history:
+        if "loss" in h and h["step"] <= step:
+            total += h["loss"] * (h["step"] - prev)
+            prev = h["step"]
+    return total if prev == step else None
 
 
 def _finite_log(record: dict) -> bool:
@@ -688,7 +729,7 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
              params["total_params"], params["trainable_share_pct"], n4bit)
 
     steps = total_steps(len(train_ds), training)
-    eval_steps = max(1, steps // training["evals"])
+    eval_steps = max(1, math.ceil(steps / training["evals"]))  # `evals` evaluations, the last at the end
     args = SFTConfig(
         output_dir=str(out_dir / "checkpoints"),
         max_steps=steps,
@@ -748,7 +789,9 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
     ckpt, resumed = find_resumable(out_dir / "checkpoints", key)
     counts = trainer.token_counts = TokenCounts((resumed or {}).get("counts"))
     memory = trainer.memory = PeakMemory(device)
-    recorder = _callback_class()(out_dir / "log_history.jsonl", counts, memory, resumed, gpu_peers=gpu_peers)
+    machine = MachineShare((resumed or {}).get("machine"))
+    recorder = _callback_class()(out_dir / "log_history.jsonl", counts, memory, resumed, gpu_peers=gpu_peers,
+                                 trainer=trainer, machine=machine)
     trainer.add_callback(recorder)
     from transformers.trainer_callback import PrinterCallback
 
@@ -769,7 +812,6 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
              base_eval["eval_loss"], steps, len(train_ds), training["batch_size"], training["grad_accum"])
 
     at_load = memory.reset()
-    machine = MachineShare()
     machine.start()
     try:
         result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
@@ -789,10 +831,22 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
 
     history = trainer.state.log_history
     counts = counts.read()
-    # this segment's wall time minus its evaluations, plus what earlier segments (before a crash) measured
-    wall = recorder.t_end - recorder.t_begin + (resumed or {}).get("elapsed_s", 0.0)
-    eval_during = recorder.eval_time_s + (resumed or {}).get("eval_time_s", 0.0)
-    train_time = recorder.t_end - recorder.t_begin - recorder.eval_time_s + (resumed or {}).get("train_time_s", 0.0)
+    # this segment's wall time minus its evaluations and checkpoint writing, plus what earlier segments (before
+    # a crash) measured
+    prior = resumed or {}
+    wall = recorder.t_end - recorder.t_begin + prior.get("elapsed_s", 0.0)
+    eval_during = recorder.eval_time_s + prior.get("eval_time_s", 0.0)
+    checkpoint_time = recorder.checkpoint_time_s + prior.get("checkpoint_time_s", 0.0)
+    train_time = (recorder.t_end - recorder.t_begin - recorder.eval_time_s - recorder.checkpoint_time_s
+                  + prior.get("train_time_s", 0.0))
+    n_steps = trainer.state.global_step
+    train_loss = result.training_loss  # the Trainer's: the mean over the steps of this segment
+    if resumed:  # earlier segments' steps too
+        before = resumed.get("train_loss_sum")
+        if before is None:  # a checkpoint from before lorasweep saved it: from the logged losses if they reach it
+            before = logged_loss_sum(resumed["history"], resumed["step"])
+        train_loss = ((before + train_loss * (n_steps - resumed["step"])) / n_steps if before is not None
+                      else float("nan"))
     last_eval = [h for h in history if "eval_loss" in h]
     if not last_eval or last_eval[-1].get("step") != trainer.state.global_step or not trainer.last_eval_examples:
         final_eval = trainer.evaluate()  # logged by the Recorder
@@ -817,7 +871,6 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         vals = [s[key] for s in recorder.mem_samples if s.get(key) is not None]
         return sum(vals) / len(vals) if vals else None
 
-    n_steps = trainer.state.global_step
     # fused_loss: SFTTrainer's loss is TRL's chunked LM head (no full logits), and the probe forwards through it
     try:
         predicted = memory_model.predict(trainer.model, params["trainable_params"], training["batch_size"],
@@ -856,7 +909,7 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         "torch_compile_regional": bool(training.get("torch_compile_regional")),
         "pad_to_multiple_of": training.get("pad_to_multiple_of"),
         # quality
-        "train_loss": result.training_loss,
+        "train_loss": train_loss,
         "train_loss_last": losses[-1] if losses else None,
         # training logs (every logging_steps) whose loss or gradient norm was not finite: a diverged run
         "train_logs": len(losses),
@@ -868,10 +921,11 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         "base_eval_loss": token_weighted(base_examples),
         "eval_loss_batch_mean": final_eval.get("eval_loss_batch_mean"),
         "base_eval_loss_batch_mean": base_eval.get("eval_loss_batch_mean"),  # absent: resumed from an older checkpoint
-        # speed (training only: evaluation time is subtracted)
+        # speed (training only: the time of evaluations and of writing checkpoints is subtracted)
         "train_runtime_s": train_time,
         "train_wall_s": wall,
         "eval_time_during_train_s": eval_during,
+        "checkpoint_time_s": checkpoint_time,
         "train_steps": n_steps,
         "train_samples": counts["samples"],
         "train_samples_per_s": counts["samples"] / train_time,

@@ -16,16 +16,16 @@ def _config(tiny_config, ranks, **training):
 
 @pytest.mark.parametrize("init", ["olora", "pissa"])
 def test_olora_and_pissa_move_base_weight_into_the_adapter_and_still_merge_exactly(init, tiny_config, tiny_data,
-                                                                                   tiny_model, tmp_path):
+                                                                                   tiny_model, tmp_path, monkeypatch):
     """PEFT documents OLoRA as W = W_res + s B0 A0 with B0 orthonormal (QR of W), PiSSA likewise from the top-r
     singular vectors: the base weight changes. The saved adapter must still fit the *original* base, and the
     merged model must compute what the trained (residual base + adapter) model computed."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lorasweep.adapters import _batch, merge_run, score, verify_run
     from lorasweep.data import read_jsonl
+    from lorasweep import train as T
     from lorasweep.train import attach_lora, load_model, train_run
 
     cfg = _config(tiny_config, [{"rank": 8, "init": init}], max_steps=6)
@@ -48,15 +48,22 @@ def test_olora_and_pissa_move_base_weight_into_the_adapter_and_still_merge_exact
     torch.testing.assert_close(score(model, batch)["logits"], score(original, batch)["logits"], atol=1e-4, rtol=0)
 
     out = tmp_path / "run"
-    m = train_run(spec, tiny_data["train"], tiny_data["eval"], out,
-                  operational={"checkpoint_steps": 6, "keep_checkpoints": True})
+    trained_adapter = {}  # as it trained, before saving converts it
+    save_trained = T.save_trained
+
+    def keep_trained_adapter(trainer, *args):
+        trained_adapter.update({k: v.detach().clone() for k, v in get_peft_model_state_dict(trainer.model).items()})
+        save_trained(trainer, *args)
+
+    monkeypatch.setattr(T, "save_trained", keep_trained_adapter)
+    m = train_run(spec, tiny_data["train"], tiny_data["eval"], out)
     assert m["lora_init"] == init and m["eval_loss"] < m["base_eval_loss"]
     saved = json.loads((out / "model" / "adapter_config.json").read_text())
     assert saved["r"] == 16 and saved["init_lora_weights"] is True  # converted: Delta W = A B - A0 B0, rank 2r
 
-    # the trained model as it trained: residual base + the unconverted adapter from the final checkpoint
+    # the trained model as it trained: residual base + the unconverted adapter
     trained = attach_lora(load_model(spec, "cpu", "fp32"), spec)
-    set_peft_model_state_dict(trained, load_file(out / "checkpoints" / "checkpoint-6" / "adapter_model.safetensors"))
+    set_peft_model_state_dict(trained, trained_adapter)
     merged_dir = merge_run(spec, out / "model", tmp_path / "merged")
     merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
     diff = (score(trained.eval(), batch)["logits"] - score(merged, batch)["logits"]).abs().max()

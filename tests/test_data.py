@@ -36,6 +36,7 @@ def test_empty_outputs_are_dropped_and_counted():
         ([rec(0), {"instruction": "x", "output": 3}], "record 1: field 'output' must be a string"),
         ([rec(0, output=""), rec(1, output="")], "all 2 records have an empty output"),
         (["text"], "record 0: expected an object"),
+        ([rec(0), {"instruction": None, "output": "y"}], "record 1: empty instruction"),
     ],
 )
 def test_bad_records_name_the_record(records, message):

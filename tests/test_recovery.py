@@ -78,6 +78,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     losses = [h["loss"] for h in history if "loss" in h]
     assert losses == pytest.approx(ref_losses, rel=1e-4, abs=1e-4)
     assert m["eval_loss"] == pytest.approx(ref["eval_loss"], rel=1e-4)
+    assert m["train_loss"] == pytest.approx(ref["train_loss"], abs=1e-4)  # over all 150 steps, both segments
 
 
 @pytest.mark.slow
@@ -94,6 +95,68 @@ def test_out_of_memory_is_retried_with_half_the_batch(tmp_path):
     log = (workdir / "logs" / "train" / "lora-r8" / "seed0.log").read_text()  # the successful attempt's log
     assert "per-device batch 4 x accumulation 2 (effective batch kept)" in log
     assert not (run / "oom.json").exists()
+
+
+def test_a_crash_after_training_resumes_without_extra_steps_and_keeps_the_metrics_whole(
+        tiny_config, tiny_data, tmp_path, monkeypatch):
+    """Killed while saving the trained model: the rerun resumes from the last periodic checkpoint (none is
+    written of the finished run, which would train a step more), and its train loss, step count and time
+    match a run that was never interrupted; writing checkpoints is not counted as training time."""
+    from transformers import Trainer
+
+    from lorasweep import train as T
+
+    slow_save = 0.3
+    original_save = Trainer._save_checkpoint
+
+    def slowed(self, *a, **k):  # a large model's checkpoint takes seconds to write: make it visible here
+        original_save(self, *a, **k)
+        time.sleep(slow_save)
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", slowed)
+    from lorasweep.config import operational
+
+    cfg = tiny_config(max_steps=12, checkpoint_steps=4, logging_steps=3, evals=2)
+    args = (run_spec(cfg, "full"), tiny_data["train"], tiny_data["eval"])
+    out = tmp_path / "crashed"
+    saved = T.save_trained
+
+    def crash(*a, **k):
+        raise RuntimeError("killed while saving the model")
+
+    monkeypatch.setattr(T, "save_trained", crash)
+    with pytest.raises(RuntimeError, match="killed while saving"):
+        train_run(*args, out, threads=2, operational=operational(cfg))
+    assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-8"]  # none at 12
+    monkeypatch.setattr(T, "save_trained", saved)
+    m = train_run(*args, out, threads=2, operational=operational(cfg))
+    ref = train_run(*args, tmp_path / "reference", threads=2, operational=operational(cfg))
+
+    assert (m["resumed_from_step"], m["train_segments"]) == (8, 2)
+    assert m["train_steps"] == ref["train_steps"] == 12
+    assert (m["train_samples"], m["train_tokens_nonpad"]) == (ref["train_samples"], ref["train_tokens_nonpad"])
+    # the mean over all 12 steps, not over the 4 trained after the resume (checkpoint steps are logged)
+    assert m["train_loss"] == pytest.approx(ref["train_loss"], abs=1e-4)
+    assert m["eval_loss"] == pytest.approx(ref["eval_loss"], abs=1e-4)
+    # checkpoints at steps 4 and 8, each slowed by slow_save: training time leaves them out, the wall has them
+    assert m["checkpoint_time_s"] >= 2 * slow_save and ref["checkpoint_time_s"] >= 2 * slow_save
+    for r in (m, ref):
+        assert r["train_wall_s"] == pytest.approx(
+            r["train_runtime_s"] + r["eval_time_during_train_s"] + r["checkpoint_time_s"], abs=0.05)
+    history = _history(out / "log_history.jsonl")
+    assert [h["step"] for h in history if "loss" in h] == [3, 4, 6, 8, 9, 12]  # checkpoint steps 4, 8 logged
+    assert [h["step"] for h in history if "eval_loss" in h] == [0, 6, 12]
+
+
+def test_a_resumed_runs_machine_share_counts_its_earlier_segments():
+    from lorasweep.provenance import MachineShare
+
+    cores = os.cpu_count() or 1
+    share = MachineShare({"other_cpu_s": 30.0 * cores, "wall_s": 100.0})  # 30% busy before the crash
+    share.start()
+    busy = share.stop()
+    assert busy["other_processes_cpu_share_pct"] == pytest.approx(30.0, abs=1.0)
+    assert busy["machine_busy_during_train"]
 
 
 def test_oom_halving_keeps_the_effective_batch(tmp_path):

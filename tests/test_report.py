@@ -250,6 +250,72 @@ def test_runs_that_shared_their_gpu_are_flagged_by_run_and_seed():
     assert F.findings(m, ev)[0].startswith("**Runs that shared their GPU**: every run, each beside up to 4 other")
 
 
+def test_the_rendered_report_names_the_seed_that_diverged_shared_its_gpu_or_ran_on_a_busy_machine(tmp_path):
+    """The report's findings look at every seed before averaging: one diverged seed is not averaged away."""
+    m, ev = _two_seeds()
+    m = m.assign(train_logs=10, train_nonfinite_logs=0, gpu_jobs_beside_max=float("nan"),
+                 other_processes_cpu_share_pct=1.0)
+    one = lambda run, seed: (m["run"] == run) & (m["seed"] == seed)  # noqa: E731
+    m.loc[one("lora-r8", 1), ["eval_loss", "train_nonfinite_logs"]] = [float("nan"), 4]
+    m.loc[one("lora-r128", 0), "gpu_jobs_beside_max"] = 2
+    m.loc[one("lora-r256", 1), "other_processes_cpu_share_pct"] = 30.0  # averaged with seed 0: 15.5%
+    _, text = _render(tmp_path, m, ev)
+    findings = text.split("## Findings")[1].split("\n## ")[0]
+    assert "**Training diverged**: `lora-r8` (seed 1): eval loss nan, 4 of 10 training logs" in findings
+    assert "**Runs that shared their GPU**: `lora-r128` (seed 0) beside up to 2 other" in findings
+    assert "30% of the CPU while `lora-r256` (seed 1) trained" in findings
+    assert "**Lowest eval loss: `lora-r8`" not in findings
+    # the results table does not average the diverged seed away either
+    results = text.split("## Results")[1].split("\n## ")[0]
+    row = next(line for line in results.splitlines() if line.startswith("| lora-r8 "))
+    assert "nan" in row.lower() or "–" in row
+    assert F.by_run(m).set_index("run").loc["lora-r8", "eval_loss"] != F.by_run(m).set_index("run").loc[
+        "lora-r8", "eval_loss"]  # NaN
+    assert F.by_run(m).set_index("run").loc["full", "eval_loss"] == pytest.approx(
+        m[m["run"] == "full"]["eval_loss"].mean())
+
+
+def test_the_rank_verdict_follows_the_sign_and_the_intervals_of_each_step():
+    # (rank from, rank to, change in eval loss, distinguishable, 95% half-width)
+    better_then_flat = [(8, 128, -0.10, True, 0.02), (128, 256, -0.005, False, 0.02)]
+    assert F.returns_verdict(better_then_flat).startswith("**Diminishing returns**: r=8 → 128 lowered")
+    worse_then_flat = [(8, 128, +0.10, True, 0.02), (128, 256, -0.005, False, 0.02)]
+    verdict = F.returns_verdict(worse_then_flat)
+    assert "Diminishing" not in verdict and "lowered" not in verdict and "+0.1000" in verdict
+    # per doubling: 0.10 / 4 = 0.025 against 0.02 / 1: the difference is inside the intervals' sum
+    close = [(8, 128, -0.10, True, 0.02), (128, 256, -0.02, True, 0.01)]
+    assert F.returns_verdict(close).startswith("**No measurable change in returns**")
+    clear = [(8, 128, -0.40, True, 0.02), (128, 256, -0.02, True, 0.01)]
+    assert F.returns_verdict(clear).startswith("**Diminishing returns**: per doubling")
+    rising = [(8, 128, -0.04, True, 0.004), (128, 256, -0.05, True, 0.004)]
+    assert F.returns_verdict(rising).startswith("**No sign of diminishing returns**")
+
+
+def test_full_finetunings_memory_is_called_lowest_only_when_no_run_is_within_the_tolerance():
+    df, ev = _fixture()
+    mem, _ = F.memory_measure(df)
+    df[mem] = df[mem].astype(float)
+    full = df.loc[df["run"] == "full", mem].iloc[0]
+
+    def sentence(frame):
+        return next(f for f in F.full_finetuning(F.by_run(frame), F.Losses(ev)) if f.startswith("Its "))
+
+    lowest = df.copy()
+    lowest.loc[lowest["run"] != "full", mem] = full * 1.5
+    assert "the **lowest** of all runs" in sentence(lowest)
+    close = lowest.copy()
+    close.loc[close["run"] == "lora-r8", mem] = full * 0.99  # 1% below full: within the 2% tolerance
+    text = sentence(close)
+    assert "lowest" not in text and "lower than `lora-r128`" in text
+    assert "about the same as `lora-r8`" in text
+    highest = df.copy()
+    highest.loc[highest["run"] != "full", mem] = full * 0.5
+    highest.loc[highest["run"] == "lora-r8", mem] = full * 1.01
+    text = sentence(highest)
+    assert "highest" not in text and "every adapter run needs less" not in text
+    assert "higher than `lora-r128`" in text and "about the same as `lora-r8`" in text
+
+
 def test_timings_of_short_single_runs_come_with_a_caution():
     m, ev = _fixture()
     ctx = {"metrics": F.by_run(m), "eval_losses": ev}

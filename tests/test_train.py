@@ -22,13 +22,14 @@ def _train(tiny_config, tiny_data, tmp_path, run, **training):
 
 
 def test_full_finetuning_learns_and_writes_everything(tiny_config, tiny_data, tmp_path):
-    m, out = _train(tiny_config, tiny_data, tmp_path, "full", max_steps=20)
+    m, out = _train(tiny_config, tiny_data, tmp_path, "full", max_steps=20, evals=3)
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(m, default=str))
     assert m["eval_loss"] < m["base_eval_loss"] - 0.5  # the loss really falls
     assert m["train_steps"] == 20 and m["train_samples"] == 20 * 8
     assert m["trainable_params"] == m["total_params"] and m["saved_model_kind"] == "full model"
     assert (out / "model" / "model.safetensors").stat().st_size == m["saved_model_bytes"]
     assert 0 < m["train_runtime_s"] <= m["train_wall_s"]
+    assert m["checkpoint_time_s"] == 0  # checkpoint_steps 0 in the tests' config: none written
     assert m["peak_rss_bytes"] > 0 and "peak_cuda_allocated_bytes" not in m  # absent on the CPU, never 0
     assert "mfu_pct" not in m and "mfu_ceiling_pct" not in m  # GPU figures
     assert m["train_tokens_labelled"] < m["train_tokens_nonpad"] <= m["train_tokens_padded"]
@@ -39,6 +40,7 @@ def test_full_finetuning_learns_and_writes_everything(tiny_config, tiny_data, tm
     evals = [h for h in history if "eval_loss" in h]
     # one record per evaluation (untrained, then every eval_steps); the curves end where the metrics say
     assert [h["step"] for h in evals] == sorted({h["step"] for h in evals}) and evals[0]["step"] == 0
+    assert [h["step"] for h in evals] == [0, 7, 14, 20]  # evals: 3 during training, the last at the end
     assert evals[0]["eval_loss"] == pytest.approx(m["base_eval_loss"])
     assert evals[-1]["step"] == 20 and evals[-1]["eval_loss"] == pytest.approx(m["eval_loss"])
     # the reported eval loss counts every response token of the eval split once (not a mean of batch means)
