@@ -51,12 +51,21 @@ def _describe(error) -> str:
         op = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">", "exclusiveMaximum": "<"}[v]
         return f"{key} = {error.instance!r}: must be {op} {error.validator_value}"
     if v == "type":
-        return f"{key} = {error.instance!r}: must be of type {error.validator_value}"
+        hint = ""
+        if isinstance(error.instance, str) and "number" in str(error.validator_value):
+            try:
+                float(error.instance)
+                hint = (f" (YAML reads {error.instance} as text: a number needs a decimal point before the exponent, "
+                        f"e.g. 1.0e-3)")
+            except ValueError:
+                pass
+        return f"{key} = {error.instance!r}: must be of type {error.validator_value}{hint}"
     if v == "required":
         hint = ""
         if not error.absolute_path:
-            hint = (" (a single --configfile replaces config/config.yaml; to override part of it, pass both: "
-                    "--configfile config/config.yaml your-overrides.yaml)")
+            hint = (" (Snakemake merges --configfile files over config/config.yaml in the working directory; run "
+                    "from the repository root, or pass the base too: --configfile path/to/config/config.yaml "
+                    "your-overrides.yaml)")
         return f"{key}: {error.message}{hint}"
     if v == "not" and "max_steps" in key:
         return f"{key} = 0: must be -1 (train for `epochs`) or a positive number of steps"
@@ -86,6 +95,19 @@ def validate_config(config: dict) -> dict:
         raise ConfigError("invalid lorasweep configuration: training.torch_compile_regional = true needs "
                           "training.torch_compile (true or a mode: it picks the mode, regional the scope)")
     return config
+
+
+def check_dataset_file(config: dict, built: tuple[str, ...] = ()) -> None:
+    """A local dataset (``dataset.source`` ending in .json / .jsonl / .parquet) must exist, unless a rule builds
+    it (``built``): Snakemake would otherwise skip a finished sweep's data step without a word, or stop with a
+    missing-input error that does not name the key."""
+    from .data import is_local_source
+
+    source = str(config["dataset"]["source"])
+    if is_local_source(source) and source not in built and not Path(source).is_file():
+        raise ConfigError(f"dataset.source = {source!r}: file not found (read from the working directory "
+                          f"{Path.cwd()}); a local .json / .jsonl / .parquet in CodeAlpaca's format, or a Hugging "
+                          "Face dataset id")
 
 
 def _fill_defaults(instance: dict, schema: dict) -> None:

@@ -303,7 +303,8 @@ def quantization(df: pd.DataFrame, losses: Losses) -> list[str]:
         base_text = (f"{m.loc[lo, 'base_eval_loss']:.4f} → {m.loc[q, 'base_eval_loss']:.4f}"
                      + (f" (Δ {base_d['diff']:+.4f} ± {base_d['half']:.4f})" if base_d else ""))
         w_lo, w_q = m.loc[lo].get("predicted_weights_bytes"), m.loc[q].get("predicted_weights_bytes")
-        weights = (f"; the base weights shrink from {mib(w_lo)} to {mib(w_q)} ({w_q / w_lo:.0%})"
+        weights = (f"; the weights it holds (base and adapter, predicted) shrink from {mib(w_lo)} to {mib(w_q)}, "
+                   f"{w_q / w_lo:.0%} of `{lo}`'s"
                    if w_lo and w_q and not math.isnan(w_lo) else "")
         out.append(
             f"**4-bit ({m.loc[q, 'quant_type']}) `{q}` vs `{lo}`**: {mem_name} "

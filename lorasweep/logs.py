@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import sys
+import time
 import traceback
 
 
@@ -13,7 +15,9 @@ import traceback
 def script_logging(log_path: str | os.PathLike, level: int = logging.INFO):
     """Route a script's output to ``log_path``; echo lorasweep's progress lines to the console.
 
-    On an exception: the traceback goes to the log, a one-paragraph message to the console, exit 1.
+    On an exception: the traceback goes to the log, a one-paragraph message to the console, exit 1. The
+    failed attempt's log is also copied to ``<log>.<time>-failed``: Snakemake deletes a job's log before it
+    retries or reruns the job.
     """
     os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
     log_file = open(log_path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - lives for the process
@@ -38,8 +42,15 @@ def script_logging(log_path: str | os.PathLike, level: int = logging.INFO):
         yield ours
     except Exception as e:  # noqa: BLE001 - reported, then the job fails
         log_file.write(traceback.format_exc())
+        log_file.flush()
+        kept = f"{log_path}.{time.strftime('%Y%m%dT%H%M%S')}-failed"
+        try:
+            shutil.copyfile(log_path, kept)
+        except OSError:
+            kept = None
         name = type(e).__name__
-        console.write(f"\nlorasweep: {name}: {e}\n  (full traceback in {log_path})\n\n")
+        console.write(f"\nlorasweep: {name}: {e}\n  (full traceback in {log_path}"
+                      + (f", kept in {kept} for when Snakemake retries or reruns the job" if kept else "") + ")\n\n")
         console.flush()
         sys.stdout, sys.stderr = old_out, old_err
         log_file.close()

@@ -62,6 +62,8 @@ def test_any_rank_list_and_all_linear():
         ({"dataset": {"source": "x.json", "fraction": 0}}, r"dataset.fraction = 0: must be > 0"),
         ({"methods": {"lora": {"target_modules": 3}}}, r"target_modules = 3: must be a list of module names, 'attention' or 'all-linear'"),
         ({"training": {"batch_size": "8"}}, r"training.batch_size = '8': must be of type integer"),
+        ({"methods": {"lora": {"learning_rate": "1e-3"}}},  # PyYAML reads 1e-3 (no decimal point) as text
+         r"methods.lora.learning_rate = '1e-3': must be of type number \(YAML reads 1e-3 as text.*1.0e-3"),
         ({"training": {"max_steps": 0}}, r"training.max_steps = 0: must be -1"),
         ({"training": {"torch_compile": "fast"}},
          r"training.torch_compile = 'fast': must be one of False, True, 'default', 'reduce-overhead'"),
@@ -76,8 +78,8 @@ def test_errors_name_the_key_and_what_is_allowed(override, message):
         validate_config(deep_merge(MINIMAL, override))
 
 
-def test_missing_top_level_key_explains_configfile_replacement():
-    with pytest.raises(ConfigError, match="a single --configfile replaces config/config.yaml"):
+def test_missing_top_level_key_explains_how_config_files_combine():
+    with pytest.raises(ConfigError, match="merges --configfile files over config/config.yaml"):
         validate_config({"dataset": {"source": "x.json"}})
 
 

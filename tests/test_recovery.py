@@ -94,6 +94,10 @@ def test_out_of_memory_is_retried_with_half_the_batch(tmp_path):
     assert m["train_samples"] == 6 * 8
     log = (workdir / "logs" / "train" / "lora-r8" / "seed0.log").read_text()  # the successful attempt's log
     assert "per-device batch 4 x accumulation 2 (effective batch kept)" in log
+    # Snakemake deleted the first attempt's log before retrying; its copy keeps the traceback
+    [kept] = (workdir / "logs" / "train" / "lora-r8").glob("seed0.log.*-failed")
+    first = kept.read_text()
+    assert "OutOfMemoryError" in first and "simulated: CUDA out of memory" in first
     assert not (run / "oom.json").exists()
 
 

@@ -322,6 +322,10 @@ def test_timings_of_short_single_runs_come_with_a_caution():
     from lorasweep.report import findings_section
 
     assert "trained for under 60 s each" in findings_section(ctx)  # the fixture's tiny runs: seconds
+    one_long = m.copy()
+    one_long.loc[one_long["run"] == "lora-r128", "train_runtime_s"] = 61.9
+    text = findings_section({"metrics": F.by_run(one_long), "eval_losses": ev})
+    assert "Most of these runs trained for under 60 s (median" in text and "under 60 s each" not in text
     long = F.by_run(m.assign(train_runtime_s=m["train_runtime_s"] * 100))
     assert "trained for under" not in findings_section({"metrics": long, "eval_losses": ev})
     two, ev2 = _two_seeds()

@@ -62,6 +62,18 @@ def test_invalid_config_fails_before_any_job(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
+def test_a_local_dataset_that_is_not_there_fails_before_any_job_naming_the_key(tmp_path):
+    override = tmp_path / "override.yaml"
+    override.write_text("dataset: {source: data/missing.json}\n")
+    proc = run_snakemake("-n", "--cores", 1, "--configfile", REPO / "config" / "tiny.yaml", override,
+                         workdir=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "dataset.source = 'data/missing.json': file not found" in proc.stdout + proc.stderr
+    (tmp_path / "data").mkdir()  # there: planned as usual
+    (tmp_path / "data" / "missing.json").write_text("[]")
+    run_snakemake("-n", "--cores", 1, "--configfile", REPO / "config" / "tiny.yaml", override, workdir=tmp_path)
+
+
 def test_overrides_compose_with_a_second_configfile(tmp_path):
     override = tmp_path / "override.yaml"
     override.write_text("methods:\n  lora:\n    ranks: [16]\n  qlora:\n    ranks: []\n")

@@ -5,11 +5,14 @@ from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
-from lorasweep.config import ConfigError, run_names, run_spec, seeds, validate_config
+from lorasweep.config import ConfigError, check_dataset_file, run_names, run_spec, seeds, validate_config
 from lorasweep.data import is_local_source
+
+TINY_DATASET = "results/tiny/code_alpaca_tiny.json"  # the tiny_dataset rule's output (config/tiny.yaml's source)
 
 try:
     validate_config(config)  # fills defaults in place; every error names its key and what is allowed
+    check_dataset_file(config, built=(TINY_DATASET,))
 except ConfigError as e:
     raise WorkflowError(str(e)) from None
 

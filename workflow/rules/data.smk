@@ -3,7 +3,7 @@
 
 rule tiny_dataset:
     output:
-        "results/tiny/code_alpaca_tiny.json",
+        TINY_DATASET,
     log:
         "logs/tiny_dataset.log",
     conda:
