@@ -199,7 +199,7 @@ def is_plain(name: str) -> bool:
 # Settings that change how a run is executed, never what it computes (beyond floating-point rounding): kept
 # out of the run spec, so that changing them does not make Snakemake retrain finished runs (its params
 # trigger compares the spec). Each run's metrics record the values it ran with.
-OPERATIONAL_KEYS = ("checkpoint_steps", "keep_checkpoints", "threads", "torch_compile",
+OPERATIONAL_KEYS = ("checkpoint_steps", "checkpoint_min_interval_s", "keep_checkpoints", "threads", "torch_compile",
                     "torch_compile_regional", "pad_to_multiple_of", "jobs_per_gpu")
 
 

@@ -407,6 +407,8 @@ def _callback_class():
             self.trainer = trainer  # its checkpoint_time_s: the Trainer's own checkpoint writing
             self.machine = machine  # saved with each checkpoint, so that a resumed run's share covers all of it
             self.state_save_s = 0.0  # this callback's part of checkpointing (lorasweep_state.json)
+            self.min_save_interval_s = 0.0  # training.checkpoint_min_interval_s
+            self.last_save = None  # when the last checkpoint (or training) began
             self.gpu_peers = gpu_peers  # GpuSlot.peers: other training jobs on this job's GPU, or None
             self.peers_max = (resume or {}).get("gpu_jobs_beside_max")
             self._peers_at = None
@@ -441,7 +443,7 @@ def _callback_class():
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if not ckpt.is_dir():
                 return
-            start = time.perf_counter()
+            start = self.last_save = time.perf_counter()
             seg_train = start - self.t_begin - self.eval_time_s - self.checkpoint_time_s
             mem = self.memory.read(keep_running=True)
             history = [json.loads(line) for line in self.history_path.read_text().splitlines() if line.strip()]
@@ -467,7 +469,7 @@ def _callback_class():
                 f.write(json.dumps(record) + "\n")
 
         def on_train_begin(self, args, state, control, **kw):
-            self.t_begin = time.perf_counter()
+            self.t_begin = self.last_save = time.perf_counter()
             self.sample_peers(force=True)
 
         def on_step_end(self, args, state, control, **kw):
@@ -478,6 +480,8 @@ def _callback_class():
                 # train one step more, and the trained model is saved anyway; a crash after training resumes
                 # from the last periodic checkpoint instead
                 control.should_save = False
+            elif control.should_save and time.perf_counter() - self.last_save < self.min_save_interval_s:
+                control.should_save = False  # too soon after the last one (training.checkpoint_min_interval_s)
             elif control.should_save:
                 control.should_log = True  # so that the logged losses cover every step up to the checkpoint
 
@@ -792,6 +796,7 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
     machine = MachineShare((resumed or {}).get("machine"))
     recorder = _callback_class()(out_dir / "log_history.jsonl", counts, memory, resumed, gpu_peers=gpu_peers,
                                  trainer=trainer, machine=machine)
+    recorder.min_save_interval_s = float(training.get("checkpoint_min_interval_s") or 0)
     trainer.add_callback(recorder)
     from transformers.trainer_callback import PrinterCallback
 
@@ -926,6 +931,8 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         "train_wall_s": wall,
         "eval_time_during_train_s": eval_during,
         "checkpoint_time_s": checkpoint_time,
+        "checkpoint_steps": training["checkpoint_steps"],
+        "checkpoint_min_interval_s": training.get("checkpoint_min_interval_s"),
         "train_steps": n_steps,
         "train_samples": counts["samples"],
         "train_samples_per_s": counts["samples"] / train_time,

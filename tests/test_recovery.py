@@ -120,7 +120,7 @@ def test_a_crash_after_training_resumes_without_extra_steps_and_keeps_the_metric
     monkeypatch.setattr(Trainer, "_save_checkpoint", slowed)
     from lorasweep.config import operational
 
-    cfg = tiny_config(max_steps=12, checkpoint_steps=4, logging_steps=3, evals=2)
+    cfg = tiny_config(max_steps=12, checkpoint_steps=4, checkpoint_min_interval_s=0, logging_steps=3, evals=2)
     args = (run_spec(cfg, "full"), tiny_data["train"], tiny_data["eval"])
     out = tmp_path / "crashed"
     saved = T.save_trained
@@ -150,6 +150,27 @@ def test_a_crash_after_training_resumes_without_extra_steps_and_keeps_the_metric
     history = _history(out / "log_history.jsonl")
     assert [h["step"] for h in history if "loss" in h] == [3, 4, 6, 8, 9, 12]  # checkpoint steps 4, 8 logged
     assert [h["step"] for h in history if "eval_loss" in h] == [0, 6, 12]
+
+
+def test_checkpoints_come_every_checkpoint_steps_but_not_sooner_than_the_minimum_interval(tiny_config, tiny_data,
+                                                                                        tmp_path, caplog):
+    import logging
+
+    from lorasweep.config import operational
+
+    for interval, expected in ((0, [2, 4, 6]), (3600, [])):  # 7 steps: none of the finished run
+        cfg = tiny_config(max_steps=7, checkpoint_steps=2, checkpoint_min_interval_s=interval, keep_checkpoints=True)
+        out = tmp_path / f"interval-{interval}"
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="lorasweep"):
+            m = train_run(run_spec(cfg, "lora-r8"), tiny_data["train"], tiny_data["eval"], out, threads=2,
+                          operational=operational(cfg))
+        written = [int(r.getMessage().split()[3]) for r in caplog.records
+                   if r.getMessage().startswith("checkpoint at step")]
+        assert written == expected
+        kept = sorted(p.name for p in out.glob("checkpoints/checkpoint-*"))
+        assert kept == [f"checkpoint-{s}" for s in expected[-1:]]  # save_total_limit 1: the newest
+        assert (m["checkpoint_time_s"] > 0) == bool(expected)
 
 
 def test_a_resumed_runs_machine_share_counts_its_earlier_segments():
