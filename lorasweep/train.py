@@ -585,7 +585,12 @@ def per_example_losses(trainer) -> list[dict]:
     # later evaluation in bf16 (~1e-3 apart per example on the tiny model).
     half = torch.bfloat16 if trainer.args.bf16 else torch.float16 if trainer.args.fp16 else None
     device_type = next(model.parameters()).device.type
-    with torch.no_grad(), torch.autocast(device_type, dtype=half, enabled=half is not None):
+    # The random state is put back afterwards: a dataloader draws its seed from the global generator, so
+    # without this every evaluation would move the dropout masks of the training that follows, and how
+    # often a run evaluates (training.evals) would change what it learns.
+    devices = [torch.cuda.current_device()] if device_type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad(), \
+            torch.autocast(device_type, dtype=half, enabled=half is not None):
         for batch in trainer.get_eval_dataloader():
             batch = trainer._prepare_inputs(batch)
             labels = batch["labels"]
