@@ -128,7 +128,8 @@ else  # the default sweep's five runs, sharing the GPU five at a time, up to the
     [ -f "$sweep/results/metrics.csv" ] && python3 - "$sweep/results/metrics.csv" <<'EOF' | tee -a "$summary"
 import csv, sys
 for r in csv.DictReader(open(sys.argv[1])):
-    print(f"    {r['run']:<10} train {float(r['train_runtime_s']):7.1f} s  {float(r['train_tokens_nonpad_per_s']):9,.0f} tokens/s"
+    print(f"    {r['run']:<10} train {float(r['train_runtime_s']):7.1f} s (+ {float(r.get('checkpoint_time_s') or 0):.1f} s writing checkpoints)"
+          f"  {float(r['train_tokens_nonpad_per_s']):9,.0f} tokens/s"
           f"  MFU {r.get('mfu_pct') or '-'} (bound {r.get('mfu_ceiling_pct') or '-'})  jobs beside {r.get('gpu_jobs_beside_max') or '-'}  eval loss {float(r['eval_loss']):.4f}"
           f"  peak CUDA {float(r.get('peak_cuda_allocated_bytes') or 0) / 2**30:.2f} GiB"
           + (f"  memory model {float(r['memory_model_error_pct']):+.0f}%" if r.get('memory_model_error_pct') else ""))
