@@ -69,21 +69,41 @@ def plain_recipe(model_path: str, train_jsonl: Path, eval_jsonl: Path, out: Path
                                  task_type="CAUSAL_LM")
     args = SFTConfig(output_dir=str(out), max_steps=steps, per_device_train_batch_size=batch, learning_rate=lr,
                      max_length=max_length, seed=seed, report_to="none", disable_tqdm=True, save_strategy="no",
-                     use_cpu=device == "cpu", include_num_input_tokens_seen="non_padding",
+                     use_cpu=device == "cpu",
                      # SFTConfig defaults bf16=True; the CPU runs here are fp32 in both recipes
                      bf16=device == "cuda", activation_checkpointing=checkpointing)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=evals, processing_class=tok,
                          peft_config=peft_config)
+    from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # prints every log dict; not part of the work measured
+
+    class Window(TrainerCallback):  # the window lorasweep times: first step's start to the last step's end
+        def on_train_begin(self, *args, **kwargs):
+            self.begin = time.perf_counter()
+
+        def on_train_end(self, *args, **kwargs):
+            self.end = time.perf_counter()
+
+    window = Window()
+    trainer.add_callback(window)
+    # non-padding tokens of every batch, counted on the host as the collator builds it: the Trainer's own count
+    # (include_num_input_tokens_seen, off by default) would read a value back from the device every step
+    tokens_per_batch, collate = [], trainer.data_collator
+
+    def counting_collator(features):
+        batch_ = collate(features)
+        tokens_per_batch.append(int(batch_["attention_mask"].sum()))
+        return batch_
+
+    trainer.data_collator = counting_collator
     memory = PeakMemory(device)  # lorasweep's measure, same baseline: model loaded, peaks counted from here
     memory.reset()
-    t0 = time.perf_counter()
     trainer.train()
-    seconds = time.perf_counter() - t0
+    seconds = window.end - window.begin
     peaks = {k: v for k, v in memory.read().items() if k in PEAKS}
-    tokens = trainer.state.num_input_tokens_seen
+    tokens = sum(tokens_per_batch[:steps])  # the batches trained on (a dataloader may build one ahead)
     eval_loss = token_weighted(per_example_losses(trainer))  # the measure lorasweep reports, on the same split
     return {"tokens_per_s": tokens / seconds, "tokens": tokens, "seconds": seconds, "eval_loss": eval_loss,
             "activation_checkpointing": bool(args.activation_checkpointing), **peaks}
@@ -91,13 +111,16 @@ def plain_recipe(model_path: str, train_jsonl: Path, eval_jsonl: Path, out: Path
 
 def second_half_rate(history: Path) -> float | None:
     """Non-padding tokens/s over the second half of training (logged records): the steady state, after
-    warm-up and any compilation, which the whole-run figure includes."""
+    warm-up and any compilation, which the whole-run figure includes. Evaluations in between are left out,
+    as in the whole-run figure."""
     recs = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
     logs = [r for r in recs if "loss" in r and "eval_loss" not in r]
     if len(logs) < 3:
         return None
     a, b = logs[len(logs) // 2], logs[-1]
-    dt = b["elapsed_s"] - a["elapsed_s"]
+    evals = sum(r.get("eval_runtime", 0.0) for r in recs
+                if "eval_loss" in r and a["elapsed_s"] < r["elapsed_s"] <= b["elapsed_s"])
+    dt = b["elapsed_s"] - a["elapsed_s"] - evals
     return (b["tokens_nonpad_seen"] - a["tokens_nonpad_seen"]) / dt if dt > 0 else None
 
 
@@ -176,6 +199,12 @@ def main(argv=None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="lorasweep-bench-"))
     train, evals, summary = work / "train.jsonl", work / "eval.jsonl", work / "summary.json"
     prepare(a.data, train, evals, summary, eval_size=0.05, seed=a.seed)
+    n_train = len(read_jsonl(train))
+    epoch = -(-n_train // a.batch)  # steps in an epoch, the last batch partial
+    if a.steps % epoch:
+        print(f"note: {a.steps} steps of batch {a.batch} are not a whole number of epochs of the {n_train} training "
+              f"examples ({epoch} steps each): the recipes' samplers (random, length-grouped) then feed different "
+              "examples, and the eval losses compare different token counts (printed beside them)", flush=True)
     model = a.model
     if model is None:
         from lorasweep.tiny import OPT_350M_SHAPE, build_tiny_model_from_jsonl
@@ -216,7 +245,7 @@ def main(argv=None) -> dict:
                    "model": a.model or f"random OPT, {a.shape} shape (built on the data)", "data": a.data,
                    "repeats": a.repeats, "hardware": hardware_label(hardware(a.device)), "median_tokens_per_s": med,
                    "lorasweep_training": overrides,
-                   "mean_eval_loss": ev, "tokens_per_run": {k: v[0]["tokens"] for k, v in results.items()},
+                   "mean_eval_loss": ev, "tokens_per_run": {k: [r["tokens"] for r in v] for k, v in results.items()},
                    "runs": results}
     if "lorasweep" in results:
         summary_out["lorasweep_padding_share_pct"] = results["lorasweep"][0]["padding_share_pct"]
@@ -225,8 +254,9 @@ def main(argv=None) -> dict:
     base = med.get("plain")
     for name in recipes:
         ratio = f" ({med[name] / base:.2f}x)" if base else ""
-        print(f"  {name:24s}: {med[name]:>10,.0f} non-padding tokens/s{ratio}, "
-              f"eval loss {ev[name]:.4f} after {results[name][0]['tokens']:,} tokens")
+        counts = sorted({r["tokens"] for r in results[name]})
+        print(f"  {name:24s}: {med[name]:>10,.0f} non-padding tokens/s{ratio}, eval loss {ev[name]:.4f} after "
+              f"{' / '.join(f'{c:,}' for c in counts)} tokens")
     if base and "lorasweep" in results:
         # eval loss of lorasweep minus plain, paired by training seed: mean and a 95% t-interval over the seeds
         from lorasweep.findings import t975

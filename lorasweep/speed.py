@@ -150,9 +150,15 @@ def train_single_run(model: str, train_jsonl, eval_jsonl, out, run: str, *, lr: 
     from .config import operational, run_spec
     from .train import train_run
 
+    import torch
+
     cfg = single_run_config(model, train_jsonl, run, lr=lr, device=device, seed=seed, **training)
-    return train_run(run_spec(cfg, run), train_jsonl, eval_jsonl, out,
-                     operational={**operational(cfg), "checkpoint_steps": 0})
+    cudnn = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        return train_run(run_spec(cfg, run), train_jsonl, eval_jsonl, out,
+                         operational={**operational(cfg), "checkpoint_steps": 0})
+    finally:  # train_run sets cuDNN attention for its process; a recipe run after this one gets torch's default
+        torch.backends.cuda.enable_cudnn_sdp(cudnn)
 
 
 # Tensor methods that hand a value to Python: on a GPU each one waits until the device has computed it
