@@ -14,7 +14,7 @@ FIGURES = {
     "loss_curves": "Train and eval loss over optimizer steps (top) and over non-padding tokens seen (bottom)",
     "tradeoff": "Trade-off: eval loss against peak memory and against train runtime, one point per run",
     "memory": "Peak memory measured, and the memory model's prediction beside it",
-    "runtime": "Train runtime (evaluation excluded)",
+    "runtime": "Train runtime (evaluations and checkpoints excluded)",
     "throughput": "Throughput in non-padding tokens per second",
     "trainable_params": "Trainable parameters (log scale)",
 }
@@ -138,7 +138,7 @@ def _tradeoff_figure(df, runs, pal, plt, sns, diverged=()):
         data["peak_gib_sd"] = data[peak_sd] / 2**30
     base = df.loc[~df["run"].str.startswith("qlora"), "base_eval_loss"]
     for ax, x, xlabel in [(axes[0], "peak_gib", f"{parts['measured_label']} (GiB)"),
-                          (axes[1], "train_runtime_s", "train runtime, evaluation excluded (s)")]:
+                          (axes[1], "train_runtime_s", "train runtime, evals and checkpoints excluded (s)")]:
         if "eval_loss_sd" in data and data["eval_loss_sd"].notna().any():  # replicates: ± one sd both ways
             for _, r in data.iterrows():
                 ax.errorbar(r[x], r["eval_loss"], xerr=r.get(f"{x}_sd"), yerr=r["eval_loss_sd"], color=pal[r["run"]], capsize=3,
@@ -212,7 +212,7 @@ def plot_all(metrics_csv, history_csv, out_dir) -> list[Path]:
 
     h = 0.45 * len(runs) + 1.2
     fig, ax = plt.subplots(figsize=(7, h))
-    _bar(ax, per_seed, "train_runtime_s", pal, "train runtime, evaluation excluded (s)", runs, fmt="{:.1f}")
+    _bar(ax, per_seed, "train_runtime_s", pal, "train runtime, evals and checkpoints excluded (s)", runs, fmt="{:.1f}")
     save(fig, "runtime")
 
     fig, ax = plt.subplots(figsize=(7, h))
