@@ -10,8 +10,9 @@ write-ups ran it: random batches padded to the longest, activation checkpointing
 activation checkpointing off unless asked for). Tokens/s counts prompt + response tokens without
 padding, over training time only. The median of ``--repeats`` runs is printed, with the eval loss each
 recipe reached on the held-out split after the same steps (per response token, both scored the same
-way). Repeat i trains with seed + i (another initialisation and data order on the same split), so the
-eval-loss difference comes with its seed-to-seed spread. Pass ``--model`` for a real model (local
+way). Repeat i trains with seed + i (another data order and dropout, and for LoRA another adapter
+initialisation, on the same split and the same model weights), so the eval-loss difference comes with its
+seed-to-seed spread. Pass ``--model`` for a real model (local
 path or hub id), or ``--shape opt-350m`` for opt-350m's architecture with random weights (its speed and
 memory without the Hub), and ``--device cuda`` on a GPU, where MFU and CUDA memory peaks are printed too.
 ``--training KEY=VALUE`` (repeatable) sets a training key of lorasweep's recipe, e.g. ``torch_compile=true``;
@@ -227,7 +228,7 @@ def main(argv=None) -> dict:
         recipes["lorasweep"] = functools.partial(lorasweep_recipe, training=overrides)
     results = {k: [] for k in recipes}
     for i in range(a.repeats):  # interleaved, so a slow phase of the machine hits every recipe
-        for name, fn in recipes.items():  # repeat i trains with seed + i: another init and order, same split
+        for name, fn in recipes.items():  # repeat i trains with seed + i: another order and dropout, same split
             with speed.HostReads() if a.host_reads else contextlib.nullcontext() as reads:
                 r = fn(model, train, evals, work / f"{i}-{name.replace(', ', '-').replace(' ', '-')}",
                        **{**common, "seed": a.seed + i})
