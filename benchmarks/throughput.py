@@ -199,8 +199,7 @@ def main(argv=None) -> dict:
 
     work = Path(tempfile.mkdtemp(prefix="lorasweep-bench-"))
     train, evals, summary = work / "train.jsonl", work / "eval.jsonl", work / "summary.json"
-    prepare(a.data, train, evals, summary, eval_size=0.05, seed=a.seed)
-    n_train = len(read_jsonl(train))
+    n_train = prepare(a.data, train, evals, summary, eval_size=0.05, seed=a.seed)["train_examples"]
     epoch = -(-n_train // a.batch)  # steps in an epoch, the last batch partial
     if a.steps % epoch:
         print(f"note: {a.steps} steps of batch {a.batch} are not a whole number of epochs of the {n_train} training "

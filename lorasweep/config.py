@@ -55,8 +55,8 @@ def _describe(error) -> str:
         if isinstance(error.instance, str) and "number" in str(error.validator_value):
             try:
                 float(error.instance)
-                hint = (f" (YAML reads {error.instance} as text: a number needs a decimal point before the exponent, "
-                        f"e.g. 1.0e-3)")
+                hint = (f" (YAML reads {error.instance} as text: write numbers unquoted, with a decimal point "
+                        "before an exponent, e.g. 1.0e-3)")
             except ValueError:
                 pass
         return f"{key} = {error.instance!r}: must be of type {error.validator_value}{hint}"
