@@ -8,14 +8,17 @@
 # <= 10 minutes):
 #   1. full, batch 8, eager                          the machine's baseline at the write-ups' batch, beside the
 #                                                    plain SFTTrainer without checkpointing on the same machine
-#   2. full, batch 8, regional compile + CUDA graphs does cutting host time (CUDA graphs) pay, and its
+#   2. full, batch 64, eager                         more tokens per step: the host's cost spread over 8x the work
+#   3. lora-r8, batch 64, eager                      LoRA against 2 where the GPU, not the host, bounds the step
+#   4. lora-r8, batch 8, eager
+#   4b. full, batch 64, eager, profiled              where a step's time goes: GPU busy share, host waits and
+#                                                    their operators (benchmarks/profile_summary.py)
+#   5. full, batch 8, regional compile + CUDA graphs does cutting host time (CUDA graphs) pay, and its
 #                                                    compile time (torch_compile: reduce-overhead)
-#   3. full, batch 64, eager                         more tokens per step: the host's cost spread over 8x the work
-#   4. lora-r8, batch 64, eager                      LoRA against 3 where the GPU, not the host, bounds the step
-#   5. lora-r8, batch 8, eager
-#   6. full, batch 64, regional + CUDA graphs        (when 2 finished)
-#   7. lora-r8, batch 8, regional + CUDA graphs      (when 2 beat 1 over the second half of its run)
-#   8. full, batch 8, regional compile without CUDA graphs (fused kernels, fewer launches; right after 2 if 2 failed)
+#   6. full, batch 8, regional compile without CUDA graphs (fused kernels, fewer launches; right after 5 if 5 failed)
+#   7. full, batch 64, regional + CUDA graphs        (when 5 finished)
+#   8. lora-r8, batch 8, regional + CUDA graphs      (when 5 beat 1 over the second half of its run)
+# The eager checks (the defaults) come first: on the H200 on 2026-11-26 compiling did not finish 240 steps in 170 s.
 #   9. the workflow's five-run sweep on DATA with training.jobs_per_gpu 5 (all five on the GPU at once), up to
 #      results/metrics.csv: its wall clock and each run's rate (needs snakemake)
 # Batch-8 runs train STEPS steps (default 240: one epoch of the 2k sample), batch-64 runs STEPS / 8.
@@ -91,13 +94,18 @@ compiled=(--training torch_compile=true --training torch_compile_regional=true -
 graphs=(--training torch_compile=reduce-overhead --training torch_compile_regional=true --training pad_to_multiple_of=64)
 if [[ " $checks " == *" bench "* ]]; then
     bench full-eager 150 --run full "${b8[@]}" --recipes plain-nockpt,lorasweep
+    bench full-b64-eager 90 --run full "${b64[@]}"
+    bench lora-r8-b64-eager 90 --run lora-r8 "${b64[@]}"
+    bench lora-r8-eager 90 --run lora-r8 "${b8[@]}"
+    n64=$(( (steps + 7) / 8 ))  # the batch-64 runs' steps; a profile of the middle quarter of one, summarised
+    if [ $n64 -ge 8 ] && bench full-b64-profile 90 --run full "${b64[@]}" --profile "$out/profile-full-b64" \
+            --profile-steps $((n64 / 2)),$((n64 / 4)); then
+        python3 benchmarks/profile_summary.py "$out/profile-full-b64" --top 6 2>&1 | tee -a "$summary"
+    fi
     bench full-cudagraphs 200 --run full "${b8[@]}" "${graphs[@]}"; graphs_rc=$?
     # without CUDA graphs, a compiled layer still fuses its elementwise kernels (fewer launches for the host):
     # the next best hope when the graphs failed, so measured now rather than last
     [ $graphs_rc -ne 0 ] && { bench full-regional 200 --run full "${b8[@]}" "${compiled[@]}"; regional_done=1; }
-    bench full-b64-eager 90 --run full "${b64[@]}"
-    bench lora-r8-b64-eager 90 --run lora-r8 "${b64[@]}"
-    bench lora-r8-eager 90 --run lora-r8 "${b8[@]}"
     if [ $graphs_rc -eq 0 ]; then bench full-b64-cudagraphs 200 --run full "${b64[@]}" "${graphs[@]}"
     else echo "full-b64-cudagraphs: skipped (full-cudagraphs did not finish)" | tee -a "$summary"; fi
     if [ "$(steady full-cudagraphs)" -gt "$(steady full-eager)" ]; then
@@ -127,10 +135,11 @@ else  # the default sweep's five runs, sharing the GPU five at a time, up to the
     echo "five-run sweep, jobs_per_gpu 5: exit $rc, $((SECONDS - t0)) s wall ($(grep -c 'Finished job' "$out/sweep.log") jobs)" | tee -a "$summary"
     [ -f "$sweep/results/metrics.csv" ] && python3 - "$sweep/results/metrics.csv" <<'EOF' | tee -a "$summary"
 import csv, sys
+pct = lambda v: f"{float(v):.1f}%" if v else "-"
 for r in csv.DictReader(open(sys.argv[1])):
     print(f"    {r['run']:<10} train {float(r['train_runtime_s']):7.1f} s (+ {float(r.get('checkpoint_time_s') or 0):.1f} s writing checkpoints)"
           f"  {float(r['train_tokens_nonpad_per_s']):9,.0f} tokens/s"
-          f"  MFU {r.get('mfu_pct') or '-'} (bound {r.get('mfu_ceiling_pct') or '-'})  jobs beside {r.get('gpu_jobs_beside_max') or '-'}  eval loss {float(r['eval_loss']):.4f}"
+          f"  MFU {pct(r.get('mfu_pct'))} (bound {pct(r.get('mfu_ceiling_pct'))})  jobs beside {r.get('gpu_jobs_beside_max') or '-'}  eval loss {float(r['eval_loss']):.4f}"
           f"  peak CUDA {float(r.get('peak_cuda_allocated_bytes') or 0) / 2**30:.2f} GiB"
           + (f"  memory model {float(r['memory_model_error_pct']):+.0f}%" if r.get('memory_model_error_pct') else ""))
 EOF

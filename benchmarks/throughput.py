@@ -127,9 +127,9 @@ def second_half_rate(history: Path) -> float | None:
 
 def lorasweep_recipe(model_path: str, train_jsonl: Path, eval_jsonl: Path, out: Path, *, run: str, steps: int,
                      batch: int, lr: float, max_length: int, device: str, seed: int,
-                     training: dict | None = None) -> dict:
+                     training: dict | None = None, callbacks=()) -> dict:
     m = speed.train_single_run(model_path, train_jsonl, eval_jsonl, out, run, lr=lr, device=device, seed=seed,
-                               max_steps=steps, batch_size=batch, max_length=max_length, **(training or {}))
+                               callbacks=callbacks, max_steps=steps, batch_size=batch, max_length=max_length, **(training or {}))
     return {"tokens_per_s": m["train_tokens_nonpad_per_s"], "tokens": m["train_tokens_nonpad"],
             "steady_tokens_per_s": second_half_rate(out / "log_history.jsonl"),
             "tokens_padded": m["train_tokens_padded"],
@@ -188,6 +188,10 @@ def main(argv=None) -> dict:
                     help="count the tensor reads per training step (waits for the GPU) by site; slows every "
                          "recipe, so its rates are not comparable")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--profile", metavar="DIR",
+                    help="profile lorasweep's steps FIRST+1..FIRST+N of the first seed (--profile-steps) with "
+                         "torch.profiler into DIR; benchmarks/profile_summary.py DIR reads it")
+    ap.add_argument("--profile-steps", default="10,10", metavar="FIRST,N")
     a = ap.parse_args(argv)
     console_progress()  # lorasweep's step and evaluation lines on stderr while it trains
     wanted = [r.strip() for r in a.recipes.split(",") if r.strip()]
@@ -196,6 +200,13 @@ def main(argv=None) -> dict:
     if not re.fullmatch(r"full|(q?lora)-r\d+", a.run) or (a.run.startswith("qlora") and wanted != ["lorasweep"]):
         ap.error("--run: full or lora-r<rank>; qlora-r<rank> only with --recipes lorasweep (the plain recipe "
                  "has no 4-bit base)")
+    try:
+        first, n_prof = (int(x) for x in a.profile_steps.split(","))
+    except ValueError:
+        ap.error("--profile-steps: FIRST,N (two whole numbers)")
+    if a.profile and ("lorasweep" not in wanted or first < 0 or n_prof < 1 or first + n_prof >= a.steps):
+        ap.error(f"--profile: needs lorasweep in --recipes and FIRST + N < --steps ({a.steps}), the last step "
+                 "being followed by the evaluation")
 
     work = Path(tempfile.mkdtemp(prefix="lorasweep-bench-"))
     train, evals, summary = work / "train.jsonl", work / "eval.jsonl", work / "summary.json"
@@ -228,9 +239,12 @@ def main(argv=None) -> dict:
     results = {k: [] for k in recipes}
     for i in range(a.repeats):  # interleaved, so a slow phase of the machine hits every recipe
         for name, fn in recipes.items():  # repeat i trains with seed + i: another order and dropout, same split
+            extra = {}
+            if a.profile and name == "lorasweep" and i == 0:
+                extra["callbacks"] = [speed.step_profiler(a.profile, first, n_prof)]
             with speed.HostReads() if a.host_reads else contextlib.nullcontext() as reads:
                 r = fn(model, train, evals, work / f"{i}-{name.replace(', ', '-').replace(' ', '-')}",
-                       **{**common, "seed": a.seed + i})
+                       **{**common, "seed": a.seed + i}, **extra)
             if reads is not None:
                 r["host_reads_per_step"] = {k: n / a.steps for k, n in reads.in_steps().items()}
             results[name].append(r)

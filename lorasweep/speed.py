@@ -144,9 +144,9 @@ def single_run_config(model: str, train_jsonl, run: str, *, lr: float, device: s
 
 
 def train_single_run(model: str, train_jsonl, eval_jsonl, out, run: str, *, lr: float, device: str, seed: int,
-                     **training) -> dict:
+                     callbacks=(), **training) -> dict:
     """Train one run as the benchmarks do (:func:`single_run_config`, its operational settings, no checkpoints)
-    and return its metrics."""
+    and return its metrics. ``callbacks``: more ``TrainerCallback`` objects (:func:`step_profiler`)."""
     from .config import operational, run_spec
     from .train import train_run
 
@@ -156,9 +156,75 @@ def train_single_run(model: str, train_jsonl, eval_jsonl, out, run: str, *, lr: 
     cudnn = torch.backends.cuda.cudnn_sdp_enabled()
     try:
         return train_run(run_spec(cfg, run), train_jsonl, eval_jsonl, out,
-                         operational={**operational(cfg), "checkpoint_steps": 0})
+                         operational={**operational(cfg), "checkpoint_steps": 0}, callbacks=callbacks)
     finally:  # train_run sets cuDNN attention for its process; a recipe run after this one gets torch's default
         torch.backends.cuda.enable_cudnn_sdp(cudnn)
+
+
+def step_profiler(out, first: int, steps: int):
+    """A ``TrainerCallback`` that records training steps ``first + 1 .. first + steps`` with ``torch.profiler``
+    (host operations; on CUDA also the device's kernels and copies) and writes to the folder ``out``:
+    ``trace.json.gz`` (Chrome / Perfetto trace), ``ops.txt`` (operators by host time and, on CUDA, by device
+    time) and ``profile.json`` (the window's wall clock per step). ``benchmarks/profile_summary.py`` reads the
+    trace: how much of a step the GPU computed, and how long the host waited for it.
+
+    Pick a window without evaluations (the benchmarks evaluate after the last step only): the Trainer
+    evaluates inside a step's end.
+    """
+    import gzip
+    import json
+    import shutil
+    import time
+    from pathlib import Path
+
+    import torch
+    from transformers import TrainerCallback
+
+    out = Path(out)
+
+    def sync():
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    class StepProfile(TrainerCallback):
+        def __init__(self):
+            self.prof, self.t0, self.done = None, 0.0, False
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if self.prof is None and not self.done and state.global_step == first:
+                acts = [torch.profiler.ProfilerActivity.CPU]
+                if torch.cuda.is_available():
+                    acts.append(torch.profiler.ProfilerActivity.CUDA)
+                sync()
+                self.prof = torch.profiler.profile(activities=acts)
+                self.prof.__enter__()
+                self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.prof is None or state.global_step < first + steps:
+                return
+            sync()
+            wall = time.perf_counter() - self.t0
+            self.prof.__exit__(None, None, None)
+            prof, self.prof, self.done = self.prof, None, True
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "profile.json").write_text(json.dumps({
+                "first_step": first + 1, "steps": steps, "wall_s": wall, "wall_ms_per_step": 1e3 * wall / steps,
+                "device": "cuda" if torch.cuda.is_available() else "cpu"}, indent=1))
+            tables = []
+            for key in ("self_cpu_time_total", "self_cuda_time_total"):
+                try:
+                    tables.append(f"sorted by {key}\n" + prof.key_averages().table(sort_by=key, row_limit=40))
+                except Exception as e:  # noqa: BLE001 - a table is a convenience; the trace is the record
+                    tables.append(f"sorted by {key}: {e}")
+            (out / "ops.txt").write_text("\n\n".join(tables))
+            raw = out / "trace.json"
+            prof.export_chrome_trace(str(raw))
+            with raw.open("rb") as f, gzip.open(out / "trace.json.gz", "wb") as g:
+                shutil.copyfileobj(f, g)
+            raw.unlink()
+
+    return StepProfile()
 
 
 # Tensor methods that hand a value to Python: on a GPU each one waits until the device has computed it

@@ -687,8 +687,11 @@ def _atomic_write_json(path: Path, obj: dict) -> None:
 
 def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir: str | Path,
               data_summary_path: str | Path | None = None, threads: int | None = None,
-              workflow_dir: str | Path | None = None, operational: dict | None = None, gpu_peers=None) -> dict:
+              workflow_dir: str | Path | None = None, operational: dict | None = None, gpu_peers=None,
+              callbacks=()) -> dict:
     """Train one run and write ``model/``, ``log_history.jsonl`` and (last) ``metrics.json`` under ``out_dir``.
+
+    ``callbacks``: more ``TrainerCallback`` objects for the Trainer (the benchmarks' step profiler).
 
     ``gpu_peers`` (the workflow passes ``GpuSlot.peers``) tells how many other training jobs hold a slot on
     this job's GPU; the most seen during training is recorded as ``gpu_jobs_beside_max``."""
@@ -775,6 +778,11 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         logging_nan_inf_filter=False,
         dataset_num_proc=None,
         pad_to_multiple_of=training.get("pad_to_multiple_of"),
+        # On CUDA each batch goes to the GPU as an asynchronous copy from pinned memory (the Trainer pins it
+        # by default). A blocking copy, the default, waits for the GPU to finish all the work queued before
+        # it, the last step's included: profiled on an H200 that was ~4 waits a step (one per batch tensor),
+        # each leaving the GPU idle while the host then queues the next step's first kernels.
+        accelerator_config={"non_blocking": True} if device == "cuda" else None,
         **compile_args(training.get("torch_compile", False)),
     )
     t_prep = time.perf_counter()
@@ -803,6 +811,8 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
                                  trainer=trainer, machine=machine)
     recorder.min_save_interval_s = float(training.get("checkpoint_min_interval_s") or 0)
     trainer.add_callback(recorder)
+    for cb in callbacks:
+        trainer.add_callback(cb)
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # the Recorder logs progress; PrinterCallback dumps raw dicts

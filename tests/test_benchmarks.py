@@ -133,3 +133,51 @@ def test_host_time_benchmark_times_lorasweeps_step_and_a_bare_loop_on_the_same_m
     assert set(phases) == {"forward", "backward", "clip", "optimizer"} and all(v > 0 for v in phases.values())
     assert sum(phases.values()) <= r["bare_ms_per_step"]  # the phases are parts of the step
     assert r["tokens"]["bare"] > 4 * 8 and "added by the Trainer, TRL's loss and lorasweep" in stdout
+
+
+def test_throughput_benchmark_profiles_the_steps_asked_for_and_the_summary_reads_them(tiny_data, tmp_path):
+    prof = tmp_path / "prof"
+    _run("throughput.py", tmp_path, "--data", tiny_data["source"], "--steps", 8, "--repeats", 1, "--max-length", 128,
+         "--recipes", "lorasweep", "--profile", prof, "--profile-steps", "2,3")
+    meta = json.loads((prof / "profile.json").read_text())
+    assert (meta["first_step"], meta["steps"], meta["device"]) == (3, 3, "cpu") and meta["wall_ms_per_step"] > 0
+    assert "aten::mm" in (prof / "ops.txt").read_text()
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "profile_summary.py"), prof, "--json",
+                           tmp_path / "s.json"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((tmp_path / "s.json").read_text())
+    ops = {o["name"]: o for o in s["host_ops_by_self_ms_per_step"]}
+    # a forward and backward pass of the 2-layer model a step: matrix products, each step's own
+    assert ops["aten::mm"]["calls_per_step"] >= 4 and ops["aten::mm"]["ms_per_step"] > 0
+    assert sum(o["ms_per_step"] for o in ops.values()) <= s["wall_ms_per_step"] * 1.05  # self times do not overlap
+    assert "gpu_busy_ms_per_step" not in s  # no device side on the CPU, not a zero
+
+
+def test_profile_summary_merges_overlapping_kernels_and_names_the_operator_each_wait_was_in(tmp_path):
+    import gzip
+
+    ev = [  # one step of 10 ms (times in microseconds)
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 3000, "tid": 1},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 100, "dur": 20, "tid": 1},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::item", "ts": 4000, "dur": 2000, "tid": 1},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::_local_scalar_dense", "ts": 4100, "dur": 1800, "tid": 1},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaStreamSynchronize", "ts": 4200, "dur": 1500, "tid": 1},
+        {"ph": "X", "cat": "kernel", "name": "gemm", "ts": 200, "dur": 2000, "tid": 7},
+        {"ph": "X", "cat": "kernel", "name": "gemm", "ts": 1200, "dur": 2000, "tid": 8},  # overlaps: 3 ms busy
+        {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy DtoH", "ts": 5600, "dur": 100, "tid": 7},
+    ]
+    (tmp_path / "profile.json").write_text(json.dumps({"first_step": 1, "steps": 1, "wall_s": 0.01,
+                                                        "wall_ms_per_step": 10.0, "device": "cuda"}))
+    with gzip.open(tmp_path / "trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": ev}, f)
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "profile_summary.py"), tmp_path, "--json",
+                           tmp_path / "s.json"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert s["gpu_busy_ms_per_step"] == pytest.approx(3.1) and s["gpu_busy_share_pct"] == pytest.approx(31)
+    assert s["host_waits_by_site"] == [{"site": "aten::_local_scalar_dense (cudaStreamSynchronize)",
+                                        "per_step": 1.0, "ms_per_step": 1.5}]
+    assert (s["launches_per_step"], s["kernels_per_step"]) == (1, 2)
+    ops = {o["name"]: o["ms_per_step"] for o in s["host_ops_by_self_ms_per_step"]}
+    assert ops == pytest.approx({"aten::mm": 3.0, "aten::item": 0.2, "aten::_local_scalar_dense": 1.8})
+    assert "GPU busy 3.1 ms a step (31% of the wall clock)" in proc.stdout
