@@ -295,6 +295,11 @@ def feeds_right_padded_batches(trainer) -> bool:
             and "position_ids" in inspect.signature(model.forward).parameters)
 
 
+# lorasweep's training step keeps TRL's per-step metrics on the device (MeasuredSFTTrainer.compute_loss); False
+# gives TRL's own compute_loss (the tests compare the two)
+DEFER_LOSS_METRICS = True
+
+
 def _trainer_class():
     import torch
     from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
@@ -327,6 +332,7 @@ def _trainer_class():
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.token_counts = TokenCounts()  # train_run replaces it with one that holds a resumed run's counts
+            self.pending_metrics: dict[str, list] = {}  # TRL's per-step metrics not yet read (compute_loss)
             self.drop_padding_mask = feeds_right_padded_batches(self)
 
         def training_step(self, model, inputs, num_items_in_batch=None):
@@ -340,6 +346,44 @@ def _trainer_class():
             if self.drop_padding_mask and "attention_mask" in inputs:
                 inputs = without_padding_mask(inputs)
             return super().training_step(model, inputs, num_items_in_batch)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            """TRL's loss for a training step, with its per-step metrics (entropy, token accuracy) kept on the
+            device until the next training log. TRL reads them back after every forward pass (three ``.item()``
+            and two ``if tensor:``, each a wait for the GPU: benchmarks/results/h200-2026-11-26b.md); the loss
+            and the logged values are the same (a test compares them with TRL's own path). Anything but TRL's
+            plain NLL path on one process (a loss function or label smoothing, another loss type, a router
+            loss, a batch with its mask, evaluation) is TRL's own."""
+            if (not DEFER_LOSS_METRICS or not model.training or return_outputs or "attention_mask" in inputs
+                    or "position_ids" not in inputs or self.compute_loss_func is not None
+                    or self.label_smoother is not None or self.args.loss_type != "nll" or self.aux_loss_enabled
+                    or self.accelerator.num_processes != 1):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            import torch
+
+            inputs["use_cache"] = False
+            outputs = model(**inputs, fused_lm_head=True)  # as TRL's compute_loss, trl 1.16.0
+            num_tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+            loss = (-outputs.log_probs).sum() / torch.as_tensor(num_tokens).clamp(min=1)
+            with torch.no_grad():
+                valid = outputs.label_mask.sum()
+                zero = torch.zeros((), device=valid.device)
+                self.pending_metrics.setdefault("entropy", []).append(
+                    torch.where(valid > 0, outputs.entropy.detach().sum() / valid, zero))
+                self.pending_metrics.setdefault("mean_token_accuracy", []).append(
+                    torch.where(valid > 0, outputs.is_top1.sum() / valid, zero))
+            self._total_train_tokens += inputs["position_ids"].size(1) // self._tp_size  # TRL's count, no read
+            self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+            return loss
+
+        def log(self, logs, start_time=None):
+            if self.pending_metrics and self.model.training:  # one read per metric at a training log
+                import torch
+
+                for key, values in self.pending_metrics.items():
+                    self._metrics["train"][key].extend(torch.stack(values).tolist())
+                self.pending_metrics = {}
+            super().log(logs, start_time)
 
         def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
             """One pass over the eval split scored per response token (every token counts once, whatever its

@@ -51,9 +51,10 @@ def test_throughput_benchmark_counts_the_tensor_reads_of_each_recipes_step(tiny_
     r, stdout = _run("throughput.py", tmp_path, "--data", tiny_data["source"], "--steps", 6, "--repeats", 1,
                      "--max-length", 128, "--recipes", "plain,lorasweep", "--host-reads")
     per_step = {name: sum(runs[0]["host_reads_per_step"].values()) for name, runs in r["runs"].items()}
-    # every step, the plain recipe's Trainer checks the logged loss for NaN and transformers checks the mask;
-    # lorasweep's step does neither
-    assert per_step["plain"] - per_step["lorasweep"] > 2.9 and per_step["lorasweep"] > 0
+    # every step, the plain recipe's Trainer checks the logged loss for NaN, transformers checks the mask and
+    # TRL reads its loss metrics; lorasweep's step does none of these (its one read is the Trainer's total
+    # loss, once a run)
+    assert per_step["plain"] > 8 and 0 < per_step["lorasweep"] <= 1 / 6
     assert any(site.startswith("transformers/trainer.py") for site in r["runs"]["plain"][0]["host_reads_per_step"])
     assert "tensor values read by the host per training step" in stdout
 

@@ -131,23 +131,34 @@ def test_token_counts_on_hand_built_batches():
                               "max_seq_len": 7}
 
 
-def test_the_training_step_reads_no_tensor_values_of_its_own(tiny_config, tiny_data, tmp_path):
+def test_the_training_step_reads_no_tensor_values_and_logs_what_trls_own_step_logs(tiny_config, tiny_data, tmp_path,
+                                                                                   monkeypatch):
     """Every tensor value Python reads in a training step is a wait for the GPU. lorasweep's token counting
     and the Trainer's per-step token count and NaN filter read three to four a step, transformers' check of the
-    attention mask two; none may be left. (What TRL's loss reads is TRL's: counted here, so the check cannot
-    pass by counting nothing.)"""
+    attention mask two, TRL's loss metrics five; none may be left. TRL's own step (DEFER_LOSS_METRICS off) is
+    counted too, so the check cannot pass by counting nothing, and lorasweep's must log the same values."""
+    import lorasweep.train as lt
     from lorasweep.speed import HostReads
 
-    steps = 8
-    with HostReads() as reads:
-        _train(tiny_config, tiny_data, tmp_path, "lora-r8", max_steps=steps, evals=1, logging_steps=steps)
-    per_site = reads.in_steps()
-    assert sum(per_site.values()) >= steps  # TRL's metrics read every step: the counting works
-    ours = {site: n for site, n in per_site.items()
-            if "lorasweep/" in site.replace("\\", "/") or site.startswith("transformers/trainer.py")}
-    assert all(n <= 1 for n in ours.values()), ours  # at most once a run (the Trainer's final loss), never per step
+    steps, runs = 8, {}
+    for defer in (False, True):
+        monkeypatch.setattr(lt, "DEFER_LOSS_METRICS", defer)
+        with HostReads() as reads:
+            _, out = _train(tiny_config, tiny_data, tmp_path / str(defer), "lora-r8", max_steps=steps, evals=1,
+                            logging_steps=2)
+        history = [json.loads(line) for line in (out / "log_history.jsonl").read_text().splitlines()]
+        runs[defer] = reads.in_steps(), [h for h in history if "loss" in h]
+    trls, ours = runs[False][0], runs[True][0]
+    assert sum(n for site, n in trls.items() if site.startswith("trl/")) >= 5 * steps  # the counting works
+    # nothing read back inside a step (TRL's metrics are read at the training logs), but for the Trainer's
+    # total loss once a run, after the last step
+    assert sum(ours.values()) <= 1 and all(site.startswith("transformers/trainer.py") for site in ours), ours
+    keys = ("step", "loss", "grad_norm", "entropy", "mean_token_accuracy", "num_tokens", "learning_rate")
+    assert len(runs[True][1]) == steps // 2 and all(set(keys) <= set(h) for h in runs[True][1])
+    for theirs, mine in zip(runs[False][1], runs[True][1], strict=True):
+        assert {k: mine[k] for k in keys} == pytest.approx({k: theirs[k] for k in keys}, rel=1e-6, abs=1e-7)
     # right-padded batches go in without their attention mask, so transformers never checks it for padding
-    assert not any(site.startswith("transformers/masking_utils.py") for site in per_site), per_site
+    assert not any(site.startswith("transformers/masking_utils.py") for site in trls), trls
 
 
 def test_cuda_requested_without_gpu_stops_with_guidance():
