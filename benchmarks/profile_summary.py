@@ -9,9 +9,11 @@ per step:
 
 - **GPU busy**: the time at least one kernel, copy or memset ran on the device (overlaps merged), and its
   share of the wall clock: what is left is time the GPU waited for the host;
-- **host waits**: the time the host spent blocked in CUDA synchronisation (``cudaStreamSynchronize``,
-  ``cudaDeviceSynchronize``, ``cudaEventSynchronize``, blocking copies to the host), how many such waits a
-  step has, and the operators they happened in (``aten::item``, ``aten::nonzero``, ...);
+- **host waits**: the calls in which the host blocked until the device caught up (``cudaStreamSynchronize``,
+  ``cudaDeviceSynchronize``, ``cudaEventSynchronize``, ``cudaMemcpy``; a blocking copy is an asynchronous
+  copy and a stream synchronisation, counted once), how many a step has, how long they took, and the
+  operators they happened in (``aten::item``, ``aten::nonzero``, ``aten::to``, ...). How long a wait takes
+  depends on what the GPU still had queued: under the profiler, which slows the host, little;
 - **launches**: kernels launched a step and the host time spent in the launch calls;
 - the kernels that took the most device time, and the host operators that took the most time.
 
@@ -27,8 +29,10 @@ import gzip
 import json
 from pathlib import Path
 
-SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
-         "cudaMemcpyAsync", "cudaStreamWaitEvent")
+# calls that block the host until the device has caught up (a blocking copy is cudaMemcpyAsync followed by
+# cudaStreamSynchronize, counted once, by the latter); cudaMemcpyAsync alone is listed apart (asynchronous)
+SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+COPIES = ("cudaMemcpyAsync",)
 LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC", "cudaGraphLaunch")
 DEVICE_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 
@@ -99,7 +103,10 @@ def summarize(folder: str | Path, top: int = 12) -> dict:
         for e in cats["kernel"]:
             kernels[e["name"][:90]] += e["dur"]
         runtime = cats["cuda_runtime"] + cats["cuda_driver"]
-        syncs = [e for e in runtime if e["name"] in SYNCS]
+        # the profiler's own synchronisation at the end of the window (no operator around it) is not the step's
+        syncs = [e for e in runtime if e["name"] in SYNCS
+                 and not (e["name"] == "cudaDeviceSynchronize" and _enclosing(ops_by_tid, e) == "(none)")]
+        copies = [e for e in runtime if e["name"] in COPIES]
         launches = [e for e in runtime if e["name"] in LAUNCHES]
         sites = collections.Counter()
         wait_at = collections.Counter()
@@ -113,6 +120,7 @@ def summarize(folder: str | Path, top: int = 12) -> dict:
             "kernels_per_step": len(cats["kernel"]) / steps,
             "launches_per_step": len(launches) / steps,
             "launch_host_ms_per_step": sum(e["dur"] for e in launches) / 1e3 / steps,
+            "async_copies_per_step": len(copies) / steps,
             "host_waits_per_step": len(syncs) / steps,
             "host_wait_ms_per_step": sum(e["dur"] for e in syncs) / 1e3 / steps,
             "host_waits_by_site": [{"site": s, "per_step": n / steps, "ms_per_step": wait_at[s] / 1e3 / steps}
@@ -130,6 +138,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--json", help="write the summary here")
     a = ap.parse_args(argv)
     s = summarize(a.folder, a.top)
+    if a.json:
+        Path(a.json).write_text(json.dumps(s, indent=1))
     print(f"{s['folder']}: steps {s['first_step']}..{s['first_step'] + s['steps'] - 1} on {s['device']}, "
           f"{s['wall_ms_per_step']:.1f} ms a step (wall clock)")
     if "gpu_busy_ms_per_step" in s:
@@ -137,7 +147,10 @@ def main(argv=None) -> dict:
               f"clock); {s['kernels_per_step']:.0f} kernels a step, {s['launches_per_step']:.0f} launch calls "
               f"taking {s['launch_host_ms_per_step']:.1f} ms of host time")
         print(f"  host waiting for the device: {s['host_waits_per_step']:.1f} waits, "
-              f"{s['host_wait_ms_per_step']:.1f} ms a step, by operator:")
+              f"{s['host_wait_ms_per_step']:.2f} ms a step, by operator (the time a wait takes is what the GPU "
+              "still had queued; the profiler slows the host, so it shows less than an unprofiled step "
+              f"would); {s['async_copies_per_step']:.1f} copies a step (cudaMemcpyAsync; a blocking one is "
+              "also a wait):")
         for w in s["host_waits_by_site"]:
             print(f"    {w['per_step']:5.1f} a step  {w['ms_per_step']:7.2f} ms  {w['site']}")
         print("  kernels by device time a step:")
@@ -146,8 +159,6 @@ def main(argv=None) -> dict:
     print("  host operators by self time a step:")
     for o in s["host_ops_by_self_ms_per_step"]:
         print(f"    {o['ms_per_step']:7.2f} ms  {o['calls_per_step']:6.1f} calls  {o['name']}")
-    if a.json:
-        Path(a.json).write_text(json.dumps(s, indent=1))
     return s
 
 

@@ -187,20 +187,31 @@ def step_profiler(out, first: int, steps: int):
             torch.cuda.synchronize()
 
     class StepProfile(TrainerCallback):
+        """Starts when step ``first`` ends (at the start of training for 0) and stops when step ``first + steps``
+        ends: every profiled step then counts once each of its parts, which the Trainer runs in this order:
+        the batch drawn and copied to the device, the step, its ``on_step_end``, then its logging (so the
+        window holds the logging of steps ``first .. first + steps - 1``)."""
+
         def __init__(self):
             self.prof, self.t0, self.done = None, 0.0, False
 
-        def on_step_begin(self, args, state, control, **kwargs):
-            if self.prof is None and not self.done and state.global_step == first:
-                acts = [torch.profiler.ProfilerActivity.CPU]
-                if torch.cuda.is_available():
-                    acts.append(torch.profiler.ProfilerActivity.CUDA)
-                sync()
-                self.prof = torch.profiler.profile(activities=acts)
-                self.prof.__enter__()
-                self.t0 = time.perf_counter()
+        def _start(self):
+            acts = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                acts.append(torch.profiler.ProfilerActivity.CUDA)
+            sync()
+            self.prof = torch.profiler.profile(activities=acts)
+            self.prof.__enter__()
+            self.t0 = time.perf_counter()
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if first == 0 and state.global_step == 0 and self.prof is None and not self.done:
+                self._start()
 
         def on_step_end(self, args, state, control, **kwargs):
+            if self.prof is None and not self.done and first > 0 and state.global_step == first:
+                self._start()
+                return
             if self.prof is None or state.global_step < first + steps:
                 return
             sync()

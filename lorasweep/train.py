@@ -350,7 +350,8 @@ def _trainer_class():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             """TRL's loss for a training step, with its per-step metrics (entropy, token accuracy) kept on the
             device until the next training log. TRL reads them back after every forward pass (three ``.item()``
-            and two ``if tensor:``, each a wait for the GPU: benchmarks/results/h200-2026-11-26b.md); the loss
+            and two ``if tensor:``) and copies its token count to the GPU with a blocking copy: six waits
+            for the GPU a step (benchmarks/results/h200-2026-11-26b.md). The loss
             and the logged values are the same (a test compares them with TRL's own path). Anything but TRL's
             plain NLL path on one process (a loss function or label smoothing, another loss type, a router
             loss, a batch with its mask, evaluation) is TRL's own."""
