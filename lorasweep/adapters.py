@@ -64,16 +64,36 @@ def held_out(eval_jsonl, n: int) -> list[dict]:
     return read_jsonl(eval_jsonl)[:n]
 
 
-def _batch(tokenizer, rows):
-    """Prompt + completion, right-padded, labels -100 on prompt and padding (as in training)."""
-    import torch
+def tokenizer_of(spec: dict):
+    """The tokenizer the run trained with (``train.load_tokenizer``: a missing pad token set to EOS)."""
+    from .train import load_tokenizer
 
+    return load_tokenizer(spec)
+
+
+def _batch(tokenizer, rows, max_length: int | None = None):
+    """Prompt + completion tokenized as TRL's SFTTrainer tokenized them in training (the tokenizer's own special
+    tokens, e.g. OPT's leading ``</s>``; EOS after the completion; the completion from where the tokenized
+    prompt and prompt + completion diverge; cut to ``max_length``), right-padded, labels -100 on the prompt
+    and the padding."""
+    import torch
+    from trl.data_utils import common_prefix_length
+
+    if tokenizer.pad_token_id is None:
+        raise ValueError("the tokenizer has no pad token: load it with lorasweep.adapters.tokenizer_of(spec), "
+                         "which sets it to EOS as training did")
+    eos = tokenizer.eos_token
     ids, labels = [], []
     for r in rows:
-        p = tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]
-        c = tokenizer(r["completion"] + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
-        ids.append(p + c)
-        labels.append([-100] * len(p) + c)
+        completion = r["completion"] if r["completion"].endswith(eos) else r["completion"] + eos
+        p = tokenizer(text=r["prompt"])["input_ids"]
+        pc = tokenizer(text=r["prompt"] + completion)["input_ids"]
+        n = common_prefix_length(p, pc)
+        x, y = pc, [-100] * n + pc[n:]
+        if max_length:
+            x, y = x[:max_length], y[:max_length]
+        ids.append(x)
+        labels.append(y)
     width = max(map(len, ids))
     pad = tokenizer.pad_token_id
     return {"input_ids": torch.tensor([x + [pad] * (width - len(x)) for x in ids]),
@@ -98,7 +118,7 @@ def greedy(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[st
 
     out = []
     for p in prompts:
-        enc = tokenizer(p, return_tensors="pt", add_special_tokens=False)
+        enc = tokenizer(p, return_tensors="pt")  # the prompt as training tokenized it (special tokens included)
         with torch.no_grad():
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id)
@@ -109,7 +129,6 @@ def greedy(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[st
 def merge_run(spec: dict, adapter_dir, out_dir) -> Path:
     """Merge a LoRA / QLoRA adapter into its base and save model + tokenizer (safetensors)."""
     from peft import PeftModel
-    from transformers import AutoTokenizer
 
     quantized = bool(spec["quantization"])
     base = load_base(spec, quantized)
@@ -120,7 +139,7 @@ def merge_run(spec: dict, adapter_dir, out_dir) -> Path:
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     out_dir = Path(out_dir)
     merged.save_pretrained(out_dir, safe_serialization=True)
-    AutoTokenizer.from_pretrained(spec["model"]["name_or_path"]).save_pretrained(out_dir)
+    tokenizer_of(spec).save_pretrained(out_dir)  # the one it trained with (a pad token, for batched use)
     log.info("merged %s into %s", adapter_dir, out_dir)
     return out_dir
 
@@ -135,11 +154,12 @@ def verify_run(spec: dict, adapter_dir, merged_dir, eval_jsonl, out_json, n_prom
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     quantized = bool(spec["quantization"])
-    tok = AutoTokenizer.from_pretrained(merged_dir)
+    tok = AutoTokenizer.from_pretrained(merged_dir, trust_remote_code=spec["model"]["trust_remote_code"])
     rows = held_out(eval_jsonl, n_prompts)
-    batch = _batch(tok, rows)
+    batch = _batch(tok, rows, spec["training"].get("max_length"))
     with_adapter = PeftModel.from_pretrained(load_base(spec, quantized), str(adapter_dir)).eval()
-    merged = AutoModelForCausalLM.from_pretrained(merged_dir, use_safetensors=True).eval()  # plain transformers
+    merged = AutoModelForCausalLM.from_pretrained(  # plain transformers
+        merged_dir, use_safetensors=True, trust_remote_code=spec["model"]["trust_remote_code"]).eval()
     a, m = score(with_adapter, batch), score(merged, batch)
     diff = float((a["logits"] - m["logits"]).abs().max())
     gen_a = greedy(with_adapter, tok, [r["prompt"] for r in rows], max_new_tokens)
@@ -158,8 +178,11 @@ def verify_run(spec: dict, adapter_dir, merged_dir, eval_jsonl, out_json, n_prom
         log.warning("%s: base + adapter gives non-finite logits (the run diverged): its merge is not checked",
                     spec["run"])
     elif not quantized and not result["within_tolerance"]:
+        # (Snakemake deletes a failed job's outputs, out_json included: the figures go in the message)
         raise MergeMismatch(f"merged {spec['run']} differs from base + adapter by {diff:.3g} in the logits "
-                            f"(tolerance {bound:g}): do not deploy this merge; see {out_json}")
+                            f"(tolerance {bound:g}) on {len(rows)} held-out examples; greedy generations "
+                            f"identical {result['greedy_identical_count']}/{len(rows)}; eval loss {a['loss']:.5f} "
+                            f"with the adapter, {m['loss']:.5f} merged: do not deploy this merge")
     return result
 
 
@@ -167,10 +190,8 @@ def switch_adapters(spec: dict, adapters: dict[str, str], eval_jsonl, out_json, 
     """Load the base once, attach every adapter by name, score each, unload, check the base is untouched."""
     import torch
     from peft import PeftModel
-    from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(spec["model"]["name_or_path"])
-    batch = _batch(tok, held_out(eval_jsonl, n_prompts))
+    batch = _batch(tokenizer_of(spec), held_out(eval_jsonl, n_prompts), spec["training"].get("max_length"))
     base = load_base(spec)
     before = score(base, batch)
     names = list(adapters)
@@ -191,7 +212,9 @@ def switch_adapters(spec: dict, adapters: dict[str, str], eval_jsonl, out_json, 
            "examples": int(batch["input_ids"].shape[0])}
     Path(out_json).write_text(json.dumps(out, indent=2) + "\n")
     if not exact:
-        raise RuntimeError(f"after unload() the base model's logits differ from the original: {out_json}")
+        worst = float((after["logits"] - before["logits"]).abs().max())
+        raise RuntimeError(f"after unload() the base model's logits differ from the original by up to {worst:.3g}: "
+                           "attaching and removing adapters changed the base weights")
     return out
 
 
@@ -208,10 +231,10 @@ def sample_runs(specs: dict[str, dict], models: dict[str, str], eval_jsonl, out_
                 max_new_tokens: int = 48) -> list[dict]:
     """Greedy completions of the first ``n`` held-out instructions: the base model, then every run."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     spec = next(iter(specs.values()))
-    tok = AutoTokenizer.from_pretrained(spec["model"]["name_or_path"])
+    tok = tokenizer_of(spec)
     rows = held_out(eval_jsonl, n)
     prompts = [r["prompt"] for r in rows]
     out = [{**_instruction_and_input(r["prompt"]), "reference": r["completion"], "completions": {}} for r in rows]
@@ -221,7 +244,8 @@ def sample_runs(specs: dict[str, dict], models: dict[str, str], eval_jsonl, out_
         if (Path(path) / "adapter_config.json").exists():
             model = PeftModel.from_pretrained(load_base(specs[run], bool(specs[run]["quantization"])), path).eval()
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True).eval()
+            model = AutoModelForCausalLM.from_pretrained(
+                path, use_safetensors=True, trust_remote_code=specs[run]["model"]["trust_remote_code"]).eval()
         for i, text in enumerate(greedy(model, tok, prompts, max_new_tokens)):
             out[i]["completions"][run] = text
         log.info("sampled %s", run)

@@ -149,3 +149,44 @@ def test_a_preset_that_does_not_match_the_model_says_which_preset():
     with pytest.raises(ConfigError, match=r"\['q_proj', 'k_proj', 'v_proj'\] \(the attention preset for model type "
                                           r"'opt'\) not found in GPT2LMHeadModel"):
         resolve_target_modules(model, "attention")
+
+
+def test_merge_verify_and_switch_use_the_tokenization_training_used(tiny_config, tiny_data, tiny_model, tmp_path):
+    """A tokenizer that adds a BOS token and has no pad token (as many do): training pads with EOS and TRL
+    tokenizes with the special tokens. The merge must save that tokenizer, and verify / switch must score the
+    held-out examples as training did: switch's base loss equals the training run's own base evaluation."""
+    import shutil
+
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    from lorasweep.adapters import merge_run, switch_adapters, verify_run
+    from lorasweep.train import train_run
+
+    model_dir = tmp_path / "bos-nopad"
+    shutil.copytree(tiny_model, model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"{tok.bos_token} $A", special_tokens=[(tok.bos_token, tok.bos_token_id)])
+    tok.pad_token = None
+    tok.save_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    assert tok.pad_token is None and tok("x")["input_ids"][0] == tok.bos_token_id
+
+    cfg = tiny_config(max_steps=2, evals=1)
+    cfg["model"]["name_or_path"] = str(model_dir)
+    spec = run_spec(cfg, "lora-r8")
+    out = tmp_path / "run"
+    train_run(spec, tiny_data["train"], tiny_data["eval"], out, threads=2)
+    merged = merge_run(spec, out / "model", tmp_path / "merged")
+    assert AutoTokenizer.from_pretrained(merged).pad_token == tok.eos_token
+    result = verify_run(spec, out / "model", merged, tiny_data["eval"], tmp_path / "verify.json", n_prompts=4,
+                        max_new_tokens=2)
+    assert result["within_tolerance"]
+    n = 6
+    sw = switch_adapters(spec, {"lora-r8": str(out / "model")}, tiny_data["eval"], tmp_path / "switch.json",
+                         n_prompts=n)
+    base = json.loads((out / "eval_losses.json").read_text())["base"][:n]  # eval-split order
+    assert sw["unload_restores_base_exactly"]
+    assert sw["base_eval_loss"] == pytest.approx(sum(r["loss_sum"] for r in base) / sum(r["tokens"] for r in base),
+                                                 rel=1e-5)
