@@ -38,9 +38,14 @@ MEM_TOL = 0.02
 
 
 def memory_measure(df: pd.DataFrame) -> tuple[str, str]:
-    """The peak-memory column findings compare, and its name in prose."""
+    """The peak-memory column findings compare, and its name in prose. On the CPU, the peak RSS above the
+    process's footprint before its model was loaded (``by_run`` derives it): the weights and what training
+    added, without the Python and torch runtime that every run holds alike (~0.5 GiB), which in a total would
+    hide real differences inside the comparisons' 2% tolerance."""
     if "peak_cuda_allocated_bytes" in df and df["peak_cuda_allocated_bytes"].notna().any():
         return "peak_cuda_allocated_bytes", "peak CUDA memory allocated"
+    if "peak_rss_above_start_bytes" in df and df["peak_rss_above_start_bytes"].notna().all():
+        return "peak_rss_above_start_bytes", "peak resident memory (RSS) above the process before its model loaded"
     return "peak_rss_bytes", "peak resident memory (RSS)"
 
 
@@ -77,6 +82,8 @@ def by_run(df: pd.DataFrame) -> pd.DataFrame:
         return df
     if "seed" not in df:
         df = df.assign(seed=0)
+    if {"peak_rss_bytes", "rss_before_load_bytes"} <= set(df.columns):  # memory_measure's CPU measure, per seed
+        df = df.assign(peak_rss_above_start_bytes=df["peak_rss_bytes"] - df["rss_before_load_bytes"])
     g = df.groupby("run", sort=False)
     numeric = [c for c in df.select_dtypes("number").columns if c != "seed"]
     other = [c for c in df.columns if c not in numeric and c not in ("run", "seed")]
@@ -419,12 +426,30 @@ def busy_machine(df: pd.DataFrame) -> str | None:
     if busy is None:
         return None
     seeds = "seed" in busy and df.groupby("run")["seed"].nunique().max() > 1
+    if len(busy) == len(df):
+        advice = (". Every run trained under an unknown and changing load, so no runtime or throughput below "
+                  "compares the methods, and the write-ups' timing claims are not checked; rerun the sweep on an "
+                  "idle machine, one training job at a time (`--cores` no more than a job's threads), for timings "
+                  "that do.")
+    else:
+        advice = (". Their runtime and throughput are not comparable with the other runs, and no write-up timing "
+                  "claim is checked with them; rerun them alone (`--forcerun results/runs/<run>/seed<seed>/"
+                  "metrics.json`) for timings that are.")
     return ("**Timings taken on a busy machine**: other processes used " +
             ", ".join(f"{r['other_processes_cpu_share_pct']:.0f}% of the CPU while `{r['run']}`"
                       + (f" (seed {int(r['seed'])})" if seeds else "") + " trained"
-                      for _, r in busy.iterrows()) +
-            ". Their runtime and throughput are not comparable with the other runs; rerun them alone "
-            "(`--forcerun results/runs/<run>/seed<seed>/metrics.json`) for timings that are.")
+                      for _, r in busy.iterrows()) + advice)
+
+
+def timing_suspect(df: pd.DataFrame) -> set[str]:
+    """Runs (any seed) whose timings are not comparable: trained on a busy machine or beside other jobs on
+    their GPU (the findings name them: :func:`busy_machine`, :func:`shared_gpu`)."""
+    out = set()
+    for col, limit in (("other_processes_cpu_share_pct", 10.0), ("gpu_jobs_beside_max", 0)):
+        rows = _rows_above(df, col, limit)
+        if rows is not None:
+            out |= set(rows["run"])
+    return out
 
 
 def shared_gpu(df: pd.DataFrame) -> str | None:
@@ -500,8 +525,14 @@ def _rises(values: list[float], tol: float) -> str:
 def writeup_claims(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None) -> list[dict]:
     """Each published claim, and whether this sweep's measurements agree (agrees / disagrees / cannot check)."""
     losses = Losses(eval_losses)
+    suspect = timing_suspect(df)  # per seed, before averaging
     df = by_run(df[~df["run"].isin(diverged(df)[1])])  # no claim rests on a run whose eval loss is not a number
     m = df.set_index("run")
+
+    def timing(verdict: str, runs) -> str:
+        busy = sorted(suspect & set(runs))
+        return ("cannot check (timed on a busy machine or a shared GPU: " + ", ".join(f"`{r}`" for r in busy)
+                + ")") if busy else verdict
     mem, mem_name = memory_measure(df)
     ranks = lora_runs(df)
     lo = [r for _, r in ranks]
@@ -526,10 +557,11 @@ def writeup_claims(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None) ->
         add("W1", "full fine-tuning used the least peak memory", _lowest(m[mem], "full", others, MEM_TOL),
             f"{mem_name}: full {mib(m.loc['full', mem])}; " +
             ", ".join(f"{r} {mib(m.loc[r, mem])}" for r in others))
-        slower = [r for r in lo if parse_run(r)[1] >= 128]
+        slower = [r for r in lo if parse_run(r)[1] in (128, 256)]
         if slower:
-            add("W1", "full fine-tuning was faster than LoRA r=128 and r=256",
-                _lowest(m["train_runtime_s"], "full", slower, TIME_TOL),
+            add("W1", "full fine-tuning was faster than LoRA " + " and ".join(
+                f"r={parse_run(r)[1]}" for r in slower) + (" (W1: r=128 and r=256)" if len(slower) < 2 else ""),
+                timing(_lowest(m["train_runtime_s"], "full", slower, TIME_TOL), ["full", *slower]),
                 f"runtime s: full {m.loc['full', 'train_runtime_s']:.1f}; " +
                 ", ".join(f"{r} {m.loc[r, 'train_runtime_s']:.1f}" for r in slower))
     if len(lo) >= 2:
@@ -547,7 +579,7 @@ def writeup_claims(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None) ->
         add("W1, W3", "a higher LoRA rank gives a (slightly) lower loss", verdict,
             "eval loss " + ", ".join(f"r={r} {m.loc[n, 'eval_loss']:.4f}" for r, n in ranks))
         rt = [m.loc[r, "train_runtime_s"] for r in lo]
-        add("W1, W2, W3", "training gets slower as the rank grows", _rises(rt, TIME_TOL),
+        add("W1, W2, W3", "training gets slower as the rank grows", timing(_rises(rt, TIME_TOL), lo),
             "runtime s " + ", ".join(f"r={r} {m.loc[n, 'train_runtime_s']:.1f}" for r, n in ranks)
             + f" (differences under {TIME_TOL:.0%} count as equal)")
         mm = [m.loc[r, mem] for r in lo]
@@ -560,8 +592,14 @@ def writeup_claims(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None) ->
         if d is None:
             verdict, ev_text = "cannot check (no per-example losses)", ""
         else:
-            verdict = "agrees" if not d["distinguishable"] or abs(d["diff"]) < 0.25 * abs(
-                m.loc[r128, "eval_loss"] - m.loc[lo[0], "eval_loss"]) else "disagrees"
+            gain = -d["diff"]  # how much lower r=256's loss is than r=128's
+            before = m.loc[lo[0], "eval_loss"] - m.loc[r128, "eval_loss"]  # the gain up to r=128
+            if not d["distinguishable"]:
+                verdict = "agrees (no measurable gain)"
+            elif gain < 0:
+                verdict = "agrees (r=256 measurably worse)"
+            else:  # a measurable gain: "little" next to the gain up to r=128
+                verdict = "agrees" if before > 0 and gain < 0.25 * before else "disagrees"
             ev_text = f" (Δ {d['diff']:+.4f} ± {d['half']:.4f})"
         add("W2, W3", "little gain from r=128 to r=256 (diminishing returns)", verdict,
             f"eval loss r=128 {m.loc[r128, 'eval_loss']:.4f}, r=256 {m.loc[r256, 'eval_loss']:.4f}{ev_text}")
@@ -570,7 +608,7 @@ def writeup_claims(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None) ->
 
 def tradeoffs(df: pd.DataFrame) -> list[str]:
     """LoRA's trade-offs against full fine-tuning, in this sweep's numbers."""
-    df = by_run(df)
+    df = by_run(df[~df["run"].isin(diverged(df)[1])])  # a run whose eval loss is not a number trades nothing
     m = df.set_index("run")
     if "full" not in m.index:
         return []

@@ -47,7 +47,9 @@ def load(metrics_csv, history_csv, data_summary, eval_losses_csv=None) -> dict:
 
 def title_section(ctx: dict, experiment: str) -> str:
     df, data = ctx["metrics"], ctx["data"]
-    return (f"# {experiment}: full fine-tuning vs LoRA vs QLoRA\n\n"
+    methods = [name for method, name in (("full", "full fine-tuning"), ("lora", "LoRA"), ("qlora", "QLoRA"))
+               if "method" not in df or (df["method"] == method).any()]
+    return (f"# {experiment}: {' vs '.join(methods)}\n\n"
             f"`{df['model'].iloc[0]}` on `{data['source']}`, runs {', '.join(f'`{r}`' for r in df['run'])}, "
             + (f"each trained with {int(df['n_seeds'].max())} seeds ({df['seeds'].iloc[0]}; figures are means, "
                "± one standard deviation across seeds), " if df["n_seeds"].max() > 1 else "")
@@ -65,9 +67,8 @@ def short_runs_caveat(df: pd.DataFrame) -> str:
     who = (f"These runs trained for under {SHORT_RUN_S:.0f} s each" if df["train_runtime_s"].max() < SHORT_RUN_S
            else f"Most of these runs trained for under {SHORT_RUN_S:.0f} s (median "
                 f"{df['train_runtime_s'].median():.0f} s)")
-    return (f" {who}, and runs that short move between reruns by "
-            "more than that: the tiny preset's lora-r128 and lora-r256, rerun back to back on an idle 2-core "
-            "machine, went from 7.0 to 5.9 s and from 4.7 to 5.8 s. Read their timing differences as indicative; "
+    return (f" {who}: a single timing of a run that short can move between reruns on the same machine by more "
+            "than the differences between runs here. Read their timing differences as indicative; "
             "`seeds: [0, 1, 2]` measures the spread.")
 
 
@@ -149,7 +150,7 @@ def memory_model_section(df: pd.DataFrame) -> str:
 
 
 def _table(rows: list[dict]) -> str:
-    return pd.DataFrame(rows).to_markdown(index=False)
+    return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)  # "4.3900" stays "4.3900"
 
 
 def setup_section(ctx: dict) -> str:
@@ -254,10 +255,12 @@ def figures_section(figures_dir: str) -> str:
     return "\n".join(out)
 
 
-def writeups_section(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None) -> str:
-    """Our LoRA runs beside the figures W2 and W3 reported for the same ranks."""
+def writeups_section(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None,
+                     per_seed: pd.DataFrame | None = None) -> str:
+    """Our LoRA runs beside the figures W2 and W3 reported for the same ranks; their claims checked against
+    every seed (``per_seed``: a seed timed on a busy machine keeps its run out of the timing claims)."""
     ours = df.set_index("run")
-    mem_col, _ = F.memory_measure(df)
+    mem_col, mem_name = F.memory_measure(df)
     cuda = mem_col == "peak_cuda_allocated_bytes"
     rows = []
     for name, w in WRITEUPS.items():
@@ -278,17 +281,25 @@ def writeups_section(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None) 
     notes = [
         "",
         f"Memory: W2 reports mean GPU memory allocated, W3 max memory allocated; ours is "
-        f"{'peak CUDA memory allocated' if cuda else 'peak resident memory of the process (CPU run)'} while "
-        "training (evaluations left out), in GB (1e9 bytes). "
+        f"{mem_name}{'' if cuda else ' (CPU run)'} while "
+        "training (evaluations left out), in GB (1e9 bytes); W2 gives its figures as a share of \"22.5 GB\", "
+        "which on an L4 (23,034 MiB) is more likely GiB: then they are 7% larger in GB. "
+        "Runtime: theirs is the Trainer's `train_runtime`, evaluations and checkpoint writing included; ours "
+        "leaves both out (`train_wall_s` in `results/metrics.csv` includes them). "
         "W2's train loss is the last logged value, W3's and ours the mean over the run. The write-ups trained "
-        "on opt-350m with CodeAlpaca-20k; compare magnitudes only when our model and data are the same.",
+        "on opt-350m with CodeAlpaca-20k (W2 on half of it, W3 for 3 epochs); compare magnitudes only when our "
+        "model, data and epochs are the same. W1's LoRA adapted every linear layer (all-linear), which its "
+        "author blames for LoRA's higher memory; this sweep's adapts "
+        + (", ".join(sorted({str(t) for t in df.get("target_modules", pd.Series(dtype=object)).dropna()})) or "-")
+        + ".",
         "",
         "Their claims, checked against this sweep's measurements:",
         "",
     ]
-    claims = F.writeup_claims(df, eval_losses)
+    claims = F.writeup_claims(per_seed if per_seed is not None else df, eval_losses)
     table = pd.DataFrame(claims).rename(columns={"ours": "this sweep"}).to_markdown(index=False) if claims else \
-        "(no runs to check the claims with)"
+        "(none of the write-ups' claims can be checked with these runs: they compare full fine-tuning with " \
+        "LoRA, or LoRA ranks with each other)"
     return "## Beside the published write-ups\n\n" + _table(rows) + "\n" + "\n".join(notes) + "\n" + table
 
 
@@ -306,7 +317,7 @@ def adapters_section(verify_jsons=(), switch_json=None, samples_json=None) -> st
                                                      else "yes" if r["within_tolerance"] else "**no**"),
             "greedy identical": f"{r['greedy_identical_count']}/{r['prompts']}",
             "eval loss adapter": f"{r['eval_loss_adapter']:.5f}", "eval loss merged": f"{r['eval_loss_merged']:.5f}"}
-            for r in rows]).to_markdown(index=False))
+            for r in rows]).to_markdown(index=False, disable_numparse=True))
         out += ["", "A LoRA merge beyond tolerance fails the workflow; for QLoRA the figure is reported against the "
                 "same bound. A merge onto the original full-precision weights would differ by the quantization error.",
                 ""]

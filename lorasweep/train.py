@@ -773,6 +773,9 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
 
     set_seed(spec["seed"])
     tokenizer = load_tokenizer(spec)
+    from .memory import rss_bytes
+
+    rss_before_load = rss_bytes()  # the process (Python, torch, data) before its model: what runs cannot differ in
     model = load_model(spec, device, precision)
     n4bit = count_4bit_layers(model)
     if spec["quantization"] and n4bit == 0:
@@ -1019,6 +1022,7 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         "saved_model_kind": "adapter" if spec["lora"] else "full model",
         # memory (CUDA fields are absent on the CPU)
         **{k: v for k, v in mem.items() if k != "peak_rss_method"},
+        "rss_before_load_bytes": rss_before_load,
         **({"mean_cuda_allocated_bytes": mean_of("cuda_allocated_bytes"),
             "mean_cuda_reserved_bytes": mean_of("cuda_reserved_bytes")} if device == "cuda" else {}),
         "mean_rss_bytes": mean_of("rss_bytes"),

@@ -126,6 +126,55 @@ def test_writeup_claims_follow_the_measurements():
     assert verdict(low) == "agrees" and verdict(high) == "disagrees"
 
 
+def test_the_diminishing_returns_claim_reads_a_worse_r256_as_no_gain_and_a_large_gain_as_disagreeing():
+    df, ev = _fixture()
+    claim = "little gain from r=128 to r=256 (diminishing returns)"
+
+    def verdict(frame, losses):
+        return {c["claim"]: c["ours"] for c in F.writeup_claims(frame, losses)}[claim]
+
+    r128 = ev.loc[ev["run"] == "lora-r128", "final_loss_sum"].to_numpy()
+    worse, better = ev.copy(), ev.copy()
+    worse.loc[worse["run"] == "lora-r256", "final_loss_sum"] = r128 * 1.2  # every example measurably worse
+    better.loc[better["run"] == "lora-r256", "final_loss_sum"] = r128 * 0.5
+    assert verdict(df, worse) == "agrees (r=256 measurably worse)"  # was "disagrees": |Δ| read as a gain
+    flat_before = df.copy()  # no gain from r=8 to r=128: any measurable gain after it is not "diminishing"
+    flat_before.loc[flat_before["run"] == "lora-r8", "eval_loss"] = float(
+        df.loc[df["run"] == "lora-r128", "eval_loss"].iloc[0])
+    assert verdict(flat_before, better) == "disagrees"
+
+
+def test_timing_claims_are_not_checked_with_runs_timed_on_a_busy_machine():
+    df, ev = _fixture()
+    claim = "training gets slower as the rank grows"
+
+    def claims(frame):
+        return {c["claim"]: c["ours"] for c in F.writeup_claims(frame, ev)}
+
+    idle = df.assign(other_processes_cpu_share_pct=0.0)
+    assert not claims(idle)[claim].startswith("cannot check")
+    busy = idle.copy()
+    busy.loc[busy["run"] == "lora-r128", "other_processes_cpu_share_pct"] = 45.0
+    assert claims(busy)[claim] == "cannot check (timed on a busy machine or a shared GPU: `lora-r128`)"
+    assert "rerun them alone" in F.busy_machine(busy)
+    everyone = idle.assign(other_processes_cpu_share_pct=50.0)
+    assert "Every run trained under an unknown and changing load" in F.busy_machine(everyone)
+
+
+def test_on_the_cpu_memory_findings_compare_rss_above_the_process_before_its_model_loaded():
+    """A total peak RSS holds the Python and torch runtime every run holds alike (~0.5 GiB): within the 2%
+    tolerance of such a total, a run that needs 50 MiB more than another would read as "about the same"."""
+    df, ev = _fixture()
+    base = 500 * 2**20
+    added = {"full": 60, "lora-r8": 50, "lora-r128": 55, "lora-r256": 65, "qlora-r8": 45}  # MiB above the start
+    runs = df.assign(rss_before_load_bytes=base,
+                     peak_rss_bytes=[base + added[r] * 2**20 for r in df["run"]])
+    assert F.memory_measure(F.by_run(runs))[0] == "peak_rss_above_start_bytes"
+    assert F.memory_measure(F.by_run(df))[0] == "peak_rss_bytes"  # older metrics: the total, as before
+    text = " ".join(F.tradeoffs(runs))
+    assert "`lora-r8`: " in text and "above the process before its model loaded 17% lower" in text.split("`lora-r128`")[0]
+
+
 def test_a_diverged_run_is_named_and_left_out_of_the_comparisons(tmp_path):
     df, ev = _fixture()
     nan_run = df.assign(train_logs=10, train_nonfinite_logs=0)
