@@ -32,6 +32,7 @@ def t975(dof: int) -> float:
     return T975[dof - 1] if 1 <= dof <= len(T975) else Z95
 TIME_TOL = 0.05  # single timings of runs of minutes differ by a few percent; short runs more (report.short_runs_caveat)
 MEM_TOL = 0.02
+BUSY_CPU_SHARE_PCT = 10.0  # other processes' share of the CPU above which a run's timings are not comparable
 
 
 # ---------------------------------------------------------------- helpers
@@ -422,7 +423,7 @@ def diverged(df: pd.DataFrame) -> tuple[str | None, list[str]]:
 
 def busy_machine(df: pd.DataFrame) -> str | None:
     """A warning when some runs trained while other processes took a share of the machine's CPU."""
-    busy = _rows_above(df, "other_processes_cpu_share_pct", 10.0)
+    busy = _rows_above(df, "other_processes_cpu_share_pct", BUSY_CPU_SHARE_PCT)
     if busy is None:
         return None
     seeds = "seed" in busy and df.groupby("run")["seed"].nunique().max() > 1
@@ -445,7 +446,7 @@ def timing_suspect(df: pd.DataFrame) -> set[str]:
     """Runs (any seed) whose timings are not comparable: trained on a busy machine or beside other jobs on
     their GPU (the findings name them: :func:`busy_machine`, :func:`shared_gpu`)."""
     out = set()
-    for col, limit in (("other_processes_cpu_share_pct", 10.0), ("gpu_jobs_beside_max", 0)):
+    for col, limit in (("other_processes_cpu_share_pct", BUSY_CPU_SHARE_PCT), ("gpu_jobs_beside_max", 0)):
         rows = _rows_above(df, col, limit)
         if rows is not None:
             out |= set(rows["run"])

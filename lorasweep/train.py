@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .config import ConfigError
 from . import memory_model, speed
-from .memory import PeakMemory
+from .memory import PeakMemory, rss_bytes
 from .provenance import MachineShare, git_state, hardware, hardware_label, package_versions
 
 log = logging.getLogger("lorasweep.train")
@@ -773,8 +773,6 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
 
     set_seed(spec["seed"])
     tokenizer = load_tokenizer(spec)
-    from .memory import rss_bytes
-
     rss_before_load = rss_bytes()  # the process (Python, torch, data) before its model: what runs cannot differ in
     model = load_model(spec, device, precision)
     n4bit = count_4bit_layers(model)
@@ -828,7 +826,7 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         pad_to_multiple_of=training.get("pad_to_multiple_of"),
         # On CUDA each batch goes to the GPU as an asynchronous copy from pinned memory (the Trainer pins it
         # by default). A blocking copy, the default, waits for the GPU to finish all the work queued before
-        # it, the last step's included: profiled on an H200 that was ~4 waits a step (one per batch tensor),
+        # it, the last step's included: profiled on an H200 that was 3 waits a step (one per batch tensor),
         # each leaving the GPU idle while the host then queues the next step's first kernels.
         accelerator_config={"non_blocking": True} if device == "cuda" else None,
         **compile_args(training.get("torch_compile", False)),
