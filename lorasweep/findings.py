@@ -244,16 +244,19 @@ def rank_steps(df: pd.DataFrame, losses: Losses, method: str = "lora") -> list[s
         return []
     m = df.set_index("run")
     mem, mem_name = memory_measure(df)
+    suspect = timing_suspect(df)
     out, gains = [], []
     for (r1, a), (r2, b) in zip(runs, runs[1:]):
         loss_text, real = _loss_change(losses, a, b, df)
+        busy = [f"`{r}`" for r in (a, b) if r in suspect]
+        caveat = f" (not comparable: {' and '.join(busy)} timed on a busy machine or a shared GPU)" if busy else ""
         d = losses.diff(b, a)
         gains.append((r1, r2, d["diff"] if d else m.loc[b, "eval_loss"] - m.loc[a, "eval_loss"], real,
                       d["half"] if d else None))
         out.append(
             f"**r={r1} → r={r2}**: {loss_text}; train runtime "
             f"{ratio_text(m.loc[b, 'train_runtime_s'], m.loc[a, 'train_runtime_s'], TIME_TOL, 'longer', 'shorter')}, "
-            f"tokens/s {ratio_text(m.loc[b, 'train_tokens_nonpad_per_s'], m.loc[a, 'train_tokens_nonpad_per_s'], TIME_TOL, 'higher', 'lower')}, "
+            f"tokens/s {ratio_text(m.loc[b, 'train_tokens_nonpad_per_s'], m.loc[a, 'train_tokens_nonpad_per_s'], TIME_TOL, 'higher', 'lower')}{caveat}, "
             f"{mem_name} {ratio_text(m.loc[b, mem], m.loc[a, mem], MEM_TOL, 'higher', 'lower')} "
             f"({mib(m.loc[a, mem])} → {mib(m.loc[b, mem])}), trainable parameters ×{m.loc[b, 'trainable_params'] / m.loc[a, 'trainable_params']:.0f}.")
     out.append(returns_verdict(gains))

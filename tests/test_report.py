@@ -159,6 +159,9 @@ def test_timing_claims_are_not_checked_with_runs_timed_on_a_busy_machine():
     assert "rerun them alone" in F.busy_machine(busy)
     everyone = idle.assign(other_processes_cpu_share_pct=50.0)
     assert "Every run trained under an unknown and changing load" in F.busy_machine(everyone)
+    steps = F.rank_steps(F.by_run(busy), F.Losses(ev))
+    assert "(not comparable: `lora-r128` timed on a busy machine or a shared GPU)" in steps[0]  # r=8 → r=128
+    assert "not comparable" not in " ".join(F.rank_steps(F.by_run(idle), F.Losses(ev)))
 
 
 def test_on_the_cpu_memory_findings_compare_rss_above_the_process_before_its_model_loaded():
