@@ -64,13 +64,6 @@ def held_out(eval_jsonl, n: int) -> list[dict]:
     return read_jsonl(eval_jsonl)[:n]
 
 
-def tokenizer_of(spec: dict):
-    """The tokenizer the run trained with (``train.load_tokenizer``: a missing pad token set to EOS)."""
-    from .train import load_tokenizer
-
-    return load_tokenizer(spec)
-
-
 def _batch(tokenizer, rows, max_length: int | None = None):
     """Prompt + completion tokenized as TRL's SFTTrainer tokenized them in training (the tokenizer's own special
     tokens, e.g. OPT's leading ``</s>``; EOS after the completion; the completion from where the tokenized
@@ -80,7 +73,7 @@ def _batch(tokenizer, rows, max_length: int | None = None):
     from trl.data_utils import common_prefix_length
 
     if tokenizer.pad_token_id is None:
-        raise ValueError("the tokenizer has no pad token: load it with lorasweep.adapters.tokenizer_of(spec), "
+        raise ValueError("the tokenizer has no pad token: load it with lorasweep.train.load_tokenizer(spec), "
                          "which sets it to EOS as training did")
     eos = tokenizer.eos_token
     ids, labels = [], []
@@ -130,6 +123,8 @@ def merge_run(spec: dict, adapter_dir, out_dir) -> Path:
     """Merge a LoRA / QLoRA adapter into its base and save model + tokenizer (safetensors)."""
     from peft import PeftModel
 
+    from .train import load_tokenizer
+
     quantized = bool(spec["quantization"])
     base = load_base(spec, quantized)
     if quantized:
@@ -139,7 +134,7 @@ def merge_run(spec: dict, adapter_dir, out_dir) -> Path:
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     out_dir = Path(out_dir)
     merged.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer_of(spec).save_pretrained(out_dir)  # the one it trained with (a pad token, for batched use)
+    load_tokenizer(spec).save_pretrained(out_dir)  # the one it trained with (a pad token, for batched use)
     log.info("merged %s into %s", adapter_dir, out_dir)
     return out_dir
 
@@ -191,7 +186,9 @@ def switch_adapters(spec: dict, adapters: dict[str, str], eval_jsonl, out_json, 
     import torch
     from peft import PeftModel
 
-    batch = _batch(tokenizer_of(spec), held_out(eval_jsonl, n_prompts), spec["training"].get("max_length"))
+    from .train import load_tokenizer
+
+    batch = _batch(load_tokenizer(spec), held_out(eval_jsonl, n_prompts), spec["training"].get("max_length"))
     base = load_base(spec)
     before = score(base, batch)
     names = list(adapters)
@@ -233,8 +230,10 @@ def sample_runs(specs: dict[str, dict], models: dict[str, str], eval_jsonl, out_
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from .train import load_tokenizer
+
     spec = next(iter(specs.values()))
-    tok = tokenizer_of(spec)
+    tok = load_tokenizer(spec)
     rows = held_out(eval_jsonl, n)
     prompts = [r["prompt"] for r in rows]
     out = [{**_instruction_and_input(r["prompt"]), "reference": r["completion"], "completions": {}} for r in rows]

@@ -193,7 +193,7 @@ def step_profiler(out, first: int, steps: int):
         window holds the logging of steps ``first .. first + steps - 1``)."""
 
         def __init__(self):
-            self.prof, self.t0, self.done = None, 0.0, False
+            self.prof, self.t0 = None, 0.0
 
         def _start(self):
             acts = [torch.profiler.ProfilerActivity.CPU]
@@ -205,11 +205,11 @@ def step_profiler(out, first: int, steps: int):
             self.t0 = time.perf_counter()
 
         def on_train_begin(self, args, state, control, **kwargs):
-            if first == 0 and state.global_step == 0 and self.prof is None and not self.done:
+            if first == 0 and state.global_step == 0:  # a training start happens once
                 self._start()
 
         def on_step_end(self, args, state, control, **kwargs):
-            if self.prof is None and not self.done and first > 0 and state.global_step == first:
+            if first > 0 and state.global_step == first:  # each step ends once
                 self._start()
                 return
             if self.prof is None or state.global_step < first + steps:
@@ -217,7 +217,7 @@ def step_profiler(out, first: int, steps: int):
             sync()
             wall = time.perf_counter() - self.t0
             self.prof.__exit__(None, None, None)
-            prof, self.prof, self.done = self.prof, None, True
+            prof, self.prof = self.prof, None
             out.mkdir(parents=True, exist_ok=True)
             (out / "profile.json").write_text(json.dumps({
                 "first_step": first + 1, "steps": steps, "wall_s": wall, "wall_ms_per_step": 1e3 * wall / steps,
