@@ -24,7 +24,8 @@
 # Batch-8 runs train STEPS steps (default 240: one epoch of the 2k sample), batch-64 runs STEPS / 8.
 # Every benchmark line (tokens/s over the run and its second half, MFU, memory) goes to OUT/summary.txt, the
 # per-check logs and JSON beside it. A check over its cap is reported as such and the next one runs.
-# CHECKS="bench" or "sweep" runs one part (default both). Caps: eager 90 s (the first 150 s), compiled 200 s, sweep 480 s, each
+# CHECKS="bench" or "sweep" runs one part (default both); BENCH="full-eager lora-r8-b64-profile ..." runs only
+# the bench checks it names (4b is full-b64-profile and lora-r8-b64-profile). Caps: eager 90 s (the first 150 s), compiled 200 s, sweep 480 s, each
 # scaled by CAP_SCALE; BUDGET (seconds, default 560) bounds the whole script: a check gets at most what is
 # left of it and is skipped with under 30 s left. DEVICE=cpu SHAPE=tiny and STEPS 16 try the script on a
 # CPU (the sweep then stops each run after STEPS steps). SWEEP_REPEAT=10 gives the sweep the sample ten times
@@ -60,8 +61,11 @@ EOF
     echo "model built ($SECONDS s in)" | tee -a "$summary"
 fi
 
+wanted() { [ -z "${BENCH:-}" ] || [[ " $BENCH " == *" $1 "* ]]; }  # wanted NAME: a check BENCH asks for
+
 bench() {  # bench NAME CAP_S ARGS...: one throughput run of lorasweep's recipe
     local name=$1 limit; limit=$(cap "$2"); shift 2
+    wanted "$name" || return 3
     if [ "$limit" -lt 30 ]; then
         echo "$name: skipped, $(left) s of the budget left" | tee -a "$summary"; return 2
     fi
@@ -100,19 +104,23 @@ if [[ " $checks " == *" bench "* ]]; then
     bench lora-r8-b64-eager 90 --run lora-r8 "${b64[@]}"
     bench lora-r8-eager 90 --run lora-r8 "${b8[@]}"
     n64=$(( (steps + 7) / 8 ))  # the batch-64 runs' steps; a profile of the middle quarter of one, summarised
-    if [ $n64 -ge 8 ] && bench full-b64-profile 90 --run full "${b64[@]}" --profile "$out/profile-full-b64" \
-            --profile-steps $((n64 / 2)),$((n64 / 4)); then
-        python3 benchmarks/profile_summary.py "$out/profile-full-b64" --top 6 2>&1 | tee -a "$summary"
-    fi
+    for run in full lora-r8; do
+        if [ $n64 -ge 8 ] && bench $run-b64-profile 90 --run $run "${b64[@]}" --profile "$out/profile-$run-b64" \
+                --profile-steps $((n64 / 2)),$((n64 / 4)); then
+            python3 benchmarks/profile_summary.py "$out/profile-$run-b64" --top 6 --json "$out/profile-$run-b64.json" \
+                2>&1 | tee -a "$summary"
+        fi
+    done
     bench full-cudagraphs 200 --run full "${b8[@]}" "${graphs[@]}"; graphs_rc=$?
     # without CUDA graphs, a compiled layer still fuses its elementwise kernels (fewer launches for the host):
     # the next best hope when the graphs failed, so measured now rather than last
     [ $graphs_rc -ne 0 ] && { bench full-regional 200 --run full "${b8[@]}" "${compiled[@]}"; regional_done=1; }
     if [ $graphs_rc -eq 0 ]; then bench full-b64-cudagraphs 200 --run full "${b64[@]}" "${graphs[@]}"
-    else echo "full-b64-cudagraphs: skipped (full-cudagraphs did not finish)" | tee -a "$summary"; fi
+    elif wanted full-b64-cudagraphs; then echo "full-b64-cudagraphs: skipped (full-cudagraphs did not finish)" | tee -a "$summary"; fi
     if [ "$(steady full-cudagraphs)" -gt "$(steady full-eager)" ]; then
         bench lora-r8-cudagraphs 200 --run lora-r8 "${b8[@]}" "${graphs[@]}"
-    else echo "lora-r8-cudagraphs: skipped (full-cudagraphs did not beat full-eager)" | tee -a "$summary"; fi
+    elif wanted lora-r8-cudagraphs; then
+        echo "lora-r8-cudagraphs: skipped (full-cudagraphs did not beat full-eager)" | tee -a "$summary"; fi
     [ -z "${regional_done:-}" ] && bench full-regional 200 --run full "${b8[@]}" "${compiled[@]}"
     rm -rf "$(dirname "$model")"
 fi

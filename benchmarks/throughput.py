@@ -127,9 +127,9 @@ def second_half_rate(history: Path) -> float | None:
 
 def lorasweep_recipe(model_path: str, train_jsonl: Path, eval_jsonl: Path, out: Path, *, run: str, steps: int,
                      batch: int, lr: float, max_length: int, device: str, seed: int,
-                     training: dict | None = None, callbacks=()) -> dict:
+                     training: dict | None = None, lora: dict | None = None, callbacks=()) -> dict:
     m = speed.train_single_run(model_path, train_jsonl, eval_jsonl, out, run, lr=lr, device=device, seed=seed,
-                               callbacks=callbacks, max_steps=steps, batch_size=batch, max_length=max_length, **(training or {}))
+                               callbacks=callbacks, lora=lora, max_steps=steps, batch_size=batch, max_length=max_length, **(training or {}))
     return {"tokens_per_s": m["train_tokens_nonpad_per_s"], "tokens": m["train_tokens_nonpad"],
             "steady_tokens_per_s": second_half_rate(out / "log_history.jsonl"),
             "tokens_padded": m["train_tokens_padded"],
@@ -184,6 +184,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--training", action="append", default=[], metavar="KEY=VALUE",
                     help="a training setting for lorasweep's recipe (YAML value), e.g. torch_compile=true or "
                          "pad_to_multiple_of=64; repeatable")
+    ap.add_argument("--lora", action="append", default=[], metavar="KEY=VALUE",
+                    help="a methods.lora setting for lorasweep's LoRA / QLoRA run (YAML value), e.g. dropout=0 or "
+                         "target_modules=all-linear; repeatable")
     ap.add_argument("--host-reads", action="store_true",
                     help="count the tensor reads per training step (waits for the GPU) by site; slows every "
                          "recipe, so its rates are not comparable")
@@ -208,6 +211,23 @@ def main(argv=None) -> dict:
         ap.error(f"--profile: needs lorasweep in --recipes and FIRST + N < --steps ({a.steps}), the last step "
                  "being followed by the evaluation")
 
+    recipes = dict(RECIPES[r] for r in wanted)
+    overrides = {}
+    for flag in ("training", "lora"):
+        if getattr(a, flag):
+            import yaml
+
+            if "lorasweep" not in recipes:
+                ap.error(f"--{flag} applies to lorasweep's recipe: add lorasweep to --recipes")
+            if flag == "lora" and a.run == "full":
+                ap.error("--lora applies to a lora-r<rank> or qlora-r<rank> --run, not to full")
+            pairs = [kv.split("=", 1) for kv in getattr(a, flag)]
+            if any(len(p) != 2 for p in pairs):
+                ap.error(f"--{flag} takes KEY=VALUE")
+            overrides[flag] = {k: yaml.safe_load(v) for k, v in pairs}
+    if overrides:
+        recipes["lorasweep"] = functools.partial(lorasweep_recipe, **overrides)
+
     work = Path(tempfile.mkdtemp(prefix="lorasweep-bench-"))
     train, evals, summary = work / "train.jsonl", work / "eval.jsonl", work / "summary.json"
     n_train = prepare(a.data, train, evals, summary, eval_size=0.05, seed=a.seed)["train_examples"]
@@ -224,18 +244,6 @@ def main(argv=None) -> dict:
                                                 **(OPT_350M_SHAPE if a.shape == "opt-350m" else {})))
     common = dict(run=a.run, steps=a.steps, batch=a.batch, lr=a.lr, max_length=a.max_length, device=a.device,
                   seed=a.seed)
-    recipes = dict(RECIPES[r] for r in wanted)
-    overrides = {}
-    if a.training:
-        import yaml
-
-        if "lorasweep" not in recipes:
-            ap.error("--training applies to lorasweep's recipe: add lorasweep to --recipes")
-        pairs = [kv.split("=", 1) for kv in a.training]
-        if any(len(p) != 2 for p in pairs):
-            ap.error("--training takes KEY=VALUE")
-        overrides = {k: yaml.safe_load(v) for k, v in pairs}
-        recipes["lorasweep"] = functools.partial(lorasweep_recipe, training=overrides)
     results = {k: [] for k in recipes}
     for i in range(a.repeats):  # interleaved, so a slow phase of the machine hits every recipe
         for name, fn in recipes.items():  # repeat i trains with seed + i: another order and dropout, same split
@@ -258,7 +266,7 @@ def main(argv=None) -> dict:
     summary_out = {"run": a.run, "steps": a.steps, "batch": a.batch, "max_length": a.max_length, "device": a.device,
                    "model": a.model or f"random OPT, {a.shape} shape (built on the data)", "data": a.data,
                    "repeats": a.repeats, "hardware": hardware_label(hardware(a.device)), "median_tokens_per_s": med,
-                   "lorasweep_training": overrides,
+                   "lorasweep_training": overrides.get("training", {}), "lorasweep_lora": overrides.get("lora", {}),
                    "mean_eval_loss": ev, "tokens_per_run": {k: [r["tokens"] for r in v] for k, v in results.items()},
                    "runs": results}
     if "lorasweep" in results:

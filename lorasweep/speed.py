@@ -125,9 +125,11 @@ def ceiling_metrics(params: dict, full: bool, tokens_per_step: float, half: bool
             "step_floor_ms": 1e3 * c["step_floor_s"], "step_floor_memory_ms": 1e3 * c["step_memory_s"]}
 
 
-def single_run_config(model: str, train_jsonl, run: str, *, lr: float, device: str, seed: int, **training) -> dict:
+def single_run_config(model: str, train_jsonl, run: str, *, lr: float, device: str, seed: int,
+                      lora: dict | None = None, **training) -> dict:
     """A validated configuration with one run (``full``, ``lora-r<rank>`` or ``qlora-r<rank>``): what the
-    benchmarks train."""
+    benchmarks train. ``lora``: settings of ``methods.lora`` (``dropout``, ``target_modules``, ...), which QLoRA
+    runs share."""
     from .config import validate_config
 
     method = "full" if run == "full" else run.split("-r")[0]
@@ -135,7 +137,7 @@ def single_run_config(model: str, train_jsonl, run: str, *, lr: float, device: s
     return validate_config({
         "model": {"name_or_path": model}, "dataset": {"source": str(train_jsonl)}, "seed": seed,
         "methods": {"full": {"enabled": method == "full", "learning_rate": lr},
-                    "lora": {"ranks": rank if method == "lora" else [], "learning_rate": lr},
+                    "lora": {**(lora or {}), "ranks": rank if method == "lora" else [], "learning_rate": lr},
                     "qlora": {"ranks": rank if method == "qlora" else [], "learning_rate": lr}},
         # no warmup: the plain recipe (SFTConfig defaults) has none, and the benchmarks compare the training
         # step at equal hyperparameters
@@ -144,7 +146,7 @@ def single_run_config(model: str, train_jsonl, run: str, *, lr: float, device: s
 
 
 def train_single_run(model: str, train_jsonl, eval_jsonl, out, run: str, *, lr: float, device: str, seed: int,
-                     callbacks=(), **training) -> dict:
+                     callbacks=(), lora: dict | None = None, **training) -> dict:
     """Train one run as the benchmarks do (:func:`single_run_config`, its operational settings, no checkpoints)
     and return its metrics. ``callbacks``: more ``TrainerCallback`` objects (:func:`step_profiler`)."""
     from .config import operational, run_spec
@@ -152,7 +154,7 @@ def train_single_run(model: str, train_jsonl, eval_jsonl, out, run: str, *, lr: 
 
     import torch
 
-    cfg = single_run_config(model, train_jsonl, run, lr=lr, device=device, seed=seed, **training)
+    cfg = single_run_config(model, train_jsonl, run, lr=lr, device=device, seed=seed, lora=lora, **training)
     cudnn = torch.backends.cuda.cudnn_sdp_enabled()
     try:
         return train_run(run_spec(cfg, run), train_jsonl, eval_jsonl, out,

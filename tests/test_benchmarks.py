@@ -36,13 +36,21 @@ def test_throughput_benchmark_compares_both_recipes_on_the_same_tokens(tiny_data
     assert "peak_cuda_gib" not in r and "mfu" not in r  # CUDA-only figures are absent on the CPU, never 0
 
 
-def test_throughput_benchmark_passes_training_settings_to_lorasweeps_recipe(tiny_data, tmp_path):
+def test_throughput_benchmark_passes_training_and_lora_settings_to_lorasweeps_recipe(tiny_data, tmp_path):
+    from lorasweep.config import run_spec
+    from lorasweep.speed import single_run_config
+
     r, stdout = _run("throughput.py", tmp_path, "--data", tiny_data["source"], "--steps", 6, "--repeats", 1,
                      "--max-length", 128, "--recipes", "lorasweep", "--training", "pad_to_multiple_of=64",
-                     "--training", "logging_steps=1")
+                     "--training", "logging_steps=1", "--run", "lora-r4", "--lora", "dropout=0")
     assert r["lorasweep_training"] == {"pad_to_multiple_of": 64, "logging_steps": 1}
+    assert r["lorasweep_lora"] == {"dropout": 0}
     run = r["runs"]["lorasweep"][0]
     assert run["tokens_padded"] % (64 * 8) == 0 and run["steady_tokens_per_s"] > 0
+    assert 0 < run["trainable"] < run["params"] / 10  # a LoRA run
+    spec = run_spec(single_run_config("m", "t.jsonl", "lora-r4", lr=1e-3, device="cpu", seed=0,
+                                      lora={"dropout": 0.0}), "lora-r4")
+    assert spec["lora"]["dropout"] == 0.0 and spec["lora"]["r"] == 4  # --lora reaches the run's adapter
     assert "(second half" in stdout
     assert "6 steps of batch 8 are not a whole number of epochs" in stdout  # the recipes would see other examples
 
