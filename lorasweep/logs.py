@@ -28,9 +28,12 @@ def script_logging(log_path: str | os.PathLike, level: int = logging.INFO):
     console_handler = logging.StreamHandler(console)
     console_handler.setFormatter(fmt)
     root = logging.getLogger()
+    ours = logging.getLogger("lorasweep")
+    # what the process had before, put back on the way out: a caller that goes on (a test, a notebook) must not
+    # keep handlers that write to the closed log file
+    saved = [(lg, lg.handlers[:], lg.level, lg.propagate) for lg in (root, ours)]
     root.handlers[:] = [file_handler]
     root.setLevel(logging.WARNING)
-    ours = logging.getLogger("lorasweep")
     ours.handlers[:] = [console_handler]
     ours.setLevel(level)
     ours.propagate = True  # and to the log file through the root handler
@@ -52,11 +55,27 @@ def script_logging(log_path: str | os.PathLike, level: int = logging.INFO):
         console.write(f"\nlorasweep: {name}: {e}\n  (full traceback in {log_path}"
                       + (f", kept in {kept} for when Snakemake retries or reruns the job" if kept else "") + ")\n\n")
         console.flush()
-        sys.stdout, sys.stderr = old_out, old_err
-        log_file.close()
         raise SystemExit(1) from None
-    sys.stdout, sys.stderr = old_out, old_err
-    log_file.close()
+    finally:
+        sys.stdout, sys.stderr = old_out, old_err
+        for lg, handlers, lvl, propagate in saved:
+            lg.handlers[:] = handlers
+            lg.setLevel(lvl)
+            lg.propagate = propagate
+        log_file.close()
+
+
+class _CurrentStderrHandler(logging.StreamHandler):
+    """A handler that writes to whatever ``sys.stderr`` is when it emits, not the stream it was made with: a
+    caller that swaps stderr (pytest's capture, a notebook) and closes the old one gets no logging errors."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):  # StreamHandler.__init__ assigns one; stderr is looked up at each emit instead
+        pass
 
 
 def console_progress(level: int = logging.INFO) -> logging.Logger:
@@ -64,7 +83,7 @@ def console_progress(level: int = logging.INFO) -> logging.Logger:
     the benchmarks: a long run shows where it is."""
     ours = logging.getLogger("lorasweep")
     if not any(getattr(h, "_lorasweep_console", False) for h in ours.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _CurrentStderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
         handler._lorasweep_console = True
         ours.addHandler(handler)

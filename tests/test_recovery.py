@@ -4,6 +4,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -221,3 +222,33 @@ def test_a_hub_id_offline_points_at_a_local_copy(tiny_config, monkeypatch):
     with pytest.raises(ModelLoadError, match="HF_HUB_OFFLINE=1") as e:
         load_model(spec, "cpu", "fp32")
     assert "local directory" in str(e.value)
+
+
+def test_logging_follows_stderr_and_a_scripts_log_file_is_let_go_on_the_way_out(tmp_path, monkeypatch):
+    """A process that goes on after a script's logging (a test, a notebook) or swaps its stderr (pytest's
+    capture) must not be left with handlers that write to a closed stream."""
+    import io
+    import logging
+
+    from lorasweep.logs import console_progress, script_logging
+
+    first = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    log = console_progress()
+    first.close()  # pytest closes a finished test's capture
+    second = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", second)
+    log.info("step 1 of 2")
+    assert "step 1 of 2" in second.getvalue()
+
+    root = logging.getLogger()
+    before = root.handlers[:], log.handlers[:], log.level, root.level
+    with pytest.raises(SystemExit):
+        with script_logging(tmp_path / "job.log") as inside:
+            inside.info("training")
+            raise RuntimeError("boom")
+    assert (root.handlers[:], log.handlers[:], log.level, root.level) == before
+    log.info("after the script")
+    logging.getLogger("transformers").warning("a library's warning")
+    assert "Logging error" not in second.getvalue() and "after the script" in second.getvalue()
+    assert "training" in (tmp_path / "job.log").read_text() and "boom" in (tmp_path / "job.log").read_text()
