@@ -59,6 +59,9 @@ def _describe(error) -> str:
                         "before an exponent, e.g. 1.0e-3)")
             except ValueError:
                 pass
+        if isinstance(error.instance, float) and "integer" in str(error.validator_value):
+            hint = f" (a whole number, written without a decimal point: {error.instance:.0f})" \
+                if error.instance.is_integer() else ""
         return f"{key} = {error.instance!r}: must be of type {error.validator_value}{hint}"
     if v == "required":
         hint = ""
@@ -77,7 +80,11 @@ def validate_config(config: dict) -> dict:
     import jsonschema
 
     schema = load_schema()
-    validator = jsonschema.Draft202012Validator(schema)
+    # JSON Schema counts 8.0 as an integer; a rank, seed or batch size of 8.0 would name runs "seed42.0" and
+    # reach the trainer as a float: whole numbers must be written as such
+    whole = jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
+        "integer", lambda _checker, v: isinstance(v, int) and not isinstance(v, bool))
+    validator = jsonschema.validators.extend(jsonschema.Draft202012Validator, type_checker=whole)(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
     if errors:
         lines = "\n".join(f"  - {_describe(e)}" for e in errors)
@@ -91,6 +98,19 @@ def validate_config(config: dict) -> dict:
         raise ConfigError("invalid lorasweep configuration: no runs enabled (methods.full.enabled is false "
                           "and methods.lora.ranks and methods.qlora.ranks are empty)")
     training = config.get("training", {})
+    eval_size = (config.get("dataset") or {}).get("eval_size")
+    if isinstance(eval_size, float) and eval_size >= 1 and not eval_size.is_integer():
+        raise ConfigError(f"invalid lorasweep configuration: dataset.eval_size = {eval_size}: a share below 1 "
+                          "(0.05) or a whole number of records (100)")
+    tiny = (config.get("model") or {}).get("build_tiny")
+    if tiny:  # what building the model would stop on, said before any job runs
+        if tiny["hidden_size"] % tiny["num_heads"]:
+            raise ConfigError(f"invalid lorasweep configuration: model.build_tiny.hidden_size = {tiny['hidden_size']} "
+                              f"must be a multiple of model.build_tiny.num_heads = {tiny['num_heads']}")
+        if training.get("max_length", 0) > tiny["max_positions"]:
+            raise ConfigError(f"invalid lorasweep configuration: training.max_length = {training['max_length']} is "
+                              f"above model.build_tiny.max_positions = {tiny['max_positions']}, the longest "
+                              "sequence the built model has positions for")
     if training.get("torch_compile_regional") and training.get("torch_compile") in (False, None):
         raise ConfigError("invalid lorasweep configuration: training.torch_compile_regional = true needs "
                           "training.torch_compile (true or a mode: it picks the mode, regional the scope)")
@@ -155,7 +175,12 @@ def runs(config: dict) -> dict[str, dict]:
         out["full"] = {"method": "full", "rank": None}
     for method in ("lora", "qlora"):
         m = methods.get(method, {})
-        defaults = {k: m.get(k, d) for k, d in ADAPTER_DEFAULTS.items()} if method == "lora" else dict(ADAPTER_DEFAULTS)
+        # QLoRA's entries take methods.lora's scaling and DoRA settings too (qlora-rN against lora-rN then
+        # differs by the 4-bit base alone); an init from the base's weights (olora, pissa) has no 4-bit form
+        lora = methods.get("lora", {})
+        defaults = {k: lora.get(k, d) for k, d in ADAPTER_DEFAULTS.items()}
+        if method == "qlora":
+            defaults["init"] = "default"
         for i, entry in enumerate(m.get("ranks", [])):
             v = {**defaults, **({"rank": entry} if isinstance(entry, int) else entry)}
             if method == "qlora" and v["init"] != "default":

@@ -47,14 +47,17 @@ def load_records(source: str, split: str = "train") -> list[dict]:
         if suffix == ".parquet":
             import pandas as pd
 
-            try:
-                return pd.read_parquet(path).to_dict(orient="records")
+            try:  # missing values as None, like JSON's null (pandas would give NaN, a float)
+                frame = pd.read_parquet(path)
+                return frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
             except Exception as e:  # noqa: BLE001 - any reader failure means "not a parquet file"
                 raise DataError(f"dataset.source: {path} is not a readable parquet file: {e}") from e
         text = path.read_text(encoding="utf-8")
         if suffix == ".jsonl":
             records = []
-            for lineno, line in enumerate(text.splitlines(), 1):
+            # lines end at "\n" only: str.splitlines would also split at U+2028, U+2029 and U+0085, which
+            # JSON strings may hold unescaped
+            for lineno, line in enumerate(text.split("\n"), 1):
                 if not line.strip():
                     continue
                 try:
@@ -100,6 +103,13 @@ def check_records(records: list) -> tuple[list[dict], dict]:
             value = rec.get(key)
             if value is not None and not isinstance(value, str):
                 raise DataError(f"record {i}: field {key!r} must be a string, got {type(value).__name__}")
+            if value:
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError as e:  # a lone surrogate ("\ud83d" in the JSON): no text can hold it
+                    raise DataError(f"record {i}: field {key!r} holds {value[e.start:e.end]!r} at character "
+                                    f"{e.start}, half of a UTF-16 surrogate pair (a broken escape in the "
+                                    "source?), which is not text") from None
         if not (rec.get("output") or "").strip():
             dropped_empty += 1
             continue

@@ -6,7 +6,8 @@ its own. Each training job claims a slot here before CUDA is initialised: an exc
 process exits, crashes or is killed (no stale locks), and exports ``CUDA_VISIBLE_DEVICES=<id>``.
 
 The candidate GPUs are those in ``CUDA_VISIBLE_DEVICES`` when it is already set (a SLURM job sees only
-its own), else ``0 .. count-1`` with ``count`` from ``nvidia-smi -L``.
+its own), else ``0 .. count-1`` with ``count`` from ``nvidia-smi -L``. Under SLURM the locks go in a folder
+of the allocation's own (``slurm-<SLURM_JOB_ID>``): its GPU ids are not another allocation's.
 """
 
 from __future__ import annotations
@@ -60,13 +61,12 @@ class GpuSlot:
     def claim(self) -> str | None:
         if not self.gpus:  # no GPU: nothing to share out
             return None
-        if len(self.gpus) == 1 and os.environ.get("SLURM_JOB_ID"):
-            # a SLURM job's own GPU (another job's "GPU 0" is another card, while the lock folder may be shared
-            # between nodes): nothing to share out. One GPU elsewhere is claimed like several, so that
-            # --resources gpu=N above N GPUs x jobs_per_gpu queues the extra jobs instead of letting them share
-            # the GPU unrecorded.
-            self.gpu = self.gpus[0]
-            return self.gpu
+        if os.environ.get("SLURM_JOB_ID") and self.lock_dir.name != f"slurm-{os.environ['SLURM_JOB_ID']}":
+            # Under SLURM the GPU ids are the allocation's own (another job's "GPU 0" is another card), while
+            # the lock folder may be shared between nodes: one lock folder per allocation. Jobs of one
+            # allocation (snakemake run inside `srun --gpus=1`) share its GPUs through it; jobs of different
+            # allocations (the SLURM executor: one each) never wait for each other.
+            self.lock_dir = self.lock_dir / f"slurm-{os.environ['SLURM_JOB_ID']}"
         self.lock_dir.mkdir(parents=True, exist_ok=True)
         start, noted = time.monotonic(), None
         while True:

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -393,9 +394,17 @@ def _trainer_class():
             size, is kept as ``<prefix>_loss_batch_mean``."""
             if eval_dataset is not None:
                 return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+            import torch
+
             start = time.perf_counter()
-            with self.memory.excluded() if self.memory else contextlib.nullcontext():
-                examples = per_example_losses(self)
+            try:
+                with self.memory.excluded() if self.memory else contextlib.nullcontext():
+                    examples = per_example_losses(self)
+            except torch.OutOfMemoryError as e:  # not the training batch's doing: halving it would not help
+                raise EvalOOM(
+                    f"out of memory while evaluating at step {self.state.global_step} (per-device eval batch "
+                    f"{self.args.per_device_eval_batch_size}{', beside the optimizer state' if self.state.global_step else ''}): "
+                    f"lower training.eval_batch_size. ({str(e).splitlines()[0] if str(e) else 'CUDA'})") from e
             runtime = time.perf_counter() - start
             size = self.args.per_device_eval_batch_size
             batches = [examples[i:i + size] for i in range(0, len(examples), size)]
@@ -491,6 +500,7 @@ def _callback_class():
             start = self.last_save = time.perf_counter()
             seg_train = start - self.t_begin - self.eval_time_s - self.checkpoint_time_s
             mem = self.memory.read(keep_running=True)
+            prior_peaks = self.prior.get("peaks", {})  # earlier segments' (their evaluations' too)
             history = [json.loads(line) for line in self.history_path.read_text().splitlines() if line.strip()]
             _atomic_write_json(ckpt / STATE_FILE, {
                 **self.extra_state, "step": state.global_step, "counts": self.counts.read(),
@@ -502,10 +512,15 @@ def _callback_class():
                 "machine": self.machine.totals() if self.machine else None,
                 "elapsed_s": self.elapsed(), "segments": self.prior.get("segments", 0) + 1,
                 "gpu_jobs_beside_max": self.peers_max,
-                "peaks": {k: max(v or 0, self.prior.get("peaks", {}).get(k) or 0) for k, v in mem.items()
+                "peaks": {k: max(mem.get(k) or 0, prior_peaks.get(k) or 0) for k in {*mem, *prior_peaks}
                           if k.startswith(("peak_", "eval_peak_")) and k != "peak_rss_method"},
                 "history": history,
             })
+            # now complete: the ones before it have served (the Trainer's own rotation, save_total_limit,
+            # would delete them before this state is written, leaving no complete checkpoint for a moment)
+            for old in ckpt.parent.glob("checkpoint-*"):
+                if old != ckpt and old.is_dir():
+                    shutil.rmtree(old, ignore_errors=True)
             self.state_save_s += time.perf_counter() - start
             log.info("checkpoint at step %d saved (%s)", state.global_step, ckpt)
 
@@ -667,50 +682,77 @@ def resume_key(spec: dict, training: dict) -> str:
 
 
 def find_resumable(ckpt_root: Path, key: str) -> tuple[Path | None, dict | None]:
-    """The last checkpoint written with the same settings, and lorasweep's state beside it."""
-    import shutil
-
-    from transformers.trainer_utils import get_last_checkpoint
-
+    """The newest complete checkpoint (lorasweep's state beside the Trainer's files) and that state, when it
+    was written with the same settings. A newer checkpoint a crash left half-written is deleted and the
+    complete one before it used; checkpoints of other settings are all deleted."""
     if not ckpt_root.is_dir():
         return None, None
-    last = get_last_checkpoint(str(ckpt_root))
-    if last is None:  # the trainer creates its output folder up front: empty on a fresh run
-        return None, None
-    state = None
-    if last and (Path(last) / STATE_FILE).is_file():
-        state = json.loads((Path(last) / STATE_FILE).read_text())
-    if state is None or state.get("key") != key:
-        log.info("discarding checkpoints in %s: %s", ckpt_root,
-                 "written with other settings" if state else "no complete checkpoint")
-        shutil.rmtree(ckpt_root)
-        return None, None
-    return Path(last), state
+    found = sorted((int(p.name.split("-")[1]), p) for p in ckpt_root.glob("checkpoint-*")
+                   if p.is_dir() and p.name.split("-")[1].isdigit())
+    for _, ckpt in reversed(found):
+        state = _read_json(ckpt / STATE_FILE)
+        if state is None:  # the Trainer's files without lorasweep's state: a crash while it was written
+            log.info("discarding %s: written only in part (a crash while it was saved)", ckpt)
+            shutil.rmtree(ckpt)
+            continue
+        if state.get("key") != key:
+            log.info("discarding checkpoints in %s: written with other settings or data", ckpt_root)
+            shutil.rmtree(ckpt_root)
+            return None, None
+        return ckpt, state
+    return None, None
 
 
-def batch_after_oom(out_dir: Path, training: dict) -> tuple[dict, int]:
-    """Per-device batch halved (gradient accumulation doubled) once per out-of-memory attempt recorded."""
+def halve_batch(training: dict, halvings: int) -> dict | None:
+    """``training`` with its per-device batch cut ``halvings`` times by about half and gradient accumulation
+    raised to keep the effective batch exactly: the batch becomes the largest divisor of ``batch_size`` at
+    most ``batch_size / 2**halvings`` (8 -> 4 -> 2 -> 1; 6 -> 3 -> 1). None when that is below 1."""
+    b = training["batch_size"]
+    limit = b // 2**halvings
+    if limit < 1:
+        return None
+    new = max(d for d in range(1, limit + 1) if b % d == 0)
+    return {**training, "batch_size": new, "grad_accum": training["grad_accum"] * (b // new)}
+
+
+def batch_after_oom(out_dir: Path, training: dict, key: str | None = None) -> tuple[dict, int]:
+    """The settings for this attempt after the out-of-memory attempts recorded in ``oom.json`` (each halves
+    the per-device batch, effective batch kept), and their number. A record made with other settings or
+    data (``key``, the un-halved settings') is stale: deleted, and the configured batch used."""
     path = out_dir / OOM_FILE
-    halvings = json.loads(path.read_text())["halvings"] if path.is_file() else 0
+    record = _read_json(path) if path.exists() else None
+    if record is not None and key is not None and record.get("key") != key:
+        log.info("an earlier out-of-memory record (%s) is for other settings or data: ignored", path)
+        path.unlink(missing_ok=True)
+        record = None
+    halvings = int((record or {}).get("halvings") or 0)
     if not halvings:
         return training, 0
-    factor = 2**halvings
-    if training["batch_size"] < factor:
+    halved = halve_batch(training, halvings)
+    if halved is None:
         raise TrainingOOM(f"out of memory even at per-device batch 1 (after {halvings} halvings of "
                           f"training.batch_size = {training['batch_size']}): reduce training.max_length, enable "
-                          "training.gradient_checkpointing, or use a GPU with more memory")
-    return {**training, "batch_size": training["batch_size"] // factor,
-            "grad_accum": training["grad_accum"] * factor}, halvings
+                          "training.gradient_checkpointing, or use a GPU with more memory (delete "
+                          f"{path} to try the configured batch again)")
+    return halved, halvings
 
 
-def record_oom(out_dir: Path, training: dict, halvings: int, error: Exception) -> TrainingOOM:
-    _atomic_write_json(out_dir / OOM_FILE, {"halvings": halvings + 1, "last_error": str(error).splitlines()[0],
-                                           "failed_batch_size": training["batch_size"]})
-    nxt = training["batch_size"] // 2
-    return TrainingOOM(f"out of memory at per-device batch {training['batch_size']} x accumulation "
-                       f"{training['grad_accum']}. The next attempt (Snakemake retries the job) trains with batch "
-                       f"{nxt} x accumulation {training['grad_accum'] * 2}, the same effective batch"
-                       + ("" if nxt else "; batch 1 cannot be halved") + f". ({str(error).splitlines()[0]})")
+def record_oom(out_dir: Path, training: dict, halvings: int, error: Exception, key: str | None = None) -> TrainingOOM:
+    """Record an out-of-memory attempt; ``training``: the configured (un-halved) settings, ``halvings``:
+    this attempt's. The error says what the next attempt (Snakemake's retry) trains with."""
+    first = str(error).splitlines()[0] if str(error) else type(error).__name__
+    now = halve_batch(training, halvings) or training
+    nxt = halve_batch(training, halvings + 1)
+    _atomic_write_json(out_dir / OOM_FILE, {"halvings": halvings + 1, "last_error": first, "key": key,
+                                           "failed_batch_size": now["batch_size"]})
+    return TrainingOOM(f"out of memory at per-device batch {now['batch_size']} x accumulation {now['grad_accum']}. "
+                       + (f"The next attempt (Snakemake retries the job) trains with batch {nxt['batch_size']} x "
+                          f"accumulation {nxt['grad_accum']}, the same effective batch" if nxt
+                          else "Batch 1 cannot be halved") + f". ({first})")
+
+
+class EvalOOM(RuntimeError):
+    """Out of memory in an evaluation: its batch (``training.eval_batch_size``), not the training batch."""
 
 
 def total_steps(n_train: int, training: dict) -> int:
@@ -725,9 +767,33 @@ def dir_bytes(path: Path, pattern: str = "*.safetensors") -> int:
 
 
 def _atomic_write_json(path: Path, obj: dict) -> None:
+    """Write ``path`` whole or not at all, also across a power loss: the bytes reach the disk before the
+    rename, and the rename before this returns."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(obj, indent=2, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     tmp.replace(path)
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:  # a folder that cannot be opened (some platforms): the rename stands as it is
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _read_json(path: Path) -> dict | None:
+    """A JSON file's object; None when it is missing, empty or cut short (a crash while it was written)."""
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
 
 
 def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir: str | Path,
@@ -757,7 +823,14 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         torch.backends.cuda.enable_cudnn_sdp(bool(training.get("cudnn_attention", False)))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    training, oom_halvings = batch_after_oom(out_dir, training)
+    from .data import fingerprint, load_splits
+
+    data_sha = fingerprint(train_path, eval_path)
+    configured = training
+    # an out-of-memory record applies to the same run on the same data and machine kind only
+    oom_key = resume_key(spec, {**{k: v for k, v in configured.items() if k not in OPERATIONAL_KEYS},
+                                "data_sha256": data_sha, "resolved_device": device, "resolved_precision": precision})
+    training, oom_halvings = batch_after_oom(out_dir, configured, oom_key)
     if oom_halvings:
         log.info("an earlier attempt ran out of memory: per-device batch %d x accumulation %d (effective batch kept)",
                  training["batch_size"], training["grad_accum"])
@@ -766,8 +839,6 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         torch.set_num_threads(max(1, min(int(threads), os.cpu_count() or 1)))
     log.info("run %s: method %s, device %s, precision %s, %d torch threads", spec["run"], spec["method"],
              device, precision, torch.get_num_threads())
-
-    from .data import fingerprint, load_splits
 
     train_ds, eval_ds = load_splits(train_path, eval_path)  # tokenized once per sweep: see load_splits
 
@@ -803,7 +874,7 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         eval_steps=eval_steps,
         save_strategy="steps" if training["checkpoint_steps"] else "no",
         save_steps=training["checkpoint_steps"] or None,
-        save_total_limit=1,  # the newest checkpoint is all a resume needs
+        save_total_limit=None,  # the Recorder deletes older checkpoints once the newest is complete
         report_to="none",
         disable_tqdm=True,
         seed=spec["seed"],
@@ -837,6 +908,19 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
     data_prep_s = time.perf_counter() - t_prep
     if training.get("torch_compile_regional"):
         use_regional_compilation(trainer)
+    # TRL drops the examples whose prompt alone fills max_length (no response token left to learn or score):
+    # the steps of `epochs` and the evaluations count what is trained on and scored
+    n_train, n_eval = len(trainer.train_dataset), len(trainer.eval_dataset)
+    dropped = {"train_examples_dropped_too_long": len(train_ds) - n_train,
+               "eval_examples_dropped_too_long": len(eval_ds) - n_eval}
+    if any(dropped.values()):
+        log.warning("%d training and %d eval example(s) left out: their prompt alone fills training.max_length = %d "
+                    "tokens, leaving no response token (TRL drops them); a larger max_length keeps them",
+                    *dropped.values(), training["max_length"])
+        steps = total_steps(n_train, training)
+        eval_steps = max(1, math.ceil(steps / training["evals"]))
+        trainer.args.max_steps, trainer.args.eval_steps = steps, eval_steps
+        trainer.args.logging_steps = min(training["logging_steps"], eval_steps)
     if trainer.drop_padding_mask:
         log.info("right-padded batches: training feeds positions instead of the attention mask (causal attention "
                  "already keeps tokens from the padding after them)")
@@ -848,7 +932,10 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         for p in trainer.model.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
-    key = resume_key(spec, {k: v for k, v in training.items() if k not in OPERATIONAL_KEYS})
+    # a checkpoint resumes only the same run on the same data, computing in the same device and precision
+    # (precision "auto" resolves per machine): anything else would mix two trainings in one set of metrics
+    key = resume_key(spec, {**{k: v for k, v in training.items() if k not in OPERATIONAL_KEYS},
+                            "data_sha256": data_sha, "resolved_device": device, "resolved_precision": precision})
     ckpt, resumed = find_resumable(out_dir / "checkpoints", key)
     counts = trainer.token_counts = TokenCounts((resumed or {}).get("counts"))
     memory = trainer.memory = PeakMemory(device)
@@ -870,19 +957,19 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
                  resumed["step"], steps, resumed["segments"], resumed["train_time_s"])
     else:
         recorder.history_path.write_text("")
-        log.info("evaluating the untrained model on %d eval examples", len(eval_ds))
+        log.info("evaluating the untrained model on %d eval examples", n_eval)
         base_eval = trainer.evaluate()  # logged as the curves' step-0 point by the Recorder
         base_examples = trainer.last_eval_examples
     recorder.extra_state = {"key": key, "base_eval": base_eval, "base_examples": base_examples}
     log.info("untrained eval_loss %.4f; training %d steps (%d examples, batch %d x accumulation %d)",
-             base_eval["eval_loss"], steps, len(train_ds), training["batch_size"], training["grad_accum"])
+             base_eval["eval_loss"], steps, n_train, training["batch_size"], training["grad_accum"])
 
     at_load = memory.reset()
     machine.start()
     try:
         result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     except torch.OutOfMemoryError as e:
-        raise record_oom(out_dir, training, oom_halvings, e) from e
+        raise record_oom(out_dir, configured, oom_halvings, e, oom_key) from e
     mem = memory.read()
     for k, v in (resumed or {}).get("peaks", {}).items():  # a resumed run's peak is the peak of all its segments
         mem[k] = max(mem.get(k) or 0, v)
@@ -928,8 +1015,6 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
     model_dir = out_dir / "model"
     save_trained(trainer, model_dir, initial_adapter)
     if initial_adapter:
-        import shutil
-
         shutil.rmtree(initial_adapter)  # the saved adapter is converted: the initial one has served its purpose
     saved = dir_bytes(model_dir)
 
@@ -1030,7 +1115,7 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         "trl_version": versions["trl"],
         "git_commit": git["git_commit"],
         "git_dirty": git["git_dirty"],
-        "data_fingerprint_sha256": fingerprint(train_path, eval_path),
+        "data_fingerprint_sha256": data_sha,
         **predicted,
         **memory_model.compare(predicted, mem),
         "memory_measured": ("CUDA peak allocated/reserved since the counters were reset after model load; "
@@ -1041,14 +1126,12 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
                      "finished_utc": datetime.now(timezone.utc).isoformat(),
                      "data_summary": json.loads(Path(data_summary_path).read_text()) if data_summary_path else None},
         "train_info": {"data_prep_s": data_prep_s, "total_steps_planned": steps, "eval_steps": eval_steps, "memory_at_load": at_load,
-                       "train_examples": len(train_ds), "eval_examples": len(eval_ds)},
+                       "train_examples": n_train, "eval_examples": n_eval, **dropped},
         "meta_info": {"packages": versions, **git, "hardware": hw},
     }
     _atomic_write_json(out_dir / "metrics.json", metrics)
     (out_dir / OOM_FILE).unlink(missing_ok=True)
     if not training["keep_checkpoints"] and (out_dir / "checkpoints").is_dir():
-        import shutil
-
         shutil.rmtree(out_dir / "checkpoints")  # the finished model is saved; checkpoints only serve a resume
     log.info("done: train_loss %.4f  eval_loss %.4f  %.1fs  %.1f samples/s  peak RSS %.0f MiB", metrics["train_loss"],
              metrics["eval_loss"], train_time, metrics["train_samples_per_s"], (mem["peak_rss_bytes"] or 0) / 2**20)

@@ -51,6 +51,15 @@ def test_any_rank_list_and_all_linear():
     assert run_spec(cfg, "lora-r16")["lora"]["target_modules"] == "all-linear"
 
 
+def test_qlora_takes_the_lora_settings_so_that_the_pair_differs_by_quantization_alone():
+    cfg = validate_config({**copy.deepcopy(MINIMAL), "methods": {
+        "full": {"enabled": False}, "lora": {"ranks": [8], "use_rslora": True, "init": "olora"},
+        "qlora": {"ranks": [8]}}})
+    assert run_names(cfg) == ["lora-r8-olora-rslora", "qlora-r8-rslora"]  # olora has no 4-bit form
+    q, l = run_spec(cfg, "qlora-r8-rslora")["lora"], run_spec(cfg, "lora-r8-olora-rslora")["lora"]
+    assert q["use_rslora"] and {**q, "init": "olora"} == l
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
@@ -62,6 +71,13 @@ def test_any_rank_list_and_all_linear():
         ({"dataset": {"source": "x.json", "fraction": 0}}, r"dataset.fraction = 0: must be > 0"),
         ({"methods": {"lora": {"target_modules": 3}}}, r"target_modules = 3: must be a list of module names, 'attention' or 'all-linear'"),
         ({"training": {"batch_size": "8"}}, r"training.batch_size = '8': must be of type integer"),
+        ({"dataset": {"source": "x.json", "eval_size": 1.5}}, r"dataset.eval_size = 1.5: a share below 1"),
+        ({"seed": 42.0}, r"seed = 42.0: must be of type integer \(a whole number, written without a decimal point: 42\)"),
+        ({"methods": {"lora": {"ranks": [8.0]}}}, r"methods.lora.ranks\[0\] = 8.0: must be a rank \(integer >= 1\)"),
+        ({"model": {"build_tiny": {"hidden_size": 64, "num_heads": 5}}},
+         r"build_tiny.hidden_size = 64 must be a multiple of model.build_tiny.num_heads = 5"),
+        ({"model": {"build_tiny": {"max_positions": 128}}, "training": {"max_length": 256}},
+         r"training.max_length = 256 is above model.build_tiny.max_positions = 128"),
         ({"methods": {"lora": {"learning_rate": "1e-3"}}},  # PyYAML reads 1e-3 (no decimal point) as text
          r"methods.lora.learning_rate = '1e-3': must be of type number \(YAML reads 1e-3 as text.*1.0e-3"),
         ({"training": {"max_steps": 0}}, r"training.max_steps = 0: must be -1"),

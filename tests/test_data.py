@@ -37,6 +37,8 @@ def test_empty_outputs_are_dropped_and_counted():
         ([rec(0, output=""), rec(1, output="")], "all 2 records have an empty output"),
         (["text"], "record 0: expected an object"),
         ([rec(0), {"instruction": None, "output": "y"}], "record 1: empty instruction"),
+        ([rec(0), json.loads('{"instruction": "x", "output": "a \\ud83d b"}')],
+         r"record 1: field 'output' holds '\\ud83d' at character 2, half of a UTF-16 surrogate pair"),
     ],
 )
 def test_bad_records_name_the_record(records, message):
@@ -69,14 +71,20 @@ def test_local_formats_load_the_same_records(tmp_path, suffix):
     import pandas as pd
 
     records = make_tiny_records(20, seed=1)
+    records[0]["input"] = None  # missing values: null in JSON, null in parquet (which pandas reads as NaN)
+    records[1]["output"] = None
+    records[2]["output"] += " \u2028 line and paragraph separators \u2029 and NEL \x85 inside a string"
     path = tmp_path / f"d{suffix}"
     if suffix == ".json":
         path.write_text(json.dumps(records))
-    elif suffix == ".jsonl":
-        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    elif suffix == ".jsonl":  # as json.dumps writes with ensure_ascii=False: the separators unescaped
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     else:
         pd.DataFrame(records).to_parquet(path)
     assert data.load_records(str(path)) == records
+    kept, counts = data.check_records(data.load_records(str(path)))
+    assert counts["dropped_empty_output"] == sum(not (r["output"] or "").strip() for r in records)
+    assert 1 not in {k["index"] for k in kept} and all(k["input"] is not None for k in kept)
 
 
 def test_local_file_errors(tmp_path):

@@ -116,10 +116,18 @@ def test_one_gpu_shared_by_jobs_per_gpu(tmp_path, monkeypatch):
     assert slots[0].peers() == 1
 
 
-def test_a_scheduler_given_gpu_is_never_claimed(tmp_path, monkeypatch):
-    monkeypatch.setenv("SLURM_JOB_ID", "42")  # SLURM gave this job its GPU; other jobs' "GPU 0" is another card
-    slot = GpuSlot(tmp_path, gpus=["0"], jobs_per_gpu=4)
-    assert slot.claim() == "0" and slot.peers() is None and not any(tmp_path.iterdir())
-    # a SLURM allocation with several GPUs, Snakemake running jobs locally inside it: claimed as anywhere
+def test_under_slurm_jobs_of_one_allocation_share_its_gpu_and_other_allocations_do_not_wait(tmp_path, monkeypatch):
+    """snakemake inside one `srun --gpus=1` runs its jobs under one SLURM_JOB_ID: they queue for the GPU like
+    anywhere else; another allocation's "GPU 0" is another card, so it never waits for this one's."""
+    monkeypatch.setenv("SLURM_JOB_ID", "1001")
+    one = GpuSlot(tmp_path, gpus=["0"])
+    assert one.claim() == "0" and one.peers() == 0
+    with pytest.raises(TimeoutError):
+        GpuSlot(tmp_path, gpus=["0"], timeout_s=0.2, poll_s=0.02).claim()
+    monkeypatch.setenv("SLURM_JOB_ID", "1002")
+    assert GpuSlot(tmp_path, gpus=["0"], timeout_s=0.2, poll_s=0.02).claim() == "0"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["slurm-1001", "slurm-1002"]
+    # an allocation with several GPUs, Snakemake running jobs locally inside it: a GPU each
+    monkeypatch.setenv("SLURM_JOB_ID", "1003")
     a, b = (GpuSlot(tmp_path, gpus=["0", "1"], poll_s=0.02) for _ in range(2))
     assert {a.claim(), b.claim()} == {"0", "1"}

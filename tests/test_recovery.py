@@ -6,13 +6,15 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
 
 from conftest import REPO, run_snakemake, snakemake_cmd
 from lorasweep.config import run_spec
-from lorasweep.train import ModelLoadError, TrainingOOM, batch_after_oom, load_model, record_oom, train_run
+from lorasweep.train import (ModelLoadError, TrainingOOM, batch_after_oom, halve_batch, load_model, record_oom,
+                             train_run)
 
 TINY = REPO / "config" / "tiny.yaml"
 
@@ -133,6 +135,11 @@ def test_a_crash_after_training_resumes_without_extra_steps_and_keeps_the_metric
     with pytest.raises(RuntimeError, match="killed while saving"):
         train_run(*args, out, threads=2, operational=operational(cfg))
     assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-8"]  # none at 12
+    # and say the machine had died while a later checkpoint was being written: the Trainer's files of it in
+    # part, lorasweep's state not yet; the complete checkpoint before it must survive and be resumed
+    partial = out / "checkpoints" / "checkpoint-10"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"cut short")
     monkeypatch.setattr(T, "save_trained", saved)
     m = train_run(*args, out, threads=2, operational=operational(cfg))
     ref = train_run(*args, tmp_path / "reference", threads=2, operational=operational(cfg))
@@ -153,6 +160,41 @@ def test_a_crash_after_training_resumes_without_extra_steps_and_keeps_the_metric
     assert [h["step"] for h in history if "eval_loss" in h] == [0, 6, 12]
 
 
+def test_a_checkpoint_is_not_resumed_on_other_data_and_a_cut_short_state_file_is_no_checkpoint(
+        tiny_config, tiny_data, tmp_path, monkeypatch):
+    """Snakemake retrains a run whose prepared data changed: a checkpoint of the old data must not be
+    resumed (its losses would pair the old split's with the new). A state file a power loss left empty is
+    an incomplete checkpoint, not a crash of every rerun."""
+    from lorasweep import train as T
+    from lorasweep.config import operational
+
+    cfg = tiny_config(max_steps=8, checkpoint_steps=4, checkpoint_min_interval_s=0, logging_steps=2, evals=1)
+    spec = run_spec(cfg, "lora-r8")
+    out = tmp_path / "run"
+    saved = T.save_trained
+
+    def crash(*a, **k):
+        raise RuntimeError("killed while saving the model")
+
+    monkeypatch.setattr(T, "save_trained", crash)
+    with pytest.raises(RuntimeError, match="killed while saving"):
+        train_run(spec, tiny_data["train"], tiny_data["eval"], out, threads=2, operational=operational(cfg))
+    state = out / "checkpoints" / "checkpoint-4" / "lorasweep_state.json"
+    assert state.is_file()
+    monkeypatch.setattr(T, "save_trained", saved)
+    other = tmp_path / "train-other.jsonl"
+    lines = Path(tiny_data["train"]).read_text().splitlines(keepends=True)
+    other.write_text("".join(lines[1:]))  # the data changed: one record fewer
+    m = train_run(spec, other, tiny_data["eval"], out, threads=2, operational=operational(cfg))
+    assert (m["resumed_from_step"], m["train_segments"]) == (None, 1)
+
+    copy = tmp_path / "copy"
+    (copy / "checkpoints" / "checkpoint-4").mkdir(parents=True)
+    (copy / "checkpoints" / "checkpoint-4" / "lorasweep_state.json").write_text("")
+    assert T.find_resumable(copy / "checkpoints", "any") == (None, None)
+    assert not (copy / "checkpoints" / "checkpoint-4").exists()
+
+
 def test_checkpoints_come_every_checkpoint_steps_but_not_sooner_than_the_minimum_interval(tiny_config, tiny_data,
                                                                                         tmp_path, caplog):
     import logging
@@ -170,7 +212,7 @@ def test_checkpoints_come_every_checkpoint_steps_but_not_sooner_than_the_minimum
                    if r.getMessage().startswith("checkpoint at step")]
         assert written == expected
         kept = sorted(p.name for p in out.glob("checkpoints/checkpoint-*"))
-        assert kept == [f"checkpoint-{s}" for s in expected[-1:]]  # save_total_limit 1: the newest
+        assert kept == [f"checkpoint-{s}" for s in expected[-1:]]  # the newest complete one only
         assert (m["checkpoint_time_s"] > 0) == bool(expected)
 
 
@@ -187,15 +229,36 @@ def test_a_resumed_runs_machine_share_counts_its_earlier_segments():
 
 def test_oom_halving_keeps_the_effective_batch(tmp_path):
     training = {"batch_size": 8, "grad_accum": 2}
-    assert batch_after_oom(tmp_path, training) == (training, 0)
-    err = record_oom(tmp_path, training, 0, RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"))
+    assert batch_after_oom(tmp_path, training, "k") == (training, 0)
+    err = record_oom(tmp_path, training, 0, RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"), "k")
     assert isinstance(err, TrainingOOM) and "batch 4 x accumulation 4" in str(err)
-    assert batch_after_oom(tmp_path, training) == ({"batch_size": 4, "grad_accum": 4}, 1)
-    record_oom(tmp_path, {"batch_size": 4, "grad_accum": 4}, 1, RuntimeError("again"))
-    record_oom(tmp_path, {"batch_size": 2, "grad_accum": 8}, 2, RuntimeError("again"))
-    record_oom(tmp_path, {"batch_size": 1, "grad_accum": 16}, 3, RuntimeError("again"))
+    assert batch_after_oom(tmp_path, training, "k") == ({"batch_size": 4, "grad_accum": 4}, 1)
+    for h in (1, 2):
+        err = record_oom(tmp_path, training, h, RuntimeError("again"), "k")
+    assert "at per-device batch 2 x accumulation 8" in str(err) and "batch 1 x accumulation 16" in str(err)
+    assert "Batch 1 cannot be halved" in str(record_oom(tmp_path, training, 3, RuntimeError("again"), "k"))
     with pytest.raises(TrainingOOM, match="out of memory even at per-device batch 1"):
-        batch_after_oom(tmp_path, training)
+        batch_after_oom(tmp_path, training, "k")
+    # a batch that is not a power of two: the effective batch stays exactly 12 (6 x 2 -> 3 x 4 -> 1 x 12)
+    six = {"batch_size": 6, "grad_accum": 2}
+    assert [halve_batch(six, h) for h in (1, 2, 3)] == [{"batch_size": 3, "grad_accum": 4},
+                                                        {"batch_size": 1, "grad_accum": 12}, None]
+    (tmp_path / "six").mkdir()
+    assert "trains with batch 3 x accumulation 4" in str(record_oom(tmp_path / "six", six, 0, RuntimeError("oom")))
+
+
+def test_an_out_of_memory_record_of_other_settings_is_not_applied(tmp_path):
+    """A run that failed for memory, rerun after the user changed its settings (or data): the new settings
+    start from their configured batch instead of inheriting the old attempts' halvings."""
+    training = {"batch_size": 4, "grad_accum": 1}
+    for h in range(3):
+        record_oom(tmp_path, training, h, RuntimeError("CUDA out of memory"), "old settings")
+    with pytest.raises(TrainingOOM):
+        batch_after_oom(tmp_path, training, "old settings")
+    assert batch_after_oom(tmp_path, training, "new settings") == (training, 0)
+    assert not (tmp_path / "oom.json").exists()
+    (tmp_path / "oom.json").write_text("")  # cut short by a crash: no record
+    assert batch_after_oom(tmp_path, training, "new settings") == (training, 0)
 
 
 def test_same_config_and_seed_give_identical_losses(tiny_config, tiny_data, tmp_path):

@@ -238,6 +238,33 @@ def test_token_counts_over_one_epoch_equal_the_tokenized_dataset(tiny_config, ti
     assert m["padding_share_pct"] == pytest.approx(100 * (1 - sum(lengths) / m["train_tokens_padded"]))
 
 
+def test_examples_whose_prompt_fills_max_length_are_counted_out_of_the_epoch_and_the_eval(
+        tiny_config, tiny_data, tiny_model, tmp_path, caplog):
+    """TRL drops an example whose prompt alone fills max_length (no response token left): an epoch is then
+    the examples kept, and the run says how many were left out, instead of training extra epochs."""
+    import logging
+
+    from transformers import AutoTokenizer
+
+    from lorasweep.data import read_jsonl
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    prompts = sorted(len(tok(r["prompt"])["input_ids"]) for r in read_jsonl(tiny_data["train"]))
+    max_length = prompts[len(prompts) // 2]  # about half the prompts fill it
+    with caplog.at_level(logging.WARNING, logger="lorasweep"):
+        m, out = _train(tiny_config, tiny_data, tmp_path, "lora-r8", max_steps=-1, epochs=1, max_length=max_length,
+                        evals=1)
+    info = json.loads((out / "metrics.json").read_text())["train_info"]
+    n_rows = len(read_jsonl(tiny_data["train"]))
+    kept, left_out = info["train_examples"], info["train_examples_dropped_too_long"]
+    assert kept + left_out == n_rows and 0 < left_out < n_rows
+    assert m["train_samples"] == kept and m["train_steps"] == math.ceil(kept / 8)  # one epoch of what is kept
+    n_eval = len(read_jsonl(tiny_data["eval"]))
+    assert info["eval_examples"] + info["eval_examples_dropped_too_long"] == n_eval
+    assert len(json.loads((out / "eval_losses.json").read_text())["final"]) == info["eval_examples"]
+    assert f"their prompt alone fills training.max_length = {max_length}" in caplog.text
+
+
 def test_peak_rss_grows_with_the_batch_size(tiny_config, tiny_data, tmp_path):
     small, _ = _train(tiny_config, tiny_data, tmp_path / "small", "full", max_steps=3, batch_size=2, evals=1)
     large, _ = _train(tiny_config, tiny_data, tmp_path / "large", "full", max_steps=3, batch_size=96, evals=1)

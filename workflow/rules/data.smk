@@ -21,7 +21,8 @@ rule prepare_data:
         summary="results/data/summary.json",
     params:
         source=config["dataset"]["source"],
-        split=config["dataset"]["split"],
+        # a hub dataset's split; a local file has none (a changed split would otherwise retrain every run)
+        split=None if is_local_source(config["dataset"]["source"]) else config["dataset"]["split"],
         fraction=config["dataset"]["fraction"],
         eval_size=config["dataset"]["eval_size"],
         seed=config["seed"],
