@@ -38,7 +38,10 @@ def _describe(error) -> str:
         allowed = sorted(schema.get("properties", {}))
         extra = sorted(set(error.instance) - set(allowed))
         prefix = f"{key}." if error.absolute_path else ""
-        return f"unknown key(s) {', '.join(prefix + e for e in extra)}; allowed here: {', '.join(allowed)}"
+        hint = "" if error.absolute_path else (
+            " (--configfile reads every file after it: a target or other argument written after it, e.g. "
+            "results/metrics.csv, is read as a config file; put targets before --configfile)")
+        return f"unknown key(s) {', '.join(prefix + e for e in extra)}; allowed here: {', '.join(allowed)}{hint}"
     if v == "enum":
         return f"{key} = {error.instance!r}: must be one of {', '.join(map(repr, schema['enum']))}"
     if v == "oneOf" and "target_modules" in key:

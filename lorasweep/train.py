@@ -396,6 +396,7 @@ def _trainer_class():
                 return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
             import torch
 
+            self._wait_for_device()
             start = time.perf_counter()
             try:
                 with self.memory.excluded() if self.memory else contextlib.nullcontext():
@@ -420,7 +421,16 @@ def _trainer_class():
             self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
             return metrics
 
+        def _wait_for_device(self):
+            """Let the training kernels still queued on the GPU finish before an evaluation or a checkpoint
+            starts its clock: they are training's time, not that stretch's."""
+            import torch
+
+            if self.args.device.type == "cuda":
+                torch.cuda.synchronize(self.args.device)
+
         def _save_checkpoint(self, model, trial):
+            self._wait_for_device()
             start = time.perf_counter()
             try:
                 super()._save_checkpoint(model, trial)
