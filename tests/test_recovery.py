@@ -104,14 +104,28 @@ def test_out_of_memory_is_retried_with_half_the_batch(tmp_path):
     assert not (run / "oom.json").exists()
 
 
+def _train_and_die_saving_the_model(monkeypatch, cfg, spec, train, evals, out):
+    """Train a run that is killed while it saves its trained model: its periodic checkpoints stay behind."""
+    from lorasweep import train as T
+    from lorasweep.config import operational
+
+    saved = T.save_trained
+
+    def crash(*a, **k):
+        raise RuntimeError("killed while saving the model")
+
+    monkeypatch.setattr(T, "save_trained", crash)
+    with pytest.raises(RuntimeError, match="killed while saving"):
+        train_run(spec, train, evals, out, threads=2, operational=operational(cfg))
+    monkeypatch.setattr(T, "save_trained", saved)
+
+
 def test_a_crash_after_training_resumes_without_extra_steps_and_keeps_the_metrics_whole(
         tiny_config, tiny_data, tmp_path, monkeypatch):
     """Killed while saving the trained model: the rerun resumes from the last periodic checkpoint (none is
     written of the finished run, which would train a step more), and its train loss, step count and time
     match a run that was never interrupted; writing checkpoints is not counted as training time."""
     from transformers import Trainer
-
-    from lorasweep import train as T
 
     slow_save = 0.3
     original_save = Trainer._save_checkpoint
@@ -126,21 +140,13 @@ def test_a_crash_after_training_resumes_without_extra_steps_and_keeps_the_metric
     cfg = tiny_config(max_steps=12, checkpoint_steps=4, checkpoint_min_interval_s=0, logging_steps=3, evals=2)
     args = (run_spec(cfg, "full"), tiny_data["train"], tiny_data["eval"])
     out = tmp_path / "crashed"
-    saved = T.save_trained
-
-    def crash(*a, **k):
-        raise RuntimeError("killed while saving the model")
-
-    monkeypatch.setattr(T, "save_trained", crash)
-    with pytest.raises(RuntimeError, match="killed while saving"):
-        train_run(*args, out, threads=2, operational=operational(cfg))
+    _train_and_die_saving_the_model(monkeypatch, cfg, *args, out)
     assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-8"]  # none at 12
     # and say the machine had died while a later checkpoint was being written: the Trainer's files of it in
     # part, lorasweep's state not yet; the complete checkpoint before it must survive and be resumed
     partial = out / "checkpoints" / "checkpoint-10"
     partial.mkdir()
     (partial / "model.safetensors").write_bytes(b"cut short")
-    monkeypatch.setattr(T, "save_trained", saved)
     m = train_run(*args, out, threads=2, operational=operational(cfg))
     ref = train_run(*args, tmp_path / "reference", threads=2, operational=operational(cfg))
 
@@ -171,17 +177,8 @@ def test_a_checkpoint_is_not_resumed_on_other_data_and_a_cut_short_state_file_is
     cfg = tiny_config(max_steps=8, checkpoint_steps=4, checkpoint_min_interval_s=0, logging_steps=2, evals=1)
     spec = run_spec(cfg, "lora-r8")
     out = tmp_path / "run"
-    saved = T.save_trained
-
-    def crash(*a, **k):
-        raise RuntimeError("killed while saving the model")
-
-    monkeypatch.setattr(T, "save_trained", crash)
-    with pytest.raises(RuntimeError, match="killed while saving"):
-        train_run(spec, tiny_data["train"], tiny_data["eval"], out, threads=2, operational=operational(cfg))
-    state = out / "checkpoints" / "checkpoint-4" / "lorasweep_state.json"
-    assert state.is_file()
-    monkeypatch.setattr(T, "save_trained", saved)
+    _train_and_die_saving_the_model(monkeypatch, cfg, spec, tiny_data["train"], tiny_data["eval"], out)
+    assert (out / "checkpoints" / "checkpoint-4" / "lorasweep_state.json").is_file()
     other = tmp_path / "train-other.jsonl"
     lines = Path(tiny_data["train"]).read_text().splitlines(keepends=True)
     other.write_text("".join(lines[1:]))  # the data changed: one record fewer
