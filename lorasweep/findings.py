@@ -237,19 +237,25 @@ def learning(df: pd.DataFrame, losses: Losses) -> str:
     return text
 
 
-def rank_steps(df: pd.DataFrame, losses: Losses, method: str = "lora") -> list[str]:
-    """What each step up in rank bought (loss) and cost (time, memory, parameters)."""
+def timing_caveat(suspect: set, runs) -> str:
+    """What follows a timing comparison of ``runs`` when some were timed on a busy machine or a shared GPU."""
+    busy = [f"`{r}`" for r in runs if r in suspect]
+    return f" (not comparable: {' and '.join(busy)} timed on a busy machine or a shared GPU)" if busy else ""
+
+
+def rank_steps(df: pd.DataFrame, losses: Losses, method: str = "lora", suspect: set | None = None) -> list[str]:
+    """What each step up in rank bought (loss) and cost (time, memory, parameters). ``suspect``: runs timed on
+    a busy machine or a shared GPU (:func:`timing_suspect` of the per-seed table)."""
     runs = lora_runs(df, method)
     if len(runs) < 2:
         return []
     m = df.set_index("run")
     mem, mem_name = memory_measure(df)
-    suspect = timing_suspect(df)
+    suspect = timing_suspect(df) if suspect is None else suspect
     out, gains = [], []
     for (r1, a), (r2, b) in zip(runs, runs[1:]):
         loss_text, real = _loss_change(losses, a, b, df)
-        busy = [f"`{r}`" for r in (a, b) if r in suspect]
-        caveat = f" (not comparable: {' and '.join(busy)} timed on a busy machine or a shared GPU)" if busy else ""
+        caveat = timing_caveat(suspect, (a, b))
         d = losses.diff(b, a)
         gains.append((r1, r2, d["diff"] if d else m.loc[b, "eval_loss"] - m.loc[a, "eval_loss"], real,
                       d["half"] if d else None))
@@ -299,13 +305,14 @@ def returns_verdict(gains: list[tuple[int, int, float, bool | None, float | None
     return "Rank steps: " + ", ".join(f"r={g[0]} → {g[1]}: {g[2]:+.4f}" for g in gains) + " (significance unknown)."
 
 
-def quantization(df: pd.DataFrame, losses: Losses) -> list[str]:
+def quantization(df: pd.DataFrame, losses: Losses, suspect: set | None = None) -> list[str]:
     """What 4-bit quantization saved and cost: qlora-rN against lora-rN (same adapter settings)."""
     m = df.set_index("run")
     mem, mem_name = memory_measure(df)
+    suspect = timing_suspect(df) if suspect is None else suspect
     out = []
     for rank, q in lora_runs(df, "qlora"):
-        lo = f"lora-r{rank}"
+        lo = q[1:]  # qlora-r8 -> lora-r8, qlora-r8-rslora -> lora-r8-rslora
         if lo not in m.index:
             out.append(f"`{q}` has no `{lo}` beside it, so quantization's effect cannot be isolated.")
             continue
@@ -321,13 +328,15 @@ def quantization(df: pd.DataFrame, losses: Losses) -> list[str]:
             f"**4-bit ({m.loc[q, 'quant_type']}) `{q}` vs `{lo}`**: {mem_name} "
             f"{ratio_text(m.loc[q, mem], m.loc[lo, mem], MEM_TOL, 'higher', 'lower')} "
             f"({mib(m.loc[lo, mem])} → {mib(m.loc[q, mem])}){weights}; train runtime "
-            f"{ratio_text(m.loc[q, 'train_runtime_s'], m.loc[lo, 'train_runtime_s'], TIME_TOL, 'longer', 'shorter')}; "
+            f"{ratio_text(m.loc[q, 'train_runtime_s'], m.loc[lo, 'train_runtime_s'], TIME_TOL, 'longer', 'shorter')}"
+            f"{timing_caveat(suspect, (lo, q))}; "
             f"{loss_text}. Quantizing the untrained base moved its eval loss {base_text}.")
     return out
 
 
-def full_finetuning(df: pd.DataFrame, losses: Losses) -> list[str]:
+def full_finetuning(df: pd.DataFrame, losses: Losses, suspect: set | None = None) -> list[str]:
     m = df.set_index("run")
+    suspect = timing_suspect(df) if suspect is None else suspect
     if "full" not in m.index:
         return []
     mem, mem_name = memory_measure(df)
@@ -360,7 +369,8 @@ def full_finetuning(df: pd.DataFrame, losses: Losses) -> list[str]:
             f"about the same as {listed(within)} (within {MEM_TOL:.0%})" if within else ""] if part) + "."
     out.append(mem_sentence)
     out.append(f"Train runtime {m.loc['full', 'train_runtime_s']:.1f} s; faster than full fine-tuning: " +
-               (", ".join(f"`{r}` ({m.loc[r, 'train_runtime_s']:.1f} s)" for r in faster) or "no run") + ".")
+               (", ".join(f"`{r}` ({m.loc[r, 'train_runtime_s']:.1f} s)" for r in faster) or "no run")
+               + timing_caveat(suspect, m.index) + ".")
     return out
 
 
@@ -482,16 +492,16 @@ def findings(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None) -> list[
     """All findings, in reading order; each entry is one Markdown paragraph or bullet."""
     losses = Losses(eval_losses)
     # per run and seed, before seeds are averaged (a table already averaged has lost what these look for)
-    shared, busy = shared_gpu(df), busy_machine(df)
+    shared, busy, suspect = shared_gpu(df), busy_machine(df), timing_suspect(df)
     unstable, excluded = diverged(df)
     df = by_run(df[~df["run"].isin(excluded)])
     out = [w for w in [unstable, busy, shared] if w]
     if df.empty:
         return out
     out += [best_run(df, losses), learning(df, losses)]
-    out += rank_steps(df, losses, "lora")
-    out += quantization(df, losses)
-    out += full_finetuning(df, losses)
+    out += rank_steps(df, losses, "lora", suspect)
+    out += quantization(df, losses, suspect)
+    out += full_finetuning(df, losses, suspect)
     out += speed_bound(df)
     return out
 
@@ -611,7 +621,8 @@ def writeup_claims(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None) ->
 
 
 def tradeoffs(df: pd.DataFrame) -> list[str]:
-    """LoRA's trade-offs against full fine-tuning, in this sweep's numbers."""
+    """LoRA's trade-offs against full fine-tuning, in this sweep's numbers (``df``: per run and seed)."""
+    suspect = timing_suspect(df)  # per seed, before averaging
     df = by_run(df[~df["run"].isin(diverged(df)[1])])  # a run whose eval loss is not a number trades nothing
     m = df.set_index("run")
     if "full" not in m.index:
@@ -626,6 +637,6 @@ def tradeoffs(df: pd.DataFrame) -> list[str]:
             f"{mib(r['saved_model_bytes'])} instead of {mib(f['saved_model_bytes'])} "
             f"({r['saved_model_bytes'] / f['saved_model_bytes']:.1%}). Against full fine-tuning: {mem_name} "
             f"{ratio_text(r[mem], f[mem], MEM_TOL, 'higher', 'lower')}, train runtime "
-            f"{ratio_text(r['train_runtime_s'], f['train_runtime_s'], TIME_TOL, 'longer', 'shorter')}, "
-            f"eval loss {r['eval_loss']:.4f} vs {f['eval_loss']:.4f} ({r['eval_loss'] - f['eval_loss']:+.4f}).")
+            f"{ratio_text(r['train_runtime_s'], f['train_runtime_s'], TIME_TOL, 'longer', 'shorter')}"
+            f"{timing_caveat(suspect, ('full', run))}, eval loss {r['eval_loss']:.4f} vs {f['eval_loss']:.4f} ({r['eval_loss'] - f['eval_loss']:+.4f}).")
     return out

@@ -91,7 +91,7 @@ def findings_section(ctx: dict) -> str:
 
 
 def tradeoffs_section(ctx: dict) -> str:
-    lines = F.tradeoffs(ctx["metrics"])
+    lines = F.tradeoffs(ctx.get("metrics_per_seed", ctx["metrics"]))
     if not lines:
         return ""
     return "\n".join(["## LoRA's trade-offs in this sweep", "",
@@ -347,17 +347,28 @@ def _cell(text: str, limit: int = 160) -> str:
     return "`" + text.replace("`", "'").replace("|", "\\|") + "`" if text else "(empty)"
 
 
-def rerun_section() -> str:
+def rerun_section(ctx: dict | None = None, configfiles=()) -> str:
+    """Commands that rerun this experiment: with the config files it was run with (``--configfile`` last,
+    since it and ``--resources`` take every value after them), and one of its runs as the example."""
+    cf = (" --configfile " + " ".join(map(str, configfiles))) if configfiles else ""
+    per_seed = (ctx or {}).get("metrics_per_seed")
+    example = "results/runs/lora-r128/seed42/metrics.json"
+    if per_seed is not None and len(per_seed):
+        runs = list(per_seed["run"])
+        run = next((r for r in runs if r.startswith("lora-")), runs[0])
+        seed = per_seed.loc[per_seed["run"] == run, "seed"].iloc[0] if "seed" in per_seed else 42
+        example = f"results/runs/{run}/seed{seed}/metrics.json"
     return "\n".join([
         "## How to rerun",
         "",
         "```bash",
-        "snakemake --cores 4 --resources gpu=1                      # the whole sweep, up to date",
-        "snakemake --cores 4 --resources gpu=1 --forcerun results/runs/lora-r128/seed*/metrics.json  # retrain one run",
-        "snakemake --cores 4 --resources gpu=1 reports/summary.md   # refresh this report",
+        f"snakemake --cores 4 --resources gpu=1{cf}   # the whole sweep, up to date",
+        f"snakemake --forcerun {example} --cores 4 --resources gpu=1{cf}   # retrain one run",
+        f"snakemake reports/summary.md --cores 4 --resources gpu=1{cf}   # refresh this report",
         "```",
         "",
-        "Each run's full provenance (resolved settings, package versions, hardware, commit, data fingerprint) is in "
+        "Targets come first: `--resources` and `--configfile` read every value after them. Each run's full "
+        "provenance (resolved settings, package versions, hardware, commit, data fingerprint) is in "
         "`results/runs/<run>/seed<seed>/metrics.json` under `run_info`, `train_info` and `meta_info`.",
     ])
 

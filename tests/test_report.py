@@ -162,6 +162,15 @@ def test_timing_claims_are_not_checked_with_runs_timed_on_a_busy_machine():
     steps = F.rank_steps(F.by_run(busy), F.Losses(ev))
     assert "(not comparable: `lora-r128` timed on a busy machine or a shared GPU)" in steps[0]  # r=8 → r=128
     assert "not comparable" not in " ".join(F.rank_steps(F.by_run(idle), F.Losses(ev)))
+    # every other timing comparison says so too: the findings' runtime line, QLoRA against LoRA, the trade-offs
+    text = " ".join(F.findings(everyone, ev))
+    assert "faster than full fine-tuning:" in text and "`qlora-r8` vs `lora-r8`" in text
+    for line in F.findings(everyone, ev) + F.tradeoffs(everyone):
+        if "runtime" in line and "Timings taken on a busy machine" not in line:
+            assert "not comparable" in line, line
+    assert not any("not comparable" in line for line in F.findings(idle, ev) + F.tradeoffs(idle))
+    assert [("not comparable" in line) for line in F.tradeoffs(busy)] == [
+        r.startswith("`lora-r128`") for r in F.tradeoffs(busy)]
 
 
 def test_on_the_cpu_memory_findings_compare_rss_above_the_process_before_its_model_loaded():

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -155,6 +156,11 @@ def test_tiny_sweep_produces_metrics_figures_and_report(tiny_sweep):
         assert (workdir / "reports" / link).is_file(), link
     assert "```python" not in md and "Traceback" not in md and "import " not in md
     assert (workdir / "reports" / "summary.ipynb").is_file()
+    # the rerun commands are this sweep's (its config files; an existing run), targets before the options
+    # that read every value after them
+    configs = f"--configfile {os.path.relpath(REPO / 'config' / 'tiny.yaml', workdir)} seeds.yaml"
+    assert f"snakemake reports/summary.md --cores 4 --resources gpu=1 {configs}" in md
+    assert f"snakemake --forcerun results/runs/lora-r8/seed0/metrics.json --cores 4 --resources gpu=1 {configs}" in md
 
 
 @pytest.mark.slow

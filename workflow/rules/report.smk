@@ -59,6 +59,8 @@ rule report:
         notebook="reports/summary.ipynb",
     params:
         experiment=config["experiment"],
+        # the --configfile files, for the report's rerun commands (relative to the working directory)
+        configfiles=[os.path.relpath(str(f)) for f in workflow.overwrite_configfiles],
     log:
         "logs/report.log",
     benchmark:
