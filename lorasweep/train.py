@@ -836,10 +836,15 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
     from .data import fingerprint, load_splits
 
     data_sha = fingerprint(train_path, eval_path)
+
+    def settings_key(t: dict) -> str:
+        """The run, its settings (``t``), its data and how it computes (precision "auto" resolves per machine):
+        an out-of-memory record or a checkpoint of anything else must not carry over into this run."""
+        return resume_key(spec, {**{k: v for k, v in t.items() if k not in OPERATIONAL_KEYS},
+                                 "data_sha256": data_sha, "resolved_device": device, "resolved_precision": precision})
+
     configured = training
-    # an out-of-memory record applies to the same run on the same data and machine kind only
-    oom_key = resume_key(spec, {**{k: v for k, v in configured.items() if k not in OPERATIONAL_KEYS},
-                                "data_sha256": data_sha, "resolved_device": device, "resolved_precision": precision})
+    oom_key = settings_key(configured)
     training, oom_halvings = batch_after_oom(out_dir, configured, oom_key)
     if oom_halvings:
         log.info("an earlier attempt ran out of memory: per-device batch %d x accumulation %d (effective batch kept)",
@@ -942,10 +947,7 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         for p in trainer.model.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
-    # a checkpoint resumes only the same run on the same data, computing in the same device and precision
-    # (precision "auto" resolves per machine): anything else would mix two trainings in one set of metrics
-    key = resume_key(spec, {**{k: v for k, v in training.items() if k not in OPERATIONAL_KEYS},
-                            "data_sha256": data_sha, "resolved_device": device, "resolved_precision": precision})
+    key = settings_key(training)  # this attempt's batch: a checkpoint resumes the same optimisation only
     ckpt, resumed = find_resumable(out_dir / "checkpoints", key)
     counts = trainer.token_counts = TokenCounts((resumed or {}).get("counts"))
     memory = trainer.memory = PeakMemory(device)
