@@ -567,10 +567,10 @@ def writeup_claims(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None) ->
         add("W1", "full fine-tuning reached the lowest eval loss", verdict,
             f"full {m.loc['full', 'eval_loss']:.4f} vs best LoRA `{best_lora}` {m.loc[best_lora, 'eval_loss']:.4f}"
             + (f" (Δ {d['diff']:+.4f} ± {d['half']:.4f})" if d else ""))
-        others = [r for r in m.index if r != "full"]
-        add("W1", "full fine-tuning used the least peak memory", _lowest(m[mem], "full", others, MEM_TOL),
+        # W1 ran full fine-tuning and LoRA only: a QLoRA run or an adapter variant is not part of its claim
+        add("W1", "full fine-tuning used the least peak memory", _lowest(m[mem], "full", lo, MEM_TOL),
             f"{mem_name}: full {mib(m.loc['full', mem])}; " +
-            ", ".join(f"{r} {mib(m.loc[r, mem])}" for r in others))
+            ", ".join(f"{r} {mib(m.loc[r, mem])}" for r in lo))
         slower = [r for r in lo if parse_run(r)[1] in (128, 256)]
         if slower:
             add("W1", "full fine-tuning was faster than LoRA " + " and ".join(

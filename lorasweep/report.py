@@ -34,6 +34,12 @@ def _gib(v) -> str:
     return _num(None if v is None or pd.isna(v) else v / GIB, "{:.3f} GiB")
 
 
+def _bytes(v) -> str:
+    """Three significant figures in the unit that fits (``findings.mib``): a tiny model's 24 KiB of gradients
+    is not "0.000 GiB" beside another run's 774 KiB."""
+    return "–" if v is None or pd.isna(v) else F.mib(v)
+
+
 def load(metrics_csv, history_csv, data_summary, eval_losses_csv=None) -> dict:
     per_seed = pd.read_csv(metrics_csv)
     return {
@@ -107,11 +113,11 @@ def memory_model_section(df: pd.DataFrame) -> str:
         pred = r.get("predicted_peak_bytes" if parts["cuda"] else "predicted_train_increment_bytes")
         meas = parts["compared"].iloc[i]
         rows.append({"run": r["run"],
-                     "weights": _gib(r.get("predicted_weights_bytes")),
-                     "gradients": _gib(r.get("predicted_gradients_bytes")),
-                     "AdamW state": _gib(r.get("predicted_optimizer_bytes")),
-                     "activations": _gib(r.get("predicted_activations_bytes")),
-                     "predicted": _gib(pred), "measured": _gib(meas),
+                     "weights": _bytes(r.get("predicted_weights_bytes")),
+                     "gradients": _bytes(r.get("predicted_gradients_bytes")),
+                     "AdamW state": _bytes(r.get("predicted_optimizer_bytes")),
+                     "activations": _bytes(r.get("predicted_activations_bytes")),
+                     "predicted": _bytes(pred), "measured": _bytes(meas),
                      "error": _num(100 * (pred - meas) / meas if meas and pd.notna(pred) else None, "{:+.0f}%")})
     compared = ("the predicted peak (weights + AdamW state + the larger of activations and gradients) against "
                 "`peak_cuda_allocated_bytes`" if parts["cuda"] else
@@ -268,6 +274,7 @@ def writeups_section(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None,
             rows.append({"source": f"{name} ({w['hardware']})", "run": run,
                          "runtime s": _num(fig.get("train_runtime_s"), "{:.1f}"),
                          "train loss": _num(fig.get("train_loss")),
+                         "last train loss": _num(fig.get("train_loss_last")),
                          "samples/s": _num(fig.get("train_samples_per_s"), "{:.2f}"),
                          "memory GB": _num(fig.get("memory_gb"), "{:.2f}")})
     hw = df["hardware"].iloc[0] if len(df) else "?"
@@ -276,6 +283,7 @@ def writeups_section(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None,
             r = ours.loc[run]
             rows.append({"source": f"lorasweep ({hw})", "run": run,
                          "runtime s": _num(r["train_runtime_s"], "{:.1f}"), "train loss": _num(r["train_loss"]),
+                         "last train loss": _num(r.get("train_loss_last")),
                          "samples/s": _num(r["train_samples_per_s"], "{:.2f}"),
                          "memory GB": _num(r[mem_col] / 1e9, "{:.2f}")})
     notes = [
@@ -286,7 +294,8 @@ def writeups_section(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None,
         "which on an L4 (23,034 MiB) is more likely GiB: then they are 7% larger in GB. "
         "Runtime: theirs is the Trainer's `train_runtime`, evaluations and checkpoint writing included; ours "
         "leaves both out (`train_wall_s` in `results/metrics.csv` includes them). "
-        "W2's train loss is the last logged value, W3's and ours the mean over the run. The write-ups trained "
+        "*Train loss* is the mean over the run (W3's and ours), *last train loss* the last logged value (the only "
+        "one W2 gives; ours: the mean of the run's last `logging_steps` steps). The write-ups trained "
         "on opt-350m with CodeAlpaca-20k (W2 on half of it, W3 for 3 epochs); compare magnitudes only when our "
         "model, data and epochs are the same. W1's LoRA adapted every linear layer (all-linear), which its "
         "author blames for LoRA's higher memory; this sweep's adapts "

@@ -9,9 +9,9 @@ WRITEUPS = {
         "hardware": "NVIDIA L4 24 GB",
         "memory_kind": "mean GPU memory allocated (% of 22.5 GB, converted to GB)",
         "runs": {
-            "lora-r8": {"train_runtime_s": 761.33, "train_loss": 1.72, "memory_gb": 0.188 * 22.5},
-            "lora-r128": {"train_runtime_s": 822.99, "train_loss": 1.43, "memory_gb": 0.199 * 22.5},
-            "lora-r256": {"train_runtime_s": 907.40, "train_loss": 1.33, "memory_gb": 0.206 * 22.5},
+            "lora-r8": {"train_runtime_s": 761.33, "train_loss_last": 1.72, "memory_gb": 0.188 * 22.5},
+            "lora-r128": {"train_runtime_s": 822.99, "train_loss_last": 1.43, "memory_gb": 0.199 * 22.5},
+            "lora-r256": {"train_runtime_s": 907.40, "train_loss_last": 1.33, "memory_gb": 0.206 * 22.5},
         },
         "train_loss_kind": "final logged train loss",
     },

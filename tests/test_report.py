@@ -126,6 +126,43 @@ def test_writeup_claims_follow_the_measurements():
     assert verdict(low) == "agrees" and verdict(high) == "disagrees"
 
 
+def test_w1s_memory_claim_compares_full_finetuning_with_lora_only():
+    """W1 trained full fine-tuning and LoRA: a QLoRA run lighter than full fine-tuning does not refute it."""
+    df, ev = _fixture()
+    mem = F.memory_measure(df)[0]
+    m = df.assign(**{mem: df[mem].astype(float)})
+    lora = m["run"].str.startswith("lora-")
+    m.loc[m["run"] == "full", mem] = m.loc[lora, mem].min() * 0.8  # below every LoRA run
+    m.loc[m["run"] == "qlora-r8", mem] = m.loc[lora, mem].min() * 0.5  # a run W1 never trained
+    claim = {c["claim"]: c for c in F.writeup_claims(m, ev)}["full fine-tuning used the least peak memory"]
+    assert claim["ours"] == "agrees" and "qlora-r8" not in claim["evidence"]
+
+
+def test_w2s_last_logged_train_loss_sits_beside_our_last_logged_one_not_our_mean():
+    from lorasweep.report import writeups_section
+
+    df, ev = _fixture()
+    lines = [line for line in writeups_section(F.by_run(df), ev, df).splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in lines[0].split("|")[1:-1]]
+    rows = [dict(zip(header, (c.strip() for c in line.split("|")[1:-1]))) for line in lines[1:]]
+    w2 = next(r for r in rows if r["source"].startswith("W2") and r["run"] == "lora-r8")
+    ours = next(r for r in rows if r["source"].startswith("lorasweep") and r["run"] == "lora-r8")
+    r8 = df.set_index("run").loc["lora-r8"]
+    assert w2["last train loss"] == "1.72" and w2["train loss"] == "–"  # W2 gives the last logged value only
+    assert ours["last train loss"] == f"{r8['train_loss_last']:.4g}" and ours["train loss"] == f"{r8['train_loss']:.4g}"
+
+
+def test_the_memory_model_table_does_not_round_small_components_to_zero():
+    from lorasweep.report import memory_model_section
+
+    df, _ = _fixture()
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in memory_model_section(F.by_run(df)).splitlines() if line.startswith("| ")}
+    r8 = df.set_index("run").loc["lora-r8"]
+    assert rows["lora-r8"][1] == F.mib(r8["predicted_gradients_bytes"])  # 24 KiB, not "0.000 GiB"
+    assert rows["lora-r8"][1] != rows["full"][1] and not rows["lora-r8"][1].startswith("0.0")
+
+
 def test_the_diminishing_returns_claim_reads_a_worse_r256_as_no_gain_and_a_large_gain_as_disagreeing():
     df, ev = _fixture()
     claim = "little gain from r=128 to r=256 (diminishing returns)"
