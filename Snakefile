@@ -26,4 +26,6 @@ include: "workflow/rules/report.smk"
 rule all:
     input:
         "reports/summary.md",
+        # the report reads the PNGs; asked for here too, a deleted SVG is drawn again
+        expand("reports/figures/{name}.svg", name=FIGURES),
     default_target: True

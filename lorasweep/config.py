@@ -123,10 +123,14 @@ def validate_config(config: dict) -> dict:
 def check_dataset_file(config: dict, built: tuple[str, ...] = ()) -> None:
     """A local dataset (``dataset.source`` ending in .json / .jsonl / .parquet) must exist, unless a rule builds
     it (``built``): Snakemake would otherwise skip a finished sweep's data step without a word, or stop with a
-    missing-input error that does not name the key."""
+    missing-input error that does not name the key. A local file of another format (.csv) would be read as a hub
+    id, and fail in the data job as a hub dataset that could not be loaded."""
     from .data import is_local_source
 
     source = str(config["dataset"]["source"])
+    if not is_local_source(source) and Path(source).is_file():
+        raise ConfigError(f"dataset.source = {source!r}: a local file of a format lorasweep does not read; convert it "
+                          "to .json (a list of records), .jsonl or .parquet with instruction / input / output fields")
     if is_local_source(source) and source not in built and not Path(source).is_file():
         raise ConfigError(f"dataset.source = {source!r}: file not found (read from the working directory "
                           f"{Path.cwd()}); a local .json / .jsonl / .parquet in CodeAlpaca's format, or a Hugging "

@@ -52,7 +52,7 @@ def load_records(source: str, split: str = "train") -> list[dict]:
                 return frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
             except Exception as e:  # noqa: BLE001 - any reader failure means "not a parquet file"
                 raise DataError(f"dataset.source: {path} is not a readable parquet file: {e}") from e
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors write one) is not data
         if suffix == ".jsonl":
             records = []
             # lines end at "\n" only: str.splitlines would also split at U+2028, U+2029 and U+0085, which

@@ -55,8 +55,9 @@ def resolve_target_modules(model, targets) -> list[str] | str:
             log.warning("no attention preset for model type %r: adapting all linear layers (all-linear)", model_type)
             return "all-linear"
         targets, source = ATTENTION[model_type], f" (the attention preset for model type {model_type!r})"
-    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    missing = [t for t in targets if t not in names]
+    names = [n for n, _ in model.named_modules() if n]
+    # PEFT's own test: a module's full name is the entry or ends with "." + it (q_proj, self_attn.q_proj)
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
         raise ConfigError(f"methods.lora.target_modules: {missing}{source} not found in "
                           f"{type(model).__name__}; its linear modules are {linear_module_names(model)} "

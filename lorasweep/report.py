@@ -159,6 +159,24 @@ def _table(rows: list[dict]) -> str:
     return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)  # "4.3900" stays "4.3900"
 
 
+def commit_text(per_seed: pd.DataFrame) -> str:
+    """The workflow commit the runs were trained at (each run's, when they differ; ``unknown`` outside a git
+    checkout), and the runs trained from a tree with uncommitted changes."""
+    commits = per_seed.get("git_commit", pd.Series(None, index=per_seed.index)).astype(object).fillna("unknown")
+    runs = per_seed.groupby(commits, sort=False)["run"].unique()
+    text = (f"workflow commit `{str(runs.index[0])[:10]}`" if len(runs) == 1 else "workflow commits "
+            + ", ".join(f"`{str(c)[:10]}` ({', '.join(f'`{r}`' for r in rs)})" for c, rs in runs.items()))
+    if list(runs.index) == ["unknown"]:
+        return "workflow commit unknown (not trained from a git checkout)"
+    dirty = per_seed["git_dirty"].astype(str).eq("True") if "git_dirty" in per_seed else per_seed["run"].isna()
+    if dirty.all():
+        return text + " with uncommitted changes"
+    if dirty.any():
+        return text + "; trained with uncommitted changes: " + ", ".join(
+            f"`{r}`" for r in per_seed.loc[dirty, "run"].unique())
+    return text
+
+
 def setup_section(ctx: dict) -> str:
     df, data = ctx["metrics"], ctx["data"]
     first = df.iloc[0]
@@ -175,9 +193,7 @@ def setup_section(ctx: dict) -> str:
         "the loss is computed on the response tokens only.",
         f"- **Hardware**: {first['hardware']}; precision {first['precision']}.",
         f"- **Software**: torch {first['torch_version']}, transformers {first['transformers_version']}, "
-        f"peft {first['peft_version']}, trl {first['trl_version']}; workflow commit "
-        f"`{str(first['git_commit'])[:10]}`"
-        + (" with uncommitted changes" if str(first.get("git_dirty")) == "True" else "") + ".",
+        f"peft {first['peft_version']}, trl {first['trl_version']}; {commit_text(ctx.get('metrics_per_seed', df))}.",
         "",
         "Per-run hyperparameters:",
         "",
@@ -356,10 +372,12 @@ def _cell(text: str, limit: int = 160) -> str:
     return "`" + text.replace("`", "'").replace("|", "\\|") + "`" if text else "(empty)"
 
 
-def rerun_section(ctx: dict | None = None, configfiles=()) -> str:
+def rerun_section(ctx: dict | None = None, configfiles=(), snakefile: str = "") -> str:
     """Commands that rerun this experiment: with the config files it was run with (``--configfile`` last,
-    since it and ``--resources`` take every value after them), and one of its runs as the example."""
-    cf = (" --configfile " + " ".join(map(str, configfiles))) if configfiles else ""
+    since it and ``--resources`` take every value after them), its ``--snakefile`` when snakemake would not find
+    it in the working directory, and one of its runs as the example."""
+    cf = (f" --snakefile {snakefile}" if snakefile else "") + \
+        ((" --configfile " + " ".join(map(str, configfiles))) if configfiles else "")
     per_seed = (ctx or {}).get("metrics_per_seed")
     example = "results/runs/lora-r128/seed42/metrics.json"
     if per_seed is not None and len(per_seed):

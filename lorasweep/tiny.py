@@ -208,5 +208,7 @@ def build_tiny_model(texts: list[str], out_dir: str | Path, *, vocab_size: int =
 
 def build_tiny_model_from_jsonl(train_jsonl: str | Path, out_dir: str | Path, **kwargs) -> Path:
     """Build the tiny model with its tokenizer trained on the prepared training split (prompt + completion)."""
-    rows = [json.loads(line) for line in Path(train_jsonl).read_text().splitlines() if line.strip()]
+    from .data import read_jsonl
+
+    rows = read_jsonl(train_jsonl)  # line by line: str.splitlines would also split at the U+2028 a record may hold
     return build_tiny_model([r["prompt"] + r["completion"] for r in rows], out_dir, **kwargs)

@@ -139,6 +139,10 @@ def test_unknown_architecture_falls_back_to_all_linear_and_a_wrong_list_names_th
     with pytest.raises(ConfigError, match=r"\['q_proj'\] not found in GPT2LMHeadModel; its linear modules are "
                                           r"\['c_attn', 'c_fc', 'c_proj', 'lm_head'\]"):
         resolve_target_modules(model, ["q_proj"])
+    # an entry PEFT matches by its dotted suffix is not refused
+    assert resolve_target_modules(model, ["attn.c_attn", "mlp.c_proj"]) == ["attn.c_attn", "mlp.c_proj"]
+    with pytest.raises(ConfigError, match=r"\['mlp.c_attn'\] not found"):
+        resolve_target_modules(model, ["attn.c_attn", "mlp.c_attn"])
 
 
 def test_a_preset_that_does_not_match_the_model_says_which_preset():

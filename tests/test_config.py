@@ -137,3 +137,15 @@ def test_opt_350m_shape_preset_has_the_real_models_shape():
     assert sum(p.numel() for p in model.parameters()) == 331_196_416  # facebook/opt-350m: 331 M
     with pytest.raises(ConfigError, match="embedding_rows"):
         validate_config({**copy.deepcopy(MINIMAL), "model": {"name_or_path": "x", "build_tiny": {"embedding_rows": 5}}})
+
+
+def test_a_local_file_of_another_format_is_named_before_any_job(tmp_path, monkeypatch):
+    """A .csv (or any file but .json / .jsonl / .parquet) would be read as a hub dataset id and fail as a network
+    problem inside the first job."""
+    from lorasweep.config import check_dataset_file
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.csv").write_text("instruction,input,output\nAdd.,,3\n")
+    with pytest.raises(ConfigError, match=r"dataset.source = 'mine.csv': a local file of a format lorasweep does not"):
+        check_dataset_file({"dataset": {"source": "mine.csv"}})
+    check_dataset_file({"dataset": {"source": "sahil2801/CodeAlpaca-20k"}})  # a hub id: no file, no error

@@ -143,3 +143,28 @@ def test_built_model_keeps_the_requested_shape_beyond_the_tokenizers_vocabulary(
     assert model.model.decoder.project_in is not None and model.config.do_layer_norm_before is False
     ids = tok("def f(x): return x", return_tensors="pt")["input_ids"]
     assert torch.isfinite(model(input_ids=ids, labels=ids).loss)
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_a_local_file_with_a_byte_order_mark_loads(tmp_path, suffix):
+    records = make_tiny_records(5, seed=1)
+    path = tmp_path / f"d{suffix}"
+    text = json.dumps(records) if suffix == ".json" else "".join(json.dumps(r) + "\n" for r in records)
+    path.write_text(text, encoding="utf-8-sig")  # UTF-8 as Notepad and PowerShell save it: a BOM first
+    assert data.load_records(str(path)) == records
+
+
+def test_the_tiny_model_builds_on_a_split_whose_records_hold_line_separators(tmp_path):
+    """The prepared splits hold U+2028, U+2029 and NEL unescaped (ensure_ascii=False); str.splitlines breaks there."""
+    from transformers import AutoTokenizer
+
+    from lorasweep.tiny import build_tiny_model_from_jsonl
+
+    records = make_tiny_records(30, seed=1)
+    records[0]["output"] += " \u2028 line \u2029 paragraph \x85 NEL"
+    kept, _ = data.check_records(records)
+    train = tmp_path / "train.jsonl"
+    data.write_jsonl(train, [data.format_example(r) for r in kept])
+    path = build_tiny_model_from_jsonl(train, tmp_path / "m", vocab_size=300, hidden_size=16, num_layers=1,
+                                       num_heads=2, ffn_dim=16, max_positions=64)
+    assert AutoTokenizer.from_pretrained(path)("\u2028")["input_ids"]

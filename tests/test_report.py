@@ -455,3 +455,37 @@ def test_a_gpu_sweep_far_below_its_speed_bound_says_that_overhead_set_the_pace()
     gpu.loc[gpu["run"] == "full", "tokens_per_s_ceiling"] = rate[0] * 2
     bound = next(f for f in F.findings(gpu, ev) if f.startswith("**Speed against what the GPU allows**"))
     assert "(50%;" in bound and "per-step overhead" not in bound
+
+
+def test_the_setup_names_the_commit_of_every_run_and_says_when_it_is_unknown(tmp_path):
+    """Provenance from metrics.csv: a run retrained at another commit or from a dirty tree is named; runs trained
+    outside a git checkout (git_commit empty) give no 'nan' commit."""
+    from lorasweep.report import load, setup_section
+
+    def software(metrics):
+        metrics.to_csv(tmp_path / "m.csv", index=False)
+        ctx = load(tmp_path / "m.csv", FIXTURE / "log_history.csv", FIXTURE / "summary.json")
+        return next(line for line in setup_section(ctx).splitlines() if "**Software**" in line)
+
+    m, _ = _fixture()
+    m["git_dirty"] = False
+    assert software(m).endswith("; workflow commit `2cd01844e9`.")
+    m.loc[m["run"] == "lora-r128", ["git_commit", "git_dirty"]] = ["abcdef1234567", True]
+    line = software(m)
+    assert "workflow commits `2cd01844e9` (`full`, `lora-r8`, `lora-r256`, `qlora-r8`), `abcdef1234` (`lora-r128`)" in line
+    assert line.endswith("trained with uncommitted changes: `lora-r128`.")
+    m["git_dirty"] = True
+    assert software(m).endswith("(`lora-r128`) with uncommitted changes.")
+    m["git_commit"], m["git_dirty"] = None, None
+    line = software(m)
+    assert "nan" not in line and line.endswith("workflow commit unknown (not trained from a git checkout).")
+
+
+def test_rerun_commands_name_the_snakefile_when_snakemake_would_not_find_it():
+    """Run elsewhere (README: --directory other-dir --snakefile $PWD/Snakefile), the commands need the Snakefile."""
+    from lorasweep.report import rerun_section
+
+    text = rerun_section(None, ["../lorasweep/config/tiny.yaml"], "../lorasweep/Snakefile")
+    assert ("snakemake reports/summary.md --cores 4 --resources gpu=1 --snakefile ../lorasweep/Snakefile "
+            "--configfile ../lorasweep/config/tiny.yaml") in text
+    assert "--snakefile" not in rerun_section(None, ["config/tiny.yaml"])

@@ -75,6 +75,16 @@ def test_a_local_dataset_that_is_not_there_fails_before_any_job_naming_the_key(t
     run_snakemake("-n", "--cores", 1, "--configfile", REPO / "config" / "tiny.yaml", override, workdir=tmp_path)
 
 
+def test_every_figure_file_is_asked_for_so_that_a_deleted_svg_is_drawn_again(tmp_path):
+    """Snakemake reruns a job for the missing outputs something asks for: the report reads the PNGs, and `all`
+    the SVGs, or a deleted SVG would never come back ("Nothing to be done")."""
+    from lorasweep.plots import FIGURES
+
+    proc = run_snakemake("-n", "--cores", 1, "--configfile", REPO / "config" / "tiny.yaml", workdir=tmp_path)
+    wanted = proc.stdout.split("rule all:")[1].split("input:")[1].split("\n")[0]
+    assert {f.strip() for f in wanted.split(",")} >= {f"reports/figures/{name}.svg" for name in FIGURES}
+
+
 def test_overrides_compose_with_a_second_configfile(tmp_path):
     override = tmp_path / "override.yaml"
     override.write_text("methods:\n  lora:\n    ranks: [16]\n  qlora:\n    ranks: []\n")
@@ -158,7 +168,9 @@ def test_tiny_sweep_produces_metrics_figures_and_report(tiny_sweep):
     assert (workdir / "reports" / "summary.ipynb").is_file()
     # the rerun commands are this sweep's (its config files; an existing run), targets before the options
     # that read every value after them
-    configs = f"--configfile {os.path.relpath(REPO / 'config' / 'tiny.yaml', workdir)} seeds.yaml"
+    # (and, run from a directory without it, the Snakefile)
+    configs = (f"--snakefile {os.path.relpath(REPO / 'Snakefile', workdir)} "
+               f"--configfile {os.path.relpath(REPO / 'config' / 'tiny.yaml', workdir)} seeds.yaml")
     assert f"snakemake reports/summary.md --cores 4 --resources gpu=1 {configs}" in md
     assert f"snakemake --forcerun results/runs/lora-r8/seed0/metrics.json --cores 4 --resources gpu=1 {configs}" in md
 

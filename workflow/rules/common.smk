@@ -21,7 +21,8 @@ SEEDS = seeds(config)  # training seeds; every run is trained once per seed
 FIRST_SEED = SEEDS[0]  # the replicate the adapter stages (merge, verify, switch, samples) use
 ENV = "../../envs/lorasweep.yaml"
 # relative to the working directory when inside it: a project folder moved elsewhere keeps the same report input
-NOTEBOOK = str(Path(workflow.basedir) / "workflow" / "notebooks" / "summary.ipynb")
+# (absolute first: the same input however --snakefile was spelled)
+NOTEBOOK = os.path.abspath(Path(workflow.basedir) / "workflow" / "notebooks" / "summary.ipynb")
 if not os.path.relpath(NOTEBOOK).startswith(".."):
     NOTEBOOK = os.path.relpath(NOTEBOOK)
 

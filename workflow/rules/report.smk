@@ -2,6 +2,12 @@
 
 from lorasweep.plots import FIGURES
 
+# for the report's rerun commands: the Snakefile relative to the working directory, unless snakemake finds it there
+SNAKEFILE = os.path.relpath(workflow.main_snakefile)
+if SNAKEFILE in ("Snakefile", "snakefile", os.path.join("workflow", "Snakefile"),
+                 os.path.join("workflow", "snakefile")):
+    SNAKEFILE = ""
+
 
 rule collect:
     input:
@@ -61,6 +67,7 @@ rule report:
         experiment=config["experiment"],
         # the --configfile files, for the report's rerun commands (relative to the working directory)
         configfiles=[os.path.relpath(str(f)) for f in workflow.overwrite_configfiles],
+        snakefile=SNAKEFILE,
     log:
         "logs/report.log",
     benchmark:
