@@ -330,8 +330,10 @@ def writeups_section(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None,
 
 def adapters_section(verify_jsons=(), switch_json=None, samples_json=None) -> str:
     """Merge verification per adapter run, the adapter-switching round trip, and side-by-side samples."""
-    out = ["## Adapters after training: merge, verify, switch", ""]
     rows = [json.loads(Path(p).read_text()) for p in verify_jsons if Path(p).is_file()]
+    adapters = bool(rows) or bool(switch_json and Path(switch_json).is_file())
+    # a sweep without adapter runs (full fine-tuning only) still has its samples, under a heading of their own
+    out = ["## Adapters after training: merge, verify, switch" if adapters else "## Samples", ""]
     if rows:
         out += ["Each adapter merged into its base with PEFT's `merge_and_unload` (QLoRA onto the dequantized 4-bit "
                 "base) and saved as a plain model under `results/runs/<run>/seed<seed>/merged/`, then compared with base + adapter "
@@ -356,7 +358,7 @@ def adapters_section(verify_jsons=(), switch_json=None, samples_json=None) -> st
                                                 sw["unload_restores_base_exactly"] else "**not** the original."), ""]
     if samples_json and Path(samples_json).is_file():
         samples = json.loads(Path(samples_json).read_text())
-        out += ["### Samples", "", "Greedy completions of held-out instructions (first 48 new tokens):", ""]
+        out += (["### Samples", ""] if adapters else []) + ["Greedy completions of held-out instructions (first 48 new tokens):", ""]
         for i, s in enumerate(samples, 1):
             out += [f"**{i}. {s['instruction'].strip()}**" + (f" — input: `{s['input'].strip()}`" if s["input"] else ""),
                     "", "| model | completion |", "|:--|:--|",

@@ -489,3 +489,21 @@ def test_rerun_commands_name_the_snakefile_when_snakemake_would_not_find_it():
     assert ("snakemake reports/summary.md --cores 4 --resources gpu=1 --snakefile ../lorasweep/Snakefile "
             "--configfile ../lorasweep/config/tiny.yaml") in text
     assert "--snakefile" not in rerun_section(None, ["config/tiny.yaml"])
+
+
+def test_a_sweep_without_adapters_shows_its_samples_without_an_adapters_heading(tmp_path):
+    from lorasweep.report import adapters_section
+
+    samples = tmp_path / "samples.json"
+    samples.write_text(json.dumps([{"instruction": "Add two numbers", "input": "", "reference": "a + b",
+                                    "completions": {"base": "x", "full": "a + b"}}]))
+    full_only = adapters_section([], None, str(samples))
+    assert full_only.startswith("## Samples") and "Adapters after training" not in full_only
+    assert "`a + b`" in full_only
+    verify = tmp_path / "verify.json"
+    verify.write_text(json.dumps({"run": "lora-r8", "merged_onto": "base", "max_abs_logit_diff": 1e-6,
+                                  "tolerance": 1e-3, "within_tolerance": True, "greedy_identical_count": 3,
+                                  "prompts": 3, "eval_loss_adapter": 1.0, "eval_loss_merged": 1.0}))
+    with_adapters = adapters_section([str(verify)], None, str(samples))
+    assert with_adapters.startswith("## Adapters after training") and "### Samples" in with_adapters
+    assert adapters_section([], None, None) == ""
