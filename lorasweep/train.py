@@ -524,6 +524,8 @@ def _callback_class():
                 "gpu_jobs_beside_max": self.peers_max,
                 "peaks": {k: max(mem.get(k) or 0, prior_peaks.get(k) or 0) for k in {*mem, *prior_peaks}
                           if k.startswith(("peak_", "eval_peak_")) and k != "peak_rss_method"},
+                # the footprint these peaks sit on: a resumed process has its own (see rebase_peaks)
+                "baseline": {k: v for k, v in mem.items() if k.endswith("_at_load_bytes")},
                 "history": history,
             })
             # now complete: the ones before it have served (the Trainer's own rotation, save_total_limit,
@@ -689,6 +691,24 @@ def resume_key(spec: dict, training: dict) -> str:
 
     return hashlib.sha256(json.dumps({"spec": spec, "training": training}, sort_keys=True, default=str)
                           .encode()).hexdigest()[:16]
+
+
+def rebase_peaks(peaks: dict, then: dict | None, now: dict) -> dict:
+    """An earlier segment's peaks moved onto this segment's footprint at load: each is what that segment added
+    over its own footprint (``then``, its ``*_at_load_bytes``) plus this one's (``now``). A resumed process
+    starts afresh, with its own runtime baseline; the raw peak of another process would mix the two and the
+    run's ``peak - at_load`` figures would count the difference. Without a recorded baseline, unchanged."""
+    if not then:
+        return dict(peaks)
+    base = {"rss": "rss_at_load_bytes", "cuda_allocated": "cuda_allocated_at_load_bytes",
+            "cuda_reserved": "cuda_reserved_at_load_bytes"}
+    out = {}
+    for k, v in peaks.items():
+        kind = k.removeprefix("eval_").removeprefix("peak_").removesuffix("_bytes")
+        b = base.get(kind)
+        out[k] = v - then[b] + now[b] if b and v is not None and then.get(b) is not None \
+            and now.get(b) is not None else v
+    return out
 
 
 def find_resumable(ckpt_root: Path, key: str) -> tuple[Path | None, dict | None]:
@@ -977,6 +997,8 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
              base_eval["eval_loss"], steps, n_train, training["batch_size"], training["grad_accum"])
 
     at_load = memory.reset()
+    if resumed:  # earlier segments' peaks, on this process's footprint at load
+        resumed["peaks"] = rebase_peaks(resumed.get("peaks", {}), resumed.get("baseline"), at_load)
     machine.start()
     try:
         result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)

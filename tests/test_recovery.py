@@ -147,10 +147,19 @@ def test_a_crash_after_training_resumes_without_extra_steps_and_keeps_the_metric
     partial = out / "checkpoints" / "checkpoint-10"
     partial.mkdir()
     (partial / "model.safetensors").write_bytes(b"cut short")
+    # and say the first process had a runtime footprint 8 GiB larger than the resumed one will have: its peaks
+    # count for what they added over that footprint, not as raw figures of another process
+    state_file = out / "checkpoints" / "checkpoint-8" / "lorasweep_state.json"
+    state = json.loads(state_file.read_text())
+    first_added = state["peaks"]["peak_rss_bytes"] - state["baseline"]["rss_at_load_bytes"]
+    state["peaks"]["peak_rss_bytes"] += 8 << 30
+    state["baseline"]["rss_at_load_bytes"] += 8 << 30
+    state_file.write_text(json.dumps(state))
     m = train_run(*args, out, threads=2, operational=operational(cfg))
     ref = train_run(*args, tmp_path / "reference", threads=2, operational=operational(cfg))
 
     assert (m["resumed_from_step"], m["train_segments"]) == (8, 2)
+    assert first_added <= m["peak_rss_bytes"] - m["rss_at_load_bytes"] < 1 << 30
     assert m["train_steps"] == ref["train_steps"] == 12
     assert (m["train_samples"], m["train_tokens_nonpad"]) == (ref["train_samples"], ref["train_tokens_nonpad"])
     # the mean over all 12 steps, not over the 4 trained after the resume (checkpoint steps are logged)
