@@ -99,6 +99,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--trainer-walks", action="store_true",
+                    help="also time lorasweep's step with the Trainer's own per-step walks over every module "
+                         "(lorasweep.train.SKIP_MODULE_WALKS off: parameters counted for total_flos, listed for "
+                         "clipping), interleaved with the others")
     ap.add_argument("--json", help="write the results here")
     a = ap.parse_args(argv)
 
@@ -115,15 +119,27 @@ def main(argv=None) -> dict:
     model = build_tiny_model_from_jsonl(train, work / "narrow", num_layers=a.layers, **NARROW)
 
     batches = grouped_batches(model, train, a.batch, a.max_length, a.seed)
-    ours, bares = [], []
-    for i in range(a.repeats):  # interleaved, so a slow phase of a shared machine hits both
-        m = speed.train_single_run(str(model), train, evals, work / f"lorasweep-{i}", a.run, lr=1e-3, device="cpu",
-                                   seed=a.seed, max_steps=a.steps, batch_size=a.batch, max_length=a.max_length,
-                                   threads=1)
-        ours.append(1e3 * m["train_runtime_s"] / m["train_steps"])
+    import lorasweep.train as lt
+
+    def lorasweep_ms(name: str, skip_walks: bool) -> float:
+        lt.SKIP_MODULE_WALKS = skip_walks
+        try:
+            m = speed.train_single_run(str(model), train, evals, work / name, a.run, lr=1e-3, device="cpu",
+                                       seed=a.seed, max_steps=a.steps, batch_size=a.batch, max_length=a.max_length,
+                                       threads=1)
+        finally:
+            lt.SKIP_MODULE_WALKS = True
+        return 1e3 * m["train_runtime_s"] / m["train_steps"], m
+
+    ours, bares, walking = [], [], []
+    for i in range(a.repeats):  # interleaved, so a slow phase of a shared machine hits all
+        ms, m = lorasweep_ms(f"lorasweep-{i}", True)
+        ours.append(ms)
         bares.append(bare_loop(model, train, batches, a.run, a.steps, a.seed))
-        print(f"[{i + 1}/{a.repeats}] lorasweep {ours[-1]:.1f} ms, bare loop {bares[-1]['ms_per_step']:.1f} ms a step",
-              flush=True)
+        if a.trainer_walks:
+            walking.append(lorasweep_ms(f"walks-{i}", False)[0])
+        print(f"[{i + 1}/{a.repeats}] lorasweep {ours[-1]:.1f} ms, bare loop {bares[-1]['ms_per_step']:.1f} ms a step"
+              + (f", lorasweep with the Trainer's walks {walking[-1]:.1f} ms" if walking else ""), flush=True)
     mine = statistics.median(ours)
     bare = statistics.median(b["ms_per_step"] for b in bares)
     phases = {k: statistics.median(b["phases_ms_per_step"][k] for b in bares) for k in bares[0]["phases_ms_per_step"]}
@@ -131,11 +147,17 @@ def main(argv=None) -> dict:
            "lorasweep_ms_per_step": mine, "bare_ms_per_step": bare, "bare_phases_ms_per_step": phases,
            "lorasweep_ms_per_step_each": ours, "bare_ms_per_step_each": [b["ms_per_step"] for b in bares],
            "tokens": {"lorasweep": m["train_tokens_nonpad"], "bare": bares[0]["tokens"]}}
+    if walking:
+        out.update(trainer_walks_ms_per_step=statistics.median(walking), trainer_walks_ms_per_step_each=walking,
+                   walks_saved_ms_per_step_each=[w - o for w, o in zip(walking, ours)])
     print(f"{a.run}, OPT with {a.layers} layers of width {NARROW['hidden_size']}, batch {a.batch}, {a.steps} steps, "
           f"1 thread (host time: the arithmetic is negligible), median of {a.repeats}:")
     print(f"  lorasweep's step : {mine:7.1f} ms")
     print(f"  bare loop        : {bare:7.1f} ms  (" + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()) + ")")
     print(f"  added by the Trainer, TRL's loss and lorasweep: {mine - bare:+.1f} ms a step")
+    if walking:
+        print(f"  lorasweep's step with the Trainer's walks over every module: {out['trainer_walks_ms_per_step']:7.1f} ms"
+              f" (paired, each repeat: " + ", ".join(f"{d:+.1f}" for d in out["walks_saved_ms_per_step_each"]) + " ms)")
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=2) + "\n")
     return out

@@ -136,7 +136,9 @@ def test_on_a_known_gpu_the_benchmark_and_the_run_report_mfu_and_the_speed_bound
 
 def test_host_time_benchmark_times_lorasweeps_step_and_a_bare_loop_on_the_same_model(tiny_data, tmp_path):
     r, stdout = _run("host_time.py", tmp_path, "--data", tiny_data["source"], "--layers", 2, "--steps", 4,
-                     "--repeats", 1, "--max-length", 128)
+                     "--repeats", 1, "--max-length", 128, "--trainer-walks")
+    assert r["trainer_walks_ms_per_step"] > 0 and len(r["walks_saved_ms_per_step_each"]) == 1
+    assert "with the Trainer's walks over every module" in stdout
     assert r["lorasweep_ms_per_step"] > 0 and r["bare_ms_per_step"] > 0
     phases = r["bare_phases_ms_per_step"]
     assert set(phases) == {"forward", "backward", "clip", "optimizer"} and all(v > 0 for v in phases.values())

@@ -138,18 +138,46 @@ def test_the_training_step_reads_no_tensor_values_and_logs_what_trls_own_step_lo
     """Every tensor value Python reads in a training step is a wait for the GPU. lorasweep's token counting
     and the Trainer's per-step token count and NaN filter read three to four a step, transformers' check of the
     attention mask two, TRL's loss metrics five; none may be left. TRL's own step (DEFER_LOSS_METRICS off) is
-    counted too, so the check cannot pass by counting nothing, and lorasweep's must log the same values."""
+    counted too, so the check cannot pass by counting nothing, and lorasweep's must log the same values. The
+    Trainer's own per-step walks over the model (SKIP_MODULE_WALKS off) give the same gradient norms and
+    ``total_flos`` as lorasweep's shortcuts, which count the parameters once."""
+    from transformers import PreTrainedModel, TrainerCallback
+
     import lorasweep.train as lt
     from lorasweep.speed import HostReads
 
-    steps, runs = 8, {}
+    class Flos(TrainerCallback):
+        def on_train_end(self, args, state, control, **kw):
+            self.total = state.total_flos
+
+    walks = {"count": 0, "on": False}
+    count_parameters = PreTrainedModel.num_parameters
+
+    def counted(self, *a, **k):
+        walks["count"] += walks["on"]
+        return count_parameters(self, *a, **k)
+
+    class Steps(TrainerCallback):  # counts the parameter walks between a step's start and its end
+        def on_step_begin(self, args, state, control, **kw):
+            walks["on"] = True
+
+        def on_step_end(self, args, state, control, **kw):
+            walks["on"] = False
+
+    monkeypatch.setattr(PreTrainedModel, "num_parameters", counted)
+    steps, runs, flos = 8, {}, {}
     for defer in (False, True):
         monkeypatch.setattr(lt, "DEFER_LOSS_METRICS", defer)
+        monkeypatch.setattr(lt, "SKIP_MODULE_WALKS", defer)
+        flos[defer], walks["count"] = Flos(), 0
         with HostReads() as reads:
-            _, out = _train(tiny_config, tiny_data, tmp_path / str(defer), "lora-r8", max_steps=steps, evals=1,
-                            logging_steps=2)
+            spec = run_spec(tiny_config(max_steps=steps, evals=1, logging_steps=2), "lora-r8")
+            out = tmp_path / str(defer)
+            train_run(spec, tiny_data["train"], tiny_data["eval"], out, threads=2, callbacks=[flos[defer], Steps()])
         history = [json.loads(line) for line in (out / "log_history.jsonl").read_text().splitlines()]
-        runs[defer] = reads.in_steps(), [h for h in history if "loss" in h]
+        runs[defer] = reads.in_steps(), [h for h in history if "loss" in h], walks["count"]
+    assert runs[False][2] >= steps and runs[True][2] == 1  # the Trainer counts parameters every step; here once
+    assert flos[True].total == flos[False].total > 0
     trls, ours = runs[False][0], runs[True][0]
     assert sum(n for site, n in trls.items() if site.startswith("trl/")) >= 5 * steps  # the counting works
     # nothing read back inside a step (TRL's metrics are read at the training logs), but for the Trainer's
