@@ -194,3 +194,38 @@ def test_merge_verify_and_switch_use_the_tokenization_training_used(tiny_config,
     assert sw["unload_restores_base_exactly"]
     assert sw["base_eval_loss"] == pytest.approx(sum(r["loss_sum"] for r in base) / sum(r["tokens"] for r in base),
                                                  rel=1e-5)
+
+
+@pytest.mark.parametrize("run", ["lora-r8", "qlora-r8"])
+def test_a_merge_computes_what_base_plus_adapter_computes_and_verify_refuses_one_that_does_not(
+        run, tiny_config, tiny_data, tmp_path):
+    """merge -> verify on a freshly trained adapter: the merged model gives base + adapter's logits (QLoRA: merged
+    onto the dequantized 4-bit base it trained on, not the original weights). And verify really compares the
+    two: the untrained base saved as a 'merge' is out of tolerance (a LoRA merge fails the job)."""
+    from safetensors.torch import load_file
+
+    from lorasweep.adapters import MergeMismatch, load_base, merge_run, verify_run
+    from lorasweep.train import load_tokenizer, train_run
+
+    spec = run_spec(tiny_config(max_steps=4, evals=1), run)
+    out = tmp_path / "run"
+    train_run(spec, tiny_data["train"], tiny_data["eval"], out, threads=2)
+    # QLoRA's adapter trains in fp32 like LoRA's (TRL would cast it to bf16): the pair differs by the base alone
+    assert {str(t.dtype) for t in load_file(out / "model" / "adapter_model.safetensors").values()} == {"torch.float32"}
+    merged = merge_run(spec, out / "model", tmp_path / "merged")
+    v = verify_run(spec, out / "model", merged, tiny_data["eval"], tmp_path / "verify.json", n_prompts=4,
+                   max_new_tokens=4)
+    assert v["within_tolerance"] and v["greedy_identical"] and v["max_abs_logit_diff"] <= 1e-3, v
+    assert v["eval_loss_merged"] == pytest.approx(v["eval_loss_adapter"], abs=1e-4)
+
+    wrong = tmp_path / "not-merged"
+    load_base(spec).save_pretrained(wrong, safe_serialization=True)
+    load_tokenizer(spec).save_pretrained(wrong)
+    if spec["quantization"]:  # reported, not enforced, for 4-bit bases
+        bad = verify_run(spec, out / "model", wrong, tiny_data["eval"], tmp_path / "bad.json", n_prompts=4,
+                         max_new_tokens=4)
+        assert bad["within_tolerance"] is False and bad["max_abs_logit_diff"] > 1e-3
+    else:
+        with pytest.raises(MergeMismatch, match="do not deploy this merge"):
+            verify_run(spec, out / "model", wrong, tiny_data["eval"], tmp_path / "bad.json", n_prompts=4,
+                       max_new_tokens=4)

@@ -139,6 +139,9 @@ def test_host_time_benchmark_times_lorasweeps_step_and_a_bare_loop_on_the_same_m
                      "--repeats", 1, "--max-length", 128, "--trainer-walks")
     assert r["trainer_walks_ms_per_step"] > 0 and len(r["walks_saved_ms_per_step_each"]) == 1
     assert "with the Trainer's walks over every module" in stdout
+    w = r["walk_costs"]
+    assert w["modules"] > 0 and w["parameter_tensors"] > 0 and all(w[f"{k}_ms"] > 0 for k in
+                                                              ("train", "zero_grad", "list_parameters", "num_parameters"))
     assert r["lorasweep_ms_per_step"] > 0 and r["bare_ms_per_step"] > 0
     phases = r["bare_phases_ms_per_step"]
     assert set(phases) == {"forward", "backward", "clip", "optimizer"} and all(v > 0 for v in phases.values())

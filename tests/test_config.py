@@ -86,6 +86,13 @@ def test_qlora_takes_the_lora_settings_so_that_the_pair_differs_by_quantization_
          r"training.torch_compile = 'fast': must be one of False, True, 'default', 'reduce-overhead'"),
         ({"methods": {"full": {"enabled": False}, "lora": {"ranks": []}, "qlora": {"ranks": []}}}, "no runs enabled"),
         ({"training": {"torch_compile_regional": True}}, r"training.torch_compile_regional = true needs training.torch_compile"),
+        # a misspelt key in any section is an error, never a setting silently left at its default
+        ({"training": {"bach_size": 8}}, r"unknown key\(s\) training.bach_size; allowed here: .*batch_size"),
+        ({"dataset": {"source": "x.json", "eval_split": 0.1}}, r"unknown key\(s\) dataset.eval_split; allowed here: .*eval_size"),
+        ({"model": {"name": "m"}}, r"unknown key\(s\) model.name; allowed here: .*name_or_path"),
+        ({"model": {"build_tiny": {"layers": 2}}}, r"unknown key\(s\) model.build_tiny.layers; allowed here: .*num_layers"),
+        ({"methods": {"full": {"lr": 1.0e-5}}}, r"unknown key\(s\) methods.full.lr; allowed here: enabled, learning_rate"),
+        ({"methods": {"qlora": {"quant": "nf4"}}}, r"unknown key\(s\) methods.qlora.quant; allowed here: .*quant_type"),
     ],
 )
 def test_errors_name_the_key_and_what_is_allowed(override, message):
@@ -98,6 +105,23 @@ def test_errors_name_the_key_and_what_is_allowed(override, message):
 def test_missing_top_level_key_explains_how_config_files_combine():
     with pytest.raises(ConfigError, match="merges --configfile files over config/config.yaml"):
         validate_config({"dataset": {"source": "x.json"}})
+
+
+def test_operational_settings_stay_out_of_every_run_spec():
+    """How a run is executed (the settings the workflow test changes in ops.yaml) is not what it computes: no run's
+    spec, which Snakemake's params trigger compares, changes with them; a setting that is not operational does."""
+    from lorasweep.config import OPERATIONAL_KEYS, deep_merge
+
+    base = yaml.safe_load((REPO / "config" / "tiny.yaml").read_text())
+    ops = {"checkpoint_steps": 7, "checkpoint_min_interval_s": 5, "keep_checkpoints": True, "threads": 1,
+           "torch_compile": True, "torch_compile_regional": True, "pad_to_multiple_of": 64, "jobs_per_gpu": 2}
+    assert set(ops) == set(OPERATIONAL_KEYS)
+    plain, changed = validate_config(copy.deepcopy(base)), validate_config(deep_merge(base, {"training": ops}))
+    for run in run_names(plain):
+        assert run_spec(changed, run) == run_spec(plain, run), run
+        assert not set(ops) & set(run_spec(plain, run)["training"]), run
+    computed = validate_config(deep_merge(base, {"training": {"max_length": 128}}))
+    assert run_spec(computed, "full") != run_spec(plain, "full")
 
 
 def test_tiny_preset_validates_and_runs_on_cpu():

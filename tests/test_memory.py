@@ -59,3 +59,17 @@ def test_excluded_before_reset_does_nothing():
     with meter.excluded():  # the untrained model's evaluation comes before the baseline
         pass
     assert meter.excluded_peaks == {} and not meter.active
+
+
+def test_the_peak_counts_from_the_reset_not_from_what_came_before(meter):
+    """What the process held before the baseline (loading the model, the untrained model's evaluation) is not
+    training's peak: reset() starts the high-water mark afresh."""
+    before = _touch(384)
+    time.sleep(0.1)
+    del before
+    start = meter.reset()["rss_at_load_bytes"]  # frees the heap back to the system first
+    train = _touch(32)
+    time.sleep(0.1)
+    got = meter.read()
+    del train
+    assert 30 * MiB <= got["peak_rss_bytes"] - start < 200 * MiB  # 32 MiB, never the 384 MiB before the reset

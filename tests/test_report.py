@@ -507,3 +507,22 @@ def test_a_sweep_without_adapters_shows_its_samples_without_an_adapters_heading(
     with_adapters = adapters_section([str(verify)], None, str(samples))
     assert with_adapters.startswith("## Adapters after training") and "### Samples" in with_adapters
     assert adapters_section([], None, None) == ""
+
+
+def test_the_quantization_finding_reads_qlora_against_lora_in_that_direction():
+    """qlora-rN against lora-rN: a QLoRA run using half the memory is 'lower', one with a higher loss on every
+    eval example shows the loss going from lora-r8's to qlora-r8's with a positive, distinguishable change."""
+    df, ev = _fixture()
+    df = df.assign(other_processes_cpu_share_pct=0.0)
+    mem, _ = F.memory_measure(df)
+    df.loc[df["run"] == "qlora-r8", mem] = df.loc[df["run"] == "lora-r8", mem].iloc[0] * 0.5
+    ev = ev.copy()
+    lora = ev[ev["run"] == "lora-r8"].set_index("example")["final_loss_sum"]
+    q = ev["run"] == "qlora-r8"
+    ev.loc[q, "final_loss_sum"] = ev.loc[q, "example"].map(lora).to_numpy() + ev.loc[q, "tokens"].to_numpy() * 0.5
+    [line] = F.quantization(df, F.Losses(ev))
+    m = df.set_index("run")
+    assert line.startswith("**4-bit (nf4) `qlora-r8` vs `lora-r8`**") and " 50% lower (" in line, line
+    loss = line.split("; eval loss ")[1]
+    assert loss.startswith(f"{m.loc['lora-r8', 'eval_loss']:.4f} → {m.loc['qlora-r8', 'eval_loss']:.4f}"), loss
+    assert "(Δ +0.5000 ± " in loss and "a real difference" in loss, loss

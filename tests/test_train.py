@@ -112,6 +112,24 @@ def test_qlora_really_trains_a_4bit_base(tiny_config, tiny_data, tmp_path):
     assert lora["quantized_params"] == 0
 
 
+def test_qlora_loads_the_configured_4bit_format(tiny_config):
+    """methods.qlora.quant_type and double_quant reach bitsandbytes, in training's model and in the 4-bit base
+    the merge dequantizes: the metrics name the format that was set, so the layers must hold that format."""
+    import bitsandbytes as bnb
+
+    from lorasweep.adapters import load_base
+    from lorasweep.train import load_model
+
+    for quant_type, double in (("fp4", True), ("nf4", False)):
+        cfg = tiny_config()
+        cfg["methods"]["qlora"].update(quant_type=quant_type, double_quant=double)
+        spec = run_spec(cfg, "qlora-r8")
+        for model in (load_model(spec, "cpu", "fp32"), load_base(spec, quantized=True)):
+            states = [m.weight.quant_state for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+            assert len(states) == 12
+            assert {s.quant_type for s in states} == {quant_type} and {s.nested for s in states} == {double}
+
+
 def test_token_counts_on_hand_built_batches():
     batch = {
         "input_ids": torch.tensor([[5, 6, 7, 0, 0], [8, 9, 10, 11, 12]]),
@@ -532,3 +550,43 @@ def test_a_failed_memory_prediction_costs_the_run_nothing(tiny_config, tiny_data
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["eval_loss"] == m["eval_loss"]
     assert m["memory_model_error_pct"] is None and "predicted_peak_bytes" not in m
     assert m["peak_rss_bytes"] > 0
+
+
+def test_evaluation_time_is_left_out_of_the_training_time(tiny_config, tiny_data, tmp_path, monkeypatch):
+    """Evaluations during training (here slowed by 0.3 s each, as a larger model's would take seconds) are timed
+    apart: eval_time_during_train_s is their logged runtime, and training time is the wall minus it. The
+    untrained model's evaluation comes before training's clock starts."""
+    import time
+
+    from lorasweep import train as T
+
+    real, pause = T.per_example_losses, 0.3
+
+    def slowed(trainer):
+        time.sleep(pause)
+        return real(trainer)
+
+    monkeypatch.setattr(T, "per_example_losses", slowed)
+    m, out = _train(tiny_config, tiny_data, tmp_path, "lora-r8", max_steps=4, evals=4, logging_steps=1)
+    history = [json.loads(line) for line in (out / "log_history.jsonl").read_text().splitlines()]
+    during = [h["eval_runtime"] for h in history if "eval_runtime" in h and h["step"] > 0]
+    assert len(during) == 4 and all(r >= pause for r in during)
+    assert m["eval_time_during_train_s"] == pytest.approx(sum(during))
+    assert m["checkpoint_time_s"] == 0
+    assert m["train_wall_s"] - m["train_runtime_s"] == pytest.approx(sum(during), abs=0.02)
+    assert 0 < m["train_runtime_s"] < m["train_wall_s"] - 4 * pause
+
+
+def test_gradient_accumulation_learns_what_the_whole_batch_learns(tiny_config, tiny_data, tmp_path):
+    """What an out-of-memory retry trains: batch 8 as 4 x accumulation 2 is the same optimisation (the loss
+    normalised by the tokens of the whole effective batch, not per micro-batch), to rounding."""
+    whole, out_whole = _train(tiny_config, tiny_data, tmp_path / "whole", "full", max_steps=6, evals=1,
+                              logging_steps=1)
+    split, out_split = _train(tiny_config, tiny_data, tmp_path / "split", "full", max_steps=6, evals=1,
+                              logging_steps=1, batch_size=4, grad_accum=2)
+    assert (split["train_samples"], split["train_tokens_labelled"]) == (whole["train_samples"],
+                                                                        whole["train_tokens_labelled"])
+    logged = [[h["loss"] for h in map(json.loads, (o / "log_history.jsonl").read_text().splitlines()) if "loss" in h]
+              for o in (out_whole, out_split)]
+    assert len(logged[0]) == 6 and logged[1] == pytest.approx(logged[0], rel=1e-4, abs=1e-4)
+    assert split["eval_loss"] == pytest.approx(whole["eval_loss"], abs=1e-4)
