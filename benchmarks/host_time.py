@@ -89,6 +89,35 @@ def bare_loop(model_path: Path, train_jsonl: Path, batches: list, run: str, step
             "phases_ms_per_step": {k: 1e3 * v / steps for k, v in phases.items()}}
 
 
+def walk_costs(model_path: Path, train_jsonl: Path, run: str, seed: int, repeats: int = 50) -> dict:
+    """ms a call of what the Trainer does to the whole model every step, on the run's model (PEFT's LoRA layers
+    add modules): ``model.train()``, ``model.zero_grad()``, listing ``model.parameters()`` (clipping) and
+    counting them (``num_parameters(exclude_embeddings=True)``, for ``total_flos``). Each is a walk over every
+    module; lorasweep's step skips the last two (``lorasweep.train.SKIP_MODULE_WALKS``)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lorasweep.config import run_spec
+    from lorasweep.speed import single_run_config
+    from lorasweep.train import attach_lora
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    if run != "full":
+        spec = run_spec(single_run_config(str(model_path), train_jsonl, run, lr=1e-3, device="cpu", seed=seed), run)
+        model = attach_lora(model, spec)
+    model.train()
+    calls = {"train": model.train, "zero_grad": model.zero_grad, "list_parameters": lambda: list(model.parameters()),
+             "num_parameters": lambda: model.num_parameters(exclude_embeddings=True)}
+    out = {"modules": sum(1 for _ in model.modules()), "parameter_tensors": sum(1 for _ in model.parameters())}
+    for name, call in calls.items():
+        call()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            call()
+        out[f"{name}_ms"] = 1e3 * (time.perf_counter() - t0) / repeats
+    return out
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="CodeAlpaca-format .json/.jsonl/.parquet")
@@ -147,6 +176,7 @@ def main(argv=None) -> dict:
            "lorasweep_ms_per_step": mine, "bare_ms_per_step": bare, "bare_phases_ms_per_step": phases,
            "lorasweep_ms_per_step_each": ours, "bare_ms_per_step_each": [b["ms_per_step"] for b in bares],
            "tokens": {"lorasweep": m["train_tokens_nonpad"], "bare": bares[0]["tokens"]}}
+    out["walk_costs"] = walk_costs(model, train, a.run, a.seed)
     if walking:
         out.update(trainer_walks_ms_per_step=statistics.median(walking), trainer_walks_ms_per_step_each=walking,
                    walks_saved_ms_per_step_each=[w - o for w, o in zip(walking, ours)])
@@ -155,6 +185,10 @@ def main(argv=None) -> dict:
     print(f"  lorasweep's step : {mine:7.1f} ms")
     print(f"  bare loop        : {bare:7.1f} ms  (" + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()) + ")")
     print(f"  added by the Trainer, TRL's loss and lorasweep: {mine - bare:+.1f} ms a step")
+    w = out["walk_costs"]
+    print(f"  the Trainer's walks over the model ({w['modules']} modules), ms a call: " + ", ".join(
+        f"{k.removesuffix('_ms')} {v:.2f}" for k, v in w.items() if k.endswith("_ms"))
+        + " (lorasweep skips the last two)")
     if walking:
         print(f"  lorasweep's step with the Trainer's walks over every module: {out['trainer_walks_ms_per_step']:7.1f} ms"
               f" (paired, each repeat: " + ", ".join(f"{d:+.1f}" for d in out["walks_saved_ms_per_step_each"]) + " ms)")
