@@ -235,6 +235,12 @@ def test_rerunning_one_rank_retrains_only_that_run(tiny_sweep):
                    "dataset:\n  split: validation\n")
     planned = run_snakemake("-n", *args, ops, workdir=workdir).stdout
     assert re.findall(r"^rule (\w+):", planned, re.M) == ["report", "all"], planned[-3000:]
+    # a setting of one method retrains that method's runs, every seed, and nothing else
+    lr = workdir / "lr.yaml"
+    lr.write_text("methods:\n  lora:\n    learning_rate: 0.00123\n")
+    planned = run_snakemake("-n", *args, lr, workdir=workdir).stdout
+    trained = sorted(re.findall(r"^rule train:\n(?:.*\n)*?\s+wildcards: run=([\w-]+), seed=(\d+)", planned, re.M))
+    assert trained == [("lora-r128", "0"), ("lora-r128", "1"), ("lora-r8", "0"), ("lora-r8", "1")], planned[-3000:]
     metrics = {(r, s): (workdir / "results" / "runs" / r / f"seed{s}" / "metrics.json")
                for r in ("full", "lora-r8", "lora-r128") for s in (0, 1)}
     before = {k: p.stat().st_mtime_ns for k, p in metrics.items()}
