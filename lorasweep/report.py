@@ -168,7 +168,8 @@ def commit_text(per_seed: pd.DataFrame) -> str:
             + ", ".join(f"`{str(c)[:10]}` ({', '.join(f'`{r}`' for r in rs)})" for c, rs in runs.items()))
     if list(runs.index) == ["unknown"]:
         return "workflow commit unknown (not trained from a git checkout)"
-    dirty = per_seed["git_dirty"].astype(str).eq("True") if "git_dirty" in per_seed else per_seed["run"].isna()
+    dirty = (per_seed["git_dirty"].astype(str).eq("True") if "git_dirty" in per_seed
+             else pd.Series(False, index=per_seed.index))
     if dirty.all():
         return text + " with uncommitted changes"
     if dirty.any():

@@ -384,7 +384,7 @@ def _trainer_class():
         def floating_point_ops(self, inputs):
             """The Trainer's estimate for ``total_flos`` (6 x input positions x parameters without embeddings) with
             the parameters counted once: the Trainer counts them every step, a walk over every module (host time
-            the GPU waits for: ~5 ms a step for a LoRA model of opt-350m's depth on a slow core); their number
+            the GPU waits for: ~3 ms a step for a LoRA model of opt-350m's depth on a slow core); their number
             does not change while training."""
             main = getattr(self.model, "main_input_name", "input_ids")
             if not SKIP_MODULE_WALKS or main not in inputs or not hasattr(self.model, "num_parameters"):
