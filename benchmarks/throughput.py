@@ -179,6 +179,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--warmup-steps", type=int, default=None, metavar="N",
+                    help="an untimed run of N steps of the first recipe before the timed ones, so that the process's "
+                         "first steps on the device (CUDA context, cuBLAS, kernel loading) are billed to no recipe; "
+                         "default 10 on CUDA, 0 on the CPU. Repeats also alternate the recipes' order")
     ap.add_argument("--recipes", default=",".join(RECIPES),
                     help="comma-separated subset of plain, plain-nockpt (checkpointing off), lorasweep")
     ap.add_argument("--training", action="append", default=[], metavar="KEY=VALUE",
@@ -244,9 +248,17 @@ def main(argv=None) -> dict:
                                                 **(OPT_350M_SHAPE if a.shape == "opt-350m" else {})))
     common = dict(run=a.run, steps=a.steps, batch=a.batch, lr=a.lr, max_length=a.max_length, device=a.device,
                   seed=a.seed)
+    warmup = a.warmup_steps if a.warmup_steps is not None else (10 if a.device == "cuda" else 0)
+    if warmup > 0:
+        name, fn = next(iter(recipes.items()))
+        t0 = time.perf_counter()
+        fn(model, train, evals, work / "warmup", **{**common, "steps": warmup})
+        _release_memory()
+        print(f"warm-up: {warmup} untimed steps of {name} in {time.perf_counter() - t0:.1f} s", flush=True)
     results = {k: [] for k in recipes}
     for i in range(a.repeats):  # interleaved, so a slow phase of the machine hits every recipe
-        for name, fn in recipes.items():  # repeat i trains with seed + i: another order and dropout, same split
+        order = list(recipes.items())  # and each recipe first as often as the others (odd repeats reversed)
+        for name, fn in (order[::-1] if i % 2 else order):  # repeat i trains with seed + i: same split
             extra = {}
             if a.profile and name == "lorasweep" and i == 0:
                 extra["callbacks"] = [speed.step_profiler(a.profile, first, n_prof)]
@@ -265,7 +277,7 @@ def main(argv=None) -> dict:
     ev = {k: statistics.mean(r["eval_loss"] for r in v) for k, v in results.items()}
     summary_out = {"run": a.run, "steps": a.steps, "batch": a.batch, "max_length": a.max_length, "device": a.device,
                    "model": a.model or f"random OPT, {a.shape} shape (built on the data)", "data": a.data,
-                   "repeats": a.repeats, "hardware": hardware_label(hardware(a.device)), "median_tokens_per_s": med,
+                   "repeats": a.repeats, "warmup_steps": warmup, "hardware": hardware_label(hardware(a.device)), "median_tokens_per_s": med,
                    "lorasweep_training": overrides.get("training", {}), "lorasweep_lora": overrides.get("lora", {}),
                    "mean_eval_loss": ev, "tokens_per_run": {k: [r["tokens"] for r in v] for k, v in results.items()},
                    "runs": results}

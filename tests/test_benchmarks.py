@@ -34,6 +34,7 @@ def test_throughput_benchmark_compares_both_recipes_on_the_same_tokens(tiny_data
     assert "speed-up of lorasweep over the plain recipe" in stdout
     assert set(r["peak_rss_gib"]) == set(r["median_tokens_per_s"]) and min(r["peak_rss_gib"].values()) > 0.1
     assert "peak_cuda_gib" not in r and "mfu" not in r  # CUDA-only figures are absent on the CPU, never 0
+    assert r["warmup_steps"] == 0 and "warm-up" not in stdout  # no warm-up run on the CPU unless asked
 
 
 def test_throughput_benchmark_passes_training_and_lora_settings_to_lorasweeps_recipe(tiny_data, tmp_path):
@@ -42,8 +43,11 @@ def test_throughput_benchmark_passes_training_and_lora_settings_to_lorasweeps_re
 
     r, stdout = _run("throughput.py", tmp_path, "--data", tiny_data["source"], "--steps", 6, "--repeats", 1,
                      "--max-length", 128, "--recipes", "lorasweep", "--training", "pad_to_multiple_of=64",
-                     "--training", "logging_steps=1", "--run", "lora-r4", "--lora", "dropout=0")
+                     "--training", "logging_steps=1", "--run", "lora-r4", "--lora", "dropout=0", "--warmup-steps", 2)
     assert r["lorasweep_training"] == {"pad_to_multiple_of": 64, "logging_steps": 1}
+    # an untimed warm-up run before the timed one (on CUDA by default: the first steps there load the kernels)
+    assert r["warmup_steps"] == 2 and "warm-up: 2 untimed steps of lorasweep" in stdout
+    assert len(r["runs"]["lorasweep"]) == 1
     assert r["lorasweep_lora"] == {"dropout": 0}
     run = r["runs"]["lorasweep"][0]
     assert run["tokens_padded"] % (64 * 8) == 0 and run["steady_tokens_per_s"] > 0
