@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pandas as pd
 
 from .config import is_plain, parse_run
@@ -93,6 +94,8 @@ def by_run(df: pd.DataFrame) -> pd.DataFrame:
     strict = [c for c in STRICT_MEAN if c in numeric]
     if strict:
         mean[strict] = mean[strict].mask(g[strict].agg(lambda s: s.isna().any()).astype(bool))
+    if {"eval_perplexity", "eval_loss"} <= set(numeric):  # the perplexity of the loss shown beside it, exp(mean),
+        mean["eval_perplexity"] = np.exp(mean["eval_loss"])  # not the mean of the seeds' perplexities
     seeds = g["seed"].apply(lambda s: ",".join(str(int(v)) for v in s)).rename("seeds")
     # one concat, not a column at a time (pandas warns of a fragmented frame on wide metrics tables)
     out = pd.concat([*([g[other].first()] if other else []), mean, sd, g.size().rename("n_seeds"),

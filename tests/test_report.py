@@ -526,3 +526,15 @@ def test_the_quantization_finding_reads_qlora_against_lora_in_that_direction():
     loss = line.split("; eval loss ")[1]
     assert loss.startswith(f"{m.loc['lora-r8', 'eval_loss']:.4f} → {m.loc['qlora-r8', 'eval_loss']:.4f}"), loss
     assert "(Δ +0.5000 ± " in loss and "a real difference" in loss, loss
+
+
+def test_the_perplexity_of_several_seeds_is_that_of_their_mean_loss():
+    """The tables show mean eval loss and perplexity side by side: exp(mean loss), not the mean of exp."""
+    import math
+
+    df = pd.DataFrame({"run": ["full", "full", "lora-r8", "lora-r8"], "seed": [0, 1, 0, 1],
+                       "eval_loss": [1.0, 3.0, 2.0, float("nan")]})
+    df["eval_perplexity"] = df["eval_loss"].map(math.exp)
+    m = F.by_run(df).set_index("run")
+    assert m.loc["full", "eval_perplexity"] == pytest.approx(math.exp(2.0))  # not (e + e^3) / 2 = 11.4
+    assert math.isnan(m.loc["lora-r8", "eval_perplexity"])  # a NaN seed leaves the run's loss NaN, and this
