@@ -128,16 +128,24 @@ def _name_diverged(legend, diverged: list[str]) -> None:
             text.set_text(f"{text.get_text()} (diverged: loss not finite)")
 
 
+MEMORY_LABELS = {"peak_cuda_allocated_bytes": "peak CUDA allocated",
+                 "peak_rss_above_start_bytes": "peak RSS above the process before its model loaded",
+                 "peak_rss_bytes": "peak RSS"}
+
+
 def _tradeoff_figure(df, runs, pal, plt, sns, diverged=()):
     """Eval loss against peak memory and against runtime, one point per run; lower-left is better."""
-    parts = memory_parts(df)
+    from .findings import memory_measure
+
+    # the memory the findings compare (on the CPU without the ~0.5 GiB runtime every run holds alike, which
+    # in a total squeezes the runs' differences into a few pixels)
+    mem = memory_measure(df)[0]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    data = df.assign(peak_gib=parts["peak"] / 2**30)
-    peak_sd = f"{parts['peak'].name}_sd"
-    if peak_sd in data:
-        data["peak_gib_sd"] = data[peak_sd] / 2**30
+    data = df.assign(peak_gib=df[mem] / 2**30)
+    if f"{mem}_sd" in data:
+        data["peak_gib_sd"] = data[f"{mem}_sd"] / 2**30
     base = df.loc[~df["run"].str.startswith("qlora"), "base_eval_loss"]
-    for ax, x, xlabel in [(axes[0], "peak_gib", f"{parts['measured_label']} (GiB)"),
+    for ax, x, xlabel in [(axes[0], "peak_gib", f"{MEMORY_LABELS[mem]} (GiB)"),
                           (axes[1], "train_runtime_s", "train runtime, evals and checkpoints excluded (s)")]:
         if "eval_loss_sd" in data and data["eval_loss_sd"].notna().any():  # replicates: ± one sd both ways
             for _, r in data.iterrows():

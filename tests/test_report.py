@@ -538,3 +538,26 @@ def test_the_perplexity_of_several_seeds_is_that_of_their_mean_loss():
     m = F.by_run(df).set_index("run")
     assert m.loc["full", "eval_perplexity"] == pytest.approx(math.exp(2.0))  # not (e + e^3) / 2 = 11.4
     assert math.isnan(m.loc["lora-r8", "eval_perplexity"])  # a NaN seed leaves the run's loss NaN, and this
+
+
+def test_the_tradeoff_figure_plots_the_memory_the_findings_compare():
+    """On the CPU: the peak above the process before its model loaded (the findings' measure), not the total
+    with the runtime every run holds alike."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    from lorasweep.plots import _tradeoff_figure, run_palette
+
+    per_seed = _fixture()[0]
+    df = F.by_run(per_seed.assign(rss_before_load_bytes=per_seed["peak_rss_bytes"].min() * 0.8))
+    mem = F.memory_measure(df)[0]
+    assert mem == "peak_rss_above_start_bytes"
+    runs = list(df["run"])
+    fig = _tradeoff_figure(df, runs, run_palette(runs), plt, sns)
+    ax = fig.axes[0]
+    xs = sorted(x for c in ax.collections for x, _ in c.get_offsets())
+    assert xs == pytest.approx(sorted(df[mem] / 2**30)) and "above the process" in ax.get_xlabel()
+    plt.close(fig)
