@@ -150,7 +150,7 @@ def main(argv=None) -> dict:
     batches = grouped_batches(model, train, a.batch, a.max_length, a.seed)
     import lorasweep.train as lt
 
-    def lorasweep_ms(name: str, skip_walks: bool) -> float:
+    def lorasweep_ms(name: str, skip_walks: bool) -> tuple[float, dict]:
         lt.SKIP_MODULE_WALKS = skip_walks
         try:
             m = speed.train_single_run(str(model), train, evals, work / name, a.run, lr=1e-3, device="cpu",
@@ -190,8 +190,8 @@ def main(argv=None) -> dict:
         f"{k.removesuffix('_ms')} {v:.2f}" for k, v in w.items() if k.endswith("_ms"))
         + " (lorasweep skips the last two)")
     if walking:
-        print(f"  lorasweep's step with the Trainer's walks over every module: {out['trainer_walks_ms_per_step']:7.1f} ms"
-              f" (paired, each repeat: " + ", ".join(f"{d:+.1f}" for d in out["walks_saved_ms_per_step_each"]) + " ms)")
+        print(f"  lorasweep's step with the Trainer's walks over every module: "
+              f"{out['trainer_walks_ms_per_step']:7.1f} ms (paired, each repeat: " + ", ".join(f"{d:+.1f}" for d in out["walks_saved_ms_per_step_each"]) + " ms)")
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=2) + "\n")
     return out

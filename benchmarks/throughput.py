@@ -277,7 +277,8 @@ def main(argv=None) -> dict:
     ev = {k: statistics.mean(r["eval_loss"] for r in v) for k, v in results.items()}
     summary_out = {"run": a.run, "steps": a.steps, "batch": a.batch, "max_length": a.max_length, "device": a.device,
                    "model": a.model or f"random OPT, {a.shape} shape (built on the data)", "data": a.data,
-                   "repeats": a.repeats, "warmup_steps": warmup, "hardware": hardware_label(hardware(a.device)), "median_tokens_per_s": med,
+                   "repeats": a.repeats, "warmup_steps": warmup, "hardware": hardware_label(hardware(a.device)),
+                   "median_tokens_per_s": med,
                    "lorasweep_training": overrides.get("training", {}), "lorasweep_lora": overrides.get("lora", {}),
                    "mean_eval_loss": ev, "tokens_per_run": {k: [r["tokens"] for r in v] for k, v in results.items()},
                    "runs": results}

@@ -359,7 +359,8 @@ def adapters_section(verify_jsons=(), switch_json=None, samples_json=None) -> st
                                                 sw["unload_restores_base_exactly"] else "**not** the original."), ""]
     if samples_json and Path(samples_json).is_file():
         samples = json.loads(Path(samples_json).read_text())
-        out += (["### Samples", ""] if adapters else []) + ["Greedy completions of held-out instructions (first 48 new tokens):", ""]
+        out += (["### Samples", ""] if adapters else []) + [
+            "Greedy completions of held-out instructions (first 48 new tokens):", ""]
         for i, s in enumerate(samples, 1):
             out += [f"**{i}. {s['instruction'].strip()}**" + (f" — input: `{s['input'].strip()}`" if s["input"] else ""),
                     "", "| model | completion |", "|:--|:--|",

@@ -735,8 +735,8 @@ def rebase_peaks(peaks: dict, then: dict | None, now: dict) -> dict:
     for k, v in peaks.items():
         kind = k.removeprefix("eval_").removeprefix("peak_").removesuffix("_bytes")
         b = base.get(kind)
-        out[k] = v - then[b] + now[b] if b and v is not None and then.get(b) is not None \
-            and now.get(b) is not None else v
+        known = b is not None and None not in (v, then.get(b), now.get(b))
+        out[k] = v - then[b] + now[b] if known else v
     return out
 
 
