@@ -93,7 +93,7 @@ def walk_costs(model_path: Path, train_jsonl: Path, run: str, seed: int, repeats
     """ms a call of what the Trainer does to the whole model every step, on the run's model (PEFT's LoRA layers
     add modules): ``model.train()``, ``model.zero_grad()``, listing ``model.parameters()`` (clipping) and
     counting them (``num_parameters(exclude_embeddings=True)``, for ``total_flos``). Each is a walk over every
-    module; lorasweep's step skips the last two (``lorasweep.train.SKIP_MODULE_WALKS``)."""
+    module; lorasweep's step skips the last two (``lorasweep.trainer.SKIP_MODULE_WALKS``)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -130,7 +130,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--trainer-walks", action="store_true",
                     help="also time lorasweep's step with the Trainer's own per-step walks over every module "
-                         "(lorasweep.train.SKIP_MODULE_WALKS off: parameters counted for total_flos, listed for "
+                         "(lorasweep.trainer.SKIP_MODULE_WALKS off: parameters counted for total_flos, listed for "
                          "clipping), interleaved with the others")
     ap.add_argument("--json", help="write the results here")
     a = ap.parse_args(argv)
@@ -148,7 +148,7 @@ def main(argv=None) -> dict:
     model = build_tiny_model_from_jsonl(train, work / "narrow", num_layers=a.layers, **NARROW)
 
     batches = grouped_batches(model, train, a.batch, a.max_length, a.seed)
-    import lorasweep.train as lt
+    import lorasweep.trainer as lt
 
     def lorasweep_ms(name: str, skip_walks: bool) -> tuple[float, dict]:
         lt.SKIP_MODULE_WALKS = skip_walks

@@ -40,7 +40,7 @@ from lorasweep.data import prepare, read_jsonl
 from lorasweep.logs import console_progress
 from lorasweep.memory import PeakMemory
 from lorasweep.provenance import hardware, hardware_label
-from lorasweep.train import per_example_losses, token_weighted
+from lorasweep.scoring import per_example_losses, token_weighted
 
 
 

@@ -98,7 +98,7 @@ def score(model, batch) -> dict:
     """Logits (for comparisons) and the token-weighted loss on the response tokens."""
     import torch
 
-    from .train import response_nll
+    from .scoring import response_nll
 
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()

@@ -1,13 +1,14 @@
 """One training run (full fine-tuning, LoRA or QLoRA) with TRL's SFTTrainer, measured honestly.
 
-The recipe, top to bottom: resolve device and precision; load tokenizer and model (4-bit for QLoRA);
-attach the LoRA adapter; build the SFTTrainer on prompt/completion data (loss on the response only);
-evaluate the untrained model; reset the memory baseline; train; evaluate; save; write metrics last.
+The recipe, top to bottom (``train_run``): resolve device and precision; load tokenizer and model (4-bit for
+QLoRA); attach the LoRA adapter; build the SFTTrainer on prompt/completion data (loss on the response only,
+``sft_config``); evaluate the untrained model; reset the memory baseline; train; evaluate; save; write metrics
+last. The trainer and its callback are in ``lorasweep.trainer``, the eval measure in ``lorasweep.scoring``,
+checkpoint and out-of-memory bookkeeping in ``lorasweep.resume``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -21,6 +22,9 @@ from .config import ConfigError
 from . import memory_model, speed
 from .memory import PeakMemory, rss_bytes
 from .provenance import MachineShare, git_state, hardware, hardware_label, package_versions
+from .resume import (OOM_FILE, atomic_write_json, batch_after_oom, find_resumable, logged_loss_sum,
+                     rebase_peaks, record_oom, resume_key)
+from .scoring import perplexity, token_weighted
 
 log = logging.getLogger("lorasweep.train")
 
@@ -224,596 +228,6 @@ def use_regional_compilation(trainer) -> None:
     plugin.use_regional_compilation = True
 
 
-class TokenCounts:
-    """Tokens fed to training, batch by batch: all positions fed (``tokens_padded``), non-padding positions
-    (``tokens_nonpad``: attention-mask ones; without a mask, as in padding-free batches, every position),
-    positions with a label (``tokens_labelled``), examples (``samples``) and the longest batch (``max_seq_len``).
-
-    Counting never makes the host wait for the device: what the batch's shape gives is added at once, the
-    sums over masks and labels stay on the batch's device and are read (one wait, for all batches since the
-    last read) only when :meth:`read` is called, at logging steps, checkpoints and the end. Reading them
-    every step would stall a GPU's queue once per step.
-    """
-
-    KEYS = ("tokens_padded", "tokens_nonpad", "tokens_labelled", "samples", "max_seq_len")
-
-    def __init__(self, start: dict | None = None):
-        self._totals = {k: 0 for k in self.KEYS}
-        self._totals.update({k: int(v) for k, v in (start or {}).items() if k in self.KEYS})
-        self._pending = None  # on the device: [non-padding, labelled] since the last read
-
-    def add(self, batch: dict) -> None:
-        import torch
-
-        ids = batch["input_ids"]
-        fed = ids.numel()
-        self._totals["tokens_padded"] += fed
-        self._totals["samples"] += ids.shape[0]
-        self._totals["max_seq_len"] = max(self._totals["max_seq_len"], ids.shape[-1])
-        mask, labels = batch.get("attention_mask"), batch.get("labels")
-        real = mask.sum() if mask is not None and mask.dim() == 2 else ids.new_full((), fed)
-        labelled = (labels != -100).sum() if labels is not None else real
-        step = torch.stack([real.to(torch.int64), labelled.to(torch.int64)])
-        self._pending = step if self._pending is None else self._pending + step
-
-    def read(self) -> dict:
-        """The counts so far, as ints."""
-        if self._pending is not None:
-            real, labelled = self._pending.tolist()
-            self._pending = None
-            self._totals["tokens_nonpad"] += real
-            self._totals["tokens_labelled"] += labelled
-        return dict(self._totals)
-
-
-def without_padding_mask(batch: dict) -> dict:
-    """A right-padded training batch for a causal LM without its attention mask, with the positions it implied
-    (0, 1, 2, ... in every row) given instead.
-
-    For the real tokens nothing changes: causal attention already keeps every token from all positions after
-    it, right padding included, and their positions are 0..n-1 either way; the padding positions compute
-    values no label reads (a test checks the losses are the same). What it saves: transformers reads the mask
-    back from the device twice a step to see whether there is padding, and where there is, builds a 4-D mask
-    that keeps SDPA off its causal kernels. TRL's loss needs either a mask or positions."""
-    import torch
-
-    ids = batch["input_ids"]
-    out = {k: v for k, v in batch.items() if k != "attention_mask"}
-    out["position_ids"] = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
-    return out
-
-
-def feeds_right_padded_batches(trainer) -> bool:
-    """Whether the trainer's batches are right-padded (TRL's language-modelling collator, not padding-free) for
-    a model that takes positions: then training can leave the attention mask out (:func:`without_padding_mask`)."""
-    import inspect
-
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-
-    collator = trainer.data_collator
-    model = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
-    return (type(collator) is DataCollatorForLanguageModeling and not collator.padding_free
-            and "position_ids" in inspect.signature(model.forward).parameters)
-
-
-# lorasweep's training step keeps TRL's per-step metrics on the device (MeasuredSFTTrainer.compute_loss); False
-# gives TRL's own compute_loss (the tests compare the two)
-DEFER_LOSS_METRICS = True
-# the Trainer's per-step bookkeeping without its walks over every module (MeasuredSFTTrainer.floating_point_ops,
-# _clip_grad_norm); False gives the Trainer's own (the tests compare the two)
-SKIP_MODULE_WALKS = True
-
-
-def _trainer_class():
-    import torch
-    from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
-    from trl import SFTTrainer
-
-    class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
-        """transformers' length-grouped sampler draws its order from the global RNG, so a run resumed from a
-        checkpoint mid-epoch replays a different order than the one it was interrupted in. Seeding each
-        epoch's order with (seed, epoch) makes it the same whether the run was interrupted or not."""
-
-        def __init__(self, *args, seed: int, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.seed, self.epoch = seed, 0
-
-        def set_epoch(self, epoch: int) -> None:
-            self.epoch = int(epoch)
-
-        def __iter__(self):
-            g = torch.Generator()
-            g.manual_seed(self.seed * 100_003 + self.epoch)
-            return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=g))
-
-    class MeasuredSFTTrainer(SFTTrainer):
-        """SFTTrainer that counts the tokens of every training batch it actually feeds."""
-
-        last_eval_examples: list[dict] | None = None  # per-example losses of the latest evaluate()
-        memory: PeakMemory | None = None  # evaluations are left out of its training peaks
-        checkpoint_time_s = 0.0  # writing checkpoints (training.checkpoint_steps): not training, so not timed as it
-
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.token_counts = TokenCounts()  # train_run replaces it with one that holds a resumed run's counts
-            self.pending_metrics: dict[str, list] = {}  # TRL's per-step metrics not yet read (compute_loss)
-            self.drop_padding_mask = feeds_right_padded_batches(self)
-
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            limit = os.environ.get("LORASWEEP_SIMULATE_OOM_ABOVE_BATCH")
-            if limit and inputs["input_ids"].shape[0] > int(limit):  # tests: CUDA's error, raised where CUDA would
-                import torch
-
-                raise torch.OutOfMemoryError(f"simulated: CUDA out of memory (batch {inputs['input_ids'].shape[0]} "
-                                             f"> LORASWEEP_SIMULATE_OOM_ABOVE_BATCH={limit})")
-            self.token_counts.add(inputs)  # reads the mask (on the device) before it goes
-            if self.drop_padding_mask and "attention_mask" in inputs:
-                inputs = without_padding_mask(inputs)
-            return super().training_step(model, inputs, num_items_in_batch)
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            """TRL's loss for a training step, with its per-step metrics (entropy, token accuracy) kept on the
-            device until the next training log. TRL reads them back after every forward pass (three ``.item()``
-            and two ``if tensor:``) and copies its token count to the GPU with a blocking copy: six waits
-            for the GPU a step (benchmarks/results/h200-2026-11-26b.md). The loss
-            and the logged values are the same (a test compares them with TRL's own path). Anything but TRL's
-            plain NLL path on one process (a loss function or label smoothing, another loss type, a router
-            loss, a batch with its mask, evaluation) is TRL's own."""
-            if (not DEFER_LOSS_METRICS or not model.training or return_outputs or "attention_mask" in inputs
-                    or "position_ids" not in inputs or self.compute_loss_func is not None
-                    or self.label_smoother is not None or self.args.loss_type != "nll" or self.aux_loss_enabled
-                    or self.accelerator.num_processes != 1):
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            import torch
-
-            inputs["use_cache"] = False
-            outputs = model(**inputs, fused_lm_head=True)  # as TRL's compute_loss, trl 1.16.0
-            num_tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
-            loss = (-outputs.log_probs).sum() / torch.as_tensor(num_tokens).clamp(min=1)
-            with torch.no_grad():
-                valid = outputs.label_mask.sum()
-                zero = torch.zeros((), device=valid.device)
-                self.pending_metrics.setdefault("entropy", []).append(
-                    torch.where(valid > 0, outputs.entropy.detach().sum() / valid, zero))
-                self.pending_metrics.setdefault("mean_token_accuracy", []).append(
-                    torch.where(valid > 0, outputs.is_top1.sum() / valid, zero))
-            self._total_train_tokens += inputs["position_ids"].size(1) // self._tp_size  # TRL's count, no read
-            self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
-            return loss
-
-        def floating_point_ops(self, inputs):
-            """The Trainer's estimate for ``total_flos`` (6 x input positions x parameters without embeddings) with
-            the parameters counted once: the Trainer counts them every step, a walk over every module (host time
-            the GPU waits for: ~3 ms a step for a LoRA model of opt-350m's depth on a slow core); their number
-            does not change while training."""
-            main = getattr(self.model, "main_input_name", "input_ids")
-            if not SKIP_MODULE_WALKS or main not in inputs or not hasattr(self.model, "num_parameters"):
-                return super().floating_point_ops(inputs)
-            if getattr(self, "_flops_params", (None,))[0] is not self.model:
-                self._flops_params = (self.model, self.model.num_parameters(exclude_embeddings=True))
-            return 6 * inputs[main].numel() * self._flops_params[1]
-
-        def _clip_grad_norm(self, model):
-            """The Trainer's clipping (accelerate's ``clip_grad_norm_``) over the trainable parameters, listed
-            once, on one device: frozen weights have no gradient, so the norm and the clipping are the same, but
-            the Trainer lists ``model.parameters()`` every step, a walk over every module (LoRA: 994 modules of a
-            24-layer OPT for 144 trainable tensors)."""
-            from accelerate.utils import DistributedType
-
-            if (not SKIP_MODULE_WALKS or self.accelerator.distributed_type != DistributedType.NO
-                    or self._has_mixed_mesh_grads(model)):
-                return super()._clip_grad_norm(model)
-            if getattr(self, "_trainable", (None,))[0] is not model:
-                self._trainable = (model, [p for p in model.parameters() if p.requires_grad])
-            return self.accelerator.clip_grad_norm_(self._trainable[1], self.args.max_grad_norm)
-
-        def log(self, logs, start_time=None):
-            if self.pending_metrics and self.model.training:  # one read per metric at a training log
-                import torch
-
-                for key, values in self.pending_metrics.items():
-                    self._metrics["train"][key].extend(torch.stack(values).tolist())
-                self.pending_metrics = {}
-            super().log(logs, start_time)
-
-        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
-            """One pass over the eval split scored per response token (every token counts once, whatever its
-            batch): the measure of the metrics and of the paired intervals, so the loss curves end where the
-            tables say. The Trainer's own figure, a mean of per-batch means that moves with the eval batch
-            size, is kept as ``<prefix>_loss_batch_mean``."""
-            if eval_dataset is not None:
-                return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-            import torch
-
-            self._wait_for_device()
-            start = time.perf_counter()
-            try:
-                with self.memory.excluded() if self.memory else contextlib.nullcontext():
-                    examples = per_example_losses(self)
-            except torch.OutOfMemoryError as e:  # not the training batch's doing: halving it would not help
-                raise EvalOOM(
-                    f"out of memory while evaluating at step {self.state.global_step} (per-device eval batch "
-                    f"{self.args.per_device_eval_batch_size}{', beside the optimizer state' if self.state.global_step else ''}): "
-                    f"lower training.eval_batch_size. ({str(e).splitlines()[0] if str(e) else 'CUDA'})") from e
-            runtime = time.perf_counter() - start
-            size = self.args.per_device_eval_batch_size
-            batches = [examples[i:i + size] for i in range(0, len(examples), size)]
-            metrics = {f"{metric_key_prefix}_loss": token_weighted(examples),
-                       f"{metric_key_prefix}_loss_batch_mean":
-                           sum(len(b) * token_weighted(b) for b in batches) / max(1, len(examples)),
-                       f"{metric_key_prefix}_runtime": runtime,
-                       f"{metric_key_prefix}_samples": len(examples)}
-            self.last_eval_examples = examples
-            # Trainer.log (-> Recorder.on_log -> log_history.jsonl), not SFTTrainer.log: that one would move
-            # the training metrics TRL has gathered since the last training log into this record
-            super(SFTTrainer, self).log(metrics)
-            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
-            return metrics
-
-        def _wait_for_device(self):
-            """Let the training kernels still queued on the GPU finish before an evaluation or a checkpoint
-            starts its clock: they are training's time, not that stretch's."""
-            import torch
-
-            if self.args.device.type == "cuda":
-                torch.cuda.synchronize(self.args.device)
-
-        def _save_checkpoint(self, model, trial):
-            self._wait_for_device()
-            start = time.perf_counter()
-            try:
-                super()._save_checkpoint(model, trial)
-            finally:
-                self.checkpoint_time_s += time.perf_counter() - start
-
-        def _get_eval_sampler(self, eval_dataset):
-            # Longest first, ties in split order: the same order in every run (transformers would length-group
-            # the eval set in an order drawn from the global RNG), little padding, and an eval batch too large
-            # for the device fails in the untrained model's evaluation, not after training. per_example_losses
-            # puts the results back in eval-split order, which the paired intervals rely on.
-            if eval_dataset is None:
-                return None
-            lengths = [len(ids) for ids in eval_dataset["input_ids"]]
-            return sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-
-        def _get_train_sampler(self, train_dataset=None):
-            sampler = super()._get_train_sampler(train_dataset)
-            if type(sampler) is LengthGroupedSampler:
-                sampler = EpochSeededLengthGroupedSampler(sampler.batch_size, lengths=sampler.lengths,
-                                                          seed=self.args.data_seed or self.args.seed)
-            return sampler
-
-    return MeasuredSFTTrainer
-
-
-def _callback_class():
-    from transformers import TrainerCallback
-
-    class Recorder(TrainerCallback):
-        """Writes every log record to log_history.jsonl as it happens, prints progress, times training."""
-
-        PEERS_EVERY_S = 10.0  # how often step ends ask how many other jobs share the GPU
-
-        def __init__(self, history_path: Path, counts: TokenCounts, memory: PeakMemory, resume: dict | None = None,
-                     gpu_peers=None, trainer=None, machine: MachineShare | None = None):
-            self.history_path = history_path
-            self.trainer = trainer  # its checkpoint_time_s: the Trainer's own checkpoint writing
-            self.machine = machine  # saved with each checkpoint, so that a resumed run's share covers all of it
-            self.state_save_s = 0.0  # this callback's part of checkpointing (lorasweep_state.json)
-            self.min_save_interval_s = 0.0  # training.checkpoint_min_interval_s
-            self.last_save = None  # when the last checkpoint (or training) began
-            self.gpu_peers = gpu_peers  # GpuSlot.peers: other training jobs on this job's GPU, or None
-            self.peers_max = (resume or {}).get("gpu_jobs_beside_max")
-            self._peers_at = None
-            self.counts = counts
-            self.memory = memory
-            self.t_begin = self.t_end = None
-            self.mem_samples: list[dict] = []
-            self.eval_time_s = 0.0  # evaluation inside this segment of training
-            self.prior = resume or {}  # what earlier segments (before a crash) measured
-            self.extra_state: dict = {}
-            self.warned_diverged = False
-
-        def sample_peers(self, force: bool = False) -> None:
-            now = time.monotonic()
-            if self.gpu_peers is None or (not force and self._peers_at and now - self._peers_at < self.PEERS_EVERY_S):
-                return
-            self._peers_at = now
-            n = self.gpu_peers()
-            if n is not None:
-                self.peers_max = max(n, self.peers_max or 0)
-
-        def elapsed(self) -> float:
-            return self.prior.get("elapsed_s", 0.0) + (time.perf_counter() - self.t_begin if self.t_begin else 0.0)
-
-        @property
-        def checkpoint_time_s(self) -> float:
-            """Time this segment spent writing checkpoints (the Trainer's files and lorasweep's state)."""
-            return (self.trainer.checkpoint_time_s if self.trainer is not None else 0.0) + self.state_save_s
-
-        def on_save(self, args, state, control, **kw):
-            """Beside each Trainer checkpoint, what resuming from it needs to keep the metrics whole."""
-            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if not ckpt.is_dir():
-                return
-            start = self.last_save = time.perf_counter()
-            seg_train = start - self.t_begin - self.eval_time_s - self.checkpoint_time_s
-            mem = self.memory.read(keep_running=True)
-            prior_peaks = self.prior.get("peaks", {})  # earlier segments' (their evaluations' too)
-            history = [json.loads(line) for line in self.history_path.read_text().splitlines() if line.strip()]
-            _atomic_write_json(ckpt / STATE_FILE, {
-                **self.extra_state, "step": state.global_step, "counts": self.counts.read(),
-                "train_time_s": self.prior.get("train_time_s", 0.0) + seg_train,
-                "eval_time_s": self.prior.get("eval_time_s", 0.0) + self.eval_time_s,
-                "checkpoint_time_s": self.prior.get("checkpoint_time_s", 0.0) + self.checkpoint_time_s,
-                # the training loss summed over steps 1..step (every checkpoint step is a logging step)
-                "train_loss_sum": logged_loss_sum(history, state.global_step),
-                "machine": self.machine.totals() if self.machine else None,
-                "elapsed_s": self.elapsed(), "segments": self.prior.get("segments", 0) + 1,
-                "gpu_jobs_beside_max": self.peers_max,
-                "peaks": {k: max(mem.get(k) or 0, prior_peaks.get(k) or 0) for k in {*mem, *prior_peaks}
-                          if k.startswith(("peak_", "eval_peak_")) and k != "peak_rss_method"},
-                # the footprint these peaks sit on: a resumed process has its own (see rebase_peaks)
-                "baseline": {k: v for k, v in mem.items() if k.endswith("_at_load_bytes")},
-                "history": history,
-            })
-            # now complete: the ones before it have served (the Trainer's own rotation, save_total_limit,
-            # would delete them before this state is written, leaving no complete checkpoint for a moment)
-            for old in ckpt.parent.glob("checkpoint-*"):
-                if old != ckpt and old.is_dir():
-                    shutil.rmtree(old, ignore_errors=True)
-            self.state_save_s += time.perf_counter() - start
-            log.info("checkpoint at step %d saved (%s)", state.global_step, ckpt)
-
-        def write(self, record: dict) -> None:
-            with self.history_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-
-        def on_train_begin(self, args, state, control, **kw):
-            self.t_begin = self.last_save = time.perf_counter()
-            self.sample_peers(force=True)
-
-        def on_step_end(self, args, state, control, **kw):
-            self.mem_samples.append(self.memory.current())
-            self.sample_peers()
-            if state.global_step >= state.max_steps:
-                # no checkpoint of the finished run (the Trainer writes one at the end): resuming from it would
-                # train one step more, and the trained model is saved anyway; a crash after training resumes
-                # from the last periodic checkpoint instead
-                control.should_save = False
-            elif control.should_save and time.perf_counter() - self.last_save < self.min_save_interval_s:
-                control.should_save = False  # too soon after the last one (training.checkpoint_min_interval_s)
-            elif control.should_save:
-                control.should_log = True  # so that the logged losses cover every step up to the checkpoint
-
-        def on_train_end(self, args, state, control, **kw):
-            self.t_end = time.perf_counter()
-            self.sample_peers(force=True)
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            logs = dict(logs or {})
-            if "eval_runtime" in logs and self.t_begin:
-                self.eval_time_s += logs["eval_runtime"]
-            counts = self.counts.read()  # the one wait for the device's token sums since the last log
-            if "num_tokens" in logs:  # TRL's count: positions per row when a batch comes without its mask
-                logs["num_tokens"] = counts["tokens_nonpad"]
-            record = {"step": state.global_step, "epoch": state.epoch, **logs,
-                      "tokens_nonpad_seen": counts["tokens_nonpad"],
-                      "tokens_padded_seen": counts["tokens_padded"],
-                      "elapsed_s": self.elapsed()}
-            self.write(record)
-            if "loss" in logs and not _finite_log(logs) and not self.warned_diverged:
-                self.warned_diverged = True
-                log.warning("training loss %s, gradient norm %s at step %d: the run has diverged (learning rate %s "
-                            "too high for this model?); it trains on and its metrics are written as measured",
-                            logs["loss"], logs.get("grad_norm"), state.global_step, args.learning_rate)
-            if "loss" in logs:
-                log.info("step %d/%d  epoch %.2f  loss %.4f  lr %.2e", state.global_step, state.max_steps,
-                         state.epoch or 0, logs["loss"], logs.get("learning_rate", float("nan")))
-            elif "eval_loss" in logs:
-                log.info("step %d/%d  eval_loss %.4f  (%.1fs)", state.global_step, state.max_steps,
-                         logs["eval_loss"], logs.get("eval_runtime", 0))
-
-    return Recorder
-
-
-def response_nll(logits, labels):
-    """Next-token loss summed over each sequence's labelled (response) tokens, and their count.
-
-    One sequence at a time: an fp32 copy of a whole batch's logits (and cross-entropy's log-softmax of
-    it) would be 2 x 16 x 512 x 50,272 x 4 bytes = 3.3 GB for opt-350m at the default eval batch, more
-    than training itself needs."""
-    import torch
-    import torch.nn.functional as F
-
-    labels = labels[:, 1:]
-    mask = labels != -100
-    nll = torch.stack([F.cross_entropy(logits[i, :-1].float(), labels[i], ignore_index=-100, reduction="sum")
-                       for i in range(logits.shape[0])])
-    return nll, mask.sum(1)
-
-
-def logged_loss_sum(history: list[dict], step: int) -> float | None:
-    """The training loss summed over steps 1..``step`` from the logged records (each the mean over the steps
-    since the one before); None when the last one logged is not at ``step``."""
-    total, prev = 0.0, 0
-    for h in history:
-        if "loss" in h and h["step"] <= step:
-            total += h["loss"] * (h["step"] - prev)
-            prev = h["step"]
-    return total if prev == step else None
-
-
-def _finite_log(record: dict) -> bool:
-    """A training log record whose loss and gradient norm (when logged) are finite numbers."""
-    return all(math.isfinite(record[k]) for k in ("loss", "grad_norm") if record.get(k) is not None)
-
-
-def perplexity(loss: float) -> float:
-    """exp(loss); infinite where that overflows a float (a diverged run's loss), NaN for NaN."""
-    try:
-        return math.exp(loss)
-    except OverflowError:
-        return math.inf
-
-
-def token_weighted(examples: list[dict]) -> float:
-    """Mean loss per response token over the eval split: every token counts once, whatever its batch."""
-    return sum(e["loss_sum"] for e in examples) / max(1, sum(e["tokens"] for e in examples))
-
-
-def per_example_losses(trainer) -> list[dict]:
-    """Loss summed over each eval example's response tokens, and their count, in eval-split order.
-
-    The report uses these for paired comparisons between runs (every run is scored on the same
-    examples), so a difference in eval loss comes with a confidence interval instead of a guess.
-    """
-    import torch
-
-    model = trainer.model
-    was_training = model.training
-    model.eval()
-    # the order the eval dataloader visits the examples in (lorasweep's: longest first; a plain Trainer's:
-    # split order), so that every result lands at its example's place in the split
-    sampler = trainer._get_eval_sampler(trainer.eval_dataset)
-    if sampler is not None and not isinstance(sampler, (list, torch.utils.data.SequentialSampler)):
-        raise TypeError(f"per-example losses need a fixed eval order, not a {type(sampler).__name__}")
-    order = list(sampler if sampler is not None else range(len(trainer.eval_dataset)))
-    out: list[dict | None] = [None] * len(order)
-    seen = 0
-    # The precision training computes in, for every evaluation: accelerate wraps the model's forward in
-    # autocast only once training starts, so without this the untrained model was scored in fp32 and every
-    # later evaluation in bf16 (~1e-3 apart per example on the tiny model).
-    half = torch.bfloat16 if trainer.args.bf16 else torch.float16 if trainer.args.fp16 else None
-    device_type = next(model.parameters()).device.type
-    # The random state is put back afterwards: a dataloader draws its seed from the global generator, so
-    # without this every evaluation would move the dropout masks of the training that follows, and how
-    # often a run evaluates (training.evals) would change what it learns.
-    devices = [torch.cuda.current_device()] if device_type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.no_grad(), \
-            torch.autocast(device_type, dtype=half, enabled=half is not None):
-        for batch in trainer.get_eval_dataloader():
-            batch = trainer._prepare_inputs(batch)
-            labels = batch["labels"]
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
-            sums, counts = response_nll(logits, labels)
-            for s, n in zip(sums.tolist(), counts.tolist()):
-                out[order[seen]] = {"loss_sum": s, "tokens": int(n)}
-                seen += 1
-    model.train(was_training)
-    if seen != len(order):
-        raise RuntimeError(f"evaluation scored {seen} of {len(order)} eval examples")
-    return out
-
-
-STATE_FILE = "lorasweep_state.json"
-OOM_FILE = "oom.json"
-
-
-class TrainingOOM(RuntimeError):
-    """Out of memory; the next attempt (Snakemake `retries`) halves the per-device batch."""
-
-
-def resume_key(spec: dict, training: dict) -> str:
-    """Checkpoints are resumed only by the same run with the same settings (batch included)."""
-    import hashlib
-
-    return hashlib.sha256(json.dumps({"spec": spec, "training": training}, sort_keys=True, default=str)
-                          .encode()).hexdigest()[:16]
-
-
-def rebase_peaks(peaks: dict, then: dict | None, now: dict) -> dict:
-    """An earlier segment's peaks moved onto this segment's footprint at load: each is what that segment added
-    over its own footprint (``then``, its ``*_at_load_bytes``) plus this one's (``now``). A resumed process
-    starts afresh, with its own runtime baseline; the raw peak of another process would mix the two and the
-    run's ``peak - at_load`` figures would count the difference. Without a recorded baseline, unchanged."""
-    if not then:
-        return dict(peaks)
-    base = {"rss": "rss_at_load_bytes", "cuda_allocated": "cuda_allocated_at_load_bytes",
-            "cuda_reserved": "cuda_reserved_at_load_bytes"}
-    out = {}
-    for k, v in peaks.items():
-        kind = k.removeprefix("eval_").removeprefix("peak_").removesuffix("_bytes")
-        b = base.get(kind)
-        known = b is not None and None not in (v, then.get(b), now.get(b))
-        out[k] = v - then[b] + now[b] if known else v
-    return out
-
-
-def find_resumable(ckpt_root: Path, key: str) -> tuple[Path | None, dict | None]:
-    """The newest complete checkpoint (lorasweep's state beside the Trainer's files) and that state, when it
-    was written with the same settings. A newer checkpoint a crash left half-written is deleted and the
-    complete one before it used; checkpoints of other settings are all deleted."""
-    if not ckpt_root.is_dir():
-        return None, None
-    found = sorted((int(p.name.split("-")[1]), p) for p in ckpt_root.glob("checkpoint-*")
-                   if p.is_dir() and p.name.split("-")[1].isdigit())
-    for _, ckpt in reversed(found):
-        state = _read_json(ckpt / STATE_FILE)
-        if state is None:  # the Trainer's files without lorasweep's state: a crash while it was written
-            log.info("discarding %s: written only in part (a crash while it was saved)", ckpt)
-            shutil.rmtree(ckpt)
-            continue
-        if state.get("key") != key:
-            log.info("discarding checkpoints in %s: written with other settings or data", ckpt_root)
-            shutil.rmtree(ckpt_root)
-            return None, None
-        return ckpt, state
-    return None, None
-
-
-def halve_batch(training: dict, halvings: int) -> dict | None:
-    """``training`` with its per-device batch cut ``halvings`` times by about half and gradient accumulation
-    raised to keep the effective batch exactly: the batch becomes the largest divisor of ``batch_size`` at
-    most ``batch_size / 2**halvings`` (8 -> 4 -> 2 -> 1; 6 -> 3 -> 1). None when that is below 1."""
-    b = training["batch_size"]
-    limit = b // 2**halvings
-    if limit < 1:
-        return None
-    new = max(d for d in range(1, limit + 1) if b % d == 0)
-    return {**training, "batch_size": new, "grad_accum": training["grad_accum"] * (b // new)}
-
-
-def batch_after_oom(out_dir: Path, training: dict, key: str | None = None) -> tuple[dict, int]:
-    """The settings for this attempt after the out-of-memory attempts recorded in ``oom.json`` (each halves
-    the per-device batch, effective batch kept), and their number. A record made with other settings or
-    data (``key``, the un-halved settings') is stale: deleted, and the configured batch used."""
-    path = out_dir / OOM_FILE
-    record = _read_json(path) if path.exists() else None
-    if record is not None and key is not None and record.get("key") != key:
-        log.info("an earlier out-of-memory record (%s) is for other settings or data: ignored", path)
-        path.unlink(missing_ok=True)
-        record = None
-    halvings = int((record or {}).get("halvings") or 0)
-    if not halvings:
-        return training, 0
-    halved = halve_batch(training, halvings)
-    if halved is None:
-        raise TrainingOOM(f"out of memory even at per-device batch 1 (after {halvings} halvings of "
-                          f"training.batch_size = {training['batch_size']}): reduce training.max_length, enable "
-                          "training.gradient_checkpointing, or use a GPU with more memory (delete "
-                          f"{path} to try the configured batch again)")
-    return halved, halvings
-
-
-def record_oom(out_dir: Path, training: dict, halvings: int, error: Exception, key: str | None = None) -> TrainingOOM:
-    """Record an out-of-memory attempt; ``training``: the configured (un-halved) settings, ``halvings``:
-    this attempt's. The error says what the next attempt (Snakemake's retry) trains with."""
-    first = str(error).splitlines()[0] if str(error) else type(error).__name__
-    now = halve_batch(training, halvings) or training
-    nxt = halve_batch(training, halvings + 1)
-    _atomic_write_json(out_dir / OOM_FILE, {"halvings": halvings + 1, "last_error": first, "key": key,
-                                           "failed_batch_size": now["batch_size"]})
-    return TrainingOOM(f"out of memory at per-device batch {now['batch_size']} x accumulation {now['grad_accum']}. "
-                       + (f"The next attempt (Snakemake retries the job) trains with batch {nxt['batch_size']} x "
-                          f"accumulation {nxt['grad_accum']}, the same effective batch" if nxt
-                          else "Batch 1 cannot be halved") + f". ({first})")
-
-
-class EvalOOM(RuntimeError):
-    """Out of memory in an evaluation: its batch (``training.eval_batch_size``), not the training batch."""
-
-
 def total_steps(n_train: int, training: dict) -> int:
     if training["max_steps"] > 0:
         return training["max_steps"]
@@ -825,34 +239,55 @@ def dir_bytes(path: Path, pattern: str = "*.safetensors") -> int:
     return sum(p.stat().st_size for p in Path(path).glob(pattern))
 
 
-def _atomic_write_json(path: Path, obj: dict) -> None:
-    """Write ``path`` whole or not at all, also across a power loss: the bytes reach the disk before the
-    rename, and the rename before this returns."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps(obj, indent=2, default=str) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:  # a folder that cannot be opened (some platforms): the rename stands as it is
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def sft_config(spec: dict, training: dict, out_dir: Path, device: str, precision: str, steps: int,
+               eval_steps: int):
+    """TRL's SFTConfig for one run: every setting that decides what is learned comes from the run's spec and
+    ``training``; the others keep the step free of waits for the device (see README, Speed)."""
+    from trl import SFTConfig
 
-
-def _read_json(path: Path) -> dict | None:
-    """A JSON file's object; None when it is missing, empty or cut short (a crash while it was written)."""
-    try:
-        obj = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return obj if isinstance(obj, dict) else None
+    return SFTConfig(
+        output_dir=str(out_dir / "checkpoints"),
+        max_steps=steps,
+        learning_rate=spec["learning_rate"],
+        per_device_train_batch_size=training["batch_size"],
+        per_device_eval_batch_size=training["eval_batch_size"],
+        gradient_accumulation_steps=training["grad_accum"],
+        lr_scheduler_type=training["lr_scheduler"],
+        warmup_steps=training["warmup_ratio"],
+        weight_decay=training["weight_decay"],
+        logging_steps=min(training["logging_steps"], eval_steps),
+        eval_strategy="steps",
+        eval_steps=eval_steps,
+        save_strategy="steps" if training["checkpoint_steps"] else "no",
+        save_steps=training["checkpoint_steps"] or None,
+        save_total_limit=None,  # the Recorder deletes older checkpoints once the newest is complete
+        report_to="none",
+        disable_tqdm=True,
+        seed=spec["seed"],
+        data_seed=spec["seed"],
+        use_cpu=device == "cpu",
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        max_length=training["max_length"],
+        completion_only_loss=True,
+        packing=False,
+        # TRL's SFTConfig turns activation checkpointing and bf16 ON by default; both are explicit here.
+        activation_checkpointing=training["gradient_checkpointing"],
+        train_sampling_strategy="group_by_length" if training["group_by_length"] else "random",
+        # lorasweep counts the tokens itself (TokenCounts) without waiting for the device each step; the Trainer's
+        # count and its NaN/inf filter on the logged loss would each read a value back from the GPU every step.
+        # Unfiltered, a diverging run logs its NaN loss instead of hiding it in an average.
+        include_num_input_tokens_seen="no",
+        logging_nan_inf_filter=False,
+        dataset_num_proc=None,
+        pad_to_multiple_of=training.get("pad_to_multiple_of"),
+        # On CUDA each batch goes to the GPU as an asynchronous copy from pinned memory (the Trainer pins it
+        # by default). A blocking copy, the default, waits for the GPU to finish all the work queued before
+        # it, the last step's included: profiled on an H200 that was 3 waits a step (one per batch tensor),
+        # each leaving the GPU idle while the host then queues the next step's first kernels.
+        accelerator_config={"non_blocking": True} if device == "cuda" else None,
+        **compile_args(training.get("torch_compile", False)),
+    )
 
 
 def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir: str | Path,
@@ -876,7 +311,8 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
 
     import torch
     from transformers import set_seed
-    from trl import SFTConfig
+
+    from .trainer import MeasuredSFTTrainer, Recorder, TokenCounts, finite_log
 
     if device == "cuda":  # see config.schema.yaml: cuDNN attention re-plans for every new batch shape
         torch.backends.cuda.enable_cudnn_sdp(bool(training.get("cudnn_attention", False)))
@@ -923,52 +359,10 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
 
     steps = total_steps(len(train_ds), training)
     eval_steps = max(1, math.ceil(steps / training["evals"]))  # `evals` evaluations, the last at the end
-    args = SFTConfig(
-        output_dir=str(out_dir / "checkpoints"),
-        max_steps=steps,
-        learning_rate=spec["learning_rate"],
-        per_device_train_batch_size=training["batch_size"],
-        per_device_eval_batch_size=training["eval_batch_size"],
-        gradient_accumulation_steps=training["grad_accum"],
-        lr_scheduler_type=training["lr_scheduler"],
-        warmup_steps=training["warmup_ratio"],
-        weight_decay=training["weight_decay"],
-        logging_steps=min(training["logging_steps"], eval_steps),
-        eval_strategy="steps",
-        eval_steps=eval_steps,
-        save_strategy="steps" if training["checkpoint_steps"] else "no",
-        save_steps=training["checkpoint_steps"] or None,
-        save_total_limit=None,  # the Recorder deletes older checkpoints once the newest is complete
-        report_to="none",
-        disable_tqdm=True,
-        seed=spec["seed"],
-        data_seed=spec["seed"],
-        use_cpu=device == "cpu",
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
-        max_length=training["max_length"],
-        completion_only_loss=True,
-        packing=False,
-        # TRL's SFTConfig turns activation checkpointing and bf16 ON by default; both are explicit here.
-        activation_checkpointing=training["gradient_checkpointing"],
-        train_sampling_strategy="group_by_length" if training["group_by_length"] else "random",
-        # lorasweep counts the tokens itself (TokenCounts) without waiting for the device each step; the Trainer's
-        # count and its NaN/inf filter on the logged loss would each read a value back from the GPU every step.
-        # Unfiltered, a diverging run logs its NaN loss instead of hiding it in an average.
-        include_num_input_tokens_seen="no",
-        logging_nan_inf_filter=False,
-        dataset_num_proc=None,
-        pad_to_multiple_of=training.get("pad_to_multiple_of"),
-        # On CUDA each batch goes to the GPU as an asynchronous copy from pinned memory (the Trainer pins it
-        # by default). A blocking copy, the default, waits for the GPU to finish all the work queued before
-        # it, the last step's included: profiled on an H200 that was 3 waits a step (one per batch tensor),
-        # each leaving the GPU idle while the host then queues the next step's first kernels.
-        accelerator_config={"non_blocking": True} if device == "cuda" else None,
-        **compile_args(training.get("torch_compile", False)),
-    )
+    args = sft_config(spec, training, out_dir, device, precision, steps, eval_steps)
     t_prep = time.perf_counter()
-    trainer = _trainer_class()(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                               processing_class=tokenizer)
+    trainer = MeasuredSFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                                 processing_class=tokenizer)
     data_prep_s = time.perf_counter() - t_prep
     if training.get("torch_compile_regional"):
         use_regional_compilation(trainer)
@@ -1001,7 +395,7 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
     counts = trainer.token_counts = TokenCounts((resumed or {}).get("counts"))
     memory = trainer.memory = PeakMemory(device)
     machine = MachineShare((resumed or {}).get("machine"))
-    recorder = _callback_class()(out_dir / "log_history.jsonl", counts, memory, resumed, gpu_peers=gpu_peers,
+    recorder = Recorder(out_dir / "log_history.jsonl", counts, memory, resumed, gpu_peers=gpu_peers,
                                  trainer=trainer, machine=machine)
     recorder.min_save_interval_s = float(training.get("checkpoint_min_interval_s") or 0)
     trainer.add_callback(recorder)
@@ -1071,7 +465,7 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
     losses = [h["loss"] for h in history if "loss" in h]
     final_examples = trainer.last_eval_examples  # the final evaluation's, of the trained model
     eval_loss = token_weighted(final_examples)
-    _atomic_write_json(out_dir / "eval_losses.json", {
+    atomic_write_json(out_dir / "eval_losses.json", {
         "what": "per eval example (eval-split order): response-token loss sum and token count",
         "base": base_examples, "final": final_examples})
 
@@ -1127,7 +521,7 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         "train_loss_last": losses[-1] if losses else None,
         # training logs (every logging_steps) whose loss or gradient norm was not finite: a diverged run
         "train_logs": len(losses),
-        "train_nonfinite_logs": sum(1 for h in history if "loss" in h and not _finite_log(h)),
+        "train_nonfinite_logs": sum(1 for h in history if "loss" in h and not finite_log(h)),
         # eval loss per response token of the eval split (token-weighted, as the paired comparisons); the
         # Trainer's way, a mean of per-batch means, depends on the eval batch size: kept beside it
         "eval_loss": eval_loss,
@@ -1192,7 +586,7 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
                        "train_examples": n_train, "eval_examples": n_eval, **dropped},
         "meta_info": {"packages": versions, **git, "hardware": hw},
     }
-    _atomic_write_json(out_dir / "metrics.json", metrics)
+    atomic_write_json(out_dir / "metrics.json", metrics)
     (out_dir / OOM_FILE).unlink(missing_ok=True)
     if not training["keep_checkpoints"] and (out_dir / "checkpoints").is_dir():
         shutil.rmtree(out_dir / "checkpoints")  # the finished model is saved; checkpoints only serve a resume

@@ -13,8 +13,8 @@ import yaml
 
 from conftest import REPO, run_snakemake, snakemake_cmd
 from lorasweep.config import run_spec
-from lorasweep.train import (ModelLoadError, TrainingOOM, batch_after_oom, halve_batch, load_model, record_oom,
-                             train_run)
+from lorasweep.resume import TrainingOOM, batch_after_oom, find_resumable, halve_batch, record_oom
+from lorasweep.train import ModelLoadError, load_model, train_run
 
 TINY = REPO / "config" / "tiny.yaml"
 
@@ -180,7 +180,6 @@ def test_a_checkpoint_is_not_resumed_on_other_data_and_a_cut_short_state_file_is
     """Snakemake retrains a run whose prepared data changed: a checkpoint of the old data must not be
     resumed (its losses would pair the old split's with the new). A state file a power loss left empty is
     an incomplete checkpoint, not a crash of every rerun."""
-    from lorasweep import train as T
     from lorasweep.config import operational
 
     cfg = tiny_config(max_steps=8, checkpoint_steps=4, checkpoint_min_interval_s=0, logging_steps=2, evals=1)
@@ -197,7 +196,7 @@ def test_a_checkpoint_is_not_resumed_on_other_data_and_a_cut_short_state_file_is
     copy = tmp_path / "copy"
     (copy / "checkpoints" / "checkpoint-4").mkdir(parents=True)
     (copy / "checkpoints" / "checkpoint-4" / "lorasweep_state.json").write_text("")
-    assert T.find_resumable(copy / "checkpoints", "any") == (None, None)
+    assert find_resumable(copy / "checkpoints", "any") == (None, None)
     assert not (copy / "checkpoints" / "checkpoint-4").exists()
 
 

@@ -54,7 +54,8 @@ def test_a_right_padded_batch_without_its_mask_gives_every_example_the_same_loss
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lorasweep.config import run_spec
-    from lorasweep.train import attach_lora, without_padding_mask
+    from lorasweep.train import attach_lora
+    from lorasweep.trainer import without_padding_mask
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=attn)
@@ -95,10 +96,11 @@ def test_evaluation_runs_longest_first_and_keeps_every_result_in_split_order(tin
     from datasets import Dataset
 
     from lorasweep.config import run_spec
-    from lorasweep.train import _trainer_class, train_run
+    from lorasweep.train import train_run
+    from lorasweep.trainer import MeasuredSFTTrainer
 
     tokenized = Dataset.from_dict({"input_ids": [[1] * n for n in (3, 7, 5, 7, 1)]})
-    assert _trainer_class()._get_eval_sampler(None, tokenized) == [1, 3, 2, 0, 4]  # longest first, ties in order
+    assert MeasuredSFTTrainer._get_eval_sampler(None, tokenized) == [1, 3, 2, 0, 4]  # longest first, ties in order
 
     cfg = tiny_config(max_steps=1, eval_batch_size=16)
     train_run(run_spec(cfg, "full"), tiny_data["train"], tiny_data["eval"], tmp_path, threads=2)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from lorasweep.config import run_spec
-from lorasweep.train import NoGPUError, TokenCounts, resolve_device, train_run
+from lorasweep.train import NoGPUError, resolve_device, train_run
+from lorasweep.trainer import TokenCounts
 
 
 def _train(tiny_config, tiny_data, tmp_path, run, **training):
@@ -161,7 +162,7 @@ def test_the_training_step_reads_no_tensor_values_and_logs_what_trls_own_step_lo
     ``total_flos`` as lorasweep's shortcuts, which count the parameters once."""
     from transformers import PreTrainedModel, TrainerCallback
 
-    import lorasweep.train as lt
+    import lorasweep.trainer as lt
     from lorasweep.speed import HostReads
 
     class Flos(TrainerCallback):
@@ -284,6 +285,24 @@ def test_token_counts_over_one_epoch_equal_the_tokenized_dataset(tiny_config, ti
     assert m["padding_share_pct"] == pytest.approx(100 * (1 - sum(lengths) / m["train_tokens_padded"]))
 
 
+def test_length_grouping_reaches_the_batches_training_feeds(tiny_config, tiny_data, tmp_path):
+    """training.group_by_length (on by default) is what the Trainer's sampler does: an epoch of grouped batches
+    carries a fraction of the padding of random ones, and a training seed other than the split's reorders them
+    (a full fine-tuning run has no other source of randomness)."""
+    from lorasweep.data import read_jsonl
+
+    epoch = math.ceil(len(read_jsonl(tiny_data["train"])) / 8)
+    grouped, _ = _train(tiny_config, tiny_data, tmp_path / "grouped", "full", max_steps=epoch, evals=1)
+    shuffled, _ = _train(tiny_config, tiny_data, tmp_path / "random", "full", max_steps=epoch, evals=1,
+                         group_by_length=False)
+    assert grouped["train_tokens_nonpad"] == shuffled["train_tokens_nonpad"]  # the same examples, once each
+    assert grouped["padding_share_pct"] < 0.5 * shuffled["padding_share_pct"]
+    spec = run_spec(tiny_config(max_steps=epoch, evals=1), "full", seed=1)  # the split stays seed 0's
+    other_seed = train_run(spec, tiny_data["train"], tiny_data["eval"], tmp_path / "seed1", threads=2)
+    assert other_seed["train_tokens_nonpad"] == grouped["train_tokens_nonpad"]
+    assert other_seed["train_loss"] != grouped["train_loss"]
+
+
 def test_examples_whose_prompt_fills_max_length_are_counted_out_of_the_epoch_and_the_eval(
         tiny_config, tiny_data, tiny_model, tmp_path, caplog):
     """TRL drops an example whose prompt alone fills max_length (no response token left): an epoch is then
@@ -337,14 +356,15 @@ def test_every_evaluation_computes_in_the_training_precision(tiny_model, tiny_da
     from trl import SFTConfig
 
     from lorasweep.data import load_splits
-    from lorasweep.train import _trainer_class, per_example_losses
+    from lorasweep.scoring import per_example_losses
+    from lorasweep.trainer import MeasuredSFTTrainer
 
     train, evals = load_splits(tiny_data["train"], tiny_data["eval"])
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     args = SFTConfig(output_dir=str(tmp_path), max_steps=1, learning_rate=0.0, use_cpu=True, bf16=True,
                      report_to="none", per_device_train_batch_size=2, max_length=128, save_strategy="no")
-    trainer = _trainer_class()(model=model, args=args, train_dataset=train, eval_dataset=evals,
-                               processing_class=AutoTokenizer.from_pretrained(tiny_model))
+    trainer = MeasuredSFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=evals,
+                                 processing_class=AutoTokenizer.from_pretrained(tiny_model))
     before = per_example_losses(trainer)
     trainer.train()
     after = per_example_losses(trainer)
@@ -558,15 +578,15 @@ def test_evaluation_time_is_left_out_of_the_training_time(tiny_config, tiny_data
     untrained model's evaluation comes before training's clock starts."""
     import time
 
-    from lorasweep import train as T
+    from lorasweep import scoring
 
-    real, pause = T.per_example_losses, 0.3
+    real, pause = scoring.per_example_losses, 0.3
 
     def slowed(trainer):
         time.sleep(pause)
         return real(trainer)
 
-    monkeypatch.setattr(T, "per_example_losses", slowed)
+    monkeypatch.setattr(scoring, "per_example_losses", slowed)
     m, out = _train(tiny_config, tiny_data, tmp_path, "lora-r8", max_steps=4, evals=4, logging_steps=1)
     history = [json.loads(line) for line in (out / "log_history.jsonl").read_text().splitlines()]
     during = [h["eval_runtime"] for h in history if "eval_runtime" in h and h["step"] > 0]

@@ -1,0 +1,162 @@
+"""What a run leaves behind to survive a crash or an out-of-memory kill, and how the next attempt reads it.
+
+Checkpoints carry lorasweep's state beside the Trainer's files (``STATE_FILE``: token counts, time spent,
+memory peaks, the log history) so that a resumed run's metrics cover every segment; ``OOM_FILE`` records
+out-of-memory attempts so that Snakemake's retry trains with half the per-device batch (effective batch kept).
+Both are keyed by the run's settings and data: nothing carries over into a run that computes something else.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+log = logging.getLogger("lorasweep.train")
+
+
+STATE_FILE = "lorasweep_state.json"
+OOM_FILE = "oom.json"
+
+
+class TrainingOOM(RuntimeError):
+    """Out of memory; the next attempt (Snakemake `retries`) halves the per-device batch."""
+
+
+def resume_key(spec: dict, training: dict) -> str:
+    """Checkpoints are resumed only by the same run with the same settings (batch included)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps({"spec": spec, "training": training}, sort_keys=True, default=str)
+                          .encode()).hexdigest()[:16]
+
+
+def rebase_peaks(peaks: dict, then: dict | None, now: dict) -> dict:
+    """An earlier segment's peaks moved onto this segment's footprint at load: each is what that segment added
+    over its own footprint (``then``, its ``*_at_load_bytes``) plus this one's (``now``). A resumed process
+    starts afresh, with its own runtime baseline; the raw peak of another process would mix the two and the
+    run's ``peak - at_load`` figures would count the difference. Without a recorded baseline, unchanged."""
+    if not then:
+        return dict(peaks)
+    base = {"rss": "rss_at_load_bytes", "cuda_allocated": "cuda_allocated_at_load_bytes",
+            "cuda_reserved": "cuda_reserved_at_load_bytes"}
+    out = {}
+    for k, v in peaks.items():
+        kind = k.removeprefix("eval_").removeprefix("peak_").removesuffix("_bytes")
+        b = base.get(kind)
+        known = b is not None and None not in (v, then.get(b), now.get(b))
+        out[k] = v - then[b] + now[b] if known else v
+    return out
+
+
+def find_resumable(ckpt_root: Path, key: str) -> tuple[Path | None, dict | None]:
+    """The newest complete checkpoint (lorasweep's state beside the Trainer's files) and that state, when it
+    was written with the same settings. A newer checkpoint a crash left half-written is deleted and the
+    complete one before it used; checkpoints of other settings are all deleted."""
+    if not ckpt_root.is_dir():
+        return None, None
+    found = sorted((int(p.name.split("-")[1]), p) for p in ckpt_root.glob("checkpoint-*")
+                   if p.is_dir() and p.name.split("-")[1].isdigit())
+    for _, ckpt in reversed(found):
+        state = read_json(ckpt / STATE_FILE)
+        if state is None:  # the Trainer's files without lorasweep's state: a crash while it was written
+            log.info("discarding %s: written only in part (a crash while it was saved)", ckpt)
+            shutil.rmtree(ckpt)
+            continue
+        if state.get("key") != key:
+            log.info("discarding checkpoints in %s: written with other settings or data", ckpt_root)
+            shutil.rmtree(ckpt_root)
+            return None, None
+        return ckpt, state
+    return None, None
+
+
+def halve_batch(training: dict, halvings: int) -> dict | None:
+    """``training`` with its per-device batch cut ``halvings`` times by about half and gradient accumulation
+    raised to keep the effective batch exactly: the batch becomes the largest divisor of ``batch_size`` at
+    most ``batch_size / 2**halvings`` (8 -> 4 -> 2 -> 1; 6 -> 3 -> 1). None when that is below 1."""
+    b = training["batch_size"]
+    limit = b // 2**halvings
+    if limit < 1:
+        return None
+    new = max(d for d in range(1, limit + 1) if b % d == 0)
+    return {**training, "batch_size": new, "grad_accum": training["grad_accum"] * (b // new)}
+
+
+def batch_after_oom(out_dir: Path, training: dict, key: str | None = None) -> tuple[dict, int]:
+    """The settings for this attempt after the out-of-memory attempts recorded in ``oom.json`` (each halves
+    the per-device batch, effective batch kept), and their number. A record made with other settings or
+    data (``key``, the un-halved settings') is stale: deleted, and the configured batch used."""
+    path = out_dir / OOM_FILE
+    record = read_json(path) if path.exists() else None
+    if record is not None and key is not None and record.get("key") != key:
+        log.info("an earlier out-of-memory record (%s) is for other settings or data: ignored", path)
+        path.unlink(missing_ok=True)
+        record = None
+    halvings = int((record or {}).get("halvings") or 0)
+    if not halvings:
+        return training, 0
+    halved = halve_batch(training, halvings)
+    if halved is None:
+        raise TrainingOOM(f"out of memory even at per-device batch 1 (after {halvings} halvings of "
+                          f"training.batch_size = {training['batch_size']}): reduce training.max_length, enable "
+                          "training.gradient_checkpointing, or use a GPU with more memory (delete "
+                          f"{path} to try the configured batch again)")
+    return halved, halvings
+
+
+def record_oom(out_dir: Path, training: dict, halvings: int, error: Exception, key: str | None = None) -> TrainingOOM:
+    """Record an out-of-memory attempt; ``training``: the configured (un-halved) settings, ``halvings``:
+    this attempt's. The error says what the next attempt (Snakemake's retry) trains with."""
+    first = str(error).splitlines()[0] if str(error) else type(error).__name__
+    now = halve_batch(training, halvings) or training
+    nxt = halve_batch(training, halvings + 1)
+    atomic_write_json(out_dir / OOM_FILE, {"halvings": halvings + 1, "last_error": first, "key": key,
+                                           "failed_batch_size": now["batch_size"]})
+    return TrainingOOM(f"out of memory at per-device batch {now['batch_size']} x accumulation {now['grad_accum']}. "
+                       + (f"The next attempt (Snakemake retries the job) trains with batch {nxt['batch_size']} x "
+                          f"accumulation {nxt['grad_accum']}, the same effective batch" if nxt
+                          else "Batch 1 cannot be halved") + f". ({first})")
+
+
+def logged_loss_sum(history: list[dict], step: int) -> float | None:
+    """The training loss summed over steps 1..``step`` from the logged records (each the mean over the steps
+    since the one before); None when the last one logged is not at ``step``."""
+    total, prev = 0.0, 0
+    for h in history:
+        if "loss" in h and h["step"] <= step:
+            total += h["loss"] * (h["step"] - prev)
+            prev = h["step"]
+    return total if prev == step else None
+
+
+def atomic_write_json(path: Path, obj: dict) -> None:
+    """Write ``path`` whole or not at all, also across a power loss: the bytes reach the disk before the
+    rename, and the rename before this returns."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(obj, indent=2, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:  # a folder that cannot be opened (some platforms): the rename stands as it is
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read_json(path: Path) -> dict | None:
+    """A JSON file's object; None when it is missing, empty or cut short (a crash while it was written)."""
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
