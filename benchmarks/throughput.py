@@ -106,8 +106,10 @@ def plain_recipe(model_path: str, train_jsonl: Path, eval_jsonl: Path, out: Path
     peaks = {k: v for k, v in memory.read().items() if k in PEAKS}
     tokens = sum(tokens_per_batch[:steps])  # the batches trained on (a dataloader may build one ahead)
     eval_loss = token_weighted(per_example_losses(trainer))  # the measure lorasweep reports, on the same split
+    weights = list(trainer.model.parameters())  # the adapter's included, as lorasweep counts them
     return {"tokens_per_s": tokens / seconds, "tokens": tokens, "seconds": seconds, "eval_loss": eval_loss,
-            "activation_checkpointing": bool(args.activation_checkpointing), **peaks}
+            "activation_checkpointing": bool(args.activation_checkpointing), **peaks,
+            "params": sum(w.numel() for w in weights), "trainable": sum(w.numel() for w in weights if w.requires_grad)}
 
 
 def second_half_rate(history: Path) -> float | None:
@@ -141,16 +143,6 @@ def lorasweep_recipe(model_path: str, train_jsonl: Path, eval_jsonl: Path, out: 
 RECIPES = {"plain": ("plain", plain_recipe),  # --recipes key: (name printed, function)
            "plain-nockpt": ("plain, checkpointing off", functools.partial(plain_recipe, checkpointing=False)),
            "lorasweep": ("lorasweep", lorasweep_recipe)}
-
-
-def _param_count(model_path: str) -> int:
-    """Parameters of the model as loaded (embedding tied with the output layer counted once)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with torch.device("meta"):
-        m = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
-    return sum(p.numel() for p in m.parameters())
 
 
 def _release_memory() -> None:
@@ -325,9 +317,8 @@ def main(argv=None) -> dict:
         print("  (rates above were measured with every torch call intercepted: not the recipes' own)")
     gpu = summary_out["hardware"]
     if speed.peak_flops(gpu):  # a GPU whose peak is known
-        n_params = _param_count(model)
-        for name in recipes:
-            u = speed.mfu(n_params, a.run == "full", med[name], gpu)
+        for name in recipes:  # each recipe's model as it trained (the same architecture and adapter shape)
+            u = speed.mfu(results[name][0]["params"], results[name][0]["trainable"], med[name], gpu)
             if u is not None:
                 summary_out.setdefault("mfu", {})[name] = u
                 print(f"  MFU {name:20s}: {u:.1%} of {gpu}'s {speed.peak_flops(gpu) / 1e12:.0f} TFLOP/s 16-bit peak")

@@ -51,6 +51,9 @@ def collect(metrics_paths, history_paths, metrics_csv, history_csv, eval_loss_pa
         for p in eval_loss_paths:
             data = json.loads(Path(p).read_text())
             run, seed = run_and_seed(p)
+            if len(data["base"]) != len(data["final"]):  # each run scores the whole eval split before and after
+                raise ValueError(f"{p}: {len(data['base'])} untrained and {len(data['final'])} trained per-example "
+                                 "losses; the paired comparisons need both for every eval example (retrain this run)")
             for i, (b, f) in enumerate(zip(data["base"], data["final"])):
                 rows.append({"run": run, "seed": seed, "example": i, "tokens": f["tokens"],
                              "base_loss_sum": b["loss_sum"], "final_loss_sum": f["loss_sum"]})

@@ -21,7 +21,8 @@ import numpy as np
 import pandas as pd
 
 from .config import is_plain, parse_run
-from .train import perplexity
+from .provenance import MachineShare
+from .scoring import perplexity
 
 Z95 = 1.96
 # 97.5% quantiles of Student's t for 1..30 degrees of freedom (beyond: 1.96)
@@ -33,7 +34,7 @@ def t975(dof: int) -> float:
     return T975[dof - 1] if 1 <= dof <= len(T975) else Z95
 TIME_TOL = 0.05  # single timings of runs of minutes differ by a few percent; short runs more (report.short_runs_caveat)
 MEM_TOL = 0.02
-BUSY_CPU_SHARE_PCT = 10.0  # other processes' share of the CPU above which a run's timings are not comparable
+BUSY_CPU_SHARE_PCT = MachineShare.BUSY_PCT  # other processes' CPU share above which timings are not comparable
 
 
 # ---------------------------------------------------------------- helpers
@@ -615,6 +616,8 @@ def writeup_claims(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None) ->
                 verdict = "agrees (no measurable gain)"
             elif gain < 0:
                 verdict = "agrees (r=256 measurably worse)"
+            elif lo[0] == r128:  # "little" needs the gain from a lower rank up to r=128 to compare with
+                verdict = "cannot check (a measurable gain, and no rank below 128 to call it little against)"
             else:  # a measurable gain: "little" next to the gain up to r=128
                 verdict = "agrees" if before > 0 and gain < 0.25 * before else "disagrees"
             ev_text = f" (Δ {d['diff']:+.4f} ± {d['half']:.4f})"

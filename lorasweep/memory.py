@@ -177,9 +177,13 @@ class PeakMemory:
         out = {**self.baseline, **self._max(self._held, self._peaks()), "peak_rss_method": self.method,
                **self.excluded_peaks}
         if not keep_running:
-            self.active = False
-            if self._thread is not None:
-                self._stop.set()
-                self._thread.join()
-                self._thread = None
+            self.stop()
         return out
+
+    def stop(self) -> None:
+        """End the measurement without reading it (training failed): the RSS sampler thread, where one runs, ends."""
+        self.active = False
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None

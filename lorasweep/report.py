@@ -111,7 +111,7 @@ def memory_model_section(df: pd.DataFrame) -> str:
     rows = []
     for i, r in df.iterrows():
         pred = r.get("predicted_peak_bytes" if parts["cuda"] else "predicted_train_increment_bytes")
-        meas = parts["compared"].iloc[i]
+        meas = parts["compared"].loc[i]
         rows.append({"run": r["run"],
                      "weights": _bytes(r.get("predicted_weights_bytes")),
                      "gradients": _bytes(r.get("predicted_gradients_bytes")),
@@ -250,7 +250,8 @@ def results_table(df: pd.DataFrame) -> str:
         "- *runtime*: training wall time with the time of evaluations and of writing checkpoints subtracted; "
         "*tokens/s* counts non-padding tokens (prompt + response) actually fed; *padding*: share of the fed batch "
         "positions that were padding"
-        + ("; *MFU*: model FLOPs (6·N per token for full fine-tuning, 4·N with a frozen base) per second over "
+        + ("; *MFU*: model FLOPs (4·N + 2·T per token for N parameters, T of them trainable: 6·N for full "
+           "fine-tuning, about 4·N with a frozen base) per second over "
            "the GPU's dense 16-bit tensor-core peak (bf16; fp16 on a V100 or T4)"
            if "mfu_pct" in df and df["mfu_pct"].notna().any() else "")
         + ("; *MFU bound*: the most MFU this GPU allows at the run's tokens per optimizer step, however fast the "

@@ -1,9 +1,10 @@
 """Model FLOPs utilisation: how much of the GPU's peak the training step turns into model arithmetic.
 
-Per non-padding token, a forward and backward pass of a dense decoder costs about 6 x N FLOPs when
-every weight gets a gradient (full fine-tuning) and about 4 x N when the base weights are frozen
-(LoRA, QLoRA: the backward pass still computes activation gradients, not weight gradients); N is the
-number of model parameters, attention's s^2 term is left out. MFU = FLOPs per token x tokens/s / peak.
+Per non-padding token, a forward and backward pass of a dense decoder costs about 2 FLOPs per parameter
+forward, 2 backward for the activations' gradient, and 2 more for the weight gradient where the weight
+trains: 4 x N + 2 x T, with N the model's parameters (an adapter's included) and T the trainable ones. That
+is 6 x N for full fine-tuning and about 4 x N with a frozen base (LoRA, QLoRA), the adapter's own weights
+counted at 6. Attention's s^2 term is left out. MFU = FLOPs per token x tokens/s / peak.
 
 :func:`step_ceiling` adds what a step must also move through GPU memory whatever its batch (reading every
 weight, AdamW's update of every trainable one): with few tokens a step, that traffic, not the arithmetic,
@@ -53,13 +54,14 @@ def memory_bandwidth(gpu_name: str | None) -> float | None:
     return g[1] if g else None
 
 
-def flops_per_token(total_params: int, full: bool) -> float:
-    return (6 if full else 4) * total_params
+def flops_per_token(total_params: int, trainable_params: int) -> float:
+    """4 x N + 2 x T (module docstring): 6 x N for full fine-tuning, ~4 x N with a frozen base."""
+    return 4 * total_params + 2 * trainable_params
 
 
-def mfu(total_params: int, full: bool, tokens_per_s: float, gpu_name: str | None) -> float | None:
+def mfu(total_params: int, trainable_params: int, tokens_per_s: float, gpu_name: str | None) -> float | None:
     peak = peak_flops(gpu_name)
-    return flops_per_token(total_params, full) * tokens_per_s / peak if peak else None
+    return flops_per_token(total_params, trainable_params) * tokens_per_s / peak if peak else None
 
 
 def bytes_per_step(trainable: int, frozen: int, quantized: int, half: bool, micro_batches: int = 1) -> float:
@@ -90,8 +92,7 @@ def bytes_per_step(trainable: int, frozen: int, quantized: int, half: bool, micr
     return per_trainable * trainable + per_frozen * frozen + per_quantized * quantized
 
 
-def step_ceiling(*, total_params: int, trainable_params: int, quantized_params: int, full: bool,
-                 tokens_per_step: float, half: bool, gpu_name: str | None, micro_batches: int = 1) -> dict | None:
+def step_ceiling(*, total_params: int, trainable_params: int, quantized_params: int, tokens_per_step: float, half: bool, gpu_name: str | None, micro_batches: int = 1) -> dict | None:
     """The fastest an optimizer step of ``tokens_per_step`` non-padding tokens could run on this GPU: its
     model FLOPs at the dense peak plus its weights' memory traffic (:func:`bytes_per_step`) at full bandwidth,
     one after the other (different kernels on one stream). Returns that floor on the step time, the tokens/s
@@ -105,7 +106,7 @@ def step_ceiling(*, total_params: int, trainable_params: int, quantized_params: 
         return None
     peak, bandwidth = g
     frozen = total_params - trainable_params - quantized_params
-    compute_s = flops_per_token(total_params, full) * tokens_per_step / peak
+    compute_s = flops_per_token(total_params, trainable_params) * tokens_per_step / peak
     memory_s = bytes_per_step(trainable_params, frozen, quantized_params, half, micro_batches) / bandwidth
     floor_s = compute_s + memory_s
     return {"step_floor_s": floor_s, "step_compute_s": compute_s, "step_memory_s": memory_s,
@@ -113,11 +114,11 @@ def step_ceiling(*, total_params: int, trainable_params: int, quantized_params: 
             "tokens_per_step_at_half": tokens_per_step * memory_s / compute_s}
 
 
-def ceiling_metrics(params: dict, full: bool, tokens_per_step: float, half: bool, gpu_name: str | None,
+def ceiling_metrics(params: dict, tokens_per_step: float, half: bool, gpu_name: str | None,
                     micro_batches: int = 1) -> dict:
     """A run's :func:`step_ceiling` as metrics (empty off a known GPU)."""
     c = step_ceiling(total_params=params["total_params"], trainable_params=params["trainable_params"],
-                     quantized_params=params.get("quantized_params", 0), full=full, tokens_per_step=tokens_per_step,
+                     quantized_params=params.get("quantized_params", 0), tokens_per_step=tokens_per_step,
                      half=half, gpu_name=gpu_name, micro_batches=micro_batches)
     if c is None:
         return {}
@@ -130,10 +131,13 @@ def single_run_config(model: str, train_jsonl, run: str, *, lr: float, device: s
     """A validated configuration with one run (``full``, ``lora-r<rank>`` or ``qlora-r<rank>``): what the
     benchmarks train. ``lora``: settings of ``methods.lora`` (``dropout``, ``target_modules``, ...), which QLoRA
     runs share."""
-    from .config import validate_config
+    from .config import ConfigError, is_plain, parse_run, validate_config
 
-    method = "full" if run == "full" else run.split("-r")[0]
-    rank = [int(run.split("-r")[-1])] if method != "full" else []
+    method, r = parse_run(run)
+    if not is_plain(run):
+        raise ConfigError(f"{run!r}: the benchmarks take full, lora-r<rank> or qlora-r<rank>; give adapter options "
+                          "(use_rslora, use_dora, init, ...) as lora settings instead of in the run's name")
+    rank = [r] if method != "full" else []
     return validate_config({
         "model": {"name_or_path": model}, "dataset": {"source": str(train_jsonl)}, "seed": seed,
         "methods": {"full": {"enabled": method == "full", "learning_rate": lr},

@@ -426,7 +426,11 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
     try:
         result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     except torch.OutOfMemoryError as e:
+        memory.stop()
         raise record_oom(out_dir, configured, oom_halvings, e, oom_key) from e
+    except BaseException:
+        memory.stop()  # a process that goes on (a benchmark's next run) keeps no sampler thread of this one
+        raise
     mem = memory.read()
     for k, v in (resumed or {}).get("peaks", {}).items():  # a resumed run's peak is the peak of all its segments
         mem[k] = max(mem.get(k) or 0, v)
@@ -516,6 +520,7 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         "torch_compile": training.get("torch_compile", False),
         "torch_compile_regional": bool(training.get("torch_compile_regional")),
         "pad_to_multiple_of": training.get("pad_to_multiple_of"),
+        "cudnn_attention": bool(training.get("cudnn_attention")) if device == "cuda" else None,
         # quality
         "train_loss": train_loss,
         "train_loss_last": losses[-1] if losses else None,
@@ -545,12 +550,12 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         "train_tokens_labelled": counts["tokens_labelled"],
         "train_tokens_nonpad_per_s": counts["tokens_nonpad"] / train_time,
         "padding_share_pct": 100.0 * (1 - counts["tokens_nonpad"] / counts["tokens_padded"]),
-        **({"mfu_pct": 100 * m} if (m := speed.mfu(params["total_params"], spec["method"] == "full",
+        **({"mfu_pct": 100 * m} if (m := speed.mfu(params["total_params"], params["trainable_params"],
                                                    counts["tokens_nonpad"] / train_time, hw.get("gpu_name")))
            else {}),
         # the best this GPU could do at this many tokens a step (lorasweep.speed.step_ceiling); none without one
-        **speed.ceiling_metrics(params, spec["method"] == "full", counts["tokens_nonpad"] / max(n_steps, 1),
-                                precision in ("bf16", "fp16"), hw.get("gpu_name"), training["grad_accum"]),
+        **speed.ceiling_metrics(params, counts["tokens_nonpad"] / max(n_steps, 1), precision in ("bf16", "fp16"),
+                                hw.get("gpu_name"), training["grad_accum"]),
         **machine_share,
         # other training jobs on this run's GPU during training (training.jobs_per_gpu > 1); None: not shared
         # out by lorasweep (no GPU, one job per GPU, or a scheduler's own GPU)
@@ -593,3 +598,17 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
     log.info("done: train_loss %.4f  eval_loss %.4f  %.1fs  %.1f samples/s  peak RSS %.0f MiB", metrics["train_loss"],
              metrics["eval_loss"], train_time, metrics["train_samples_per_s"], (mem["peak_rss_bytes"] or 0) / 2**20)
     return metrics
+
+
+def train_job(config: dict, spec: dict, train_path, eval_path, data_summary_path, out_dir, threads: int | None = None,
+              workflow_dir=None, lock_dir=".snakemake/lorasweep-gpu-slots") -> dict:
+    """The workflow's training job: claim a GPU slot (``training.jobs_per_gpu`` per GPU; none for CPU training)
+    before CUDA starts, then train the run with the config's operational settings (checkpoints, threads, ...)."""
+    from .config import operational
+    from .gpu_slots import GpuSlot
+
+    ops = operational(config)
+    on_cpu = config["training"]["device"] == "cpu"
+    with GpuSlot(lock_dir, gpus=[] if on_cpu else None, jobs_per_gpu=ops["jobs_per_gpu"]) as slot:
+        return train_run(spec, train_path, eval_path, out_dir, data_summary_path=data_summary_path, threads=threads,
+                         workflow_dir=workflow_dir, operational=ops, gpu_peers=slot.peers)

@@ -231,8 +231,10 @@ class MeasuredSFTTrainer(SFTTrainer):
                 f"{self.args.per_device_eval_batch_size}{', beside the optimizer state' if self.state.global_step else ''}): "
                 f"lower training.eval_batch_size. ({str(e).splitlines()[0] if str(e) else 'CUDA'})") from e
         runtime = time.perf_counter() - start
+        # the batches as they ran (longest first, _get_eval_sampler): the Trainer's figure is a mean over those
         size = self.args.per_device_eval_batch_size
-        batches = [examples[i:i + size] for i in range(0, len(examples), size)]
+        ran = [examples[i] for i in self._get_eval_sampler(self.eval_dataset)]
+        batches = [ran[i:i + size] for i in range(0, len(ran), size)]
         metrics = {f"{metric_key_prefix}_loss": scoring.token_weighted(examples),
                    f"{metric_key_prefix}_loss_batch_mean":
                        sum(len(b) * scoring.token_weighted(b) for b in batches) / max(1, len(examples)),

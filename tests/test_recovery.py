@@ -232,6 +232,33 @@ def test_a_resumed_runs_machine_share_counts_its_earlier_segments():
     assert busy["machine_busy_during_train"]
 
 
+def test_a_failed_training_leaves_no_memory_sampler_running(tiny_config, tiny_data, tmp_path, monkeypatch):
+    """Where /proc/self/clear_refs cannot be written, a thread samples RSS while a run trains; a run that fails
+    (here out of memory) ends it, so that a process training on (a benchmark's next run) does not keep it."""
+    import threading
+
+    from lorasweep import memory
+    from lorasweep.config import operational
+
+    def samplers():
+        return [t for t in threading.enumerate() if t.name.endswith("(_sample)")]
+
+    monkeypatch.setattr(memory, "_CLEAR_REFS", tmp_path / "no-such-dir" / "clear_refs")
+    monkeypatch.setenv("LORASWEEP_SIMULATE_OOM_ABOVE_BATCH", "4")
+    cfg = tiny_config(max_steps=2, evals=1)
+    started, real = [], memory.PeakMemory._sample
+
+    def _sample(self):  # the thread's name ends in its target's name
+        started.append(1)
+        real(self)
+
+    monkeypatch.setattr(memory.PeakMemory, "_sample", _sample)
+    with pytest.raises(TrainingOOM):
+        train_run(run_spec(cfg, "lora-r8"), tiny_data["train"], tiny_data["eval"], tmp_path / "run", threads=2,
+                  operational=operational(cfg))
+    assert started and not samplers()
+
+
 def test_oom_halving_keeps_the_effective_batch(tmp_path):
     training = {"batch_size": 8, "grad_accum": 2}
     assert batch_after_oom(tmp_path, training, "k") == (training, 0)

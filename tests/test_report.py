@@ -163,6 +163,20 @@ def test_the_memory_model_table_does_not_round_small_components_to_zero():
     assert rows["lora-r8"][1] != rows["full"][1] and not rows["lora-r8"][1].startswith("0.0")
 
 
+def test_the_memory_model_table_pairs_each_run_with_its_own_measurement_in_any_row_order():
+    from lorasweep.report import memory_model_section
+
+    df, _ = _fixture()
+    runs = F.by_run(df)
+
+    def rows(frame):
+        return {line.split("|")[1].strip(): line for line in memory_model_section(frame).splitlines()
+                if line.startswith("| ") and not line.startswith("| run")}
+
+    assert rows(runs.iloc[::-1]) == rows(runs)  # the index is a label, not a position
+    assert rows(runs[runs["run"] != "full"]) == {k: v for k, v in rows(runs).items() if k != "full"}
+
+
 def test_the_diminishing_returns_claim_reads_a_worse_r256_as_no_gain_and_a_large_gain_as_disagreeing():
     df, ev = _fixture()
     claim = "little gain from r=128 to r=256 (diminishing returns)"
@@ -179,6 +193,17 @@ def test_the_diminishing_returns_claim_reads_a_worse_r256_as_no_gain_and_a_large
     flat_before.loc[flat_before["run"] == "lora-r8", "eval_loss"] = float(
         df.loc[df["run"] == "lora-r128", "eval_loss"].iloc[0])
     assert verdict(flat_before, better) == "disagrees"
+
+
+def test_the_diminishing_returns_claim_cannot_be_checked_without_a_rank_below_128():
+    """With ranks 128 and 256 only, a measurable gain from r=128 to r=256 has nothing to be "little" next to."""
+    df, ev = _fixture()
+    claim = "little gain from r=128 to r=256 (diminishing returns)"
+    df, ev = df[df["run"] != "lora-r8"], ev[ev["run"] != "lora-r8"].copy()
+    r128 = ev.loc[ev["run"] == "lora-r128", "final_loss_sum"].to_numpy()
+    ev.loc[ev["run"] == "lora-r256", "final_loss_sum"] = r128 * 0.5  # measurably better
+    verdict = {c["claim"]: c["ours"] for c in F.writeup_claims(df, ev)}[claim]
+    assert verdict.startswith("cannot check")  # was "disagrees"
 
 
 def test_timing_claims_are_not_checked_with_runs_timed_on_a_busy_machine():
@@ -561,3 +586,26 @@ def test_the_tradeoff_figure_plots_the_memory_the_findings_compare():
     xs = sorted(x for c in ax.collections for x, _ in c.get_offsets())
     assert xs == pytest.approx(sorted(df[mem] / 2**30)) and "above the process" in ax.get_xlabel()
     plt.close(fig)
+
+
+def test_collect_refuses_a_run_whose_per_example_losses_do_not_pair_up(tmp_path):
+    """Every run scores the whole eval split before and after training; lists of different lengths would pair
+    the wrong examples (zip stopped at the shorter one)."""
+    from lorasweep.collect import collect
+
+    run = tmp_path / "results" / "runs" / "full" / "seed0"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps({"run": "full", "seed": 0, "eval_loss": 1.0}))
+    (run / "log_history.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
+    example = {"loss_sum": 3.0, "tokens": 2}
+    (run / "eval_losses.json").write_text(json.dumps({"base": [example] * 3, "final": [example] * 2}))
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ([run / "metrics.json"], [run / "log_history.jsonl"], out / "metrics.csv", out / "history.csv",
+            [run / "eval_losses.json"], out / "eval_losses.csv")
+    with pytest.raises(ValueError, match="3 untrained and 2 trained"):
+        collect(*args)
+    (run / "eval_losses.json").write_text(json.dumps({"base": [example] * 2, "final": [example] * 2}))
+    collect(*args)
+    table = pd.read_csv(out / "eval_losses.csv")
+    assert list(table["example"]) == [0, 1] and set(table["run"]) == {"full"}

@@ -129,6 +129,16 @@ def test_benchmark_config_holds_exactly_the_one_run(run, method):
     assert cfg["training"]["cudnn_attention"] is False  # variable-length batches: see the schema's description
 
 
+def test_benchmark_config_names_what_it_takes_for_a_variant_run():
+    from lorasweep.config import ConfigError
+    from lorasweep.speed import single_run_config
+
+    with pytest.raises(ConfigError, match="give adapter options .* as lora settings"):
+        single_run_config("m", "t.jsonl", "lora-r8-dora", lr=1e-4, device="cpu", seed=3)  # was int('8-dora')
+    with pytest.raises(ConfigError, match="not a run name"):
+        single_run_config("m", "t.jsonl", "lora8", lr=1e-4, device="cpu", seed=3)
+
+
 def _train_fast(tiny_config, tiny_data, out, **how):
     from lorasweep.config import run_spec
     from lorasweep.train import train_run
@@ -216,26 +226,30 @@ def test_the_step_bound_adds_the_flops_at_peak_to_each_weights_bytes_at_full_ban
     # a second micro-batch: its own casts, products and gradient (18), added to the first (12); one update
     assert speed.bytes_per_step(1, 0, 0, half=True, micro_batches=2) == 58 + 18 + 12
     n, tokens, h100 = 331_196_416, 930, "NVIDIA H100 80GB HBM3"
-    full = speed.step_ceiling(total_params=n, trainable_params=n, quantized_params=0, full=True,
+    full = speed.step_ceiling(total_params=n, trainable_params=n, quantized_params=0,
                               tokens_per_step=tokens, half=True, gpu_name=h100)
     compute, memory = 6 * n * tokens / 989e12, 58 * n / 3.35e12
     assert full["step_floor_s"] == pytest.approx(compute + memory)
     assert full["mfu"] == pytest.approx(compute / (compute + memory)) and 0.24 < full["mfu"] < 0.25
     assert full["tokens_per_s"] == pytest.approx(tokens / (compute + memory))
     # at the tokens per step where traffic costs as much time as arithmetic, the bound is exactly 50%
-    half_way = speed.step_ceiling(total_params=n, trainable_params=n, quantized_params=0, full=True,
+    half_way = speed.step_ceiling(total_params=n, trainable_params=n, quantized_params=0,
                                   tokens_per_step=full["tokens_per_step_at_half"], half=True, gpu_name=h100)
     assert half_way["mfu"] == pytest.approx(0.5)
     # a frozen base moves 10 bytes a weight, not 58: LoRA's bound is several times full fine-tuning's
-    lora = speed.step_ceiling(total_params=n, trainable_params=786_432, quantized_params=0, full=False,
+    lora = speed.step_ceiling(total_params=n, trainable_params=786_432, quantized_params=0,
                               tokens_per_step=tokens, half=True, gpu_name=h100)
     assert lora["tokens_per_s"] > 3 * full["tokens_per_s"]
+    # FLOPs per token: 2 forward + 2 for the activations' gradient per weight, 2 more per trainable weight
+    assert speed.flops_per_token(n, n) == 6 * n and speed.flops_per_token(n, 786_432) == 4 * n + 2 * 786_432
+    assert lora["step_compute_s"] == pytest.approx((4 * n + 2 * 786_432) * tokens / 989e12)
+    assert speed.mfu(n, n, 1000.0, h100) == pytest.approx(6 * n * 1000 / 989e12)
     # the card's variant matters; an unknown GPU has no bound (and no MFU), never a guess
     assert speed.peak_flops("NVIDIA H100 PCIe") == 756e12 and speed.memory_bandwidth("NVIDIA H100 PCIe") == 2.0e12
     assert speed.memory_bandwidth("NVIDIA A100-SXM4-80GB") > speed.memory_bandwidth("NVIDIA A100-SXM4-40GB")
     assert speed.peak_flops("Tesla T4") == 65e12 and speed.peak_flops("Tesla V100-PCIE-32GB") == 112e12  # fp16
     for unknown in ("NVIDIA A10G", "NVIDIA GeForce RTX 4090", None):
         assert speed.peak_flops(unknown) is None
-        assert speed.step_ceiling(total_params=n, trainable_params=n, quantized_params=0, full=True,
+        assert speed.step_ceiling(total_params=n, trainable_params=n, quantized_params=0,
                                   tokens_per_step=tokens, half=True, gpu_name=unknown) is None
-        assert speed.ceiling_metrics({"total_params": n, "trainable_params": n}, True, tokens, True, unknown) == {}
+        assert speed.ceiling_metrics({"total_params": n, "trainable_params": n}, tokens, True, unknown) == {}

@@ -348,6 +348,27 @@ def test_training_peak_leaves_out_the_evaluations(tiny_config, tiny_data, tmp_pa
     assert "evaluations during training excluded" in m["memory_measured"]
 
 
+def test_the_batch_mean_eval_loss_is_the_trainers_own_figure(tiny_model, tiny_data, tmp_path):
+    """eval_loss_batch_mean is kept as the figure the Trainer's own evaluation gives (a mean of per-batch means,
+    over the batches as they ran: longest first), beside lorasweep's token-weighted eval_loss."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
+    from trl import SFTConfig
+
+    from lorasweep.data import load_splits
+    from lorasweep.trainer import MeasuredSFTTrainer
+
+    train, evals = load_splits(tiny_data["train"], tiny_data["eval"])
+    args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", max_length=128,
+                     per_device_eval_batch_size=4, save_strategy="no")
+    trainer = MeasuredSFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32),
+                                 args=args, train_dataset=train, eval_dataset=evals,
+                                 processing_class=AutoTokenizer.from_pretrained(tiny_model))
+    ours = trainer.evaluate()
+    theirs = Trainer.evaluate(trainer)
+    assert ours["eval_loss_batch_mean"] == pytest.approx(theirs["eval_loss"], rel=1e-5)
+    assert ours["eval_loss"] != pytest.approx(theirs["eval_loss"], rel=1e-4)  # token-weighted: not the same
+
+
 def test_every_evaluation_computes_in_the_training_precision(tiny_model, tiny_data, tmp_path):
     """accelerate puts autocast around the model's forward only once training starts; the untrained model's
     evaluation must be scored in the same precision as the later ones, or base-vs-final differences carry a
