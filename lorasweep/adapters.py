@@ -36,28 +36,12 @@ class MergeMismatch(RuntimeError):
     pass
 
 
-def _quant_config(spec: dict):
-    import torch
-    from transformers import BitsAndBytesConfig
-
-    q = spec["quantization"]
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q["quant_type"],
-                              bnb_4bit_use_double_quant=q["double_quant"], bnb_4bit_compute_dtype=torch.float32)
-
-
 def load_base(spec: dict, quantized: bool = False):
-    """The run's base model on the CPU in fp32; with ``quantized`` the 4-bit base it trained on."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    """The run's base model on the CPU in fp32, loaded as training loads it (:func:`lorasweep.train.load_model`:
+    safetensors only, the same errors); with ``quantized`` the 4-bit base it trained on (computing in fp32)."""
+    from .train import load_model
 
-    kwargs = {"dtype": torch.float32, "use_safetensors": True, "trust_remote_code": spec["model"]["trust_remote_code"]}
-    if quantized:
-        kwargs.update(quantization_config=_quant_config(spec), device_map={"": "cpu"})
-    model = AutoModelForCausalLM.from_pretrained(spec["model"]["name_or_path"], **kwargs)
-    for m in model.modules():  # bitsandbytes CPU layout workaround, as in training (see train.load_model)
-        if hasattr(m, "support_avx512bf16_for_cpu"):
-            m.support_avx512bf16_for_cpu = False
-    return model.eval()
+    return load_model({**spec, "quantization": spec["quantization"] if quantized else None}, "cpu", "fp32").eval()
 
 
 def held_out(eval_jsonl, n: int) -> list[dict]:
