@@ -109,7 +109,8 @@ def plain_recipe(model_path: str, train_jsonl: Path, eval_jsonl: Path, out: Path
     weights = list(trainer.model.parameters())  # the adapter's included, as lorasweep counts them
     return {"tokens_per_s": tokens / seconds, "tokens": tokens, "seconds": seconds, "eval_loss": eval_loss,
             "activation_checkpointing": bool(args.activation_checkpointing), **peaks,
-            "params": sum(w.numel() for w in weights), "trainable": sum(w.numel() for w in weights if w.requires_grad)}
+            "params": sum(w.numel() for w in weights), "trainable": sum(w.numel() for w in weights if w.requires_grad),
+            "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"}
 
 
 def second_half_rate(history: Path) -> float | None:
@@ -137,7 +138,7 @@ def lorasweep_recipe(model_path: str, train_jsonl: Path, eval_jsonl: Path, out: 
             "tokens_padded": m["train_tokens_padded"],
             "seconds": m["train_runtime_s"], "eval_loss": m["eval_loss"], "padding_share_pct": m["padding_share_pct"],
             "params": m["total_params"], "trainable": m["trainable_params"], "hardware": m["hardware"],
-            "steps": m["train_steps"], **{k: m[k] for k in PEAKS + BOUND if m.get(k) is not None}}
+            "precision": m["precision"], "steps": m["train_steps"], **{k: m[k] for k in PEAKS + BOUND if m.get(k) is not None}}
 
 
 RECIPES = {"plain": ("plain", plain_recipe),  # --recipes key: (name printed, function)
@@ -318,7 +319,8 @@ def main(argv=None) -> dict:
     gpu = summary_out["hardware"]
     if speed.peak_flops(gpu):  # a GPU whose peak is known
         for name in recipes:  # each recipe's model as it trained (the same architecture and adapter shape)
-            u = speed.mfu(results[name][0]["params"], results[name][0]["trainable"], med[name], gpu)
+            run0 = results[name][0]
+            u = speed.mfu(run0["params"], run0["trainable"], med[name], gpu, half=run0["precision"] in ("bf16", "fp16"))
             if u is not None:
                 summary_out.setdefault("mfu", {})[name] = u
                 print(f"  MFU {name:20s}: {u:.1%} of {gpu}'s {speed.peak_flops(gpu) / 1e12:.0f} TFLOP/s 16-bit peak")

@@ -32,6 +32,11 @@ LORA_MAX_LOGIT_DIFF = 1e-3
 QLORA_MAX_LOGIT_DIFF = 1e-3
 
 
+# These stages run on the CPU, beside training jobs that hold the GPU: PEFT would read adapter weights onto
+# GPU 0 whenever CUDA is visible (its infer_device), opening a CUDA context there
+ON_CPU = "cpu"
+
+
 class MergeMismatch(RuntimeError):
     pass
 
@@ -115,7 +120,7 @@ def merge_run(spec: dict, adapter_dir, out_dir) -> Path:
         base = base.dequantize()
         log.info("QLoRA: merging onto the dequantized %s base (lossless w.r.t. what the adapter trained on)",
                  spec["quantization"]["quant_type"])
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged = PeftModel.from_pretrained(base, str(adapter_dir), torch_device=ON_CPU).merge_and_unload()
     out_dir = Path(out_dir)
     merged.save_pretrained(out_dir, safe_serialization=True)
     load_tokenizer(spec).save_pretrained(out_dir)  # the one it trained with (a pad token, for batched use)
@@ -136,7 +141,7 @@ def verify_run(spec: dict, adapter_dir, merged_dir, eval_jsonl, out_json, n_prom
     tok = AutoTokenizer.from_pretrained(merged_dir, trust_remote_code=spec["model"]["trust_remote_code"])
     rows = held_out(eval_jsonl, n_prompts)
     batch = _batch(tok, rows, spec["training"].get("max_length"))
-    with_adapter = PeftModel.from_pretrained(load_base(spec, quantized), str(adapter_dir)).eval()
+    with_adapter = PeftModel.from_pretrained(load_base(spec, quantized), str(adapter_dir), torch_device=ON_CPU).eval()
     merged = AutoModelForCausalLM.from_pretrained(  # plain transformers
         merged_dir, use_safetensors=True, trust_remote_code=spec["model"]["trust_remote_code"]).eval()
     a, m = score(with_adapter, batch), score(merged, batch)
@@ -176,9 +181,9 @@ def switch_adapters(spec: dict, adapters: dict[str, str], eval_jsonl, out_json, 
     base = load_base(spec)
     before = score(base, batch)
     names = list(adapters)
-    model = PeftModel.from_pretrained(base, adapters[names[0]], adapter_name=names[0])
+    model = PeftModel.from_pretrained(base, adapters[names[0]], adapter_name=names[0], torch_device=ON_CPU)
     for name in names[1:]:
-        model.load_adapter(adapters[name], adapter_name=name)
+        model.load_adapter(adapters[name], adapter_name=name, torch_device=ON_CPU)
     results = []
     for name in names:
         model.set_adapter(name)
@@ -225,7 +230,8 @@ def sample_runs(specs: dict[str, dict], models: dict[str, str], eval_jsonl, out_
         out[i]["completions"]["base (untrained)"] = text
     for run, path in models.items():
         if (Path(path) / "adapter_config.json").exists():
-            model = PeftModel.from_pretrained(load_base(specs[run], bool(specs[run]["quantization"])), path).eval()
+            model = PeftModel.from_pretrained(load_base(specs[run], bool(specs[run]["quantization"])), path,
+                                              torch_device=ON_CPU).eval()
         else:
             model = AutoModelForCausalLM.from_pretrained(
                 path, use_safetensors=True, trust_remote_code=specs[run]["model"]["trust_remote_code"]).eval()

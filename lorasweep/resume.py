@@ -19,6 +19,7 @@ log = logging.getLogger("lorasweep.train")
 
 STATE_FILE = "lorasweep_state.json"
 OOM_FILE = "oom.json"
+EVAL_OOM_FILE = "eval_oom.json"
 
 
 class TrainingOOM(RuntimeError):
@@ -120,6 +121,30 @@ def record_oom(out_dir: Path, training: dict, halvings: int, error: Exception, k
                           f"accumulation {nxt['grad_accum']}, the same effective batch" if nxt
                           else "Batch 1 cannot be halved") + f". ({first})")
 
+
+
+class EvalOOM(RuntimeError):
+    """Out of memory in an evaluation: its batch (``training.eval_batch_size``), not the training batch."""
+
+
+def record_eval_oom(out_dir: Path, key: str, error: Exception) -> None:
+    """Record an evaluation's out-of-memory error for the settings ``key`` (:func:`refuse_after_eval_oom`)."""
+    atomic_write_json(Path(out_dir) / EVAL_OOM_FILE, {"key": key, "error": str(error)})
+
+
+def refuse_after_eval_oom(out_dir: Path, key: str) -> None:
+    """Stop at once when an earlier attempt with the same settings ran out of memory evaluating: Snakemake retries
+    a failed training job (for the training batch's out-of-memory errors, which a retry halves), and this one
+    would train up to the same evaluation and fail there again. A record of other settings is deleted."""
+    path = Path(out_dir) / EVAL_OOM_FILE
+    record = read_json(path) if path.exists() else None
+    if record is None:
+        return
+    if record.get("key") != key:
+        path.unlink(missing_ok=True)
+        return
+    raise EvalOOM(f"{record.get('error')} [an earlier attempt with these settings; this one stops before training "
+                  f"up to it again: delete {path} to try the same eval batch again]")
 
 def logged_loss_sum(history: list[dict], step: int) -> float | None:
     """The training loss summed over steps 1..``step`` from the logged records (each the mean over the steps

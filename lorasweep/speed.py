@@ -59,9 +59,12 @@ def flops_per_token(total_params: int, trainable_params: int) -> float:
     return 4 * total_params + 2 * trainable_params
 
 
-def mfu(total_params: int, trainable_params: int, tokens_per_s: float, gpu_name: str | None) -> float | None:
+def mfu(total_params: int, trainable_params: int, tokens_per_s: float, gpu_name: str | None,
+        half: bool = True) -> float | None:
+    """Model FLOPs utilisation against the GPU's 16-bit peak: None for a GPU not in :data:`GPUS` and for training
+    that does not compute in 16 bits (``half``: bf16 or fp16), whose peak is another (fp32: several times lower)."""
     peak = peak_flops(gpu_name)
-    return flops_per_token(total_params, trainable_params) * tokens_per_s / peak if peak else None
+    return flops_per_token(total_params, trainable_params) * tokens_per_s / peak if peak and half else None
 
 
 def bytes_per_step(trainable: int, frozen: int, quantized: int, half: bool, micro_batches: int = 1) -> float:
@@ -92,17 +95,19 @@ def bytes_per_step(trainable: int, frozen: int, quantized: int, half: bool, micr
     return per_trainable * trainable + per_frozen * frozen + per_quantized * quantized
 
 
-def step_ceiling(*, total_params: int, trainable_params: int, quantized_params: int, tokens_per_step: float, half: bool, gpu_name: str | None, micro_batches: int = 1) -> dict | None:
+def step_ceiling(*, total_params: int, trainable_params: int, quantized_params: int, tokens_per_step: float,
+                 half: bool, gpu_name: str | None, micro_batches: int = 1) -> dict | None:
     """The fastest an optimizer step of ``tokens_per_step`` non-padding tokens could run on this GPU: its
     model FLOPs at the dense peak plus its weights' memory traffic (:func:`bytes_per_step`) at full bandwidth,
     one after the other (different kernels on one stream). Returns that floor on the step time, the tokens/s
     and MFU it allows, and the tokens a step would need for the traffic to cost as much time as the
-    arithmetic (an MFU ceiling of 50%); None for a GPU not in :data:`GPUS`. A bound, not a prediction:
+    arithmetic (an MFU ceiling of 50%); None for a GPU not in :data:`GPUS` and for training that does not
+    compute in 16 bits (``half``). A bound, not a prediction:
     real kernels reach 60-80% of peak and bandwidth, and a host that cannot queue kernels as fast as the
     GPU runs them adds its own time.
     """
     g = _gpu(gpu_name)
-    if not g or tokens_per_step <= 0:
+    if not g or tokens_per_step <= 0 or not half:  # fp32: not the 16-bit peak's arithmetic
         return None
     peak, bandwidth = g
     frozen = total_params - trainable_params - quantized_params

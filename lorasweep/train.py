@@ -22,8 +22,8 @@ from .config import ConfigError
 from . import memory_model, speed
 from .memory import PeakMemory, rss_bytes
 from .provenance import MachineShare, git_state, hardware, hardware_label, package_versions
-from .resume import (OOM_FILE, atomic_write_json, batch_after_oom, find_resumable, logged_loss_sum,
-                     rebase_peaks, record_oom, resume_key)
+from .resume import (EVAL_OOM_FILE, OOM_FILE, atomic_write_json, batch_after_oom, find_resumable, logged_loss_sum,
+                     rebase_peaks, record_eval_oom, record_oom, refuse_after_eval_oom, resume_key)
 from .scoring import perplexity, token_weighted
 
 log = logging.getLogger("lorasweep.train")
@@ -65,7 +65,9 @@ def resolve_precision(precision: str, device: str) -> str:
         return precision
     if device == "cpu":
         return "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    # bf16 where the GPU computes it (Ampere on); torch's default also answers yes where it is only emulated
+    # (V100, T4: slow), where lorasweep trains in fp16
+    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
 
 
 def load_tokenizer(spec: dict):
@@ -330,6 +332,7 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
 
     configured = training
     oom_key = settings_key(configured)
+    refuse_after_eval_oom(out_dir, oom_key)
     training, oom_halvings = batch_after_oom(out_dir, configured, oom_key)
     if oom_halvings:
         log.info("an earlier attempt ran out of memory: per-device batch %d x accumulation %d (effective batch kept)",
@@ -364,6 +367,7 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
     trainer = MeasuredSFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                  processing_class=tokenizer)
     data_prep_s = time.perf_counter() - t_prep
+    trainer.eval_oom_record = lambda err: record_eval_oom(out_dir, oom_key, err)  # a retry stops at once
     if training.get("torch_compile_regional"):
         use_regional_compilation(trainer)
     # TRL drops the examples whose prompt alone fills max_length (no response token left to learn or score):
@@ -551,8 +555,8 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         "train_tokens_nonpad_per_s": counts["tokens_nonpad"] / train_time,
         "padding_share_pct": 100.0 * (1 - counts["tokens_nonpad"] / counts["tokens_padded"]),
         **({"mfu_pct": 100 * m} if (m := speed.mfu(params["total_params"], params["trainable_params"],
-                                                   counts["tokens_nonpad"] / train_time, hw.get("gpu_name")))
-           else {}),
+                                                   counts["tokens_nonpad"] / train_time, hw.get("gpu_name"),
+                                                   half=precision in ("bf16", "fp16"))) is not None else {}),
         # the best this GPU could do at this many tokens a step (lorasweep.speed.step_ceiling); none without one
         **speed.ceiling_metrics(params, counts["tokens_nonpad"] / max(n_steps, 1), precision in ("bf16", "fp16"),
                                 hw.get("gpu_name"), training["grad_accum"]),
@@ -593,6 +597,7 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
     }
     atomic_write_json(out_dir / "metrics.json", metrics)
     (out_dir / OOM_FILE).unlink(missing_ok=True)
+    (out_dir / EVAL_OOM_FILE).unlink(missing_ok=True)
     if not training["keep_checkpoints"] and (out_dir / "checkpoints").is_dir():
         shutil.rmtree(out_dir / "checkpoints")  # the finished model is saved; checkpoints only serve a resume
     log.info("done: train_loss %.4f  eval_loss %.4f  %.1fs  %.1f samples/s  peak RSS %.0f MiB", metrics["train_loss"],

@@ -26,7 +26,7 @@ from trl import SFTTrainer
 from . import scoring
 from .memory import PeakMemory
 from .provenance import MachineShare
-from .resume import STATE_FILE, atomic_write_json, logged_loss_sum
+from .resume import STATE_FILE, EvalOOM, atomic_write_json, logged_loss_sum
 
 log = logging.getLogger("lorasweep.train")
 
@@ -107,10 +107,6 @@ DEFER_LOSS_METRICS = True
 SKIP_MODULE_WALKS = True
 
 
-class EvalOOM(RuntimeError):
-    """Out of memory in an evaluation: its batch (``training.eval_batch_size``), not the training batch."""
-
-
 class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
     """transformers' length-grouped sampler draws its order from the global RNG, so a run resumed from a
     checkpoint mid-epoch replays a different order than the one it was interrupted in. Seeding each
@@ -135,6 +131,7 @@ class MeasuredSFTTrainer(SFTTrainer):
     last_eval_examples: list[dict] | None = None  # per-example losses of the latest evaluate()
     memory: PeakMemory | None = None  # evaluations are left out of its training peaks
     checkpoint_time_s = 0.0  # writing checkpoints (training.checkpoint_steps): not training, so not timed as it
+    eval_oom_record = None  # called with an evaluation's EvalOOM before it is raised (train_run records it)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -226,10 +223,13 @@ class MeasuredSFTTrainer(SFTTrainer):
             with self.memory.excluded() if self.memory else contextlib.nullcontext():
                 examples = scoring.per_example_losses(self)
         except torch.OutOfMemoryError as e:  # not the training batch's doing: halving it would not help
-            raise EvalOOM(
+            err = EvalOOM(
                 f"out of memory while evaluating at step {self.state.global_step} (per-device eval batch "
                 f"{self.args.per_device_eval_batch_size}{', beside the optimizer state' if self.state.global_step else ''}): "
-                f"lower training.eval_batch_size. ({str(e).splitlines()[0] if str(e) else 'CUDA'})") from e
+                f"lower training.eval_batch_size. ({str(e).splitlines()[0] if str(e) else 'CUDA'})")
+            if self.eval_oom_record is not None:
+                self.eval_oom_record(err)
+            raise err from e
         runtime = time.perf_counter() - start
         # the batches as they ran (longest first, _get_eval_sampler): the Trainer's figure is a mean over those
         size = self.args.per_device_eval_batch_size

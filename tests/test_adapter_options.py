@@ -229,3 +229,24 @@ def test_a_merge_computes_what_base_plus_adapter_computes_and_verify_refuses_one
         with pytest.raises(MergeMismatch, match="do not deploy this merge"):
             verify_run(spec, out / "model", wrong, tiny_data["eval"], tmp_path / "bad.json", n_prompts=4,
                        max_new_tokens=4)
+
+
+def test_the_adapter_stages_read_adapters_onto_the_cpu_where_cuda_is_visible(tiny_config, tiny_data, tmp_path,
+                                                                             monkeypatch):
+    """merge, verify, switch and samples run on the CPU beside training jobs that hold the GPU: PEFT would read
+    adapter weights onto the device its infer_device() names ("cuda" wherever CUDA is visible). Here it names
+    CUDA on a machine without one: a load that follows it fails."""
+    import peft.peft_model
+
+    from lorasweep.adapters import merge_run, sample_runs, switch_adapters, verify_run
+    from lorasweep.train import train_run
+
+    spec = run_spec(tiny_config(max_steps=2, evals=1), "lora-r8")
+    out = tmp_path / "run"
+    train_run(spec, tiny_data["train"], tiny_data["eval"], out, threads=2)
+    monkeypatch.setattr(peft.peft_model, "infer_device", lambda: "cuda")
+    merged = merge_run(spec, out / "model", tmp_path / "merged")
+    verify_run(spec, out / "model", merged, tiny_data["eval"], tmp_path / "verify.json", n_prompts=2, max_new_tokens=2)
+    switch_adapters(spec, {"lora-r8": str(out / "model")}, tiny_data["eval"], tmp_path / "switch.json", n_prompts=2)
+    sample_runs({"lora-r8": spec}, {"lora-r8": str(out / "model")}, tiny_data["eval"], tmp_path / "samples.json",
+                n=1, max_new_tokens=2)

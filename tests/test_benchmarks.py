@@ -124,12 +124,14 @@ def test_on_a_known_gpu_the_benchmark_and_the_run_report_mfu_and_the_speed_bound
     monkeypatch.setattr(throughput, "hardware_label", lambda hw: h100)
     monkeypatch.chdir(tmp_path)
     r = throughput.main(["--data", str(tiny_data["source"]), "--steps", "6", "--repeats", "1", "--max-length", "128",
-                         "--recipes", "lorasweep", "--run", "lora-r8", "--json", str(tmp_path / "r.json")])
+                         "--recipes", "lorasweep", "--run", "lora-r8", "--json", str(tmp_path / "r.json"),
+                         "--training", "precision=bf16"])  # MFU is against the 16-bit peak: 16-bit training only
     out = capsys.readouterr().out
     run = r["runs"]["lorasweep"][0]
+    assert run["precision"] == "bf16"
     tokens_per_step = run["tokens"] / run["steps"]
     bound = speed.step_ceiling(total_params=run["params"], trainable_params=run["trainable"], quantized_params=0,
-                               tokens_per_step=tokens_per_step, half=False, gpu_name=h100)
+                               tokens_per_step=tokens_per_step, half=True, gpu_name=h100)
     assert r["mfu_bound"]["mfu_ceiling_pct"] == pytest.approx(100 * bound["mfu"])
     # the benchmark's MFU counts as the workflow's runs do: 4 FLOPs per weight and token, 6 per trainable one
     flops = 4 * run["params"] + 2 * run["trainable"]

@@ -259,6 +259,43 @@ def test_a_failed_training_leaves_no_memory_sampler_running(tiny_config, tiny_da
     assert started and not samplers()
 
 
+def test_an_evaluation_out_of_memory_stops_the_retry_before_it_trains_again(tiny_config, tiny_data, tmp_path,
+                                                                            monkeypatch):
+    """Snakemake retries a failed training job (for the training batch's out-of-memory errors, which a retry
+    halves). An evaluation that ran out of memory would again, after the retry had trained up to it: the retry
+    stops before loading the model. A smaller eval batch is other settings: it trains."""
+    import torch
+
+    from lorasweep import scoring
+    from lorasweep import train as T
+    from lorasweep.config import operational
+    from lorasweep.resume import EvalOOM
+
+    real_scoring, real_load = scoring.per_example_losses, T.load_model
+    loads = []
+
+    def final_eval_oom(trainer):
+        if trainer.state.global_step > 0:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_scoring(trainer)
+
+    monkeypatch.setattr(scoring, "per_example_losses", final_eval_oom)
+    monkeypatch.setattr(T, "load_model", lambda *a, **k: loads.append(1) or real_load(*a, **k))
+    cfg = tiny_config(max_steps=2, evals=1, eval_batch_size=16)
+    out = tmp_path / "run"
+    args = (run_spec(cfg, "lora-r8"), tiny_data["train"], tiny_data["eval"], out)
+    with pytest.raises(EvalOOM, match="while evaluating at step 2 .*eval batch 16"):
+        train_run(*args, threads=2, operational=operational(cfg))
+    assert loads == [1] and (out / "eval_oom.json").is_file()
+    with pytest.raises(EvalOOM, match="an earlier attempt with these settings"):
+        train_run(*args, threads=2, operational=operational(cfg))
+    assert loads == [1]  # stopped before loading the model, let alone training
+    monkeypatch.setattr(scoring, "per_example_losses", real_scoring)
+    smaller = tiny_config(max_steps=2, evals=1, eval_batch_size=4)
+    m = train_run(run_spec(smaller, "lora-r8"), *args[1:], threads=2, operational=operational(smaller))
+    assert m["train_steps"] == 2 and not (out / "eval_oom.json").exists()
+
+
 def test_oom_halving_keeps_the_effective_batch(tmp_path):
     training = {"batch_size": 8, "grad_accum": 2}
     assert batch_after_oom(tmp_path, training, "k") == (training, 0)

@@ -244,6 +244,10 @@ def test_the_step_bound_adds_the_flops_at_peak_to_each_weights_bytes_at_full_ban
     assert speed.flops_per_token(n, n) == 6 * n and speed.flops_per_token(n, 786_432) == 4 * n + 2 * 786_432
     assert lora["step_compute_s"] == pytest.approx((4 * n + 2 * 786_432) * tokens / 989e12)
     assert speed.mfu(n, n, 1000.0, h100) == pytest.approx(6 * n * 1000 / 989e12)
+    # fp32 training is not measured against the 16-bit peak (TF32 off: several times lower)
+    assert speed.mfu(n, n, 1000.0, h100, half=False) is None
+    assert speed.step_ceiling(total_params=n, trainable_params=n, quantized_params=0, tokens_per_step=tokens,
+                              half=False, gpu_name=h100) is None
     # the card's variant matters; an unknown GPU has no bound (and no MFU), never a guess
     assert speed.peak_flops("NVIDIA H100 PCIe") == 756e12 and speed.memory_bandwidth("NVIDIA H100 PCIe") == 2.0e12
     assert speed.memory_bandwidth("NVIDIA A100-SXM4-80GB") > speed.memory_bandwidth("NVIDIA A100-SXM4-40GB")

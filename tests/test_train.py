@@ -219,6 +219,20 @@ def test_cuda_requested_without_gpu_stops_with_guidance():
     assert resolve_device("auto") == "cpu" and resolve_device("cpu") == "cpu"
 
 
+def test_auto_precision_takes_bf16_only_where_the_gpu_computes_it(monkeypatch):
+    """torch's is_bf16_supported() also says yes where bf16 is emulated (V100, T4); there `auto` means fp16."""
+    from lorasweep.train import resolve_precision
+
+    def bf16(including_emulation=True, emulated=True):  # what torch answers on a GPU without bf16 units
+        return emulated and including_emulation
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", bf16)
+    assert resolve_precision("auto", "cuda") == "fp16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # an A100, H100
+    assert resolve_precision("auto", "cuda") == "bf16"
+    assert resolve_precision("auto", "cpu") == "fp32" and resolve_precision("bf16", "cuda") == "bf16"
+
+
 def test_unknown_target_module_is_caught_against_the_model(tiny_config, tiny_data, tmp_path):
     from lorasweep.config import ConfigError
 
