@@ -122,7 +122,6 @@ def record_oom(out_dir: Path, training: dict, halvings: int, error: Exception, k
                           else "Batch 1 cannot be halved") + f". ({first})")
 
 
-
 class EvalOOM(RuntimeError):
     """Out of memory in an evaluation: its batch (``training.eval_batch_size``), not the training batch."""
 
@@ -145,6 +144,7 @@ def refuse_after_eval_oom(out_dir: Path, key: str) -> None:
         return
     raise EvalOOM(f"{record.get('error')} [an earlier attempt with these settings; this one stops before training "
                   f"up to it again: delete {path} to try the same eval batch again]")
+
 
 def logged_loss_sum(history: list[dict], step: int) -> float | None:
     """The training loss summed over steps 1..``step`` from the logged records (each the mean over the steps
