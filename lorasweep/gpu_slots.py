@@ -41,7 +41,7 @@ class GpuSlot:
     while training.
 
     Each GPU has ``jobs_per_gpu`` slots (``training.jobs_per_gpu``, default 1: one training job per GPU at a
-    time). Slots are handed out GPU by GPU before any GPU gets a second job. ``peers()`` tells how many
+    time). Every GPU gets one job before any GPU gets a second. ``peers()`` tells how many
     other training jobs hold a slot on the same GPU right now, so a run can record that it shared its GPU.
     """
 
@@ -49,6 +49,7 @@ class GpuSlot:
                  timeout_s: float | None = None, poll_s: float = 0.5):
         self.lock_dir = Path(lock_dir)
         self.gpus = visible_gpus() if gpus is None else gpus
+        self.unlisted = gpus is None and not self.gpus  # GPU training, but no GPU could be listed
         self.jobs_per_gpu = max(1, int(jobs_per_gpu))
         self.timeout_s, self.poll_s = timeout_s, poll_s
         self.gpu: str | None = None
@@ -60,6 +61,10 @@ class GpuSlot:
 
     def claim(self) -> str | None:
         if not self.gpus:  # no GPU: nothing to share out
+            if self.unlisted:
+                log.warning("no GPU listed (CUDA_VISIBLE_DEVICES is not set and nvidia-smi is not on the PATH): "
+                            "training jobs are not shared out among GPUs, each uses CUDA's default device, and "
+                            "runs do not record sharing one; set CUDA_VISIBLE_DEVICES (e.g. 0,1) to list them")
             return None
         if os.environ.get("SLURM_JOB_ID") and self.lock_dir.name != f"slurm-{os.environ['SLURM_JOB_ID']}":
             # Under SLURM the GPU ids are the allocation's own (another job's "GPU 0" is another card), while

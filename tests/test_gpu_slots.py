@@ -70,6 +70,22 @@ def test_no_gpu_needs_no_claim_and_one_gpu_is_claimed_like_several(tmp_path, mon
     assert GpuSlot(tmp_path, gpus=["3"], timeout_s=1).claim() == "3"
 
 
+def test_gpu_training_on_a_machine_whose_gpus_cannot_be_listed_says_so(tmp_path, monkeypatch, caplog):
+    """Without CUDA_VISIBLE_DEVICES and nvidia-smi no GPU can be listed: jobs are then not shared out among the
+    GPUs (all use CUDA's default device), which the job's log says; CPU training (gpus=[]) has nothing to say."""
+    import logging
+
+    import lorasweep.gpu_slots as gs
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(gs.shutil, "which", lambda name: None)
+    with caplog.at_level(logging.WARNING, logger="lorasweep.gpu_slots"):
+        assert GpuSlot(tmp_path, gpus=[]).claim() is None
+        assert not caplog.records
+        assert GpuSlot(tmp_path).claim() is None
+    assert "no GPU listed" in caplog.text and "set CUDA_VISIBLE_DEVICES" in caplog.text
+
+
 def _hold_slot(lock_dir, gpus, jobs_per_gpu, ready, stop):
     slot = GpuSlot(lock_dir, gpus=gpus, jobs_per_gpu=jobs_per_gpu, poll_s=0.02)
     slot.claim()
