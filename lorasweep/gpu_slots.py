@@ -36,6 +36,14 @@ def visible_gpus() -> list[str]:
     return [str(i) for i, line in enumerate(l for l in out.splitlines() if l.startswith("GPU "))]
 
 
+def _cuda_devices() -> int:
+    """CUDA devices torch sees (0 without CUDA); asked only where no GPU could be listed, so no slot will set
+    CUDA_VISIBLE_DEVICES after it."""
+    import torch
+
+    return torch.cuda.device_count()
+
+
 class GpuSlot:
     """Claim a free slot on a GPU (blocking, up to ``timeout_s`` when one is given); keep the object alive
     while training.
@@ -61,7 +69,7 @@ class GpuSlot:
 
     def claim(self) -> str | None:
         if not self.gpus:  # no GPU: nothing to share out
-            if self.unlisted:
+            if self.unlisted and _cuda_devices():  # GPUs there, but unlisted (on a machine without any: NoGPUError)
                 log.warning("no GPU listed (CUDA_VISIBLE_DEVICES is not set and nvidia-smi is not on the PATH): "
                             "training jobs are not shared out among GPUs, each uses CUDA's default device, and "
                             "runs do not record sharing one; set CUDA_VISIBLE_DEVICES (e.g. 0,1) to list them")

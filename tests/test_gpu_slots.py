@@ -79,11 +79,17 @@ def test_gpu_training_on_a_machine_whose_gpus_cannot_be_listed_says_so(tmp_path,
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setattr(gs.shutil, "which", lambda name: None)
+    monkeypatch.setattr(gs, "_cuda_devices", lambda: 2)  # two GPUs that nothing listed
     with caplog.at_level(logging.WARNING, logger="lorasweep.gpu_slots"):
         assert GpuSlot(tmp_path, gpus=[]).claim() is None
         assert not caplog.records
         assert GpuSlot(tmp_path).claim() is None
     assert "no GPU listed" in caplog.text and "set CUDA_VISIBLE_DEVICES" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(gs, "_cuda_devices", lambda: 0)  # no GPU at all: training stops with NoGPUError instead
+    with caplog.at_level(logging.WARNING, logger="lorasweep.gpu_slots"):
+        assert GpuSlot(tmp_path).claim() is None
+    assert not caplog.records
 
 
 def _hold_slot(lock_dir, gpus, jobs_per_gpu, ready, stop):
