@@ -86,16 +86,23 @@ def halve_batch(training: dict, halvings: int) -> dict | None:
     return {**training, "batch_size": new, "grad_accum": training["grad_accum"] * (b // new)}
 
 
+def _keyed_record(path: Path, key: str | None) -> dict | None:
+    """The out-of-memory record at ``path`` when it was made with the settings ``key`` (None: any); a record of
+    other settings or data is stale: deleted."""
+    record = read_json(path) if path.exists() else None
+    if record is not None and key is not None and record.get("key") != key:
+        log.info("an earlier out-of-memory record (%s) is for other settings or data: ignored", path)
+        path.unlink(missing_ok=True)
+        return None
+    return record
+
+
 def batch_after_oom(out_dir: Path, training: dict, key: str | None = None) -> tuple[dict, int]:
     """The settings for this attempt after the out-of-memory attempts recorded in ``oom.json`` (each halves
     the per-device batch, effective batch kept), and their number. A record made with other settings or
     data (``key``, the un-halved settings') is stale: deleted, and the configured batch used."""
     path = out_dir / OOM_FILE
-    record = read_json(path) if path.exists() else None
-    if record is not None and key is not None and record.get("key") != key:
-        log.info("an earlier out-of-memory record (%s) is for other settings or data: ignored", path)
-        path.unlink(missing_ok=True)
-        record = None
+    record = _keyed_record(path, key)
     halvings = int((record or {}).get("halvings") or 0)
     if not halvings:
         return training, 0
@@ -136,11 +143,8 @@ def refuse_after_eval_oom(out_dir: Path, key: str) -> None:
     a failed training job (for the training batch's out-of-memory errors, which a retry halves), and this one
     would train up to the same evaluation and fail there again. A record of other settings is deleted."""
     path = Path(out_dir) / EVAL_OOM_FILE
-    record = read_json(path) if path.exists() else None
+    record = _keyed_record(path, key)
     if record is None:
-        return
-    if record.get("key") != key:
-        path.unlink(missing_ok=True)
         return
     raise EvalOOM(f"{record.get('error')} [an earlier attempt with these settings; this one stops before training "
                   f"up to it again: delete {path} to try the same eval batch again]")
