@@ -10,6 +10,8 @@
 #                                                    plain SFTTrainer without checkpointing on the same machine
 #   2. full, batch 64, eager                         more tokens per step: the host's cost spread over 8x the work
 #   3. lora-r8, batch 64, eager                      LoRA against 2 where the GPU, not the host, bounds the step
+#   3b. lora-r8, batch 64, eager, frozen base in fp32   what storing LoRA's base in bf16 (the default,
+#                                                    training.frozen_weights_16bit) saved: speed and peak memory
 #   4. lora-r8, batch 8, eager
 #   4b. full, batch 64, eager, profiled              where a step's time goes: GPU busy share, host waits and
 #                                                    their operators (benchmarks/profile_summary.py)
@@ -102,6 +104,7 @@ if [[ " $checks " == *" bench "* ]]; then
     bench full-eager 150 --run full "${b8[@]}" --recipes plain-nockpt,lorasweep
     bench full-b64-eager 90 --run full "${b64[@]}"
     bench lora-r8-b64-eager 90 --run lora-r8 "${b64[@]}"
+    bench lora-r8-b64-fp32base 90 --run lora-r8 "${b64[@]}" --training frozen_weights_16bit=false
     bench lora-r8-eager 90 --run lora-r8 "${b8[@]}"
     n64=$(( (steps + 7) / 8 ))  # the batch-64 runs' steps; a profile of the middle quarter of one, summarised
     for run in full lora-r8; do

@@ -43,14 +43,17 @@ def grouped_batches(model_path: Path, train_jsonl: Path, batch: int, max_length:
     return batches
 
 
-def bare_loop(model_path: Path, train_jsonl: Path, batches: list, run: str, steps: int, seed: int) -> dict:
-    """Forward, backward, clipping and fused AdamW on ``batches`` (:func:`grouped_batches`); ms per phase."""
+def bare_loop(model_path: Path, train_jsonl: Path, batches: list, run: str, steps: int, seed: int,
+              precision: str = "fp32") -> dict:
+    """Forward, backward, clipping and fused AdamW on ``batches`` (:func:`grouped_batches`); ms per phase. With
+    ``precision`` bf16 the forward runs under bf16 autocast and a LoRA run's frozen base is stored in bf16, as
+    lorasweep trains (``training.frozen_weights_16bit``)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from lorasweep.config import run_spec
     from lorasweep.speed import single_run_config
-    from lorasweep.train import attach_lora
+    from lorasweep.train import attach_lora, store_frozen_weights_16bit
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
@@ -58,6 +61,7 @@ def bare_loop(model_path: Path, train_jsonl: Path, batches: list, run: str, step
     if run != "full":
         spec = run_spec(single_run_config(str(model_path), train_jsonl, run, lr=1e-3, device="cpu", seed=seed), run)
         model = attach_lora(model, spec)
+        store_frozen_weights_16bit(model, precision)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
@@ -73,7 +77,8 @@ def bare_loop(model_path: Path, train_jsonl: Path, batches: list, run: str, step
         positions = torch.arange(width).expand(len(rows), width)  # as lorasweep feeds right-padded batches
         tokens += int(mask.sum())
         t0 = time.perf_counter()
-        loss = model(input_ids=ids, position_ids=positions, labels=labels).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = model(input_ids=ids, position_ids=positions, labels=labels).loss
         t1 = time.perf_counter()
         loss.backward()
         t2 = time.perf_counter()
@@ -132,6 +137,11 @@ def main(argv=None) -> dict:
                     help="also time lorasweep's step with the Trainer's own per-step walks over every module "
                          "(lorasweep.trainer.SKIP_MODULE_WALKS off: parameters counted for total_flos, listed for "
                          "clipping), interleaved with the others")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                    help="bf16: both loops under bf16 autocast (as on a GPU), a LoRA base stored in bf16")
+    ap.add_argument("--fp32-frozen-base", action="store_true",
+                    help="with --precision bf16 and a LoRA run, also time lorasweep's step with its frozen base in "
+                         "fp32 (training.frozen_weights_16bit=false: autocast casts it at every forward), paired")
     ap.add_argument("--json", help="write the results here")
     a = ap.parse_args(argv)
 
@@ -150,29 +160,40 @@ def main(argv=None) -> dict:
     batches = grouped_batches(model, train, a.batch, a.max_length, a.seed)
     import lorasweep.trainer as lt
 
-    def lorasweep_ms(name: str, skip_walks: bool) -> tuple[float, dict]:
+    if a.fp32_frozen_base and (a.precision != "bf16" or a.run == "full"):
+        ap.error("--fp32-frozen-base compares a LoRA run's base storage under bf16: --precision bf16 --run lora-r<rank>")
+
+    def lorasweep_ms(name: str, skip_walks: bool, frozen_16bit: bool = True) -> tuple[float, dict]:
         lt.SKIP_MODULE_WALKS = skip_walks
         try:
             m = speed.train_single_run(str(model), train, evals, work / name, a.run, lr=1e-3, device="cpu",
                                        seed=a.seed, max_steps=a.steps, batch_size=a.batch, max_length=a.max_length,
-                                       threads=1)
+                                       threads=1, precision=a.precision, frozen_weights_16bit=frozen_16bit)
         finally:
             lt.SKIP_MODULE_WALKS = True
         return 1e3 * m["train_runtime_s"] / m["train_steps"], m
 
-    ours, bares, walking = [], [], []
+    ours, bares, walking, fp32_base = [], [], [], []
     for i in range(a.repeats):  # interleaved, so a slow phase of a shared machine hits all
         ms, m = lorasweep_ms(f"lorasweep-{i}", True)
         ours.append(ms)
-        bares.append(bare_loop(model, train, batches, a.run, a.steps, a.seed))
+        bares.append(bare_loop(model, train, batches, a.run, a.steps, a.seed, a.precision))
         if a.trainer_walks:
             walking.append(lorasweep_ms(f"walks-{i}", False)[0])
+        if a.fp32_frozen_base:
+            ms32, m32 = lorasweep_ms(f"fp32-base-{i}", True, frozen_16bit=False)
+            if m32["train_loss"] != m["train_loss"]:
+                raise RuntimeError(f"the base's storage changed the training loss: {m32['train_loss']} against "
+                                   f"{m['train_loss']} (it should not: autocast computes with the same 16-bit values)")
+            fp32_base.append(ms32)
         print(f"[{i + 1}/{a.repeats}] lorasweep {ours[-1]:.1f} ms, bare loop {bares[-1]['ms_per_step']:.1f} ms a step"
-              + (f", lorasweep with the Trainer's walks {walking[-1]:.1f} ms" if walking else ""), flush=True)
+              + (f", lorasweep with the Trainer's walks {walking[-1]:.1f} ms" if walking else "")
+              + (f", lorasweep with an fp32 frozen base {fp32_base[-1]:.1f} ms" if fp32_base else ""), flush=True)
     mine = statistics.median(ours)
     bare = statistics.median(b["ms_per_step"] for b in bares)
     phases = {k: statistics.median(b["phases_ms_per_step"][k] for b in bares) for k in bares[0]["phases_ms_per_step"]}
     out = {"run": a.run, "layers": a.layers, **NARROW, "steps": a.steps, "batch": a.batch, "repeats": a.repeats,
+           "precision": a.precision,
            "lorasweep_ms_per_step": mine, "bare_ms_per_step": bare, "bare_phases_ms_per_step": phases,
            "lorasweep_ms_per_step_each": ours, "bare_ms_per_step_each": [b["ms_per_step"] for b in bares],
            "tokens": {"lorasweep": m["train_tokens_nonpad"], "bare": bares[0]["tokens"]}}
@@ -180,8 +201,11 @@ def main(argv=None) -> dict:
     if walking:
         out.update(trainer_walks_ms_per_step=statistics.median(walking), trainer_walks_ms_per_step_each=walking,
                    walks_saved_ms_per_step_each=[w - o for w, o in zip(walking, ours)])
+    if fp32_base:
+        out.update(fp32_frozen_base_ms_per_step=statistics.median(fp32_base), fp32_frozen_base_ms_per_step_each=fp32_base,
+                   frozen_16bit_saved_ms_per_step_each=[f - o for f, o in zip(fp32_base, ours)])
     print(f"{a.run}, OPT with {a.layers} layers of width {NARROW['hidden_size']}, batch {a.batch}, {a.steps} steps, "
-          f"1 thread (host time: the arithmetic is negligible), median of {a.repeats}:")
+          f"{a.precision}, 1 thread (host time: the arithmetic is negligible), median of {a.repeats}:")
     print(f"  lorasweep's step : {mine:7.1f} ms")
     print(f"  bare loop        : {bare:7.1f} ms  (" + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()) + ")")
     print(f"  added by the Trainer, TRL's loss and lorasweep: {mine - bare:+.1f} ms a step")
@@ -192,6 +216,10 @@ def main(argv=None) -> dict:
     if walking:
         print(f"  lorasweep's step with the Trainer's walks over every module: "
               f"{out['trainer_walks_ms_per_step']:7.1f} ms (paired, each repeat: " + ", ".join(f"{d:+.1f}" for d in out["walks_saved_ms_per_step_each"]) + " ms)")
+    if fp32_base:
+        print(f"  lorasweep's step with its frozen base in fp32 (cast at every forward): "
+              f"{out['fp32_frozen_base_ms_per_step']:7.1f} ms (paired, each repeat: "
+              + ", ".join(f"{d:+.1f}" for d in out["frozen_16bit_saved_ms_per_step_each"]) + " ms; same losses)")
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=2) + "\n")
     return out

@@ -5,7 +5,8 @@
 Where the host is the bottleneck (a fast GPU at small batches: README, Speed: On a GPU) a step's time
 follows the number of operations issued, not the FLOPs. This counts the aten operations of one forward
 and backward pass (bf16 autocast, as on a GPU) with a dispatch mode, on the CPU; views (which launch no
-kernel) are counted apart. The widths are narrow because the count does not depend on them.
+kernel) are counted apart. LoRA is counted with its frozen base stored in bf16 (``training.frozen_weights_16bit``,
+lorasweep's default with 16-bit training) and in fp32 (autocast then casts every frozen weight at every forward). The widths are narrow because the count does not depend on them.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ VIEWS = {"view", "t", "transpose", "detach", "expand", "unsqueeze", "reshape", "
          "permute", "as_strided", "alias", "squeeze", "split", "_reshape_alias", "unbind"}
 
 
-def count_step(run: str, layers: int, rank: int, dropout: float, batch: int, length: int) -> dict:
+def count_step(run: str, layers: int, rank: int, dropout: float, batch: int, length: int,
+               frozen_16bit: bool = False) -> dict:
     import torch
     from peft import get_peft_model
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from lorasweep.tiny import random_opt
-    from lorasweep.train import lora_config
+    from lorasweep.train import lora_config, store_frozen_weights_16bit
 
     class Count(TorchDispatchMode):
         def __init__(self):
@@ -40,6 +42,8 @@ def count_step(run: str, layers: int, rank: int, dropout: float, batch: int, len
     if run != "full":
         model = get_peft_model(model, lora_config({"lora": {"r": rank, "alpha": 4 * rank, "dropout": dropout}},
                                                   ["q_proj", "k_proj", "v_proj"]))
+        if frozen_16bit:  # training.frozen_weights_16bit, as lorasweep trains with bf16 autocast
+            store_frozen_weights_16bit(model, "bf16")
     model.train()
     ids = torch.randint(0, 1000, (batch, length))
     with Count() as c:
@@ -58,13 +62,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--length", type=int, default=128)
     ap.add_argument("--json", help="write the counts here")
     a = ap.parse_args(argv)
-    runs = {"full": 0.0, f"lora-r{a.rank}": 0.1, f"lora-r{a.rank}, dropout 0": 0.0}
-    out = {name: count_step("full" if name == "full" else "lora", a.layers, a.rank, p, a.batch, a.length)
-           for name, p in runs.items()}
+    # name: (dropout, frozen base stored in bf16)
+    runs = {"full": (0.0, False), f"lora-r{a.rank}, fp32 base": (0.1, False),
+            f"lora-r{a.rank}, fp32 base, dropout 0": (0.0, False), f"lora-r{a.rank}": (0.1, True),
+            f"lora-r{a.rank}, dropout 0": (0.0, True)}
+    out = {name: count_step("full" if name == "full" else "lora", a.layers, a.rank, p, a.batch, a.length, half)
+           for name, (p, half) in runs.items()}
     base = out["full"]["ops_not_views"]
     print(f"aten operations per forward + backward, OPT with {a.layers} layers, LoRA on q/k/v, bf16 autocast:")
     for name, c in out.items():
-        print(f"  {name:22s} {c['ops']:6,d} in all, {c['ops_not_views']:6,d} not views "
+        print(f"  {name:34s} {c['ops']:6,d} in all, {c['ops_not_views']:6,d} not views "
               f"({c['ops_not_views'] / base:.2f}x full), {c['mm']:4d} matrix products")
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=2) + "\n")

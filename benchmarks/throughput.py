@@ -137,7 +137,8 @@ def lorasweep_recipe(model_path: str, train_jsonl: Path, eval_jsonl: Path, out: 
             "steady_tokens_per_s": second_half_rate(out / "log_history.jsonl"),
             "tokens_padded": m["train_tokens_padded"],
             "seconds": m["train_runtime_s"], "eval_loss": m["eval_loss"], "padding_share_pct": m["padding_share_pct"],
-            "params": m["total_params"], "trainable": m["trainable_params"], "hardware": m["hardware"],
+            "params": m["total_params"], "trainable": m["trainable_params"],
+            "frozen_16bit": m["frozen_16bit_params"], "hardware": m["hardware"],
             "precision": m["precision"], "steps": m["train_steps"], **{k: m[k] for k in PEAKS + BOUND if m.get(k) is not None}}
 
 

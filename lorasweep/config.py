@@ -231,7 +231,8 @@ def is_plain(name: str) -> bool:
 # out of the run spec, so that changing them does not make Snakemake retrain finished runs (its params
 # trigger compares the spec). Each run's metrics record the values it ran with.
 OPERATIONAL_KEYS = ("checkpoint_steps", "checkpoint_min_interval_s", "keep_checkpoints", "threads", "torch_compile",
-                    "torch_compile_regional", "pad_to_multiple_of", "jobs_per_gpu", "cudnn_attention")
+                    "torch_compile_regional", "pad_to_multiple_of", "jobs_per_gpu", "cudnn_attention",
+                    "frozen_weights_16bit")
 
 
 def operational(config: dict | None = None) -> dict:

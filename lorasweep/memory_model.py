@@ -1,7 +1,8 @@
 """Predicted training memory from first principles, shown beside the measured figure.
 
 Assumptions (stated in the report):
-- weights at their storage dtype: fp32 = 4 bytes; a 4-bit layer 0.5 byte per weight plus one fp32
+- weights at their storage dtype: fp32 = 4 bytes; 16-bit = 2 (a LoRA run's frozen linear weights when training
+  computes in 16 bits: ``training.frozen_weights_16bit``); a 4-bit layer 0.5 byte per weight plus one fp32
   absmax per 64-weight block (0.0625 byte; double quantization makes it smaller);
 - gradients and AdamW's two moments for trainable parameters only, in fp32: 4 + 8 bytes each;
 - activations: the bytes autograd keeps for the backward pass (every saved tensor that is not a parameter,

@@ -131,8 +131,9 @@ def memory_model_section(df: pd.DataFrame) -> str:
         "",
         "Assumptions of the model (`lorasweep/memory_model.py`):",
         "",
-        "- weights at their storage dtype: fp32 4 bytes per parameter; a 4-bit layer 0.5 byte per weight plus "
-        "one fp32 absmax per 64 weights;",
+        "- weights at their storage dtype: fp32 4 bytes per parameter; with 16-bit training a LoRA run's frozen "
+        "linear weights 2 bytes (`training.frozen_weights_16bit`: autocast computes with 16-bit copies of them "
+        "anyway); a 4-bit layer 0.5 byte per weight plus one fp32 absmax per 64 weights;",
         "- gradients (4 bytes) and AdamW's two moments (8 bytes) for trainable parameters only;",
         "- activations: the bytes autograd keeps for the backward pass (saved tensors that are not parameters, "
         "each storage once), counted on the trained model itself, in its training mode, precision and device, "
@@ -257,9 +258,9 @@ def results_table(df: pd.DataFrame) -> str:
         + ("; *MFU bound*: the most MFU this GPU allows at the run's tokens per optimizer step, however fast the "
            "host and the kernels: the step's model FLOPs at the dense peak plus the memory traffic every step has "
            "whatever its batch (each weight read for the forward and backward products, and for trainable ones "
-           "their gradient, its clipping and AdamW's update: 58 bytes per trainable weight, 10 per frozen one, with "
-           "16-bit autocast) at the GPU's full bandwidth (`lorasweep.speed.step_ceiling`; README, Speed). Few tokens a "
-           "step keep it low for full fine-tuning, whose optimizer moves every weight each step" if bound
+           "their gradient, its clipping and AdamW's update: 58 bytes per trainable weight, 10 per frozen one, 4 "
+           "per frozen one stored in 16 bits, with 16-bit autocast) at the GPU's full bandwidth "
+           "(`lorasweep.speed.step_ceiling`; README, Speed). Few tokens a step keep it low for full fine-tuning, whose optimizer moves every weight each step" if bound
            else "") + ".",
         "- *peak RSS*: peak resident memory of the training process after the model was loaded and the peak "
         "was reset" + ("; *peak alloc / reserved*: `torch.cuda` peaks after a reset at the same point" if cuda else

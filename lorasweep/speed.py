@@ -67,36 +67,41 @@ def mfu(total_params: int, trainable_params: int, tokens_per_s: float, gpu_name:
     return flops_per_token(total_params, trainable_params) * tokens_per_s / peak if peak and half else None
 
 
-def bytes_per_step(trainable: int, frozen: int, quantized: int, half: bool, micro_batches: int = 1) -> float:
+def bytes_per_step(trainable: int, frozen: int, quantized: int, half: bool, micro_batches: int = 1,
+                   frozen_16bit: int = 0) -> float:
     """Bytes an optimizer step reads and writes in GPU memory for its weights alone, whatever its batch.
 
-    Weights are stored in fp32 (as lorasweep loads them) and, with 16-bit autocast (``half``), cast to 16 bits
-    for each matrix product. Per trainable weight and micro-batch: the cast (read 4 bytes, write 2; autocast
-    keeps the copy for the backward pass), the forward product and the backward product for the activations'
-    gradient read the copy (2 + 2), the weight gradient is written (2) and cast back to fp32 (read 2, write
-    4), and from the second micro-batch on added to the gradient so far (read 4 + 4, write 4); once a step,
-    gradient clipping (the Trainer's ``max_grad_norm``, 1.0) reads the gradient for its norm and scales it
-    (4 + 4 + 4), and fused AdamW reads weight, gradient and both moments and writes weight and moments
-    (16 + 12): 58 bytes a step without gradient accumulation, 52 without autocast. Per frozen fp32 weight
-    and micro-batch: the cast (4 + 2; autocast does not keep casts of weights without gradients) and the
-    two products (2 + 2): 10 bytes; 8 without autocast. Per 4-bit weight (QLoRA) and micro-batch:
-    dequantized once for the forward and once for the backward product (read 0.5 + 1/16 for its block's
-    absmax, write the 16- or 32-bit weight, which the product reads). Activations are left out (they grow with the batch), and so is
-    every weight read a step could avoid (activation checkpointing's second forward), and smaller items (the
-    tied embedding's scattered gradient, fp16's loss scaling): a step made of these kernels (autocast's casts,
-    cuBLAS products, fused AdamW) moves at least this much. Kernels fused otherwise (a product reading fp32
-    weights directly) could move less.
+    Weights are stored in fp32 (as lorasweep loads them; a 16-bit frozen base: below) and, with 16-bit autocast
+    (``half``), cast to 16 bits for each matrix product. Per trainable weight and micro-batch: the cast (read 4
+    bytes, write 2; autocast keeps the copy for the backward pass), the forward product and the backward product for
+    the activations' gradient read the copy (2 + 2), the weight gradient is written (2) and cast back to fp32 (read
+    2, write 4), and from the second micro-batch on added to the gradient so far (read 4 + 4, write 4); once a step,
+    gradient clipping (the Trainer's ``max_grad_norm``, 1.0) reads the gradient for its norm and scales it (4 + 4 +
+    4), and fused AdamW reads weight, gradient and both moments and writes weight and moments (16 + 12): 58 bytes a
+    step without gradient accumulation, 52 without autocast. Per frozen fp32 weight and micro-batch: the cast (4 +
+    2; autocast does not keep casts of weights without gradients) and the two products (2 + 2): 10 bytes; 8 without
+    autocast. Of the ``frozen``, the ``frozen_16bit`` stored in 16 bits (``training.frozen_weights_16bit``: a LoRA
+    base) cost only the two products' reads, 4 bytes. Per 4-bit weight (QLoRA) and micro-batch: dequantized once for
+    the forward and once for the backward product (read 0.5 + 1/16 for its block's absmax, write the 16- or 32-bit
+    weight, which the product reads). Activations are left out (they grow with the batch), and so is every weight
+    read a step could avoid (activation checkpointing's second forward), and smaller items (the tied embedding's
+    scattered gradient, fp16's loss scaling): a step made of these kernels (autocast's casts, cuBLAS products, fused
+    AdamW) moves at least this much. Kernels fused otherwise (a product reading fp32 weights directly) could move
+    less.
     """
     w = 2 if half else 4
     g = micro_batches
     per_trainable = g * ((4 + w if half else 0) + 3 * w + (w + 4 if half else 0)) + (g - 1) * 12 + 12 + 16 + 12
     per_frozen = g * ((4 + w if half else 0) + 2 * w)
+    per_frozen_16bit = g * 2 * 2
     per_quantized = g * 2 * (0.5 + 1 / 16 + 2 * w)
-    return per_trainable * trainable + per_frozen * frozen + per_quantized * quantized
+    return (per_trainable * trainable + per_frozen * (frozen - frozen_16bit) + per_frozen_16bit * frozen_16bit
+            + per_quantized * quantized)
 
 
 def step_ceiling(*, total_params: int, trainable_params: int, quantized_params: int, tokens_per_step: float,
-                 half: bool, gpu_name: str | None, micro_batches: int = 1) -> dict | None:
+                 half: bool, gpu_name: str | None, micro_batches: int = 1, frozen_16bit_params: int = 0
+                 ) -> dict | None:
     """The fastest an optimizer step of ``tokens_per_step`` non-padding tokens could run on this GPU: its
     model FLOPs at the dense peak plus its weights' memory traffic (:func:`bytes_per_step`) at full bandwidth,
     one after the other (different kernels on one stream). Returns that floor on the step time, the tokens/s
@@ -112,7 +117,8 @@ def step_ceiling(*, total_params: int, trainable_params: int, quantized_params: 
     peak, bandwidth = g
     frozen = total_params - trainable_params - quantized_params
     compute_s = flops_per_token(total_params, trainable_params) * tokens_per_step / peak
-    memory_s = bytes_per_step(trainable_params, frozen, quantized_params, half, micro_batches) / bandwidth
+    memory_s = bytes_per_step(trainable_params, frozen, quantized_params, half, micro_batches,
+                              frozen_16bit_params) / bandwidth
     floor_s = compute_s + memory_s
     return {"step_floor_s": floor_s, "step_compute_s": compute_s, "step_memory_s": memory_s,
             "tokens_per_s": tokens_per_step / floor_s, "mfu": compute_s / floor_s,
@@ -124,7 +130,8 @@ def ceiling_metrics(params: dict, tokens_per_step: float, half: bool, gpu_name: 
     """A run's :func:`step_ceiling` as metrics (empty off a known GPU)."""
     c = step_ceiling(total_params=params["total_params"], trainable_params=params["trainable_params"],
                      quantized_params=params.get("quantized_params", 0), tokens_per_step=tokens_per_step,
-                     half=half, gpu_name=gpu_name, micro_batches=micro_batches)
+                     half=half, gpu_name=gpu_name, micro_batches=micro_batches,
+                     frozen_16bit_params=params.get("frozen_16bit_params", 0))
     if c is None:
         return {}
     return {"mfu_ceiling_pct": 100 * c["mfu"], "tokens_per_s_ceiling": c["tokens_per_s"],

@@ -81,8 +81,12 @@ def test_scaling_benchmark_trains_one_epoch_per_fraction_and_reuses_tokenization
 def test_op_count_benchmark_counts_more_operations_for_lora(tmp_path):
     r, stdout = _run("op_count.py", tmp_path, "--layers", 2, "--batch", 2, "--length", 16)
     full, lora, nodrop = r["full"], r["lora-r8"], r["lora-r8, dropout 0"]
-    assert 0 < full["ops_not_views"] < nodrop["ops_not_views"] < lora["ops_not_views"] <= lora["ops"]
+    # the adapters' products and dropout against the weight gradients and their casts saved
+    assert 0 < full["ops_not_views"] <= nodrop["ops_not_views"] < lora["ops_not_views"] <= lora["ops"]
     assert lora["mm"] > full["mm"]  # the adapters' small products outnumber the weight gradients saved
+    # an fp32 frozen base costs a cast of each linear layer's weight and bias at every forward: 2 x 6 x 2 layers
+    assert r["lora-r8, fp32 base"]["ops_not_views"] == lora["ops_not_views"] + 24
+    assert r["lora-r8, fp32 base"]["mm"] == lora["mm"]
     assert "not views" in stdout
 
 
@@ -130,8 +134,10 @@ def test_on_a_known_gpu_the_benchmark_and_the_run_report_mfu_and_the_speed_bound
     run = r["runs"]["lorasweep"][0]
     assert run["precision"] == "bf16"
     tokens_per_step = run["tokens"] / run["steps"]
+    assert run["frozen_16bit"] > 0  # a LoRA base under bf16: stored in bf16, 4 bytes a weight a step
     bound = speed.step_ceiling(total_params=run["params"], trainable_params=run["trainable"], quantized_params=0,
-                               tokens_per_step=tokens_per_step, half=True, gpu_name=h100)
+                               tokens_per_step=tokens_per_step, half=True, gpu_name=h100,
+                               frozen_16bit_params=run["frozen_16bit"])
     assert r["mfu_bound"]["mfu_ceiling_pct"] == pytest.approx(100 * bound["mfu"])
     # the benchmark's MFU counts as the workflow's runs do: 4 FLOPs per weight and token, 6 per trainable one
     flops = 4 * run["params"] + 2 * run["trainable"]
@@ -153,6 +159,15 @@ def test_host_time_benchmark_times_lorasweeps_step_and_a_bare_loop_on_the_same_m
     assert set(phases) == {"forward", "backward", "clip", "optimizer"} and all(v > 0 for v in phases.values())
     assert sum(phases.values()) <= r["bare_ms_per_step"]  # the phases are parts of the step
     assert r["tokens"]["bare"] > 4 * 8 and "added by the Trainer, TRL's loss and lorasweep" in stdout
+
+
+def test_host_time_benchmark_pairs_a_16bit_frozen_base_with_an_fp32_one(tiny_data, tmp_path):
+    r, stdout = _run("host_time.py", tmp_path, "--data", tiny_data["source"], "--layers", 2, "--steps", 4,
+                     "--repeats", 1, "--max-length", 128, "--run", "lora-r8", "--precision", "bf16",
+                     "--fp32-frozen-base")  # the script itself refuses the pair if their losses differ
+    assert r["precision"] == "bf16" and r["fp32_frozen_base_ms_per_step"] > 0
+    assert len(r["frozen_16bit_saved_ms_per_step_each"]) == 1 and r["bare_ms_per_step"] > 0
+    assert "with its frozen base in fp32" in stdout and "same losses" in stdout
 
 
 def test_throughput_benchmark_profiles_the_steps_asked_for_and_the_summary_reads_them(tiny_data, tmp_path):

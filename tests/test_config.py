@@ -115,7 +115,7 @@ def test_operational_settings_stay_out_of_every_run_spec():
     base = yaml.safe_load((REPO / "config" / "tiny.yaml").read_text())
     ops = {"checkpoint_steps": 7, "checkpoint_min_interval_s": 5, "keep_checkpoints": True, "threads": 1,
            "torch_compile": True, "torch_compile_regional": True, "pad_to_multiple_of": 64, "jobs_per_gpu": 2,
-           "cudnn_attention": True}
+           "cudnn_attention": True, "frozen_weights_16bit": False}
     assert set(ops) == set(OPERATIONAL_KEYS)
     plain, changed = validate_config(copy.deepcopy(base)), validate_config(deep_merge(base, {"training": ops}))
     for run in run_names(plain):

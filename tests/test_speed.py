@@ -223,6 +223,9 @@ def test_the_step_bound_adds_the_flops_at_peak_to_each_weights_bytes_at_full_ban
     assert speed.bytes_per_step(1, 0, 0, half=True) == 58 and speed.bytes_per_step(1, 0, 0, half=False) == 52
     assert speed.bytes_per_step(0, 1, 0, half=True) == 10 and speed.bytes_per_step(0, 1, 0, half=False) == 8
     assert speed.bytes_per_step(0, 0, 1, half=True) == 9.125
+    # a frozen weight stored in 16 bits (training.frozen_weights_16bit) is only read by the two products
+    assert speed.bytes_per_step(0, 3, 0, half=True, frozen_16bit=2) == 10 + 2 * 4
+    assert speed.bytes_per_step(0, 2, 0, half=True, micro_batches=2, frozen_16bit=2) == 2 * 2 * 4
     # a second micro-batch: its own casts, products and gradient (18), added to the first (12); one update
     assert speed.bytes_per_step(1, 0, 0, half=True, micro_batches=2) == 58 + 18 + 12
     n, tokens, h100 = 331_196_416, 930, "NVIDIA H100 80GB HBM3"
@@ -240,6 +243,12 @@ def test_the_step_bound_adds_the_flops_at_peak_to_each_weights_bytes_at_full_ban
     lora = speed.step_ceiling(total_params=n, trainable_params=786_432, quantized_params=0,
                               tokens_per_step=tokens, half=True, gpu_name=h100)
     assert lora["tokens_per_s"] > 3 * full["tokens_per_s"]
+    # ... and 4 stored in 16 bits: the run's parameter counts carry how many are (ceiling_metrics reads them)
+    base_16bit = speed.ceiling_metrics({"total_params": n, "trainable_params": 786_432,
+                                        "frozen_16bit_params": n - 786_432 - 51_463_168}, tokens, True, h100)
+    assert base_16bit["step_floor_memory_ms"] == pytest.approx(
+        1e3 * (58 * 786_432 + 10 * 51_463_168 + 4 * (n - 786_432 - 51_463_168)) / 3.35e12)
+    assert base_16bit["tokens_per_s_ceiling"] > lora["tokens_per_s"]
     # FLOPs per token: 2 forward + 2 for the activations' gradient per weight, 2 more per trainable weight
     assert speed.flops_per_token(n, n) == 6 * n and speed.flops_per_token(n, 786_432) == 4 * n + 2 * 786_432
     assert lora["step_compute_s"] == pytest.approx((4 * n + 2 * 786_432) * tokens / 989e12)

@@ -131,6 +131,95 @@ def test_qlora_loads_the_configured_4bit_format(tiny_config):
             assert {s.quant_type for s in states} == {quant_type} and {s.nested for s in states} == {double}
 
 
+def test_a_16bit_frozen_base_trains_bitwise_as_the_fp32_one(tiny_config, tiny_data, tmp_path):
+    """training.frozen_weights_16bit: with bf16 autocast a LoRA run's frozen linear weights are stored in bf16
+    instead of being cast to it at every product. The same losses, gradient norms, eval losses (every example)
+    and adapter, to the bit; the embedding (tied to the LM head), layer norms and the adapter stay fp32."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    spec = run_spec(tiny_config(max_steps=6, precision="bf16"), "lora-r8")
+    for on in (True, False):
+        out = tmp_path / str(on)
+        m = train_run(spec, tiny_data["train"], tiny_data["eval"], out, threads=2,
+                      operational={"frozen_weights_16bit": on})  # an operational setting: not in the run's spec
+        runs[on] = (m, [json.loads(line) for line in (out / "log_history.jsonl").read_text().splitlines()],
+                    load_file(out / "model" / "adapter_model.safetensors"))
+    (m16, log16, adapter16), (m32, log32, adapter32) = runs[True], runs[False]
+    # 2 layers x 6 linear layers (q, k, v, out_proj, fc1, fc2), weights and biases; nothing else
+    from lorasweep.train import load_model
+
+    base = load_model(spec, "cpu", "fp32")
+    linear = sum(p.numel() for name, mod in base.named_modules() if type(mod) is torch.nn.Linear and name != "lm_head"
+                 for p in mod.parameters())
+    assert m16["frozen_16bit_params"] == linear > 0 and m32["frozen_16bit_params"] == 0
+    assert m16["total_params"] == m32["total_params"] and m16["trainable_params"] == m32["trainable_params"]
+    # the memory model sees half the bytes for those weights, and no 16-bit copies of them kept for the backward
+    assert m32["predicted_weights_bytes"] - m16["predicted_weights_bytes"] == 2 * linear
+    assert m16["predicted_saved_for_backward_bytes"] < m32["predicted_saved_for_backward_bytes"]
+    losses = [(h.get("loss"), h.get("grad_norm"), h.get("eval_loss")) for h in log16]
+    assert losses == [(h.get("loss"), h.get("grad_norm"), h.get("eval_loss")) for h in log32]
+    assert sum(1 for loss, _, _ in losses if loss is not None) >= 3
+    assert m16["eval_loss"] == m32["eval_loss"] and m16["base_eval_loss"] == m32["base_eval_loss"]
+    assert m16["eval_loss"] != m16["base_eval_loss"]  # it trained
+    assert adapter16.keys() == adapter32.keys() and all(torch.equal(adapter16[k], adapter32[k]) for k in adapter16)
+    assert {t.dtype for t in adapter16.values()} == {torch.float32}
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux's /proc/self/maps")
+def test_a_16bit_frozen_base_on_the_cpu_lets_the_memory_mapped_checkpoint_go(tiny_config, tiny_model, tmp_path):
+    """On the CPU the loaded checkpoint stays memory-mapped while a weight points into it, and its pages count in
+    the RSS: after the conversion nothing may point into it, or the RSS holds the fp32 file beside the copies."""
+    import gc
+    import shutil
+
+    from lorasweep.train import attach_lora, load_model, store_frozen_weights_16bit
+
+    own = shutil.copytree(tiny_model, tmp_path / "model")  # a path no other test's model maps
+    cfg = tiny_config()
+    cfg["model"]["name_or_path"] = str(own)
+    spec = run_spec(cfg, "lora-r8")
+
+    def mapped():
+        gc.collect()
+        return str(own) in open("/proc/self/maps").read()
+
+    model = attach_lora(load_model(spec, "cpu", "bf16"), spec)
+    assert mapped()  # what the conversion has to undo
+    assert store_frozen_weights_16bit(model, "bf16") > 0
+    assert not mapped()
+    assert model.get_input_embeddings().weight.dtype == torch.float32
+
+
+def test_only_frozen_unshared_linear_weights_go_16bit(tiny_config):
+    """What store_frozen_weights_16bit leaves alone: fp32 training, trainable weights (full fine-tuning),
+    QLoRA's 4-bit layers, and the LM head shared with the token embedding."""
+    import bitsandbytes as bnb
+
+    from lorasweep.train import attach_lora, load_model, store_frozen_weights_16bit
+
+    spec = run_spec(tiny_config(), "lora-r8")
+    lora = attach_lora(load_model(spec, "cpu", "bf16"), spec)
+    assert store_frozen_weights_16bit(lora, "fp32") == 0
+    assert {p.dtype for p in lora.parameters()} == {torch.float32}
+    assert store_frozen_weights_16bit(lora, "bf16") > 0
+    for name, p in lora.named_parameters():
+        assert p.dtype == (torch.float32 if p.requires_grad or "layer_norm" in name or "embed" in name
+                           else torch.bfloat16), name
+    assert lora.get_output_embeddings().weight.dtype == torch.float32
+    full = load_model(run_spec(tiny_config(), "full"), "cpu", "bf16")
+    assert store_frozen_weights_16bit(full, "bf16") == 0
+    spec = run_spec(tiny_config(), "qlora-r8")
+    qlora = attach_lora(load_model(spec, "cpu", "bf16"), spec)
+    before = {name: (p.dtype, p.data_ptr()) for name, p in qlora.named_parameters()}
+    store_frozen_weights_16bit(qlora, "bf16")
+    four_bit = [name for name, mod in qlora.named_modules() if isinstance(mod, bnb.nn.Linear4bit)]
+    assert four_bit
+    for name, p in qlora.named_parameters():
+        if any(name.startswith(layer + ".") for layer in four_bit) and "lora_" not in name:
+            assert (p.dtype, p.data_ptr()) == before[name], name
+
+
 def test_token_counts_on_hand_built_batches():
     batch = {
         "input_ids": torch.tensor([[5, 6, 7, 0, 0], [8, 9, 10, 11, 12]]),
