@@ -81,7 +81,7 @@ def saved_bytes(model, batch: int, length: int, half, fused_loss: bool) -> int:
 
 def activation_bytes(model, batch_size: int, seq_len: int, half, fused_loss: bool) -> int:
     """What autograd keeps for a batch of ``batch_size`` x ``seq_len``: f + b * (a*s + c*s^2), with f (kept once
-    per step whatever the batch: autocast's 16-bit copies of the weights), a and c solved from three
+    per step whatever the batch: autocast's 16-bit copies of the weights stored in fp32), a and c solved from three
     probe batches (c is 0 up to rounding unless attention keeps its s x s matrices)."""
     import numpy as np
 

@@ -139,7 +139,7 @@ def memory_model_section(df: pd.DataFrame) -> str:
         "each storage once), counted on the trained model itself, in its training mode, precision and device, "
         "with three probe batches of 32, 64 and 128 tokens and scaled to the longest padded batch fed as "
         "f + b·(a·s + c·s²) (c: attention matrices, kept by eager attention only; f: autocast's 16-bit copies "
-        "of the weights): what the architecture, the method, dropout and precision really keep; plus the "
+        "of the weights stored in fp32): what the architecture, the method, dropout and precision really keep; plus the "
         "working memory of TRL's chunked loss over the LM head (no b·s·V logits are built): a tile of up to "
         "4,096 positions × 32,768 vocabulary columns at the compute dtype (CUDA), with 7.25 fp32 tiles of "
         "temporaries more in its CPU fallback;",
