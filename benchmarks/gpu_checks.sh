@@ -10,11 +10,12 @@
 #                                                    plain SFTTrainer without checkpointing on the same machine
 #   2. full, batch 64, eager                         more tokens per step: the host's cost spread over 8x the work
 #   3. lora-r8, batch 64, eager                      LoRA against 2 where the GPU, not the host, bounds the step
-#   3b. lora-r8, batch 64, eager, frozen base in fp32   what storing LoRA's base in bf16 (the default,
-#                                                    training.frozen_weights_16bit) saved: speed and peak memory
 #   4. lora-r8, batch 8, eager
 #   4b. full, batch 64, eager, profiled              where a step's time goes: GPU busy share, host waits and
 #                                                    their operators (benchmarks/profile_summary.py)
+#   4c. lora-r8, batch 64, eager, frozen base in fp32  what storing LoRA's base in bf16 (the default,
+#                                                    training.frozen_weights_16bit) saves: speed, peak memory, and
+#                                                    whether the eval loss is bitwise the same as 3's
 #   5. full, batch 8, regional compile + CUDA graphs does cutting host time (CUDA graphs) pay, and its
 #                                                    compile time (torch_compile: reduce-overhead)
 #   6. full, batch 8, regional compile without CUDA graphs (fused kernels, fewer launches; right after 5 if 5 failed)
@@ -104,7 +105,6 @@ if [[ " $checks " == *" bench "* ]]; then
     bench full-eager 150 --run full "${b8[@]}" --recipes plain-nockpt,lorasweep
     bench full-b64-eager 90 --run full "${b64[@]}"
     bench lora-r8-b64-eager 90 --run lora-r8 "${b64[@]}"
-    bench lora-r8-b64-fp32base 90 --run lora-r8 "${b64[@]}" --training frozen_weights_16bit=false
     bench lora-r8-eager 90 --run lora-r8 "${b8[@]}"
     n64=$(( (steps + 7) / 8 ))  # the batch-64 runs' steps; a profile of the middle quarter of one, summarised
     for run in full lora-r8; do
@@ -114,6 +114,19 @@ if [[ " $checks " == *" bench "* ]]; then
                 2>&1 | tee -a "$summary"
         fi
     done
+    if bench lora-r8-b64-fp32base 90 --run lora-r8 "${b64[@]}" --training frozen_weights_16bit=false; then
+        python3 - "$out/lora-r8-b64-eager.json" "$out/lora-r8-b64-fp32base.json" <<'EOF' | tee -a "$summary"
+import json, sys
+from pathlib import Path
+ours, fp32 = (Path(p) for p in sys.argv[1:])
+if not ours.exists():
+    print("    frozen base bf16 vs fp32: no lora-r8-b64-eager run to compare the eval loss with")
+else:
+    a, b = (json.loads(p.read_text())["runs"]["lorasweep"][0]["eval_loss"] for p in (ours, fp32))
+    print(f"    eval loss, frozen base in bf16 {a!r} against fp32 {b!r}: " + ("SAME, bitwise" if a == b else
+          f"DIFF by {a - b:+.2e} (CUDA's attention backward may also differ between two runs of one setting)"))
+EOF
+    fi
     bench full-cudagraphs 200 --run full "${b8[@]}" "${graphs[@]}"; graphs_rc=$?
     # without CUDA graphs, a compiled layer still fuses its elementwise kernels (fewer launches for the host):
     # the next best hope when the graphs failed, so measured now rather than last

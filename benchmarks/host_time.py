@@ -175,13 +175,21 @@ def main(argv=None) -> dict:
 
     ours, bares, walking, fp32_base = [], [], [], []
     for i in range(a.repeats):  # interleaved, so a slow phase of a shared machine hits all
-        ms, m = lorasweep_ms(f"lorasweep-{i}", True)
-        ours.append(ms)
-        bares.append(bare_loop(model, train, batches, a.run, a.steps, a.seed, a.precision))
+        arms = {"ours": lambda: lorasweep_ms(f"lorasweep-{i}", True),
+                "bare": lambda: bare_loop(model, train, batches, a.run, a.steps, a.seed, a.precision)}
         if a.trainer_walks:
-            walking.append(lorasweep_ms(f"walks-{i}", False)[0])
+            arms["walks"] = lambda: lorasweep_ms(f"walks-{i}", False)
         if a.fp32_frozen_base:
-            ms32, m32 = lorasweep_ms(f"fp32-base-{i}", True, frozen_16bit=False)
+            arms["fp32"] = lambda: lorasweep_ms(f"fp32-base-{i}", True, frozen_16bit=False)
+        # every other repeat in reverse order: a machine that slows down (or speeds up) during a run favours no arm
+        got = {name: arms[name]() for name in (list(arms) if i % 2 == 0 else list(arms)[::-1])}
+        ms, m = got["ours"]
+        ours.append(ms)
+        bares.append(got["bare"])
+        if "walks" in got:
+            walking.append(got["walks"][0])
+        if "fp32" in got:
+            ms32, m32 = got["fp32"]
             if m32["train_loss"] != m["train_loss"]:
                 raise RuntimeError(f"the base's storage changed the training loss: {m32['train_loss']} against "
                                    f"{m['train_loss']} (it should not: autocast computes with the same 16-bit values)")

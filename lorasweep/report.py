@@ -267,9 +267,34 @@ def results_table(df: pd.DataFrame) -> str:
                        " (CPU run: no CUDA figures)") + ". Training only: the evaluations during training are "
         "measured apart (`eval_peak_*` in metrics.csv) and left out, since their memory depends on the eval batch "
         "size, not on the method.",
+        *_frozen_base_note(df),
         "- *saved*: adapter file size for LoRA / QLoRA, full model weights for full fine-tuning.",
     ]
     return "## Results\n\n" + _table(rows) + "\n" + "\n".join(notes)
+
+
+def _frozen_base_note(df: pd.DataFrame) -> list[str]:
+    """How the LoRA runs that trained in 16 bits stored their frozen base (``training.frozen_weights_16bit``), and
+    a warning where they differ: the setting is operational, so runs finished before a change keep theirs, and
+    their memory figures would then compare fp32 bases with 16-bit ones."""
+    if "frozen_16bit_params" not in df or "method" not in df or "precision" not in df:
+        return []
+    dora = df["use_dora"].fillna(False).astype(bool) if "use_dora" in df else pd.Series(False, index=df.index)
+    lora = df[(df["method"] == "lora") & df["precision"].isin(["bf16", "fp16"]) & ~dora]
+    if lora.empty:
+        return []
+    half = lora["frozen_16bit_params"].fillna(0) > 0
+    if half.all():
+        return ["- The LoRA runs kept their frozen linear weights in 16 bits, the dtype autocast computes with "
+                "(`training.frozen_weights_16bit`; `frozen_16bit_params` in metrics.csv): half their bytes, and no "
+                "16-bit copies of them kept for the backward pass."]
+    if not half.any():
+        return ["- The LoRA runs kept their frozen base in fp32 (`training.frozen_weights_16bit: false`)."]
+    names = lambda runs: ", ".join(f"`{r}`" for r in runs)  # noqa: E731
+    return [f"- **Memory compares unlike runs**: {names(lora.loc[half, 'run'])} kept their frozen linear weights "
+            f"in 16 bits, {names(lora.loc[~half, 'run'])} in fp32 (`training.frozen_weights_16bit` differed when "
+            "they trained; an operational setting, so changing it retrains nothing). Rerun the latter with "
+            "`--forcerun` for comparable memory figures; their losses are not affected."]
 
 
 def figures_section(figures_dir: str) -> str:

@@ -468,6 +468,25 @@ def test_results_show_mfu_and_its_bound_on_a_gpu_and_neither_on_the_cpu():
     assert "*MFU bound*: the most MFU this GPU allows" in table
 
 
+def test_the_results_say_how_the_lora_runs_stored_their_frozen_base_and_warn_when_they_differ():
+    """training.frozen_weights_16bit is operational: runs finished before it changed keep their base's storage, so
+    a sweep can hold both, and its memory figures would compare unlike runs unless the report says so."""
+    from lorasweep.report import results_table
+
+    m, _ = _fixture()
+    lora = m["method"] == "lora"
+    assert lora.sum() >= 2 and "frozen" not in results_table(F.by_run(m))  # CPU fp32 runs: nothing to say
+    gpu = m.assign(precision="bf16", frozen_16bit_params=lora * 1000)
+    assert "The LoRA runs kept their frozen linear weights in 16 bits" in results_table(F.by_run(gpu))
+    first = m.loc[lora, "run"].iloc[0]
+    gpu.loc[gpu["run"] == first, "frozen_16bit_params"] = 0
+    table = results_table(F.by_run(gpu))
+    assert "**Memory compares unlike runs**" in table and f"in 16 bits, `{first}` in fp32" in table
+    # a DoRA run keeps its base in fp32 by design: no warning for it
+    gpu.loc[gpu["run"] == first, "use_dora"] = True
+    assert "unlike runs" not in results_table(F.by_run(gpu))
+
+
 def test_a_gpu_sweep_far_below_its_speed_bound_says_that_overhead_set_the_pace():
     m, ev = _fixture()
     assert not any("Speed against what the GPU allows" in f for f in F.findings(m, ev))  # CPU runs: no bound
