@@ -163,12 +163,13 @@ def store_frozen_weights_16bit(model, precision: str) -> int:
     compares them) for half the weights' memory and none of those kernels. Left in fp32: trainable parameters,
     anything outside a linear layer (embeddings, layer norms) and a weight shared with one (OPT's LM head is its
     token embedding: a 16-bit embedding would carry the residual stream in 16 bits), 4-bit layers (QLoRA's
-    base), and everything when training computes in fp32.
+    base), and everything when training computes in fp32 or the adapter is DoRA (PEFT upcasts the base weight to
+    normalise base + adapter in fp32: a 16-bit copy would change that norm).
     """
     import torch
 
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    if half is None:
+    if half is None or any(getattr(c, "use_dora", False) for c in getattr(model, "peft_config", {}).values()):
         return 0
     owners: dict[int, int] = {}
     for m in model.modules():
@@ -186,7 +187,7 @@ def store_frozen_weights_16bit(model, precision: str) -> int:
         # On the CPU the checkpoint stays memory-mapped while any weight still points into it, and every page
         # read (all of them, by the conversion) counts in the process's RSS: copying the frozen fp32 rest
         # (embeddings, layer norms: ~8% of opt-350m) lets the mapping go, or the RSS would hold the fp32 file
-        # beside the 16-bit copies (+0.6 GiB for opt-350m's shape instead of -0.5).
+        # beside the 16-bit copies (+0.5 GiB for opt-350m's shape instead of -0.6).
         for p in model.parameters():
             if not p.requires_grad and p.dtype == torch.float32:
                 p.data = p.data.clone()
@@ -397,9 +398,7 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
     if spec["lora"]:
         model = attach_lora(model, spec)
         initial_adapter = save_initial_adapter(model, spec, out_dir / "initial_adapter")
-    # DoRA normalises base weight + adapter in fp32 (PEFT upcasts the base weight): a 16-bit copy would change it
-    frozen_16bit = (store_frozen_weights_16bit(model, precision)
-                    if training.get("frozen_weights_16bit", True) and not (spec["lora"] or {}).get("use_dora") else 0)
+    frozen_16bit = store_frozen_weights_16bit(model, precision) if training.get("frozen_weights_16bit", True) else 0
     if frozen_16bit:
         log.info("frozen linear weights kept in %s (%d values): autocast casts them to it at every product anyway",
                  precision, frozen_16bit)

@@ -209,6 +209,11 @@ def test_only_frozen_unshared_linear_weights_go_16bit(tiny_config):
     assert lora.get_output_embeddings().weight.dtype == torch.float32
     full = load_model(run_spec(tiny_config(), "full"), "cpu", "bf16")
     assert store_frozen_weights_16bit(full, "bf16") == 0
+    cfg = tiny_config()
+    cfg["methods"]["lora"]["use_dora"] = True  # DoRA's norm reads the base weight in fp32: left as it is
+    spec = run_spec(cfg, "lora-r8-dora")
+    dora = attach_lora(load_model(spec, "cpu", "bf16"), spec)
+    assert store_frozen_weights_16bit(dora, "bf16") == 0 and {p.dtype for p in dora.parameters()} == {torch.float32}
     spec = run_spec(tiny_config(), "qlora-r8")
     qlora = attach_lora(load_model(spec, "cpu", "bf16"), spec)
     before = {name: (p.dtype, p.data_ptr()) for name, p in qlora.named_parameters()}
