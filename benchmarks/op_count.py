@@ -6,7 +6,8 @@ Where the host is the bottleneck (a fast GPU at small batches: README, Speed: On
 follows the number of operations issued, not the FLOPs. This counts the aten operations of one forward
 and backward pass (bf16 autocast, as on a GPU) with a dispatch mode, on the CPU; views (which launch no
 kernel) are counted apart. LoRA is counted with its frozen base stored in bf16 (``training.frozen_weights_16bit``,
-lorasweep's default with 16-bit training) and in fp32 (autocast then casts every frozen weight at every forward). The widths are narrow because the count does not depend on them.
+lorasweep's default with 16-bit training) and in fp32 (autocast then casts every frozen weight at every forward).
+The widths are narrow because the count does not depend on them.
 """
 
 from __future__ import annotations

@@ -139,8 +139,8 @@ def memory_model_section(df: pd.DataFrame) -> str:
         "each storage once), counted on the trained model itself, in its training mode, precision and device, "
         "with three probe batches of 32, 64 and 128 tokens and scaled to the longest padded batch fed as "
         "f + b·(a·s + c·s²) (c: attention matrices, kept by eager attention only; f: autocast's 16-bit copies "
-        "of the weights stored in fp32): what the architecture, the method, dropout and precision really keep; plus the "
-        "working memory of TRL's chunked loss over the LM head (no b·s·V logits are built): a tile of up to "
+        "of the weights stored in fp32): what the architecture, the method, dropout and precision really keep; "
+        "plus the working memory of TRL's chunked loss over the LM head (no b·s·V logits are built): a tile of up to "
         "4,096 positions × 32,768 vocabulary columns at the compute dtype (CUDA), with 7.25 fp32 tiles of "
         "temporaries more in its CPU fallback;",
         "- gradients and activations do not peak together: autograd creates each layer's weight gradients as "
@@ -260,7 +260,8 @@ def results_table(df: pd.DataFrame) -> str:
            "whatever its batch (each weight read for the forward and backward products, and for trainable ones "
            "their gradient, its clipping and AdamW's update: 58 bytes per trainable weight, 10 per frozen one, 4 "
            "per frozen one stored in 16 bits, with 16-bit autocast) at the GPU's full bandwidth "
-           "(`lorasweep.speed.step_ceiling`; README, Speed). Few tokens a step keep it low for full fine-tuning, whose optimizer moves every weight each step" if bound
+           "(`lorasweep.speed.step_ceiling`; README, Speed). Few tokens a step keep it low for full fine-tuning, "
+           "whose optimizer moves every weight each step" if bound
            else "") + ".",
         "- *peak RSS*: peak resident memory of the training process after the model was loaded and the peak "
         "was reset" + ("; *peak alloc / reserved*: `torch.cuda` peaks after a reset at the same point" if cuda else
