@@ -16,6 +16,7 @@
 #   4c. lora-r8, batch 64, eager, frozen base in fp32  what storing LoRA's base in bf16 (the default,
 #                                                    training.frozen_weights_16bit) saves: speed, peak memory, and
 #                                                    whether the eval loss is bitwise the same as 3's
+#   4d. qlora-r8 and lora-r8, batch 8, eager, profiled  where QLoRA's host-bound step (the sweep's long pole) goes
 #   5. full, batch 8, regional compile + CUDA graphs does cutting host time (CUDA graphs) pay, and its
 #                                                    compile time (torch_compile: reduce-overhead)
 #   6. full, batch 8, regional compile without CUDA graphs (fused kernels, fewer launches; right after 5 if 5 failed)
@@ -28,7 +29,8 @@
 # Every benchmark line (tokens/s over the run and its second half, MFU, memory) goes to OUT/summary.txt, the
 # per-check logs and JSON beside it. A check over its cap is reported as such and the next one runs.
 # CHECKS="bench" or "sweep" runs one part (default both); BENCH="full-eager lora-r8-b64-profile ..." runs only
-# the bench checks it names (4b is full-b64-profile and lora-r8-b64-profile). Caps: eager 90 s (the first 150 s), compiled 200 s, sweep 480 s, each
+# the bench checks it names (4b is full-b64-profile and lora-r8-b64-profile, 4d qlora-r8-b8-profile and
+# lora-r8-b8-profile). Caps: eager 90 s (the first 150 s), compiled 200 s, sweep 480 s, each
 # scaled by CAP_SCALE; BUDGET (seconds, default 560) bounds the whole script: a check gets at most what is
 # left of it and is skipped with under 30 s left. DEVICE=cpu SHAPE=tiny and STEPS 16 try the script on a
 # CPU (the sweep then stops each run after STEPS steps). SWEEP_REPEAT=10 gives the sweep the sample ten times
@@ -127,6 +129,15 @@ else:
           f"DIFF by {a - b:+.2e} (CUDA's attention backward may also differ between two runs of one setting)"))
 EOF
     fi
+    # QLoRA's step at the write-ups' batch, profiled beside LoRA's: on the H200 on 2026-11-27 it took ~165 ms
+    # whether it shared the GPU or not (7-13% GPU busy alone) and set the sweep's wall clock
+    for run in qlora-r8 lora-r8; do
+        if bench $run-b8-profile 90 --run $run --batch 8 --steps 60 --training logging_steps=10 \
+                --profile "$out/profile-$run-b8" --profile-steps 30,10; then
+            python3 benchmarks/profile_summary.py "$out/profile-$run-b8" --top 8 --json "$out/profile-$run-b8.json" \
+                2>&1 | tee -a "$summary"
+        fi
+    done
     bench full-cudagraphs 200 --run full "${b8[@]}" "${graphs[@]}"; graphs_rc=$?
     # without CUDA graphs, a compiled layer still fuses its elementwise kernels (fewer launches for the host):
     # the next best hope when the graphs failed, so measured now rather than last
@@ -160,11 +171,20 @@ else  # the default sweep's five runs, sharing the GPU five at a time, up to the
     configs=(config/config.yaml); [ "$shape" = opt-350m ] && configs+=(config/opt-350m-shape.yaml)
     [ "$shape" = tiny ] && configs+=(config/tiny.yaml)
     t0=$SECONDS
+    smi=  # the GPU's busy share each second while the sweep runs (nvidia-smi's utilization.gpu)
+    command -v nvidia-smi >/dev/null && [ "$device" = cuda ] && {
+        nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader -l 1 \
+            >"$out/sweep-gpu-util.csv" 2>/dev/null & smi=$!; }
     timeout "$(cap 480)" snakemake results/metrics.csv --cores 16 --resources gpu=5 --set-threads train=3 \
         --scheduler greedy --directory "$sweep" --snakefile "$PWD/Snakefile" \
         --configfile "${configs[@]/#/$PWD/}" "$sweep/checks.yaml" >"$out/sweep.log" 2>&1
     rc=$?
     echo "five-run sweep, jobs_per_gpu 5, data x${SWEEP_REPEAT:-1}: exit $rc, $((SECONDS - t0)) s wall ($(grep -c 'Finished job' "$out/sweep.log") jobs)" | tee -a "$summary"
+    if [ -n "$smi" ]; then
+        kill "$smi" 2>/dev/null
+        awk -F', ' '$2 ~ /^[0-9]/ {n++; s += $2 + 0} END {if (n) printf "    GPU busy %.0f%% of %d one-second samples (%s)\n", s / n, n, FILENAME}' \
+            "$out/sweep-gpu-util.csv" | tee -a "$summary"
+    fi
     [ -f "$sweep/results/metrics.csv" ] && python3 - "$sweep/results/metrics.csv" <<'EOF' | tee -a "$summary"
 import csv, sys
 pct = lambda v: f"{float(v):.1f}%" if v else "-"
