@@ -628,3 +628,42 @@ def test_collect_refuses_a_run_whose_per_example_losses_do_not_pair_up(tmp_path)
     collect(*args)
     table = pd.read_csv(out / "eval_losses.csv")
     assert list(table["example"]) == [0, 1] and set(table["run"]) == {"full"}
+
+
+def test_a_recorded_gpu_sweep_renders_its_cuda_figures(tmp_path):
+    """The default five-run sweep as it ran on an H200 (benchmarks/results/h200-2026-11-27b.md: opt-350m's shape,
+    CodeAlpaca-20k's size, five jobs sharing the GPU): the report's GPU-only branches (MFU and its bound, CUDA
+    peaks, the memory model against them, shared-GPU caveats, the 16-bit frozen base) on real CUDA metrics."""
+    from lorasweep import report as R
+
+    rec = REPO / "benchmarks" / "results" / "h200-2026-11-27b-five-run-sweep-x10"
+    ctx = R.load(f"{rec}-metrics.csv", f"{rec}-log-history.csv.gz", f"{rec}-data-summary.json",
+                 f"{rec}-eval-losses.csv.gz")
+    df = ctx["metrics"]
+    assert list(df["run"]) == ["full", "lora-r8", "lora-r128", "lora-r256", "qlora-r8"]
+
+    table = R.results_table(df)
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines() if line.startswith("| ")]
+    header, by = rows[0], {r[0]: r for r in rows[1:]}
+    assert by["full"][header.index("MFU")] == "2.2%" and by["full"][header.index("MFU bound")] == "32%"
+    assert by["lora-r8"][header.index("peak alloc")] == "4.050 GiB"
+    assert "The LoRA runs kept their frozen linear weights in 16 bits" in table and "unlike runs" not in table
+
+    findings = R.findings_section(ctx)
+    assert "**Runs that shared their GPU**: every run, each beside up to 4 other training job(s)" in findings
+    assert "`full` 10,919 of 158,535 tokens/s (7%; MFU 2.2% of ≤ 32%)" in findings
+    assert "Every run stayed under 25% of its bound" in findings
+    # timed beside each other on one GPU: no runtime comparison is drawn
+    assert "train runtime 57% longer (not comparable" in findings
+
+    memory = R.memory_model_section(df)
+    errors = {r[0]: r[-1] for r in ([c.strip() for c in line.strip("|").split("|")]
+                                   for line in memory.splitlines() if line.startswith("| ")) if r[0] in set(df["run"])}
+    assert errors == {"full": "-2%", "lora-r8": "-2%", "lora-r128": "-2%", "lora-r256": "-2%", "qlora-r8": "-1%"}
+
+    writeups = R.writeups_section(df, ctx["eval_losses"])
+    assert "| lorasweep (NVIDIA H200) | lora-r8" in writeups
+    assert re.search(r"peak memory rises with the rank\s*\|\s*agrees", writeups)
+
+    made = plot_all(f"{rec}-metrics.csv", f"{rec}-log-history.csv.gz", tmp_path)
+    assert {p.name for p in made if p.suffix == ".png"} == {f"{name}.png" for name in FIGURES}
