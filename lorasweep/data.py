@@ -5,6 +5,7 @@ Prepared once per sweep and shared by every run, so that all runs see exactly th
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -202,6 +203,43 @@ def prepare(source: str, train_out: str | Path, eval_out: str | Path, summary_ou
 
 
 CACHE_DIR = "cache"  # beside the prepared splits: results/data/cache
+
+
+@contextlib.contextmanager
+def preparing_splits(train_path: str | Path):
+    """Held while a training job builds its trainer, where TRL prepares (tokenizes) the splits: one job at a time.
+
+    Training jobs that start together (several on one GPU with ``training.jobs_per_gpu``, or one per GPU) would
+    each tokenize the same splits before the first had written ``datasets``' cache; with this lock the first
+    tokenizes and the others wait, then load its result from the cache. A lock file in the cache folder, taken
+    with ``fcntl.flock`` (released by the system if the job dies); where the file system offers no locks, jobs go
+    on without one, as before. Yields a dict filled on the way out: ``wait_s`` (waiting for another job),
+    ``prep_s`` (the work itself) and ``tokenized`` (whether new files appeared in the cache: this job tokenized).
+    """
+    import time
+
+    cache = Path(train_path).parent / CACHE_DIR
+    cache.mkdir(parents=True, exist_ok=True)
+    info: dict = {"wait_s": 0.0, "prep_s": 0.0, "tokenized": False}
+    t0 = time.perf_counter()
+    with open(cache / ".prepare.lock", "a") as lock:
+        try:
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except (ImportError, OSError) as e:  # no fcntl (Windows) or no locks on this file system (some NFS)
+            log.info("no lock on %s (%s): concurrent jobs may each tokenize the splits", lock.name, e)
+        info["wait_s"] = time.perf_counter() - t0
+        if info["wait_s"] > 1:
+            log.info("waited %.1fs for another job preparing the same splits", info["wait_s"])
+        before = set(cache.rglob("*.arrow"))
+        t1 = time.perf_counter()
+        try:
+            yield info
+        finally:
+            info["prep_s"] = time.perf_counter() - t1
+            info["tokenized"] = bool(set(cache.rglob("*.arrow")) - before)
+    # closing the file releases the lock
 
 
 def load_splits(train_path: str | Path, eval_path: str | Path) -> tuple:

@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import shutil
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -362,7 +361,7 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         torch.backends.cuda.enable_cudnn_sdp(bool(training.get("cudnn_attention", False)))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    from .data import fingerprint, load_splits
+    from .data import fingerprint, load_splits, preparing_splits
 
     data_sha = fingerprint(train_path, eval_path)
 
@@ -409,10 +408,10 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
     steps = total_steps(len(train_ds), training)
     eval_steps = max(1, math.ceil(steps / training["evals"]))  # `evals` evaluations, the last at the end
     args = sft_config(spec, training, out_dir, device, precision, steps, eval_steps)
-    t_prep = time.perf_counter()
-    trainer = MeasuredSFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                                 processing_class=tokenizer)
-    data_prep_s = time.perf_counter() - t_prep
+    with preparing_splits(train_path) as prep:  # TRL tokenizes here: one job of a sweep at a time, then the cache
+        trainer = MeasuredSFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                                     processing_class=tokenizer)
+    data_prep_s = prep["prep_s"]
     trainer.eval_oom_record = lambda err: record_eval_oom(out_dir, oom_key, err)  # a retry stops at once
     if training.get("torch_compile_regional"):
         use_regional_compilation(trainer)
@@ -432,7 +431,8 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
     if trainer.drop_padding_mask:
         log.info("right-padded batches: training feeds positions instead of the attention mask (causal attention "
                  "already keeps tokens from the padding after them)")
-    log.info("datasets ready in %.1fs (tokenization cached in %s after the first run of a sweep)", data_prep_s,
+    log.info("datasets ready in %.1fs (%s %s)", data_prep_s,
+             "tokenized, cached for the sweep's other runs in" if prep["tokenized"] else "tokenization loaded from",
              Path(train_path).parent / "cache")
     if spec["quantization"]:
         # TRL casts QLoRA adapter weights to bf16 (QLoRA paper's recipe). Keep them in fp32 like the LoRA
@@ -637,8 +637,9 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         "run_info": {"spec": spec, "seed": spec["seed"], "started_utc": started.isoformat(),
                      "finished_utc": datetime.now(timezone.utc).isoformat(),
                      "data_summary": json.loads(Path(data_summary_path).read_text()) if data_summary_path else None},
-        "train_info": {"data_prep_s": data_prep_s, "total_steps_planned": steps, "eval_steps": eval_steps, "memory_at_load": at_load,
-                       "train_examples": n_train, "eval_examples": n_eval, **dropped},
+        "train_info": {"data_prep_s": data_prep_s, "data_prep_wait_s": prep["wait_s"],
+                       "data_tokenized": prep["tokenized"], "total_steps_planned": steps, "eval_steps": eval_steps,
+                       "memory_at_load": at_load, "train_examples": n_train, "eval_examples": n_eval, **dropped},
         "meta_info": {"packages": versions, **git, "hardware": hw},
     }
     atomic_write_json(out_dir / "metrics.json", metrics)

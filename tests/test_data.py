@@ -168,3 +168,24 @@ def test_the_tiny_model_builds_on_a_split_whose_records_hold_line_separators(tmp
     path = build_tiny_model_from_jsonl(train, tmp_path / "m", vocab_size=300, hidden_size=16, num_layers=1,
                                        num_heads=2, ffn_dim=16, max_positions=64)
     assert AutoTokenizer.from_pretrained(path)("\u2028")["input_ids"]
+
+
+def test_one_job_at_a_time_prepares_the_splits_and_the_others_wait(tmp_path):
+    """preparing_splits is a lock between processes: a second job that asks while the first holds it waits for it,
+    and sees that it tokenized nothing (no new file in the cache), where the first did."""
+    import subprocess
+    import sys
+    import time
+
+    train = tmp_path / "train.jsonl"
+    train.write_text("")
+    waiter = ("import json, sys\nfrom lorasweep.data import preparing_splits\n"
+              "with preparing_splits(sys.argv[1]) as info:\n    pass\nprint(json.dumps(info))\n")
+    with data.preparing_splits(train) as first:
+        proc = subprocess.Popen([sys.executable, "-c", waiter, str(train)], stdout=subprocess.PIPE, text=True)
+        time.sleep(3)  # the other process starts, imports and blocks on the lock meanwhile
+        (tmp_path / data.CACHE_DIR / "cache-0.arrow").write_bytes(b"")  # what a tokenization leaves
+    out, _ = proc.communicate(timeout=60)
+    second = json.loads(out)
+    assert first["tokenized"] and not second["tokenized"]
+    assert second["wait_s"] > 1, second  # it waited for the first to finish

@@ -562,11 +562,11 @@ def test_tokenization_runs_once_per_sweep_and_is_reused(tiny_config, tiny_data, 
     second = train_run(run_spec(cfg, "lora-r8"), data / "train.jsonl", data / "eval.jsonl", tmp_path / "lora")
     assert cache_files() == written  # nothing recomputed
     assert second["train_tokens_nonpad"] == first["train_tokens_nonpad"]
-    assert second["train_info"]["data_prep_s"] >= 0 and first["train_info"]["data_prep_s"] >= 0
+    assert first["train_info"]["data_tokenized"] and not second["train_info"]["data_tokenized"]
     # a different max_length is a different preparation: computed once more
-    train_run(run_spec(tiny_config(max_steps=2, max_length=64), "full"), data / "train.jsonl", data / "eval.jsonl",
-              tmp_path / "short")
-    assert set(cache_files()) > set(written)
+    third = train_run(run_spec(tiny_config(max_steps=2, max_length=64), "full"), data / "train.jsonl",
+                      data / "eval.jsonl", tmp_path / "short")
+    assert set(cache_files()) > set(written) and third["train_info"]["data_tokenized"]
 
 
 def test_per_example_eval_losses_line_up_across_runs(tiny_config, tiny_data, tiny_model, tmp_path):
@@ -739,3 +739,31 @@ def test_gradient_accumulation_learns_what_the_whole_batch_learns(tiny_config, t
               for o in (out_whole, out_split)]
     assert len(logged[0]) == 6 and logged[1] == pytest.approx(logged[0], rel=1e-4, abs=1e-4)
     assert split["eval_loss"] == pytest.approx(whole["eval_loss"], abs=1e-4)
+
+
+def test_training_jobs_that_start_together_tokenize_the_splits_once(tiny_model, tiny_data, tmp_path):
+    """Two training jobs of one sweep starting at the same moment (several jobs on one GPU, or one per GPU): one
+    tokenizes the splits, the other loads its result from datasets' cache (issue 7: tokenization once per sweep;
+    on an H200 five jobs started together had each spent 9-15 s preparing the same 19k examples)."""
+    import shutil
+
+    data = tmp_path / "data"
+    data.mkdir()  # fresh splits: the session's tiny_data cache was filled by other tests
+    for k in ("train", "eval"):
+        shutil.copy(tiny_data[k], data / f"{k}.jsonl")
+    cfg = {"model": {"name_or_path": str(tiny_model)}, "dataset": {"source": str(tiny_data["source"])},
+           "methods": {"lora": {"ranks": [8]}},
+           "training": {"device": "cpu", "max_steps": 2, "batch_size": 4, "max_length": 128, "evals": 1}, "seed": 0}
+    job = ("import json, sys\nfrom lorasweep.config import run_spec, validate_config\n"
+           "from lorasweep.train import train_run\n"
+           "spec = run_spec(validate_config(json.loads(sys.argv[1])), sys.argv[2])\n"
+           "train_run(spec, sys.argv[3], sys.argv[4], sys.argv[5], threads=1)\n")
+    runs = ("full", "lora-r8")
+    procs = [subprocess.Popen([sys.executable, "-c", job, json.dumps(cfg), run, data / "train.jsonl",
+                               data / "eval.jsonl", tmp_path / run], stderr=subprocess.PIPE, text=True)
+             for run in runs]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    info = {run: json.loads((tmp_path / run / "metrics.json").read_text())["train_info"] for run in runs}
+    assert sorted(i["data_tokenized"] for i in info.values()) == [False, True], info
