@@ -281,14 +281,17 @@ def _frozen_base_note(df: pd.DataFrame) -> list[str]:
     if "frozen_16bit_params" not in df or "method" not in df or "precision" not in df:
         return []
     dora = df["use_dora"].fillna(False).astype(bool) if "use_dora" in df else pd.Series(False, index=df.index)
-    lora = df[(df["method"] == "lora") & df["precision"].isin(["bf16", "fp16"]) & ~dora]
+    lora = df[(df["method"] == "lora") & df["precision"].isin(["bf16", "fp16"])]
     if lora.empty:
         return []
     half = lora["frozen_16bit_params"].fillna(0) > 0
     if half.all():
+        dora_runs = ", ".join(f"`{r}`" for r in lora.loc[dora.loc[lora.index], "run"])
         return ["- The LoRA runs kept their frozen linear weights in 16 bits, the dtype autocast computes with "
                 "(`training.frozen_weights_16bit`; `frozen_16bit_params` in metrics.csv): half their bytes, and no "
-                "16-bit copies of them kept for the backward pass."]
+                "16-bit copies of them kept for the backward pass"
+                + (f"; {dora_runs} kept the base of each layer DoRA adapts in fp32 (DoRA normalises base + "
+                   "adapter from it)." if dora_runs else ".")]
     if not half.any():
         return ["- The LoRA runs kept their frozen base in fp32 (`training.frozen_weights_16bit: false`)."]
     names = lambda runs: ", ".join(f"`{r}`" for r in runs)  # noqa: E731

@@ -162,21 +162,24 @@ def store_frozen_weights_16bit(model, precision: str) -> int:
     compares them) for half the weights' memory and none of those kernels. Left in fp32: trainable parameters,
     anything outside a linear layer (embeddings, layer norms) and a weight shared with one (OPT's LM head is its
     token embedding: a 16-bit embedding would carry the residual stream in 16 bits), 4-bit layers (QLoRA's
-    base), and everything when training computes in fp32 or the adapter is DoRA (PEFT upcasts the base weight to
-    normalise base + adapter in fp32: a 16-bit copy would change that norm).
+    base), the base layers a DoRA adapter wraps (PEFT upcasts their weight to normalise base + adapter in fp32: a
+    16-bit copy would change that norm; the layers DoRA leaves alone are converted), and everything when training
+    computes in fp32.
     """
     import torch
 
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    if half is None or any(getattr(c, "use_dora", False) for c in getattr(model, "peft_config", {}).values()):
+    if half is None:
         return 0
     owners: dict[int, int] = {}
     for m in model.modules():
         for p in m.parameters(recurse=False):
             owners[id(p)] = owners.get(id(p), 0) + 1
+    # a DoRA layer keeps a magnitude vector per adapter; its base layer stays in fp32
+    dora_bases = {id(m.get_base_layer()) for m in model.modules() if getattr(m, "lora_magnitude_vector", None)}
     n = 0
     for m in model.modules():
-        if type(m) is not torch.nn.Linear:  # bitsandbytes' 4-bit and 8-bit layers subclass it: not theirs
+        if type(m) is not torch.nn.Linear or id(m) in dora_bases:  # bitsandbytes' 4-bit layers subclass Linear
             continue
         for p in m.parameters(recurse=False):
             if not p.requires_grad and p.dtype == torch.float32 and owners[id(p)] == 1:

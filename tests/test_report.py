@@ -482,9 +482,10 @@ def test_the_results_say_how_the_lora_runs_stored_their_frozen_base_and_warn_whe
     gpu.loc[gpu["run"] == first, "frozen_16bit_params"] = 0
     table = results_table(F.by_run(gpu))
     assert "**Memory compares unlike runs**" in table and f"in 16 bits, `{first}` in fp32" in table
-    # a DoRA run keeps its base in fp32 by design: no warning for it
-    gpu.loc[gpu["run"] == first, "use_dora"] = True
-    assert "unlike runs" not in results_table(F.by_run(gpu))
+    # a DoRA run keeps in fp32 only the bases of the layers DoRA adapts: said, and no warning
+    gpu.loc[gpu["run"] == first, ["use_dora", "frozen_16bit_params"]] = [True, 500]
+    table = results_table(F.by_run(gpu))
+    assert "unlike runs" not in table and f"`{first}` kept the base of each layer DoRA adapts in fp32" in table
 
 
 def test_a_gpu_sweep_far_below_its_speed_bound_says_that_overhead_set_the_pace():
