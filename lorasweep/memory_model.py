@@ -5,8 +5,8 @@ Assumptions (stated in the report):
   computes in 16 bits: ``training.frozen_weights_16bit``); a 4-bit layer 0.5 byte per weight plus one fp32
   absmax per 64-weight block (0.0625 byte; double quantization makes it smaller);
 - gradients and AdamW's two moments for trainable parameters only, in fp32: 4 + 8 bytes each;
-- activations: the bytes autograd keeps for the backward pass (every saved tensor that is not a parameter,
-  each storage once), counted on the training model itself in its training mode, precision and device
+- activations: the bytes autograd keeps for the backward pass (every saved tensor that is not a parameter and
+  is still held when the forward pass ends, each storage once), counted on the training model itself in its training mode, precision and device
   with three short probe batches, and scaled to the longest padded batch fed (b sequences of s tokens) as
   f + b * (a*s + c*s^2): what the architecture, the method (a frozen weight's layer keeps no input for a
   weight gradient), dropout, autocast's 16-bit copies and the attention kernel (eager attention's s^2
@@ -25,6 +25,8 @@ Assumptions (stated in the report):
 """
 
 from __future__ import annotations
+
+import weakref
 
 BLOCK = 64
 
@@ -50,7 +52,8 @@ PROBE_BATCH = 2
 def saved_bytes(model, batch: int, length: int, half, fused_loss: bool) -> int:
     """Bytes of the tensors autograd saves for the backward pass of one training forward of ``batch`` random
     sequences of ``length`` tokens (parameters left out, a storage shared by several saved tensors counted
-    once). ``half``: the autocast dtype training uses, or None."""
+    once, and only what is still held when the forward pass ends: a graph built and dropped inside it, like
+    DoRA's weight norm, frees what it saved). ``half``: the autocast dtype training uses, or None."""
     import torch
 
     param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -58,12 +61,10 @@ def saved_bytes(model, batch: int, length: int, half, fused_loss: bool) -> int:
     vocab = model.get_input_embeddings().num_embeddings
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (batch, length), generator=g).to(device)
-    kept: dict[int, int] = {}
+    saved: list = []  # weak references: a graph the forward built and dropped (DoRA's weight norm) frees its own
 
     def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in param_storages:
-            kept[storage.data_ptr()] = storage.nbytes()
+        saved.append(weakref.ref(t))
         return t
 
     was_training = model.training
@@ -73,6 +74,11 @@ def saved_bytes(model, batch: int, length: int, half, fused_loss: bool) -> int:
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
                 torch.autocast(device.type, dtype=half, enabled=half is not None):
             out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, **kwargs)
+        kept: dict[int, int] = {}  # what the backward pass still needs, each storage once
+        for ref in saved:
+            t = ref()
+            if t is not None and (ptr := t.untyped_storage().data_ptr()) not in param_storages:
+                kept[ptr] = t.untyped_storage().nbytes()
         del out
     finally:
         model.train(was_training)

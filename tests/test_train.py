@@ -647,9 +647,13 @@ def test_memory_model_follows_method_dropout_and_autocast(tiny_model):
         add_fused_lm_head(m, outputs=("log_probs", "entropy", "is_top1"))
         return m.train()
 
-    models = {"full": fused(),
-              "lora-r8": get_peft_model(fused(), lora_config({"lora": {"r": 8, "alpha": 32, "dropout": 0.1}},
-                                                             ["q_proj", "k_proj", "v_proj"]))}
+    def lora(**extra):
+        return get_peft_model(fused(), lora_config({"lora": {"r": 8, "alpha": 32, "dropout": 0.1, **extra}},
+                                                   ["q_proj", "k_proj", "v_proj"]))
+
+    # DoRA builds and drops a graph for its weight norm in every forward: what that graph saved is freed with it
+    # and must not count (counted, the prediction was 2.5% / 6.2% high here, 82% for opt-350m's shape)
+    models = {"full": fused(), "lora-r8": lora(), "lora-r8-dora": lora(use_dora=True)}
     b, s = 6, 300
     for name, model in models.items():
         for half in (None, torch.bfloat16):
