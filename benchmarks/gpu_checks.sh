@@ -129,8 +129,8 @@ else:
           f"DIFF by {a - b:+.2e} (CUDA's attention backward may also differ between two runs of one setting)"))
 EOF
     fi
-    # QLoRA's step at the write-ups' batch, profiled beside LoRA's: on the H200 on 2026-11-27 it took ~165 ms
-    # whether it shared the GPU or not (7-13% GPU busy alone) and set the sweep's wall clock
+    # QLoRA's step at the write-ups' batch, profiled beside LoRA's: on the H200 on 2026-11-27 it took ~160 ms
+    # whether it shared the GPU or not (about 12% GPU busy alone) and set the sweep's wall clock (60 steps)
     for run in qlora-r8 lora-r8; do
         if bench $run-b8-profile 90 --run $run --batch 8 --steps 60 --training logging_steps=10 \
                 --profile "$out/profile-$run-b8" --profile-steps 30,10; then
@@ -174,7 +174,7 @@ else  # the default sweep's five runs, sharing the GPU five at a time, up to the
     smi=  # the GPU's busy share each second while the sweep runs (nvidia-smi's utilization.gpu)
     command -v nvidia-smi >/dev/null && [ "$device" = cuda ] && {
         nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader -l 1 \
-            >"$out/sweep-gpu-util.csv" 2>/dev/null & smi=$!; }
+            >"$out/sweep-gpu-util.csv" 2>/dev/null & smi=$!; trap 'kill $smi 2>/dev/null' EXIT; }
     timeout "$(cap 480)" snakemake results/metrics.csv --cores 16 --resources gpu=5 --set-threads train=3 \
         --scheduler greedy --directory "$sweep" --snakefile "$PWD/Snakefile" \
         --configfile "${configs[@]/#/$PWD/}" "$sweep/checks.yaml" >"$out/sweep.log" 2>&1

@@ -329,7 +329,9 @@ def quantization(df: pd.DataFrame, losses: Losses, suspect: set | None = None) -
                    f"{w_q / w_lo:.0%} of `{lo}`'s"
                    if w_lo and w_q and not math.isnan(w_lo) else "")
         a_lo, a_q = m.loc[lo].get("predicted_activations_bytes"), m.loc[q].get("predicted_activations_bytes")
-        if weights and a_lo and a_q and not math.isnan(a_lo) and not math.isnan(a_q) and a_q > a_lo * (1 + MEM_TOL):
+        autocast = m.loc[q].get("precision") in ("bf16", "fp16")
+        if (weights and autocast and a_lo and a_q and not math.isnan(a_lo) and not math.isnan(a_q)
+                and a_q > a_lo * (1 + MEM_TOL)):
             # bitsandbytes returns a 4-bit layer's output in its input's dtype: fp32 where autocast feeds it the fp32
             # output of a layer norm, so the activations after those layers are kept in fp32, not 16 bits
             weights += (f", while what autograd keeps for the backward pass (predicted) grows from {mib(a_lo)} to "

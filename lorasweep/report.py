@@ -281,7 +281,9 @@ def _frozen_base_note(df: pd.DataFrame) -> list[str]:
     if "frozen_16bit_params" not in df or "method" not in df or "precision" not in df:
         return []
     dora = df["use_dora"].fillna(False).astype(bool) if "use_dora" in df else pd.Series(False, index=df.index)
-    lora = df[(df["method"] == "lora") & df["precision"].isin(["bf16", "fp16"])]
+    converted = df["frozen_16bit_params"].fillna(0) > 0
+    # a DoRA run that adapts every linear layer (all-linear) has none left to convert: no sign of the setting
+    lora = df[(df["method"] == "lora") & df["precision"].isin(["bf16", "fp16"]) & (converted | ~dora)]
     if lora.empty:
         return []
     half = lora["frozen_16bit_params"].fillna(0) > 0

@@ -486,6 +486,10 @@ def test_the_results_say_how_the_lora_runs_stored_their_frozen_base_and_warn_whe
     gpu.loc[gpu["run"] == first, ["use_dora", "frozen_16bit_params"]] = [True, 500]
     table = results_table(F.by_run(gpu))
     assert "unlike runs" not in table and f"`{first}` kept the base of each layer DoRA adapts in fp32" in table
+    # DoRA on every linear layer (all-linear) leaves nothing to convert: its 0 says nothing about the setting
+    gpu.loc[gpu["run"] == first, "frozen_16bit_params"] = 0
+    table = results_table(F.by_run(gpu))
+    assert "unlike runs" not in table and "The LoRA runs kept their frozen linear weights in 16 bits" in table
 
 
 def test_a_gpu_sweep_far_below_its_speed_bound_says_that_overhead_set_the_pace():
@@ -663,6 +667,9 @@ def test_a_recorded_gpu_sweep_renders_its_cuda_figures(tmp_path):
     same.loc[same["run"] == "qlora-r8", "predicted_activations_bytes"] = same.loc[
         same["run"] == "lora-r8", "predicted_activations_bytes"].iloc[0]
     assert "autograd keeps" not in R.findings_section({**ctx, "metrics_per_seed": same})
+    # the explanation is autocast's: not given for runs that trained in fp32
+    fp32 = ctx["metrics_per_seed"].assign(precision="fp32")
+    assert "autograd keeps" not in R.findings_section({**ctx, "metrics_per_seed": fp32})
 
     memory = R.memory_model_section(df)
     errors = {r[0]: r[-1] for r in ([c.strip() for c in line.strip("|").split("|")]
