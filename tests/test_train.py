@@ -661,6 +661,58 @@ def test_memory_model_follows_method_dropout_and_autocast(tiny_model):
             assert activation_bytes(model, b, s, half, True) == pytest.approx(real, rel=1e-3), (name, half)
 
 
+def test_saved_bytes_are_what_the_loss_graph_holds(tiny_model):
+    """An independent count of the probe's: the tensors reachable from the loss's autograd graph (each node's
+    ``_saved_*``). They differ by the same bytes (to a few scalars) for full fine-tuning, LoRA and DoRA: what TRL's
+    fused loss keeps on its own autograd Function's context, which the walk cannot see. Counting a graph the
+    forward dropped (DoRA's weight norm) would make DoRA's difference larger."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    from lorasweep.memory_model import saved_bytes
+    from lorasweep.train import lora_config
+
+    def fused():
+        m = AutoModelForCausalLM.from_pretrained(tiny_model)
+        add_fused_lm_head(m, outputs=("log_probs", "entropy", "is_top1"))
+        return m.train()
+
+    def lora(**extra):
+        return get_peft_model(fused(), lora_config({"lora": {"r": 8, "alpha": 32, "dropout": 0.1, **extra}},
+                                                   ["q_proj", "k_proj", "v_proj"]))
+
+    def graph_held(model, half):
+        ids = torch.randint(0, model.get_input_embeddings().num_embeddings, (2, 64),
+                            generator=torch.Generator().manual_seed(0))
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        with torch.enable_grad(), torch.autocast("cpu", dtype=half or torch.bfloat16, enabled=half is not None):
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, fused_lm_head=True)
+        seen, stack, held = set(), [out.loss.grad_fn], {}
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            for name in dir(node):
+                if name.startswith("_saved_"):
+                    try:
+                        value = getattr(node, name)
+                    except RuntimeError:  # a saved value already freed
+                        continue
+                    for t in value if isinstance(value, (tuple, list)) else [value]:
+                        if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in params:
+                            held[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            stack.extend(f for f, _ in node.next_functions)
+        return sum(held.values())
+
+    models = {"full": fused(), "lora-r8": lora(), "lora-r8-dora": lora(use_dora=True)}
+    for half in (None, torch.bfloat16):
+        beyond = {k: saved_bytes(m, 2, 64, half, fused_loss=True) - graph_held(m, half) for k, m in models.items()}
+        # equal to a few scalars (48 bytes seen, either way); counting DoRA's dropped weight-norm graph added 22-72 KB
+        assert max(beyond.values()) - min(beyond.values()) <= 1024 and min(beyond.values()) >= 0, (half, beyond)
+
+
 def test_memory_model_chunked_loss_working_memory_is_measured(tmp_path):
     """TRL's chunked loss over a 50,272-row LM head on the CPU: the predicted working memory matches the peak RSS
     of a forward and backward pass whose activations are negligible (one narrow layer), measured with large
