@@ -189,3 +189,18 @@ def test_one_job_at_a_time_prepares_the_splits_and_the_others_wait(tmp_path):
     second = json.loads(out)
     assert first["tokenized"] and not second["tokenized"]
     assert second["wait_s"] > 1, second  # it waited for the first to finish
+
+
+def test_with_datasets_caching_off_every_job_counts_as_tokenizing(tmp_path):
+    import datasets
+
+    datasets.disable_caching()
+    try:
+        with data.preparing_splits(tmp_path / "train.jsonl") as info:
+            pass  # nothing lands in the cache: the work happened in memory
+    finally:
+        datasets.enable_caching()
+    assert info["tokenized"]
+    with data.preparing_splits(tmp_path / "train.jsonl") as info:
+        pass
+    assert not info["tokenized"]
