@@ -36,6 +36,7 @@
 # CPU (the sweep then stops each run after STEPS steps). SWEEP_REPEAT=10 gives the sweep the sample ten times
 # over (20,170 records, CodeAlpaca-20k's size and lengths; losses meaningless, the eval split overlapping the
 # training split): the goal's wall clock measured rather than extrapolated; give it CAP_SCALE=1.25 (600 s).
+# On a machine without network: benchmarks/offline_wheels.sh prepares the packages it needs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 data=$(realpath "$1"); out=$(mkdir -p "$2" && realpath "$2"); steps=${3:-${STEPS:-240}}
