@@ -136,7 +136,8 @@ def memory_model_section(df: pd.DataFrame) -> str:
         "anyway); a 4-bit layer 0.5 byte per weight plus one fp32 absmax per 64 weights;",
         "- gradients (4 bytes) and AdamW's two moments (8 bytes) for trainable parameters only;",
         "- activations: the bytes autograd keeps for the backward pass (saved tensors that are not parameters "
-        "and still held when the forward pass ends, each storage once), counted on the trained model itself, in its training mode, precision and device, "
+        "and still held when the forward pass ends, each storage once), counted on the trained model itself, "
+        "in its training mode, precision and device, "
         "with three probe batches of 32, 64 and 128 tokens and scaled to the longest padded batch fed as "
         "f + b·(a·s + c·s²) (c: attention matrices, kept by eager attention only; f: autocast's 16-bit copies "
         "of the weights stored in fp32): what the architecture, the method, dropout and precision really keep; "
