@@ -7,8 +7,8 @@ Assumptions (stated in the report):
 - gradients and AdamW's two moments for trainable parameters only, in fp32: 4 + 8 bytes each;
 - activations: the bytes autograd keeps for the backward pass (every saved tensor that is not a parameter and
   is still held when the forward pass ends, each storage once), counted on the training model itself in its
-  training mode, precision and device with three short probe batches, and scaled to the longest padded batch fed (b sequences of s tokens) as
-  f + b * (a*s + c*s^2): what the architecture, the method (a frozen weight's layer keeps no input for a
+  training mode, precision and device with three short probe batches, and scaled to the longest padded batch
+  fed (b sequences of s tokens) as f + b * (a*s + c*s^2): what the architecture, the method (a frozen weight's layer keeps no input for a
   weight gradient), dropout, autocast's 16-bit copies and the attention kernel (eager attention's s^2
   matrices; SDPA's fused kernels keep none) really keep, where a formula such as Korthikanti et al.'s
   34*s*b*h per layer fits one architecture (GeLU MLP, 16-bit, bool dropout masks) and missed OPT's by up
