@@ -5,14 +5,14 @@ Assumptions (stated in the report):
   computes in 16 bits: ``training.frozen_weights_16bit``); a 4-bit layer 0.5 byte per weight plus one fp32
   absmax per 64-weight block (0.0625 byte; double quantization makes it smaller);
 - gradients and AdamW's two moments for trainable parameters only, in fp32: 4 + 8 bytes each;
-- activations: the bytes autograd keeps for the backward pass (every saved tensor that is not a parameter and
-  is still held when the forward pass ends, each storage once), counted on the training model itself in its
-  training mode, precision and device with three short probe batches, and scaled to the longest padded batch
-  fed (b sequences of s tokens) as f + b * (a*s + c*s^2): what the architecture, the method (a frozen weight's layer keeps no input for a
-  weight gradient), dropout, autocast's 16-bit copies and the attention kernel (eager attention's s^2
-  matrices; SDPA's fused kernels keep none) really keep, where a formula such as Korthikanti et al.'s
-  34*s*b*h per layer fits one architecture (GeLU MLP, 16-bit, bool dropout masks) and missed OPT's by up
-  to 40%. Gradient checkpointing is counted too (only the layers' inputs are kept);
+- activations: the bytes autograd keeps for the backward pass (every saved tensor that is not a parameter and is
+  still held when the forward pass ends, each storage once), counted on the training model itself in its training
+  mode, precision and device with three short probe batches, and scaled to the longest padded batch fed (b
+  sequences of s tokens) as f + b * (a*s + c*s^2): what the architecture, the method (a frozen weight's layer
+  keeps no input for a weight gradient), dropout, autocast's 16-bit copies and the attention kernel (eager
+  attention's s^2 matrices; SDPA's fused kernels keep none) really keep, where a formula such as Korthikanti et
+  al.'s 34*s*b*h per layer fits one architecture (GeLU MLP, 16-bit, bool dropout masks) and missed OPT's by up to
+  40%. Gradient checkpointing is counted too (only the layers' inputs are kept);
 - the working memory of TRL's chunked loss over the LM head (SFTTrainer never builds the b x s x vocab
   logits): one tile of up to 4,096 positions x 32,768 vocabulary columns at the compute dtype, folded in
   place by TRL's Triton kernels on CUDA; on the CPU its torch fallback holds 7.25 more fp32 tiles of
