@@ -630,16 +630,13 @@ def test_memory_model_keeps_attention_matrices_only_for_eager_attention(tiny_mod
         assert pred[k] == pytest.approx(measured[k], rel=1e-3), k
 
 
-def test_memory_model_follows_method_dropout_and_autocast(tiny_model):
-    """The probe counts what the training model keeps, whatever the method: full fine-tuning and LoRA with
-    dropout (frozen layers keep no inputs for weight gradients, dropout keeps its noise), in fp32 and under bf16
-    autocast (which also keeps 16-bit copies of the trainable weights, once per step whatever the batch): the
-    prediction for a longer batch is what autograd saves for it, through TRL's fused LM head."""
+def _probe_models(tiny_model) -> dict:
+    """The tiny model as SFTTrainer trains it (TRL's fused LM head), for full fine-tuning, LoRA r8 with dropout
+    and DoRA on q/k/v."""
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
     from trl.trainer.utils import add_fused_lm_head
 
-    from lorasweep.memory_model import activation_bytes, saved_bytes
     from lorasweep.train import lora_config
 
     def fused():
@@ -651,9 +648,19 @@ def test_memory_model_follows_method_dropout_and_autocast(tiny_model):
         return get_peft_model(fused(), lora_config({"lora": {"r": 8, "alpha": 32, "dropout": 0.1, **extra}},
                                                    ["q_proj", "k_proj", "v_proj"]))
 
+    return {"full": fused(), "lora-r8": lora(), "lora-r8-dora": lora(use_dora=True)}
+
+
+def test_memory_model_follows_method_dropout_and_autocast(tiny_model):
+    """The probe counts what the training model keeps, whatever the method: full fine-tuning and LoRA with
+    dropout (frozen layers keep no inputs for weight gradients, dropout keeps its noise), in fp32 and under bf16
+    autocast (which also keeps 16-bit copies of the trainable weights, once per step whatever the batch): the
+    prediction for a longer batch is what autograd saves for it, through TRL's fused LM head."""
+    from lorasweep.memory_model import activation_bytes, saved_bytes
+
     # DoRA builds and drops a graph for its weight norm in every forward: what that graph saved is freed with it
-    # and must not count (counted, the prediction was 2.5% / 6.2% high here, 82% for opt-350m's shape)
-    models = {"full": fused(), "lora-r8": lora(), "lora-r8-dora": lora(use_dora=True)}
+    # and must not count (counted, the prediction was 2.5% / 6.2% high here, 51-82% for opt-350m's shape)
+    models = _probe_models(tiny_model)
     b, s = 6, 300
     for name, model in models.items():
         for half in (None, torch.bfloat16):
@@ -666,21 +673,7 @@ def test_saved_bytes_are_what_the_loss_graph_holds(tiny_model):
     ``_saved_*``). They differ by the same bytes (to a few scalars) for full fine-tuning, LoRA and DoRA: what TRL's
     fused loss keeps on its own autograd Function's context, which the walk cannot see. Counting a graph the
     forward dropped (DoRA's weight norm) would make DoRA's difference larger."""
-    from peft import get_peft_model
-    from transformers import AutoModelForCausalLM
-    from trl.trainer.utils import add_fused_lm_head
-
     from lorasweep.memory_model import saved_bytes
-    from lorasweep.train import lora_config
-
-    def fused():
-        m = AutoModelForCausalLM.from_pretrained(tiny_model)
-        add_fused_lm_head(m, outputs=("log_probs", "entropy", "is_top1"))
-        return m.train()
-
-    def lora(**extra):
-        return get_peft_model(fused(), lora_config({"lora": {"r": 8, "alpha": 32, "dropout": 0.1, **extra}},
-                                                   ["q_proj", "k_proj", "v_proj"]))
 
     def graph_held(model, half):
         ids = torch.randint(0, model.get_input_embeddings().num_embeddings, (2, 64),
@@ -706,7 +699,7 @@ def test_saved_bytes_are_what_the_loss_graph_holds(tiny_model):
             stack.extend(f for f, _ in node.next_functions)
         return sum(held.values())
 
-    models = {"full": fused(), "lora-r8": lora(), "lora-r8-dora": lora(use_dora=True)}
+    models = _probe_models(tiny_model)
     for half in (None, torch.bfloat16):
         beyond = {k: saved_bytes(m, 2, 64, half, fused_loss=True) - graph_held(m, half) for k, m in models.items()}
         # equal to a few scalars (48 bytes seen, either way); counting DoRA's dropped weight-norm graph added 22-72 KB
