@@ -25,7 +25,7 @@ from pathlib import Path
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="CodeAlpaca-format .json/.jsonl/.parquet")
-    ap.add_argument("--run", default="full", help="full or lora-r<rank>")
+    ap.add_argument("--run", default="full", help="full, lora-r<rank> or qlora-r<rank>")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--training", action="append", default=[], metavar="KEY=VALUE",
                     help="a training setting (YAML value), e.g. torch_compile_regional=true; repeatable")

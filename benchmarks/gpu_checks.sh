@@ -17,6 +17,8 @@
 #                                                    training.frozen_weights_16bit) saves: speed, peak memory, and
 #                                                    whether the eval loss is bitwise the same as 3's
 #   4d. qlora-r8 and lora-r8, batch 8, eager, profiled  where QLoRA's host-bound step (the sweep's long pole) goes
+#   4e. qlora-r8, batch 8, eager, and with its 4-bit layers' outputs in fp32 (training.frozen_weights_16bit
+#                                                    false): what feeding them bf16 saves, and the same eval loss?
 #   5. full, batch 8, regional compile + CUDA graphs does cutting host time (CUDA graphs) pay, and its
 #                                                    compile time (torch_compile: reduce-overhead)
 #   6. full, batch 8, regional compile without CUDA graphs (fused kernels, fewer launches; right after 5 if 5 failed)
@@ -30,12 +32,13 @@
 # per-check logs and JSON beside it. A check over its cap is reported as such and the next one runs.
 # CHECKS="bench" or "sweep" runs one part (default both); BENCH="full-eager lora-r8-b64-profile ..." runs only
 # the bench checks it names (4b is full-b64-profile and lora-r8-b64-profile, 4d qlora-r8-b8-profile and
-# lora-r8-b8-profile). Caps: eager 90 s (the first 150 s), compiled 200 s, sweep 480 s, each
-# scaled by CAP_SCALE; BUDGET (seconds, default 560) bounds the whole script: a check gets at most what is
-# left of it and is skipped with under 30 s left. DEVICE=cpu SHAPE=tiny and STEPS 16 try the script on a
-# CPU (the sweep then stops each run after STEPS steps). SWEEP_REPEAT=10 gives the sweep the sample ten times
-# over (20,170 records, CodeAlpaca-20k's size and lengths; losses meaningless, the eval split overlapping the
-# training split): the goal's wall clock measured rather than extrapolated; give it CAP_SCALE=1.25 (600 s).
+# lora-r8-b8-profile, 4e qlora-r8-b8 and qlora-r8-b8-fp32out). Caps: eager 90 s (the first 150 s), compiled
+# 200 s, sweep 480 s, each scaled by CAP_SCALE; BUDGET (seconds, default 560) bounds the whole script: a check
+# gets at most what is left of it and is skipped with under 30 s left. DEVICE=cpu SHAPE=tiny and STEPS 16 try
+# the script on a CPU (the sweep then stops each run after STEPS steps). SWEEP_REPEAT=10 gives the sweep the
+# sample ten times over (20,170 records, CodeAlpaca-20k's size and lengths; losses meaningless, the eval split
+# overlapping the training split): the goal's wall clock measured rather than extrapolated; give it
+# CAP_SCALE=1.25 (600 s).
 # On a machine without network: benchmarks/offline_wheels.sh prepares the packages it needs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -100,6 +103,20 @@ print(int(run.get("steady_tokens_per_s") or run.get("tokens_per_s") or 0))
 EOF
 }
 
+same_eval() {  # same_eval CHECK_A CHECK_B LABEL: are the two checks' eval losses bitwise the same?
+    python3 - "$out/$1.json" "$out/$2.json" "$3" <<'EOF' | tee -a "$summary"
+import json, sys
+from pathlib import Path
+ours, other, label = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+if not ours.exists():
+    print(f"    {label}: no {ours.stem} run to compare the eval loss with")
+else:
+    a, b = (json.loads(p.read_text())["runs"]["lorasweep"][0]["eval_loss"] for p in (ours, other))
+    print(f"    eval loss, {label}: {a!r} against {b!r}: " + ("SAME, bitwise" if a == b else
+          f"DIFF by {a - b:+.2e} (CUDA's attention backward may also differ between two runs of one setting)"))
+EOF
+}
+
 b8=(--batch 8 --steps "$steps" --training logging_steps=10)
 b64=(--batch 64 --steps $(( (steps + 7) / 8 )) --training logging_steps=3)
 compiled=(--training torch_compile=true --training torch_compile_regional=true --training pad_to_multiple_of=64)
@@ -118,17 +135,7 @@ if [[ " $checks " == *" bench "* ]]; then
         fi
     done
     if bench lora-r8-b64-fp32base 90 --run lora-r8 "${b64[@]}" --training frozen_weights_16bit=false; then
-        python3 - "$out/lora-r8-b64-eager.json" "$out/lora-r8-b64-fp32base.json" <<'EOF' | tee -a "$summary"
-import json, sys
-from pathlib import Path
-ours, fp32 = (Path(p) for p in sys.argv[1:])
-if not ours.exists():
-    print("    frozen base bf16 vs fp32: no lora-r8-b64-eager run to compare the eval loss with")
-else:
-    a, b = (json.loads(p.read_text())["runs"]["lorasweep"][0]["eval_loss"] for p in (ours, fp32))
-    print(f"    eval loss, frozen base in bf16 {a!r} against fp32 {b!r}: " + ("SAME, bitwise" if a == b else
-          f"DIFF by {a - b:+.2e} (CUDA's attention backward may also differ between two runs of one setting)"))
-EOF
+        same_eval lora-r8-b64-eager lora-r8-b64-fp32base "frozen base in bf16 against fp32"
     fi
     # QLoRA's step at the write-ups' batch, profiled beside LoRA's: on the H200 on 2026-11-27 it took ~160 ms
     # whether it shared the GPU or not (about 12% GPU busy alone) and set the sweep's wall clock (60 steps)
@@ -139,6 +146,13 @@ EOF
                 2>&1 | tee -a "$summary"
         fi
     done
+    # QLoRA's 4-bit layers fed bf16 (the default, training.frozen_weights_16bit) against bitsandbytes' own fp32
+    # outputs after each layer norm: on the CPU 15% fewer operations a step and bf16 activations (same losses)
+    q8=(--run qlora-r8 --batch 8 --steps 120 --training logging_steps=10)
+    bench qlora-r8-b8 90 "${q8[@]}"
+    if bench qlora-r8-b8-fp32out 90 "${q8[@]}" --training frozen_weights_16bit=false; then
+        same_eval qlora-r8-b8 qlora-r8-b8-fp32out "4-bit outputs in bf16 against fp32"
+    fi
     bench full-cudagraphs 200 --run full "${b8[@]}" "${graphs[@]}"; graphs_rc=$?
     # without CUDA graphs, a compiled layer still fuses its elementwise kernels (fewer launches for the host):
     # the next best hope when the graphs failed, so measured now rather than last

@@ -46,22 +46,22 @@ def grouped_batches(model_path: Path, train_jsonl: Path, batch: int, max_length:
 def bare_loop(model_path: Path, train_jsonl: Path, batches: list, run: str, steps: int, seed: int,
               precision: str = "fp32") -> dict:
     """Forward, backward, clipping and fused AdamW on ``batches`` (:func:`grouped_batches`); ms per phase. With
-    ``precision`` bf16 the forward runs under bf16 autocast and a LoRA run's frozen base is stored in bf16, as
-    lorasweep trains (``training.frozen_weights_16bit``)."""
+    ``precision`` bf16 the forward runs under bf16 autocast, a LoRA run's frozen base is stored in bf16 and a QLoRA
+    run's 4-bit layers are fed bf16, as lorasweep trains (``training.frozen_weights_16bit``)."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     from lorasweep.config import run_spec
     from lorasweep.speed import single_run_config
-    from lorasweep.train import attach_lora, store_frozen_weights_16bit
+    from lorasweep.train import attach_lora, feed_4bit_layers_16bit, load_model, store_frozen_weights_16bit
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    spec = run_spec(single_run_config(str(model_path), train_jsonl, run, lr=1e-3, device="cpu", seed=seed), run)
+    model = load_model(spec, "cpu", precision)  # QLoRA: 4-bit, as lorasweep loads it
     pad = model.config.pad_token_id
     if run != "full":
-        spec = run_spec(single_run_config(str(model_path), train_jsonl, run, lr=1e-3, device="cpu", seed=seed), run)
         model = attach_lora(model, spec)
         store_frozen_weights_16bit(model, precision)
+        feed_4bit_layers_16bit(model, precision)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
@@ -99,16 +99,13 @@ def walk_costs(model_path: Path, train_jsonl: Path, run: str, seed: int, repeats
     add modules): ``model.train()``, ``model.zero_grad()``, listing ``model.parameters()`` (clipping) and
     counting them (``num_parameters(exclude_embeddings=True)``, for ``total_flos``). Each is a walk over every
     module; lorasweep's step skips the last two (``lorasweep.trainer.SKIP_MODULE_WALKS``)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     from lorasweep.config import run_spec
     from lorasweep.speed import single_run_config
-    from lorasweep.train import attach_lora
+    from lorasweep.train import attach_lora, load_model
 
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    spec = run_spec(single_run_config(str(model_path), train_jsonl, run, lr=1e-3, device="cpu", seed=seed), run)
+    model = load_model(spec, "cpu", "fp32")
     if run != "full":
-        spec = run_spec(single_run_config(str(model_path), train_jsonl, run, lr=1e-3, device="cpu", seed=seed), run)
         model = attach_lora(model, spec)
     model.train()
     calls = {"train": model.train, "zero_grad": model.zero_grad, "list_parameters": lambda: list(model.parameters()),
@@ -126,7 +123,7 @@ def walk_costs(model_path: Path, train_jsonl: Path, run: str, seed: int, repeats
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="CodeAlpaca-format .json/.jsonl/.parquet")
-    ap.add_argument("--run", default="full", help="full or lora-r<rank>")
+    ap.add_argument("--run", default="full", help="full, lora-r<rank> or qlora-r<rank>")
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--batch", type=int, default=8)
@@ -141,7 +138,9 @@ def main(argv=None) -> dict:
                     help="bf16: both loops under bf16 autocast (as on a GPU), a LoRA base stored in bf16")
     ap.add_argument("--fp32-frozen-base", action="store_true",
                     help="with --precision bf16 and a LoRA run, also time lorasweep's step with its frozen base in "
-                         "fp32 (training.frozen_weights_16bit=false: autocast casts it at every forward), paired")
+                         "fp32 (training.frozen_weights_16bit=false: autocast casts it at every forward), paired; "
+                         "with a QLoRA run, with its 4-bit layers' outputs in their input's dtype (fp32 after a "
+                         "layer norm: bitsandbytes' own way)")
     ap.add_argument("--json", help="write the results here")
     a = ap.parse_args(argv)
 
@@ -161,7 +160,8 @@ def main(argv=None) -> dict:
     import lorasweep.trainer as lt
 
     if a.fp32_frozen_base and (a.precision != "bf16" or a.run == "full"):
-        ap.error("--fp32-frozen-base compares a LoRA run's base storage under bf16: --precision bf16 --run lora-r<rank>")
+        ap.error("--fp32-frozen-base compares a LoRA or QLoRA run's frozen base under bf16: --precision bf16 "
+                 "--run lora-r<rank> (or qlora-r<rank>)")
 
     def lorasweep_ms(name: str, skip_walks: bool, frozen_16bit: bool = True) -> tuple[float, dict]:
         lt.SKIP_MODULE_WALKS = skip_walks
@@ -196,7 +196,7 @@ def main(argv=None) -> dict:
             fp32_base.append(ms32)
         print(f"[{i + 1}/{a.repeats}] lorasweep {ours[-1]:.1f} ms, bare loop {bares[-1]['ms_per_step']:.1f} ms a step"
               + (f", lorasweep with the Trainer's walks {walking[-1]:.1f} ms" if walking else "")
-              + (f", lorasweep with an fp32 frozen base {fp32_base[-1]:.1f} ms" if fp32_base else ""), flush=True)
+              + (f", lorasweep with frozen_weights_16bit off {fp32_base[-1]:.1f} ms" if fp32_base else ""), flush=True)
     mine = statistics.median(ours)
     bare = statistics.median(b["ms_per_step"] for b in bares)
     phases = {k: statistics.median(b["phases_ms_per_step"][k] for b in bares) for k in bares[0]["phases_ms_per_step"]}
@@ -225,7 +225,7 @@ def main(argv=None) -> dict:
         print(f"  lorasweep's step with the Trainer's walks over every module: "
               f"{out['trainer_walks_ms_per_step']:7.1f} ms (paired, each repeat: " + ", ".join(f"{d:+.1f}" for d in out["walks_saved_ms_per_step_each"]) + " ms)")
     if fp32_base:
-        print(f"  lorasweep's step with its frozen base in fp32 (cast at every forward): "
+        print(f"  lorasweep's step with frozen_weights_16bit off (an fp32 base, fp32 4-bit outputs): "
               f"{out['fp32_frozen_base_ms_per_step']:7.1f} ms (paired, each repeat: "
               + ", ".join(f"{d:+.1f}" for d in out["frozen_16bit_saved_ms_per_step_each"]) + " ms; same losses)")
     if a.json:

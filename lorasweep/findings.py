@@ -333,10 +333,12 @@ def quantization(df: pd.DataFrame, losses: Losses, suspect: set | None = None) -
         if (weights and autocast and a_lo and a_q and not math.isnan(a_lo) and not math.isnan(a_q)
                 and a_q > a_lo * (1 + MEM_TOL)):
             # bitsandbytes returns a 4-bit layer's output in its input's dtype: fp32 where autocast feeds it the fp32
-            # output of a layer norm, so the activations after those layers are kept in fp32, not 16 bits
+            # output of a layer norm, so the activations after those layers are kept in fp32, not 16 bits (unless
+            # training.frozen_weights_16bit feeds those layers 16 bits: lorasweep.train.feed_4bit_layers_16bit)
             weights += (f", while what autograd keeps for the backward pass (predicted) grows from {mib(a_lo)} to "
                         f"{mib(a_q)} (bitsandbytes returns each 4-bit layer's output in its input's dtype, fp32 after "
-                        f"a layer norm under autocast, where a 16-bit layer's output stays in 16 bits)")
+                        f"a layer norm under autocast, where a 16-bit layer's output stays in 16 bits; lorasweep "
+                        f"feeds those layers 16 bits with `training.frozen_weights_16bit`)")
         out.append(
             f"**4-bit ({m.loc[q, 'quant_type']}) `{q}` vs `{lo}`**: {mem_name} "
             f"{ratio_text(m.loc[q, mem], m.loc[lo, mem], MEM_TOL, 'higher', 'lower')} "

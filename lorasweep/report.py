@@ -278,9 +278,31 @@ def results_table(df: pd.DataFrame) -> str:
 def _frozen_base_note(df: pd.DataFrame) -> list[str]:
     """How the LoRA runs that trained in 16 bits stored their frozen base (``training.frozen_weights_16bit``), and
     a warning where they differ: the setting is operational, so runs finished before a change keep theirs, and
-    their memory figures would then compare fp32 bases with 16-bit ones."""
+    their memory figures would then compare fp32 bases with 16-bit ones. The same for QLoRA's 4-bit layers (16-bit
+    outputs, or bitsandbytes' fp32 ones after a layer norm)."""
     if "frozen_16bit_params" not in df or "method" not in df or "precision" not in df:
         return []
+    return _lora_base_note(df) + _qlora_outputs_note(df)
+
+
+def _qlora_outputs_note(df: pd.DataFrame) -> list[str]:
+    qlora = df[(df["method"] == "qlora") & df["precision"].isin(["bf16", "fp16"])]
+    if qlora.empty:
+        return []
+    fed = qlora.get("four_bit_16bit_layers", pd.Series(0, index=qlora.index)).fillna(0) > 0
+    names = ", ".join(f"`{r}`" for r in qlora.loc[~fed, "run"])
+    if fed.all():
+        return ["- The QLoRA runs fed their 4-bit layers 16-bit inputs, so that their outputs stayed in 16 bits as a "
+                "16-bit LoRA base's do (`four_bit_16bit_layers` in metrics.csv): QLoRA against LoRA compares the "
+                "4-bit weights, not also fp32 activations."]
+    return [f"- **QLoRA's memory counts fp32 activations**: {names} returned their 4-bit layers' outputs in fp32 "
+            "after each layer norm (bitsandbytes' own way: `training.frozen_weights_16bit: false`, a DoRA adapter on "
+            "every layer, or a run from before lorasweep fed those layers 16 bits), so what they kept for the "
+            "backward pass, and their peak, count fp32 where LoRA's count 16 bits. Rerun them with `--forcerun` for "
+            "a like-for-like comparison; their losses are not affected beyond rounding."]
+
+
+def _lora_base_note(df: pd.DataFrame) -> list[str]:
     dora = df["use_dora"].fillna(False).astype(bool) if "use_dora" in df else pd.Series(False, index=df.index)
     converted = df["frozen_16bit_params"].fillna(0) > 0
     # a DoRA run that adapts every linear layer (all-linear) has none left to convert: no sign of the setting

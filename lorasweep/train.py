@@ -162,9 +162,9 @@ def store_frozen_weights_16bit(model, precision: str) -> int:
     compares them) for half the weights' memory and none of those kernels. Left in fp32: trainable parameters,
     anything outside a linear layer (embeddings, layer norms) and a weight shared with one (OPT's LM head is its
     token embedding: a 16-bit embedding would carry the residual stream in 16 bits), 4-bit layers (QLoRA's
-    base), the base layers a DoRA adapter wraps (PEFT upcasts their weight to normalise base + adapter in fp32: a
-    16-bit copy would change that norm; the layers DoRA leaves alone are converted), and everything when training
-    computes in fp32.
+    base: :func:`feed_4bit_layers_16bit` gives them 16-bit inputs instead), the base layers a DoRA adapter wraps
+    (PEFT upcasts their weight to normalise base + adapter in fp32: a 16-bit copy would change that norm; the
+    layers DoRA leaves alone are converted), and everything when training computes in fp32.
     """
     import torch
 
@@ -193,6 +193,46 @@ def store_frozen_weights_16bit(model, precision: str) -> int:
         for p in model.parameters():
             if not p.requires_grad and p.dtype == torch.float32:
                 p.data = p.data.clone()
+    return n
+
+
+def feed_4bit_layers_16bit(model, precision: str) -> int:
+    """Give QLoRA's 4-bit layers their input in the 16-bit dtype training computes in, so that their output stays in
+    it, as a 16-bit LoRA base's does; returns how many layers now do.
+
+    bitsandbytes casts a 4-bit layer's input to its compute dtype, computes, and casts the output back to the
+    input's dtype. Under autocast the input of q/k/v_proj and fc1 is a layer norm's fp32 output, so those outputs
+    came back in fp32: the activations after them were kept for the backward pass in fp32 (QLoRA's peak above
+    LoRA's on a GPU, for 40% of its weights), and the fp32 copies cost casts forward and backward (15% of a step's
+    operations at opt-350m's depth: ``benchmarks/op_count.py``). Cast before the layer instead (a forward pre-hook
+    on each 4-bit layer), the product reads the same 16-bit input and the output is the 16-bit result itself, not
+    its fp32 copy. QLoRA then trains exactly as LoRA over the dequantized weights with a 16-bit base (bitwise in a
+    test on the CPU), so qlora-rN against lora-rN compares the 4-bit weights and nothing else. The adapter's branch
+    still reads the layer's own input, as LoRA's does. Left alone: fp32 training and the layers a DoRA adapter
+    wraps (DoRA reads their base in fp32, as :func:`store_frozen_weights_16bit`).
+    """
+    import torch
+
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if half is None:
+        return 0
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:  # no bitsandbytes: no 4-bit layers
+        return 0
+
+    def to_16bit(module, args):
+        x = args[0]
+        if x.dtype != half and x.is_floating_point():
+            return (x.to(half), *args[1:])
+        return None  # already 16-bit: nothing to change
+
+    dora_bases = {id(m.get_base_layer()) for m in model.modules() if getattr(m, "lora_magnitude_vector", None)}
+    n = 0
+    for m in model.modules():
+        if isinstance(m, Linear4bit) and id(m) not in dora_bases:
+            m.register_forward_pre_hook(to_16bit)
+            n += 1
     return n
 
 
@@ -404,7 +444,11 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
     if frozen_16bit:
         log.info("frozen linear weights kept in %s (%d values): autocast casts them to it at every product anyway",
                  precision, frozen_16bit)
-    params = {**count_parameters(model), "frozen_16bit_params": frozen_16bit}
+    four_bit_16bit = feed_4bit_layers_16bit(model, precision) if training.get("frozen_weights_16bit", True) else 0
+    if four_bit_16bit:
+        log.info("4-bit layers take and return %s activations (%d layers), as a 16-bit LoRA base does",
+                 precision, four_bit_16bit)
+    params = {**count_parameters(model), "frozen_16bit_params": frozen_16bit, "four_bit_16bit_layers": four_bit_16bit}
     log.info("parameters: %d trainable of %d (%.3f%%); 4-bit linear layers: %d", params["trainable_params"],
              params["total_params"], params["trainable_share_pct"], n4bit)
 

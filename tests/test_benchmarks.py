@@ -87,7 +87,25 @@ def test_op_count_benchmark_counts_more_operations_for_lora(tmp_path):
     # an fp32 frozen base costs a cast of each linear layer's weight and bias at every forward: 2 x 6 x 2 layers
     assert r["lora-r8, fp32 base"]["ops_not_views"] == lora["ops_not_views"] + 24
     assert r["lora-r8, fp32 base"]["mm"] == lora["mm"]
+    # QLoRA's 4-bit layers fed bf16 (lorasweep's default) launch fewer operations than bitsandbytes' fp32 round trip
+    assert 0 < r["qlora-r8"]["ops_not_views"] < r["qlora-r8, 4-bit outputs fp32"]["ops_not_views"]
     assert "not views" in stdout
+
+
+def test_predict_memory_benchmark_shows_what_16bit_frozen_weights_save(tmp_path):
+    r, stdout = _run("predict_memory.py", tmp_path, "--runs", "full", "lora-r8", "qlora-r8", "--batch", 2,
+                     "--length", 64, "--frozen-16bit", "both")
+    p = {name: run for name, run in r["runs"].items()}
+    assert set(p) == {"full", "lora-r8", "lora-r8, frozen_weights_16bit off", "qlora-r8",
+                      "qlora-r8, frozen_weights_16bit off"}
+    saved, weights = "predicted_saved_for_backward_bytes", "predicted_weights_bytes"
+    # QLoRA's 4-bit layers fed bf16 keep what LoRA keeps; bitsandbytes' fp32 outputs keep more
+    assert p["qlora-r8"][saved] == p["lora-r8"][saved] < p["qlora-r8, frozen_weights_16bit off"][saved]
+    # an fp32 LoRA base: autocast's 16-bit copies of it kept for the backward pass, and twice the bytes stored
+    assert p["lora-r8"][saved] < p["lora-r8, frozen_weights_16bit off"][saved]
+    assert p["qlora-r8"][weights] < p["lora-r8"][weights] < p["lora-r8, frozen_weights_16bit off"][weights]
+    assert p["full"]["predicted_optimizer_bytes"] > 10 * p["lora-r8"]["predicted_optimizer_bytes"]
+    assert "batch 2 x 64 tokens, bf16" in stdout
 
 
 def test_cpu_rss_benchmark_reports_every_pass(tmp_path):
@@ -161,13 +179,14 @@ def test_host_time_benchmark_times_lorasweeps_step_and_a_bare_loop_on_the_same_m
     assert r["tokens"]["bare"] > 4 * 8 and "added by the Trainer, TRL's loss and lorasweep" in stdout
 
 
-def test_host_time_benchmark_pairs_a_16bit_frozen_base_with_an_fp32_one(tiny_data, tmp_path):
+@pytest.mark.parametrize("run", ["lora-r8", "qlora-r8"])
+def test_host_time_benchmark_pairs_a_16bit_frozen_base_with_an_fp32_one(tiny_data, tmp_path, run):
     r, stdout = _run("host_time.py", tmp_path, "--data", tiny_data["source"], "--layers", 2, "--steps", 4,
-                     "--repeats", 1, "--max-length", 128, "--run", "lora-r8", "--precision", "bf16",
+                     "--repeats", 1, "--max-length", 128, "--run", run, "--precision", "bf16",
                      "--fp32-frozen-base")  # the script itself refuses the pair if their losses differ
-    assert r["precision"] == "bf16" and r["fp32_frozen_base_ms_per_step"] > 0
+    assert r["run"] == run and r["precision"] == "bf16" and r["fp32_frozen_base_ms_per_step"] > 0
     assert len(r["frozen_16bit_saved_ms_per_step_each"]) == 1 and r["bare_ms_per_step"] > 0
-    assert "with its frozen base in fp32" in stdout and "same losses" in stdout
+    assert "with frozen_weights_16bit off" in stdout and "same losses" in stdout
 
 
 def test_throughput_benchmark_profiles_the_steps_asked_for_and_the_summary_reads_them(tiny_data, tmp_path):

@@ -490,6 +490,21 @@ def test_the_results_say_how_the_lora_runs_stored_their_frozen_base_and_warn_whe
     gpu.loc[gpu["run"] == first, "frozen_16bit_params"] = 0
     table = results_table(F.by_run(gpu))
     assert "unlike runs" not in table and "The LoRA runs kept their frozen linear weights in 16 bits" in table
+    # QLoRA: its 4-bit layers fed 16 bits, or (an older run, the setting off) bitsandbytes' fp32 outputs
+    qlora = m["method"] == "qlora"
+    assert qlora.sum() == 1 and "QLoRA" not in "".join(_frozen_base_note_lines(m))  # fp32 training: nothing to say
+    gpu["four_bit_16bit_layers"] = qlora * 12
+    assert "The QLoRA runs fed their 4-bit layers 16-bit inputs" in results_table(F.by_run(gpu))
+    for older in (gpu.assign(four_bit_16bit_layers=0), gpu.drop(columns="four_bit_16bit_layers")):
+        table = results_table(F.by_run(older))
+        assert "**QLoRA's memory counts fp32 activations**: `qlora-r8` returned" in table
+        assert "fed their 4-bit layers" not in table
+
+
+def _frozen_base_note_lines(m):
+    from lorasweep.report import _frozen_base_note
+
+    return _frozen_base_note(F.by_run(m))
 
 
 def test_a_gpu_sweep_far_below_its_speed_bound_says_that_overhead_set_the_pace():
@@ -662,7 +677,8 @@ def test_a_recorded_gpu_sweep_renders_its_cuda_figures(tmp_path):
     assert "train runtime 57% longer (not comparable" in findings
     # QLoRA's peak above LoRA's although its weights are 40% of theirs: the finding names the activations
     assert ("shrink from 689 MiB to 274 MiB, 40% of `lora-r8`'s, while what autograd keeps for the backward pass "
-            "(predicted) grows from 3.3 GiB to 4.04 GiB") in findings
+            "(predicted) grows from 3.3 GiB to 4.04 GiB (bitsandbytes returns each 4-bit layer's output in its input's "
+            "dtype") in findings
     same = ctx["metrics_per_seed"].copy()
     same.loc[same["run"] == "qlora-r8", "predicted_activations_bytes"] = same.loc[
         same["run"] == "lora-r8", "predicted_activations_bytes"].iloc[0]

@@ -172,6 +172,85 @@ def test_a_16bit_frozen_base_trains_bitwise_as_the_fp32_one(tiny_config, tiny_da
     assert {t.dtype for t in adapter16.values()} == {torch.float32}
 
 
+@pytest.mark.parametrize("targets", ["attention", "all-linear"])
+def test_qlora_trains_bitwise_as_lora_over_its_dequantized_base(tiny_config, targets):
+    """With bf16 autocast, QLoRA's 4-bit layers take and return bf16 (feed_4bit_layers_16bit), so qlora-r8 is
+    lora-r8 over the dequantized weights, to the bit: losses, gradient norms and the adapter after training. On
+    bitsandbytes' own terms (output in its input's dtype: fp32 after a layer norm) the sums of base and adapter
+    that reach the fp32 residual stream (out_proj, fc2: all-linear) kept fp32 digits LoRA's 16-bit products do not
+    have: quantization was not the only difference."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+
+    from lorasweep.train import attach_lora, feed_4bit_layers_16bit, load_model, store_frozen_weights_16bit
+
+    cfg = tiny_config()
+    cfg["methods"]["lora"]["target_modules"] = targets
+    q_spec, l_spec = run_spec(cfg, "qlora-r8"), run_spec(cfg, "lora-r8")
+    assert l_spec["lora"]["dropout"] > 0  # the adapter's branch keeps its own (fp32) input, as in LoRA
+    qlora = load_model(q_spec, "cpu", "bf16")
+    four_bit = {name: mod for name, mod in qlora.named_modules() if isinstance(mod, bnb.nn.Linear4bit)}
+    lora = load_model(l_spec, "cpu", "fp32")
+    for name, mod in lora.named_modules():
+        if name in four_bit:  # the values the 4-bit layer computes with
+            w = four_bit[name].weight
+            mod.weight.data = bnbf.dequantize_4bit(w.data, w.quant_state).float()
+    assert len(four_bit) == 12
+    qlora, lora = attach_lora(qlora, q_spec), attach_lora(lora, l_spec)
+    q_params = dict(qlora.named_parameters())
+    for name, p in lora.named_parameters():  # the same adapter initialisation (bitsandbytes' layers draw otherwise)
+        if p.requires_grad:
+            p.data.copy_(q_params[name].data)
+    assert store_frozen_weights_16bit(lora, "bf16") > 0
+    assert feed_4bit_layers_16bit(qlora, "bf16") == 12 and feed_4bit_layers_16bit(lora, "bf16") == 0
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(3, 500, (4, int(n)), generator=g) for n in torch.randint(16, 64, (4,), generator=g)]
+    runs = {}
+    for name, model in (("qlora", qlora), ("lora", lora)):
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=5e-3)
+        torch.manual_seed(1)  # the same dropout masks
+        steps = []
+        for ids in batches:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            steps.append((loss.item(), torch.nn.utils.clip_grad_norm_(params, 1.0).item()))
+            opt.step()
+            opt.zero_grad()
+        runs[name] = steps, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    (q_steps, q_adapter), (l_steps, l_adapter) = runs["qlora"], runs["lora"]
+    assert q_steps == l_steps
+    assert q_adapter.keys() == l_adapter.keys() and all(torch.equal(q_adapter[n], l_adapter[n]) for n in q_adapter)
+    assert q_steps[0][0] != q_steps[-1][0]  # it trained
+
+
+def test_qlora_with_16bit_outputs_keeps_16bit_activations_and_trains_as_before(tiny_config, tiny_data, tmp_path):
+    """training.frozen_weights_16bit also feeds QLoRA's 4-bit layers 16-bit inputs: the activations after them are
+    kept in bf16, not fp32 (the memory model counts what LoRA's run keeps), and on the tiny preset's attention
+    targets nothing rounds differently, so training is bitwise the same (every logged loss, gradient norm and eval
+    loss)."""
+    spec = run_spec(tiny_config(max_steps=6, precision="bf16"), "qlora-r8")
+    runs = {}
+    for on in (True, False):
+        out = tmp_path / str(on)
+        m = train_run(spec, tiny_data["train"], tiny_data["eval"], out, threads=2,
+                      operational={"frozen_weights_16bit": on})
+        runs[on] = m, [json.loads(line) for line in (out / "log_history.jsonl").read_text().splitlines()]
+    (m16, log16), (m32, log32) = runs[True], runs[False]
+    assert m16["four_bit_16bit_layers"] == 12 and m32["four_bit_16bit_layers"] == 0
+    assert m16["frozen_16bit_params"] == m32["frozen_16bit_params"] == 0  # its base is 4-bit: nothing else to store
+    # what autograd keeps for the backward pass: what lora-r8 keeps (fc1's 4x-wide output in bf16), 20% less here
+    lora = train_run(run_spec(tiny_config(max_steps=1, precision="bf16"), "lora-r8"), tiny_data["train"],
+                     tiny_data["eval"], tmp_path / "lora", threads=2)
+    saved = "predicted_saved_for_backward_bytes"
+    assert m16[saved] == lora[saved] < 0.85 * m32[saved]
+    losses = [(h.get("loss"), h.get("grad_norm"), h.get("eval_loss")) for h in log16]
+    assert losses == [(h.get("loss"), h.get("grad_norm"), h.get("eval_loss")) for h in log32]
+    assert m16["eval_loss"] == m32["eval_loss"] and m16["eval_loss"] < m16["base_eval_loss"]
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux's /proc/self/maps")
 def test_a_16bit_frozen_base_on_the_cpu_lets_the_memory_mapped_checkpoint_go(tiny_config, tiny_model, tmp_path):
     """On the CPU the loaded checkpoint stays memory-mapped while a weight points into it, and its pages count in
