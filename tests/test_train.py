@@ -203,6 +203,8 @@ def test_qlora_trains_bitwise_as_lora_over_its_dequantized_base(tiny_config, tar
             p.data.copy_(q_params[name].data)
     assert store_frozen_weights_16bit(lora, "bf16") > 0
     assert feed_4bit_layers_16bit(qlora, "bf16") == 12 and feed_4bit_layers_16bit(lora, "bf16") == 0
+    # dequantized straight to bf16 for the backward product (bitsandbytes: to fp32, the loading dtype, then cast)
+    assert {m.weight.quant_state.dtype for m in four_bit.values()} == {torch.bfloat16}
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(3, 500, (4, int(n)), generator=g) for n in torch.randint(16, 64, (4,), generator=g)]
     runs = {}
