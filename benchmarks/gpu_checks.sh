@@ -147,7 +147,7 @@ if [[ " $checks " == *" bench "* ]]; then
         fi
     done
     # QLoRA's 4-bit layers fed bf16 (the default, training.frozen_weights_16bit) against bitsandbytes' own fp32
-    # outputs after each layer norm: on the CPU 19% fewer operations a step and bf16 activations (same losses)
+    # outputs after each layer norm: on the CPU 20% fewer operations a step and bf16 activations (same losses)
     q8=(--run qlora-r8 --batch 8 --steps 120 --training logging_steps=10)
     bench qlora-r8-b8 90 "${q8[@]}"
     if bench qlora-r8-b8-fp32out 90 "${q8[@]}" --training frozen_weights_16bit=false; then

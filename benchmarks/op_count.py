@@ -9,8 +9,9 @@ kernel) are counted apart. LoRA is counted with its frozen base stored in bf16 (
 lorasweep's default with 16-bit training) and in fp32 (autocast then casts every frozen weight at every forward);
 QLoRA with its 4-bit layers fed 16-bit inputs (lorasweep's default, ``training.frozen_weights_16bit`` too) and
 as bitsandbytes leaves them (the output in the input's dtype: fp32 after a layer norm, cast back and forth).
-The widths are narrow because the count does not depend on them; bitsandbytes' 4-bit product and dequantization
-count as one operation each, as on CUDA, where each is one call into its library.
+The widths are narrow because the count does not depend on them. bitsandbytes' 4-bit product and dequantization
+count as one operation each (on CUDA at training shapes the product is a dequantization kernel and a matrix
+product). An untimed forward pass goes first: the count is a step's, not the first call's one-time work.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ def count_step(run: str, layers: int, rank: int, dropout: float, batch: int, len
                 feed_4bit_layers_16bit(model, "bf16")
         model.train()
         ids = torch.randint(0, 1000, (batch, length))
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # one-time work out of the count
+            model(input_ids=ids)  # (bitsandbytes converts each 4-bit layer's bias to 16 bits at its first call)
         with Count() as c:
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 loss = model(input_ids=ids, labels=ids).loss

@@ -337,8 +337,9 @@ def quantization(df: pd.DataFrame, losses: Losses, suspect: set | None = None) -
             # training.frozen_weights_16bit feeds those layers 16 bits: lorasweep.train.feed_4bit_layers_16bit)
             weights += (f", while what autograd keeps for the backward pass (predicted) grows from {mib(a_lo)} to "
                         f"{mib(a_q)} (bitsandbytes returns each 4-bit layer's output in its input's dtype, fp32 after "
-                        f"a layer norm under autocast, where a 16-bit layer's output stays in 16 bits; lorasweep "
-                        f"feeds those layers 16 bits with `training.frozen_weights_16bit`)")
+                        f"a layer norm under autocast, where a 16-bit layer's output stays in 16 bits; this run's "
+                        f"were not fed 16 bits: `training.frozen_weights_16bit` off, DoRA, or a run from before "
+                        f"lorasweep fed them)")
         out.append(
             f"**4-bit ({m.loc[q, 'quant_type']}) `{q}` vs `{lo}`**: {mem_name} "
             f"{ratio_text(m.loc[q, mem], m.loc[lo, mem], MEM_TOL, 'higher', 'lower')} "

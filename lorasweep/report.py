@@ -280,7 +280,7 @@ def _frozen_base_note(df: pd.DataFrame) -> list[str]:
     a warning where they differ: the setting is operational, so runs finished before a change keep theirs, and
     their memory figures would then compare fp32 bases with 16-bit ones. The same for QLoRA's 4-bit layers (16-bit
     outputs, or bitsandbytes' fp32 ones after a layer norm)."""
-    if "frozen_16bit_params" not in df or "method" not in df or "precision" not in df:
+    if "method" not in df or "precision" not in df:
         return []
     return _lora_base_note(df) + _qlora_outputs_note(df)
 
@@ -289,20 +289,37 @@ def _qlora_outputs_note(df: pd.DataFrame) -> list[str]:
     qlora = df[(df["method"] == "qlora") & df["precision"].isin(["bf16", "fp16"])]
     if qlora.empty:
         return []
-    fed = qlora.get("four_bit_16bit_layers", pd.Series(0, index=qlora.index)).fillna(0) > 0
-    names = ", ".join(f"`{r}`" for r in qlora.loc[~fed, "run"])
-    if fed.all():
-        return ["- The QLoRA runs fed their 4-bit layers 16-bit inputs, so that their outputs stayed in 16 bits as a "
-                "16-bit LoRA base's do (`four_bit_16bit_layers` in metrics.csv): QLoRA against LoRA compares the "
-                "4-bit weights, not also fp32 activations."]
-    return [f"- **QLoRA's memory counts fp32 activations**: {names} returned their 4-bit layers' outputs in fp32 "
-            "after each layer norm (bitsandbytes' own way: `training.frozen_weights_16bit: false`, a DoRA adapter on "
-            "every layer, or a run from before lorasweep fed those layers 16 bits), so what they kept for the "
-            "backward pass, and their peak, count fp32 where LoRA's count 16 bits. Rerun them with `--forcerun` for "
-            "a like-for-like comparison; their losses are not affected beyond rounding."]
+    layers = (qlora["four_bit_16bit_layers"] if "four_bit_16bit_layers" in qlora
+              else pd.Series(float("nan"), index=qlora.index))
+    dora = qlora["use_dora"].fillna(False).astype(bool) if "use_dora" in qlora else pd.Series(False, index=qlora.index)
+    names = lambda mask: ", ".join(f"`{r}`" for r in qlora.loc[mask, "run"])  # noqa: E731
+    older = layers.isna()  # trained before lorasweep fed those layers (and recorded it)
+    fed = layers.fillna(0) > 0
+    off = ~fed & ~older & ~dora  # training.frozen_weights_16bit false
+    # a DoRA run adapting every layer (all-linear) has none left to feed: no sign of the setting
+    if not fed.any() and (dora & ~older).all():
+        return []
+    if (fed | (dora & ~older)).all():
+        return ["- The QLoRA runs fed their 4-bit layers 16-bit inputs, so that their outputs stay in 16 bits as a "
+                "16-bit LoRA base's do (`training.frozen_weights_16bit`; `four_bit_16bit_layers` in metrics.csv): "
+                "QLoRA against LoRA compares the 4-bit weights, not also fp32 activations"
+                + (f"; the layers DoRA adapts in {names(dora)} return fp32 (DoRA adds its base's output in fp32)."
+                   if dora.any() else ".")]
+    if off.all():
+        return ["- The QLoRA runs returned their 4-bit layers' outputs in fp32 after each layer norm, bitsandbytes' "
+                "own way (`training.frozen_weights_16bit: false`): what they keep for the backward pass counts fp32 "
+                "where a 16-bit LoRA base's counts 16 bits."]
+    why = " and ".join(w for w, mask in (("trained before lorasweep fed those layers 16 bits", older),
+                                         ("trained with `training.frozen_weights_16bit: false`", off)) if mask.any())
+    return [f"- **QLoRA's memory counts fp32 activations**: {names(older | off)}: each 4-bit layer's output kept in "
+            f"fp32 after a layer norm, bitsandbytes' own way ({why}), so what autograd keeps for the backward pass, "
+            "and the peak, count fp32 where LoRA's count 16 bits. Rerun with `--forcerun` and the setting on for a "
+            "like-for-like comparison; the losses are not affected beyond rounding."]
 
 
 def _lora_base_note(df: pd.DataFrame) -> list[str]:
+    if "frozen_16bit_params" not in df:
+        return []
     dora = df["use_dora"].fillna(False).astype(bool) if "use_dora" in df else pd.Series(False, index=df.index)
     converted = df["frozen_16bit_params"].fillna(0) > 0
     # a DoRA run that adapts every linear layer (all-linear) has none left to convert: no sign of the setting

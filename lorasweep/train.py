@@ -204,15 +204,19 @@ def feed_4bit_layers_16bit(model, precision: str) -> int:
     input's dtype. Under autocast the input of q/k/v_proj and fc1 is a layer norm's fp32 output, so those outputs
     came back in fp32: the activations after them were kept for the backward pass in fp32 (QLoRA's peak above
     LoRA's on a GPU, for 40% of its weights), and the fp32 copies cost casts forward and backward. Cast before the
-    layer instead (a forward pre-hook on each 4-bit layer), the product reads the same 16-bit input and the output
-    is the 16-bit result itself, not its fp32 copy. The weight is dequantized straight to that dtype for the
-    backward product too (bitsandbytes dequantizes to the dtype the model was loaded in, fp32, then casts: the same
-    rounding, one operation and an fp32 copy of the weight fewer). Together 19% fewer operations a step at
-    opt-350m's depth (``benchmarks/op_count.py``). QLoRA then trains exactly as LoRA over the dequantized weights
-    with a 16-bit base (bitwise in a test on the CPU), so qlora-rN against lora-rN compares the 4-bit weights and
-    nothing else. The adapter's branch still reads the layer's own input, as LoRA's does. Left alone: fp32
-    training and the layers a DoRA adapter wraps (DoRA reads their base in fp32, as
-    :func:`store_frozen_weights_16bit`).
+    layer instead (a forward pre-hook on each 4-bit layer, acting under autocast), the product reads the same
+    16-bit input and the output is the 16-bit result itself, not its fp32 copy. The weight is dequantized straight
+    to that dtype for the backward product too (bitsandbytes dequantizes to the dtype the model was loaded in,
+    fp32, then casts: the same rounding, one operation and an fp32 copy of the weight fewer). Together 20% fewer
+    operations a step at opt-350m's depth (``benchmarks/op_count.py``). QLoRA then trains as LoRA over the
+    dequantized weights with a 16-bit base (bitwise in a test on the CPU; on CUDA up to the rounding of
+    bitsandbytes' own product kernel), so qlora-rN against lora-rN compares the 4-bit weights and not also fp32
+    activations. The adapter's branch still reads the layer's own input, as LoRA's does.
+
+    Left alone: fp32 training, forward passes outside autocast (OPT's fp32 LM head after its 4-bit project_out
+    could not take 16 bits), and the layers a DoRA adapter wraps (DoRA reads their base in fp32, as
+    :func:`store_frozen_weights_16bit`). The 16-bit dequantization lasts as long as the model: merging the adapter
+    into this in-memory base would start from 16-bit weights (lorasweep merges in a job of its own, from the files).
     """
     import torch
 
@@ -225,10 +229,10 @@ def feed_4bit_layers_16bit(model, precision: str) -> int:
         return 0
 
     def to_16bit(module, args):
-        x = args[0]
-        if x.dtype != half and x.is_floating_point():
+        x = args[0] if args else None
+        if x is not None and x.dtype != half and x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
             return (x.to(half), *args[1:])
-        return None  # already 16-bit: nothing to change
+        return None  # nothing to change
 
     dora_bases = {id(m.get_base_layer()) for m in model.modules() if getattr(m, "lora_magnitude_vector", None)}
     n = 0

@@ -490,21 +490,42 @@ def test_the_results_say_how_the_lora_runs_stored_their_frozen_base_and_warn_whe
     gpu.loc[gpu["run"] == first, "frozen_16bit_params"] = 0
     table = results_table(F.by_run(gpu))
     assert "unlike runs" not in table and "The LoRA runs kept their frozen linear weights in 16 bits" in table
-    # QLoRA: its 4-bit layers fed 16 bits, or (an older run, the setting off) bitsandbytes' fp32 outputs
+
+
+
+def test_the_results_say_how_the_qlora_runs_fed_their_4bit_layers_and_warn_when_they_differ():
+    """QLoRA's 4-bit layers fed 16 bits (training.frozen_weights_16bit), or bitsandbytes' fp32 outputs: the setting
+    off everywhere (said plainly), a run from before lorasweep fed them or a mixed sweep (a warning and what to
+    rerun), DoRA on every layer (nothing to feed: nothing said)."""
+    from lorasweep.report import _frozen_base_note, results_table
+
+    m, _ = _fixture()
     qlora = m["method"] == "qlora"
-    assert qlora.sum() == 1 and "QLoRA" not in "".join(_frozen_base_note_lines(m))  # fp32 training: nothing to say
-    gpu["four_bit_16bit_layers"] = qlora * 12
-    assert "The QLoRA runs fed their 4-bit layers 16-bit inputs" in results_table(F.by_run(gpu))
-    for older in (gpu.assign(four_bit_16bit_layers=0), gpu.drop(columns="four_bit_16bit_layers")):
-        table = results_table(F.by_run(older))
-        assert "**QLoRA's memory counts fp32 activations**: `qlora-r8` returned" in table
-        assert "fed their 4-bit layers" not in table
+    assert qlora.sum() == 1 and not any("QLoRA" in line for line in _frozen_base_note(F.by_run(m)))  # fp32 runs
+    second = m[qlora].assign(run="qlora-r16", rank=16)
+    gpu = pd.concat([m, second], ignore_index=True).assign(precision="bf16")
+    qlora = gpu["method"] == "qlora"
 
+    def note(df):
+        return "\n".join(line for line in _frozen_base_note(F.by_run(df)) if "QLoRA" in line)
 
-def _frozen_base_note_lines(m):
-    from lorasweep.report import _frozen_base_note
+    fed = gpu.assign(four_bit_16bit_layers=qlora * 12)
+    assert note(fed).startswith("- The QLoRA runs fed their 4-bit layers 16-bit inputs") and "DoRA" not in note(fed)
+    assert note(fed) in results_table(F.by_run(fed))
+    off = gpu.assign(four_bit_16bit_layers=0)
+    assert "returned their 4-bit layers' outputs in fp32" in note(off) and "**" not in note(off)
+    older = gpu.drop(columns=[c for c in ("four_bit_16bit_layers",) if c in gpu])  # a sweep from before it
+    assert note(older).startswith("- **QLoRA's memory counts fp32 activations**: `qlora-r8`, `qlora-r16`: ")
+    assert "trained before lorasweep fed those layers 16 bits" in note(older) and "--forcerun" in note(older)
+    mixed = fed.copy()
+    mixed.loc[mixed["run"] == "qlora-r16", "four_bit_16bit_layers"] = 0
+    assert note(mixed).startswith("- **QLoRA's memory counts fp32 activations**: `qlora-r16`: ")
+    assert "frozen_weights_16bit: false" in note(mixed) and "before lorasweep" not in note(mixed)
+    # DoRA: the layers it adapts keep fp32 outputs; on every layer nothing is fed, and nothing is said
+    dora = fed.assign(use_dora=qlora)
+    assert "the layers DoRA adapts in `qlora-r8`, `qlora-r16` return fp32" in note(dora)
+    assert note(dora.assign(four_bit_16bit_layers=0)) == ""
 
-    return _frozen_base_note(F.by_run(m))
 
 
 def test_a_gpu_sweep_far_below_its_speed_bound_says_that_overhead_set_the_pace():
