@@ -52,7 +52,7 @@ def bare_loop(model_path: Path, train_jsonl: Path, batches: list, run: str, step
 
     from lorasweep.config import run_spec
     from lorasweep.speed import single_run_config
-    from lorasweep.train import attach_lora, feed_4bit_layers_16bit, load_model, store_frozen_weights_16bit
+    from lorasweep.train import attach_lora, frozen_base_16bit, load_model
 
     torch.manual_seed(seed)
     spec = run_spec(single_run_config(str(model_path), train_jsonl, run, lr=1e-3, device="cpu", seed=seed), run)
@@ -60,8 +60,7 @@ def bare_loop(model_path: Path, train_jsonl: Path, batches: list, run: str, step
     pad = model.config.pad_token_id
     if run != "full":
         model = attach_lora(model, spec)
-        store_frozen_weights_16bit(model, precision)
-        feed_4bit_layers_16bit(model, precision)
+        frozen_base_16bit(model, precision)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)

@@ -33,7 +33,7 @@ def count_step(run: str, layers: int, rank: int, dropout: float, batch: int, len
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from lorasweep.tiny import random_opt
-    from lorasweep.train import feed_4bit_layers_16bit, load_model, lora_config, store_frozen_weights_16bit
+    from lorasweep.train import frozen_base_16bit, load_model, lora_config
 
     class Count(TorchDispatchMode):
         def __init__(self):
@@ -55,8 +55,7 @@ def count_step(run: str, layers: int, rank: int, dropout: float, batch: int, len
             model = get_peft_model(model, lora_config({"lora": {"r": rank, "alpha": 4 * rank, "dropout": dropout}},
                                                       ["q_proj", "k_proj", "v_proj"]))
             if frozen_16bit:  # training.frozen_weights_16bit, as lorasweep trains with bf16 autocast
-                store_frozen_weights_16bit(model, "bf16")
-                feed_4bit_layers_16bit(model, "bf16")
+                frozen_base_16bit(model, "bf16")
         model.train()
         ids = torch.randint(0, 1000, (batch, length))
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # one-time work out of the count

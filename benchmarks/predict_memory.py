@@ -26,7 +26,7 @@ def predict_run(model_dir: Path, run: str, batch: int, length: int, precision: s
     from lorasweep.config import run_spec
     from lorasweep.memory_model import predict
     from lorasweep.speed import single_run_config
-    from lorasweep.train import attach_lora, feed_4bit_layers_16bit, load_model, store_frozen_weights_16bit
+    from lorasweep.train import attach_lora, frozen_base_16bit, load_model
 
     data = model_dir.parent / "one.jsonl"  # the config needs a dataset; nothing reads it here
     data.write_text('{"prompt": "a", "completion": "b"}\n')
@@ -37,8 +37,7 @@ def predict_run(model_dir: Path, run: str, batch: int, length: int, precision: s
     if spec["lora"]:
         model = attach_lora(model, spec)
         if frozen_16bit:
-            store_frozen_weights_16bit(model, precision)
-            feed_4bit_layers_16bit(model, precision)
+            frozen_base_16bit(model, precision)
     model.train()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return predict(model, trainable, batch, length, precision, fused_loss=True)

@@ -244,6 +244,14 @@ def feed_4bit_layers_16bit(model, precision: str) -> int:
     return n
 
 
+def frozen_base_16bit(model, precision: str) -> dict:
+    """``training.frozen_weights_16bit``: a LoRA base stored in the 16-bit dtype training computes in
+    (:func:`store_frozen_weights_16bit`) and QLoRA's 4-bit layers fed it (:func:`feed_4bit_layers_16bit`); what
+    each did, as the run's metrics record it."""
+    return {"frozen_16bit_params": store_frozen_weights_16bit(model, precision),
+            "four_bit_16bit_layers": feed_4bit_layers_16bit(model, precision)}
+
+
 def save_initial_adapter(model, spec: dict, path: Path) -> Path | None:
     """For OLoRA / PiSSA: save the adapter as initialised, so that the trained one can be converted back.
 
@@ -448,15 +456,15 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
     if spec["lora"]:
         model = attach_lora(model, spec)
         initial_adapter = save_initial_adapter(model, spec, out_dir / "initial_adapter")
-    frozen_16bit = store_frozen_weights_16bit(model, precision) if training.get("frozen_weights_16bit", True) else 0
-    if frozen_16bit:
+    half = (frozen_base_16bit(model, precision) if training.get("frozen_weights_16bit", True)
+            else {"frozen_16bit_params": 0, "four_bit_16bit_layers": 0})
+    if half["frozen_16bit_params"]:
         log.info("frozen linear weights kept in %s (%d values): autocast casts them to it at every product anyway",
-                 precision, frozen_16bit)
-    four_bit_16bit = feed_4bit_layers_16bit(model, precision) if training.get("frozen_weights_16bit", True) else 0
-    if four_bit_16bit:
+                 precision, half["frozen_16bit_params"])
+    if half["four_bit_16bit_layers"]:
         log.info("4-bit layers take and return %s activations (%d layers), as a 16-bit LoRA base does",
-                 precision, four_bit_16bit)
-    params = {**count_parameters(model), "frozen_16bit_params": frozen_16bit, "four_bit_16bit_layers": four_bit_16bit}
+                 precision, half["four_bit_16bit_layers"])
+    params = {**count_parameters(model), **half}
     log.info("parameters: %d trainable of %d (%.3f%%); 4-bit linear layers: %d", params["trainable_params"],
              params["total_params"], params["trainable_share_pct"], n4bit)
 
