@@ -105,7 +105,15 @@ def test_predict_memory_benchmark_shows_what_16bit_frozen_weights_save(tmp_path)
     assert p["lora-r8"][saved] < p["lora-r8, frozen_weights_16bit off"][saved]
     assert p["qlora-r8"][weights] < p["lora-r8"][weights] < p["lora-r8, frozen_weights_16bit off"][weights]
     assert p["full"]["predicted_optimizer_bytes"] > 10 * p["lora-r8"]["predicted_optimizer_bytes"]
-    assert "batch 2 x 64 tokens, bf16" in stdout
+    assert "batch 2 x 64 tokens, bf16" in stdout and r["model"] == "OPT of the tiny shape"
+
+
+def test_predict_memory_benchmark_predicts_for_a_given_model(tiny_model, tmp_path):
+    r, stdout = _run("predict_memory.py", tmp_path, "--model", tiny_model, "--runs", "lora-r8", "--batch", 2,
+                     "--length", 32, "--precision", "fp32")
+    p = r["runs"]["lora-r8"]
+    assert r["model"] == str(tiny_model) and p["predicted_for_seq_len"] == 32
+    assert p["predicted_peak_bytes"] > p["predicted_weights_bytes"] > 0 and str(tiny_model) in stdout
 
 
 def test_cpu_rss_benchmark_reports_every_pass(tmp_path):
