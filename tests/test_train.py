@@ -173,15 +173,19 @@ def test_a_16bit_frozen_base_trains_bitwise_as_the_fp32_one(tiny_config, tiny_da
 
 
 @pytest.mark.parametrize("targets", ["attention", "all-linear"])
-def test_qlora_trains_bitwise_as_lora_over_its_dequantized_base(tiny_config, targets):
-    """With bf16 autocast, QLoRA's 4-bit layers take and return bf16 (feed_4bit_layers_16bit), so qlora-r8 is
-    lora-r8 over the dequantized weights, to the bit: losses, gradient norms and the adapter after training. On
-    bitsandbytes' own terms (output in its input's dtype: fp32 after a layer norm) the sums of base and adapter
-    that reach the fp32 residual stream (out_proj, fc2: all-linear) kept fp32 digits LoRA's 16-bit products do not
-    have: quantization was not the only difference. (The attention case holds without the feeding too: the sums of
-    q/k/v are rounded to bf16 before attention either way. all-linear is the one that needs it.)"""
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_qlora_trains_bitwise_as_lora_over_its_dequantized_base(tiny_config, targets, precision):
+    """With 16-bit autocast (bf16; fp16 on older GPUs), QLoRA's 4-bit layers take and return 16 bits
+    (feed_4bit_layers_16bit), so qlora-r8 is lora-r8 over the dequantized weights, to the bit: losses, gradient
+    norms and the adapter after training. On bitsandbytes' own terms (output in its input's dtype: fp32 after a
+    layer norm) the sums of base and adapter that reach the fp32 residual stream (out_proj, fc2: all-linear) kept
+    fp32 digits LoRA's 16-bit products do not have: quantization was not the only difference. (The attention case
+    holds without the feeding too: the sums of q/k/v are rounded to 16 bits before attention either way. all-linear
+    is the one that needs it.)"""
     import bitsandbytes as bnb
     import bitsandbytes.functional as bnbf
+
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
     from lorasweep.train import attach_lora, feed_4bit_layers_16bit, load_model, store_frozen_weights_16bit
 
@@ -189,7 +193,7 @@ def test_qlora_trains_bitwise_as_lora_over_its_dequantized_base(tiny_config, tar
     cfg["methods"]["lora"]["target_modules"] = targets
     q_spec, l_spec = run_spec(cfg, "qlora-r8"), run_spec(cfg, "lora-r8")
     assert l_spec["lora"]["dropout"] > 0  # the adapter's branch keeps its own (fp32) input, as in LoRA
-    qlora = load_model(q_spec, "cpu", "bf16")
+    qlora = load_model(q_spec, "cpu", precision)
     four_bit = {name: mod for name, mod in qlora.named_modules() if isinstance(mod, bnb.nn.Linear4bit)}
     lora = load_model(l_spec, "cpu", "fp32")
     for name, mod in lora.named_modules():
@@ -202,10 +206,10 @@ def test_qlora_trains_bitwise_as_lora_over_its_dequantized_base(tiny_config, tar
     for name, p in lora.named_parameters():  # the same adapter initialisation (bitsandbytes' layers draw otherwise)
         if p.requires_grad:
             p.data.copy_(q_params[name].data)
-    assert store_frozen_weights_16bit(lora, "bf16") > 0
-    assert feed_4bit_layers_16bit(qlora, "bf16") == 12 and feed_4bit_layers_16bit(lora, "bf16") == 0
-    # dequantized straight to bf16 for the backward product (bitsandbytes: to fp32, the loading dtype, then cast)
-    assert {m.weight.quant_state.dtype for m in four_bit.values()} == {torch.bfloat16}
+    assert store_frozen_weights_16bit(lora, precision) > 0
+    assert feed_4bit_layers_16bit(qlora, precision) == 12 and feed_4bit_layers_16bit(lora, precision) == 0
+    # dequantized straight to 16 bits for the backward product (bitsandbytes: to fp32, the loading dtype, then cast)
+    assert {m.weight.quant_state.dtype for m in four_bit.values()} == {half}
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(3, 500, (4, int(n)), generator=g) for n in torch.randint(16, 64, (4,), generator=g)]
     runs = {}
@@ -216,7 +220,7 @@ def test_qlora_trains_bitwise_as_lora_over_its_dequantized_base(tiny_config, tar
         torch.manual_seed(1)  # the same dropout masks
         steps = []
         for ids in batches:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast("cpu", dtype=half):
                 loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
             steps.append((loss.item(), torch.nn.utils.clip_grad_norm_(params, 1.0).item()))
