@@ -151,6 +151,11 @@ def attach_lora(model, spec: dict):
     return get_peft_model(model, lora_config(spec, targets))
 
 
+def _dora_bases(model) -> set[int]:
+    """ids of the base layers a DoRA adapter wraps (a DoRA layer keeps a magnitude vector per adapter)."""
+    return {id(m.get_base_layer()) for m in model.modules() if getattr(m, "lora_magnitude_vector", None)}
+
+
 def store_frozen_weights_16bit(model, precision: str) -> int:
     """Keep the frozen weights and biases of the model's linear layers (a LoRA run's base) in the 16-bit dtype
     training computes in; returns how many values now sit in 16 bits.
@@ -175,8 +180,7 @@ def store_frozen_weights_16bit(model, precision: str) -> int:
     for m in model.modules():
         for p in m.parameters(recurse=False):
             owners[id(p)] = owners.get(id(p), 0) + 1
-    # a DoRA layer keeps a magnitude vector per adapter; its base layer stays in fp32
-    dora_bases = {id(m.get_base_layer()) for m in model.modules() if getattr(m, "lora_magnitude_vector", None)}
+    dora_bases = _dora_bases(model)  # their base layer stays in fp32
     n = 0
     for m in model.modules():
         if type(m) is not torch.nn.Linear or id(m) in dora_bases:  # bitsandbytes' 4-bit layers subclass Linear
@@ -234,7 +238,7 @@ def feed_4bit_layers_16bit(model, precision: str) -> int:
             return (x.to(half), *args[1:])
         return None  # nothing to change
 
-    dora_bases = {id(m.get_base_layer()) for m in model.modules() if getattr(m, "lora_magnitude_vector", None)}
+    dora_bases = _dora_bases(model)
     n = 0
     for m in model.modules():
         if isinstance(m, Linear4bit) and id(m) not in dora_bases:
