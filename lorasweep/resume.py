@@ -4,6 +4,8 @@ Checkpoints carry lorasweep's state beside the Trainer's files (``STATE_FILE``: 
 memory peaks, the log history) so that a resumed run's metrics cover every segment; ``OOM_FILE`` records
 out-of-memory attempts so that Snakemake's retry trains with half the per-device batch (effective batch kept).
 Both are keyed by the run's settings and data: nothing carries over into a run that computes something else.
+``FAILED_FILE`` records why an attempt failed, so that Snakemake's retry of an error that no retry changes (the
+configuration, the data, the model's files) stops at once instead of loading and training up to it again.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -20,6 +23,7 @@ log = logging.getLogger("lorasweep.train")
 STATE_FILE = "lorasweep_state.json"
 OOM_FILE = "oom.json"
 EVAL_OOM_FILE = "eval_oom.json"
+FAILED_FILE = "failed.json"
 
 
 class TrainingOOM(RuntimeError):
@@ -148,6 +152,75 @@ def refuse_after_eval_oom(out_dir: Path, key: str) -> None:
         return
     raise EvalOOM(f"{record.get('error')} [an earlier attempt with these settings; this one stops before training "
                   f"up to it again: delete {path} to try the same eval batch again]")
+
+
+class RepeatedFailure(RuntimeError):
+    """A retry of an attempt that failed with an error no retry changes: stopped before it starts."""
+
+
+# libraries whose errors are a network's: a hub download may succeed a moment later
+_NETWORK_MODULES = {"requests", "httpx", "httpcore", "urllib3", "socket", "ssl", "aiohttp"}
+# a GPU's own faults (an Xid, a busy device, a driver hiccup) may clear; the same code on the same data fails alike
+_CUDA_FAULT = re.compile(r"CUDA error|CUDA driver|CUDA-capable device|NCCL|CUBLAS_STATUS|cuDNN error")
+
+
+def retry_may_help(error: BaseException) -> bool:
+    """Whether Snakemake's retry of a failed training job can end otherwise: out of memory while training (the
+    retry halves the per-device batch), a network error (a hub download), a CUDA fault. The exception's causes
+    count too (a model that could not be loaded because the hub was unreachable). Errors in the configuration,
+    the data, the model's files or the code, and an evaluation's out-of-memory error (its batch is not halved),
+    fail the same way every time."""
+    seen = set()
+    e = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (EvalOOM, RepeatedFailure)):
+            return False
+        if isinstance(e, (TrainingOOM, ConnectionError, TimeoutError)) or type(e).__name__ == "OutOfMemoryError":
+            return True
+        if type(e).__module__.split(".")[0] in _NETWORK_MODULES:
+            return True
+        if isinstance(e, RuntimeError) and _CUDA_FAULT.search(str(e)):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def record_failure(out_dir: Path, attempt: int | None, error: BaseException) -> None:
+    """Record why attempt ``attempt`` of a training job failed (:func:`refuse_repeated_failure`). A retry that
+    was itself refused passes its first attempt's error on."""
+    if attempt is None:
+        return
+    if isinstance(error, RepeatedFailure) and getattr(error, "record", None):
+        record = {**error.record, "attempt": attempt}
+    else:
+        text = str(error).strip()
+        record = {"attempt": attempt, "error": type(error).__name__, "message": text.splitlines()[0] if text else "",
+                  "retry_may_help": retry_may_help(error), "first_attempt": attempt}
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    atomic_write_json(Path(out_dir) / FAILED_FILE, record)
+
+
+def refuse_repeated_failure(out_dir: Path, attempt: int | None) -> None:
+    """Stop Snakemake's retry (``attempt`` > 1) of a training job whose previous attempt failed with an error no
+    retry changes (:func:`retry_may_help`). A first attempt (a new Snakemake run, after a fix) clears an old
+    record; a retry after an attempt that left none (a crash, a kill) trains, resuming from its checkpoint."""
+    path = Path(out_dir) / FAILED_FILE
+    if attempt is None:
+        return
+    if attempt <= 1:
+        path.unlink(missing_ok=True)
+        return
+    record = read_json(path) if path.exists() else None
+    if not record or record.get("attempt") != attempt - 1 or record.get("retry_may_help", True):
+        return
+    err = RepeatedFailure(
+        f"attempt {record.get('first_attempt', 1)} of this job failed with {record.get('error')}: "
+        f"{record.get('message')} -- a retry fails the same way, so attempt {attempt} stops here (Snakemake "
+        "retries training jobs for out-of-memory errors, which halve the batch, and for network and CUDA errors). "
+        "Fix the cause and run snakemake again.")
+    err.record = record
+    raise err
 
 
 def logged_loss_sum(history: list[dict], step: int) -> float | None:

@@ -21,8 +21,8 @@ from .config import ConfigError
 from . import memory_model, speed
 from .memory import PeakMemory, rss_bytes
 from .provenance import MachineShare, git_state, hardware, hardware_label, package_versions
-from .resume import (EVAL_OOM_FILE, OOM_FILE, atomic_write_json, batch_after_oom, find_resumable, logged_loss_sum,
-                     rebase_peaks, record_eval_oom, record_oom, refuse_after_eval_oom, resume_key)
+from .resume import (EVAL_OOM_FILE, FAILED_FILE, OOM_FILE, atomic_write_json, batch_after_oom, find_resumable,
+                     logged_loss_sum, rebase_peaks, record_eval_oom, record_oom, refuse_after_eval_oom, resume_key)
 from .scoring import perplexity, token_weighted
 
 log = logging.getLogger("lorasweep.train")
@@ -720,14 +720,25 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
 
 
 def train_job(config: dict, spec: dict, train_path, eval_path, data_summary_path, out_dir, threads: int | None = None,
-              workflow_dir=None, lock_dir=".snakemake/lorasweep-gpu-slots") -> dict:
+              workflow_dir=None, lock_dir=".snakemake/lorasweep-gpu-slots", attempt: int | None = None) -> dict:
     """The workflow's training job: claim a GPU slot (``training.jobs_per_gpu`` per GPU; none for CPU training)
-    before CUDA starts, then train the run with the config's operational settings (checkpoints, threads, ...)."""
+    before CUDA starts, then train the run with the config's operational settings (checkpoints, threads, ...).
+
+    ``attempt``: Snakemake's attempt number (1, then 2, 3 for its retries). A retry of an attempt that failed
+    with an error no retry changes stops at once (:func:`lorasweep.resume.refuse_repeated_failure`)."""
     from .config import operational
     from .gpu_slots import GpuSlot
+    from .resume import record_failure, refuse_repeated_failure
 
-    ops = operational(config)
-    on_cpu = config["training"]["device"] == "cpu"
-    with GpuSlot(lock_dir, gpus=[] if on_cpu else None, jobs_per_gpu=ops["jobs_per_gpu"]) as slot:
-        return train_run(spec, train_path, eval_path, out_dir, data_summary_path=data_summary_path, threads=threads,
-                         workflow_dir=workflow_dir, operational=ops, gpu_peers=slot.peers)
+    try:
+        refuse_repeated_failure(out_dir, attempt)
+        ops = operational(config)
+        on_cpu = config["training"]["device"] == "cpu"
+        with GpuSlot(lock_dir, gpus=[] if on_cpu else None, jobs_per_gpu=ops["jobs_per_gpu"]) as slot:
+            metrics = train_run(spec, train_path, eval_path, out_dir, data_summary_path=data_summary_path,
+                                threads=threads, workflow_dir=workflow_dir, operational=ops, gpu_peers=slot.peers)
+    except Exception as e:
+        record_failure(out_dir, attempt, e)
+        raise
+    (Path(out_dir) / FAILED_FILE).unlink(missing_ok=True)
+    return metrics

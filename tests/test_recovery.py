@@ -85,7 +85,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
-def test_out_of_memory_is_retried_with_half_the_batch(tmp_path):
+def test_out_of_memory_is_retried_with_half_the_batch_and_other_errors_are_not(tmp_path):
     workdir, args = _workdir(tmp_path, max_steps=6, evals=1, logging_steps=2)
     proc = run_snakemake("results/runs/lora-r8/seed0/metrics.json", *args, workdir=workdir,
                          env={"LORASWEEP_SIMULATE_OOM_ABOVE_BATCH": "4"})
@@ -102,6 +102,60 @@ def test_out_of_memory_is_retried_with_half_the_batch(tmp_path):
     first = kept.read_text()
     assert "OutOfMemoryError" in first and "simulated: CUDA out of memory" in first
     assert not (run / "oom.json").exists()
+
+    # an error that no retry changes: Snakemake's two retries stop at once, quoting the first attempt's error
+    cuda = workdir / "cuda.yaml"
+    cuda.write_text(yaml.safe_dump({"training": {"device": "cuda"}}))
+    target = "results/runs/lora-r128/seed0/metrics.json"
+    proc = run_snakemake(target, *args, cuda, workdir=workdir, check=False)
+    console = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert console.count("lorasweep: NoGPUError: training.device is 'cuda'") == 1, console[-4000:]
+    assert console.count("lorasweep: RepeatedFailure: attempt 1 of this job failed with NoGPUError") == 2
+    assert "attempt 3 stops here" in console
+    failed = workdir / "results" / "runs" / "lora-r128" / "seed0" / "failed.json"
+    assert json.loads(failed.read_text())["attempt"] == 3
+    # fixed, the next snakemake run starts afresh (its attempt 1) and trains; success leaves no record
+    run_snakemake(target, *args, workdir=workdir)
+    assert not failed.exists()
+    assert json.loads(failed.with_name("metrics.json").read_text())["train_steps"] == 6
+
+
+def test_only_errors_a_retry_can_change_are_retried(tmp_path):
+    """Snakemake retries a failed training job twice: for out-of-memory errors (halved batch), network and CUDA
+    faults. Anything else stops the retry before it loads a model; a crash that left no record is resumed."""
+    import torch
+
+    from lorasweep.config import ConfigError
+    from lorasweep.resume import EvalOOM, RepeatedFailure, record_failure, refuse_repeated_failure, retry_may_help
+    from lorasweep.train import NoGPUError
+
+    def caused(error, cause):
+        try:
+            raise error from cause
+        except type(error) as e:
+            return e
+
+    assert retry_may_help(TrainingOOM("out of memory at per-device batch 8"))
+    assert retry_may_help(torch.OutOfMemoryError("CUDA out of memory"))
+    assert retry_may_help(caused(ModelLoadError("could not load the model"), ConnectionError("hub unreachable")))
+    assert retry_may_help(RuntimeError("CUDA error: unspecified launch failure"))
+    assert not retry_may_help(caused(EvalOOM("while evaluating"), torch.OutOfMemoryError("CUDA out of memory")))
+    assert not retry_may_help(caused(ModelLoadError("could not load"), FileNotFoundError("no config.json")))
+    assert not retry_may_help(ConfigError("training.precision"))
+    assert not retry_may_help(NoGPUError("no CUDA GPU"))
+
+    refuse_repeated_failure(tmp_path, 2)  # a retry after a crash (no record): trains
+    record_failure(tmp_path, 1, NoGPUError("no CUDA GPU is visible"))
+    with pytest.raises(RepeatedFailure, match="attempt 1 of this job failed with NoGPUError: no CUDA GPU is visible"):
+        refuse_repeated_failure(tmp_path, 2)
+    refuse_repeated_failure(tmp_path, 3)  # the record is attempt 1's, not attempt 2's: attempt 2 crashed
+    record_failure(tmp_path, 1, TrainingOOM("out of memory"))
+    refuse_repeated_failure(tmp_path, 2)  # the retry halves the batch
+    record_failure(tmp_path, 1, ConfigError("bad key"))
+    refuse_repeated_failure(tmp_path, 1)  # a new snakemake run: the old record is gone
+    assert not (tmp_path / "failed.json").exists()
+    refuse_repeated_failure(tmp_path, 2)
 
 
 def _train_and_die_saving_the_model(monkeypatch, cfg, spec, train, evals, out):

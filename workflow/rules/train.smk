@@ -19,9 +19,12 @@ rule train:
     benchmark:
         "results/benchmarks/train/{run}/seed{seed}.tsv"
     threads: 4
-    retries: 2  # a run that ran out of memory is retried with half the per-device batch (twice the accumulation)
+    # a run that ran out of memory is retried with half the per-device batch (twice the accumulation); a retry
+    # after an error that no retry changes (configuration, data, model files) stops at once
+    retries: 2
     resources:
         gpu=1,
+        attempt=lambda wildcards, attempt: attempt,  # the script's view of which try this is
     conda:
         ENV
     script:
