@@ -384,9 +384,11 @@ def full_finetuning(df: pd.DataFrame, losses: Losses, suspect: set | None = None
             f"lower than {listed(heavier)}" if heavier else "",
             f"about the same as {listed(within)} (within {MEM_TOL:.0%})" if within else ""] if part) + "."
     out.append(mem_sentence)
-    out.append(f"Train runtime {m.loc['full', 'train_runtime_s']:.1f} s; faster than full fine-tuning: " +
-               (", ".join(f"`{r}` ({m.loc[r, 'train_runtime_s']:.1f} s)" for r in faster) or "no run")
-               + timing_caveat(suspect, m.index) + ".")
+    runtime = f"Full fine-tuning's train runtime is {m.loc['full', 'train_runtime_s']:.1f} s; "
+    runtime += (f"faster than it (by more than {TIME_TOL:.0%}): "
+                + ", ".join(f"`{r}` ({m.loc[r, 'train_runtime_s']:.1f} s)" for r in faster) if faster
+                else f"no adapter run trained faster (by more than {TIME_TOL:.0%})")
+    out.append(runtime + timing_caveat(suspect, m.index) + ".")
     return out
 
 

@@ -226,7 +226,7 @@ def test_timing_claims_are_not_checked_with_runs_timed_on_a_busy_machine():
     assert "not comparable" not in " ".join(F.rank_steps(F.by_run(idle), F.Losses(ev)))
     # every other timing comparison says so too: the findings' runtime line, QLoRA against LoRA, the trade-offs
     text = " ".join(F.findings(everyone, ev))
-    assert "faster than full fine-tuning:" in text and "`qlora-r8` vs `lora-r8`" in text
+    assert "Full fine-tuning's train runtime is" in text and "`qlora-r8` vs `lora-r8`" in text
     for line in F.findings(everyone, ev) + F.tradeoffs(everyone):
         if "runtime" in line and "Timings taken on a busy machine" not in line:
             assert "not comparable" in line, line
@@ -719,3 +719,18 @@ def test_a_recorded_gpu_sweep_renders_its_cuda_figures(tmp_path):
 
     made = plot_all(f"{rec}-metrics.csv", f"{rec}-log-history.csv.gz", tmp_path)
     assert {p.name for p in made if p.suffix == ".png"} == {f"{name}.png" for name in FIGURES}
+
+
+def test_full_finetunings_runtime_names_the_adapter_runs_faster_beyond_the_tolerance():
+    df, ev = _fixture()
+    df["train_runtime_s"] = 100.0
+    df["other_processes_cpu_share_pct"] = 0.0
+
+    def sentence(frame):
+        return next(f for f in F.full_finetuning(F.by_run(frame), F.Losses(ev)) if "train runtime" in f)
+
+    assert sentence(df) == "Full fine-tuning's train runtime is 100.0 s; no adapter run trained faster (by more than 5%)."
+    df.loc[df["run"] == "lora-r8", "train_runtime_s"] = 90.0
+    df.loc[df["run"] == "lora-r128", "train_runtime_s"] = 97.0  # 3% faster: within the tolerance
+    text = sentence(df)
+    assert "faster than it (by more than 5%): `lora-r8` (90.0 s)" in text and "lora-r128" not in text
