@@ -6,8 +6,9 @@ with a 95% confidence interval. When the interval contains zero the report says 
 distinguishable instead of ranking them. With one training seed the interval covers the sampling of
 eval examples only; with replicate seeds (``seeds: [0, 1, 2]``) every figure is the mean over seeds and
 the interval also covers seed-to-seed variation: its half-width is
-sqrt((1.96 se_examples)^2 + (t se_seeds)^2), with t the 97.5% Student quantile for the seeds' degrees
-of freedom (12.7 for two seeds: two seeds say little, and the interval says so).
+sqrt((t_n se_examples)^2 + (t se_seeds)^2), with t the 97.5% Student quantile for the seeds' degrees
+of freedom (12.7 for two seeds: two seeds say little, and the interval says so) and t_n that for the n eval
+examples' (n - 1; 2.02 for 40 examples, 1.96 for thousands).
 
 Timings and memory are one measurement per run (the mean over seeds with replicates); differences
 smaller than ``TIME_TOL`` and ``MEM_TOL`` (relative) are called "about the same".
@@ -25,13 +26,23 @@ from .provenance import MachineShare
 from .scoring import perplexity
 
 Z95 = 1.96
-# 97.5% quantiles of Student's t for 1..30 degrees of freedom (beyond: 1.96)
+# 97.5% quantiles of Student's t for 1..30 degrees of freedom (beyond: Cornish-Fisher expansion, see t975)
 T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
 
 
 def t975(dof: int) -> float:
-    return T975[dof - 1] if 1 <= dof <= len(T975) else Z95
+    """Student's t 97.5% quantile: the table up to 30 degrees of freedom, beyond it the Cornish-Fisher expansion
+    around the normal quantile (within 1e-4 from 31 on: 2.0227 at 39, 1.9623 at 999)."""
+    if 1 <= dof <= len(T975):
+        return T975[dof - 1]
+    if dof < 1:
+        return float("nan")
+    z, v = Z95, float(dof)
+    return (z + (z**3 + z) / (4 * v) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * v**2)
+            + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * v**3))
+
+
 TIME_TOL = 0.05  # single timings of runs of minutes differ by a few percent; short runs more (report.short_runs_caveat)
 MEM_TOL = 0.02
 BUSY_CPU_SHARE_PCT = MachineShare.BUSY_PCT  # other processes' CPU share above which timings are not comparable
@@ -53,11 +64,18 @@ def memory_measure(df: pd.DataFrame) -> tuple[str, str]:
 
 
 def mib(v: float) -> str:
-    """Bytes in binary units, three significant figures: 512 KiB, 1.25 MiB, 3.10 GiB."""
+    """Bytes in binary units, three significant figures: 512 KiB, 1.25 MiB, 3.10 GiB ("not measured": NaN)."""
+    if v is None or pd.isna(v):
+        return "not measured"
     for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if abs(v) >= size:
             return f"{v / size:.3g} {unit}"
     return f"{v:.0f} B"
+
+
+def times(x: float) -> str:
+    """A ratio as a multiplier: 16, 2, 1.5 (one decimal unless it is a whole number)."""
+    return f"{x:.0f}" if abs(x - round(x)) < 0.05 else f"{x:.1f}"
 
 
 def ratio_text(new: float, old: float, tol: float, more: str, less: str) -> str:
@@ -144,7 +162,8 @@ class Losses:
         D = sum_i (s_ai - s_bi) / sum_i n_i over examples i (s: loss summed over the example's response
         tokens, averaged over seeds; n: their count); its example-level standard error treats examples as the
         independent units (ratio estimator), so long and short examples are weighted as the loss itself weights
-        them. With replicate seeds, the seed-level standard error of the per-seed losses (paired by seed when a
+        them; the half-width takes Student's t for n - 1 degrees of freedom (a small eval split is not given
+        the normal quantile's narrower interval). With replicate seeds, the seed-level standard error of the per-seed losses (paired by seed when a
         run is compared with its own untrained start) is added, with Student's t for the seeds' degrees of
         freedom.
         """
@@ -163,7 +182,7 @@ class Losses:
         mean = d.sum() / tokens.sum()
         resid = d - mean * tokens
         se = math.sqrt(n / (n - 1) * (resid**2).sum()) / tokens.sum()
-        half2 = (Z95 * se) ** 2
+        half2 = (t975(n - 1) * se) ** 2  # n examples: Student's t, not the normal quantile (few eval examples)
         la, lb = self._per_seed(ra, which_a), self._per_seed(rb, which_b)
         if a == b:  # the same run's replicates before and after training: paired by seed
             ds = (la - lb).dropna()
@@ -268,7 +287,8 @@ def rank_steps(df: pd.DataFrame, losses: Losses, method: str = "lora", suspect: 
             f"{ratio_text(m.loc[b, 'train_runtime_s'], m.loc[a, 'train_runtime_s'], TIME_TOL, 'longer', 'shorter')}, "
             f"tokens/s {ratio_text(m.loc[b, 'train_tokens_nonpad_per_s'], m.loc[a, 'train_tokens_nonpad_per_s'], TIME_TOL, 'higher', 'lower')}{caveat}, "
             f"{mem_name} {ratio_text(m.loc[b, mem], m.loc[a, mem], MEM_TOL, 'higher', 'lower')} "
-            f"({mib(m.loc[a, mem])} → {mib(m.loc[b, mem])}), trainable parameters ×{m.loc[b, 'trainable_params'] / m.loc[a, 'trainable_params']:.0f}.")
+            f"({mib(m.loc[a, mem])} → {mib(m.loc[b, mem])}), trainable parameters "
+            f"×{times(m.loc[b, 'trainable_params'] / m.loc[a, 'trainable_params'])}.")
     out.append(returns_verdict(gains))
     return out
 
@@ -305,7 +325,9 @@ def returns_verdict(gains: list[tuple[int, int, float, bool | None, float | None
                 ", ".join(f"r={g[0]} → {g[1]}: {g[2]:+.4f}" for g in gains) + ".")
     if real:
         return ("Only some rank steps changed eval loss measurably: " +
-                ", ".join(f"r={g[0]} → {g[1]}: {g[2]:+.4f}{'' if g[3] else ' (within noise)'}" for g in gains) + ".")
+                ", ".join(f"r={g[0]} → {g[1]}: {g[2]:+.4f}"
+                          + {True: "", False: " (within noise)", None: " (significance unknown)"}[g[3]]
+                          for g in gains) + ".")
     return "Rank steps: " + ", ".join(f"r={g[0]} → {g[1]}: {g[2]:+.4f}" for g in gains) + " (significance unknown)."
 
 
@@ -361,33 +383,53 @@ def full_finetuning(df: pd.DataFrame, losses: Losses, suspect: set | None = None
         return []
     best_adapter = min(others, key=lambda r: m.loc[r, "eval_loss"])
     loss_text, _ = _loss_change(losses, best_adapter, "full", df)
-    lighter = [r for r in others if m.loc[r, mem] < m.loc["full", mem] * (1 - MEM_TOL)]
-    heavier = [r for r in others if m.loc[r, mem] > m.loc["full", mem] * (1 + MEM_TOL)]
-    faster = [r for r in others if m.loc[r, "train_runtime_s"] < m.loc["full", "train_runtime_s"] * (1 - TIME_TOL)]
     out = [f"**Full fine-tuning** trains all {int(m.loc['full', 'trainable_params']):,} parameters; against the best "
            f"adapter run `{best_adapter}`: {loss_text}."]
-    within = [r for r in others if r not in lighter and r not in heavier]
 
     def listed(runs):
         return ", ".join(f"`{r}` {mib(m.loc[r, mem])}" for r in runs)
 
-    mem_sentence = f"Its {mem_name} is {mib(m.loc['full', mem])}: "
-    if not heavier and not lighter:
-        mem_sentence += f"about the same as every other run (all within {MEM_TOL:.0%})."
-    elif heavier and not lighter and not within:
-        mem_sentence += f"the **lowest** of all runs ({listed(heavier)})."
-    elif lighter and not heavier and not within:
-        mem_sentence += f"the highest; every adapter run needs less ({listed(lighter)})."
-    else:  # no superlative when some run is within the tolerance of it
-        mem_sentence += "; ".join(part for part in [
-            f"higher than {listed(lighter)}" if lighter else "",
-            f"lower than {listed(heavier)}" if heavier else "",
-            f"about the same as {listed(within)} (within {MEM_TOL:.0%})" if within else ""] if part) + "."
+    def unmeasured(col):  # a value that is missing is compared with nothing, and said so
+        return [r for r in others if pd.isna(m.loc[r, col])]
+
+    no_mem = unmeasured(mem)
+    measured = [r for r in others if r not in no_mem]
+    lighter = [r for r in measured if m.loc[r, mem] < m.loc["full", mem] * (1 - MEM_TOL)]
+    heavier = [r for r in measured if m.loc[r, mem] > m.loc["full", mem] * (1 + MEM_TOL)]
+    within = [r for r in measured if r not in lighter and r not in heavier]
+    missing = f"not measured for {', '.join(f'`{r}`' for r in no_mem)}" if no_mem else ""
+    if pd.isna(m.loc["full", mem]):
+        mem_sentence = f"Its {mem_name} was not measured."
+    elif not measured:
+        mem_sentence = f"Its {mem_name} is {mib(m.loc['full', mem])}; no other run's was measured."
+    else:
+        mem_sentence = f"Its {mem_name} is {mib(m.loc['full', mem])}: "
+        if not heavier and not lighter:
+            mem_sentence += (f"about the same as every other run{' measured' if no_mem else ''} "
+                             f"(all within {MEM_TOL:.0%})")
+        elif heavier and not lighter and not within and not no_mem:
+            mem_sentence += f"the **lowest** of all runs ({listed(heavier)})"
+        elif lighter and not heavier and not within and not no_mem:
+            mem_sentence += f"the highest; every adapter run needs less ({listed(lighter)})"
+        else:  # no superlative when some run is within the tolerance of it, or was not measured
+            mem_sentence += "; ".join(part for part in [
+                f"higher than {listed(lighter)}" if lighter else "",
+                f"lower than {listed(heavier)}" if heavier else "",
+                f"about the same as {listed(within)} (within {MEM_TOL:.0%})" if within else ""] if part)
+        mem_sentence += (f"; {missing}." if missing else ".")
     out.append(mem_sentence)
-    runtime = f"Full fine-tuning's train runtime is {m.loc['full', 'train_runtime_s']:.1f} s; "
-    runtime += (f"faster than it (by more than {TIME_TOL:.0%}): "
-                + ", ".join(f"`{r}` ({m.loc[r, 'train_runtime_s']:.1f} s)" for r in faster) if faster
-                else f"no adapter run trained faster (by more than {TIME_TOL:.0%})")
+    no_time = unmeasured("train_runtime_s")
+    faster = [r for r in others if r not in no_time
+              and m.loc[r, "train_runtime_s"] < m.loc["full", "train_runtime_s"] * (1 - TIME_TOL)]
+    if pd.isna(m.loc["full", "train_runtime_s"]):
+        runtime = "Full fine-tuning's train runtime was not measured"
+    else:
+        runtime = f"Full fine-tuning's train runtime is {m.loc['full', 'train_runtime_s']:.1f} s; "
+        runtime += (f"faster than it (by more than {TIME_TOL:.0%}): "
+                    + ", ".join(f"`{r}` ({m.loc[r, 'train_runtime_s']:.1f} s)" for r in faster) if faster
+                    else f"no adapter run trained faster (by more than {TIME_TOL:.0%})")
+        if no_time:
+            runtime += "; not measured for " + ", ".join(f"`{r}`" for r in no_time)
     out.append(runtime + timing_caveat(suspect, m.index) + ".")
     return out
 
@@ -536,6 +578,9 @@ def _monotone(values: list[float], increasing: bool, tol: float) -> bool:
 
 def _lowest(values: pd.Series, run: str, others: list[str], tol: float) -> str:
     """Is ``run``'s value below every other's by more than ``tol`` (relative)?"""
+    missing = [r for r in [run, *others] if pd.isna(values[r])]
+    if missing:
+        return "cannot check (not measured: " + ", ".join(f"`{r}`" for r in missing) + ")"
     if all(values[run] < values[r] * (1 - tol) for r in others):
         return "agrees"
     if any(values[r] < values[run] * (1 - tol) for r in others):
@@ -545,6 +590,8 @@ def _lowest(values: pd.Series, run: str, others: list[str], tol: float) -> str:
 
 def _rises(values: list[float], tol: float) -> str:
     """'agrees' if every step rises beyond tol, 'disagrees' if any falls beyond it, else too close to call."""
+    if any(pd.isna(v) for v in values):
+        return "cannot check (not measured for every run)"
     if _monotone(values, True, tol):
         return "agrees"
     if any(b < a * (1 - tol) for a, b in zip(values, values[1:])):

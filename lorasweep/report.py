@@ -180,6 +180,24 @@ def commit_text(per_seed: pd.DataFrame) -> str:
     return text
 
 
+def hyperparameters(df: pd.DataFrame, per_seed: pd.DataFrame | None, cols: list[str]) -> pd.DataFrame:
+    """One row per run of ``cols`` as each seed trained it, not averaged over seeds (a mean writes 0.1 as
+    0.10000000000000002, and a batch one seed's out-of-memory retry halved as 6): a value all seeds share, else
+    each seed's in order ("8, 4")."""
+    hp = df[cols].astype(object)
+    if per_seed is None or "seed" not in per_seed or "run" not in per_seed:
+        return hp
+    rows = per_seed.sort_values("seed", kind="stable").groupby("run", sort=False)
+    for c in cols:
+        if c in ("run", "seeds", "seed") or c not in per_seed:
+            continue
+        values = rows[c].agg(lambda v: list(dict.fromkeys(x for x in v if not pd.isna(x))))
+        hp[c] = [(vals[0] if len(vals) == 1 else ", ".join(map(str, vals)) if vals else None)
+                 if run in values.index else old
+                 for run, old, vals in zip(df["run"], hp[c], (values.get(r, []) for r in df["run"]))]
+    return hp.astype(object)  # a column of numbers and "8, 4" strings, filled with "–" where missing
+
+
 def setup_section(ctx: dict) -> str:
     df, data = ctx["metrics"], ctx["data"]
     first = df.iloc[0]
@@ -204,7 +222,7 @@ def setup_section(ctx: dict) -> str:
     cols = ["run", "method", "rank", "learning_rate", "lora_alpha", "lora_dropout", "target_modules", "lora_init",
             "use_rslora", "use_dora", "quant_type", "batch_size", "grad_accum", "max_length", "train_steps",
             "seeds" if "seeds" in df else "seed"]
-    hp = df[[c for c in cols if c in df]].astype(object)
+    hp = hyperparameters(df, ctx.get("metrics_per_seed"), [c for c in cols if c in df])
     for c in ("rank", "lora_alpha", "train_steps", "batch_size", "grad_accum", "max_length", "seed"):
         if c in hp:
             hp[c] = [_num(v, "{:.0f}") if isinstance(v, (int, float)) else v for v in hp[c]]

@@ -87,8 +87,8 @@ def test_paired_difference_matches_a_hand_computation():
     mean = sum(diffs) / sum(tokens)  # token-weighted: -0.3
     resid = [x - mean * n for x, n in zip(diffs, tokens)]
     se = (3 / 2 * sum(r * r for r in resid)) ** 0.5 / sum(tokens)
-    assert d["diff"] == pytest.approx(mean) and d["half"] == pytest.approx(1.96 * se) and d["n"] == 3
-    assert d["distinguishable"] == (abs(mean) > 1.96 * se)
+    assert d["diff"] == pytest.approx(mean) and d["half"] == pytest.approx(4.303 * se) and d["n"] == 3
+    assert d["distinguishable"] == (abs(mean) > 4.303 * se)
 
 
 def test_findings_change_when_the_numbers_change():
@@ -734,3 +734,68 @@ def test_full_finetunings_runtime_names_the_adapter_runs_faster_beyond_the_toler
     df.loc[df["run"] == "lora-r128", "train_runtime_s"] = 97.0  # 3% faster: within the tolerance
     text = sentence(df)
     assert "faster than it (by more than 5%): `lora-r8` (90.0 s)" in text and "lora-r128" not in text
+
+
+def test_a_memory_or_runtime_not_measured_is_compared_with_nothing():
+    """A missing figure (NaN) is neither "about the same" nor a verdict on a published claim: it is named as
+    not measured, and the runs that were measured are compared as before."""
+    df, ev = _fixture()
+    mem, _ = F.memory_measure(df)
+    df[mem] = df[mem].astype(float)
+    full = df.loc[df["run"] == "full", mem].iloc[0]
+    df.loc[df["run"] != "full", mem] = full * 1.5
+    df.loc[df["run"] == "lora-r128", mem] = float("nan")
+
+    def sentences(frame):
+        return F.full_finetuning(F.by_run(frame), F.Losses(ev))
+
+    text = next(f for f in sentences(df) if f.startswith("Its "))
+    assert "about the same" not in text and "lowest" not in text
+    assert "lower than `lora-r8`" in text and text.endswith("; not measured for `lora-r128`.")
+    nofull = df.copy()
+    nofull.loc[nofull["run"] == "full", mem] = float("nan")
+    assert next(f for f in sentences(nofull) if f.startswith("Its ")).endswith("was not measured.")
+    claims = {c["claim"]: c["ours"] for c in F.writeup_claims(df, ev)}
+    assert claims["full fine-tuning used the least peak memory"] == "cannot check (not measured: `lora-r128`)"
+    assert claims["peak memory rises with the rank"] == "cannot check (not measured for every run)"
+    slow = df.copy()
+    slow.loc[slow["run"] == "lora-r8", "train_runtime_s"] = float("nan")
+    runtime = next(f for f in sentences(slow) if "train runtime" in f)
+    assert runtime.endswith("; not measured for `lora-r8`.")
+    assert F.mib(float("nan")) == "not measured"
+
+
+def test_a_rank_step_without_a_significance_is_not_called_noise():
+    verdict = F.returns_verdict([(8, 128, -0.05, True, 0.01), (128, 256, +0.04, None, None)])
+    assert "r=128 → 256: +0.0400 (significance unknown)" in verdict and "within noise" not in verdict
+    assert "r=8 → 128: +0.0010 (within noise)" in F.returns_verdict([(8, 128, +0.001, False, 0.01),
+                                                                    (128, 256, -0.05, True, 0.01)])
+
+
+def test_parameter_ratios_keep_their_fraction_and_intervals_use_students_t():
+    assert [F.times(x) for x in (16.0, 2.0, 1.5, 1.98)] == ["16", "2", "1.5", "2"]
+    # the per-example interval over n examples takes t with n - 1 degrees of freedom: 2.023 at 40, not 1.96
+    assert F.t975(39) == pytest.approx(2.0227, abs=1e-4) and F.t975(999) == pytest.approx(1.9623, abs=1e-4)
+    assert F.t975(31) == pytest.approx(2.0395, abs=1e-4) and F.t975(30) == 2.042
+    _, ev = _fixture()
+    four = ev[ev["example"].isin(sorted(ev["example"].unique())[:4])]
+    d = F.Losses(four).diff("lora-r8", "qlora-r8")
+    a, b = (four[four["run"] == r].set_index("example") for r in ("lora-r8", "qlora-r8"))
+    diff, tokens = a["final_loss_sum"] - b["final_loss_sum"], a["tokens"]
+    mean = diff.sum() / tokens.sum()
+    se = ((4 / 3 * ((diff - mean * tokens) ** 2).sum()) ** 0.5) / tokens.sum()
+    assert d["n"] == 4 and d["half"] == pytest.approx(3.182 * se)
+
+
+def test_the_setup_table_shows_each_runs_settings_as_trained_not_their_mean_over_seeds():
+    from lorasweep import report
+
+    m2, _ = _two_seeds()
+    m3 = pd.concat([m2, m2[m2["seed"] == 1].assign(seed=2)], ignore_index=True).assign(lora_dropout=0.1)
+    m3.loc[(m3["run"] == "lora-r8") & (m3["seed"] == 1), "batch_size"] = 4  # one seed's out-of-memory retry
+    agg = F.by_run(m3)
+    assert str(agg.set_index("run").loc["lora-r128", "lora_dropout"]) == "0.10000000000000002"  # the mean of three
+    hp = report.hyperparameters(agg, m3, ["run", "lora_dropout", "batch_size", "seeds"]).set_index("run")
+    assert str(hp.loc["lora-r128", "lora_dropout"]) == "0.1"
+    assert hp.loc["lora-r8", "batch_size"] == f"{m3['batch_size'].iloc[0]}, 4"
+    assert hp.loc["lora-r8", "seeds"] == "0,1,2"
