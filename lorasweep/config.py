@@ -37,9 +37,16 @@ def _describe(error) -> str:
         allowed = sorted(schema.get("properties", {}))
         extra = sorted(set(error.instance) - set(allowed))
         prefix = f"{key}." if error.absolute_path else ""
-        hint = "" if error.absolute_path else (
-            " (--configfile reads every file after it: a target or other argument written after it, e.g. "
-            "results/metrics.csv, is read as a config file; put targets before --configfile)")
+        import difflib
+
+        close = {e: m[0] for e in extra if (m := difflib.get_close_matches(str(e), allowed, n=1, cutoff=0.8))}
+        if close:  # a misspelt key
+            hint = " (did you mean " + ", ".join(f"{prefix}{m} for {prefix}{e}" for e, m in close.items()) + "?)"
+        elif not error.absolute_path:  # top-level keys like nothing in the schema: a file that is not a config
+            hint = (" (--configfile reads every file after it: a target or other argument written after it, e.g. "
+                    "results/metrics.csv, is read as a config file; put targets before --configfile)")
+        else:
+            hint = ""
         return f"unknown key(s) {', '.join(prefix + e for e in extra)}; allowed here: {', '.join(allowed)}{hint}"
     if v == "enum":
         return f"{key} = {error.instance!r}: must be one of {', '.join(map(repr, schema['enum']))}"
@@ -64,6 +71,8 @@ def _describe(error) -> str:
         if isinstance(error.instance, float) and "integer" in str(error.validator_value):
             hint = f" (a whole number, written without a decimal point: {error.instance:.0f})" \
                 if error.instance.is_integer() else ""
+        if isinstance(error.instance, bool) and "enabled" in schema.get("properties", {}):
+            hint = f" (to switch it {'on' if error.instance else 'off'}: {key}.enabled: {str(error.instance).lower()})"
         return f"{key} = {error.instance!r}: must be of type {error.validator_value}{hint}"
     if v == "required":
         hint = ""
@@ -113,6 +122,16 @@ def validate_config(config: dict) -> dict:
             raise ConfigError(f"invalid lorasweep configuration: training.max_length = {training['max_length']} is "
                               f"above model.build_tiny.max_positions = {tiny['max_positions']}, the longest "
                               "sequence the built model has positions for")
+        where = Path(str(config["model"]["name_or_path"]))
+        if where.is_absolute() or where.parts[:1] != ("results",) or ".." in where.parts:
+            # Snakemake deletes a directory output before its rule writes it: a user's own model directory
+            # named here would be replaced by a random tiny model, and a hub id would name one
+            raise ConfigError(
+                f"invalid lorasweep configuration: model.name_or_path = {str(where)!r} with model.build_tiny set: "
+                "the workflow would build a randomly initialised tiny model there (deleting what the directory "
+                "holds) and report it under that name. To train that model, set model.build_tiny: null (e.g. "
+                "`model: {name_or_path: ..., build_tiny: null}` in your override file); to move the built model, "
+                "name a path under results/ (the preset's: results/tiny/opt-tiny)")
     if training.get("torch_compile_regional") and training.get("torch_compile") in (False, None):
         raise ConfigError("invalid lorasweep configuration: training.torch_compile_regional = true needs "
                           "training.torch_compile (true or a mode: it picks the mode, regional the scope)")

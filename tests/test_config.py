@@ -87,12 +87,21 @@ def test_qlora_takes_the_lora_settings_so_that_the_pair_differs_by_quantization_
         ({"methods": {"full": {"enabled": False}, "lora": {"ranks": []}, "qlora": {"ranks": []}}}, "no runs enabled"),
         ({"training": {"torch_compile_regional": True}}, r"training.torch_compile_regional = true needs training.torch_compile"),
         # a misspelt key in any section is an error, never a setting silently left at its default
-        ({"training": {"bach_size": 8}}, r"unknown key\(s\) training.bach_size; allowed here: .*batch_size"),
+        ({"training": {"bach_size": 8}}, r"unknown key\(s\) training.bach_size; allowed here: .*batch_size.* "
+                                         r"\(did you mean training.batch_size for training.bach_size\?\)"),
+        ({"trainig": {"epochs": 1}}, r"unknown key\(s\) trainig; allowed here: .*\(did you mean training for "
+                                     r"trainig\?\)\n"),  # a misspelt section, not a target read as a config file
         ({"dataset": {"source": "x.json", "eval_split": 0.1}}, r"unknown key\(s\) dataset.eval_split; allowed here: .*eval_size"),
         ({"model": {"name": "m"}}, r"unknown key\(s\) model.name; allowed here: .*name_or_path"),
         ({"model": {"build_tiny": {"layers": 2}}}, r"unknown key\(s\) model.build_tiny.layers; allowed here: .*num_layers"),
         ({"methods": {"full": {"lr": 1.0e-5}}}, r"unknown key\(s\) methods.full.lr; allowed here: enabled, learning_rate"),
+        ({"methods": {"full": False}}, r"methods.full = False: must be of type object \(to switch it off: "
+                                       r"methods.full.enabled: false\)"),
         ({"methods": {"qlora": {"quant": "nf4"}}}, r"unknown key\(s\) methods.qlora.quant; allowed here: .*quant_type"),
+        # the tiny preset builds its model at name_or_path: a user's own directory (or a hub id) there is refused
+        ({"model": {"name_or_path": "my-model", "build_tiny": {}}},
+         r"model.name_or_path = 'my-model' with model.build_tiny set: .*deleting .* set model.build_tiny: null"),
+        ({"model": {"name_or_path": "results/../my-model", "build_tiny": {}}}, r"name a path under results/"),
     ],
 )
 def test_errors_name_the_key_and_what_is_allowed(override, message):

@@ -70,7 +70,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     # and it is the run an uninterrupted one would have been
     cfg = yaml.safe_load(TINY.read_text())
     cfg["training"].update(max_steps=150, checkpoint_steps=0, evals=3, logging_steps=5)
-    cfg["model"]["name_or_path"] = str(workdir / cfg["model"]["name_or_path"])
+    cfg["model"].update(name_or_path=str(workdir / cfg["model"]["name_or_path"]), build_tiny=None)  # built: load it
     from lorasweep.config import validate_config
 
     spec = run_spec(validate_config(cfg), "full")
