@@ -503,12 +503,13 @@ def busy_machine(df: pd.DataFrame) -> str | None:
     if len(busy) == len(df):
         advice = (". Every run trained under an unknown and changing load, so no runtime or throughput below "
                   "compares the methods, and the write-ups' timing claims are not checked; rerun the sweep on an "
-                  "idle machine, one training job at a time (`--cores` no more than a job's threads), for timings "
-                  "that do.")
+                  "idle machine, one training job at a time (`--resources gpu=1`: without it, Snakemake trains "
+                  "several runs at once when `--cores` allows), for timings that do.")
     else:
         advice = (". Their runtime and throughput are not comparable with the other runs, and no write-up timing "
                   "claim is checked with them; rerun them alone (`--forcerun results/runs/<run>/seed<seed>/"
-                  "metrics.json`) for timings that are.")
+                  "metrics.json`, with `--resources gpu=1` so that no other training job runs beside them) for "
+                  "timings that are.")
     return ("**Timings taken on a busy machine**: other processes used " +
             ", ".join(f"{r['other_processes_cpu_share_pct']:.0f}% of the CPU while `{r['run']}`"
                       + (f" (seed {int(r['seed'])})" if seeds else "") + " trained"

@@ -85,6 +85,20 @@ def test_every_figure_file_is_asked_for_so_that_a_deleted_svg_is_drawn_again(tmp
     assert {f.strip() for f in wanted.split(",")} >= {f"reports/figures/{name}.svg" for name in FIGURES}
 
 
+def test_leaving_out_the_gpu_resource_warns_when_training_jobs_could_overlap(tmp_path):
+    """Without `--resources gpu=N` nothing keeps training jobs apart: with cores for two, two train at once and
+    time each other. Snakemake starts anyway; lorasweep says so before the first job."""
+    tiny = ("--configfile", REPO / "config" / "tiny.yaml")
+    def console(*args):
+        proc = run_snakemake("-n", *args, *tiny, workdir=tmp_path)
+        return proc.stdout + proc.stderr
+
+    assert "lorasweep: no --resources gpu=N given: with --cores 8 Snakemake may train 2 runs at once" in console(
+        "--cores", 8)
+    for ok in (("--cores", 8, "--resources", "gpu=1"), ("--cores", 4)):  # one at a time either way
+        assert "lorasweep: no --resources" not in console(*ok)
+
+
 def test_overrides_compose_with_a_second_configfile(tmp_path):
     override = tmp_path / "override.yaml"
     override.write_text("methods:\n  lora:\n    ranks: [16]\n  qlora:\n    ranks: []\n")

@@ -4,6 +4,7 @@ import re
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
+from snakemake.logging import logger
 
 from lorasweep.config import ConfigError, check_dataset_file, run_names, run_spec, seeds, validate_config
 from lorasweep.data import is_local_source
@@ -15,6 +16,16 @@ try:
     check_dataset_file(config, built=(TINY_DATASET,))
 except ConfigError as e:
     raise WorkflowError(str(e)) from None
+
+TRAIN_THREADS = 4  # each training job's threads (the train rule's)
+_cores = getattr(workflow.global_resources.get("_cores"), "value", workflow.global_resources.get("_cores"))
+if workflow.is_main_process and "gpu" not in workflow.global_resources and isinstance(_cores, int) \
+        and _cores >= 2 * TRAIN_THREADS:
+    logger.warning(
+        f"lorasweep: no --resources gpu=N given: with --cores {_cores} Snakemake may train "
+        f"{_cores // TRAIN_THREADS} runs at once, and their timings then measure each other (the report flags them "
+        "as timed on a busy machine). Add --resources gpu=1, as in the README's commands, for one training job at "
+        "a time (gpu=N: N at once, one per GPU).")
 
 RUNS = run_names(config)
 SEEDS = seeds(config)  # training seeds; every run is trained once per seed

@@ -18,7 +18,7 @@ rule train:
         "logs/train/{run}/seed{seed}.log",
     benchmark:
         "results/benchmarks/train/{run}/seed{seed}.tsv"
-    threads: 4
+    threads: TRAIN_THREADS
     # a run that ran out of memory is retried with half the per-device batch (twice the accumulation); a retry
     # after an error that no retry changes (configuration, data, model files) stops at once
     retries: 2
