@@ -278,8 +278,9 @@ def main(argv=None) -> dict:
                    "runs": results}
     if "lorasweep" in results:
         summary_out["lorasweep_padding_share_pct"] = results["lorasweep"][0]["padding_share_pct"]
-    print(f"\n{a.run} on {summary_out['hardware']}, {a.steps} steps x batch {a.batch}, {a.repeats} seeds "
-          f"({a.seed}..{a.seed + a.repeats - 1}): median tokens/s, mean eval loss per response token")
+    seeds = (f"{a.repeats} seeds ({a.seed}..{a.seed + a.repeats - 1})" if a.repeats > 1 else f"seed {a.seed}")
+    print(f"\n{a.run} on {summary_out['hardware']}, {a.steps} steps x batch {a.batch}, {seeds}: median tokens/s, "
+          "mean eval loss per response token")
     base = med.get("plain")
     for name in recipes:
         ratio = f" ({med[name] / base:.2f}x)" if base else ""
@@ -291,13 +292,13 @@ def main(argv=None) -> dict:
         from lorasweep.findings import t975
 
         diffs = [x["eval_loss"] - y["eval_loss"] for x, y in zip(results["lorasweep"], results["plain"])]
-        half = t975(len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+        half = t975(len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None
         summary_out["eval_loss_diff_lorasweep_minus_plain"] = {"per_seed": diffs, "mean": statistics.mean(diffs),
                                                                "ci95_half": half}
         summary_out["speedup"] = med["lorasweep"] / base
         print(f"  speed-up of lorasweep over the plain recipe: {summary_out['speedup']:.2f}x")
-        print(f"  eval loss, lorasweep minus plain, paired by seed: {statistics.mean(diffs):+.4f} ± {half:.4f} "
-              "(95% t)")
+        print(f"  eval loss, lorasweep minus plain, paired by seed: {statistics.mean(diffs):+.4f} "
+              + (f"± {half:.4f} (95% t)" if len(diffs) > 1 else "(one seed: no interval; --repeats 2 or more)"))
     for name in recipes:
         rss = max(r.get("peak_rss_bytes") or 0 for r in results[name]) / 2**30
         summary_out.setdefault("peak_rss_gib", {})[name] = rss

@@ -44,7 +44,7 @@ def _bar(ax, per_seed, col, pal, xlabel, runs, log=False, fmt="{:.3g}"):
                 err_kws={"linewidth": 1.2})
     if log:
         ax.set_xscale("log")
-    ax.set_xlabel(xlabel + (" — mean ± sd over seeds" if replicates else ""))
+    ax.set_xlabel(xlabel + ("\nmean ± sd over seeds" if replicates else ""))  # a line of its own: 7 in. wide
     ax.set_ylabel("")
     means = per_seed.groupby("run")[col].mean()
     ends = means + per_seed.groupby("run")[col].std(ddof=1).fillna(0)  # labels clear of the error bars

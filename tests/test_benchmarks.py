@@ -32,6 +32,7 @@ def test_throughput_benchmark_compares_both_recipes_on_the_same_tokens(tiny_data
     assert "not a whole number of epochs" not in stdout
     assert r["speedup"] == r["median_tokens_per_s"]["lorasweep"] / r["median_tokens_per_s"]["plain"]
     assert "speed-up of lorasweep over the plain recipe" in stdout
+    assert "(one seed: no interval" in stdout and "nan" not in stdout and "1 seeds" not in stdout
     assert set(r["peak_rss_gib"]) == set(r["median_tokens_per_s"]) and min(r["peak_rss_gib"].values()) > 0.1
     assert "peak_cuda_gib" not in r and "mfu" not in r  # CUDA-only figures are absent on the CPU, never 0
     assert r["warmup_steps"] == 0 and "warm-up" not in stdout  # no warm-up run on the CPU unless asked
