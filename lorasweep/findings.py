@@ -11,7 +11,8 @@ of freedom (12.7 for two seeds: two seeds say little, and the interval says so) 
 examples' (n - 1; 2.02 for 40 examples, 1.96 for thousands).
 
 Timings and memory are one measurement per run (the mean over seeds with replicates); differences
-smaller than ``TIME_TOL`` and ``MEM_TOL`` (relative) are called "about the same".
+smaller than ``TIME_TOL`` and ``MEM_TOL`` (relative) are called "about the same", and on the CPU resident-memory
+differences under ``RSS_NOISE_BYTES`` too (the measure's own rerun noise).
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ def t975(dof: int) -> float:
 
 TIME_TOL = 0.05  # single timings of runs of minutes differ by a few percent; short runs more (report.short_runs_caveat)
 MEM_TOL = 0.02
+# The CPU's peak RSS of the same run, trained again with the same seed (bit-identical training), moved by up to
+# 19.7 MiB on this project's 2-core machine (the tiny preset's full fine-tuning, 4 repeats; glibc's allocator, not
+# training: benchmarks/rss_noise.py, benchmarks/results/cpu-rss-rerun-noise.json): resident-memory peaks closer
+# than this are "about the same"
+RSS_NOISE_BYTES = 24 * 2**20
 BUSY_CPU_SHARE_PCT = MachineShare.BUSY_PCT  # other processes' CPU share above which timings are not comparable
 
 
@@ -61,6 +67,20 @@ def memory_measure(df: pd.DataFrame) -> tuple[str, str]:
     if "peak_rss_above_start_bytes" in df and df["peak_rss_above_start_bytes"].notna().all():
         return "peak_rss_above_start_bytes", "peak resident memory (RSS) above the process before its model loaded"
     return "peak_rss_bytes", "peak resident memory (RSS)"
+
+
+def mem_tol(mem: str, *values) -> float:
+    """The relative tolerance under which peaks of the measure ``mem`` count as about the same: ``MEM_TOL``, and
+    for a resident-memory (CPU) measure at least ``RSS_NOISE_BYTES`` of the smallest of ``values``."""
+    if "rss" not in mem:
+        return MEM_TOL
+    sizes = [v for v in values if v is not None and not pd.isna(v) and v > 0]
+    return max(MEM_TOL, RSS_NOISE_BYTES / min(sizes)) if sizes else MEM_TOL
+
+
+def mem_tol_text(mem: str) -> str:
+    """``MEM_TOL`` in words: "2%", or "2% or 16 MiB" for a resident-memory measure."""
+    return f"{MEM_TOL:.0%}" + (f" or {mib(RSS_NOISE_BYTES)}" if "rss" in mem else "")
 
 
 def mib(v: float) -> str:
@@ -88,6 +108,16 @@ def ratio_text(new: float, old: float, tol: float, more: str, less: str) -> str:
     if r >= 1:
         return f"{new / old:.1f}× {more}"
     return f"{abs(r):.0%} {more if r > 0 else less}"
+
+
+def mem_text(mem: str, new: float, old: float) -> str:
+    """:func:`ratio_text` for two memory peaks of the measure ``mem``; a difference beyond ``MEM_TOL`` but inside
+    the CPU measure's noise (``RSS_NOISE_BYTES``) says so."""
+    tol = mem_tol(mem, new, old)
+    text = ratio_text(new, old, tol, "higher", "lower")
+    if text.startswith("about the same") and old and abs(new / old - 1) >= MEM_TOL:
+        text = text[:-1] + f": within the measure's noise, {mib(RSS_NOISE_BYTES)})"
+    return text
 
 
 # a seed whose loss is not a number (a diverged run) makes the run's mean not a number: never averaged away
@@ -286,7 +316,7 @@ def rank_steps(df: pd.DataFrame, losses: Losses, method: str = "lora", suspect: 
             f"**r={r1} → r={r2}**: {loss_text}; train runtime "
             f"{ratio_text(m.loc[b, 'train_runtime_s'], m.loc[a, 'train_runtime_s'], TIME_TOL, 'longer', 'shorter')}, "
             f"tokens/s {ratio_text(m.loc[b, 'train_tokens_nonpad_per_s'], m.loc[a, 'train_tokens_nonpad_per_s'], TIME_TOL, 'higher', 'lower')}{caveat}, "
-            f"{mem_name} {ratio_text(m.loc[b, mem], m.loc[a, mem], MEM_TOL, 'higher', 'lower')} "
+            f"{mem_name} {mem_text(mem, m.loc[b, mem], m.loc[a, mem])} "
             f"({mib(m.loc[a, mem])} → {mib(m.loc[b, mem])}), trainable parameters "
             f"×{times(m.loc[b, 'trainable_params'] / m.loc[a, 'trainable_params'])}.")
     out.append(returns_verdict(gains))
@@ -364,7 +394,7 @@ def quantization(df: pd.DataFrame, losses: Losses, suspect: set | None = None) -
                         f"lorasweep fed them)")
         out.append(
             f"**4-bit ({m.loc[q, 'quant_type']}) `{q}` vs `{lo}`**: {mem_name} "
-            f"{ratio_text(m.loc[q, mem], m.loc[lo, mem], MEM_TOL, 'higher', 'lower')} "
+            f"{mem_text(mem, m.loc[q, mem], m.loc[lo, mem])} "
             f"({mib(m.loc[lo, mem])} → {mib(m.loc[q, mem])}){weights}; train runtime "
             f"{ratio_text(m.loc[q, 'train_runtime_s'], m.loc[lo, 'train_runtime_s'], TIME_TOL, 'longer', 'shorter')}"
             f"{timing_caveat(suspect, (lo, q))}; "
@@ -394,8 +424,9 @@ def full_finetuning(df: pd.DataFrame, losses: Losses, suspect: set | None = None
 
     no_mem = unmeasured(mem)
     measured = [r for r in others if r not in no_mem]
-    lighter = [r for r in measured if m.loc[r, mem] < m.loc["full", mem] * (1 - MEM_TOL)]
-    heavier = [r for r in measured if m.loc[r, mem] > m.loc["full", mem] * (1 + MEM_TOL)]
+    tol = {r: mem_tol(mem, m.loc[r, mem], m.loc["full", mem]) for r in measured}
+    lighter = [r for r in measured if m.loc[r, mem] < m.loc["full", mem] * (1 - tol[r])]
+    heavier = [r for r in measured if m.loc[r, mem] > m.loc["full", mem] * (1 + tol[r])]
     within = [r for r in measured if r not in lighter and r not in heavier]
     missing = f"not measured for {', '.join(f'`{r}`' for r in no_mem)}" if no_mem else ""
     if pd.isna(m.loc["full", mem]):
@@ -406,7 +437,7 @@ def full_finetuning(df: pd.DataFrame, losses: Losses, suspect: set | None = None
         mem_sentence = f"Its {mem_name} is {mib(m.loc['full', mem])}: "
         if not heavier and not lighter:
             mem_sentence += (f"about the same as every other run{' measured' if no_mem else ''} "
-                             f"(all within {MEM_TOL:.0%})")
+                             f"(all within {mem_tol_text(mem)})")
         elif heavier and not lighter and not within and not no_mem:
             mem_sentence += f"the **lowest** of all runs ({listed(heavier)})"
         elif lighter and not heavier and not within and not no_mem:
@@ -415,7 +446,7 @@ def full_finetuning(df: pd.DataFrame, losses: Losses, suspect: set | None = None
             mem_sentence += "; ".join(part for part in [
                 f"higher than {listed(lighter)}" if lighter else "",
                 f"lower than {listed(heavier)}" if heavier else "",
-                f"about the same as {listed(within)} (within {MEM_TOL:.0%})" if within else ""] if part)
+                f"about the same as {listed(within)} (within {mem_tol_text(mem)})" if within else ""] if part)
         mem_sentence += (f"; {missing}." if missing else ".")
     out.append(mem_sentence)
     no_time = unmeasured("train_runtime_s")
@@ -577,8 +608,8 @@ def _monotone(values: list[float], increasing: bool, tol: float) -> bool:
     return all(b < a * (1 - tol) for a, b in pairs)
 
 
-def _lowest(values: pd.Series, run: str, others: list[str], tol: float) -> str:
-    """Is ``run``'s value below every other's by more than ``tol`` (relative)?"""
+def _lowest(values: pd.Series, run: str, others: list[str], tol: float, tol_text: str | None = None) -> str:
+    """Is ``run``'s value below every other's by more than ``tol`` (relative; ``tol_text``: it in words)?"""
     missing = [r for r in [run, *others] if pd.isna(values[r])]
     if missing:
         return "cannot check (not measured: " + ", ".join(f"`{r}`" for r in missing) + ")"
@@ -586,10 +617,10 @@ def _lowest(values: pd.Series, run: str, others: list[str], tol: float) -> str:
         return "agrees"
     if any(values[r] < values[run] * (1 - tol) for r in others):
         return "disagrees"
-    return f"too close to call (within {tol:.0%})"
+    return f"too close to call (within {tol_text or f'{tol:.0%}'})"
 
 
-def _rises(values: list[float], tol: float) -> str:
+def _rises(values: list[float], tol: float, tol_text: str | None = None) -> str:
     """'agrees' if every step rises beyond tol, 'disagrees' if any falls beyond it, else too close to call."""
     if any(pd.isna(v) for v in values):
         return "cannot check (not measured for every run)"
@@ -598,8 +629,8 @@ def _rises(values: list[float], tol: float) -> str:
     if any(b < a * (1 - tol) for a, b in zip(values, values[1:])):
         return "disagrees"
     if all(abs(b / a - 1) < tol for a, b in zip(values, values[1:]) if a):
-        return f"disagrees: flat within {tol:.0%}"
-    return f"partly: some steps within {tol:.0%}"
+        return f"disagrees: flat within {tol_text or f'{tol:.0%}'}"
+    return f"partly: some steps within {tol_text or f'{tol:.0%}'}"
 
 
 def writeup_claims(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None) -> list[dict]:
@@ -634,7 +665,8 @@ def writeup_claims(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None) ->
             f"full {m.loc['full', 'eval_loss']:.4f} vs best LoRA `{best_lora}` {m.loc[best_lora, 'eval_loss']:.4f}"
             + (f" (Δ {d['diff']:+.4f} ± {d['half']:.4f})" if d else ""))
         # W1 ran full fine-tuning and LoRA only: a QLoRA run or an adapter variant is not part of its claim
-        add("W1", "full fine-tuning used the least peak memory", _lowest(m[mem], "full", lo, MEM_TOL),
+        add("W1", "full fine-tuning used the least peak memory",
+            _lowest(m[mem], "full", lo, mem_tol(mem, *m.loc[["full", *lo], mem]), mem_tol_text(mem)),
             f"{mem_name}: full {mib(m.loc['full', mem])}; " +
             ", ".join(f"{r} {mib(m.loc[r, mem])}" for r in lo))
         slower = [r for r in lo if parse_run(r)[1] in (128, 256)]
@@ -663,9 +695,9 @@ def writeup_claims(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None) ->
             "runtime s " + ", ".join(f"r={r} {m.loc[n, 'train_runtime_s']:.1f}" for r, n in ranks)
             + f" (differences under {TIME_TOL:.0%} count as equal)")
         mm = [m.loc[r, mem] for r in lo]
-        add("W2, W3", "peak memory rises with the rank", _rises(mm, MEM_TOL),
+        add("W2, W3", "peak memory rises with the rank", _rises(mm, mem_tol(mem, *mm), mem_tol_text(mem)),
             f"{mem_name} " + ", ".join(f"r={r} {mib(m.loc[n, mem])}" for r, n in ranks)
-            + f" (differences under {MEM_TOL:.0%} count as equal)")
+            + f" (differences under {mem_tol_text(mem)} count as equal)")
     r128, r256 = "lora-r128", "lora-r256"
     if r128 in m.index and r256 in m.index:
         d = losses.diff(r256, r128)
@@ -704,7 +736,7 @@ def tradeoffs(df: pd.DataFrame) -> list[str]:
             f"`{run}`: trains {r['trainable_share_pct']:.3g}% of the parameters and saves "
             f"{mib(r['saved_model_bytes'])} instead of {mib(f['saved_model_bytes'])} "
             f"({r['saved_model_bytes'] / f['saved_model_bytes']:.1%}). Against full fine-tuning: {mem_name} "
-            f"{ratio_text(r[mem], f[mem], MEM_TOL, 'higher', 'lower')}, train runtime "
+            f"{mem_text(mem, r[mem], f[mem])}, train runtime "
             f"{ratio_text(r['train_runtime_s'], f['train_runtime_s'], TIME_TOL, 'longer', 'shorter')}"
             f"{timing_caveat(suspect, ('full', run))}, eval loss {r['eval_loss']:.4f} vs {f['eval_loss']:.4f} ({r['eval_loss'] - f['eval_loss']:+.4f}).")
     return out

@@ -90,8 +90,8 @@ def findings_section(ctx: dict) -> str:
               if df["n_seeds"].max() > 1 else
               "It covers the choice of eval examples, not seed-to-seed variation of training (set `seeds: "
               "[0, 1, 2]` for that). Timings and memory are single measurements: ")
-           + f"differences under {F.TIME_TOL:.0%} (time) and {F.MEM_TOL:.0%} (memory) are called "
-           "*about the same*." + short_runs_caveat(df), ""]
+           + f"differences under {F.TIME_TOL:.0%} (time) and {F.mem_tol_text(F.memory_measure(df)[0])} (memory) "
+           "are called *about the same*." + rss_noise_note(df) + short_runs_caveat(df), ""]
     out += [f"- {p}" for p in F.findings(per_seed, ev)]
     return "\n".join(out)
 
@@ -196,6 +196,15 @@ def hyperparameters(df: pd.DataFrame, per_seed: pd.DataFrame | None, cols: list[
                  if run in values.index else old
                  for run, old, vals in zip(df["run"], hp[c], (values.get(r, []) for r in df["run"]))]
     return hp.astype(object)  # a column of numbers and "8, 4" strings, filled with "–" where missing
+
+
+def rss_noise_note(df: pd.DataFrame) -> str:
+    """Where the CPU's memory floor comes from, when the findings compare resident memory."""
+    if "rss" not in F.memory_measure(df)[0]:
+        return ""
+    return (f" On the CPU, {F.mib(F.RSS_NOISE_BYTES)} is the measure's own noise: the same run trained again, "
+            "identically, peaked up to 19.7 MiB apart on this project's 2-core machine (the allocator, not "
+            "training; `benchmarks/rss_noise.py` measures it on yours).")
 
 
 def setup_section(ctx: dict) -> str:

@@ -250,3 +250,11 @@ def test_profile_summary_merges_overlapping_kernels_and_names_the_operator_each_
     ops = {o["name"]: o["ms_per_step"] for o in s["host_ops_by_self_ms_per_step"]}
     assert ops == pytest.approx({"aten::mm": 3.0, "aten::item": 0.2, "aten::_local_scalar_dense": 1.8})
     assert "GPU busy 3.1 ms a step (31% of the wall clock)" in proc.stdout
+
+
+def test_rss_noise_retrains_the_same_run_identically_in_fresh_processes(tmp_path):
+    r, stdout = _run("rss_noise.py", tmp_path, "--runs", "lora-r8", "--repeats", 2)
+    run = r["runs"]["lora-r8"]
+    assert run["same_eval_loss"] and len(run["mib"]) == 2 and min(run["mib"]) > 1  # MiB above the process's start
+    assert run["range"] == max(run["mib"]) - min(run["mib"]) == r["widest_range_mib"]
+    assert "widest range" in stdout
