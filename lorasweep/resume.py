@@ -80,14 +80,16 @@ def find_resumable(ckpt_root: Path, key: str) -> tuple[Path | None, dict | None]
 
 def halve_batch(training: dict, halvings: int) -> dict | None:
     """``training`` with its per-device batch cut ``halvings`` times by about half and gradient accumulation
-    raised to keep the effective batch exactly: the batch becomes the largest divisor of ``batch_size`` at
-    most ``batch_size / 2**halvings`` (8 -> 4 -> 2 -> 1; 6 -> 3 -> 1). None when that is below 1."""
-    b = training["batch_size"]
-    limit = b // 2**halvings
-    if limit < 1:
-        return None
-    new = max(d for d in range(1, limit + 1) if b % d == 0)
-    return {**training, "batch_size": new, "grad_accum": training["grad_accum"] * (b // new)}
+    raised to keep the effective batch exactly: each halving takes the largest divisor of ``batch_size`` at most
+    half the batch before (8 -> 4 -> 2 -> 1; 6 -> 3 -> 1; 9 -> 3 -> 1; 5 -> 1). None when a halving finds none:
+    a batch is never "halved" to itself."""
+    b = cur = training["batch_size"]
+    for _ in range(halvings):
+        smaller = [d for d in range(1, cur // 2 + 1) if b % d == 0]
+        if not smaller:
+            return None
+        cur = max(smaller)
+    return {**training, "batch_size": cur, "grad_accum": training["grad_accum"] * (b // cur)}
 
 
 def _keyed_record(path: Path, key: str | None) -> dict | None:

@@ -368,6 +368,31 @@ def test_oom_halving_keeps_the_effective_batch(tmp_path):
                                                         {"batch_size": 1, "grad_accum": 12}, None]
     (tmp_path / "six").mkdir()
     assert "trains with batch 3 x accumulation 4" in str(record_oom(tmp_path / "six", six, 0, RuntimeError("oom")))
+    # an odd batch: never "halved" to the batch that just ran out of memory
+    assert [halve_batch({"batch_size": 5, "grad_accum": 1}, h) for h in (1, 2)] == [
+        {"batch_size": 1, "grad_accum": 5}, None]
+    assert [halve_batch({"batch_size": 9, "grad_accum": 1}, h) for h in (1, 2, 3)] == [
+        {"batch_size": 3, "grad_accum": 3}, {"batch_size": 1, "grad_accum": 9}, None]
+    (tmp_path / "five").mkdir()
+    assert "Batch 1 cannot be halved" in str(record_oom(tmp_path / "five", {"batch_size": 5, "grad_accum": 1}, 1,
+                                                        RuntimeError("oom")))
+
+
+def test_a_halved_batch_trains_the_same_steps_as_the_configured_one(tiny_config, tiny_data, tmp_path):
+    """What an out-of-memory retry changes (batch 8 x 1 -> 4 x 2) must not change what is learned: the length-
+    grouped order is drawn for the effective batch, and the loss of a step is normalised over its tokens, so
+    every step sees the same examples and logs the same loss."""
+    from lorasweep.config import operational
+
+    out = {}
+    for batch, accum in ((8, 1), (4, 2)):
+        cfg = tiny_config(batch_size=batch, grad_accum=accum, max_steps=6, evals=1, logging_steps=1)
+        m = train_run(run_spec(cfg, "full"), tiny_data["train"], tiny_data["eval"], tmp_path / f"b{batch}", threads=2,
+                      operational=operational(cfg))
+        out[batch] = ([h["loss"] for h in _history(tmp_path / f"b{batch}" / "log_history.jsonl") if "loss" in h],
+                      m["train_tokens_nonpad"], m["eval_loss"])
+    assert out[4][1] == out[8][1] and out[4][0] == pytest.approx(out[8][0], rel=1e-5)
+    assert out[4][2] == pytest.approx(out[8][2], rel=1e-5)
 
 
 def test_an_out_of_memory_record_of_other_settings_is_not_applied(tmp_path):
