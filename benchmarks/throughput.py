@@ -91,11 +91,12 @@ def plain_recipe(model_path: str, train_jsonl: Path, eval_jsonl: Path, out: Path
     trainer.add_callback(window)
     # non-padding tokens of every batch, counted on the host as the collator builds it: the Trainer's own count
     # (include_num_input_tokens_seen, off by default) would read a value back from the device every step
-    tokens_per_batch, collate = [], trainer.data_collator
+    tokens_per_batch, labelled_per_batch, collate = [], [], trainer.data_collator
 
     def counting_collator(features):
         batch_ = collate(features)
         tokens_per_batch.append(int(batch_["attention_mask"].sum()))
+        labelled_per_batch.append(int((batch_["labels"] != -100).sum()))  # the positions the LM head projects
         return batch_
 
     trainer.data_collator = counting_collator
@@ -105,11 +106,13 @@ def plain_recipe(model_path: str, train_jsonl: Path, eval_jsonl: Path, out: Path
     seconds = window.end - window.begin
     peaks = {k: v for k, v in memory.read().items() if k in PEAKS}
     tokens = sum(tokens_per_batch[:steps])  # the batches trained on (a dataloader may build one ahead)
+    labelled = sum(labelled_per_batch[:steps])
     eval_loss = token_weighted(per_example_losses(trainer))  # the measure lorasweep reports, on the same split
     weights = list(trainer.model.parameters())  # the adapter's included, as lorasweep counts them
     return {"tokens_per_s": tokens / seconds, "tokens": tokens, "seconds": seconds, "eval_loss": eval_loss,
             "activation_checkpointing": bool(args.activation_checkpointing), **peaks,
             "params": sum(w.numel() for w in weights), "trainable": sum(w.numel() for w in weights if w.requires_grad),
+            "flop_shape": {**speed.flop_params(trainer.model), "labelled_share": labelled / tokens},
             "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"}
 
 
@@ -138,6 +141,7 @@ def lorasweep_recipe(model_path: str, train_jsonl: Path, eval_jsonl: Path, out: 
             "tokens_padded": m["train_tokens_padded"],
             "seconds": m["train_runtime_s"], "eval_loss": m["eval_loss"], "padding_share_pct": m["padding_share_pct"],
             "params": m["total_params"], "trainable": m["trainable_params"],
+            "flop_shape": speed.flop_shape(m, m["train_tokens_labelled"] / m["train_tokens_nonpad"]),
             "frozen_16bit": m["frozen_16bit_params"], "hardware": m["hardware"],
             "precision": m["precision"], "steps": m["train_steps"], **{k: m[k] for k in PEAKS + BOUND if m.get(k) is not None}}
 
@@ -322,7 +326,8 @@ def main(argv=None) -> dict:
     if speed.peak_flops(gpu):  # a GPU whose peak is known
         for name in recipes:  # each recipe's model as it trained (the same architecture and adapter shape)
             run0 = results[name][0]
-            u = speed.mfu(run0["params"], run0["trainable"], med[name], gpu, half=run0["precision"] in ("bf16", "fp16"))
+            u = speed.mfu(run0["params"], run0["trainable"], med[name], gpu, half=run0["precision"] in ("bf16", "fp16"),
+                          **run0["flop_shape"])
             if u is not None:
                 summary_out.setdefault("mfu", {})[name] = u
                 print(f"  MFU {name:20s}: {u:.1%} of {gpu}'s {speed.peak_flops(gpu) / 1e12:.0f} TFLOP/s 16-bit peak")

@@ -280,7 +280,8 @@ def results_table(df: pd.DataFrame) -> str:
         "*tokens/s* counts non-padding tokens (prompt + response) actually fed; *padding*: share of the fed batch "
         "positions that were padding"
         + ("; *MFU*: model FLOPs (4·N + 2·T per token for N parameters, T of them trainable: 6·N for full "
-           "fine-tuning, about 4·N with a frozen base) per second over "
+           "fine-tuning, about 4·N with a frozen base; embedding tables, looked up, count nothing, and the LM head "
+           "only on the positions with a label, the only ones TRL's fused head projects) per second over "
            "the GPU's dense 16-bit tensor-core peak (bf16; fp16 on a V100 or T4)"
            if "mfu_pct" in df and df["mfu_pct"].notna().any() else "")
         + ("; *MFU bound*: the most MFU this GPU allows at the run's tokens per optimizer step, however fast the "

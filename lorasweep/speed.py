@@ -6,6 +6,13 @@ trains: 4 x N + 2 x T, with N the model's parameters (an adapter's included) and
 is 6 x N for full fine-tuning and about 4 x N with a frozen base (LoRA, QLoRA), the adapter's own weights
 counted at 6. Attention's s^2 term is left out. MFU = FLOPs per token x tokens/s / peak.
 
+Counted as the step computes them (:func:`flop_params`, given for a run): embedding tables (positions, and
+token embeddings not tied to the LM head) are looked up, not multiplied, so they add nothing; the LM head
+multiplies only the positions it projects, which under TRL's fused LM head (lorasweep's loss) are the positions
+with a label: the response's under ``completion_only_loss``, about half of CodeAlpaca's tokens. Without these,
+4 x N + 2 x T over every token would overstate opt-350m's MFU by ~4% (its 25.7 M-weight head is 8% of its
+weights) and more for models with larger vocabularies.
+
 :func:`step_ceiling` adds what a step must also move through GPU memory whatever its batch (reading every
 weight, AdamW's update of every trainable one): with few tokens a step, that traffic, not the arithmetic,
 bounds MFU, however fast the host and the kernels.
@@ -54,17 +61,48 @@ def memory_bandwidth(gpu_name: str | None) -> float | None:
     return g[1] if g else None
 
 
-def flops_per_token(total_params: int, trainable_params: int) -> float:
-    """4 x N + 2 x T (module docstring): 6 x N for full fine-tuning, ~4 x N with a frozen base."""
-    return 4 * total_params + 2 * trainable_params
+FLOP_KEYS = ("embedding_table_params", "embedding_table_trainable_params", "lm_head_params",
+             "lm_head_trainable_params")
+
+
+def flop_params(model) -> dict:
+    """What :func:`flops_per_token` needs beyond the parameter counts: the weights of embedding tables (looked
+    up, never multiplied: positions, and token embeddings unless they are the LM head's weight) and of the LM
+    head, and how many of each train."""
+    import torch
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_w = getattr(head, "weight", None)
+    tables, seen = [], {id(head_w)}
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        if isinstance(m, torch.nn.Embedding) and w is not None and id(w) not in seen:
+            seen.add(id(w))
+            tables.append(w)
+    return {"embedding_table_params": sum(w.numel() for w in tables),
+            "embedding_table_trainable_params": sum(w.numel() for w in tables if w.requires_grad),
+            "lm_head_params": head_w.numel() if head_w is not None else 0,
+            "lm_head_trainable_params": head_w.numel() if head_w is not None and head_w.requires_grad else 0}
+
+
+def flops_per_token(total_params: int, trainable_params: int, *, embedding_table_params: int = 0,
+                    embedding_table_trainable_params: int = 0, lm_head_params: int = 0,
+                    lm_head_trainable_params: int = 0, labelled_share: float = 1.0) -> float:
+    """FLOPs per non-padding token (module docstring): 4 x N + 2 x T over the weights that multiply every token
+    (all but the embedding tables and the LM head), plus the LM head's 4 x H + 2 x H_trainable on the share of
+    tokens it projects (``labelled_share``). Without the keywords: 4 x N + 2 x T, 6 x N for full fine-tuning."""
+    body = total_params - embedding_table_params - lm_head_params
+    body_trainable = trainable_params - embedding_table_trainable_params - lm_head_trainable_params
+    return 4 * body + 2 * body_trainable + labelled_share * (4 * lm_head_params + 2 * lm_head_trainable_params)
 
 
 def mfu(total_params: int, trainable_params: int, tokens_per_s: float, gpu_name: str | None,
-        half: bool = True) -> float | None:
+        half: bool = True, **shape) -> float | None:
     """Model FLOPs utilisation against the GPU's 16-bit peak: None for a GPU not in :data:`GPUS` and for training
-    that does not compute in 16 bits (``half``: bf16 or fp16), whose peak is another (fp32: several times lower)."""
+    that does not compute in 16 bits (``half``: bf16 or fp16), whose peak is another (fp32: several times lower).
+    ``shape``: :func:`flops_per_token`'s keywords (:func:`flop_params` and the labelled share)."""
     peak = peak_flops(gpu_name)
-    return flops_per_token(total_params, trainable_params) * tokens_per_s / peak if peak and half else None
+    return flops_per_token(total_params, trainable_params, **shape) * tokens_per_s / peak if peak and half else None
 
 
 def bytes_per_step(trainable: int, frozen: int, quantized: int, half: bool, micro_batches: int = 1,
@@ -100,8 +138,8 @@ def bytes_per_step(trainable: int, frozen: int, quantized: int, half: bool, micr
 
 
 def step_ceiling(*, total_params: int, trainable_params: int, quantized_params: int, tokens_per_step: float,
-                 half: bool, gpu_name: str | None, micro_batches: int = 1, frozen_16bit_params: int = 0
-                 ) -> dict | None:
+                 half: bool, gpu_name: str | None, micro_batches: int = 1, frozen_16bit_params: int = 0,
+                 flop_shape: dict | None = None) -> dict | None:
     """The fastest an optimizer step of ``tokens_per_step`` non-padding tokens could run on this GPU: its
     model FLOPs at the dense peak plus its weights' memory traffic (:func:`bytes_per_step`) at full bandwidth,
     one after the other (different kernels on one stream). Returns that floor on the step time, the tokens/s
@@ -116,7 +154,7 @@ def step_ceiling(*, total_params: int, trainable_params: int, quantized_params: 
         return None
     peak, bandwidth = g
     frozen = total_params - trainable_params - quantized_params
-    compute_s = flops_per_token(total_params, trainable_params) * tokens_per_step / peak
+    compute_s = flops_per_token(total_params, trainable_params, **(flop_shape or {})) * tokens_per_step / peak
     memory_s = bytes_per_step(trainable_params, frozen, quantized_params, half, micro_batches,
                               frozen_16bit_params) / bandwidth
     floor_s = compute_s + memory_s
@@ -125,13 +163,20 @@ def step_ceiling(*, total_params: int, trainable_params: int, quantized_params: 
             "tokens_per_step_at_half": tokens_per_step * memory_s / compute_s}
 
 
+def flop_shape(params: dict, labelled_share: float = 1.0) -> dict:
+    """:func:`flops_per_token`'s keywords from a run's parameter counts (:func:`flop_params` among them) and the
+    share of its non-padding tokens that carry a label."""
+    return {**{k: params[k] for k in FLOP_KEYS if params.get(k) is not None}, "labelled_share": labelled_share}
+
+
 def ceiling_metrics(params: dict, tokens_per_step: float, half: bool, gpu_name: str | None,
-                    micro_batches: int = 1) -> dict:
+                    micro_batches: int = 1, labelled_share: float = 1.0) -> dict:
     """A run's :func:`step_ceiling` as metrics (empty off a known GPU)."""
     c = step_ceiling(total_params=params["total_params"], trainable_params=params["trainable_params"],
                      quantized_params=params.get("quantized_params", 0), tokens_per_step=tokens_per_step,
                      half=half, gpu_name=gpu_name, micro_batches=micro_batches,
-                     frozen_16bit_params=params.get("frozen_16bit_params", 0))
+                     frozen_16bit_params=params.get("frozen_16bit_params", 0),
+                     flop_shape=flop_shape(params, labelled_share))
     if c is None:
         return {}
     return {"mfu_ceiling_pct": 100 * c["mfu"], "tokens_per_s_ceiling": c["tokens_per_s"],

@@ -468,7 +468,7 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
     if half["four_bit_16bit_layers"]:
         log.info("4-bit layers take and return %s activations (%d layers), as a 16-bit LoRA base does",
                  precision, half["four_bit_16bit_layers"])
-    params = {**count_parameters(model), **half}
+    params = {**count_parameters(model), **half, **speed.flop_params(model)}  # the last: what MFU counts
     log.info("parameters: %d trainable of %d (%.3f%%); 4-bit linear layers: %d", params["trainable_params"],
              params["total_params"], params["trainable_share_pct"], n4bit)
 
@@ -562,6 +562,8 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
 
     history = trainer.state.log_history
     counts = counts.read()
+    # the share of fed tokens the LM head projects (TRL's fused LM head: the positions with a label), for MFU
+    labelled_share = counts["tokens_labelled"] / counts["tokens_nonpad"] if counts["tokens_nonpad"] else 1.0
     # this segment's wall time minus its evaluations and checkpoint writing, plus what earlier segments (before
     # a crash) measured
     prior = resumed or {}
@@ -667,12 +669,14 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         "train_tokens_labelled": counts["tokens_labelled"],
         "train_tokens_nonpad_per_s": counts["tokens_nonpad"] / train_time,
         "padding_share_pct": 100.0 * (1 - counts["tokens_nonpad"] / counts["tokens_padded"]),
+        # the LM head multiplies only the positions with a label (lorasweep.speed: TRL's fused LM head)
         **({"mfu_pct": 100 * m} if (m := speed.mfu(params["total_params"], params["trainable_params"],
                                                    counts["tokens_nonpad"] / train_time, hw.get("gpu_name"),
-                                                   half=precision in ("bf16", "fp16"))) is not None else {}),
+                                                   half=precision in ("bf16", "fp16"),
+                                                   **speed.flop_shape(params, labelled_share))) is not None else {}),
         # the best this GPU could do at this many tokens a step (lorasweep.speed.step_ceiling); none without one
         **speed.ceiling_metrics(params, counts["tokens_nonpad"] / max(n_steps, 1), precision in ("bf16", "fp16"),
-                                hw.get("gpu_name"), training["grad_accum"]),
+                                hw.get("gpu_name"), training["grad_accum"], labelled_share),
         **machine_share,
         # other training jobs on this run's GPU during training (training.jobs_per_gpu > 1); None: not shared
         # out by lorasweep (no GPU, one job per GPU, or a scheduler's own GPU)

@@ -162,12 +162,16 @@ def test_on_a_known_gpu_the_benchmark_and_the_run_report_mfu_and_the_speed_bound
     assert run["precision"] == "bf16"
     tokens_per_step = run["tokens"] / run["steps"]
     assert run["frozen_16bit"] > 0  # a LoRA base under bf16: stored in bf16, 4 bytes a weight a step
+    shape = run["flop_shape"]  # the LM head on the labelled positions only, embedding tables left out
+    assert 0 < shape["labelled_share"] < 1 and shape["lm_head_params"] > 0 and shape["lm_head_trainable_params"] == 0
     bound = speed.step_ceiling(total_params=run["params"], trainable_params=run["trainable"], quantized_params=0,
                                tokens_per_step=tokens_per_step, half=True, gpu_name=h100,
-                               frozen_16bit_params=run["frozen_16bit"])
+                               frozen_16bit_params=run["frozen_16bit"], flop_shape=shape)
     assert r["mfu_bound"]["mfu_ceiling_pct"] == pytest.approx(100 * bound["mfu"])
-    # the benchmark's MFU counts as the workflow's runs do: 4 FLOPs per weight and token, 6 per trainable one
-    flops = 4 * run["params"] + 2 * run["trainable"]
+    # the benchmark's MFU counts as the workflow's runs do: 4 FLOPs per weight and token, 6 per trainable one, the
+    # head only where it projects
+    body = run["params"] - shape["embedding_table_params"] - shape["lm_head_params"]
+    flops = 4 * body + 2 * run["trainable"] + shape["labelled_share"] * 4 * shape["lm_head_params"]
     assert r["mfu"]["lorasweep"] == pytest.approx(flops * r["median_tokens_per_s"]["lorasweep"] / 989e12)
     assert "MFU lorasweep" in out
     assert f"bound at {tokens_per_step:,.0f} tokens a step: {100 * bound['mfu']:.1f}% MFU" in out

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from lorasweep import speed
 from lorasweep.data import read_jsonl
 
 
@@ -266,3 +267,31 @@ def test_the_step_bound_adds_the_flops_at_peak_to_each_weights_bytes_at_full_ban
         assert speed.step_ceiling(total_params=n, trainable_params=n, quantized_params=0,
                                   tokens_per_step=tokens, half=True, gpu_name=unknown) is None
         assert speed.ceiling_metrics({"total_params": n, "trainable_params": n}, tokens, True, unknown) == {}
+
+
+def test_mfu_counts_the_lm_head_on_labelled_positions_only_and_no_embedding_table(tiny_config, tiny_data, tmp_path):
+    """TRL's fused LM head projects only the positions with a label (the response, under completion_only_loss),
+    and embedding tables are looked up, not multiplied: the FLOPs MFU divides by are those the step computes."""
+    from transformers import AutoModelForCausalLM
+
+    from lorasweep.config import operational, run_spec
+    from lorasweep.train import train_run
+
+    cfg = tiny_config(max_steps=2, evals=1)
+    model = AutoModelForCausalLM.from_pretrained(cfg["model"]["name_or_path"])
+    f = speed.flop_params(model)
+    vocab, hidden = model.config.vocab_size, model.config.hidden_size
+    positions = model.model.decoder.embed_positions.weight.numel()
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # OPT ties them
+    assert f == {"embedding_table_params": positions, "embedding_table_trainable_params": positions,
+                 "lm_head_params": vocab * hidden, "lm_head_trainable_params": vocab * hidden}
+    n = sum(p.numel() for p in model.parameters())
+    body = n - positions - vocab * hidden
+    assert speed.flops_per_token(n, n, **f, labelled_share=0.4) == pytest.approx(6 * body + 0.4 * 6 * vocab * hidden)
+    assert speed.flops_per_token(n, n, **f, labelled_share=1.0) == 6 * n - 6 * positions
+    # a run's metrics carry what MFU needs; a LoRA run trains neither the head nor a table
+    m = train_run(run_spec(cfg, "lora-r8"), tiny_data["train"], tiny_data["eval"], tmp_path / "run", threads=2,
+                  operational=operational(cfg))
+    assert (m["lm_head_params"], m["lm_head_trainable_params"], m["embedding_table_trainable_params"]) == (
+        vocab * hidden, 0, 0)
+    assert 0 < m["train_tokens_labelled"] < m["train_tokens_nonpad"]
