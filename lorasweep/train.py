@@ -598,9 +598,11 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         shutil.rmtree(initial_adapter)  # the saved adapter is converted: the initial one has served its purpose
     saved = dir_bytes(model_dir)
 
+    sums = recorder.mem_sums()  # every segment's steps
+
     def mean_of(key):
-        vals = [s[key] for s in recorder.mem_samples if s.get(key) is not None]
-        return sum(vals) / len(vals) if vals else None
+        total, n = sums.get(key, (0, 0))
+        return total / n if n else None
 
     # fused_loss: SFTTrainer's loss is TRL's chunked LM head (no full logits), and the probe forwards through it
     try:

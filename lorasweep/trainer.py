@@ -298,7 +298,8 @@ class Recorder(TrainerCallback):
         self.counts = counts
         self.memory = memory
         self.t_begin = self.t_end = None
-        self.mem_samples: list[dict] = []
+        self.mem_samples: list[dict] = []  # this segment's, one per step (per-step means: mem_sums)
+        self.prior_mem_sums = (resume or {}).get("mem_sums") or {}  # earlier segments': {key: [sum, count]}
         self.eval_time_s = 0.0  # evaluation inside this segment of training
         self.prior = resume or {}  # what earlier segments (before a crash) measured
         self.extra_state: dict = {}
@@ -312,6 +313,18 @@ class Recorder(TrainerCallback):
         n = self.gpu_peers()
         if n is not None:
             self.peers_max = max(n, self.peers_max or 0)
+
+    def mem_sums(self) -> dict:
+        """Per memory figure, [sum, count] of the per-step samples of every segment so far (earlier segments'
+        up to their last checkpoint): a resumed run's means cover all its steps, not its last segment's."""
+        out = {k: list(v) for k, v in self.prior_mem_sums.items()}
+        for sample in self.mem_samples:
+            for k, v in sample.items():
+                if v is not None:
+                    acc = out.setdefault(k, [0, 0])
+                    acc[0] += v
+                    acc[1] += 1
+        return out
 
     def elapsed(self) -> float:
         return self.prior.get("elapsed_s", 0.0) + (time.perf_counter() - self.t_begin if self.t_begin else 0.0)
@@ -341,6 +354,7 @@ class Recorder(TrainerCallback):
             "machine": self.machine.totals() if self.machine else None,
             "elapsed_s": self.elapsed(), "segments": self.prior.get("segments", 0) + 1,
             "gpu_jobs_beside_max": self.peers_max,
+            "mem_sums": self.mem_sums(),
             "peaks": {k: max(mem.get(k) or 0, prior_peaks.get(k) or 0) for k in {*mem, *prior_peaks}
                       if k.startswith(("peak_", "eval_peak_")) and k != "peak_rss_method"},
             # the footprint these peaks sit on: a resumed process has its own (see rebase_peaks)

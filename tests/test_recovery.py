@@ -208,11 +208,14 @@ def test_a_crash_after_training_resumes_without_extra_steps_and_keeps_the_metric
     first_added = state["peaks"]["peak_rss_bytes"] - state["baseline"]["rss_at_load_bytes"]
     state["peaks"]["peak_rss_bytes"] += 8 << 30
     state["baseline"]["rss_at_load_bytes"] += 8 << 30
+    assert state["mem_sums"]["rss_bytes"][1] == 8  # one sample a step, steps 1..8
+    state["mem_sums"]["rss_bytes"] = [8 * (100 << 30), 8]  # and a mean of 100 GiB over them
     state_file.write_text(json.dumps(state))
     m = train_run(*args, out, threads=2, operational=operational(cfg))
     ref = train_run(*args, tmp_path / "reference", threads=2, operational=operational(cfg))
 
     assert (m["resumed_from_step"], m["train_segments"]) == (8, 2)
+    assert 66 << 30 < m["mean_rss_bytes"] < 67 << 30  # steps 1..8 (100 GiB) and 9..12 (< 1 GiB): all 12 steps
     assert first_added <= m["peak_rss_bytes"] - m["rss_at_load_bytes"] < 1 << 30
     assert m["train_steps"] == ref["train_steps"] == 12
     assert (m["train_samples"], m["train_tokens_nonpad"]) == (ref["train_samples"], ref["train_tokens_nonpad"])
