@@ -166,10 +166,14 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 
 def fingerprint(*paths: str | Path) -> str:
-    """sha256 over the bytes of the prepared files: two runs with the same fingerprint saw the same data."""
+    """sha256 over the bytes of the prepared files, each preceded by its length (so that no record can move
+    from the end of one file to the start of the next unnoticed): two runs with the same fingerprint saw the
+    same data."""
     h = hashlib.sha256()
     for p in paths:
-        h.update(Path(p).read_bytes())
+        b = Path(p).read_bytes()
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
     return h.hexdigest()
 
 
@@ -183,6 +187,7 @@ def prepare(source: str, train_out: str | Path, eval_out: str | Path, summary_ou
     train_recs, eval_recs = split_records(kept, eval_size, fraction, seed)
     write_jsonl(train_out, [format_example(r) for r in train_recs])
     write_jsonl(eval_out, [format_example(r) for r in eval_recs])
+    drop_stale_caches(train_out, eval_out)
     summary = {
         "source": str(source),
         **counts,
@@ -202,7 +207,24 @@ def prepare(source: str, train_out: str | Path, eval_out: str | Path, summary_ou
     return summary
 
 
-CACHE_DIR = "cache"  # beside the prepared splits: results/data/cache
+CACHE_DIR = "cache"  # beside the prepared splits: results/data/cache/<the splits' fingerprint>
+
+
+def cache_dir(train_path: str | Path, eval_path: str | Path) -> Path:
+    """Where the splits' tokenization is cached: a folder named after their content (``datasets`` itself knows a
+    local file by its path and modification time only, so that splits rewritten with the same time stamp, as a
+    copy that keeps time stamps leaves them, would load the old data and its tokenization)."""
+    return Path(train_path).parent / CACHE_DIR / fingerprint(train_path, eval_path)[:16]
+
+
+def drop_stale_caches(train_path: str | Path, eval_path: str | Path) -> None:
+    """Delete the caches of splits other than these (written before they were prepared again)."""
+    import shutil
+
+    root, keep = Path(train_path).parent / CACHE_DIR, cache_dir(train_path, eval_path)
+    for p in root.iterdir() if root.is_dir() else ():
+        if p != keep and p.name != ".prepare.lock":
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
 @contextlib.contextmanager
@@ -219,7 +241,7 @@ def preparing_splits(train_path: str | Path):
     import time
 
     cache = Path(train_path).parent / CACHE_DIR
-    cache.mkdir(parents=True, exist_ok=True)
+    cache.mkdir(parents=True, exist_ok=True)  # the lock: one for the folder, whatever splits it caches
     info: dict = {"wait_s": 0.0, "prep_s": 0.0, "tokenized": False}
     t0 = time.perf_counter()
     with open(cache / ".prepare.lock", "a") as lock:
@@ -252,11 +274,12 @@ def load_splits(train_path: str | Path, eval_path: str | Path) -> tuple:
     ``Dataset.map`` whose result ``datasets`` caches under a fingerprint of the input data, the function
     and its arguments (the tokenizer included). The first training job of a sweep tokenizes; every other
     run with the same tokenizer and ``max_length``, and every rerun, loads the cached result instead.
-    The cache lives in ``results/data/cache`` and is rebuilt when the prepared splits change.
+    The cache lives in ``results/data/cache/<fingerprint>`` (:func:`cache_dir`): splits with other content
+    never load it, whatever their files' time stamps.
     """
     from datasets import load_dataset
 
-    cache = Path(train_path).parent / CACHE_DIR
+    cache = cache_dir(train_path, eval_path)
     ds = load_dataset("json", data_files={"train": str(train_path), "eval": str(eval_path)}, cache_dir=str(cache))
     cols = ["prompt", "completion"]
     return ds["train"].select_columns(cols), ds["eval"].select_columns(cols)

@@ -424,7 +424,7 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         torch.backends.cuda.enable_cudnn_sdp(bool(training.get("cudnn_attention", False)))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    from .data import fingerprint, load_splits, preparing_splits
+    from .data import cache_dir, fingerprint, load_splits, preparing_splits
 
     data_sha = fingerprint(train_path, eval_path)
 
@@ -500,7 +500,7 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
                  "already keeps tokens from the padding after them)")
     log.info("datasets ready in %.1fs (%s %s)", data_prep_s,
              "tokenized, cached for the sweep's other runs in" if prep["tokenized"] else "tokenization loaded from",
-             Path(train_path).parent / "cache")
+             cache_dir(train_path, eval_path))
     if spec["quantization"]:
         # TRL casts QLoRA adapter weights to bf16 (QLoRA paper's recipe). Keep them in fp32 like the LoRA
         # runs, so that qlora-rN vs lora-rN differs only by the 4-bit base weights.

@@ -204,3 +204,30 @@ def test_with_datasets_caching_off_every_job_counts_as_tokenizing(tmp_path):
     with data.preparing_splits(tmp_path / "train.jsonl") as info:
         pass
     assert not info["tokenized"]
+
+
+def test_the_tokenization_cache_follows_the_splits_content_not_their_time_stamps(tmp_path):
+    """datasets knows a local file by its path and modification time: splits prepared again with other content
+    but the same time stamps (a copy that keeps them) must not load the old data from the cache."""
+    import os
+
+    src = tmp_path / "src.json"
+    src.write_text(json.dumps([rec(i, instruction=f"Task {i}.", output=f"out {i}") for i in range(40)]))
+    train, evals, summary = tmp_path / "train.jsonl", tmp_path / "eval.jsonl", tmp_path / "summary.json"
+    data.prepare(str(src), train, evals, summary, eval_size=4, fraction=1.0, seed=0)
+    stamps = {p: (p.stat().st_atime_ns, p.stat().st_mtime_ns) for p in (train, evals)}
+    assert [len(s) for s in data.load_splits(train, evals)] == [36, 4]
+    old_cache = data.cache_dir(train, evals)
+    data.prepare(str(src), train, evals, summary, eval_size=4, fraction=0.25, seed=0)
+    for p, (a, m) in stamps.items():
+        os.utime(p, ns=(a, m))
+    assert [len(s) for s in data.load_splits(train, evals)] == [9, 4]
+    assert not old_cache.exists()  # preparing the splits again dropped the old splits' cache
+
+
+def test_the_fingerprint_tells_which_file_a_record_is_in(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.write_text("x\ny\n"), b.write_text("z\n")
+    split_one = data.fingerprint(a, b)
+    a.write_text("x\n"), b.write_text("y\nz\n")
+    assert data.fingerprint(a, b) != split_one
