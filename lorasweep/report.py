@@ -447,12 +447,13 @@ def adapters_section(verify_jsons=(), switch_json=None, samples_json=None) -> st
             "greedy identical": f"{r['greedy_identical_count']}/{r['prompts']}",
             "eval loss adapter": f"{r['eval_loss_adapter']:.5f}", "eval loss merged": f"{r['eval_loss_merged']:.5f}"}
             for r in rows]).to_markdown(index=False, disable_numparse=True))
-        out += ["", "A LoRA merge beyond tolerance fails the workflow; for QLoRA the figure is reported against the "
-                "same bound. A merge onto the original full-precision weights would differ by the quantization error.",
-                ""]
+        out += ["", "A merge beyond tolerance fails the workflow (a QLoRA merge too: both sides computed on the CPU in "
+                "fp32, from the same dequantized weights). A QLoRA merge onto the original full-precision weights "
+                "would differ by the quantization error.", ""]
     if switch_json and Path(switch_json).is_file():
         sw = json.loads(Path(switch_json).read_text())
-        out += [f"**Switching** (one base model, every LoRA adapter attached by name with `load_adapter`, "
+        out += [f"**Switching** (one full-precision base model, every LoRA adapter of the first seed attached by "
+                f"name with `load_adapter` (QLoRA's need the 4-bit base), "
                 f"`set_adapter` in turn, {sw['examples']} held-out examples; base alone: eval loss "
                 f"{sw['base_eval_loss']:.5f}): " + "; ".join(
                     f"`{a['adapter']}` {a['eval_loss']:.5f}" for a in sw["adapters"]) + ". After `unload()` the "
