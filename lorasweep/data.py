@@ -16,7 +16,8 @@ log = logging.getLogger(__name__)
 
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
 
-# The two prompt templates of Stanford Alpaca, which CodeAlpaca uses unchanged.
+# The two prompt templates of Stanford Alpaca, which CodeAlpaca uses, with a newline after "### Response:" (the
+# prompt then tokenizes as a prefix of prompt + completion).
 PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request.\n\n"
@@ -90,10 +91,12 @@ def load_records(source: str, split: str = "train") -> list[dict]:
 
 
 def check_records(records: list) -> tuple[list[dict], dict]:
-    """Validate the schema; drop records whose output is empty. Returns (kept, counts)."""
+    """Validate the schema; drop records whose output is empty, and exact repeats of a record kept before (the same
+    instruction, input and output: one copy could land in the eval split and another in training, and the eval
+    loss would then score memorised examples). Returns (kept, counts)."""
     if not records:
         raise DataError("dataset has no records")
-    kept, dropped_empty = [], 0
+    kept, dropped_empty, seen, repeats = [], 0, set(), 0
     for i, rec in enumerate(records):
         if not isinstance(rec, dict):
             raise DataError(f"record {i}: expected an object, got {type(rec).__name__}")
@@ -116,11 +119,16 @@ def check_records(records: list) -> tuple[list[dict], dict]:
             continue
         if not (rec["instruction"] or "").strip():
             raise DataError(f"record {i}: empty instruction")
+        key = (rec["instruction"], rec.get("input") or "", rec["output"])
+        if key in seen:
+            repeats += 1
+            continue
+        seen.add(key)
         kept.append({"index": i, "instruction": rec["instruction"], "input": rec.get("input") or "",
                      "output": rec["output"]})
     if not kept:
         raise DataError(f"all {len(records)} records have an empty output")
-    return kept, {"records_read": len(records), "dropped_empty_output": dropped_empty}
+    return kept, {"records_read": len(records), "dropped_empty_output": dropped_empty, "dropped_duplicates": repeats}
 
 
 def format_example(rec: dict) -> dict:
@@ -184,6 +192,9 @@ def prepare(source: str, train_out: str | Path, eval_out: str | Path, summary_ou
     kept, counts = check_records(raw)
     if counts["dropped_empty_output"]:
         log.info("dropped %d record(s) with an empty output", counts["dropped_empty_output"])
+    if counts["dropped_duplicates"]:
+        log.info("dropped %d exact repeat(s) of a record kept before (one copy in each split would leak)",
+                 counts["dropped_duplicates"])
     train_recs, eval_recs = split_records(kept, eval_size, fraction, seed)
     write_jsonl(train_out, [format_example(r) for r in train_recs])
     write_jsonl(eval_out, [format_example(r) for r in eval_recs])

@@ -215,7 +215,9 @@ def setup_section(ctx: dict) -> str:
         "",
         f"- **Model**: `{first['model']}`",
         f"- **Dataset**: `{data['source']}`: {data['records_read']:,} records read, "
-        f"{data['dropped_empty_output']} dropped for an empty output, {data['records_kept']:,} kept; "
+        f"{data['dropped_empty_output']} dropped for an empty output, "
+        + (f"{data['dropped_duplicates']:,} as exact repeats of another record, " if data.get("dropped_duplicates")
+           else "") + f"{data['records_kept']:,} kept; "
         f"eval split {data['eval_examples']:,} records (eval_size {data['eval_size']}), "
         f"train split {data['train_examples']:,} records (fraction {data['fraction']} of the rest), "
         f"drawn with seed {data['seed']}. Data fingerprint `{data['fingerprint_sha256'][:12]}`.",

@@ -21,10 +21,24 @@ def test_templates_with_and_without_input():
 
 
 def test_empty_outputs_are_dropped_and_counted():
-    records = [rec(0), rec(1, output=""), rec(2, output="   "), rec(3)]
+    records = [rec(0), rec(1, output=""), rec(2, output="   "), rec(3, output="done too")]
     kept, counts = data.check_records(records)
     assert [r["index"] for r in kept] == [0, 3]
-    assert counts == {"records_read": 4, "dropped_empty_output": 2}
+    assert counts == {"records_read": 4, "dropped_empty_output": 2, "dropped_duplicates": 0}
+
+
+def test_exact_repeats_are_dropped_so_that_no_example_is_in_both_splits(tmp_path):
+    records = [rec(i, instruction=f"Task {i % 10}.", output=f"out {i % 10}") for i in range(40)]  # each 4 times
+    records.append(rec(40, instruction="Task 1.", inp="x", output="out 1"))  # another input: another example
+    kept, counts = data.check_records(records)
+    assert counts["dropped_duplicates"] == 30 and [r["index"] for r in kept] == [*range(10), 40]
+    src = tmp_path / "src.json"
+    src.write_text(json.dumps(records))
+    summary = data.prepare(str(src), tmp_path / "t.jsonl", tmp_path / "e.jsonl", tmp_path / "s.json", eval_size=3,
+                           seed=0)
+    train, evals = data.read_jsonl(tmp_path / "t.jsonl"), data.read_jsonl(tmp_path / "e.jsonl")
+    assert summary["dropped_duplicates"] == 30 and len(train) + len(evals) == 11
+    assert not {(r["prompt"], r["completion"]) for r in train} & {(r["prompt"], r["completion"]) for r in evals}
 
 
 @pytest.mark.parametrize(
