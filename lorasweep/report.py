@@ -207,6 +207,27 @@ def rss_noise_note(df: pd.DataFrame) -> str:
             "training; `benchmarks/rss_noise.py` measures it on yours).")
 
 
+def length_text(per_seed: pd.DataFrame) -> str:
+    """What ``training.max_length`` did to the examples (the runs share it and the tokenizer, so the first row
+    speaks for all): responses cut there, and examples left out because their prompt alone fills it."""
+    keys = ["train_examples_cut_at_max_length", "eval_examples_cut_at_max_length",
+            "train_examples_dropped_too_long", "eval_examples_dropped_too_long"]
+    if not all(k in per_seed for k in keys) or "max_length" not in per_seed:
+        return ""
+    counted = per_seed.dropna(subset=[*keys, "max_length"])  # runs trained before these counts have none
+    if counted.empty:
+        return ""
+    r = counted.iloc[0]
+    cut_t, cut_e, drop_t, drop_e = (int(r[k]) for k in keys)
+    text = f" Sequences are cut at `training.max_length` = {int(r['max_length'])} tokens: "
+    text += (f"{cut_t:,} training and {cut_e:,} eval examples are longer, trained and scored on their response's "
+             "start only" if cut_t or cut_e else "no response is cut")
+    if drop_t or drop_e:
+        text += (f"; {drop_t:,} training and {drop_e:,} eval examples are left out, their prompt alone filling it "
+                 "(no response token to learn or score)")
+    return text + "."
+
+
 def setup_section(ctx: dict) -> str:
     df, data = ctx["metrics"], ctx["data"]
     first = df.iloc[0]
@@ -222,7 +243,7 @@ def setup_section(ctx: dict) -> str:
         f"train split {data['train_examples']:,} records (fraction {data['fraction']} of the rest), "
         f"drawn with seed {data['seed']}. Data fingerprint `{data['fingerprint_sha256'][:12]}`.",
         f"- **Prompt**: CodeAlpaca's two Alpaca templates ({data['with_input']:,} records with an input); "
-        "the loss is computed on the response tokens only.",
+        "the loss is computed on the response tokens only." + length_text(ctx.get("metrics_per_seed", df)),
         f"- **Hardware**: {first['hardware']}; precision {first['precision']}.",
         f"- **Software**: torch {first['torch_version']}, transformers {first['transformers_version']}, "
         f"peft {first['peft_version']}, trl {first['trl_version']}; {commit_text(ctx.get('metrics_per_seed', df))}.",

@@ -306,6 +306,20 @@ def count_parameters(model) -> dict:
             "trainable_share_pct": 100.0 * trainable / total if total else None}
 
 
+def examples_cut(dataset, max_length: int, eos_token_id: int | None) -> int:
+    """Examples of a tokenized split (TRL's: EOS appended, then cut to ``max_length``) whose response was cut:
+    as long as ``max_length`` and not ending in EOS. They are trained and scored on the response's start only."""
+    import pyarrow.compute as pc
+
+    n = 0
+    for table in dataset.select_columns(["input_ids"]).with_format("arrow").iter(batch_size=4096):
+        col = table.column("input_ids").combine_chunks()
+        lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
+        last = col.values.to_numpy(zero_copy_only=False)[col.offsets.to_numpy()[1:] - 1]  # masked where empty
+        n += int(((lengths >= max_length) & (last != eos_token_id)).sum())
+    return n
+
+
 def count_4bit_layers(model) -> int:
     try:
         import bitsandbytes as bnb
@@ -495,6 +509,13 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         eval_steps = max(1, math.ceil(steps / training["evals"]))
         trainer.args.max_steps, trainer.args.eval_steps = steps, eval_steps
         trainer.args.logging_steps = min(training["logging_steps"], eval_steps)
+    # longer examples are cut at max_length (their start kept): trained and scored without the response's end
+    cut = {f"{k}_examples_cut_at_max_length": examples_cut(ds, training["max_length"], tokenizer.eos_token_id)
+           for k, ds in (("train", trainer.train_dataset), ("eval", trainer.eval_dataset))}
+    if any(cut.values()):
+        log.warning("%d training and %d eval example(s) are longer than training.max_length = %d tokens: their "
+                    "responses are cut there (trained and scored without their end)", *cut.values(),
+                    training["max_length"])
     if trainer.drop_padding_mask:
         log.info("right-padded batches: training feeds positions instead of the attention mask (causal attention "
                  "already keeps tokens from the padding after them)")
@@ -671,6 +692,7 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         "train_tokens_labelled": counts["tokens_labelled"],
         "train_tokens_nonpad_per_s": counts["tokens_nonpad"] / train_time,
         "padding_share_pct": 100.0 * (1 - counts["tokens_nonpad"] / counts["tokens_padded"]),
+        **dropped, **cut,  # examples max_length left out or cut (also in train_info)
         # the LM head multiplies only the positions with a label (lorasweep.speed: TRL's fused LM head)
         **({"mfu_pct": 100 * m} if (m := speed.mfu(params["total_params"], params["trainable_params"],
                                                    counts["tokens_nonpad"] / train_time, hw.get("gpu_name"),
@@ -712,7 +734,8 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
                      "data_summary": json.loads(Path(data_summary_path).read_text()) if data_summary_path else None},
         "train_info": {"data_prep_s": data_prep_s, "data_prep_wait_s": prep["wait_s"],
                        "data_tokenized": prep["tokenized"], "total_steps_planned": steps, "eval_steps": eval_steps,
-                       "memory_at_load": at_load, "train_examples": n_train, "eval_examples": n_eval, **dropped},
+                       "memory_at_load": at_load, "train_examples": n_train, "eval_examples": n_eval, **dropped,
+                       **cut},
         "meta_info": {"packages": versions, **git, "hardware": hw},
     }
     atomic_write_json(out_dir / "metrics.json", metrics)

@@ -818,3 +818,21 @@ def test_the_setup_table_shows_each_runs_settings_as_trained_not_their_mean_over
     assert str(hp.loc["lora-r128", "lora_dropout"]) == "0.1"
     assert hp.loc["lora-r8", "batch_size"] == f"{m3['batch_size'].iloc[0]}, 4"
     assert hp.loc["lora-r8", "seeds"] == "0,1,2"
+
+
+def test_the_setup_says_what_max_length_did_to_the_examples():
+    from lorasweep import report
+
+    df, _ = _fixture()
+    assert report.length_text(df) == ""  # metrics from before the counts: nothing claimed
+    counts = {"max_length": 256, "train_examples_cut_at_max_length": 12, "eval_examples_cut_at_max_length": 1,
+              "train_examples_dropped_too_long": 0, "eval_examples_dropped_too_long": 0}
+    text = report.length_text(df.assign(**counts))
+    assert text == (" Sequences are cut at `training.max_length` = 256 tokens: 12 training and 1 eval examples are "
+                    "longer, trained and scored on their response's start only.")
+    none = report.length_text(df.assign(**{**counts, "train_examples_cut_at_max_length": 0,
+                                           "eval_examples_cut_at_max_length": 0, "eval_examples_dropped_too_long": 2}))
+    assert "no response is cut; 0 training and 2 eval examples are left out" in none
+    mixed = df.assign(**counts)  # a sweep where only some runs were trained since the counts exist
+    mixed.loc[mixed.index[0], list(counts)] = float("nan")
+    assert report.length_text(mixed) == text

@@ -939,3 +939,25 @@ def test_training_jobs_that_start_together_tokenize_the_splits_once(tiny_model, 
         assert p.returncode == 0, err[-3000:]
     info = {run: json.loads((tmp_path / run / "metrics.json").read_text())["train_info"] for run in runs}
     assert sorted(i["data_tokenized"] for i in info.values()) == [False, True], info
+
+
+def test_examples_longer_than_max_length_are_counted_cut_or_left_out(tiny_config, tiny_data, tmp_path):
+    """TRL keeps the start of an example longer than max_length (its response cut: trained and scored without its
+    end) and leaves out one whose prompt alone fills it; the metrics count both, as the tokenizer says."""
+    from transformers import AutoTokenizer
+
+    from lorasweep.config import operational
+    from lorasweep.data import read_jsonl
+
+    cfg = tiny_config(max_length=64, max_steps=2, evals=1)
+    m = train_run(run_spec(cfg, "lora-r8"), tiny_data["train"], tiny_data["eval"], tmp_path / "run", threads=2,
+                  operational=operational(cfg))
+    tok = AutoTokenizer.from_pretrained(cfg["model"]["name_or_path"])
+    for split in ("train", "eval"):
+        rows = read_jsonl(tiny_data[split])
+        full = [len(tok(r["prompt"] + r["completion"])["input_ids"]) + 1 for r in rows]  # + EOS
+        prompt = [len(tok(r["prompt"])["input_ids"]) for r in rows]
+        cut = sum(1 for f, p in zip(full, prompt) if f > 64 and p < 64)
+        left_out = sum(1 for p in prompt if p >= 64)
+        assert cut > 0 and left_out > 0
+        assert (m[f"{split}_examples_cut_at_max_length"], m[f"{split}_examples_dropped_too_long"]) == (cut, left_out)
