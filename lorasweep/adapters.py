@@ -92,7 +92,8 @@ def score(model, batch) -> dict:
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
     sums, counts = response_nll(logits, batch["labels"])
-    return {"logits": logits[batch["attention_mask"].bool()], "loss": float(sums.sum() / counts.sum())}
+    return {"logits": logits[batch["attention_mask"].bool()], "loss": float(sums.sum() / counts.sum()),
+            "loss_sums": sums.tolist(), "tokens": counts.tolist()}
 
 
 def greedy(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
@@ -128,11 +129,29 @@ def merge_run(spec: dict, adapter_dir, out_dir) -> Path:
     return out_dir
 
 
+def in_training(trained_losses, scored: dict) -> float | None:
+    """The eval loss training measured (``eval_losses.json``'s final per-example sums) on the examples ``scored``
+    holds, when they are the first examples of the eval split in the same order (the same response token counts;
+    None when an example training left out, its prompt filling max_length, shifts them)."""
+    if not trained_losses or not Path(trained_losses).is_file():
+        return None
+    final = json.loads(Path(trained_losses).read_text()).get("final") or []
+    n = len(scored["tokens"])
+    if len(final) < n or [int(r["tokens"]) for r in final[:n]] != [int(t) for t in scored["tokens"]]:
+        return None
+    return sum(r["loss_sum"] for r in final[:n]) / sum(r["tokens"] for r in final[:n])
+
+
 def verify_run(spec: dict, adapter_dir, merged_dir, eval_jsonl, out_json, n_prompts: int = 8,
-               max_new_tokens: int = 24) -> dict:
-    """Compare the merged model with base + adapter; fail on a LoRA merge beyond tolerance. A run that diverged
+               max_new_tokens: int = 24, trained_losses=None) -> dict:
+    """Compare the merged model with base + adapter; fail on a merge beyond tolerance. A run that diverged
     (base + adapter gives non-finite logits) has no merge worth checking: recorded as such, not failed, so the
-    report still shows it."""
+    report still shows it.
+
+    ``trained_losses`` (the run's ``eval_losses.json``): the same examples' eval loss as training measured it,
+    recorded beside base + adapter's. The merge check compares the saved adapter with its merge; this compares
+    the saved adapter with the model that trained (an adapter saved or converted wrongly, a base that is not the
+    one it trained on, would differ; training's precision, bf16 on a GPU, moves it a little)."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -154,6 +173,7 @@ def verify_run(spec: dict, adapter_dir, merged_dir, eval_jsonl, out_json, n_prom
               "max_abs_logit_diff": diff, "tolerance": bound, "within_tolerance": None if diverged else diff <= bound,
               "greedy_identical": gen_a == gen_m, "greedy_identical_count": sum(x == y for x, y in zip(gen_a, gen_m)),
               "eval_loss_adapter": a["loss"], "eval_loss_merged": m["loss"],
+              "eval_loss_in_training": in_training(trained_losses, a),
               "merged_onto": "dequantized 4-bit base" if quantized else "base weights"}
     Path(out_json).write_text(json.dumps(result, indent=2) + "\n")
     log.info("%s: max |logit diff| %.2e (tolerance %.0e), greedy identical %d/%d, loss %.5f vs %.5f", spec["run"],

@@ -468,11 +468,15 @@ def adapters_section(verify_jsons=(), switch_json=None, samples_json=None) -> st
             "tolerance": f"{r['tolerance']:.0e}", "within": ("not checked: the run diverged" if r.get("diverged")
                                                      else "yes" if r["within_tolerance"] else "**no**"),
             "greedy identical": f"{r['greedy_identical_count']}/{r['prompts']}",
-            "eval loss adapter": f"{r['eval_loss_adapter']:.5f}", "eval loss merged": f"{r['eval_loss_merged']:.5f}"}
+            "eval loss adapter": f"{r['eval_loss_adapter']:.5f}", "eval loss merged": f"{r['eval_loss_merged']:.5f}",
+            **({"in training": "–" if r.get("eval_loss_in_training") is None else f"{r['eval_loss_in_training']:.5f}"}
+               if any("eval_loss_in_training" in x for x in rows) else {})}
             for r in rows]).to_markdown(index=False, disable_numparse=True))
         out += ["", "A merge beyond tolerance fails the workflow (a QLoRA merge too: both sides computed on the CPU in "
                 "fp32, from the same dequantized weights). A QLoRA merge onto the original full-precision weights "
-                "would differ by the quantization error.", ""]
+                "would differ by the quantization error. *In training*: the same examples' eval loss as the run "
+                "measured it at its end, in its own precision (bf16 on a GPU moves it a little): the saved adapter "
+                "computes what the model that trained computed.", ""]
     if switch_json and Path(switch_json).is_file():
         sw = json.loads(Path(switch_json).read_text())
         out += [f"**Switching** (one full-precision base model, every LoRA adapter of the first seed attached by "

@@ -214,9 +214,11 @@ def test_a_merge_computes_what_base_plus_adapter_computes_and_verify_refuses_one
     assert {str(t.dtype) for t in load_file(out / "model" / "adapter_model.safetensors").values()} == {"torch.float32"}
     merged = merge_run(spec, out / "model", tmp_path / "merged")
     v = verify_run(spec, out / "model", merged, tiny_data["eval"], tmp_path / "verify.json", n_prompts=4,
-                   max_new_tokens=4)
+                   max_new_tokens=4, trained_losses=out / "eval_losses.json")
     assert v["within_tolerance"] and v["greedy_identical"] and v["max_abs_logit_diff"] <= 1e-3, v
     assert v["eval_loss_merged"] == pytest.approx(v["eval_loss_adapter"], abs=1e-4)
+    # the saved adapter computes what the trained model computed on the same examples (fp32 on the CPU: closely)
+    assert v["eval_loss_in_training"] == pytest.approx(v["eval_loss_adapter"], rel=1e-5)
 
     wrong = tmp_path / "not-merged"
     load_base(spec).save_pretrained(wrong, safe_serialization=True)
@@ -245,3 +247,14 @@ def test_the_adapter_stages_read_adapters_onto_the_cpu_where_cuda_is_visible(tin
     switch_adapters(spec, {"lora-r8": str(out / "model")}, tiny_data["eval"], tmp_path / "switch.json", n_prompts=2)
     sample_runs({"lora-r8": spec}, {"lora-r8": str(out / "model")}, tiny_data["eval"], tmp_path / "samples.json",
                 n=1, max_new_tokens=2)
+
+
+def test_the_loss_in_training_is_compared_only_on_the_same_examples(tmp_path):
+    from lorasweep.adapters import in_training
+
+    losses = tmp_path / "eval_losses.json"
+    losses.write_text(json.dumps({"final": [{"loss_sum": 6.0, "tokens": 3}, {"loss_sum": 2.0, "tokens": 2},
+                                            {"loss_sum": 9.0, "tokens": 4}]}))
+    assert in_training(losses, {"tokens": [3, 2]}) == pytest.approx(8.0 / 5)
+    assert in_training(losses, {"tokens": [3, 4]}) is None  # an example left out in training shifts them
+    assert in_training(tmp_path / "none.json", {"tokens": [3]}) is None

@@ -28,6 +28,7 @@ rule verify:
         adapter="results/runs/{run}/seed{seed}/model",
         merged="results/runs/{run}/seed{seed}/merged",
         eval="results/data/eval.jsonl",
+        trained="results/runs/{run}/seed{seed}/eval_losses.json",
     output:
         verify="results/runs/{run}/seed{seed}/verify.json",
     params:
