@@ -110,14 +110,46 @@ def ratio_text(new: float, old: float, tol: float, more: str, less: str) -> str:
     return f"{abs(r):.0%} {more if r > 0 else less}"
 
 
-def mem_text(mem: str, new: float, old: float) -> str:
-    """:func:`ratio_text` for two memory peaks of the measure ``mem``; a difference beyond ``MEM_TOL`` but inside
-    the CPU measure's noise (``RSS_NOISE_BYTES``) says so."""
-    tol = mem_tol(mem, new, old)
-    text = ratio_text(new, old, tol, "higher", "lower")
-    if text.startswith("about the same") and old and abs(new / old - 1) >= MEM_TOL:
-        text = text[:-1] + f": within the measure's noise, {mib(RSS_NOISE_BYTES)})"
+def seed_tol(m: pd.DataFrame, col: str, a: str, b: str, tol: float) -> tuple[float, bool]:
+    """``tol`` widened, where runs ``a`` and ``b`` (rows of ``m``, by run) both trained with replicate seeds, to the
+    95% interval of the difference of their means (Student's t, the fewer seeds' degrees of freedom), relative to
+    ``a``'s: a difference inside the seeds' own spread is no finding. Returns the tolerance and whether the
+    spread widened it."""
+    ra, rb = m.loc[a], m.loc[b]
+    na, nb = int(ra.get("n_seeds", 1) or 1), int(rb.get("n_seeds", 1) or 1)
+    sa, sb, base = ra.get(f"{col}_sd"), rb.get(f"{col}_sd"), ra.get(col)
+    if min(na, nb) < 2 or any(v is None or pd.isna(v) for v in (sa, sb, base)) or not base:
+        return tol, False
+    rel = t975(min(na, nb) - 1) * math.sqrt(sa**2 / na + sb**2 / nb) / abs(base)
+    return max(tol, rel), rel > tol
+
+
+def spread_text(m: pd.DataFrame, col: str, b: str, a: str, tol: float, more: str, less: str,
+                noise: str | None = None) -> str:
+    """:func:`ratio_text` of run ``b`` against run ``a`` in column ``col`` with the tolerance ``tol`` (itself widened
+    by the measure's ``noise``, when given, in words) and by the seeds' spread (:func:`seed_tol`); "about the same"
+    says which of them made it so when the relative difference is beyond the base tolerance."""
+    new, old = m.loc[b, col], m.loc[a, col]
+    eff, widened = seed_tol(m, col, a, b, tol)
+    text = ratio_text(new, old, eff, more, less)
+    base = MEM_TOL if noise else tol
+    if text.startswith("about the same") and old and abs(new / old - 1) >= base:
+        why = "within the seeds' spread" if widened else f"within the measure's noise, {noise}" if noise else ""
+        if why:
+            text = text[:-1] + f": {why})"
     return text
+
+
+def mem_text(m: pd.DataFrame, mem: str, b: str, a: str) -> str:
+    """:func:`spread_text` for two runs' memory peaks of the measure ``mem``: within ``MEM_TOL``, the CPU measure's
+    noise (``RSS_NOISE_BYTES``) or the seeds' spread, about the same."""
+    return spread_text(m, mem, b, a, mem_tol(mem, m.loc[a, mem], m.loc[b, mem]), "higher", "lower",
+                       noise=mib(RSS_NOISE_BYTES) if mem_tol(mem, m.loc[a, mem], m.loc[b, mem]) > MEM_TOL else None)
+
+
+def time_text(m: pd.DataFrame, col: str, b: str, a: str, more: str, less: str) -> str:
+    """:func:`spread_text` for two runs' timings (``TIME_TOL``, widened by the seeds' spread)."""
+    return spread_text(m, col, b, a, TIME_TOL, more, less)
 
 
 # a seed whose loss is not a number (a diverged run) makes the run's mean not a number: never averaged away
@@ -314,9 +346,9 @@ def rank_steps(df: pd.DataFrame, losses: Losses, method: str = "lora", suspect: 
                       d["half"] if d else None))
         out.append(
             f"**r={r1} → r={r2}**: {loss_text}; train runtime "
-            f"{ratio_text(m.loc[b, 'train_runtime_s'], m.loc[a, 'train_runtime_s'], TIME_TOL, 'longer', 'shorter')}, "
-            f"tokens/s {ratio_text(m.loc[b, 'train_tokens_nonpad_per_s'], m.loc[a, 'train_tokens_nonpad_per_s'], TIME_TOL, 'higher', 'lower')}{caveat}, "
-            f"{mem_name} {mem_text(mem, m.loc[b, mem], m.loc[a, mem])} "
+            f"{time_text(m, 'train_runtime_s', b, a, 'longer', 'shorter')}, "
+            f"tokens/s {time_text(m, 'train_tokens_nonpad_per_s', b, a, 'higher', 'lower')}{caveat}, "
+            f"{mem_name} {mem_text(m, mem, b, a)} "
             f"({mib(m.loc[a, mem])} → {mib(m.loc[b, mem])}), trainable parameters "
             f"×{times(m.loc[b, 'trainable_params'] / m.loc[a, 'trainable_params'])}.")
     out.append(returns_verdict(gains))
@@ -394,9 +426,9 @@ def quantization(df: pd.DataFrame, losses: Losses, suspect: set | None = None) -
                         f"lorasweep fed them)")
         out.append(
             f"**4-bit ({m.loc[q, 'quant_type']}) `{q}` vs `{lo}`**: {mem_name} "
-            f"{mem_text(mem, m.loc[q, mem], m.loc[lo, mem])} "
+            f"{mem_text(m, mem, q, lo)} "
             f"({mib(m.loc[lo, mem])} → {mib(m.loc[q, mem])}){weights}; train runtime "
-            f"{ratio_text(m.loc[q, 'train_runtime_s'], m.loc[lo, 'train_runtime_s'], TIME_TOL, 'longer', 'shorter')}"
+            f"{time_text(m, 'train_runtime_s', q, lo, 'longer', 'shorter')}"
             f"{timing_caveat(suspect, (lo, q))}; "
             f"{loss_text}. Quantizing the untrained base moved its eval loss {base_text}.")
     return out
@@ -424,7 +456,9 @@ def full_finetuning(df: pd.DataFrame, losses: Losses, suspect: set | None = None
 
     no_mem = unmeasured(mem)
     measured = [r for r in others if r not in no_mem]
-    tol = {r: mem_tol(mem, m.loc[r, mem], m.loc["full", mem]) for r in measured}
+    spread = {r: seed_tol(m, mem, "full", r, mem_tol(mem, m.loc[r, mem], m.loc["full", mem])) for r in measured}
+    tol = {r: t for r, (t, _) in spread.items()}
+    tol_text = mem_tol_text(mem) + (" or the seeds' spread" if any(w for _, w in spread.values()) else "")
     lighter = [r for r in measured if m.loc[r, mem] < m.loc["full", mem] * (1 - tol[r])]
     heavier = [r for r in measured if m.loc[r, mem] > m.loc["full", mem] * (1 + tol[r])]
     within = [r for r in measured if r not in lighter and r not in heavier]
@@ -437,7 +471,7 @@ def full_finetuning(df: pd.DataFrame, losses: Losses, suspect: set | None = None
         mem_sentence = f"Its {mem_name} is {mib(m.loc['full', mem])}: "
         if not heavier and not lighter:
             mem_sentence += (f"about the same as every other run{' measured' if no_mem else ''} "
-                             f"(all within {mem_tol_text(mem)})")
+                             f"(all within {tol_text})")
         elif heavier and not lighter and not within and not no_mem:
             mem_sentence += f"the **lowest** of all runs ({listed(heavier)})"
         elif lighter and not heavier and not within and not no_mem:
@@ -446,19 +480,22 @@ def full_finetuning(df: pd.DataFrame, losses: Losses, suspect: set | None = None
             mem_sentence += "; ".join(part for part in [
                 f"higher than {listed(lighter)}" if lighter else "",
                 f"lower than {listed(heavier)}" if heavier else "",
-                f"about the same as {listed(within)} (within {mem_tol_text(mem)})" if within else ""] if part)
+                f"about the same as {listed(within)} (within {tol_text})" if within else ""] if part)
         mem_sentence += (f"; {missing}." if missing else ".")
     out.append(mem_sentence)
     no_time = unmeasured("train_runtime_s")
-    faster = [r for r in others if r not in no_time
-              and m.loc[r, "train_runtime_s"] < m.loc["full", "train_runtime_s"] * (1 - TIME_TOL)]
+    time_spread = {r: seed_tol(m, "train_runtime_s", "full", r, TIME_TOL) for r in others if r not in no_time}
+    faster = [r for r, (t, _) in time_spread.items()
+              if m.loc[r, "train_runtime_s"] < m.loc["full", "train_runtime_s"] * (1 - t)]
+    by_more = f"by more than {TIME_TOL:.0%}" + (" and the seeds' spread" if any(w for _, w in time_spread.values())
+                                                 else "")
     if pd.isna(m.loc["full", "train_runtime_s"]):
         runtime = "Full fine-tuning's train runtime was not measured"
     else:
         runtime = f"Full fine-tuning's train runtime is {m.loc['full', 'train_runtime_s']:.1f} s; "
-        runtime += (f"faster than it (by more than {TIME_TOL:.0%}): "
+        runtime += (f"faster than it ({by_more}): "
                     + ", ".join(f"`{r}` ({m.loc[r, 'train_runtime_s']:.1f} s)" for r in faster) if faster
-                    else f"no adapter run trained faster (by more than {TIME_TOL:.0%})")
+                    else f"no adapter run trained faster ({by_more})")
         if no_time:
             runtime += "; not measured for " + ", ".join(f"`{r}`" for r in no_time)
     out.append(runtime + timing_caveat(suspect, m.index) + ".")
@@ -633,6 +670,14 @@ def _rises(values: list[float], tol: float, tol_text: str | None = None) -> str:
     return f"partly: some steps within {tol_text or f'{tol:.0%}'}"
 
 
+def claim_tol(m: pd.DataFrame, col: str, pairs, base: float, base_text: str) -> tuple[float, str]:
+    """The tolerance for a claim over several runs: ``base``, widened by the seeds' spread of any pair compared
+    (:func:`seed_tol`), and it in words."""
+    widened = [seed_tol(m, col, a, b, base) for a, b in pairs]
+    tol = max([base, *(t for t, _ in widened)])
+    return tol, base_text + (" or the seeds' spread" if any(w for _, w in widened) else "")
+
+
 def writeup_claims(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None) -> list[dict]:
     """Each published claim, and whether this sweep's measurements agree (agrees / disagrees / cannot check)."""
     losses = Losses(eval_losses)
@@ -666,14 +711,17 @@ def writeup_claims(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None) ->
             + (f" (Δ {d['diff']:+.4f} ± {d['half']:.4f})" if d else ""))
         # W1 ran full fine-tuning and LoRA only: a QLoRA run or an adapter variant is not part of its claim
         add("W1", "full fine-tuning used the least peak memory",
-            _lowest(m[mem], "full", lo, mem_tol(mem, *m.loc[["full", *lo], mem]), mem_tol_text(mem)),
+            _lowest(m[mem], "full", lo, *claim_tol(m, mem, [("full", r) for r in lo],
+                                                   mem_tol(mem, *m.loc[["full", *lo], mem]), mem_tol_text(mem))),
             f"{mem_name}: full {mib(m.loc['full', mem])}; " +
             ", ".join(f"{r} {mib(m.loc[r, mem])}" for r in lo))
         slower = [r for r in lo if parse_run(r)[1] in (128, 256)]
         if slower:
             add("W1", "full fine-tuning was faster than LoRA " + " and ".join(
                 f"r={parse_run(r)[1]}" for r in slower) + (" (W1: r=128 and r=256)" if len(slower) < 2 else ""),
-                timing(_lowest(m["train_runtime_s"], "full", slower, TIME_TOL), ["full", *slower]),
+                timing(_lowest(m["train_runtime_s"], "full", slower,
+                               *claim_tol(m, "train_runtime_s", [("full", r) for r in slower], TIME_TOL,
+                                          f"{TIME_TOL:.0%}")), ["full", *slower]),
                 f"runtime s: full {m.loc['full', 'train_runtime_s']:.1f}; " +
                 ", ".join(f"{r} {m.loc[r, 'train_runtime_s']:.1f}" for r in slower))
     if len(lo) >= 2:
@@ -691,13 +739,16 @@ def writeup_claims(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None) ->
         add("W1, W3", "a higher LoRA rank gives a (slightly) lower loss", verdict,
             "eval loss " + ", ".join(f"r={r} {m.loc[n, 'eval_loss']:.4f}" for r, n in ranks))
         rt = [m.loc[r, "train_runtime_s"] for r in lo]
-        add("W1, W2, W3", "training gets slower as the rank grows", timing(_rises(rt, TIME_TOL), lo),
+        pairs = list(zip(lo, lo[1:]))
+        tol, tol_text = claim_tol(m, "train_runtime_s", pairs, TIME_TOL, f"{TIME_TOL:.0%}")
+        add("W1, W2, W3", "training gets slower as the rank grows", timing(_rises(rt, tol, tol_text), lo),
             "runtime s " + ", ".join(f"r={r} {m.loc[n, 'train_runtime_s']:.1f}" for r, n in ranks)
-            + f" (differences under {TIME_TOL:.0%} count as equal)")
+            + f" (differences under {tol_text} count as equal)")
         mm = [m.loc[r, mem] for r in lo]
-        add("W2, W3", "peak memory rises with the rank", _rises(mm, mem_tol(mem, *mm), mem_tol_text(mem)),
+        tol, tol_text = claim_tol(m, mem, pairs, mem_tol(mem, *mm), mem_tol_text(mem))
+        add("W2, W3", "peak memory rises with the rank", _rises(mm, tol, tol_text),
             f"{mem_name} " + ", ".join(f"r={r} {mib(m.loc[n, mem])}" for r, n in ranks)
-            + f" (differences under {mem_tol_text(mem)} count as equal)")
+            + f" (differences under {tol_text} count as equal)")
     r128, r256 = "lora-r128", "lora-r256"
     if r128 in m.index and r256 in m.index:
         d = losses.diff(r256, r128)
@@ -736,7 +787,7 @@ def tradeoffs(df: pd.DataFrame) -> list[str]:
             f"`{run}`: trains {r['trainable_share_pct']:.3g}% of the parameters and saves "
             f"{mib(r['saved_model_bytes'])} instead of {mib(f['saved_model_bytes'])} "
             f"({r['saved_model_bytes'] / f['saved_model_bytes']:.1%}). Against full fine-tuning: {mem_name} "
-            f"{mem_text(mem, r[mem], f[mem])}, train runtime "
-            f"{ratio_text(r['train_runtime_s'], f['train_runtime_s'], TIME_TOL, 'longer', 'shorter')}"
+            f"{mem_text(m, mem, run, 'full')}, train runtime "
+            f"{time_text(m, 'train_runtime_s', run, 'full', 'longer', 'shorter')}"
             f"{timing_caveat(suspect, ('full', run))}, eval loss {r['eval_loss']:.4f} vs {f['eval_loss']:.4f} ({r['eval_loss'] - f['eval_loss']:+.4f}).")
     return out

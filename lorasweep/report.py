@@ -90,8 +90,10 @@ def findings_section(ctx: dict) -> str:
               if df["n_seeds"].max() > 1 else
               "It covers the choice of eval examples, not seed-to-seed variation of training (set `seeds: "
               "[0, 1, 2]` for that). Timings and memory are single measurements: ")
-           + f"differences under {F.TIME_TOL:.0%} (time) and {F.mem_tol_text(F.memory_measure(df)[0])} (memory) "
-           "are called *about the same*." + rss_noise_note(df) + short_runs_caveat(df), ""]
+           + f"differences under {F.TIME_TOL:.0%} (time) and {F.mem_tol_text(F.memory_measure(df)[0])} (memory)"
+           + (", or inside the seeds' spread (the 95% interval of the difference of two runs' means, Student's t),"
+              if df["n_seeds"].max() > 1 else "")
+           + " are called *about the same*." + rss_noise_note(df) + short_runs_caveat(df), ""]
     out += [f"- {p}" for p in F.findings(per_seed, ev)]
     return "\n".join(out)
 
