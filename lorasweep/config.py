@@ -40,11 +40,13 @@ def _describe(error) -> str:
         import difflib
 
         close = {e: m[0] for e in extra if (m := difflib.get_close_matches(str(e), allowed, n=1, cutoff=0.8))}
-        if close:  # a misspelt key
-            hint = " (did you mean " + ", ".join(f"{prefix}{m} for {prefix}{e}" for e, m in close.items()) + "?)"
-        elif not error.absolute_path:  # top-level keys like nothing in the schema: a file that is not a config
+        if not error.absolute_path and len(close) < len(extra):
+            # top-level keys like nothing in the schema (a metrics.json's "run", "eval_loss", ...; its "method"
+            # is close to "methods"): a file that is not a config
             hint = (" (--configfile reads every file after it: a target or other argument written after it, e.g. "
                     "results/metrics.csv, is read as a config file; put targets before --configfile)")
+        elif close:  # a misspelt key
+            hint = " (did you mean " + ", ".join(f"{prefix}{m} for {prefix}{e}" for e, m in close.items()) + "?)"
         else:
             hint = ""
         return f"unknown key(s) {', '.join(prefix + e for e in extra)}; allowed here: {', '.join(allowed)}{hint}"

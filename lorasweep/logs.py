@@ -46,7 +46,11 @@ def script_logging(log_path: str | os.PathLike, level: int = logging.INFO):
     except Exception as e:  # noqa: BLE001 - reported, then the job fails
         log_file.write(traceback.format_exc())
         log_file.flush()
-        kept = f"{log_path}.{time.strftime('%Y%m%dT%H%M%S')}-failed"
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        kept, n = f"{log_path}.{stamp}-failed", 1
+        while os.path.exists(kept):  # attempts failing within a second (Snakemake's retries of a quick error)
+            n += 1
+            kept = f"{log_path}.{stamp}-{n}-failed"
         try:
             shutil.copyfile(log_path, kept)
         except OSError:

@@ -67,6 +67,8 @@ def test_qlora_takes_the_lora_settings_so_that_the_pair_differs_by_quantization_
         ({"methods": {"lora": {"rank": [8]}}}, r"unknown key\(s\) methods.lora.rank; allowed here: .*ranks"),
         ({"methods": {"dora": {}}}, r"unknown key\(s\) methods.dora; allowed here: full, lora, qlora\n"),
         ({"run_info": {}}, r"unknown key\(s\) run_info; .*put targets before --configfile"),  # metrics.json as config
+        ({"run": "full", "method": "full", "eval_loss": 1.5},  # a metrics.json: "method" is close to "methods"
+         r"unknown key\(s\) eval_loss, method, run; .*put targets before --configfile"),
         ({"methods": {"qlora": {"quant_type": "int4"}}}, r"methods.qlora.quant_type = 'int4': must be one of 'nf4', 'fp4'"),
         ({"dataset": {"source": "x.json", "fraction": 1.5}}, r"dataset.fraction = 1.5: must be <= 1"),
         ({"dataset": {"source": "x.json", "fraction": 0}}, r"dataset.fraction = 0: must be > 0"),

@@ -115,6 +115,9 @@ def test_out_of_memory_is_retried_with_half_the_batch_and_other_errors_are_not(t
     assert "attempt 3 stops here" in console
     failed = workdir / "results" / "runs" / "lora-r128" / "seed0" / "failed.json"
     assert json.loads(failed.read_text())["attempt"] == 3
+    # three attempts within a second or two: each kept its own copy of its log, the first's traceback included
+    kept = sorted((workdir / "logs" / "train" / "lora-r128").glob("seed0.log.*-failed"))
+    assert len(kept) == 3 and sum("raise NoGPUError(" in k.read_text() for k in kept) == 1
     # fixed, the next snakemake run starts afresh (its attempt 1) and trains; success leaves no record
     run_snakemake(target, *args, workdir=workdir)
     assert not failed.exists()
