@@ -125,7 +125,8 @@ def validate_config(config: dict) -> dict:
                               f"above model.build_tiny.max_positions = {tiny['max_positions']}, the longest "
                               "sequence the built model has positions for")
         where = Path(str(config["model"]["name_or_path"]))
-        if where.is_absolute() or where.parts[:1] != ("results",) or ".." in where.parts:
+        if (where.is_absolute() or where.parts[:1] != ("results",) or ".." in where.parts or len(where.parts) < 2
+                or where.parts[1] in ("data", "runs", "benchmarks")):  # the workflow's own outputs live there
             # Snakemake deletes a directory output before its rule writes it: a user's own model directory
             # named here would be replaced by a random tiny model, and a hub id would name one
             raise ConfigError(
@@ -133,7 +134,8 @@ def validate_config(config: dict) -> dict:
                 "the workflow would build a randomly initialised tiny model there (deleting what the directory "
                 "holds) and report it under that name. To train that model, set model.build_tiny: null (e.g. "
                 "`model: {name_or_path: ..., build_tiny: null}` in your override file); to move the built model, "
-                "name a path under results/ (the preset's: results/tiny/opt-tiny)")
+                "name a folder of its own under results/ (the preset's: results/tiny/opt-tiny; not results/data, "
+                "results/runs or results/benchmarks, which the workflow writes)")
     if training.get("torch_compile_regional") and training.get("torch_compile") in (False, None):
         raise ConfigError("invalid lorasweep configuration: training.torch_compile_regional = true needs "
                           "training.torch_compile (true or a mode: it picks the mode, regional the scope)")

@@ -69,13 +69,13 @@ def memory_measure(df: pd.DataFrame) -> tuple[str, str]:
     return "peak_rss_bytes", "peak resident memory (RSS)"
 
 
-def mem_tol(mem: str, *values) -> float:
-    """The relative tolerance under which peaks of the measure ``mem`` count as about the same: ``MEM_TOL``, and
-    for a resident-memory (CPU) measure at least ``RSS_NOISE_BYTES`` of the smallest of ``values``."""
-    if "rss" not in mem:
+def mem_tol(mem: str, base) -> float:
+    """The tolerance, relative to ``base`` (the value another is compared against), under which peaks of the
+    measure ``mem`` count as about the same: ``MEM_TOL``, and for a resident-memory (CPU) measure at least
+    ``RSS_NOISE_BYTES`` of ``base`` (so a difference under that many bytes, whichever run is larger)."""
+    if "rss" not in mem or base is None or pd.isna(base) or base <= 0:
         return MEM_TOL
-    sizes = [v for v in values if v is not None and not pd.isna(v) and v > 0]
-    return max(MEM_TOL, RSS_NOISE_BYTES / min(sizes)) if sizes else MEM_TOL
+    return max(MEM_TOL, RSS_NOISE_BYTES / base)
 
 
 def mem_tol_text(mem: str) -> str:
@@ -94,7 +94,9 @@ def mib(v: float) -> str:
 
 
 def times(x: float) -> str:
-    """A ratio as a multiplier: 16, 2, 1.5 (one decimal unless it is a whole number)."""
+    """A ratio as a multiplier: 16, 2, 1.5 (one decimal unless it is a whole number; "?" when not a number)."""
+    if x is None or pd.isna(x) or math.isinf(x):
+        return "?"
     return f"{x:.0f}" if abs(x - round(x)) < 0.05 else f"{x:.1f}"
 
 
@@ -143,8 +145,8 @@ def spread_text(m: pd.DataFrame, col: str, b: str, a: str, tol: float, more: str
 def mem_text(m: pd.DataFrame, mem: str, b: str, a: str) -> str:
     """:func:`spread_text` for two runs' memory peaks of the measure ``mem``: within ``MEM_TOL``, the CPU measure's
     noise (``RSS_NOISE_BYTES``) or the seeds' spread, about the same."""
-    return spread_text(m, mem, b, a, mem_tol(mem, m.loc[a, mem], m.loc[b, mem]), "higher", "lower",
-                       noise=mib(RSS_NOISE_BYTES) if mem_tol(mem, m.loc[a, mem], m.loc[b, mem]) > MEM_TOL else None)
+    tol = mem_tol(mem, m.loc[a, mem])
+    return spread_text(m, mem, b, a, tol, "higher", "lower", noise=mib(RSS_NOISE_BYTES) if tol > MEM_TOL else None)
 
 
 def time_text(m: pd.DataFrame, col: str, b: str, a: str, more: str, less: str) -> str:
@@ -456,7 +458,7 @@ def full_finetuning(df: pd.DataFrame, losses: Losses, suspect: set | None = None
 
     no_mem = unmeasured(mem)
     measured = [r for r in others if r not in no_mem]
-    spread = {r: seed_tol(m, mem, "full", r, mem_tol(mem, m.loc[r, mem], m.loc["full", mem])) for r in measured}
+    spread = {r: seed_tol(m, mem, "full", r, mem_tol(mem, m.loc["full", mem])) for r in measured}
     tol = {r: t for r, (t, _) in spread.items()}
     tol_text = mem_tol_text(mem) + (" or the seeds' spread" if any(w for _, w in spread.values()) else "")
     lighter = [r for r in measured if m.loc[r, mem] < m.loc["full", mem] * (1 - tol[r])]
@@ -645,37 +647,51 @@ def _monotone(values: list[float], increasing: bool, tol: float) -> bool:
     return all(b < a * (1 - tol) for a, b in pairs)
 
 
-def _lowest(values: pd.Series, run: str, others: list[str], tol: float, tol_text: str | None = None) -> str:
-    """Is ``run``'s value below every other's by more than ``tol`` (relative; ``tol_text``: it in words)?"""
+def _lowest(values: pd.Series, run: str, others: list[str], tol, tol_text: str | None = None) -> str:
+    """Is ``run``'s value below every other's by more than the tolerance (relative; ``tol``: a number, or a
+    function of (base run, other run) giving it relative to the base's value; ``tol_text``: it in words)?"""
+    of = tol if callable(tol) else (lambda base, other: tol)
     missing = [r for r in [run, *others] if pd.isna(values[r])]
     if missing:
         return "cannot check (not measured: " + ", ".join(f"`{r}`" for r in missing) + ")"
-    if all(values[run] < values[r] * (1 - tol) for r in others):
+    if all(values[run] < values[r] * (1 - of(r, run)) for r in others):
         return "agrees"
-    if any(values[r] < values[run] * (1 - tol) for r in others):
+    if any(values[r] < values[run] * (1 - of(run, r)) for r in others):
         return "disagrees"
-    return f"too close to call (within {tol_text or f'{tol:.0%}'})"
+    return f"too close to call (within {tol_text or ('' if callable(tol) else f'{tol:.0%}')})"
 
 
-def _rises(values: list[float], tol: float, tol_text: str | None = None) -> str:
-    """'agrees' if every step rises beyond tol, 'disagrees' if any falls beyond it, else too close to call."""
+def _rises(values: list[float], tol, tol_text: str | None = None) -> str:
+    """'agrees' if every step rises beyond its tolerance, 'disagrees' if any falls beyond it, else too close to
+    call. ``tol``: one relative tolerance, or one per step (relative to the step's first value)."""
+    steps = list(zip(values, values[1:]))
+    tols = list(tol) if isinstance(tol, (list, tuple)) else [tol] * len(steps)
     if any(pd.isna(v) for v in values):
         return "cannot check (not measured for every run)"
-    if _monotone(values, True, tol):
+    if all(b > a * (1 + t) for (a, b), t in zip(steps, tols)):
         return "agrees"
-    if any(b < a * (1 - tol) for a, b in zip(values, values[1:])):
+    if any(b < a * (1 - t) for (a, b), t in zip(steps, tols)):
         return "disagrees"
-    if all(abs(b / a - 1) < tol for a, b in zip(values, values[1:]) if a):
-        return f"disagrees: flat within {tol_text or f'{tol:.0%}'}"
-    return f"partly: some steps within {tol_text or f'{tol:.0%}'}"
+    text = tol_text or f"{tols[0]:.0%}"
+    if all(abs(b / a - 1) < t for (a, b), t in zip(steps, tols) if a):
+        return f"disagrees: flat within {text}"
+    return f"partly: some steps within {text}"
 
 
-def claim_tol(m: pd.DataFrame, col: str, pairs, base: float, base_text: str) -> tuple[float, str]:
-    """The tolerance for a claim over several runs: ``base``, widened by the seeds' spread of any pair compared
-    (:func:`seed_tol`), and it in words."""
-    widened = [seed_tol(m, col, a, b, base) for a, b in pairs]
-    tol = max([base, *(t for t, _ in widened)])
-    return tol, base_text + (" or the seeds' spread" if any(w for _, w in widened) else "")
+def pair_tols(m: pd.DataFrame, col: str, pairs, base_tol, base_text: str) -> tuple[dict, str]:
+    """Per pair of runs ``(a, b)``: the tolerance relative to ``a``'s value under which ``b``'s counts as about the
+    same: ``base_tol(a)``, widened by that pair's seed spread (:func:`seed_tol`); and the tolerance in words."""
+    got = {(a, b): seed_tol(m, col, a, b, base_tol(a)) for a, b in pairs}
+    return ({k: t for k, (t, _) in got.items()},
+            base_text + (" or the seeds' spread" if any(w for _, w in got.values()) else ""))
+
+
+def _pair_tol_of(m: pd.DataFrame, col: str, run: str, others: list[str], base_tol, base_text: str):
+    """:func:`_lowest`'s tolerance for ``run`` against each of ``others`` both ways (:func:`pair_tols`), as a
+    function of (base run, other run), and its text."""
+    pairs = [(run, r) for r in others] + [(r, run) for r in others]
+    tols, text = pair_tols(m, col, pairs, base_tol, base_text)
+    return (lambda base, other: tols[(base, other)]), text
 
 
 def writeup_claims(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None) -> list[dict]:
@@ -711,8 +727,8 @@ def writeup_claims(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None) ->
             + (f" (Δ {d['diff']:+.4f} ± {d['half']:.4f})" if d else ""))
         # W1 ran full fine-tuning and LoRA only: a QLoRA run or an adapter variant is not part of its claim
         add("W1", "full fine-tuning used the least peak memory",
-            _lowest(m[mem], "full", lo, *claim_tol(m, mem, [("full", r) for r in lo],
-                                                   mem_tol(mem, *m.loc[["full", *lo], mem]), mem_tol_text(mem))),
+            _lowest(m[mem], "full", lo, *_pair_tol_of(m, mem, "full", lo, lambda a: mem_tol(mem, m.loc[a, mem]),
+                                                      mem_tol_text(mem))),
             f"{mem_name}: full {mib(m.loc['full', mem])}; " +
             ", ".join(f"{r} {mib(m.loc[r, mem])}" for r in lo))
         slower = [r for r in lo if parse_run(r)[1] in (128, 256)]
@@ -720,8 +736,8 @@ def writeup_claims(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None) ->
             add("W1", "full fine-tuning was faster than LoRA " + " and ".join(
                 f"r={parse_run(r)[1]}" for r in slower) + (" (W1: r=128 and r=256)" if len(slower) < 2 else ""),
                 timing(_lowest(m["train_runtime_s"], "full", slower,
-                               *claim_tol(m, "train_runtime_s", [("full", r) for r in slower], TIME_TOL,
-                                          f"{TIME_TOL:.0%}")), ["full", *slower]),
+                               *_pair_tol_of(m, "train_runtime_s", "full", slower, lambda a: TIME_TOL,
+                                             f"{TIME_TOL:.0%}")), ["full", *slower]),
                 f"runtime s: full {m.loc['full', 'train_runtime_s']:.1f}; " +
                 ", ".join(f"{r} {m.loc[r, 'train_runtime_s']:.1f}" for r in slower))
     if len(lo) >= 2:
@@ -740,13 +756,14 @@ def writeup_claims(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None) ->
             "eval loss " + ", ".join(f"r={r} {m.loc[n, 'eval_loss']:.4f}" for r, n in ranks))
         rt = [m.loc[r, "train_runtime_s"] for r in lo]
         pairs = list(zip(lo, lo[1:]))
-        tol, tol_text = claim_tol(m, "train_runtime_s", pairs, TIME_TOL, f"{TIME_TOL:.0%}")
-        add("W1, W2, W3", "training gets slower as the rank grows", timing(_rises(rt, tol, tol_text), lo),
+        tols, tol_text = pair_tols(m, "train_runtime_s", pairs, lambda a: TIME_TOL, f"{TIME_TOL:.0%}")
+        add("W1, W2, W3", "training gets slower as the rank grows",
+            timing(_rises(rt, [tols[p] for p in pairs], tol_text), lo),
             "runtime s " + ", ".join(f"r={r} {m.loc[n, 'train_runtime_s']:.1f}" for r, n in ranks)
             + f" (differences under {tol_text} count as equal)")
         mm = [m.loc[r, mem] for r in lo]
-        tol, tol_text = claim_tol(m, mem, pairs, mem_tol(mem, *mm), mem_tol_text(mem))
-        add("W2, W3", "peak memory rises with the rank", _rises(mm, tol, tol_text),
+        tols, tol_text = pair_tols(m, mem, pairs, lambda a: mem_tol(mem, m.loc[a, mem]), mem_tol_text(mem))
+        add("W2, W3", "peak memory rises with the rank", _rises(mm, [tols[p] for p in pairs], tol_text),
             f"{mem_name} " + ", ".join(f"r={r} {mib(m.loc[n, mem])}" for r, n in ranks)
             + f" (differences under {tol_text} count as equal)")
     r128, r256 = "lora-r128", "lora-r256"

@@ -27,7 +27,12 @@ FAILED_FILE = "failed.json"
 
 
 class TrainingOOM(RuntimeError):
-    """Out of memory; the next attempt (Snakemake `retries`) halves the per-device batch."""
+    """Out of memory; the next attempt (Snakemake `retries`) halves the per-device batch. ``retryable`` False:
+    there is no smaller batch to retry with."""
+
+    def __init__(self, message: str, retryable: bool = True):
+        super().__init__(message)
+        self.retryable = retryable
 
 
 def resume_key(spec: dict, training: dict) -> str:
@@ -53,6 +58,23 @@ def rebase_peaks(peaks: dict, then: dict | None, now: dict) -> dict:
         b = base.get(kind)
         known = b is not None and None not in (v, then.get(b), now.get(b))
         out[k] = v - then[b] + now[b] if known else v
+    return out
+
+
+def rebase_sums(sums: dict, then: dict | None, now: dict) -> dict:
+    """Earlier segments' per-step memory sums (``{figure: [sum, steps]}``) moved onto this segment's footprint at
+    load, as :func:`rebase_peaks` moves their peaks: each step counts what it held above its own process's
+    footprint plus this one's, so that the run's means do not mix two processes' runtimes."""
+    if not then:
+        return {k: list(v) for k, v in sums.items()}
+    base = {"rss_bytes": "rss_at_load_bytes", "cuda_allocated_bytes": "cuda_allocated_at_load_bytes",
+            "cuda_reserved_bytes": "cuda_reserved_at_load_bytes"}
+    out = {}
+    for k, (total, n) in sums.items():
+        b = base.get(k)
+        if b is not None and None not in (then.get(b), now.get(b)):
+            total += n * (now[b] - then[b])
+        out[k] = [total, n]
     return out
 
 
@@ -117,7 +139,7 @@ def batch_after_oom(out_dir: Path, training: dict, key: str | None = None) -> tu
         raise TrainingOOM(f"out of memory even at per-device batch 1 (after {halvings} halvings of "
                           f"training.batch_size = {training['batch_size']}): reduce training.max_length, enable "
                           "training.gradient_checkpointing, or use a GPU with more memory (delete "
-                          f"{path} to try the configured batch again)")
+                          f"{path} to try the configured batch again)", retryable=False)
     return halved, halvings
 
 
@@ -132,7 +154,8 @@ def record_oom(out_dir: Path, training: dict, halvings: int, error: Exception, k
     return TrainingOOM(f"out of memory at per-device batch {now['batch_size']} x accumulation {now['grad_accum']}. "
                        + (f"The next attempt (Snakemake retries the job) trains with batch {nxt['batch_size']} x "
                           f"accumulation {nxt['grad_accum']}, the same effective batch" if nxt
-                          else "Batch 1 cannot be halved") + f". ({first})")
+                          else f"Batch {now['batch_size']} cannot be halved") + f". ({first})",
+                       retryable=nxt is not None)
 
 
 class EvalOOM(RuntimeError):
@@ -164,6 +187,8 @@ class RepeatedFailure(RuntimeError):
 _NETWORK_MODULES = {"requests", "httpx", "httpcore", "urllib3", "socket", "ssl", "aiohttp"}
 # a GPU's own faults (an Xid, a busy device, a driver hiccup) may clear; the same code on the same data fails alike
 _CUDA_FAULT = re.compile(r"CUDA error|CUDA driver|CUDA-capable device|NCCL|CUBLAS_STATUS|cuDNN error")
+# ... except the ones the code or data cause, which fail alike every time (an index out of range in a kernel)
+_CUDA_BUG = re.compile(r"device-side assert|illegal memory access")
 
 
 def retry_may_help(error: BaseException) -> bool:
@@ -178,12 +203,16 @@ def retry_may_help(error: BaseException) -> bool:
         seen.add(id(e))
         if isinstance(e, (EvalOOM, RepeatedFailure)):
             return False
-        if isinstance(e, (TrainingOOM, ConnectionError, TimeoutError)) or type(e).__name__ == "OutOfMemoryError":
+        if isinstance(e, TrainingOOM):
+            return e.retryable
+        if type(e).__name__ == "OfflineModeIsEnabled":  # HF_HUB_OFFLINE=1 (a ConnectionError): no retry goes online
+            return False
+        if isinstance(e, (ConnectionError, TimeoutError)) or type(e).__name__ == "OutOfMemoryError":
             return True
         if type(e).__module__.split(".")[0] in _NETWORK_MODULES:
             return True
         if isinstance(e, RuntimeError) and _CUDA_FAULT.search(str(e)):
-            return True
+            return not _CUDA_BUG.search(str(e))
         e = e.__cause__ or e.__context__
     return False
 

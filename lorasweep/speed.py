@@ -8,8 +8,9 @@ counted at 6. Attention's s^2 term is left out. MFU = FLOPs per token x tokens/s
 
 Counted as the step computes them (:func:`flop_params`, given for a run): embedding tables (positions, and
 token embeddings not tied to the LM head) are looked up, not multiplied, so they add nothing; the LM head
-multiplies only the positions it projects, which under TRL's fused LM head (lorasweep's loss) are the positions
-with a label: the response's under ``completion_only_loss``, about half of CodeAlpaca's tokens. Without these,
+needs only the positions with a label (the response's under ``completion_only_loss``, about half of CodeAlpaca's
+tokens), the only ones TRL's fused LM head (lorasweep's loss) projects on CUDA with Triton (torch's CUDA wheels
+ship it; elsewhere it scores every position, extra work that model FLOPs do not count). Without these,
 4 x N + 2 x T over every token would overstate opt-350m's MFU by ~4% (its 25.7 M-weight head is 8% of its
 weights) and more for models with larger vocabularies.
 

@@ -22,7 +22,8 @@ from . import memory_model, speed
 from .memory import PeakMemory, rss_bytes
 from .provenance import MachineShare, git_state, hardware, hardware_label, package_versions
 from .resume import (EVAL_OOM_FILE, FAILED_FILE, OOM_FILE, atomic_write_json, batch_after_oom, find_resumable,
-                     logged_loss_sum, rebase_peaks, record_eval_oom, record_oom, refuse_after_eval_oom, resume_key)
+                     logged_loss_sum, rebase_peaks, rebase_sums, record_eval_oom, record_oom,
+                     refuse_after_eval_oom, resume_key)
 from .scoring import perplexity, token_weighted
 
 log = logging.getLogger("lorasweep.train")
@@ -558,8 +559,9 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
              base_eval["eval_loss"], steps, n_train, training["batch_size"], training["grad_accum"])
 
     at_load = memory.reset()
-    if resumed:  # earlier segments' peaks, on this process's footprint at load
+    if resumed:  # earlier segments' peaks and per-step sums, on this process's footprint at load
         resumed["peaks"] = rebase_peaks(resumed.get("peaks", {}), resumed.get("baseline"), at_load)
+        recorder.prior_mem_sums = rebase_sums(recorder.prior_mem_sums, resumed.get("baseline"), at_load)
     machine.start()
     try:
         result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)

@@ -103,7 +103,9 @@ def test_qlora_takes_the_lora_settings_so_that_the_pair_differs_by_quantization_
         # the tiny preset builds its model at name_or_path: a user's own directory (or a hub id) there is refused
         ({"model": {"name_or_path": "my-model", "build_tiny": {}}},
          r"model.name_or_path = 'my-model' with model.build_tiny set: .*deleting .* set model.build_tiny: null"),
-        ({"model": {"name_or_path": "results/../my-model", "build_tiny": {}}}, r"name a path under results/"),
+        ({"model": {"name_or_path": "results/../my-model", "build_tiny": {}}}, r"name a folder of its own under results/"),
+        ({"model": {"name_or_path": "results/runs/full", "build_tiny": {}}}, r"not results/data, results/runs"),
+        ({"model": {"name_or_path": "results", "build_tiny": {}}}, r"name a folder of its own under results/"),
     ],
 )
 def test_errors_name_the_key_and_what_is_allowed(override, message):
