@@ -79,7 +79,7 @@ def mem_tol(mem: str, base) -> float:
 
 
 def mem_tol_text(mem: str) -> str:
-    """``MEM_TOL`` in words: "2%", or "2% or 16 MiB" for a resident-memory measure."""
+    """``MEM_TOL`` in words: "2%", or "2% or 24 MiB" (``RSS_NOISE_BYTES``) for a resident-memory measure."""
     return f"{MEM_TOL:.0%}" + (f" or {mib(RSS_NOISE_BYTES)}" if "rss" in mem else "")
 
 
@@ -227,9 +227,9 @@ class Losses:
         tokens, averaged over seeds; n: their count); its example-level standard error treats examples as the
         independent units (ratio estimator), so long and short examples are weighted as the loss itself weights
         them; the half-width takes Student's t for n - 1 degrees of freedom (a small eval split is not given
-        the normal quantile's narrower interval). With replicate seeds, the seed-level standard error of the per-seed losses (paired by seed when a
-        run is compared with its own untrained start) is added, with Student's t for the seeds' degrees of
-        freedom.
+        the normal quantile's narrower interval). With replicate seeds, the seed-level standard error of the
+        per-seed losses (paired by seed when a run is compared with its own untrained start) is added, with
+        Student's t for the seeds' degrees of freedom.
         """
         ra, rb = self._rows(a), self._rows(b)
         if ra is None or rb is None:
