@@ -198,7 +198,8 @@ def prepare(source: str, train_out: str | Path, eval_out: str | Path, summary_ou
     train_recs, eval_recs = split_records(kept, eval_size, fraction, seed)
     write_jsonl(train_out, [format_example(r) for r in train_recs])
     write_jsonl(eval_out, [format_example(r) for r in eval_recs])
-    drop_stale_caches(train_out, eval_out)
+    sha = fingerprint(train_out, eval_out)
+    drop_stale_caches(train_out, eval_out, sha)
     summary = {
         "source": str(source),
         **counts,
@@ -211,7 +212,7 @@ def prepare(source: str, train_out: str | Path, eval_out: str | Path, summary_ou
         "with_input": sum(1 for r in kept if r["input"].strip()),
         "prompt_with_input": PROMPT_WITH_INPUT,
         "prompt_no_input": PROMPT_NO_INPUT,
-        "fingerprint_sha256": fingerprint(train_out, eval_out),
+        "fingerprint_sha256": sha,
     }
     Path(summary_out).write_text(json.dumps(summary, indent=2) + "\n")
     log.info("prepared %d train and %d eval examples from %s", len(train_recs), len(eval_recs), source)
@@ -221,18 +222,18 @@ def prepare(source: str, train_out: str | Path, eval_out: str | Path, summary_ou
 CACHE_DIR = "cache"  # beside the prepared splits: results/data/cache/<the splits' fingerprint>
 
 
-def cache_dir(train_path: str | Path, eval_path: str | Path) -> Path:
+def cache_dir(train_path: str | Path, eval_path: str | Path, sha: str | None = None) -> Path:
     """Where the splits' tokenization is cached: a folder named after their content (``datasets`` itself knows a
     local file by its path and modification time only, so that splits rewritten with the same time stamp, as a
     copy that keeps time stamps leaves them, would load the old data and its tokenization)."""
-    return Path(train_path).parent / CACHE_DIR / fingerprint(train_path, eval_path)[:16]
+    return Path(train_path).parent / CACHE_DIR / (sha or fingerprint(train_path, eval_path))[:16]
 
 
-def drop_stale_caches(train_path: str | Path, eval_path: str | Path) -> None:
-    """Delete the caches of splits other than these (written before they were prepared again)."""
+def drop_stale_caches(train_path: str | Path, eval_path: str | Path, sha: str | None = None) -> None:
+    """Delete the caches of splits other than these (``sha``: their fingerprint, when known)."""
     import shutil
 
-    root, keep = Path(train_path).parent / CACHE_DIR, cache_dir(train_path, eval_path)
+    root, keep = Path(train_path).parent / CACHE_DIR, cache_dir(train_path, eval_path, sha)
     for p in root.iterdir() if root.is_dir() else ():
         if p != keep and p.name != ".prepare.lock":
             shutil.rmtree(p) if p.is_dir() else p.unlink()
@@ -278,7 +279,7 @@ def preparing_splits(train_path: str | Path):
     # closing the file releases the lock
 
 
-def load_splits(train_path: str | Path, eval_path: str | Path) -> tuple:
+def load_splits(train_path: str | Path, eval_path: str | Path, sha: str | None = None) -> tuple:
     """The prepared splits as Arrow-backed datasets with an on-disk cache beside them.
 
     Every transformation TRL's SFTTrainer applies (EOS, tokenization, labels, truncation) is a
@@ -286,11 +287,11 @@ def load_splits(train_path: str | Path, eval_path: str | Path) -> tuple:
     and its arguments (the tokenizer included). The first training job of a sweep tokenizes; every other
     run with the same tokenizer and ``max_length``, and every rerun, loads the cached result instead.
     The cache lives in ``results/data/cache/<fingerprint>`` (:func:`cache_dir`): splits with other content
-    never load it, whatever their files' time stamps.
+    never load it, whatever their files' time stamps. ``sha``: the splits' fingerprint, when known.
     """
     from datasets import load_dataset
 
-    cache = cache_dir(train_path, eval_path)
+    cache = cache_dir(train_path, eval_path, sha)
     ds = load_dataset("json", data_files={"train": str(train_path), "eval": str(eval_path)}, cache_dir=str(cache))
     cols = ["prompt", "completion"]
     return ds["train"].select_columns(cols), ds["eval"].select_columns(cols)

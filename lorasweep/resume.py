@@ -43,6 +43,11 @@ def resume_key(spec: dict, training: dict) -> str:
                           .encode()).hexdigest()[:16]
 
 
+# each memory figure's footprint at load (PeakMemory's baseline), by kind: what a segment's figures sit on
+AT_LOAD = {"rss": "rss_at_load_bytes", "cuda_allocated": "cuda_allocated_at_load_bytes",
+           "cuda_reserved": "cuda_reserved_at_load_bytes"}
+
+
 def rebase_peaks(peaks: dict, then: dict | None, now: dict) -> dict:
     """An earlier segment's peaks moved onto this segment's footprint at load: each is what that segment added
     over its own footprint (``then``, its ``*_at_load_bytes``) plus this one's (``now``). A resumed process
@@ -50,12 +55,9 @@ def rebase_peaks(peaks: dict, then: dict | None, now: dict) -> dict:
     run's ``peak - at_load`` figures would count the difference. Without a recorded baseline, unchanged."""
     if not then:
         return dict(peaks)
-    base = {"rss": "rss_at_load_bytes", "cuda_allocated": "cuda_allocated_at_load_bytes",
-            "cuda_reserved": "cuda_reserved_at_load_bytes"}
     out = {}
     for k, v in peaks.items():
-        kind = k.removeprefix("eval_").removeprefix("peak_").removesuffix("_bytes")
-        b = base.get(kind)
+        b = AT_LOAD.get(k.removeprefix("eval_").removeprefix("peak_").removesuffix("_bytes"))
         known = b is not None and None not in (v, then.get(b), now.get(b))
         out[k] = v - then[b] + now[b] if known else v
     return out
@@ -67,11 +69,9 @@ def rebase_sums(sums: dict, then: dict | None, now: dict) -> dict:
     footprint plus this one's, so that the run's means do not mix two processes' runtimes."""
     if not then:
         return {k: list(v) for k, v in sums.items()}
-    base = {"rss_bytes": "rss_at_load_bytes", "cuda_allocated_bytes": "cuda_allocated_at_load_bytes",
-            "cuda_reserved_bytes": "cuda_reserved_at_load_bytes"}
     out = {}
     for k, (total, n) in sums.items():
-        b = base.get(k)
+        b = AT_LOAD.get(k.removesuffix("_bytes"))
         if b is not None and None not in (then.get(b), now.get(b)):
             total += n * (now[b] - then[b])
         out[k] = [total, n]

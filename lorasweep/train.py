@@ -462,7 +462,7 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
     log.info("run %s: method %s, device %s, precision %s, %d torch threads", spec["run"], spec["method"],
              device, precision, torch.get_num_threads())
 
-    train_ds, eval_ds = load_splits(train_path, eval_path)  # tokenized once per sweep: see load_splits
+    train_ds, eval_ds = load_splits(train_path, eval_path, data_sha)  # tokenized once per sweep: see load_splits
 
     set_seed(spec["seed"])
     tokenizer = load_tokenizer(spec)
@@ -522,7 +522,7 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
                  "already keeps tokens from the padding after them)")
     log.info("datasets ready in %.1fs (%s %s)", data_prep_s,
              "tokenized, cached for the sweep's other runs in" if prep["tokenized"] else "tokenization loaded from",
-             cache_dir(train_path, eval_path))
+             cache_dir(train_path, eval_path, data_sha))
     if spec["quantization"]:
         # TRL casts QLoRA adapter weights to bf16 (QLoRA paper's recipe). Keep them in fp32 like the LoRA
         # runs, so that qlora-rN vs lora-rN differs only by the 4-bit base weights.
