@@ -253,9 +253,12 @@ def is_plain(name: str) -> bool:
 # Settings that change how a run is executed, never what it computes (beyond floating-point rounding): kept
 # out of the run spec, so that changing them does not make Snakemake retrain finished runs (its params
 # trigger compares the spec). Each run's metrics record the values it ran with.
+# eval_batch_size: every example's loss is summed over its own tokens (scoring.py), so the batch it is scored in
+# moves nothing but rounding, the evaluation's memory and its time (README's advice after an evaluation runs out
+# of memory is to lower it: that must not retrain the finished runs).
 OPERATIONAL_KEYS = ("checkpoint_steps", "checkpoint_min_interval_s", "keep_checkpoints", "threads", "torch_compile",
                     "torch_compile_regional", "pad_to_multiple_of", "jobs_per_gpu", "cudnn_attention",
-                    "frozen_weights_16bit")
+                    "frozen_weights_16bit", "eval_batch_size")
 
 
 def operational(config: dict | None = None) -> dict:
@@ -303,3 +306,42 @@ def run_spec(config: dict, name: str, seed: int | None = None) -> dict:
         q = methods["qlora"]
         spec["quantization"] = {"bits": 4, "quant_type": q["quant_type"], "double_quant": q["double_quant"]}
     return spec
+
+
+# A run spec's settings besides its training keys, flattened: the same names for every run of every config, so that
+# a run's recorded settings do not change when other runs come or go (a full run's lora.* read null).
+SPEC_SETTINGS = ("run", "method", "rank", "seed", "learning_rate", "model.name_or_path", "model.trust_remote_code",
+                 "lora.r", "lora.alpha", "lora.dropout", "lora.target_modules", "lora.init", "lora.use_rslora",
+                 "lora.use_dora", "quantization.bits", "quantization.quant_type", "quantization.double_quant")
+
+
+def setting_names() -> list[str]:
+    """Every setting a run spec holds, flattened (``training.max_length``, ``lora.r``, ...): the schema's training
+    keys that are not operational, and :data:`SPEC_SETTINGS`."""
+    props = load_schema()["properties"]["training"]["properties"]
+    return list(SPEC_SETTINGS) + [f"training.{k}" for k in props if k not in OPERATIONAL_KEYS]
+
+
+def flat_settings(spec: dict) -> dict:
+    """``spec`` as ``{setting name: value}`` over :func:`setting_names` (``None`` for what the run does not have).
+
+    The workflow gives Snakemake one ``name=value`` parameter per setting rather than the spec as one value, so
+    that a job's rerun reason names the setting that changed, its value before and now."""
+    flat: dict = {}
+    for key, value in spec.items():
+        if key in ("model", "training", "lora", "quantization"):
+            flat.update({f"{key}.{k}": v for k, v in (value or {}).items()})
+        else:
+            flat[key] = value
+    names = setting_names()
+    unknown = sorted(set(flat) - set(names))
+    if unknown:  # a setting outside the list would escape Snakemake's params trigger
+        raise ConfigError(f"run spec settings without a rerun parameter: {', '.join(unknown)} (SPEC_SETTINGS)")
+    return {n: flat.get(n) for n in names}
+
+
+def job_spec(smk) -> dict:
+    """The run spec of a Snakemake job of one run and seed (``smk``: a script's ``snakemake`` object): the rule
+    passes its settings as params for the rerun trigger (:func:`flat_settings`); the script computes the spec from
+    the validated config and the job's wildcards, as those params were."""
+    return run_spec(smk.config, smk.wildcards.run, int(smk.wildcards.seed))

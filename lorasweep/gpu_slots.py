@@ -58,6 +58,7 @@ class GpuSlot:
         self.lock_dir = Path(lock_dir)
         self.gpus = visible_gpus() if gpus is None else gpus
         self.unlisted = gpus is None and not self.gpus  # GPU training, but no GPU could be listed
+        self.from_smi = gpus is None and os.environ.get("CUDA_VISIBLE_DEVICES") is None  # nvidia-smi's list
         self.jobs_per_gpu = max(1, int(jobs_per_gpu))
         self.timeout_s, self.poll_s = timeout_s, poll_s
         self.gpu: str | None = None
@@ -80,6 +81,12 @@ class GpuSlot:
             # allocation (snakemake run inside `srun --gpus=1`) share its GPUs through it; jobs of different
             # allocations (the SLURM executor: one each) never wait for each other.
             self.lock_dir = self.lock_dir / f"slurm-{os.environ['SLURM_JOB_ID']}"
+            if self.from_smi:
+                log.warning("SLURM job %s without CUDA_VISIBLE_DEVICES: its GPUs are those nvidia-smi lists (%s), "
+                            "which are this allocation's only where the site confines jobs to their devices "
+                            "(cgroups); otherwise jobs of two allocations on one node may train on the same GPU. "
+                            "Ask SLURM for the GPUs (--gpus, --gres=gpu:N), which sets CUDA_VISIBLE_DEVICES",
+                            os.environ["SLURM_JOB_ID"], ",".join(self.gpus))
         self.lock_dir.mkdir(parents=True, exist_ok=True)
         start, noted = time.monotonic(), None
         while True:

@@ -451,7 +451,10 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
 
     configured = training
     oom_key = settings_key(configured)
-    refuse_after_eval_oom(out_dir, oom_key)
+    # an evaluation's out-of-memory record holds for its eval batch as well (an operational setting, left out of
+    # settings_key): with a smaller one the run tries again
+    eval_oom_key = resume_key({"settings": oom_key}, {"eval_batch_size": configured["eval_batch_size"]})
+    refuse_after_eval_oom(out_dir, eval_oom_key)
     training, oom_halvings = batch_after_oom(out_dir, configured, oom_key)
     if oom_halvings:
         log.info("an earlier attempt ran out of memory: per-device batch %d x accumulation %d (effective batch kept)",
@@ -494,7 +497,7 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         trainer = MeasuredSFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                      processing_class=tokenizer)
     data_prep_s = prep["prep_s"]
-    trainer.eval_oom_record = lambda err: record_eval_oom(out_dir, oom_key, err)  # a retry stops at once
+    trainer.eval_oom_record = lambda err: record_eval_oom(out_dir, eval_oom_key, err)  # a retry stops at once
     if training.get("torch_compile_regional"):
         use_regional_compilation(trainer)
     # TRL drops the examples whose prompt alone fills max_length (no response token left to learn or score):
@@ -664,6 +667,7 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         "torch_compile": training.get("torch_compile", False),
         "torch_compile_regional": bool(training.get("torch_compile_regional")),
         "pad_to_multiple_of": training.get("pad_to_multiple_of"),
+        "eval_batch_size": training["eval_batch_size"],  # operational: finished runs keep the one they ran with
         "cudnn_attention": bool(training.get("cudnn_attention")) if device == "cuda" else None,
         # quality
         "train_loss": train_loss,

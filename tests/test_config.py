@@ -128,7 +128,7 @@ def test_operational_settings_stay_out_of_every_run_spec():
     base = yaml.safe_load((REPO / "config" / "tiny.yaml").read_text())
     ops = {"checkpoint_steps": 7, "checkpoint_min_interval_s": 5, "keep_checkpoints": True, "threads": 1,
            "torch_compile": True, "torch_compile_regional": True, "pad_to_multiple_of": 64, "jobs_per_gpu": 2,
-           "cudnn_attention": True, "frozen_weights_16bit": False}
+           "cudnn_attention": True, "frozen_weights_16bit": False, "eval_batch_size": 4}
     assert set(ops) == set(OPERATIONAL_KEYS)
     plain, changed = validate_config(copy.deepcopy(base)), validate_config(deep_merge(base, {"training": ops}))
     for run in run_names(plain):
@@ -136,6 +136,32 @@ def test_operational_settings_stay_out_of_every_run_spec():
         assert not set(ops) & set(run_spec(plain, run)["training"]), run
     computed = validate_config(deep_merge(base, {"training": {"max_length": 128}}))
     assert run_spec(computed, "full") != run_spec(plain, "full")
+
+
+def test_a_runs_settings_are_one_value_each_the_same_names_whatever_the_other_runs():
+    """The workflow hands each run's settings to Snakemake as one `name=value` param each (its rerun reason then
+    names the setting that changed): every setting of every kind of run has a name, a run's settings do not move
+    when other runs come or go, and a setting reaches exactly the runs it belongs to."""
+    from lorasweep.config import deep_merge, flat_settings, setting_names
+
+    base = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    variants = {"methods": {"lora": {"ranks": [8, {"rank": 16, "init": "olora", "use_rslora": True}, {"rank": 32, "use_dora": True}]},
+                            "qlora": {"ranks": [8, {"rank": 4, "use_dora": True}]}}, "seeds": [0, 1]}
+    cfg = validate_config(deep_merge(base, variants))
+    names = setting_names()
+    for run in run_names(cfg):
+        for seed in (0, 1):
+            flat = flat_settings(run_spec(cfg, run, seed))  # raises on a setting without a name
+            assert list(flat) == names and flat["run"] == run and flat["seed"] == seed
+    full = flat_settings(run_spec(cfg, "full", 0))
+    assert full["lora.r"] is None and full["quantization.bits"] is None and full["training.max_length"] == 512
+    no_qlora = validate_config(deep_merge(base, {"methods": {"qlora": {"ranks": []}}}))
+    assert flat_settings(run_spec(no_qlora, "full", 42)) == flat_settings(run_spec(validate_config(
+        copy.deepcopy(base)), "full", 42))
+    dropout = validate_config(deep_merge(base, {"methods": {"lora": {"dropout": 0.0}}}))
+    changed = {run for run in run_names(dropout)
+               if flat_settings(run_spec(dropout, run)) != flat_settings(run_spec(validate_config(copy.deepcopy(base)), run))}
+    assert changed == {"lora-r8", "lora-r128", "lora-r256", "qlora-r8"}
 
 
 def test_tiny_preset_validates_and_runs_on_cpu():
@@ -187,3 +213,11 @@ def test_a_local_file_of_another_format_is_named_before_any_job(tmp_path, monkey
     with pytest.raises(ConfigError, match=r"dataset.source = 'mine.csv': a local file of a format lorasweep does not"):
         check_dataset_file({"dataset": {"source": "mine.csv"}})
     check_dataset_file({"dataset": {"source": "sahil2801/CodeAlpaca-20k"}})  # a hub id: no file, no error
+
+
+def test_a_boolean_is_not_an_integer_setting():  # C02
+    from lorasweep.config import ConfigError, validate_config
+
+    cfg = {"model": {"name_or_path": "m"}, "dataset": {"source": "x.json"}, "training": {"batch_size": True}}
+    with pytest.raises(ConfigError, match="training.batch_size = True: must be of type integer"):
+        validate_config(cfg)

@@ -245,3 +245,15 @@ def test_the_fingerprint_tells_which_file_a_record_is_in(tmp_path):
     split_one = data.fingerprint(a, b)
     a.write_text("x\n"), b.write_text("y\nz\n")
     assert data.fingerprint(a, b) != split_one
+
+
+def test_an_eval_split_of_every_record_is_refused():  # D01
+    records = [{"index": i, "instruction": f"T{i}", "input": "", "output": "o"} for i in range(5)]
+    with pytest.raises(data.DataError, match="leaves no training records"):
+        data.split_records(records, eval_size=5, fraction=1.0, seed=0)
+
+
+def test_fraction_rounds_to_the_nearest_record():  # D05
+    records = [{"index": i, "instruction": f"T{i}", "input": "", "output": "o"} for i in range(200)]
+    train, _ = data.split_records(records, eval_size=20, fraction=0.333, seed=0)
+    assert len(train) == 60  # 0.333 x 180 = 59.94

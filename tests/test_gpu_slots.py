@@ -153,3 +153,27 @@ def test_under_slurm_jobs_of_one_allocation_share_its_gpu_and_other_allocations_
     monkeypatch.setenv("SLURM_JOB_ID", "1003")
     a, b = (GpuSlot(tmp_path, gpus=["0", "1"], poll_s=0.02) for _ in range(2))
     assert {a.claim(), b.claim()} == {"0", "1"}
+
+
+def test_under_slurm_gpus_listed_by_nvidia_smi_are_warned_about(tmp_path, monkeypatch, caplog):
+    """A SLURM job without CUDA_VISIBLE_DEVICES lists its GPUs with nvidia-smi, which shows only the allocation's
+    where the site confines jobs to their devices: elsewhere two allocations' jobs could pick the same GPU (each
+    allocation locks in a folder of its own), so the job's log says so; with the variable set, nothing to say."""
+    import logging
+
+    import lorasweep.gpu_slots as gs
+
+    monkeypatch.setenv("SLURM_JOB_ID", "2001")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(gs, "visible_gpus", lambda: ["0", "1"])  # nvidia-smi -L on a node of two GPUs
+    with caplog.at_level(logging.WARNING, logger="lorasweep.gpu_slots"):
+        slot = GpuSlot(tmp_path)
+        assert slot.claim() == "0"
+        slot.release()
+    assert "SLURM job 2001 without CUDA_VISIBLE_DEVICES" in caplog.text and "nvidia-smi lists (0,1)" in caplog.text
+    caplog.clear()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    monkeypatch.setattr(gs, "visible_gpus", lambda: ["1"])
+    with caplog.at_level(logging.WARNING, logger="lorasweep.gpu_slots"):
+        assert GpuSlot(tmp_path).claim() == "1"
+    assert not caplog.records

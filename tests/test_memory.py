@@ -73,3 +73,17 @@ def test_the_peak_counts_from_the_reset_not_from_what_came_before(meter):
     got = meter.read()
     del train
     assert 30 * MiB <= got["peak_rss_bytes"] - start < 200 * MiB  # 32 MiB, never the 384 MiB before the reset
+
+
+def test_the_eval_peak_is_the_highest_of_all_evaluations():  # P02
+    pm = PeakMemory("cpu")
+    start = pm.reset()["rss_at_load_bytes"]
+    with pm.excluded():
+        big = torch.ones(384 * MiB // 4)
+        time.sleep(0.1)
+        del big
+    with pm.excluded():  # a later, smaller evaluation
+        small = torch.ones(16 * MiB // 4)
+        del small
+    got = pm.read()
+    assert got["eval_peak_rss_bytes"] - start >= 380 * MiB

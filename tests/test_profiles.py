@@ -14,8 +14,9 @@ PROFILES = REPO / "profiles"
 
 @pytest.mark.parametrize("profile", ["local", "slurm"])
 def test_profile_dry_run_plans_the_sweep_with_gpus_only_on_training(profile, tmp_path):
+    env = offline_env(tmp_path)
     proc = run_snakemake("-n", "--profile", PROFILES / profile, "--configfile", REPO / "config" / "config.yaml",
-                         workdir=tmp_path, env=offline_env(tmp_path))
+                         workdir=tmp_path, env=env)
     assert job_stats(proc.stdout)["train"] == 5
     jobs = re.findall(r"^(?:local)?rule (\w+):.*?^\s+resources: ([^\n]*)", proc.stdout, re.M | re.S)
     gpu = {rule for rule, res in jobs if "gpu=1" in res}
@@ -23,6 +24,11 @@ def test_profile_dry_run_plans_the_sweep_with_gpus_only_on_training(profile, tmp
     if profile == "slurm":
         train = [res for rule, res in jobs if rule == "train"][0]
         assert "mem_mb=64000" in train and "runtime=240" in train and "slurm_partition=gpu" in train
+        # every CPU of a training job's allocation is a torch thread (a dry run prints threads for local jobs)
+        local = run_snakemake("-n", "--profile", PROFILES / profile, "--executor", "local", "--cores", 16,
+                              "--configfile", REPO / "config" / "config.yaml", workdir=tmp_path, env=env).stdout
+        threads = set(re.findall(r"^rule train:.*?^\s+threads: (\d+)", local, re.M | re.S))
+        assert threads == {re.search(r"cpus_per_task=(\d+)", train).group(1)} == {"8"}, threads
         light = [res for rule, res in jobs if rule == "collect"][0]
         assert "gpu" not in light and "mem_mb=8000" in light
 

@@ -1,6 +1,7 @@
 """The report, rendered from a fixture of a tiny sweep's results (no training), and the findings behind it."""
 
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -879,3 +880,98 @@ def test_memory_and_timing_tolerances_apply_to_each_comparison_from_its_own_base
     claims = {c["claim"]: c["ours"] for c in F.writeup_claims(pd.concat(seeds, ignore_index=True), ev)}
     # r=8 -> 128: 7% longer with no spread at all; r=128 -> 256 inside its own seeds' spread
     assert claims["training gets slower as the rank grows"] == "partly: some steps within 5% or the seeds' spread"
+
+
+def test_collect_keeps_each_examples_untrained_and_trained_losses_apart(tmp_path):  # K01
+    from lorasweep.collect import collect
+
+    run = tmp_path / "results" / "runs" / "lora-r8" / "seed0"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps({"run": "lora-r8", "seed": 0, "eval_loss": 1.0}))
+    (run / "log_history.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
+    (run / "eval_losses.json").write_text(json.dumps({
+        "base": [{"loss_sum": 9.0, "tokens": 3}, {"loss_sum": 8.0, "tokens": 2}],
+        "final": [{"loss_sum": 3.0, "tokens": 3}, {"loss_sum": 1.0, "tokens": 2}]}))
+    out = tmp_path / "out"
+    out.mkdir()
+    collect([run / "metrics.json"], [run / "log_history.jsonl"], out / "m.csv", out / "h.csv",
+            [run / "eval_losses.json"], out / "e.csv")
+    t = pd.read_csv(out / "e.csv")
+    assert t["base_loss_sum"].tolist() == [9.0, 8.0] and t["final_loss_sum"].tolist() == [3.0, 1.0]
+    assert t["tokens"].tolist() == [3, 2] and t["seed"].tolist() == [0, 0]
+
+
+def test_lowest_takes_each_memory_floor_from_the_larger_run():  # F07
+    mem = "peak_rss_above_start_bytes"
+    values = pd.Series({"a": 100 * 2**20, "b": 130 * 2**20})  # 30 MiB apart: beyond the 24 MiB noise
+    assert F._lowest(values, "a", ["b"], lambda base, other: F.mem_tol(mem, values[base])) == "agrees"
+
+
+def test_an_infinite_eval_loss_is_left_out_like_nan():  # F16
+    df = pd.DataFrame({"run": ["full", "lora-r8"], "eval_loss": [1.0, float("inf")]})
+    assert F.diverged(df)[1] == ["lora-r8"]
+
+
+def test_a_run_beside_one_other_job_on_its_gpu_is_timing_suspect():  # F18
+    df = pd.DataFrame({"run": ["full", "lora-r8"], "gpu_jobs_beside_max": [0, 1]})
+    assert F.timing_suspect(df) == {"lora-r8"}
+
+
+def test_the_cpu_memory_floor_never_narrows_the_relative_tolerance():  # F01
+    big = 4 * 2**30
+    assert F.mem_tol("peak_rss_above_start_bytes", big) == F.MEM_TOL
+    m = pd.DataFrame({"run": ["a", "b"], "peak_rss_above_start_bytes": [big, big * 1.015]}).set_index("run")
+    assert F.mem_text(m, "peak_rss_above_start_bytes", "b", "a").startswith("about the same")
+
+
+def _two(col, va, vb):
+    # two runs with per-run mean, sd and n_seeds, as by_run gives them
+    return pd.DataFrame({"run": ["a", "b"], col: va[0:1] + vb[0:1], f"{col}_sd": [va[1], vb[1]],
+                         "n_seeds": [va[2], vb[2]]}).set_index("run")
+
+
+def _seeded(vals_a, vals_b, tokens=(2, 4, 4, 3)):
+    rows = []
+    for run, per_seed in (("a", vals_a), ("b", vals_b)):
+        for seed, shift in enumerate(per_seed):
+            for i, n in enumerate(tokens):
+                rows.append({"run": run, "seed": seed, "example": i, "tokens": n,
+                             "base_loss_sum": 2.0 * n, "final_loss_sum": (1.0 + 0.1 * i + shift) * n})
+    return pd.DataFrame(rows)
+
+
+def test_seed_tolerance_uses_t_with_n_minus_1_dof_and_never_narrows_the_base():  # F02, F03
+    m = _two("t", (100.0, 2.0, 2), (110.0, 3.0, 3))
+    tol, widened = F.seed_tol(m, "t", "a", "b", 0.05)
+    assert tol == pytest.approx(12.706 * math.sqrt(4 / 2 + 9 / 3) / 100) and widened
+    close = _two("t", (100.0, 0.01, 3), (103.0, 0.01, 3))  # seeds that agree closely: still the base tolerance
+    assert F.seed_tol(close, "t", "a", "b", 0.05) == (0.05, False)
+    assert F.time_text(close.assign(n_seeds=3), "t", "b", "a", "longer", "shorter").startswith("about the same")
+
+
+def test_the_seed_part_of_a_paired_interval_matches_a_hand_computation():  # F04
+    t = _seeded([0.0, 0.2], [0.1, 0.1])
+    d = F.Losses(t).diff("a", "b")
+    ta = t[t.run == "a"].groupby("example")[["tokens", "final_loss_sum"]].mean()
+    tb = t[t.run == "b"].groupby("example")[["tokens", "final_loss_sum"]].mean()
+    diff, n = ta["final_loss_sum"] - tb["final_loss_sum"], ta["tokens"]
+    mean = diff.sum() / n.sum()
+    se = math.sqrt(4 / 3 * ((diff - mean * n) ** 2).sum()) / n.sum()
+    per_seed_a = t[t.run == "a"].groupby("seed").apply(lambda g: g.final_loss_sum.sum() / g.tokens.sum())
+    var = per_seed_a.var(ddof=1) / 2  # b's seeds agree exactly: no variance
+    assert d["half"] == pytest.approx(math.sqrt((3.182 * se) ** 2 + 12.706 ** 2 * var))
+
+
+def test_a_run_against_its_own_start_carries_its_seeds_spread():  # F06
+    t = _seeded([0.0, 0.3], [0.0, 0.0])
+    d = F.Losses(t).diff("a", "a", "final", "base")
+    per_seed = t[t.run == "a"].groupby("seed").apply(
+        lambda g: (g.final_loss_sum.sum() - g.base_loss_sum.sum()) / g.tokens.sum())
+    seed_half = 12.706 * per_seed.std(ddof=1) / math.sqrt(2)
+    assert d["half"] > seed_half  # the seeds' disagreement is in the interval
+
+
+def test_memory_measure_falls_back_to_total_rss_when_a_run_lacks_its_start():  # F10
+    df = pd.DataFrame({"run": ["full", "lora-r8"], "peak_rss_bytes": [3e9, 2e9],
+                       "rss_before_load_bytes": [1e9, float("nan")], "eval_loss": [1.0, 1.1]})
+    assert F.memory_measure(F.by_run(df))[0] == "peak_rss_bytes"

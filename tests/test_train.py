@@ -961,3 +961,36 @@ def test_examples_longer_than_max_length_are_counted_cut_or_left_out(tiny_config
         left_out = sum(1 for p in prompt if p >= 64)
         assert cut > 0 and left_out > 0
         assert (m[f"{split}_examples_cut_at_max_length"], m[f"{split}_examples_dropped_too_long"]) == (cut, left_out)
+
+
+def test_a_runs_mfu_step_bound_and_throughput_follow_its_own_counts(tiny_config, tiny_data, tmp_path, monkeypatch):
+    """M03, M04, M05, T06: the run's own metrics.json figures, with only the GPU's name stood in."""
+    import lorasweep.train as train
+    from lorasweep import speed
+
+    h100 = "NVIDIA H100 80GB HBM3"
+    real = train.hardware
+    monkeypatch.setattr(train, "hardware", lambda device: {**real(device), "gpu_name": h100})
+    spec = run_spec(tiny_config(max_steps=4, evals=1, precision="bf16", batch_size=4, grad_accum=2), "lora-r8")
+    m = train_run(spec, tiny_data["train"], tiny_data["eval"], tmp_path, threads=2)
+    tps = m["train_tokens_nonpad"] / m["train_runtime_s"]
+    assert m["train_tokens_nonpad_per_s"] == pytest.approx(tps)
+    shape = speed.flop_shape(m, m["train_tokens_labelled"] / m["train_tokens_nonpad"])
+    assert 0 < shape["labelled_share"] < 1
+    assert m["mfu_pct"] == pytest.approx(
+        100 * speed.flops_per_token(m["total_params"], m["trainable_params"], **shape) * tps / 989e12)
+    traffic = speed.bytes_per_step(m["trainable_params"], m["total_params"] - m["trainable_params"], 0, True,
+                                   micro_batches=2, frozen_16bit=m["frozen_16bit_params"])
+    assert m["step_floor_memory_ms"] == pytest.approx(1e3 * traffic / 3.35e12)
+
+
+def test_rss_before_load_is_read_before_the_model_is_loaded(tiny_config, tiny_data, tmp_path, monkeypatch):
+    """T05: the CPU memory findings subtract rss_before_load_bytes; read after loading it would drop the weights."""
+    import lorasweep.train as train
+
+    events, real_load, real_rss = [], train.load_model, train.rss_bytes
+    monkeypatch.setattr(train, "load_model", lambda *a, **k: (events.append("load"), real_load(*a, **k))[1])
+    monkeypatch.setattr(train, "rss_bytes", lambda: (events.append("rss"), real_rss())[1])
+    m = train_run(run_spec(tiny_config(max_steps=1, evals=1), "full"), tiny_data["train"], tiny_data["eval"],
+                  tmp_path, threads=2)
+    assert events == ["rss", "load"] and m["rss_before_load_bytes"] > 0

@@ -75,6 +75,26 @@ def test_a_local_dataset_that_is_not_there_fails_before_any_job_naming_the_key(t
     run_snakemake("-n", "--cores", 1, "--configfile", REPO / "config" / "tiny.yaml", override, workdir=tmp_path)
 
 
+def test_a_local_dataset_is_known_by_its_content_not_its_time_stamp(tmp_path):
+    """A local dataset over 1 MB (Snakemake compares the content of smaller inputs itself) whose time stamp moves
+    (a copy, a checkout, a touch) prepares nothing again, so nothing retrains; a change of its content does."""
+    records = [{"instruction": f"Write function number {i}.", "input": "",
+                "output": f"def f{i}(x):\n" + "    x = x + 1\n" * 40 + "    return x"} for i in range(2500)]
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(records))
+    assert data.stat().st_size > 1_000_000
+    (tmp_path / "local.yaml").write_text("dataset: {source: data.json}\n")
+    args = ("results/data/summary.json", "--cores", 1, "--configfile", REPO / "config" / "tiny.yaml", "local.yaml")
+    run_snakemake(*args, workdir=tmp_path)
+    later = data.stat().st_mtime + 60
+    os.utime(data, (later, later))
+    assert "Nothing to be done" in run_snakemake("-n", *args, workdir=tmp_path).stdout
+    data.write_text(json.dumps(records[1:]))
+    planned = run_snakemake("-n", *args, workdir=tmp_path).stdout
+    assert re.findall(r"^rule (\w+):", planned, re.M) == ["prepare_data"], planned[-2000:]
+    assert "Params have changed since last execution" in planned
+
+
 def test_every_figure_file_is_asked_for_so_that_a_deleted_svg_is_drawn_again(tmp_path):
     """Snakemake reruns a job for the missing outputs something asks for: the report reads the PNGs, and `all`
     the SVGs, or a deleted SVG would never come back ("Nothing to be done")."""
@@ -235,6 +255,31 @@ def test_snakemake_html_report_holds_the_figures(tiny_sweep):
 
 
 @pytest.mark.slow
+def test_an_update_of_the_report_code_redoes_the_report_and_retrains_nothing(tiny_sweep, tmp_path):
+    """The tables, figures and report list the package's code as inputs: an update that changes what the report
+    says redoes them ("Nothing to be done" would leave the old report looking current); training does not rerun."""
+    import shutil
+
+    workdir, _ = tiny_sweep
+    repo = tmp_path / "repo"  # a checkout of its own, whose code the test can change (Snakemake imports the
+    repo.mkdir()
+    for part in ("Snakefile", "workflow", "lorasweep", "config", "profiles", "envs"):  # package beside its Snakefile)
+        copy = shutil.copytree if (REPO / part).is_dir() else shutil.copy2
+        copy(REPO / part, repo / part, **({"ignore": shutil.ignore_patterns("__pycache__")} if copy is shutil.copytree
+                                          else {}))
+    args = ["-s", repo / "Snakefile", *SWEEP_ARGS]
+    moved = run_snakemake(*args, workdir=workdir)  # its code's paths are other inputs: the cheap rules rerun
+    assert "rule report:" in moved.stdout + moved.stderr and "rule train:" not in moved.stdout + moved.stderr
+    assert "Nothing to be done" in run_snakemake(*args, "-n", workdir=workdir).stdout
+    findings = repo / "lorasweep" / "findings.py"
+    findings.write_text(findings.read_text() + "\n# an update\n")
+    planned = run_snakemake(*args, "-n", workdir=workdir).stdout
+    assert sorted(set(re.findall(r"^rule (\w+):", planned, re.M))) == ["all", "collect", "plot", "report"], planned[-3000:]
+    assert "Updated input files: " in planned and "lorasweep/findings.py" in planned
+    run_snakemake(*SWEEP_ARGS, workdir=workdir)  # back to this checkout, for the other tests of the sweep
+
+
+@pytest.mark.slow
 def test_rerunning_one_rank_retrains_only_that_run(tiny_sweep):
     workdir, _ = tiny_sweep
     args = SWEEP_ARGS
@@ -246,9 +291,18 @@ def test_rerunning_one_rank_retrains_only_that_run(tiny_sweep):
     ops.write_text("training:\n  checkpoint_steps: 7\n  checkpoint_min_interval_s: 5\n  keep_checkpoints: true\n"
                    "  threads: 1\n"
                    "  torch_compile: true\n  torch_compile_regional: true\n  pad_to_multiple_of: 64\n  jobs_per_gpu: 2\n"
+                   "  eval_batch_size: 4\n"  # README's advice after an evaluation runs out of memory
                    "dataset:\n  split: validation\n")
     planned = run_snakemake("-n", *args, ops, workdir=workdir).stdout
     assert re.findall(r"^rule (\w+):", planned, re.M) == ["report", "all"], planned[-3000:]
+    # a checkout, a pull or a touch of a training script retrains nothing (the workflow profile's rerun triggers)
+    script = REPO / "workflow" / "scripts" / "train.py"
+    stamp = script.stat()
+    try:
+        os.utime(script, (stamp.st_atime + 3600, stamp.st_mtime + 3600))
+        assert "Nothing to be done" in run_snakemake(*args, "-n", workdir=workdir).stdout
+    finally:
+        os.utime(script, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
     # a setting of one method retrains that method's runs, every seed, and nothing else
     lr = workdir / "lr.yaml"
     lr.write_text("methods:\n  lora:\n    learning_rate: 0.00123\n")
@@ -256,6 +310,10 @@ def test_rerunning_one_rank_retrains_only_that_run(tiny_sweep):
     trained = sorted(re.findall(r"^rule train:\n(?:.*\n)*?\s+wildcards: run=([\w-]+), seed=(\d+)", planned, re.M))
     # (QLoRA has a learning rate of its own: methods.qlora.learning_rate)
     assert trained == sorted((r, s) for r in ("lora-r8", "lora-r128", "lora-r256") for s in "01"), planned[-3000:]
+    # the reason names the setting that changed, before and now, and no other
+    reasons = re.findall(r"^rule train:\n(?:.*\n)*?\s+reason: (.*)", planned, re.M)
+    assert len(reasons) == 6 and all("before: 'learning_rate=0.005' now: 'learning_rate=0.00123'" in r
+                                     and "training." not in r and len(r) < 200 for r in reasons), reasons[:1]
     metrics = {(r, s): (workdir / "results" / "runs" / r / f"seed{s}" / "metrics.json")
                for r in ("full", "lora-r8", "lora-r128") for s in (0, 1)}
     before = {k: p.stat().st_mtime_ns for k, p in metrics.items()}

@@ -12,7 +12,7 @@ rule merge:
     output:
         merged=directory("results/runs/{run}/seed{seed}/merged"),
     params:
-        spec=get_run_spec,
+        **RUN_SETTINGS,
     log:
         "logs/merge/{run}/seed{seed}.log",
     benchmark:
@@ -32,7 +32,7 @@ rule verify:
     output:
         verify="results/runs/{run}/seed{seed}/verify.json",
     params:
-        spec=get_run_spec,
+        **RUN_SETTINGS,
     log:
         "logs/verify/{run}/seed{seed}.log",
     benchmark:

@@ -1,13 +1,17 @@
 # Shared helpers: config validation, run names, per-run parameters, input functions.
 
+import functools
+import json
 import re
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 from snakemake.logging import logger
 
-from lorasweep.config import ConfigError, check_dataset_file, run_names, run_spec, seeds, validate_config
-from lorasweep.data import is_local_source
+from lorasweep.config import (ConfigError, check_dataset_file, flat_settings, run_names, run_spec, seeds,
+                              setting_names, validate_config)
+import lorasweep
+from lorasweep.data import fingerprint, is_local_source
 
 TINY_DATASET = "results/tiny/code_alpaca_tiny.json"  # the tiny_dataset rule's output (config/tiny.yaml's source)
 
@@ -31,11 +35,14 @@ RUNS = run_names(config)
 SEEDS = seeds(config)  # training seeds; every run is trained once per seed
 FIRST_SEED = SEEDS[0]  # the replicate the adapter stages (merge, verify, switch, samples) use
 ENV = "../../envs/lorasweep.yaml"
-# relative to the working directory when inside it: a project folder moved elsewhere keeps the same report input
-# (absolute first: the same input however --snakefile was spelled)
-NOTEBOOK = os.path.abspath(Path(workflow.basedir) / "workflow" / "notebooks" / "summary.ipynb")
-if not os.path.relpath(NOTEBOOK).startswith(".."):
-    NOTEBOOK = os.path.relpath(NOTEBOOK)
+def near(path):
+    """``path`` relative to the working directory when inside it, else absolute: a project folder moved elsewhere
+    keeps the same inputs (absolute first: the same input however --snakefile was spelled)."""
+    path = os.path.abspath(path)
+    return path if os.path.relpath(path).startswith("..") else os.path.relpath(path)
+
+
+NOTEBOOK = near(Path(workflow.basedir) / "workflow" / "notebooks" / "summary.ipynb")
 
 
 wildcard_constraints:
@@ -46,6 +53,21 @@ wildcard_constraints:
 def get_run_spec(wildcards):
     """Only the settings that affect this run: changing another run's settings does not retrain it."""
     return run_spec(config, wildcards.run, int(wildcards.seed))
+
+
+@functools.cache
+def _settings(run, seed):
+    return flat_settings(run_spec(config, run, seed))
+
+
+def _setting(name):
+    return lambda wildcards: f"{name}={json.dumps(_settings(wildcards.run, int(wildcards.seed))[name])}"
+
+
+# A run's settings as Snakemake params, one "name=value" each (params: **RUN_SETTINGS): a changed setting reruns
+# exactly the runs it belongs to, and the rerun reason shows that setting before and now. The scripts compute the
+# run's spec from the config and the wildcards (lorasweep.config.run_spec), as these do.
+RUN_SETTINGS = {"setting_{}".format(name.replace(".", "_")): _setting(name) for name in setting_names()}
 
 
 def run_files(name, runs=None, seeds=None):
@@ -60,5 +82,27 @@ def get_model_input(wildcards):
 
 
 def get_dataset_input(wildcards):
+    """A local dataset file, by its content (DATASET_SHA256), not its time stamp: a copy, a checkout or a touch of
+    a file over 1 MB (Snakemake compares the content of smaller ones itself) would otherwise retrain every run.
+    The tiny preset's, which a rule builds, stays an ordinary input."""
     source = config["dataset"]["source"]
-    return [source] if is_local_source(source) else []
+    if not is_local_source(source):
+        return []
+    return [source] if source == TINY_DATASET else [ancient(source)]
+
+
+# the content of a local dataset file as prepare_data's param (see get_dataset_input); None for a hub id or a file
+# a rule builds
+_source = str(config["dataset"]["source"])
+DATASET_SHA256 = fingerprint(_source) if is_local_source(_source) and _source != TINY_DATASET else None
+
+# The code of the cheap rules that turn results into tables, figures and the report, as their inputs: an update that
+# changes what the report says reruns them (the workflow profile turns Snakemake's code trigger off, so that an
+# edit of a training script does not retrain every run; Snakemake compares the content of files under 1 MB, so a
+# touch reruns nothing). Training and the adapter stages rerun only on their settings and inputs, or --forcerun.
+PACKAGE_CODE = sorted(near(f) for f in Path(lorasweep.__file__).parent.glob("*.py"))
+
+
+def code_inputs(script):
+    """The package's modules and this rule's script (``workflow/scripts/<script>``)."""
+    return [*PACKAGE_CODE, near(Path(workflow.basedir) / "workflow" / "scripts" / script)]

@@ -21,6 +21,7 @@ rule prepare_data:
         summary="results/data/summary.json",
     params:
         source=config["dataset"]["source"],
+        source_sha256=DATASET_SHA256,
         # a hub dataset's split; a local file has none (a changed split would otherwise retrain every run)
         split=None if is_local_source(config["dataset"]["source"]) else config["dataset"]["split"],
         fraction=config["dataset"]["fraction"],

@@ -14,6 +14,7 @@ rule collect:
         metrics=run_files("metrics.json"),
         histories=run_files("log_history.jsonl"),
         eval_losses=run_files("eval_losses.json"),
+        code=code_inputs("collect.py"),
     output:
         metrics=report("results/metrics.csv", caption="../report/metrics.rst", category="Tables"),
         history="results/log_history.csv",
@@ -32,6 +33,7 @@ rule plot:
     input:
         metrics="results/metrics.csv",
         history="results/log_history.csv",
+        code=code_inputs("plot.py"),
     output:
         png=[
             report(f"reports/figures/{name}.png", caption=f"../report/{name}.rst", category="Figures",
@@ -60,6 +62,7 @@ rule report:
         samples="results/samples.json",
         data_summary="results/data/summary.json",
         figures=expand("reports/figures/{name}.png", name=FIGURES),
+        code=code_inputs("report.py"),
     output:
         markdown="reports/summary.md",
         notebook="reports/summary.ipynb",

@@ -13,7 +13,7 @@ rule train:
         eval_losses="results/runs/{run}/seed{seed}/eval_losses.json",
         model=directory("results/runs/{run}/seed{seed}/model"),
     params:
-        spec=get_run_spec,
+        **RUN_SETTINGS,
     log:
         "logs/train/{run}/seed{seed}.log",
     benchmark:
