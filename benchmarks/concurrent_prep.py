@@ -25,10 +25,10 @@ from pathlib import Path
 
 JOB = """
 import json, sys
-from lorasweep.config import run_spec, validate_config
+from lorasweep.config import operational, run_spec, validate_config
 from lorasweep.train import train_run
-spec = run_spec(validate_config(json.loads(sys.argv[1])), sys.argv[2])
-train_run(spec, sys.argv[3], sys.argv[4], sys.argv[5], threads=1)
+cfg = validate_config(json.loads(sys.argv[1]))
+train_run(run_spec(cfg, sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5], threads=1, operational=operational(cfg))
 """
 
 

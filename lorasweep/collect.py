@@ -32,9 +32,44 @@ def run_and_seed(path) -> tuple[str, int | None]:
     return parent.name, None
 
 
+def _retrain(path) -> str:
+    run, seed = run_and_seed(path)
+    where = f"results/runs/{run}/seed{seed}" if seed is not None else f"results/runs/{run}"
+    return f"retrain the run: snakemake ... --forcerun {where}/metrics.json"
+
+
+def _json(path, text: str | None = None):
+    """A JSON document (``text``, else ``path``'s), or an error naming the file a crash or a copy cut short."""
+    try:
+        return json.loads(Path(path).read_text() if text is None else text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not whole ({e}); {_retrain(path)}") from None
+
+
+def check_history(path, records: list[dict], metrics: dict) -> None:
+    """The log history a run's metrics were computed with: as many training logs as ``train_logs``, steps that only
+    grow, and an evaluation at the last step. A file cut short, or written into by two processes, would draw loss
+    curves that do not end where the tables say."""
+    losses = [r["step"] for r in records if "loss" in r]
+    evals = [r["step"] for r in records if "eval_loss" in r]
+    problems = []
+    if metrics.get("train_logs") is not None and len(losses) != metrics["train_logs"]:
+        problems.append(f"{len(losses)} training logs where metrics.json counts {metrics['train_logs']}")
+    for what, steps in (("training logs", losses), ("evaluations", evals)):
+        if any(b <= a for a, b in zip(steps, steps[1:])):
+            problems.append(f"its {what}' steps go back ({', '.join(map(str, steps[:12]))}, ...): two processes "
+                            "wrote into it?")
+    if metrics.get("train_steps") and (not evals or evals[-1] != metrics["train_steps"]):
+        problems.append(f"its last evaluation is at step {evals[-1] if evals else None}, training ended at step "
+                        f"{metrics['train_steps']}")
+    if problems:
+        raise ValueError(f"{path}: " + "; ".join(problems) + f"; {_retrain(path)}")
+
+
 def collect(metrics_paths, history_paths, metrics_csv, history_csv, eval_loss_paths=(), eval_losses_csv=None
             ) -> pd.DataFrame:
-    rows = [scalar_metrics(json.loads(Path(p).read_text())) for p in metrics_paths]
+    raw = {run_and_seed(p): _json(p) for p in metrics_paths}
+    rows = [scalar_metrics(m) for m in raw.values()]
     df = pd.DataFrame(rows)
     df = df.iloc[sorted(range(len(df)), key=lambda i: (run_order(df["run"].iloc[i]), df["seed"].iloc[i]))
                  ].reset_index(drop=True)
@@ -42,14 +77,15 @@ def collect(metrics_paths, history_paths, metrics_csv, history_csv, eval_loss_pa
     hist = []
     for p in history_paths:
         run, seed = run_and_seed(p)
-        for line in Path(p).read_text().splitlines():
-            if line.strip():
-                hist.append({"run": run, "seed": seed, **json.loads(line)})
+        records = [_json(p, line) for line in Path(p).read_text().splitlines() if line.strip()]
+        if (run, seed) in raw:
+            check_history(p, records, raw[(run, seed)])
+        hist += [{"run": run, "seed": seed, **r} for r in records]
     pd.DataFrame(hist).to_csv(history_csv, index=False)
     if eval_losses_csv is not None:
         rows = []
         for p in eval_loss_paths:
-            data = json.loads(Path(p).read_text())
+            data = _json(p)
             run, seed = run_and_seed(p)
             if len(data["base"]) != len(data["final"]):  # each run scores the whole eval split before and after
                 raise ValueError(f"{p}: {len(data['base'])} untrained and {len(data['final'])} trained per-example "

@@ -239,6 +239,33 @@ def drop_stale_caches(train_path: str | Path, eval_path: str | Path, sha: str | 
             shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
+class CacheDamaged(RuntimeError):
+    """The splits' tokenization cache could not be read; it was deleted, and a new attempt tokenizes them again."""
+
+
+@contextlib.contextmanager
+def damaged_cache_dropped(train_path: str | Path, eval_path: str | Path, sha: str | None = None):
+    """Reading the splits through their cache (``load_splits``, TRL's tokenization): an Arrow file of it cut short
+    or damaged (a full disk, a crash, a copy) failed every attempt with an error that named no folder, and
+    ``--forcerun prepare_data`` kept the cache of identical splits. The cache is deleted and :class:`CacheDamaged`
+    raised, which Snakemake's retry of the job answers in a fresh process by tokenizing again."""
+    import shutil
+
+    import pyarrow as pa
+
+    cache = cache_dir(train_path, eval_path, sha)
+    try:
+        yield
+    except (OSError, pa.ArrowException) as e:
+        splits = {str(Path(train_path)), str(Path(eval_path))}
+        if not cache.is_dir() or (isinstance(e, OSError) and not isinstance(e, pa.ArrowException)
+                                  and str(getattr(e, "filename", "")) in splits):
+            raise
+        shutil.rmtree(cache, ignore_errors=True)
+        raise CacheDamaged(f"the splits' tokenization cache {cache} could not be read ({type(e).__name__}: {e}); "
+                           "it is deleted, and the next attempt tokenizes the splits again") from e
+
+
 @contextlib.contextmanager
 def preparing_splits(train_path: str | Path):
     """Held while a training job builds its trainer, where TRL prepares (tokenizes) the splits: one job at a time.

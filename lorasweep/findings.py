@@ -597,6 +597,25 @@ def timing_suspect(df: pd.DataFrame) -> set[str]:
     return out
 
 
+def resumed(df: pd.DataFrame) -> str | None:
+    """A note on the runs resumed from a checkpoint after a crash or a kill (``train_segments`` > 1)."""
+    rows = _rows_above(df, "train_segments", 1)
+    if rows is None:
+        return None
+    seeds = "seed" in rows and df.groupby("run")["seed"].nunique().max() > 1
+
+    def name(r):
+        start = r.get("resumed_from_step")
+        return (f"`{r['run']}`" + (f" (seed {int(r['seed'])})" if seeds else "") + f": {int(r['train_segments'])} "
+                "segments" + (f", the last from step {int(start)}" if start is not None and pd.notna(start) else ""))
+
+    return ("**Runs resumed after a crash or a kill**: " + "; ".join(name(r) for _, r in rows.iterrows()) +
+            ". A resumed run trains the steps and losses of an uninterrupted one (tested on the CPU); its runtime "
+            "sums its segments, so it counts each segment's start-up (first steps, any compilation) and not the "
+            "work lost after its last checkpoint, and its memory peaks are the highest of several processes, each "
+            "taken above its own footprint at load.")
+
+
 def shared_gpu(df: pd.DataFrame) -> str | None:
     """A warning when runs trained beside other training jobs on their GPU (``training.jobs_per_gpu`` > 1)."""
     shared = _rows_above(df, "gpu_jobs_beside_max", 0)
@@ -623,10 +642,10 @@ def findings(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None) -> list[
     """All findings, in reading order; each entry is one Markdown paragraph or bullet."""
     losses = Losses(eval_losses)
     # per run and seed, before seeds are averaged (a table already averaged has lost what these look for)
-    shared, busy, suspect = shared_gpu(df), busy_machine(df), timing_suspect(df)
+    shared, busy, suspect, resumes = shared_gpu(df), busy_machine(df), timing_suspect(df), resumed(df)
     unstable, excluded = diverged(df)
     df = by_run(df[~df["run"].isin(excluded)])
-    out = [w for w in [unstable, busy, shared] if w]
+    out = [w for w in [unstable, busy, shared, resumes] if w]
     if df.empty:
         return out
     out += [best_run(df, losses), learning(df, losses)]

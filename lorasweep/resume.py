@@ -4,12 +4,15 @@ Checkpoints carry lorasweep's state beside the Trainer's files (``STATE_FILE``: 
 memory peaks, the log history) so that a resumed run's metrics cover every segment; ``OOM_FILE`` records
 out-of-memory attempts so that Snakemake's retry trains with half the per-device batch (effective batch kept).
 Both are keyed by the run's settings and data: nothing carries over into a run that computes something else.
+``LOCK_FILE`` is held by the process training a run: a second one (a job whose snakemake was killed trains on, and
+the rerun starts another) stops at once instead of training beside it into the same files.
 ``FAILED_FILE`` records why an attempt failed, so that Snakemake's retry of an error that no retry changes (the
 configuration, the data, the model's files) stops at once instead of loading and training up to it again.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -21,6 +24,7 @@ log = logging.getLogger("lorasweep.train")
 
 
 STATE_FILE = "lorasweep_state.json"
+LOCK_FILE = ".train.lock"
 OOM_FILE = "oom.json"
 EVAL_OOM_FILE = "eval_oom.json"
 FAILED_FILE = "failed.json"
@@ -78,6 +82,53 @@ def rebase_sums(sums: dict, then: dict | None, now: dict) -> dict:
     return out
 
 
+class RunBusy(RuntimeError):
+    """Another process is training this run (its folder's ``LOCK_FILE`` is held)."""
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``<out_dir>/.train.lock`` for the life of a training job, released by the kernel
+    when the process ends however it ends. Snakemake keeps two of its own jobs off one output, but not a job it
+    lost: killed, snakemake leaves its training job running, and the rerun README describes would start a second
+    one, both writing the run's checkpoints and log history (a review saw them interleaved, and accepted)."""
+
+    def __init__(self, out_dir: str | Path):
+        self.path = Path(out_dir) / LOCK_FILE
+        self._fd: int | None = None
+
+    def __enter__(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise RunBusy(f"another process (pid {pid}) is training this run ({self.path.parent}): a training job "
+                          "left running when snakemake was killed? Let it end, or stop it (kill " + pid + "), then "
+                          "run snakemake again (a killed job resumes from its last checkpoint)") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _changed_files(ckpt: Path, files: dict | None) -> str | None:
+    """What differs between a checkpoint's files and their sizes when it was written (``files``), or None."""
+    for name, size in (files or {}).items():
+        path = ckpt / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} holds {path.stat().st_size:,} bytes, {size:,} when it was written"
+    return None
+
+
 def find_resumable(ckpt_root: Path, key: str) -> tuple[Path | None, dict | None]:
     """The newest complete checkpoint (lorasweep's state beside the Trainer's files) and that state, when it
     was written with the same settings. A newer checkpoint a crash left half-written is deleted and the
@@ -96,6 +147,11 @@ def find_resumable(ckpt_root: Path, key: str) -> tuple[Path | None, dict | None]
             log.info("discarding checkpoints in %s: written with other settings or data", ckpt_root)
             shutil.rmtree(ckpt_root)
             return None, None
+        changed = _changed_files(ckpt, state.get("files"))
+        if changed:
+            log.warning("discarding %s: %s", ckpt, changed)
+            shutil.rmtree(ckpt)
+            continue
         return ckpt, state
     return None, None
 
@@ -203,6 +259,8 @@ def retry_may_help(error: BaseException) -> bool:
         seen.add(id(e))
         if isinstance(e, (EvalOOM, RepeatedFailure)):
             return False
+        if type(e).__name__ == "CacheDamaged":  # lorasweep.data's: deleted, so the retry tokenizes afresh
+            return True
         if isinstance(e, TrainingOOM):
             return e.retryable
         if type(e).__name__ == "OfflineModeIsEnabled":  # HF_HUB_OFFLINE=1 (a ConnectionError): no retry goes online

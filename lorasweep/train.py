@@ -439,7 +439,7 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         torch.backends.cuda.enable_cudnn_sdp(bool(training.get("cudnn_attention", False)))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    from .data import cache_dir, fingerprint, load_splits, preparing_splits
+    from .data import cache_dir, damaged_cache_dropped, fingerprint, load_splits, preparing_splits
 
     data_sha = fingerprint(train_path, eval_path)
 
@@ -465,7 +465,8 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
     log.info("run %s: method %s, device %s, precision %s, %d torch threads", spec["run"], spec["method"],
              device, precision, torch.get_num_threads())
 
-    train_ds, eval_ds = load_splits(train_path, eval_path, data_sha)  # tokenized once per sweep: see load_splits
+    with damaged_cache_dropped(train_path, eval_path, data_sha):
+        train_ds, eval_ds = load_splits(train_path, eval_path, data_sha)  # tokenized once per sweep: see load_splits
 
     set_seed(spec["seed"])
     tokenizer = load_tokenizer(spec)
@@ -493,7 +494,8 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
     steps = total_steps(len(train_ds), training)
     eval_steps = max(1, math.ceil(steps / training["evals"]))  # `evals` evaluations, the last at the end
     args = sft_config(spec, training, out_dir, device, precision, steps, eval_steps)
-    with preparing_splits(train_path) as prep:  # TRL tokenizes here: one job of a sweep at a time, then the cache
+    with damaged_cache_dropped(train_path, eval_path, data_sha), \
+            preparing_splits(train_path) as prep:  # TRL tokenizes here: one job of a sweep at a time, then the cache
         trainer = MeasuredSFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                      processing_class=tokenizer)
     data_prep_s = prep["prep_s"]
@@ -763,13 +765,14 @@ def train_job(config: dict, spec: dict, train_path, eval_path, data_summary_path
     with an error no retry changes stops at once (:func:`lorasweep.resume.refuse_repeated_failure`)."""
     from .config import operational
     from .gpu_slots import GpuSlot
-    from .resume import record_failure, refuse_repeated_failure
+    from .resume import RunLock, record_failure, refuse_repeated_failure
 
     try:
         refuse_repeated_failure(out_dir, attempt)
         ops = operational(config)
         on_cpu = config["training"]["device"] == "cpu"
-        with GpuSlot(lock_dir, gpus=[] if on_cpu else None, jobs_per_gpu=ops["jobs_per_gpu"]) as slot:
+        with RunLock(out_dir), \
+                GpuSlot(lock_dir, gpus=[] if on_cpu else None, jobs_per_gpu=ops["jobs_per_gpu"]) as slot:
             metrics = train_run(spec, train_path, eval_path, out_dir, data_summary_path=data_summary_path,
                                 threads=threads, workflow_dir=workflow_dir, operational=ops, gpu_peers=slot.peers)
     except Exception as e:

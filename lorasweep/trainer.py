@@ -344,8 +344,12 @@ class Recorder(TrainerCallback):
         mem = self.memory.read(keep_running=True)
         prior_peaks = self.prior.get("peaks", {})  # earlier segments' (their evaluations' too)
         history = [json.loads(line) for line in self.history_path.read_text().splitlines() if line.strip()]
+        # the Trainer's files as written: a file cut short since (a full disk, a copy, a crash before the page
+        # cache reached the disk) makes the checkpoint incomplete, not a resume that fails on every attempt
+        files = {str(f.relative_to(ckpt)): f.stat().st_size for f in sorted(ckpt.rglob("*"))
+                 if f.is_file() and not f.name.startswith(STATE_FILE)}
         atomic_write_json(ckpt / STATE_FILE, {
-            **self.extra_state, "step": state.global_step, "counts": self.counts.read(),
+            **self.extra_state, "step": state.global_step, "counts": self.counts.read(), "files": files,
             "train_time_s": self.prior.get("train_time_s", 0.0) + seg_train,
             "eval_time_s": self.prior.get("eval_time_s", 0.0) + self.eval_time_s,
             "checkpoint_time_s": self.prior.get("checkpoint_time_s", 0.0) + self.checkpoint_time_s,

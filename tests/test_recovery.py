@@ -479,3 +479,105 @@ def test_logging_follows_stderr_and_a_scripts_log_file_is_let_go_on_the_way_out(
     logging.getLogger("transformers").warning("a library's warning")
     assert "Logging error" not in second.getvalue() and "after the script" in second.getvalue()
     assert "training" in (tmp_path / "job.log").read_text() and "boom" in (tmp_path / "job.log").read_text()
+
+
+def test_a_second_process_cannot_train_a_run_another_is_training(tmp_path, tiny_config, tiny_data):
+    """Killed, snakemake leaves its training job running; the rerun must not start a second process training into
+    the same folder (their checkpoints and log history would interleave): it stops at once, naming the first."""
+    from lorasweep.resume import RunBusy
+    from lorasweep.train import train_job
+
+    cfg = tiny_config(max_steps=1, evals=1)
+    out = tmp_path / "run"
+    args = (cfg, run_spec(cfg, "full"), tiny_data["train"], tiny_data["eval"], tiny_data["summary"], out)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from lorasweep.resume import RunLock; "
+                               "lock = RunLock(sys.argv[1]).__enter__(); print('held', flush=True); time.sleep(120)",
+                               str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunBusy, match=rf"another process \(pid {holder.pid}\) is training this run"):
+            train_job(*args, threads=2)
+        assert {p.name for p in out.iterdir()} <= {".train.lock", "failed.json"}  # nothing trained
+    finally:
+        holder.kill()
+        holder.wait()
+    assert train_job(*args, threads=2)["train_steps"] == 1  # the lock went with its process
+
+
+def test_a_checkpoint_whose_files_were_cut_short_is_not_resumed(tiny_config, tiny_data, tmp_path, monkeypatch,
+                                                                 caplog):
+    """A checkpoint file cut short after it was written (a full disk, a copy, a crash before the page cache reached
+    the disk) made every rerun fail loading it (a review saw SafetensorError on all three attempts): lorasweep's
+    state records each file's size, and a checkpoint whose files differ is dropped like a half-written one."""
+    import logging
+
+    from lorasweep.config import operational
+
+    cfg = tiny_config(max_steps=8, checkpoint_steps=4, checkpoint_min_interval_s=0, logging_steps=2, evals=1)
+    spec = run_spec(cfg, "full")
+    out = tmp_path / "run"
+    _train_and_die_saving_the_model(monkeypatch, cfg, spec, tiny_data["train"], tiny_data["eval"], out)
+    weights = out / "checkpoints" / "checkpoint-4" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100_000])
+    with caplog.at_level(logging.WARNING, logger="lorasweep.train"):
+        m = train_run(spec, tiny_data["train"], tiny_data["eval"], out, threads=2, operational=operational(cfg))
+    assert (m["resumed_from_step"], m["train_segments"], m["train_steps"]) == (None, 1, 8)
+    assert "checkpoint-4: model.safetensors holds 100,000 bytes" in caplog.text
+
+
+def test_collect_refuses_a_run_whose_files_were_cut_short_or_written_by_two_processes(tiny_config, tiny_data,
+                                                                                      tmp_path):
+    """A log history cut short drew loss curves that ended before the tables' step (a review: step 80 of 135);
+    two processes training one run interleaved their steps; a metrics.json cut short failed with a bare
+    JSONDecodeError. collect names the file and how to retrain its run."""
+    from lorasweep.collect import collect
+    from lorasweep.config import operational
+
+    cfg = tiny_config(max_steps=6, logging_steps=1, evals=2)
+    run = tmp_path / "results" / "runs" / "full" / "seed0"
+    train_run(run_spec(cfg, "full"), tiny_data["train"], tiny_data["eval"], run, threads=2, operational=operational(cfg))
+    files = [[run / "metrics.json"], [run / "log_history.jsonl"], tmp_path / "m.csv", tmp_path / "h.csv",
+             [run / "eval_losses.json"], tmp_path / "e.csv"]
+    collect(*files)
+    history = (run / "log_history.jsonl").read_text().splitlines(keepends=True)
+    retrain = "retrain the run: snakemake ... --forcerun results/runs/full/seed0/metrics.json"
+    (run / "log_history.jsonl").write_text("".join(history[:4]))
+    with pytest.raises(ValueError, match=r"log_history.jsonl: \d training logs where metrics.json counts 6.*"
+                                         r"last evaluation is at step 0, training ended at step 6.*" + retrain):
+        collect(*files)
+    (run / "log_history.jsonl").write_text("".join(history[:5] + history[2:]))  # a second writer's steps
+    with pytest.raises(ValueError, match="steps go back .*two processes wrote into it"):
+        collect(*files)
+    (run / "log_history.jsonl").write_text("".join(history))
+    metrics = (run / "metrics.json").read_text()
+    (run / "metrics.json").write_text(metrics[: len(metrics) // 2])
+    with pytest.raises(ValueError, match="metrics.json: not whole .*" + retrain):
+        collect(*files)
+
+
+def test_a_damaged_tokenization_cache_is_dropped_and_the_retry_tokenizes_again(tiny_config, tiny_data, tmp_path):
+    """An Arrow file of the splits' tokenization cache cut short failed every attempt with an OSError naming no
+    folder (a review), and `--forcerun prepare_data` kept the cache of identical splits: the job now deletes the
+    cache and fails with a retryable error, and the retry (a fresh attempt) tokenizes again."""
+    import shutil
+
+    from lorasweep.config import operational
+    from lorasweep.data import CacheDamaged, cache_dir
+    from lorasweep.resume import retry_may_help
+
+    data = tmp_path / "data"
+    data.mkdir()
+    train, evals = (Path(shutil.copy(tiny_data[k], data / f"{k}.jsonl")) for k in ("train", "eval"))
+    cfg = tiny_config(max_steps=1, evals=1)
+    spec = run_spec(cfg, "full")
+    ref = train_run(spec, train, evals, tmp_path / "a", threads=2, operational=operational(cfg))
+    cache = cache_dir(train, evals)
+    arrows = sorted(cache.rglob("cache-*.arrow"), key=lambda p: p.stat().st_size)  # TRL's tokenized splits
+    assert arrows
+    arrows[-1].write_bytes(arrows[-1].read_bytes()[:1000])
+    with pytest.raises(CacheDamaged, match=f"tokenization cache {cache} could not be read") as err:
+        train_run(spec, train, evals, tmp_path / "b", threads=2, operational=operational(cfg))
+    assert retry_may_help(err.value) and not cache.exists()
+    m = train_run(spec, train, evals, tmp_path / "b", threads=2, operational=operational(cfg))
+    assert m["train_info"]["data_tokenized"]  # tokenized again, not read from a cache
+    assert m["eval_loss"] == ref["eval_loss"]

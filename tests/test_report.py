@@ -975,3 +975,14 @@ def test_memory_measure_falls_back_to_total_rss_when_a_run_lacks_its_start():  #
     df = pd.DataFrame({"run": ["full", "lora-r8"], "peak_rss_bytes": [3e9, 2e9],
                        "rss_before_load_bytes": [1e9, float("nan")], "eval_loss": [1.0, 1.1]})
     assert F.memory_measure(F.by_run(df))[0] == "peak_rss_bytes"
+
+
+def test_a_resumed_run_is_named_in_the_findings():
+    """A run resumed after a crash has a runtime of several segments (each one's start-up counted) and peaks of
+    several processes: the report says which runs, from which step (a review found it said nothing)."""
+    df = pd.DataFrame({"run": ["full", "qlora-r8"], "seed": [0, 0], "train_segments": [1, 2],
+                       "resumed_from_step": [None, 50]})
+    note = F.resumed(df)
+    assert note.startswith("**Runs resumed after a crash or a kill**: `qlora-r8`: 2 segments, the last from step 50.")
+    assert F.resumed(df.assign(train_segments=[1, 1])) is None
+    assert F.resumed(df.drop(columns=["train_segments"])) is None  # runs from before it was recorded

@@ -15,10 +15,12 @@ from lorasweep.trainer import TokenCounts
 
 
 def _train(tiny_config, tiny_data, tmp_path, run, **training):
-    spec = run_spec(tiny_config(**training), run)
+    from lorasweep.config import operational
+
+    cfg = tiny_config(**training)
     out = tmp_path / run
-    metrics = train_run(spec, tiny_data["train"], tiny_data["eval"], out, data_summary_path=tiny_data["summary"],
-                        threads=2)
+    metrics = train_run(run_spec(cfg, run), tiny_data["train"], tiny_data["eval"], out,
+                        data_summary_path=tiny_data["summary"], threads=2, operational=operational(cfg))
     return metrics, out
 
 
@@ -574,6 +576,7 @@ def test_training_peak_leaves_out_the_evaluations(tiny_config, tiny_data, tmp_pa
     the evaluation's peak (eval_peak_*), not training's."""
     m, _ = _train(tiny_config, tiny_data, tmp_path, "full", max_steps=4, batch_size=1, max_length=256, evals=4,
                   eval_batch_size=64)
+    assert m["eval_batch_size"] == 64  # an operational setting: the config's, not the schema's default
     assert m["eval_peak_rss_bytes"] > m["peak_rss_bytes"] + 10 * 2**20
     assert m["peak_rss_bytes"] >= m["rss_at_load_bytes"]
     assert "evaluations during training excluded" in m["memory_measured"]
