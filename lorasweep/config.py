@@ -7,6 +7,7 @@ retrains a run only when one of *its* settings changes.
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import yaml
@@ -340,8 +341,22 @@ def flat_settings(spec: dict) -> dict:
     return {n: flat.get(n) for n in names}
 
 
+def setting_param(name: str, value) -> str:
+    """One setting as the workflow's Snakemake param: ``learning_rate=0.0002``."""
+    return f"{name}={json.dumps(value)}"
+
+
 def job_spec(smk) -> dict:
     """The run spec of a Snakemake job of one run and seed (``smk``: a script's ``snakemake`` object): the rule
-    passes its settings as params for the rerun trigger (:func:`flat_settings`); the script computes the spec from
-    the validated config and the job's wildcards, as those params were."""
-    return run_spec(smk.config, smk.wildcards.run, int(smk.wildcards.seed))
+    passes its settings as params for the rerun trigger (:func:`flat_settings`, ``setting_*``); the script computes
+    the spec from the validated config and the job's wildcards, as those params were, and checks that it finds the
+    same settings (a script importing another lorasweep than the Snakefile's would train other settings than the
+    workflow records)."""
+    spec = run_spec(smk.config, smk.wildcards.run, int(smk.wildcards.seed))
+    given = {v for k, v in smk.params.items() if k.startswith("setting_")}
+    expected = {setting_param(n, v) for n, v in flat_settings(spec).items()}
+    if given and given != expected:
+        raise ConfigError("this job's run settings differ from those the workflow recorded ("
+                          + ", ".join(sorted(given ^ expected)[:6]) + "): the script imports another lorasweep than "
+                          "the Snakefile's? Install this checkout (pip install -e .) in the environment you run")
+    return spec

@@ -179,9 +179,10 @@ def fingerprint(*paths: str | Path) -> str:
     same data."""
     h = hashlib.sha256()
     for p in paths:
-        b = Path(p).read_bytes()
-        h.update(len(b).to_bytes(8, "little"))
-        h.update(b)
+        h.update(Path(p).stat().st_size.to_bytes(8, "little"))
+        with open(p, "rb") as f:  # in pieces: a local dataset of gigabytes is hashed at every workflow start
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
     return h.hexdigest()
 
 
@@ -243,23 +244,40 @@ class CacheDamaged(RuntimeError):
     """The splits' tokenization cache could not be read; it was deleted, and a new attempt tokenizes them again."""
 
 
+def _unreadable_cache(e: BaseException, cache: Path) -> bool:
+    """Whether ``e`` says a file of ``cache`` could not be read (Arrow's errors, and OSErrors about a file in it or
+    about no file, as pyarrow raises for one cut short); not a full disk, a quota, a permission or the network."""
+    import errno
+
+    import pyarrow as pa
+
+    if isinstance(e, pa.ArrowException):
+        return True
+    if not isinstance(e, OSError) or isinstance(e, ConnectionError) or e.errno in (
+            errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS):
+        return False
+    if type(e).__module__.split(".")[0] in ("requests", "urllib3", "httpx", "huggingface_hub"):
+        return False
+    name = getattr(e, "filename", None)
+    if name:
+        return Path(name).resolve().is_relative_to(cache.resolve())
+    return e.errno is None  # pyarrow's own (ArrowIOError is OSError): "Expected to be able to read N bytes ..."
+
+
 @contextlib.contextmanager
 def damaged_cache_dropped(train_path: str | Path, eval_path: str | Path, sha: str | None = None):
     """Reading the splits through their cache (``load_splits``, TRL's tokenization): an Arrow file of it cut short
     or damaged (a full disk, a crash, a copy) failed every attempt with an error that named no folder, and
     ``--forcerun prepare_data`` kept the cache of identical splits. The cache is deleted and :class:`CacheDamaged`
-    raised, which Snakemake's retry of the job answers in a fresh process by tokenizing again."""
+    raised, which Snakemake's retry of the job answers in a fresh process by tokenizing again. Use it inside
+    :func:`preparing_splits`, so that no other job is reading or writing the cache it deletes."""
     import shutil
-
-    import pyarrow as pa
 
     cache = cache_dir(train_path, eval_path, sha)
     try:
         yield
-    except (OSError, pa.ArrowException) as e:
-        splits = {str(Path(train_path)), str(Path(eval_path))}
-        if not cache.is_dir() or (isinstance(e, OSError) and not isinstance(e, pa.ArrowException)
-                                  and str(getattr(e, "filename", "")) in splits):
+    except Exception as e:
+        if not cache.is_dir() or not _unreadable_cache(e, cache):
             raise
         shutil.rmtree(cache, ignore_errors=True)
         raise CacheDamaged(f"the splits' tokenization cache {cache} could not be read ({type(e).__name__}: {e}); "

@@ -597,17 +597,23 @@ def timing_suspect(df: pd.DataFrame) -> set[str]:
     return out
 
 
+def _labeller(df: pd.DataFrame, rows: pd.DataFrame):
+    """A row's name in a note: `run`, with its seed where the table holds several seeds of a run."""
+    seeds = "seed" in rows and df.groupby("run")["seed"].nunique().max() > 1
+    return lambda r: f"`{r['run']}`" + (f" (seed {int(r['seed'])})" if seeds else "")
+
+
 def resumed(df: pd.DataFrame) -> str | None:
     """A note on the runs resumed from a checkpoint after a crash or a kill (``train_segments`` > 1)."""
     rows = _rows_above(df, "train_segments", 1)
     if rows is None:
         return None
-    seeds = "seed" in rows and df.groupby("run")["seed"].nunique().max() > 1
+    label = _labeller(df, rows)
 
     def name(r):
         start = r.get("resumed_from_step")
-        return (f"`{r['run']}`" + (f" (seed {int(r['seed'])})" if seeds else "") + f": {int(r['train_segments'])} "
-                "segments" + (f", the last from step {int(start)}" if start is not None and pd.notna(start) else ""))
+        return (label(r) + f": {int(r['train_segments'])} segments"
+                + (f", the last from step {int(start)}" if start is not None and pd.notna(start) else ""))
 
     return ("**Runs resumed after a crash or a kill**: " + "; ".join(name(r) for _, r in rows.iterrows()) +
             ". A resumed run trains the steps and losses of an uninterrupted one (tested on the CPU); its runtime "
@@ -621,11 +627,7 @@ def shared_gpu(df: pd.DataFrame) -> str | None:
     shared = _rows_above(df, "gpu_jobs_beside_max", 0)
     if shared is None:
         return None
-    seeds = "seed" in shared and df.groupby("run")["seed"].nunique().max() > 1
-
-    def name(r):
-        return f"`{r['run']}`" + (f" (seed {int(r['seed'])})" if seeds else "")
-
+    name = _labeller(df, shared)
     if len(shared) == len(df) > 1:
         who = (f"every run, each beside up to {int(shared['gpu_jobs_beside_max'].max())} other training job(s) "
                "at a time")

@@ -97,18 +97,27 @@ class RunLock:
         self._fd: int | None = None
 
     def __enter__(self) -> "RunLock":
+        import socket
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            pid = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            held = os.read(fd, 200).decode(errors="replace").split()
             os.close(fd)
-            raise RunBusy(f"another process (pid {pid}) is training this run ({self.path.parent}): a training job "
-                          "left running when snakemake was killed? Let it end, or stop it (kill " + pid + "), then "
-                          "run snakemake again (a killed job resumes from its last checkpoint)") from None
+            pid, host = (held + ["?", "?"])[:2]
+            raise RunBusy(f"another process (pid {pid} on {host}) is training this run ({self.path.parent}): a "
+                          "training job left running when snakemake was killed? Stop it (`kill " + pid + "` on " +
+                          host + "; on a cluster, `scancel` its job) and run snakemake again: the run resumes from "
+                          "its last checkpoint. Do not wait for it to finish: the new snakemake has already "
+                          "deleted the outputs it writes, and retrains the run anyway") from None
+        except OSError as e:  # a file system without locks (some NFS and Lustre mounts): train without one
+            os.close(fd)
+            log.warning("no lock on %s (%s): nothing keeps a second process from training this run at once", self.path, e)
+            return self
         os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
         self._fd = fd
         return self
 

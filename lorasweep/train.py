@@ -426,7 +426,8 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
     from .config import operational as schema_operational
 
     # how to run (checkpointing, threads): from the config, not the spec; the schema's defaults otherwise
-    training = {**spec["training"], **schema_operational(), **(operational or {})}
+    # a spec from run_spec holds no operational setting; one built by hand keeps its own over the schema's defaults
+    training = {**schema_operational(), **spec["training"], **(operational or {})}
     device = resolve_device(training["device"])  # first: fail before any loading when CUDA is missing
     precision = resolve_precision(training["precision"], device)
 
@@ -465,7 +466,8 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
     log.info("run %s: method %s, device %s, precision %s, %d torch threads", spec["run"], spec["method"],
              device, precision, torch.get_num_threads())
 
-    with damaged_cache_dropped(train_path, eval_path, data_sha):
+    # under the splits' lock: a damaged cache is deleted while no other job reads or writes it
+    with preparing_splits(train_path), damaged_cache_dropped(train_path, eval_path, data_sha):
         train_ds, eval_ds = load_splits(train_path, eval_path, data_sha)  # tokenized once per sweep: see load_splits
 
     set_seed(spec["seed"])
@@ -494,8 +496,8 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
     steps = total_steps(len(train_ds), training)
     eval_steps = max(1, math.ceil(steps / training["evals"]))  # `evals` evaluations, the last at the end
     args = sft_config(spec, training, out_dir, device, precision, steps, eval_steps)
-    with damaged_cache_dropped(train_path, eval_path, data_sha), \
-            preparing_splits(train_path) as prep:  # TRL tokenizes here: one job of a sweep at a time, then the cache
+    with preparing_splits(train_path) as prep, \
+            damaged_cache_dropped(train_path, eval_path, data_sha):  # TRL tokenizes here: one job at a time, then the cache
         trainer = MeasuredSFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                      processing_class=tokenizer)
     data_prep_s = prep["prep_s"]
@@ -608,6 +610,10 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
             before = logged_loss_sum(resumed["history"], resumed["step"])
         train_loss = ((before + train_loss * (n_steps - resumed["step"])) / n_steps if before is not None
                       else float("nan"))
+        # the Trainer's closing record in the log history holds this segment's mean: the run's, as in metrics.json
+        records = [json.loads(line) for line in recorder.history_path.read_text().splitlines() if line.strip()]
+        recorder.history_path.write_text("".join(json.dumps({**r, "train_loss": train_loss} if "train_loss" in r
+                                                            else r) + "\n" for r in records))
     last_eval = [h for h in history if "eval_loss" in h]
     if not last_eval or last_eval[-1].get("step") != trainer.state.global_step or not trainer.last_eval_examples:
         final_eval = trainer.evaluate()  # logged by the Recorder

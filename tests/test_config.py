@@ -142,7 +142,7 @@ def test_a_runs_settings_are_one_value_each_the_same_names_whatever_the_other_ru
     """The workflow hands each run's settings to Snakemake as one `name=value` param each (its rerun reason then
     names the setting that changed): every setting of every kind of run has a name, a run's settings do not move
     when other runs come or go, and a setting reaches exactly the runs it belongs to."""
-    from lorasweep.config import deep_merge, flat_settings, setting_names
+    from lorasweep.config import deep_merge, flat_settings, setting_names, setting_param
 
     base = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     variants = {"methods": {"lora": {"ranks": [8, {"rank": 16, "init": "olora", "use_rslora": True}, {"rank": 32, "use_dora": True}]},
@@ -153,6 +153,8 @@ def test_a_runs_settings_are_one_value_each_the_same_names_whatever_the_other_ru
         for seed in (0, 1):
             flat = flat_settings(run_spec(cfg, run, seed))  # raises on a setting without a name
             assert list(flat) == names and flat["run"] == run and flat["seed"] == seed
+            rendered = [setting_param(n, v) for n, v in flat.items()]  # what Snakemake stores and compares
+            assert len(set(rendered)) == len(names) and f'run="{run}"' in rendered and f"seed={seed}" in rendered
     full = flat_settings(run_spec(cfg, "full", 0))
     assert full["lora.r"] is None and full["quantization.bits"] is None and full["training.max_length"] == 512
     no_qlora = validate_config(deep_merge(base, {"methods": {"qlora": {"ranks": []}}}))
@@ -221,3 +223,20 @@ def test_a_boolean_is_not_an_integer_setting():  # C02
     cfg = {"model": {"name_or_path": "m"}, "dataset": {"source": "x.json"}, "training": {"batch_size": True}}
     with pytest.raises(ConfigError, match="training.batch_size = True: must be of type integer"):
         validate_config(cfg)
+
+
+def test_a_job_computing_other_settings_than_the_workflow_recorded_stops():
+    """The scripts compute a run's spec themselves; the params are what Snakemake recorded. A script that imports
+    another lorasweep than the Snakefile's would train settings the workflow does not record: it stops."""
+    from types import SimpleNamespace
+
+    from lorasweep.config import flat_settings, job_spec, setting_param
+
+    cfg = load_config(REPO / "config" / "config.yaml")
+    spec = run_spec(cfg, "lora-r8")
+    params = {f"setting_{i}": setting_param(n, v) for i, (n, v) in enumerate(flat_settings(spec).items())}
+    smk = SimpleNamespace(config=cfg, wildcards=SimpleNamespace(run="lora-r8", seed=str(spec["seed"])), params=params)
+    assert job_spec(smk) == spec
+    params["setting_4"] = setting_param("learning_rate", 0.1)
+    with pytest.raises(ConfigError, match="differ from those the workflow recorded .*learning_rate=0.1"):
+        job_spec(smk)

@@ -257,3 +257,24 @@ def test_fraction_rounds_to_the_nearest_record():  # D05
     records = [{"index": i, "instruction": f"T{i}", "input": "", "output": "o"} for i in range(200)]
     train, _ = data.split_records(records, eval_size=20, fraction=0.333, seed=0)
     assert len(train) == 60  # 0.333 x 180 = 59.94
+
+
+def test_only_an_unreadable_cache_file_counts_as_a_damaged_cache(tmp_path):
+    """The tokenization cache is deleted (and the job retried) for what says a file of it could not be read, not
+    for a full disk, a quota, a permission, the network or a missing split: deleting it would not help those."""
+    import errno
+
+    import pyarrow as pa
+
+    from lorasweep.data import _unreadable_cache
+
+    cache = tmp_path / "cache" / "abc"
+    cache.mkdir(parents=True)
+    assert _unreadable_cache(OSError("Expected to be able to read 104344 bytes for message body, got 1000"), cache)
+    assert _unreadable_cache(pa.ArrowInvalid("not an Arrow file"), cache)
+    assert _unreadable_cache(FileNotFoundError(errno.ENOENT, "gone", str(cache / "x" / "cache-1.arrow")), cache)
+    assert not _unreadable_cache(FileNotFoundError(errno.ENOENT, "gone", str(tmp_path / "train.jsonl")), cache)
+    assert not _unreadable_cache(OSError(errno.ENOSPC, "No space left on device"), cache)
+    assert not _unreadable_cache(PermissionError(errno.EACCES, "denied", str(cache / "x")), cache)
+    assert not _unreadable_cache(ConnectionError("hub unreachable"), cache)
+    assert not _unreadable_cache(ValueError("a bug"), cache)

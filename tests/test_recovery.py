@@ -241,6 +241,8 @@ def test_a_crash_after_training_resumes_without_extra_steps_and_keeps_the_metric
             r["train_runtime_s"] + r["eval_time_during_train_s"] + r["checkpoint_time_s"], abs=0.05)
     history = _history(out / "log_history.jsonl")
     assert [h["step"] for h in history if "loss" in h] == [3, 4, 6, 8, 9, 12]  # checkpoint steps 4, 8 logged
+    # the Trainer's closing record says the whole run's mean, as metrics.json does, not the last segment's
+    assert [h["train_loss"] for h in history if "train_loss" in h] == [m["train_loss"]]
     assert [h["step"] for h in history if "eval_loss" in h] == [0, 6, 12]
 
 
@@ -484,6 +486,8 @@ def test_logging_follows_stderr_and_a_scripts_log_file_is_let_go_on_the_way_out(
 def test_a_second_process_cannot_train_a_run_another_is_training(tmp_path, tiny_config, tiny_data):
     """Killed, snakemake leaves its training job running; the rerun must not start a second process training into
     the same folder (their checkpoints and log history would interleave): it stops at once, naming the first."""
+    import socket
+
     from lorasweep.resume import RunBusy
     from lorasweep.train import train_job
 
@@ -495,7 +499,8 @@ def test_a_second_process_cannot_train_a_run_another_is_training(tmp_path, tiny_
                                str(out)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(RunBusy, match=rf"another process \(pid {holder.pid}\) is training this run"):
+        with pytest.raises(RunBusy, match=rf"another process \(pid {holder.pid} on {socket.gethostname()}\) is "
+                                          "training this run"):
             train_job(*args, threads=2)
         assert {p.name for p in out.iterdir()} <= {".train.lock", "failed.json"}  # nothing trained
     finally:

@@ -1,7 +1,6 @@
 # Shared helpers: config validation, run names, per-run parameters, input functions.
 
 import functools
-import json
 import re
 from pathlib import Path
 
@@ -9,7 +8,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.logging import logger
 
 from lorasweep.config import (ConfigError, check_dataset_file, flat_settings, run_names, run_spec, seeds,
-                              setting_names, validate_config)
+                              setting_names, setting_param, validate_config)
 import lorasweep
 from lorasweep.data import fingerprint, is_local_source
 
@@ -61,7 +60,7 @@ def _settings(run, seed):
 
 
 def _setting(name):
-    return lambda wildcards: f"{name}={json.dumps(_settings(wildcards.run, int(wildcards.seed))[name])}"
+    return lambda wildcards: setting_param(name, _settings(wildcards.run, int(wildcards.seed))[name])
 
 
 # A run's settings as Snakemake params, one "name=value" each (params: **RUN_SETTINGS): a changed setting reruns
