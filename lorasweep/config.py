@@ -7,6 +7,7 @@ retrains a run only when one of *its* settings changes.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from pathlib import Path
 
@@ -319,8 +320,13 @@ SPEC_SETTINGS = ("run", "method", "rank", "seed", "learning_rate", "model.name_o
 def setting_names() -> list[str]:
     """Every setting a run spec holds, flattened (``training.max_length``, ``lora.r``, ...): the schema's training
     keys that are not operational, and :data:`SPEC_SETTINGS`."""
+    return list(_setting_names())
+
+
+@functools.cache
+def _setting_names() -> tuple[str, ...]:  # the schema read once, not once per run and job
     props = load_schema()["properties"]["training"]["properties"]
-    return list(SPEC_SETTINGS) + [f"training.{k}" for k in props if k not in OPERATIONAL_KEYS]
+    return (*SPEC_SETTINGS, *(f"training.{k}" for k in props if k not in OPERATIONAL_KEYS))
 
 
 def flat_settings(spec: dict) -> dict:

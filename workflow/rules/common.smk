@@ -7,9 +7,9 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 from snakemake.logging import logger
 
+import lorasweep
 from lorasweep.config import (ConfigError, check_dataset_file, flat_settings, run_names, run_spec, seeds,
                               setting_names, setting_param, validate_config)
-import lorasweep
 from lorasweep.data import fingerprint, is_local_source
 
 TINY_DATASET = "results/tiny/code_alpaca_tiny.json"  # the tiny_dataset rule's output (config/tiny.yaml's source)
@@ -34,6 +34,8 @@ RUNS = run_names(config)
 SEEDS = seeds(config)  # training seeds; every run is trained once per seed
 FIRST_SEED = SEEDS[0]  # the replicate the adapter stages (merge, verify, switch, samples) use
 ENV = "../../envs/lorasweep.yaml"
+
+
 def near(path):
     """``path`` relative to the working directory when inside it, else absolute: a project folder moved elsewhere
     keeps the same inputs (absolute first: the same input however --snakefile was spelled)."""
@@ -49,13 +51,9 @@ wildcard_constraints:
     seed=r"\d+",
 
 
-def get_run_spec(wildcards):
-    """Only the settings that affect this run: changing another run's settings does not retrain it."""
-    return run_spec(config, wildcards.run, int(wildcards.seed))
-
-
 @functools.cache
 def _settings(run, seed):
+    """Only the settings that affect this run: changing another run's settings does not retrain it."""
     return flat_settings(run_spec(config, run, seed))
 
 
