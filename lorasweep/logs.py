@@ -43,7 +43,7 @@ def script_logging(log_path: str | os.PathLike, level: int = logging.INFO):
     sys.stdout = sys.stderr = log_file
     try:
         yield ours
-    except Exception as e:  # noqa: BLE001 - reported, then the job fails
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - reported, then the job fails
         log_file.write(traceback.format_exc())
         log_file.flush()
         stamp = time.strftime("%Y%m%dT%H%M%S")

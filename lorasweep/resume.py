@@ -6,6 +6,8 @@ out-of-memory attempts so that Snakemake's retry trains with half the per-device
 Both are keyed by the run's settings and data: nothing carries over into a run that computes something else.
 ``LOCK_FILE`` is held by the process training a run: a second one (a job whose snakemake was killed trains on, and
 the rerun starts another) stops at once instead of training beside it into the same files.
+``StopOnSignal`` turns SIGTERM and SIGINT during training (a cluster's preemption or time limit, Ctrl-C) into a
+checkpoint at the end of the step and a :class:`Stopped` error, so that the next attempt resumes from there.
 ``FAILED_FILE`` records why an attempt failed, so that Snakemake's retry of an error that no retry changes (the
 configuration, the data, the model's files) stops at once instead of loading and training up to it again.
 """
@@ -18,6 +20,8 @@ import logging
 import os
 import re
 import shutil
+import signal
+import threading
 from pathlib import Path
 
 log = logging.getLogger("lorasweep.train")
@@ -125,6 +129,55 @@ class RunLock:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+class Stopped(RuntimeError):
+    """Training stopped by a signal after saving a checkpoint: the next attempt (Snakemake's retry, a rerun)
+    resumes from it."""
+
+
+class StopOnSignal:
+    """While training: the first SIGTERM or SIGINT asks the run to finish its step, save a checkpoint and stop
+    (``requested`` names the signal; the Trainer's callback acts on it at the step's end); a second one stops at
+    once, as it would without this. A cluster's preemption or time limit sends SIGTERM some time before SIGKILL
+    (SLURM: KillWait, 30 s by default; ``--signal=TERM@120`` sends it sooner), Ctrl-C sends SIGINT: without this
+    both lose the steps since the last periodic checkpoint. Only the main thread can take signals: elsewhere
+    (and when ``enabled`` is false: no checkpoints) the signals keep their handlers."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.requested: str | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopOnSignal":
+        if self.enabled and threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.requested is None:
+            self.requested = name
+            log.warning("%s: training stops at the end of this step, after saving a checkpoint to resume from "
+                        "(%s again stops at once, losing the steps since the last checkpoint)", name, name)
+            return
+        previous = self._previous.get(signum)
+        self._restore()
+        if callable(previous):  # Python's own SIGINT handler: KeyboardInterrupt
+            previous(signum, frame)
+        else:
+            os.kill(os.getpid(), signum)  # the default action: the process ends by the signal
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
 
 
 def _changed_files(ckpt: Path, files: dict | None) -> str | None:
@@ -268,6 +321,8 @@ def retry_may_help(error: BaseException) -> bool:
         seen.add(id(e))
         if isinstance(e, (EvalOOM, RepeatedFailure)):
             return False
+        if isinstance(e, Stopped):  # by a signal, with a checkpoint: the retry resumes from it
+            return True
         if type(e).__name__ == "CacheDamaged":  # lorasweep.data's: deleted, so the retry tokenizes afresh
             return True
         if isinstance(e, TrainingOOM):

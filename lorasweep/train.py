@@ -21,8 +21,8 @@ from .config import ConfigError
 from . import memory_model, speed
 from .memory import PeakMemory, rss_bytes
 from .provenance import MachineShare, git_state, hardware, hardware_label, package_versions
-from .resume import (EVAL_OOM_FILE, FAILED_FILE, OOM_FILE, atomic_write_json, batch_after_oom, find_resumable,
-                     logged_loss_sum, rebase_peaks, rebase_sums, record_eval_oom, record_oom,
+from .resume import (EVAL_OOM_FILE, FAILED_FILE, OOM_FILE, StopOnSignal, Stopped, atomic_write_json, batch_after_oom,
+                     find_resumable, logged_loss_sum, rebase_peaks, rebase_sums, record_eval_oom, record_oom,
                      refuse_after_eval_oom, resume_key)
 from .scoring import perplexity, token_weighted
 
@@ -570,14 +570,21 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         resumed["peaks"] = rebase_peaks(resumed.get("peaks", {}), resumed.get("baseline"), at_load)
         recorder.prior_mem_sums = rebase_sums(recorder.prior_mem_sums, resumed.get("baseline"), at_load)
     machine.start()
+    recorder.stop = StopOnSignal(enabled=bool(training["checkpoint_steps"]))
     try:
-        result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+        with recorder.stop:
+            result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     except torch.OutOfMemoryError as e:
         memory.stop()
         raise record_oom(out_dir, configured, oom_halvings, e, oom_key) from e
     except BaseException:
         memory.stop()  # a process that goes on (a benchmark's next run) keeps no sampler thread of this one
         raise
+    if recorder.stopped_at is not None:
+        memory.stop()
+        raise Stopped(f"stopped by {recorder.stop.requested} at step {recorder.stopped_at} of {steps}, after saving "
+                      f"checkpoint-{recorder.stopped_at} in {out_dir / 'checkpoints'}: the next attempt (Snakemake's "
+                      "retry, or snakemake run again) resumes from it")
     mem = memory.read()
     for k, v in (resumed or {}).get("peaks", {}).items():  # a resumed run's peak is the peak of all its segments
         mem[k] = max(mem.get(k) or 0, v)

@@ -304,6 +304,8 @@ class Recorder(TrainerCallback):
         self.prior = resume or {}  # what earlier segments (before a crash) measured
         self.extra_state: dict = {}
         self.warned_diverged = False
+        self.stop = None  # resume.StopOnSignal: a signal asks training to save a checkpoint and stop
+        self.stopped_at: int | None = None  # the step it stopped at
 
     def sample_peers(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -384,7 +386,12 @@ class Recorder(TrainerCallback):
     def on_step_end(self, args, state, control, **kw):
         self.mem_samples.append(self.memory.current())
         self.sample_peers()
-        if state.global_step >= state.max_steps:
+        if self.stop is not None and self.stop.requested and state.global_step < state.max_steps:
+            # a signal (preemption, Ctrl-C): save at once, whatever the interval, and stop; the logged losses
+            # reach this step so that the resumed run's train loss covers every step
+            control.should_save = control.should_log = control.should_training_stop = True
+            self.stopped_at = state.global_step
+        elif state.global_step >= state.max_steps:
             # no checkpoint of the finished run (the Trainer writes one at the end): resuming from it would
             # train one step more, and the trained model is saved anyway; a crash after training resumes
             # from the last periodic checkpoint instead

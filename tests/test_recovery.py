@@ -85,6 +85,38 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_preempted_training_job_saves_its_step_and_snakemakes_retry_resumes_it(tmp_path):
+    """A cluster preempts the training job (SIGTERM to its process, as SLURM does before SIGKILL): the job saves a
+    checkpoint at the end of its step and fails; Snakemake's retry resumes from it and the workflow succeeds.
+    The stopped attempt's log is kept beside the retry's."""
+    workdir, args = _workdir(tmp_path, max_steps=60, checkpoint_steps=1000, evals=2, logging_steps=5)
+    log_path = workdir / "logs" / "train" / "lora-r8" / "seed0.log"
+    target = "results/runs/lora-r8/seed0/metrics.json"
+    proc = subprocess.Popen(snakemake_cmd(target, *args, workdir=workdir), cwd=workdir, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    try:
+        while not (log_path.exists() and "step 10/60" in log_path.read_text()):
+            assert proc.poll() is None, "the run ended before it could be stopped"
+            assert time.time() < deadline, "training did not start"
+            time.sleep(0.05)
+        found = subprocess.run(["pgrep", "-f", f"{workdir}/.snakemake/scripts/.*train.py"], capture_output=True,
+                               text=True).stdout.split()
+        assert len(found) == 1, found
+        os.kill(int(found[0]), signal.SIGTERM)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out[-3000:]
+    m = json.loads((workdir / "results" / "runs" / "lora-r8" / "seed0" / "metrics.json").read_text())
+    assert m["train_segments"] == 2 and 10 <= m["resumed_from_step"] < 60 and m["train_steps"] == 60
+    stopped = [p.read_text() for p in log_path.parent.glob("seed0.log.*-failed")]
+    assert len(stopped) == 1 and f"stopped by SIGTERM at step {m['resumed_from_step']} of 60" in stopped[0]
+    assert f"resuming from checkpoint-{m['resumed_from_step']}" in log_path.read_text()
+
+
+@pytest.mark.slow
 def test_out_of_memory_is_retried_with_half_the_batch_and_other_errors_are_not(tmp_path):
     workdir, args = _workdir(tmp_path, max_steps=6, evals=1, logging_steps=2)
     proc = run_snakemake("results/runs/lora-r8/seed0/metrics.json", *args, workdir=workdir,
@@ -290,6 +322,52 @@ def test_checkpoints_come_every_checkpoint_steps_but_not_sooner_than_the_minimum
         kept = sorted(p.name for p in out.glob("checkpoints/checkpoint-*"))
         assert kept == [f"checkpoint-{s}" for s in expected[-1:]]  # the newest complete one only
         assert (m["checkpoint_time_s"] > 0) == bool(expected)
+
+
+def test_a_signal_saves_a_checkpoint_at_the_end_of_the_step_and_the_rerun_resumes_from_it(tiny_config, tiny_data,
+                                                                                          tmp_path):
+    """SIGTERM (a cluster's preemption or time limit) or SIGINT (Ctrl-C) while training: the step ends, a checkpoint
+    is saved there whatever the checkpoint interval, the job stops with a retryable error, and the next attempt
+    resumes from that step into the run an uninterrupted one would have been. A second signal stops at once."""
+    from transformers import TrainerCallback
+
+    from lorasweep.config import operational
+    from lorasweep.resume import Stopped, retry_may_help
+
+    class SignalAt(TrainerCallback):
+        def __init__(self, sig, *steps):
+            self.sig, self.steps = sig, steps
+
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step in self.steps:
+                os.kill(os.getpid(), self.sig)
+
+    # no periodic checkpoint before step 12 (checkpoint_steps 100), and one long interval between any two
+    cfg = tiny_config(max_steps=12, checkpoint_steps=100, checkpoint_min_interval_s=3600, logging_steps=3, evals=2)
+    args = (run_spec(cfg, "lora-r8"), tiny_data["train"], tiny_data["eval"])
+    out = tmp_path / "stopped"
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Stopped, match="stopped by SIGTERM at step 5 of 12") as stopped:
+        train_run(*args, out, threads=2, operational=operational(cfg), callbacks=[SignalAt(signal.SIGTERM, 4)])
+    assert retry_may_help(stopped.value)
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is the process's again after training
+    assert [p.name for p in (out / "checkpoints").glob("checkpoint-*")] == ["checkpoint-5"]
+    assert not (out / "metrics.json").exists() and not (out / "model").exists()  # nothing that looks finished
+
+    m = train_run(*args, out, threads=2, operational=operational(cfg))
+    ref = train_run(*args, tmp_path / "reference", threads=2, operational=operational(cfg))
+    assert (m["resumed_from_step"], m["train_segments"], m["train_steps"]) == (5, 2, 12)
+    assert (m["train_samples"], m["train_tokens_nonpad"]) == (ref["train_samples"], ref["train_tokens_nonpad"])
+    assert m["train_loss"] == pytest.approx(ref["train_loss"], abs=1e-4)  # all 12 steps: step 5 was logged
+    assert m["eval_loss"] == pytest.approx(ref["eval_loss"], abs=1e-4)
+    assert [h["step"] for h in _history(out / "log_history.jsonl") if "loss" in h] == [3, 5, 6, 9, 12]
+
+    # Ctrl-C twice: the first asks for the checkpoint, the second interrupts at once (Python's KeyboardInterrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(*args, tmp_path / "interrupted", threads=2, operational=operational(cfg),
+                  callbacks=[SignalAt(signal.SIGINT, 2, 3)])
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert not list((tmp_path / "interrupted").glob("checkpoints/checkpoint-*"))
 
 
 def test_a_resumed_runs_machine_share_counts_its_earlier_segments():
