@@ -152,6 +152,13 @@ def check_dataset_file(config: dict, built: tuple[str, ...] = ()) -> None:
     from .data import is_local_source
 
     source = str(config["dataset"]["source"])
+    if Path(source).is_dir():  # datasets would read the files it holds, but the workflow could not follow them
+        found = sorted(p.name for p in Path(source).rglob("*") if p.is_file() and is_local_source(p.name))
+        raise ConfigError(f"dataset.source = {source!r} is a folder: name the data file in it ("
+                          + (", ".join(found[:5]) if found else "none found: a .json, .jsonl or .parquet file") + ")")
+    if config["dataset"].get("revision") and is_local_source(source):
+        raise ConfigError(f"dataset.revision = {config['dataset']['revision']!r} is for a hub dataset; "
+                          f"dataset.source = {source!r} is a local file: remove dataset.revision")
     if not is_local_source(source) and Path(source).is_file():
         raise ConfigError(f"dataset.source = {source!r}: a local file of a format lorasweep does not read; convert it "
                           "to .json (a list of records), .jsonl or .parquet with instruction / input / output fields")
@@ -159,6 +166,27 @@ def check_dataset_file(config: dict, built: tuple[str, ...] = ()) -> None:
         raise ConfigError(f"dataset.source = {source!r}: file not found (read from the working directory "
                           f"{Path.cwd()}); a local .json / .jsonl / .parquet in CodeAlpaca's format, or a Hugging "
                           "Face dataset id")
+
+
+def check_model_path(config: dict) -> None:
+    """``model.name_or_path`` written as a path (``/...``, ``./...``, ``../...``, ``~...``) must be a folder, unless a
+    rule builds it: otherwise it would be read as a hub id, and the first training job would fail after the data
+    step (or wait on the network) with an error about repository names. ``model.revision`` is a hub model's."""
+    model = config["model"]
+    name = str(model["name_or_path"])
+    if model.get("build_tiny"):
+        return
+    if name.startswith("~"):
+        raise ConfigError(f"model.name_or_path = {name!r}: write the path out ({str(Path(name).expanduser())!r}); "
+                          "a ~ is not expanded, and the name would be read as a hub id")
+    local = Path(name)
+    if name.startswith(("/", "./", "../")) and not local.is_dir():
+        raise ConfigError(f"model.name_or_path = {name!r}: " + ("a file, not a model folder" if local.exists() else
+                          f"folder not found (read from the working directory {Path.cwd()})") +
+                          "; a folder saved with save_pretrained, or a Hugging Face hub id such as facebook/opt-350m")
+    if model.get("revision") and local.is_dir():
+        raise ConfigError(f"model.revision = {model['revision']!r} is for a hub model; model.name_or_path = {name!r} "
+                          "is a local folder: remove model.revision")
 
 
 def _fill_defaults(instance: dict, schema: dict) -> None:
@@ -286,7 +314,7 @@ def run_spec(config: dict, name: str, seed: int | None = None) -> dict:
         "method": method,
         "rank": rank,
         "seed": seed,
-        "model": {k: config["model"][k] for k in ("name_or_path", "trust_remote_code")},
+        "model": {k: config["model"].get(k) for k in ("name_or_path", "revision", "trust_remote_code")},
         "training": {k: copy.deepcopy(v) for k, v in config["training"].items() if k not in OPERATIONAL_KEYS},
         "learning_rate": methods[method]["learning_rate"],
         "lora": None,
@@ -312,7 +340,8 @@ def run_spec(config: dict, name: str, seed: int | None = None) -> dict:
 
 # A run spec's settings besides its training keys, flattened: the same names for every run of every config, so that
 # a run's recorded settings do not change when other runs come or go (a full run's lora.* read null).
-SPEC_SETTINGS = ("run", "method", "rank", "seed", "learning_rate", "model.name_or_path", "model.trust_remote_code",
+SPEC_SETTINGS = ("run", "method", "rank", "seed", "learning_rate", "model.name_or_path", "model.revision",
+                 "model.trust_remote_code",
                  "lora.r", "lora.alpha", "lora.dropout", "lora.target_modules", "lora.init", "lora.use_rslora",
                  "lora.use_dora", "quantization.bits", "quantization.quant_type", "quantization.double_quant")
 
@@ -347,8 +376,30 @@ def flat_settings(spec: dict) -> dict:
     return {n: flat.get(n) for n in names}
 
 
-def setting_param(name: str, value) -> str:
-    """One setting as the workflow's Snakemake param: ``learning_rate=0.0002``."""
+# settings added after sweeps had been trained: recorded only once set, so that their arrival retrains nothing
+UNRECORDED_WHEN_UNSET = ("model.revision",)
+
+
+class Unrecorded:
+    """The Snakemake param of a setting in :data:`UNRECORDED_WHEN_UNSET` left unset: a value Snakemake cannot
+    represent, which its params trigger leaves out (it compares the set of the params' reprs, names aside), so that
+    the finished runs of a sweep trained before the setting existed stay finished. All are equal."""
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Unrecorded)
+
+    def __hash__(self) -> int:
+        return hash(Unrecorded)
+
+    def __repr__(self) -> str:
+        return "Unrecorded()"
+
+
+def setting_param(name: str, value):
+    """One setting as the workflow's Snakemake param: ``learning_rate=0.0002`` (:class:`Unrecorded` for a setting
+    of :data:`UNRECORDED_WHEN_UNSET` left unset)."""
+    if value is None and name in UNRECORDED_WHEN_UNSET:
+        return Unrecorded()
     return f"{name}={json.dumps(value)}"
 
 
@@ -363,6 +414,6 @@ def job_spec(smk) -> dict:
     expected = {setting_param(n, v) for n, v in flat_settings(spec).items()}
     if given and given != expected:
         raise ConfigError("this job's run settings differ from those the workflow recorded ("
-                          + ", ".join(sorted(given ^ expected)[:6]) + "): the script imports another lorasweep than "
+                          + ", ".join(sorted(map(str, given ^ expected))[:6]) + "): the script imports another lorasweep than "
                           "the Snakefile's? Install this checkout (pip install -e .) in the environment you run")
     return spec

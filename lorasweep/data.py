@@ -39,8 +39,9 @@ def is_local_source(source: str) -> bool:
     return str(source).lower().endswith(LOCAL_SUFFIXES)
 
 
-def load_records(source: str, split: str = "train") -> list[dict]:
-    """Records from a local JSON (a list of objects), JSONL or parquet file, or from a hub dataset id."""
+def load_records(source: str, split: str = "train", revision: str | None = None) -> list[dict]:
+    """Records from a local JSON (a list of objects), JSONL or parquet file, or from a hub dataset id (at its
+    ``revision``: a branch, tag or commit; None: main)."""
     if is_local_source(source):
         path = Path(source)
         if not path.is_file():
@@ -78,9 +79,10 @@ def load_records(source: str, split: str = "train") -> list[dict]:
         return data
     import datasets
 
-    log.info("loading dataset %s (split %s) with datasets.load_dataset", source, split)
+    log.info("loading dataset %s (split %s%s) with datasets.load_dataset", source, split,
+             f", revision {revision}" if revision else "")
     try:
-        ds = datasets.load_dataset(source, split=split)
+        ds = datasets.load_dataset(source, split=split, **({"revision": revision} if revision else {}))
     except Exception as e:  # noqa: BLE001
         raise DataError(
             f"dataset.source: could not load hub dataset {source!r} ({type(e).__name__}: {e}). "
@@ -187,9 +189,10 @@ def fingerprint(*paths: str | Path) -> str:
 
 
 def prepare(source: str, train_out: str | Path, eval_out: str | Path, summary_out: str | Path, *,
-            split: str = "train", eval_size: float = 0.05, fraction: float = 1.0, seed: int = 42) -> dict:
+            split: str = "train", eval_size: float = 0.05, fraction: float = 1.0, seed: int = 42,
+            revision: str | None = None) -> dict:
     """Load, check, format and split; write ``train.jsonl``, ``eval.jsonl`` and a summary JSON."""
-    raw = load_records(source, split)
+    raw = load_records(source, split, revision)
     kept, counts = check_records(raw)
     if counts["dropped_empty_output"]:
         log.info("dropped %d record(s) with an empty output", counts["dropped_empty_output"])
@@ -203,6 +206,7 @@ def prepare(source: str, train_out: str | Path, eval_out: str | Path, summary_ou
     drop_stale_caches(train_out, eval_out, sha)
     summary = {
         "source": str(source),
+        "revision": revision,
         **counts,
         "records_kept": len(kept),
         "fraction": fraction,

@@ -1,8 +1,11 @@
-"""Provenance of a run: package versions, hardware, workflow commit."""
+"""Provenance of a run: package versions, hardware, workflow commit, the model files it loaded."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
+import json
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -32,6 +35,70 @@ def git_state(path: str | Path | None = None) -> dict:
         return {"git_commit": commit, "git_dirty": dirty}
     except (OSError, subprocess.SubprocessError):
         return {"git_commit": None, "git_dirty": None}
+
+
+FINGERPRINTS = Path(".snakemake") / "lorasweep-fingerprints.json"  # the workflow's cache of file hashes
+
+
+def _file_sha256(path: Path, cache: dict) -> str:
+    """A file's sha256, from ``cache`` when the file's size, modification time and inode are those it was hashed
+    at (a copy or a checkout changes the time: it is hashed again, to the same value)."""
+    st = path.stat()
+    key = str(path.resolve())
+    stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
+    hit = cache.get(key)
+    if hit and hit.get("stamp") == stamp:
+        return hit["sha256"]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    cache[key] = {"stamp": stamp, "sha256": h.hexdigest()}
+    return cache[key]["sha256"]
+
+
+def files_fingerprint(folder: str | Path, cache_path: str | Path | None = FINGERPRINTS) -> str:
+    """sha256 over the files of a model folder, the ones ``from_pretrained`` reads (names, sizes and contents; not
+    its subfolders, such as a training run's checkpoints, nor hidden files): the same fingerprint, the same model. Each file's hash is kept in
+    ``cache_path`` (the workflow's ``.snakemake`` folder, when it exists), so that a model of gigabytes is read
+    once, not at every workflow start and in every job."""
+    folder = Path(folder)
+    cache_file = Path(cache_path) if cache_path is not None and Path(cache_path).parent.is_dir() else None
+    cache = {}
+    if cache_file is not None and cache_file.is_file():
+        try:
+            cache = json.loads(cache_file.read_text())
+        except (OSError, ValueError):
+            cache = {}
+    before = dict(cache)
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+        h.update(f"{path.name}\0{path.stat().st_size}\0{_file_sha256(path, cache)}\n".encode())
+    if cache_file is not None and cache != before:
+        from .resume import atomic_write_json
+
+        try:
+            atomic_write_json(cache_file.with_name(f"{cache_file.name}.{os.getpid()}"), cache)
+            os.replace(cache_file.with_name(f"{cache_file.name}.{os.getpid()}"), cache_file)
+        except OSError:  # a read-only workflow folder: no cache, the same fingerprint
+            pass
+    return h.hexdigest()
+
+
+def model_files(name_or_path: str, revision: str | None = None) -> dict:
+    """Where the model ``name_or_path`` loads from and what it is: a local folder, or the hub's cached snapshot
+    (its commit: the one ``revision``, or the hub's main, named when it was downloaded), with the fingerprint of
+    its files (:func:`files_fingerprint`). Call it after loading the model: a hub model is then cached."""
+    folder, commit = Path(name_or_path), None
+    if not folder.is_dir():
+        from huggingface_hub import try_to_load_from_cache
+
+        hit = try_to_load_from_cache(name_or_path, "config.json", revision=revision)
+        if not isinstance(hit, str):
+            return {"model_commit": None, "model_files_sha256": None}
+        folder = Path(hit).parent  # .../models--org--name/snapshots/<commit>
+        commit = folder.name
+    return {"model_commit": commit, "model_files_sha256": files_fingerprint(folder)}
 
 
 def hardware(device: str) -> dict:

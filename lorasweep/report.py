@@ -182,6 +182,29 @@ def commit_text(per_seed: pd.DataFrame) -> str:
     return text
 
 
+def model_text(per_seed: pd.DataFrame) -> str:
+    """The model, the revision asked for, and what the runs loaded: the hub commit and the fingerprint of its files,
+    each run's where they differ (an upstream update or new files under the same path between two runs' training),
+    which the text says outright: those runs did not fine-tune the same model."""
+    first = per_seed.iloc[0]
+    text = f"`{first['model']}`"
+    if isinstance(first.get("model_revision"), str):
+        text += f" at revision `{first['model_revision']}`"
+    if "model_files_sha256" not in per_seed:
+        return text  # runs trained before lorasweep recorded it
+    files = per_seed["model_files_sha256"].astype(object).fillna("unknown")
+    commits = per_seed.get("model_commit", pd.Series(None, index=per_seed.index)).astype(object)
+    groups = per_seed.groupby(files, sort=False)
+    label = {fp: (f"commit `{str(commits[g.index].dropna().iloc[0])[:10]}`, " if commits[g.index].notna().any() else "")
+             + f"files `{str(fp)[:12]}`" for fp, g in groups}
+    if len(label) == 1:
+        return text + f" ({next(iter(label.values()))})"
+    runs = {fp: ", ".join(dict.fromkeys(f"`{r}`" for r in g["run"])) for fp, g in groups}
+    return (text + ". **The runs loaded different model files**: " + "; ".join(f"{label[fp]}: {runs[fp]}" for fp in label)
+            + ". They did not fine-tune the same model, so their comparison is not like with like: retrain the "
+            "older ones (`--forcerun` their metrics.json), or pin `model.revision` to a commit")
+
+
 def hyperparameters(df: pd.DataFrame, per_seed: pd.DataFrame | None, cols: list[str]) -> pd.DataFrame:
     """One row per run of ``cols`` as each seed trained it, not averaged over seeds (a mean writes 0.1 as
     0.10000000000000002, and a batch one seed's out-of-memory retry halved as 6): a value all seeds share, else
@@ -236,7 +259,7 @@ def setup_section(ctx: dict) -> str:
     lines = [
         "## Setup",
         "",
-        f"- **Model**: `{first['model']}`",
+        f"- **Model**: {model_text(ctx.get('metrics_per_seed', df))}",
         f"- **Dataset**: `{data['source']}`: {data['records_read']:,} records read, "
         f"{data['dropped_empty_output']} dropped for an empty output, "
         + (f"{data['dropped_duplicates']:,} as exact repeats of another record, " if data.get("dropped_duplicates")

@@ -20,7 +20,7 @@ from pathlib import Path
 from .config import ConfigError
 from . import memory_model, speed
 from .memory import PeakMemory, rss_bytes
-from .provenance import MachineShare, git_state, hardware, hardware_label, package_versions
+from .provenance import MachineShare, git_state, hardware, hardware_label, model_files, package_versions
 from .resume import (EVAL_OOM_FILE, FAILED_FILE, OOM_FILE, StopOnSignal, Stopped, atomic_write_json, batch_after_oom,
                      find_resumable, logged_loss_sum, rebase_peaks, rebase_sums, record_eval_oom, record_oom,
                      refuse_after_eval_oom, resume_key)
@@ -75,7 +75,8 @@ def load_tokenizer(spec: dict):
 
     name = spec["model"]["name_or_path"]
     try:
-        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=spec["model"]["trust_remote_code"])
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=spec["model"]["trust_remote_code"],
+                                            **_revision(spec))
     except (OSError, ValueError) as e:
         raise ModelLoadError(_load_hint(name, "tokenizer", e)) from e
     if tok.pad_token is None:
@@ -83,12 +84,21 @@ def load_tokenizer(spec: dict):
     return tok
 
 
+def _revision(spec: dict) -> dict:
+    """``from_pretrained``'s revision argument where ``model.revision`` is set (a hub model's branch, tag or commit)."""
+    revision = spec["model"].get("revision")
+    return {"revision": revision} if revision else {}
+
+
 def _load_hint(name: str, what: str, e: Exception) -> str:
     where = "local directory" if os.path.isdir(name) else "hub id (or a local path that does not exist)"
     return (f"could not load the {what} from model.name_or_path = {name!r}, read as a {where}: "
             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n"
             "Without network access, download the model elsewhere (`hf download <id> --local-dir DIR`) and either set "
-            "model.name_or_path to that local directory or set HF_HUB_OFFLINE=1 to use the local Hugging Face cache.")
+            "model.name_or_path to that local directory or "
+            + ("put it in the local Hugging Face cache (HF_HUB_OFFLINE=1 is set: nothing is downloaded)."
+               if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+               else "set HF_HUB_OFFLINE=1 to use the local Hugging Face cache."))
 
 
 def load_model(spec: dict, device: str, precision: str):
@@ -98,7 +108,8 @@ def load_model(spec: dict, device: str, precision: str):
 
     name = spec["model"]["name_or_path"]
     # safetensors only: a pickle checkpoint (.bin) can run code when loaded
-    kwargs = {"dtype": torch.float32, "trust_remote_code": spec["model"]["trust_remote_code"], "use_safetensors": True}
+    kwargs = {"dtype": torch.float32, "trust_remote_code": spec["model"]["trust_remote_code"], "use_safetensors": True,
+              **_revision(spec)}
     q = spec["quantization"]
     if q:
         compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
@@ -659,6 +670,8 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         "method": spec["method"],
         "rank": spec["rank"],
         "model": spec["model"]["name_or_path"],
+        "model_revision": spec["model"].get("revision"),
+        **model_files(spec["model"]["name_or_path"], spec["model"].get("revision")),  # what it loaded, by content
         "device": device,
         "hardware": hardware_label(hw),
         "precision": precision,

@@ -1,4 +1,5 @@
 import copy
+import re
 
 import pytest
 import yaml
@@ -240,3 +241,58 @@ def test_a_job_computing_other_settings_than_the_workflow_recorded_stops():
     params["setting_4"] = setting_param("learning_rate", 0.1)
     with pytest.raises(ConfigError, match="differ from those the workflow recorded .*learning_rate=0.1"):
         job_spec(smk)
+
+
+def test_a_model_path_that_is_not_a_folder_and_a_dataset_folder_are_named_before_any_job(tmp_path, monkeypatch):
+    """A model written as a path that does not exist would be read as a hub id, and fail in the first training job
+    (after the data step, or after the network's retries) with an error about repository names; a dataset folder
+    would be read by datasets but not followed by the workflow; a revision belongs to a hub id."""
+    from lorasweep.config import check_dataset_file, check_model_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "opt-350m").mkdir()
+    (tmp_path / "weights.safetensors").write_bytes(b"")
+    for name, error in (("./opt-35Om", "folder not found"), ("/nowhere/opt-350m", "folder not found"),
+                        ("../opt-350m", "folder not found"), ("./weights.safetensors", "a file, not a model folder"),
+                        ("~/opt-350m", "write the path out")):
+        with pytest.raises(ConfigError, match=f"model.name_or_path = '{re.escape(name)}': {error}"):
+            check_model_path({"model": {"name_or_path": name}})
+    for fine in ("./opt-350m", "opt-350m", "facebook/opt-350m", str(tmp_path / "opt-350m")):
+        check_model_path({"model": {"name_or_path": fine}})
+    check_model_path({"model": {"name_or_path": "./built-later", "build_tiny": {"hidden_size": 64}}})  # a rule builds it
+    check_model_path({"model": {"name_or_path": "facebook/opt-350m", "revision": "a1b2c3"}})
+    with pytest.raises(ConfigError, match="model.revision = 'main' is for a hub model"):
+        check_model_path({"model": {"name_or_path": "./opt-350m", "revision": "main"}})
+
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "code_alpaca.json").write_text("[]")
+    with pytest.raises(ConfigError, match=r"dataset.source = 'ds' is a folder: name the data file in it "
+                                          r"\(code_alpaca.json\)"):
+        check_dataset_file({"dataset": {"source": "ds"}})
+    with pytest.raises(ConfigError, match="dataset.revision = 'v1' is for a hub dataset"):
+        check_dataset_file({"dataset": {"source": "ds/code_alpaca.json", "revision": "v1"}})
+
+
+def test_an_unset_revision_is_no_param_snakemake_records_and_a_set_one_is():
+    """model.revision came after sweeps had been trained: unset, its param is one Snakemake's params trigger leaves
+    out (it compares the set of the params' reprs), so its arrival retrains no finished run; set, it is a setting
+    like the others. The job's own check of its settings accepts both."""
+    from types import SimpleNamespace
+
+    from snakemake.persistence import UNREPRESENTABLE, PersistenceBase
+
+    from lorasweep.config import Unrecorded, flat_settings, job_spec, setting_param
+
+    assert setting_param("model.revision", None) == Unrecorded()
+    stored = [PersistenceBase._serialize_param_builtin(None, v) for v in (Unrecorded(), None, "lora.r=null")]
+    assert stored == [UNREPRESENTABLE, "None", "'lora.r=null'"]  # how Snakemake records params: left out, recorded
+    assert setting_param("model.revision", "a1b2c3") == 'model.revision="a1b2c3"'
+    assert setting_param("lora.r", None) == "lora.r=null"  # the settings that were always there stay recorded
+    cfg = load_config(REPO / "config" / "config.yaml")
+    for revision in (None, "a1b2c3"):
+        cfg["model"]["revision"] = revision
+        spec = run_spec(cfg, "full")
+        assert spec["model"]["revision"] == revision
+        params = {f"setting_{i}": setting_param(n, v) for i, (n, v) in enumerate(flat_settings(spec).items())}
+        smk = SimpleNamespace(config=cfg, wildcards=SimpleNamespace(run="full", seed=str(spec["seed"])), params=params)
+        assert job_spec(smk) == spec

@@ -531,6 +531,50 @@ def test_a_hub_id_offline_points_at_a_local_copy(tiny_config, monkeypatch):
     assert "local directory" in str(e.value)
 
 
+def test_a_hub_model_loads_offline_from_the_cache_at_its_revision_and_records_the_commit(tiny_model, tmp_path):
+    """The hub-id path, without the hub: a Hugging Face cache holding two commits of `facebook/opt-350m` (main at
+    the newer). Unpinned, the model and tokenizer load main's snapshot; `model.revision` pinned to the older commit
+    loads that one; each records its commit and the fingerprint of the files it loaded."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    repo = tmp_path / "hub" / "models--facebook--opt-350m"
+    old, new = "1" * 40, "2" * 40
+    for commit in (old, new):
+        shutil.copytree(tiny_model, repo / "snapshots" / commit)
+    weights = repo / "snapshots" / new / "model.safetensors"
+    tensors = load_file(weights)
+    tensors = {k: v + 1 if k.endswith("q_proj.weight") else v for k, v in tensors.items()}  # the upstream update
+    save_file(tensors, weights, metadata={"format": "pt"})
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(new)
+    probe = (
+        "import json, sys\n"
+        "from lorasweep.provenance import model_files\n"
+        "from lorasweep.train import load_model, load_tokenizer\n"
+        "revision = sys.argv[1] or None\n"
+        "spec = {'model': {'name_or_path': 'facebook/opt-350m', 'revision': revision, 'trust_remote_code': False},\n"
+        "        'quantization': None}\n"
+        "load_tokenizer(spec)\n"
+        "model = load_model(spec, 'cpu', 'fp32')\n"
+        "q = next(p for n, p in model.named_parameters() if n.endswith('q_proj.weight'))\n"
+        "print(json.dumps({**model_files('facebook/opt-350m', revision), 'q': q.flatten()[0].item()}))\n")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    seen = {}
+    for revision in ("", old):
+        out = subprocess.run([sys.executable, "-c", probe, revision], env=env, capture_output=True, text=True,
+                             cwd=tmp_path, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        seen[revision] = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen[""]["model_commit"] == new and seen[old]["model_commit"] == old
+    assert seen[""]["model_files_sha256"] != seen[old]["model_files_sha256"]
+    assert seen[""]["q"] == pytest.approx(seen[old]["q"] + 1)  # main's weights, and the pinned commit's
+    first = tensors[next(k for k in tensors if k.endswith("q_proj.weight"))].flatten()[0].item()
+    assert seen[""]["q"] == pytest.approx(first)
+
+
 def test_logging_follows_stderr_and_a_scripts_log_file_is_let_go_on_the_way_out(tmp_path, monkeypatch):
     """A process that goes on after a script's logging (a test, a notebook) or swaps its stderr (pytest's
     capture) must not be left with handlers that write to a closed stream."""

@@ -986,3 +986,25 @@ def test_a_resumed_run_is_named_in_the_findings():
     assert note.startswith("**Runs resumed after a crash or a kill**: `qlora-r8`: 2 segments, the last from step 50.")
     assert F.resumed(df.assign(train_segments=[1, 1])) is None
     assert F.resumed(df.drop(columns=["train_segments"])) is None  # runs from before it was recorded
+
+
+def test_the_setup_names_the_model_files_and_says_outright_when_runs_loaded_different_ones():
+    """An upstream update (or new files under a local path) between two runs' training: the runs did not fine-tune
+    the same model, and the report's setup says so, naming which run loaded what."""
+    import pandas as pd
+
+    from lorasweep.report import model_text
+
+    same = pd.DataFrame({"run": ["full", "lora-r8"], "model": "facebook/opt-350m", "model_revision": None,
+                         "model_commit": "c0ffee" * 6 + "ab", "model_files_sha256": "f" * 64})
+    assert model_text(same) == "`facebook/opt-350m` (commit `c0ffeec0ff`, files `ffffffffffff`)"
+    mixed = same.assign(model_commit=["c0ffee" * 6 + "ab", "beef" * 10], model_files_sha256=["f" * 64, "e" * 64])
+    text = model_text(mixed)
+    assert "**The runs loaded different model files**" in text
+    assert "commit `c0ffeec0ff`, files `ffffffffffff`: `full`" in text
+    assert "commit `beefbeefbe`, files `eeeeeeeeeeee`: `lora-r8`" in text
+    assert "pin `model.revision`" in text
+    pinned = same.assign(model_revision="c0ffee" * 6 + "ab")
+    assert model_text(pinned).startswith(f"`facebook/opt-350m` at revision `{'c0ffee' * 6}ab` (commit `c0ffeec0ff`")
+    old = same.drop(columns=["model_commit", "model_files_sha256"])  # runs trained before lorasweep recorded them
+    assert model_text(old) == "`facebook/opt-350m`"

@@ -95,6 +95,33 @@ def test_a_local_dataset_is_known_by_its_content_not_its_time_stamp(tmp_path):
     assert "Params have changed since last execution" in planned
 
 
+def test_a_local_model_is_known_by_its_content_and_each_run_records_what_it_loaded(tmp_path, tiny_model):
+    """New weights or a new tokenizer under the same local path retrain the runs (before, nothing did: the path was
+    the only setting); a copy or a touch of its files retrains none. The run records the files' fingerprint."""
+    import shutil
+
+    from lorasweep.provenance import files_fingerprint
+
+    model = tmp_path / "my-model"
+    shutil.copytree(tiny_model, model)
+    (tmp_path / "local.yaml").write_text("model: {name_or_path: my-model, build_tiny: null}\n"
+                                         "training: {max_steps: 2, evals: 1, logging_steps: 1}\n")
+    target = "results/runs/full/seed0/metrics.json"
+    args = (target, "--cores", 2, "--resources", "gpu=1", "--configfile", REPO / "config" / "tiny.yaml", "local.yaml")
+    run_snakemake(*args, workdir=tmp_path)
+    m = json.loads((tmp_path / target).read_text())
+    assert m["model_files_sha256"] == files_fingerprint(model, None) and m["model_commit"] is None
+    for f in model.iterdir():
+        later = f.stat().st_mtime + 60
+        os.utime(f, (later, later))
+    assert "Nothing to be done" in run_snakemake("-n", *args, workdir=tmp_path).stdout
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "dropout": 0.05}))  # another model, same path
+    planned = run_snakemake("-n", *args, workdir=tmp_path).stdout
+    assert re.findall(r"^rule (\w+):", planned, re.M) == ["train"], planned[-2000:]
+    assert "Params have changed since last execution" in planned and "model_files_sha256=" in planned
+
+
 def test_every_figure_file_is_asked_for_so_that_a_deleted_svg_is_drawn_again(tmp_path):
     """Snakemake reruns a job for the missing outputs something asks for: the report reads the PNGs, and `all`
     the SVGs, or a deleted SVG would never come back ("Nothing to be done")."""

@@ -8,15 +8,17 @@ from snakemake.exceptions import WorkflowError
 from snakemake.logging import logger
 
 import lorasweep
-from lorasweep.config import (ConfigError, check_dataset_file, flat_settings, run_names, run_spec, seeds,
-                              setting_names, setting_param, validate_config)
+from lorasweep.config import (ConfigError, Unrecorded, check_dataset_file, check_model_path, flat_settings, run_names,
+                              run_spec, seeds, setting_names, setting_param, validate_config)
 from lorasweep.data import fingerprint, is_local_source
+from lorasweep.provenance import files_fingerprint
 
 TINY_DATASET = "results/tiny/code_alpaca_tiny.json"  # the tiny_dataset rule's output (config/tiny.yaml's source)
 
 try:
     validate_config(config)  # fills defaults in place; every error names its key and what is allowed
     check_dataset_file(config, built=(TINY_DATASET,))
+    check_model_path(config)
 except ConfigError as e:
     raise WorkflowError(str(e)) from None
 
@@ -74,8 +76,17 @@ def run_files(name, runs=None, seeds=None):
 
 
 def get_model_input(wildcards):
-    """The locally built tiny model is a workflow output; a hub id or existing local model is not."""
+    """The locally built tiny model is a workflow output; a hub id or existing local model is not (a local model is
+    known by its content: MODEL_FILES_SHA256)."""
     return [config["model"]["name_or_path"]] if config["model"]["build_tiny"] else []
+
+
+# the content of a local model folder (the files from_pretrained reads) as the train rule's param: new weights or a
+# new tokenizer under the same path retrain every run, a copy or a touch retrains none. A hub model is named by
+# model.revision (pin a commit); each run records the commit and the files' fingerprint it loaded.
+_model = str(config["model"]["name_or_path"])
+MODEL_FILES_SHA256 = (files_fingerprint(_model) if not config["model"]["build_tiny"] and os.path.isdir(_model)
+                      else None)
 
 
 def get_dataset_input(wildcards):

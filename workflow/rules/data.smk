@@ -24,6 +24,7 @@ rule prepare_data:
         source_sha256=DATASET_SHA256,
         # a hub dataset's split; a local file has none (a changed split would otherwise retrain every run)
         split=None if is_local_source(config["dataset"]["source"]) else config["dataset"]["split"],
+        revision=config["dataset"]["revision"],
         fraction=config["dataset"]["fraction"],
         eval_size=config["dataset"]["eval_size"],
         seed=config["seed"],

@@ -14,6 +14,7 @@ rule train:
         model=directory("results/runs/{run}/seed{seed}/model"),
     params:
         **RUN_SETTINGS,
+        model_files=f"model_files_sha256={MODEL_FILES_SHA256}" if MODEL_FILES_SHA256 else Unrecorded(),
     log:
         "logs/train/{run}/seed{seed}.log",
     benchmark:
