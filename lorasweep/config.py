@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import os
 from pathlib import Path
 
 import yaml
@@ -187,6 +188,24 @@ def check_model_path(config: dict) -> None:
     if model.get("revision") and local.is_dir():
         raise ConfigError(f"model.revision = {model['revision']!r} is for a hub model; model.name_or_path = {name!r} "
                           "is a local folder: remove model.revision")
+
+
+def check_offline_model_cached(config: dict) -> None:
+    """With ``HF_HUB_OFFLINE`` set, a hub model must be in the local Hugging Face cache: otherwise every training
+    job would fail at its start, after the data step (the workflow's main process checks, before any job)."""
+    model = config["model"]
+    name = str(model["name_or_path"])
+    if (model.get("build_tiny") or Path(name).is_dir()
+            or os.environ.get("HF_HUB_OFFLINE", "").upper() not in ("1", "ON", "YES", "TRUE")):
+        return
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(name, "config.json", revision=model.get("revision")), str):
+        at = f" at revision {model['revision']!r}" if model.get("revision") else ""
+        raise ConfigError(f"model.name_or_path = {name!r}{at} is not in the local Hugging Face cache "
+                          f"({constants.HF_HUB_CACHE}), and HF_HUB_OFFLINE=1 forbids downloading it: download it where "
+                          "there is network (`hf download <id>` fills the cache; `--local-dir DIR` makes a folder to "
+                          "point model.name_or_path at), or point HF_HOME / HF_HUB_CACHE at the cache that holds it")
 
 
 def _fill_defaults(instance: dict, schema: dict) -> None:

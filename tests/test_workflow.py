@@ -122,6 +122,24 @@ def test_a_local_model_is_known_by_its_content_and_each_run_records_what_it_load
     assert "Params have changed since last execution" in planned and "model_files_sha256=" in planned
 
 
+def test_offline_a_hub_model_missing_from_the_cache_stops_before_any_job(tmp_path, tiny_model):
+    """HF_HUB_OFFLINE=1 and the default experiment's hub model not cached: every training job would fail after the
+    data step; the workflow stops before any job, naming the key and the cache. Cached, it plans the sweep."""
+    import shutil
+
+    env = {**offline_env(tmp_path), "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    args = ("-n", "--cores", 4, "--resources", "gpu=1", "--configfile", REPO / "config" / "config.yaml")
+    proc = run_snakemake(*args, workdir=tmp_path, env=env, check=False)
+    assert proc.returncode != 0
+    assert (f"model.name_or_path = 'facebook/opt-350m' is not in the local Hugging Face cache ({tmp_path / 'hub'}), "
+            "and HF_HUB_OFFLINE=1 forbids downloading it") in proc.stdout + proc.stderr
+    repo = tmp_path / "hub" / "models--facebook--opt-350m"
+    shutil.copytree(tiny_model, repo / "snapshots" / ("a" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    assert job_stats(run_snakemake(*args, workdir=tmp_path, env=env).stdout)["train"] == 5
+
+
 def test_every_figure_file_is_asked_for_so_that_a_deleted_svg_is_drawn_again(tmp_path):
     """Snakemake reruns a job for the missing outputs something asks for: the report reads the PNGs, and `all`
     the SVGs, or a deleted SVG would never come back ("Nothing to be done")."""

@@ -8,8 +8,8 @@ from snakemake.exceptions import WorkflowError
 from snakemake.logging import logger
 
 import lorasweep
-from lorasweep.config import (ConfigError, Unrecorded, check_dataset_file, check_model_path, flat_settings, run_names,
-                              run_spec, seeds, setting_names, setting_param, validate_config)
+from lorasweep.config import (ConfigError, Unrecorded, check_dataset_file, check_model_path, check_offline_model_cached,
+                              flat_settings, run_names, run_spec, seeds, setting_names, setting_param, validate_config)
 from lorasweep.data import fingerprint, is_local_source
 from lorasweep.provenance import files_fingerprint
 
@@ -19,6 +19,7 @@ try:
     validate_config(config)  # fills defaults in place; every error names its key and what is allowed
     check_dataset_file(config, built=(TINY_DATASET,))
     check_model_path(config)
+    check_offline_model_cached(config)
 except ConfigError as e:
     raise WorkflowError(str(e)) from None
 
