@@ -594,8 +594,8 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
     if recorder.stopped_at is not None:
         memory.stop()
         raise Stopped(f"stopped by {recorder.stop.requested} at step {recorder.stopped_at} of {steps}, after saving "
-                      f"checkpoint-{recorder.stopped_at} in {out_dir / 'checkpoints'}: the next attempt (Snakemake's "
-                      "retry, or snakemake run again) resumes from it")
+                      f"checkpoint-{recorder.stopped_at} in {out_dir / 'checkpoints'}: the next attempt resumes from it "
+                      "(Snakemake's retry; after Ctrl-C, snakemake run again with --rerun-incomplete)")
     mem = memory.read()
     for k, v in (resumed or {}).get("peaks", {}).items():  # a resumed run's peak is the peak of all its segments
         mem[k] = max(mem.get(k) or 0, v)
