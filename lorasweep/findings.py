@@ -4,7 +4,8 @@ Comparisons of eval loss are *paired*: every run is scored on the same held-out 
 difference between two runs is estimated from per-example differences (``results/eval_losses.csv``),
 with a 95% confidence interval. When the interval contains zero the report says the runs are not
 distinguishable instead of ranking them. With one training seed the interval covers the sampling of
-eval examples only; with replicate seeds (``seeds: [0, 1, 2]``) every figure is the mean over seeds and
+eval examples only; with replicate seeds (``seeds: [0, 1, 2]``) a run's figures are its means over seeds (its
+perplexity that of the mean loss, its rates pooled: :func:`by_run`), ± the seeds' sample sd (n - 1), and
 the interval also covers seed-to-seed variation: its half-width is
 sqrt((t_n se_examples)^2 + (t se_seeds)^2), with t the 97.5% Student quantile for the seeds' degrees
 of freedom (12.7 for two seeds: two seeds say little, and the interval says so) and t_n that for the n eval
@@ -12,7 +13,8 @@ examples' (n - 1; 2.02 for 40 examples, 1.96 for thousands).
 
 Timings and memory are one measurement per run (the mean over seeds with replicates); differences
 smaller than ``TIME_TOL`` and ``MEM_TOL`` (relative) are called "about the same", and on the CPU resident-memory
-differences under ``RSS_NOISE_BYTES`` too (the measure's own rerun noise).
+differences under ``RSS_NOISE_BYTES`` too (the measure's own rerun noise); larger ones inside the seeds' spread
+are "not distinguishable from the seeds' spread".
 """
 
 from __future__ import annotations
@@ -129,16 +131,18 @@ def seed_tol(m: pd.DataFrame, col: str, a: str, b: str, tol: float) -> tuple[flo
 def spread_text(m: pd.DataFrame, col: str, b: str, a: str, tol: float, more: str, less: str,
                 noise: str | None = None) -> str:
     """:func:`ratio_text` of run ``b`` against run ``a`` in column ``col`` with the tolerance ``tol`` (itself widened
-    by the measure's ``noise``, when given, in words) and by the seeds' spread (:func:`seed_tol`); "about the same"
-    says which of them made it so when the relative difference is beyond the base tolerance."""
+    by the measure's ``noise``, when given, in words) and by the seeds' spread (:func:`seed_tol`). A difference
+    beyond the measure's tolerance that only the seeds' spread covers is "not distinguishable from the seeds'
+    spread (+718.1%)", not "about the same"; one inside the measure's noise says so."""
     new, old = m.loc[b, col], m.loc[a, col]
     eff, widened = seed_tol(m, col, a, b, tol)
     text = ratio_text(new, old, eff, more, less)
     base = MEM_TOL if noise else tol
     if text.startswith("about the same") and old and abs(new / old - 1) >= base:
-        why = "within the seeds' spread" if widened else f"within the measure's noise, {noise}" if noise else ""
-        if why:
-            text = text[:-1] + f": {why})"
+        if widened and abs(new / old - 1) >= tol:  # beyond the measure's tolerance: only the seeds' spread covers it
+            return f"not distinguishable from the seeds' spread ({new / old - 1:+.1%})"  # not "about the same"
+        if noise:
+            text = text[:-1] + f": within the measure's noise, {noise})"
     return text
 
 
@@ -156,13 +160,21 @@ def time_text(m: pd.DataFrame, col: str, b: str, a: str, more: str, less: str) -
 
 # a seed whose loss is not a number (a diverged run) makes the run's mean not a number: never averaged away
 STRICT_MEAN = ("eval_loss", "eval_perplexity", "base_eval_loss", "train_loss", "train_loss_last")
+# rates over train_runtime_s (a count over the runtime; MFU is tokens/s scaled): a run's is pooled over its seeds
+RATES = ("train_samples_per_s", "train_steps_per_s", "train_tokens_nonpad_per_s", "mfu_pct")
 
 
 def by_run(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per run: the mean over training seeds of every numeric column, ``<column>_sd`` its standard
-    deviation across seeds (NaN with one seed), ``n_seeds`` and ``seeds``. Run order is kept; a table that
+    """One row per run: the mean over training seeds of every numeric column, ``<column>_sd`` its sample standard
+    deviation across seeds (n - 1; NaN with one seed), ``n_seeds`` and ``seeds``. Run order is kept; a table that
     is already one row per run is returned unchanged apart from those columns. The losses (``STRICT_MEAN``)
-    of a run with a seed whose loss is NaN are NaN; other columns average the seeds that have a value."""
+    of a run with a seed whose loss is NaN are NaN; other columns average the seeds that have a value.
+
+    Two columns are not plain means: ``eval_perplexity`` is exp of the mean eval loss, and the rates (``RATES``)
+    are pooled: the seeds' summed counts over their summed ``train_runtime_s`` (the runtime-weighted mean of the
+    seeds' rates), so that a rate is the rate of the mean runtime beside it (the mean of 56 and 3.5 steps/s
+    would say 30 steps/s beside a mean runtime that takes 6.6); their ``_sd`` is still the sd of the seeds'
+    own rates."""
     if "n_seeds" in df:
         return df
     if "seed" not in df:
@@ -179,6 +191,14 @@ def by_run(df: pd.DataFrame) -> pd.DataFrame:
         mean[strict] = mean[strict].mask(g[strict].agg(lambda s: s.isna().any()).astype(bool))
     if {"eval_perplexity", "eval_loss"} <= set(numeric):  # the perplexity of the loss shown beside it, exp(mean),
         mean["eval_perplexity"] = np.exp(mean["eval_loss"])  # not the mean of the seeds' perplexities
+    if "train_runtime_s" in numeric:
+        for c in [c for c in RATES if c in numeric]:
+            both = df[c].notna() & df["train_runtime_s"].notna()
+            runtime = df["train_runtime_s"].where(both)
+            gr = (df[c] * runtime).groupby(df["run"], sort=False)
+            pooled = gr.sum(min_count=1) / runtime.groupby(df["run"], sort=False).sum(min_count=1)
+            several = both.groupby(df["run"], sort=False).sum() > 1  # one seed: its own rate, unchanged
+            mean[c] = pooled.where(several, mean[c]).reindex(mean.index)
     seeds = g["seed"].apply(lambda s: ",".join(str(int(v)) for v in s)).rename("seeds")
     # one concat, not a column at a time (pandas warns of a fragmented frame on wide metrics tables)
     out = pd.concat([*([g[other].first()] if other else []), mean, sd, g.size().rename("n_seeds"),
@@ -187,11 +207,13 @@ def by_run(df: pd.DataFrame) -> pd.DataFrame:
                               *sd.columns]]
 
 
-def pm(r: pd.Series, col: str, fmt: str = "{:.4f}") -> str:
-    """'1.2345' for one seed, '1.2345 ± 0.0123' (sd over seeds) with replicates."""
-    v = fmt.format(r[col])
+def pm(r: pd.Series, col: str, fmt="{:.4f}") -> str:
+    """'1.2345' for one seed, '1.2345 ± 0.0123' (the sample sd over seeds, n - 1) with replicates. ``fmt``: a format
+    string or a function of the value (``mib``)."""
+    show = fmt if callable(fmt) else fmt.format
+    v = show(r[col])
     sd = r.get(f"{col}_sd")
-    return v if sd is None or pd.isna(sd) else f"{v} ± {fmt.format(sd)}"
+    return v if sd is None or pd.isna(sd) else f"{v} ± {show(sd)}"
 
 
 def lora_runs(df: pd.DataFrame, method: str = "lora") -> list[tuple[int, str]]:
@@ -287,20 +309,25 @@ def best_run(df: pd.DataFrame, losses: Losses) -> str:
     order = df.sort_values("eval_loss")["run"].tolist()
     best = order[0]
     ties = [r for r in order[1:] if (d := losses.diff(r, best)) is not None and not d["distinguishable"]]
-    ev = df.set_index("run")["eval_loss"]
-    ppl = df.set_index("run")["eval_perplexity"][best] if "eval_perplexity" in df else perplexity(ev[best])
-    text = f"**Lowest eval loss: `{best}`** ({ev[best]:.4f}, perplexity {ppl:.2f})"
+    m = df.set_index("run")
+    ev = m["eval_loss"]
+    ppl = m["eval_perplexity"][best] if "eval_perplexity" in df else perplexity(ev[best])
+    seeds = "n_seeds" in m and m["n_seeds"].max() > 1
+    text = (f"**Lowest eval loss: `{best}`** ({pm(m.loc[best], 'eval_loss')}"
+            + (", mean ± sd over seeds" if seeds else "") + f"; perplexity {ppl:.2f}"
+            + (", that of the mean loss" if seeds else "") + ")")
     if ties:
-        return text + (", but " + ", ".join(f"`{r}` ({ev[r]:.4f})" for r in ties) +
+        return text + (", but " + ", ".join(f"`{r}` ({pm(m.loc[r], 'eval_loss')})" for r in ties) +
                        (" is" if len(ties) == 1 else " are") + " not distinguishable from it "
                        "(95% paired interval contains zero): too close to call.")
     if len(order) > 1:
         second = order[1]
         d = losses.diff(second, best)
         if d is not None:
-            return text + f"; the next best, `{second}` ({ev[second]:.4f}), is higher by " \
+            return text + f"; the next best, `{second}` ({pm(m.loc[second], 'eval_loss')}), is higher by " \
                           f"{d['diff']:.4f} ± {d['half']:.4f} (95% paired interval)."
-        return text + f"; next: `{second}` ({ev[second]:.4f}) (no per-example losses: significance unknown)."
+        return text + (f"; next: `{second}` ({pm(m.loc[second], 'eval_loss')}) (no per-example losses: significance "
+                       "unknown).")
     return text + "."
 
 
@@ -314,7 +341,9 @@ def learning(df: pd.DataFrame, losses: Losses) -> str:
             flat.append(r["run"])
         elif d is not None and d["diff"] > 0:
             worse.append(r["run"])
-    text = "**Every run against its untrained starting point** (eval loss before → after): " + "; ".join(parts) + "."
+    means = ", means over seeds" if "n_seeds" in df and df["n_seeds"].max() > 1 else ""
+    text = (f"**Every run against its untrained starting point** (eval loss before → after{means}): "
+            + "; ".join(parts) + ".")
     if flat:
         text += " No measurable improvement for " + ", ".join(f"`{r}`" for r in flat) + "."
     if worse:
@@ -324,21 +353,50 @@ def learning(df: pd.DataFrame, losses: Losses) -> str:
     return text
 
 
-def timing_caveat(suspect: set, runs) -> str:
-    """What follows a timing comparison of ``runs`` when some were timed on a busy machine or a shared GPU."""
-    busy = [f"`{r}`" for r in runs if r in suspect]
-    return f" (not comparable: {' and '.join(busy)} timed on a busy machine or a shared GPU)" if busy else ""
+def _and(items: list[str]) -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def rank_steps(df: pd.DataFrame, losses: Losses, method: str = "lora", suspect: set | None = None) -> list[str]:
+def suspect_text(suspect, runs) -> str:
+    """Which of ``runs`` were timed under another load, each with its cause as recorded (``suspect``:
+    :func:`timing_causes`): "`a` and `b` timed on a busy machine, other processes taking up to 72% and 74% of the
+    CPU respectively; `c` timed beside up to 3 other training jobs on its GPU". Empty when none was."""
+    causes = suspect if isinstance(suspect, dict) else {r: {} for r in suspect}
+    runs = list(dict.fromkeys(r for r in runs if r in causes))
+    parts = []
+    busy = [r for r in runs if "cpu" in causes[r]]
+    if busy:
+        shares = _and([f"{causes[r]['cpu']:.0f}%" for r in busy])
+        parts.append(f"{_and([f'`{r}`' for r in busy])} timed on a busy machine, other processes taking up to "
+                     f"{shares} of the CPU" + (" respectively" if len(busy) > 1 else ""))
+    gpu = [r for r in runs if "gpu" in causes[r]]
+    if gpu:
+        jobs = _and([str(causes[r]["gpu"]) for r in gpu])
+        parts.append(f"{_and([f'`{r}`' for r in gpu])} timed beside up to {jobs} other training job(s) on "
+                     + ("their GPU respectively" if len(gpu) > 1 else "its GPU"))
+    unknown = [r for r in runs if not causes[r]]  # a set of runs, causes not given
+    if unknown:
+        parts.append(f"{_and([f'`{r}`' for r in unknown])} timed on a busy machine or a shared GPU")
+    return "; ".join(parts)
+
+
+def timing_caveat(suspect, runs) -> str:
+    """What follows a timing comparison of ``runs`` when some were timed on a busy machine or beside other jobs on
+    their GPU (``suspect``: :func:`timing_causes`), naming each one's cause."""
+    text = suspect_text(suspect, runs)
+    return f" (not comparable: {text})" if text else ""
+
+
+def rank_steps(df: pd.DataFrame, losses: Losses, method: str = "lora", suspect: dict | set | None = None) -> list[str]:
     """What each step up in rank bought (loss) and cost (time, memory, parameters). ``suspect``: runs timed on
-    a busy machine or a shared GPU (:func:`timing_suspect` of the per-seed table)."""
+    a busy machine or a shared GPU, with the cause (:func:`timing_causes` of the per-seed table)."""
     runs = lora_runs(df, method)
     if len(runs) < 2:
         return []
     m = df.set_index("run")
     mem, mem_name = memory_measure(df)
-    suspect = timing_suspect(df) if suspect is None else suspect
+    suspect = timing_causes(df) if suspect is None else suspect
     out, gains = [], []
     for (r1, a), (r2, b) in zip(runs, runs[1:]):
         loss_text, real = _loss_change(losses, a, b, df)
@@ -395,11 +453,11 @@ def returns_verdict(gains: list[tuple[int, int, float, bool | None, float | None
     return "Rank steps: " + ", ".join(f"r={g[0]} → {g[1]}: {g[2]:+.4f}" for g in gains) + " (significance unknown)."
 
 
-def quantization(df: pd.DataFrame, losses: Losses, suspect: set | None = None) -> list[str]:
+def quantization(df: pd.DataFrame, losses: Losses, suspect: dict | set | None = None) -> list[str]:
     """What 4-bit quantization saved and cost: qlora-rN against lora-rN (same adapter settings)."""
     m = df.set_index("run")
     mem, mem_name = memory_measure(df)
-    suspect = timing_suspect(df) if suspect is None else suspect
+    suspect = timing_causes(df) if suspect is None else suspect
     out = []
     for rank, q in lora_runs(df, "qlora"):
         lo = q[1:]  # qlora-r8 -> lora-r8, qlora-r8-rslora -> lora-r8-rslora
@@ -436,9 +494,9 @@ def quantization(df: pd.DataFrame, losses: Losses, suspect: set | None = None) -
     return out
 
 
-def full_finetuning(df: pd.DataFrame, losses: Losses, suspect: set | None = None) -> list[str]:
+def full_finetuning(df: pd.DataFrame, losses: Losses, suspect: dict | set | None = None) -> list[str]:
     m = df.set_index("run")
-    suspect = timing_suspect(df) if suspect is None else suspect
+    suspect = timing_causes(df) if suspect is None else suspect
     if "full" not in m.index:
         return []
     mem, mem_name = memory_measure(df)
@@ -460,7 +518,10 @@ def full_finetuning(df: pd.DataFrame, losses: Losses, suspect: set | None = None
     measured = [r for r in others if r not in no_mem]
     spread = {r: seed_tol(m, mem, "full", r, mem_tol(mem, m.loc["full", mem])) for r in measured}
     tol = {r: t for r, (t, _) in spread.items()}
-    tol_text = mem_tol_text(mem) + (" or the seeds' spread" if any(w for _, w in spread.values()) else "")
+    widened = any(w for _, w in spread.values())
+    tol_text = mem_tol_text(mem) + (" or the seeds' spread" if widened else "")
+    same = "not distinguishable from" if widened else "about the same as"  # +18% is not "about the same"
+    every = "any" if widened else "every"
     lighter = [r for r in measured if m.loc[r, mem] < m.loc["full", mem] * (1 - tol[r])]
     heavier = [r for r in measured if m.loc[r, mem] > m.loc["full", mem] * (1 + tol[r])]
     within = [r for r in measured if r not in lighter and r not in heavier]
@@ -470,9 +531,9 @@ def full_finetuning(df: pd.DataFrame, losses: Losses, suspect: set | None = None
     elif not measured:
         mem_sentence = f"Its {mem_name} is {mib(m.loc['full', mem])}; no other run's was measured."
     else:
-        mem_sentence = f"Its {mem_name} is {mib(m.loc['full', mem])}: "
+        mem_sentence = f"Its {mem_name} is {pm(m.loc['full'], mem, mib)}: "
         if not heavier and not lighter:
-            mem_sentence += (f"about the same as every other run{' measured' if no_mem else ''} "
+            mem_sentence += (f"{same} {every} other run{' measured' if no_mem else ''} "
                              f"(all within {tol_text})")
         elif heavier and not lighter and not within and not no_mem:
             mem_sentence += f"the **lowest** of all runs ({listed(heavier)})"
@@ -482,7 +543,7 @@ def full_finetuning(df: pd.DataFrame, losses: Losses, suspect: set | None = None
             mem_sentence += "; ".join(part for part in [
                 f"higher than {listed(lighter)}" if lighter else "",
                 f"lower than {listed(heavier)}" if heavier else "",
-                f"about the same as {listed(within)} (within {tol_text})" if within else ""] if part)
+                f"{same} {listed(within)} (within {tol_text})" if within else ""] if part)
         mem_sentence += (f"; {missing}." if missing else ".")
     out.append(mem_sentence)
     no_time = unmeasured("train_runtime_s")
@@ -494,7 +555,9 @@ def full_finetuning(df: pd.DataFrame, losses: Losses, suspect: set | None = None
     if pd.isna(m.loc["full", "train_runtime_s"]):
         runtime = "Full fine-tuning's train runtime was not measured"
     else:
-        runtime = f"Full fine-tuning's train runtime is {m.loc['full', 'train_runtime_s']:.1f} s; "
+        seeds = "n_seeds" in m and m["n_seeds"].max() > 1
+        runtime = (f"Full fine-tuning's train runtime is {pm(m.loc['full'], 'train_runtime_s', '{:.1f}')} s"
+                   + (" (mean ± sd over seeds)" if seeds else "") + "; ")
         runtime += (f"faster than it ({by_more}): "
                     + ", ".join(f"`{r}` ({m.loc[r, 'train_runtime_s']:.1f} s)" for r in faster) if faster
                     else f"no adapter run trained faster ({by_more})")
@@ -586,15 +649,25 @@ def busy_machine(df: pd.DataFrame) -> str | None:
                       for _, r in busy.iterrows()) + advice)
 
 
-def timing_suspect(df: pd.DataFrame) -> set[str]:
-    """Runs (any seed) whose timings are not comparable: trained on a busy machine or beside other jobs on
-    their GPU (the findings name them: :func:`busy_machine`, :func:`shared_gpu`)."""
-    out = set()
-    for col, limit in (("other_processes_cpu_share_pct", BUSY_CPU_SHARE_PCT), ("gpu_jobs_beside_max", 0)):
+def timing_causes(df: pd.DataFrame) -> dict[str, dict]:
+    """Runs (any seed) whose timings are not comparable, each with what its seeds recorded: ``cpu``, the largest
+    share of the CPU other processes took (above ``BUSY_CPU_SHARE_PCT``: a busy machine), ``gpu``, the most other
+    training jobs beside it on its GPU (``gpu_jobs_beside_max`` > 0). The findings name them
+    (:func:`busy_machine`, :func:`shared_gpu`)."""
+    out: dict[str, dict] = {}
+    for col, limit, key, kind in (("other_processes_cpu_share_pct", BUSY_CPU_SHARE_PCT, "cpu", float),
+                                  ("gpu_jobs_beside_max", 0, "gpu", int)):
         rows = _rows_above(df, col, limit)
         if rows is not None:
-            out |= set(rows["run"])
+            for run, v in rows.groupby("run", sort=False)[col].max().items():
+                out.setdefault(run, {})[key] = kind(v)
     return out
+
+
+def timing_suspect(df: pd.DataFrame) -> set[str]:
+    """Runs (any seed) whose timings are not comparable: trained on a busy machine or beside other jobs on
+    their GPU (:func:`timing_causes`)."""
+    return set(timing_causes(df))
 
 
 def _labeller(df: pd.DataFrame, rows: pd.DataFrame):
@@ -644,7 +717,7 @@ def findings(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None) -> list[
     """All findings, in reading order; each entry is one Markdown paragraph or bullet."""
     losses = Losses(eval_losses)
     # per run and seed, before seeds are averaged (a table already averaged has lost what these look for)
-    shared, busy, suspect, resumes = shared_gpu(df), busy_machine(df), timing_suspect(df), resumed(df)
+    shared, busy, suspect, resumes = shared_gpu(df), busy_machine(df), timing_causes(df), resumed(df)
     unstable, excluded = diverged(df)
     df = by_run(df[~df["run"].isin(excluded)])
     out = [w for w in [unstable, busy, shared, resumes] if w]
@@ -682,20 +755,25 @@ def _lowest(values: pd.Series, run: str, others: list[str], tol, tol_text: str |
     return f"too close to call (within {tol_text or ('' if callable(tol) else f'{tol:.0%}')})"
 
 
-def _rises(values: list[float], tol, tol_text: str | None = None) -> str:
-    """'agrees' if every step rises beyond its tolerance, 'disagrees' if any falls beyond it, else too close to
-    call. ``tol``: one relative tolerance, or one per step (relative to the step's first value)."""
+def _rises(values: list[float], tol, tol_text: str | None = None, falls: bool = False) -> str:
+    """'agrees' if every step rises (``falls``: falls) beyond its tolerance, 'disagrees' if any goes the other way
+    beyond it (only the opposite, measured, refutes a claim), 'partly' if some go the claimed way beyond it and
+    the rest stay within, else too close to call (every step within it, whichever way it goes). ``tol``: one
+    relative tolerance, or one per step (relative to the step's first value)."""
     steps = list(zip(values, values[1:]))
     tols = list(tol) if isinstance(tol, (list, tuple)) else [tol] * len(steps)
     if any(pd.isna(v) for v in values):
         return "cannot check (not measured for every run)"
-    if all(b > a * (1 + t) for (a, b), t in zip(steps, tols)):
+    up = [b > a * (1 + t) for (a, b), t in zip(steps, tols)]
+    down = [b < a * (1 - t) for (a, b), t in zip(steps, tols)]
+    claimed, opposite = (down, up) if falls else (up, down)
+    if all(claimed):
         return "agrees"
-    if any(b < a * (1 - t) for (a, b), t in zip(steps, tols)):
+    if any(opposite):
         return "disagrees"
     text = tol_text or f"{tols[0]:.0%}"
-    if all(abs(b / a - 1) < t for (a, b), t in zip(steps, tols) if a):
-        return f"disagrees: flat within {text}"
+    if not any(claimed):
+        return f"too close to call (every step within {text})"
     return f"partly: some steps within {text}"
 
 
@@ -715,17 +793,38 @@ def _pair_tol_of(m: pd.DataFrame, col: str, run: str, others: list[str], base_to
     return (lambda base, other: tols[(base, other)]), text
 
 
+# the write-ups' train-loss claims, each checked on our figure of the kind it reported: (source, column, name)
+TRAIN_LOSS_CLAIMS = (("W2", "train_loss_last", "last logged train loss"),
+                     ("W3", "train_loss", "train loss (mean over the run)"))
+
+
+def _loss_tols(m: pd.DataFrame, col: str, pairs) -> tuple[dict, bool]:
+    """Per pair of runs, the relative tolerance of a train-loss difference: the 95% interval of the difference of
+    their seed means (:func:`seed_tol` from zero; there are no per-example train losses to pair), and whether
+    every run had replicate seeds to measure it (with one seed a difference is taken as measured)."""
+    tols = {(a, b): seed_tol(m, col, a, b, 0.0)[0] for a, b in pairs}
+    runs = {r for pair in pairs for r in pair}
+    replicated = "n_seeds" in m and all(int(m.loc[r, "n_seeds"] or 1) >= 2 for r in runs)
+    return tols, replicated
+
+
+def note_text(replicated: bool) -> str:
+    """How a train-loss claim's differences were judged (:func:`_loss_tols`)."""
+    return (" (differences inside the seeds' spread, the 95% interval of the difference of two runs' means, count "
+            "as equal)" if replicated else
+            " (one seed: no spread to judge a difference by; differences taken as measured)")
+
+
 def writeup_claims(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None) -> list[dict]:
     """Each published claim, and whether this sweep's measurements agree (agrees / disagrees / cannot check)."""
     losses = Losses(eval_losses)
-    suspect = timing_suspect(df)  # per seed, before averaging
+    suspect = timing_causes(df)  # per seed, before averaging
     df = by_run(df[~df["run"].isin(diverged(df)[1])])  # no claim rests on a run whose eval loss is not a number
     m = df.set_index("run")
 
     def timing(verdict: str, runs) -> str:
-        busy = sorted(suspect & set(runs))
-        return ("cannot check (timed on a busy machine or a shared GPU: " + ", ".join(f"`{r}`" for r in busy)
-                + ")") if busy else verdict
+        busy = suspect_text(suspect, runs)
+        return f"cannot check ({busy})" if busy else verdict
     mem, mem_name = memory_measure(df)
     ranks = lora_runs(df)
     lo = [r for _, r in ranks]
@@ -743,8 +842,12 @@ def writeup_claims(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None) ->
             verdict = "too close to call"
         else:
             verdict = "agrees" if d["diff"] < 0 else "disagrees"
+        # W1 trained plain LoRA ranks: its claim is checked against the best of those, not a variant (-olora, -dora)
+        variants = [r for r in m.index if parse_run(r)[0] == "lora" and not is_plain(r)]
         add("W1", "full fine-tuning reached the lowest eval loss", verdict,
-            f"full {m.loc['full', 'eval_loss']:.4f} vs best LoRA `{best_lora}` {m.loc[best_lora, 'eval_loss']:.4f}"
+            f"full {m.loc['full', 'eval_loss']:.4f} vs `{best_lora}` {m.loc[best_lora, 'eval_loss']:.4f}, the best of "
+            f"W1's LoRA ranks" + (" (variants excluded: " + ", ".join(f"`{r}`" for r in variants) + ")"
+                                  if variants else "")
             + (f" (Δ {d['diff']:+.4f} ± {d['half']:.4f})" if d else ""))
         # W1 ran full fine-tuning and LoRA only: a QLoRA run or an adapter variant is not part of its claim
         add("W1", "full fine-tuning used the least peak memory",
@@ -773,8 +876,18 @@ def writeup_claims(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None) ->
                 verdict = "too close to call"
         else:
             verdict = "agrees" if _monotone(ev, False, 0) else "disagrees"
-        add("W1, W3", "a higher LoRA rank gives a (slightly) lower loss", verdict,
-            "eval loss " + ", ".join(f"r={r} {m.loc[n, 'eval_loss']:.4f}" for r, n in ranks))
+        add("W1", "a higher LoRA rank gives a (slightly) lower loss (W1 charted train and eval loss; checked on "
+            "eval loss)", verdict, "eval loss " + ", ".join(f"r={r} {m.loc[n, 'eval_loss']:.4f}" for r, n in ranks))
+        # W2 and W3 reported train loss only: checked on ours, the same kind of figure each gave
+        for source, col, what in TRAIN_LOSS_CLAIMS:
+            if col not in m:
+                continue
+            pairs = list(zip(lo, lo[1:]))
+            tols, note = _loss_tols(m, col, pairs)
+            add(source, f"a higher LoRA rank gives a lower {what}",
+                _rises([m.loc[r, col] for r in lo], [tols[p] for p in pairs], note and "the seeds' spread",
+                       falls=True),
+                f"{what} " + ", ".join(f"r={r} {pm(m.loc[n], col)}" for r, n in ranks) + note_text(note))
         rt = [m.loc[r, "train_runtime_s"] for r in lo]
         pairs = list(zip(lo, lo[1:]))
         tols, tol_text = pair_tols(m, "train_runtime_s", pairs, lambda a: TIME_TOL, f"{TIME_TOL:.0%}")
@@ -789,13 +902,16 @@ def writeup_claims(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None) ->
             + f" (differences under {tol_text} count as equal)")
     r128, r256 = "lora-r128", "lora-r256"
     if r128 in m.index and r256 in m.index:
-        d = losses.diff(r256, r128)
-        if d is None:
-            verdict, ev_text = "cannot check (no per-example losses)", ""
-        else:
-            gain = -d["diff"]  # how much lower r=256's loss is than r=128's
-            before = m.loc[lo[0], "eval_loss"] - m.loc[r128, "eval_loss"]  # the gain up to r=128
-            if not d["distinguishable"]:
+        for source, col, what in TRAIN_LOSS_CLAIMS:
+            if col not in m:
+                continue
+            tols, note = _loss_tols(m, col, [(r128, r256)])
+            diff = m.loc[r256, col] - m.loc[r128, col]
+            gain = -diff  # how much lower r=256's loss is than r=128's
+            before = m.loc[lo[0], col] - m.loc[r128, col]  # the gain up to r=128
+            if any(pd.isna(v) for v in (gain, before)):
+                verdict = "cannot check (not measured for every run)"
+            elif abs(diff) <= tols[(r128, r256)] * abs(m.loc[r128, col]):
                 verdict = "agrees (no measurable gain)"
             elif gain < 0:
                 verdict = "agrees (r=256 measurably worse)"
@@ -803,15 +919,15 @@ def writeup_claims(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None) ->
                 verdict = "cannot check (a measurable gain, and no rank below 128 to call it little against)"
             else:  # a measurable gain: "little" next to the gain up to r=128
                 verdict = "agrees" if before > 0 and gain < 0.25 * before else "disagrees"
-            ev_text = f" (Δ {d['diff']:+.4f} ± {d['half']:.4f})"
-        add("W2, W3", "little gain from r=128 to r=256 (diminishing returns)", verdict,
-            f"eval loss r=128 {m.loc[r128, 'eval_loss']:.4f}, r=256 {m.loc[r256, 'eval_loss']:.4f}{ev_text}")
+            add(source, f"little gain from r=128 to r=256 in {what} (diminishing returns)", verdict,
+                f"{what} " + ", ".join(f"r={r} {pm(m.loc[n], col)}" for r, n in ranks if r <= 128 or n == r256)
+                + f" (r=128 → 256: {diff:+.4f})" + note_text(note))
     return claims
 
 
 def tradeoffs(df: pd.DataFrame) -> list[str]:
     """LoRA's trade-offs against full fine-tuning, in this sweep's numbers (``df``: per run and seed)."""
-    suspect = timing_suspect(df)  # per seed, before averaging
+    suspect = timing_causes(df)  # per seed, before averaging
     df = by_run(df[~df["run"].isin(diverged(df)[1])])  # a run whose eval loss is not a number trades nothing
     m = df.set_index("run")
     if "full" not in m.index:
@@ -827,5 +943,6 @@ def tradeoffs(df: pd.DataFrame) -> list[str]:
             f"({r['saved_model_bytes'] / f['saved_model_bytes']:.1%}). Against full fine-tuning: {mem_name} "
             f"{mem_text(m, mem, run, 'full')}, train runtime "
             f"{time_text(m, 'train_runtime_s', run, 'full', 'longer', 'shorter')}"
-            f"{timing_caveat(suspect, ('full', run))}, eval loss {r['eval_loss']:.4f} vs {f['eval_loss']:.4f} ({r['eval_loss'] - f['eval_loss']:+.4f}).")
+            f"{timing_caveat(suspect, ('full', run))}, eval loss {pm(r, 'eval_loss')} vs {pm(f, 'eval_loss')} "
+            f"({r['eval_loss'] - f['eval_loss']:+.4f}).")
     return out

@@ -21,13 +21,17 @@ FIGURES = {
 
 
 def run_palette(runs: list[str]) -> dict:
-    """Stable colours: full in grey-black, LoRA ranks in blues (light to dark), QLoRA in oranges."""
+    """Stable colours: full in grey-black, LoRA in blues, QLoRA in oranges, each darker for a higher rank whatever
+    the runs' order (runs of one rank, variants, in neighbouring shades, PEFT's defaults lightest)."""
     import seaborn as sns
 
-    from .config import parse_run
+    from .config import is_plain, parse_run
 
-    lora = [r for r in runs if parse_run(r)[0] == "lora"]
-    qlora = [r for r in runs if parse_run(r)[0] == "qlora"]
+    def by_rank(method):
+        return sorted((r for r in runs if parse_run(r)[0] == method),
+                      key=lambda r: (parse_run(r)[1] or 0, not is_plain(r), r))
+
+    lora, qlora = by_rank("lora"), by_rank("qlora")
     pal = {"full": "#333333"}
     pal.update(zip(lora, sns.color_palette("Blues", len(lora) + 2)[2:] if lora else []))
     pal.update(zip(qlora, sns.color_palette("Oranges", len(qlora) + 2)[2:] if qlora else []))
@@ -35,22 +39,33 @@ def run_palette(runs: list[str]) -> dict:
 
 
 def _bar(ax, per_seed, col, pal, xlabel, runs, log=False, fmt="{:.3g}"):
-    """One bar per run at the mean over seeds, with ± one standard deviation as error bars (replicates)."""
-    import seaborn as sns
+    """One bar per run at its figure over seeds as the tables give it (:func:`lorasweep.findings.by_run`: the mean;
+    a rate pooled over the seeds), with ± one standard deviation of the seeds' values as error bars (replicates)."""
+    from .findings import RATES, by_run
 
-    replicates = per_seed.groupby("run").size().max() > 1
-    sns.barplot(data=per_seed, x=col, y="run", hue="run", order=runs, hue_order=runs, palette=pal, ax=ax,
-                legend=False, orient="h", errorbar="sd" if replicates else None, capsize=0.2,
-                err_kws={"linewidth": 1.2})
+    agg = by_run(per_seed).set_index("run")
+    means, sd = agg[col].reindex(runs), agg[f"{col}_sd"].reindex(runs)
+    replicates = agg["n_seeds"].max() > 1 and sd.fillna(0).gt(0).any()  # seeds that differ (not a parameter count)
+    y = list(range(len(runs)))
+    ax.barh(y, means, color=[pal[r] for r in runs], height=0.8)
+    if replicates:
+        for i, run in enumerate(runs):  # one error bar per run
+            if pd.notna(sd[run]):
+                ax.errorbar(means[run], i, xerr=sd[run], color="#333333", capsize=4, elinewidth=1.2, fmt="none")
+    ax.set_yticks(y, runs)
+    ax.set_ylim(len(runs) - 0.5, -0.5)  # the first run on top
     if log:
         ax.set_xscale("log")
-    ax.set_xlabel(xlabel + ("\nmean ± sd over seeds" if replicates else ""))  # a line of its own: 7 in. wide
+    how = ("pooled over seeds: their summed counts / summed runtime\n± sd of the seeds' own rates" if col in RATES
+           else "mean ± sd over seeds")
+    ax.set_xlabel(xlabel + (f"\n{how}" if replicates else ""))  # a line of its own: 7 in. wide
     ax.set_ylabel("")
-    means = per_seed.groupby("run")[col].mean()
-    ends = means + per_seed.groupby("run")[col].std(ddof=1).fillna(0)  # labels clear of the error bars
+    ends = means + sd.fillna(0)  # labels clear of the error bars
     for i, run in enumerate(runs):
         ax.text(ends[run], i, " " + fmt.format(means[run]), va="center", fontsize=9)
     ax.margins(x=0.2)
+    if not log and (means.dropna() >= 0).all():
+        ax.set_xlim(left=0)  # a wide sd draws no negative runtime or rate
 
 
 COMPONENT_COLOURS = {"weights": "#9e9e9e", "gradients_beyond_activations": "#4c72b0", "optimizer": "#dd8452",
@@ -78,22 +93,34 @@ def memory_parts(df: pd.DataFrame) -> dict:
             "measured_label": "peak RSS", "compared_label": "memory added by training: peak RSS − RSS at load (GiB)"}
 
 
-def _memory_figure(df, runs, pal, plt, h):
-    """Left: measured peak split into load footprint and training's addition. Right: memory model vs measured."""
+def _memory_figure(df, runs, pal, plt, h, per_seed=None):
+    """Left: measured peak split into load footprint and training's addition. Right: memory model vs measured.
+    ``df``: one row per run (:func:`lorasweep.findings.by_run`); with replicate seeds the bars and points are the
+    means over seeds and ``per_seed`` (the per-seed table) gives their sd as error bars."""
     parts = memory_parts(df)
     fig, axes = plt.subplots(1, 2, figsize=(13, h + 1.2))
     y = range(len(runs))
     gib = 2**30
     load, peak = parts["at_load"] / gib, parts["peak"] / gib
+    n_seeds = int(df["n_seeds"].max()) if "n_seeds" in df else 1
+    peak_sd = compared_sd = None
+    if per_seed is not None and n_seeds > 1:  # the seeds' sd of each measured figure, in df's run order
+        seeded = memory_parts(per_seed)
+        sd = lambda v: v.groupby(per_seed["run"]).std(ddof=1).reindex(df["run"]).to_numpy() / gib  # noqa: E731
+        peak_sd, compared_sd = sd(seeded["peak"]), sd(seeded["compared"])
+    mean = f"mean of {n_seeds} seeds ± sd" if n_seeds > 1 else ""
     ax = axes[0]
     ax.barh(y, load, color=[pal[r] for r in runs], alpha=0.35, label="at load (model, runtime)")
     ax.barh(y, peak - load, left=load, color=[pal[r] for r in runs], label="added by training")
+    if peak_sd is not None:
+        ax.errorbar(peak, list(y), xerr=peak_sd, fmt="none", color="#333333", capsize=3, elinewidth=1)
     for i, v in enumerate(peak):
-        ax.text(v, i, f" {v:.3f}", va="center", fontsize=9)
+        ax.text(v + (0 if peak_sd is None or pd.isna(peak_sd[i]) else peak_sd[i]), i, f" {v:.3f}", va="center",
+                fontsize=9)
     ax.set_yticks(list(y), runs)
     ax.invert_yaxis()
-    ax.set_xlabel(f"{parts['measured_label']} (GiB)")
-    ax.set_title(f"measured: {parts['measured_label']}")
+    ax.set_xlabel(f"{parts['measured_label']} (GiB)" + (f"\n{mean}" if mean else ""))
+    ax.set_title(f"measured: {parts['measured_label']}" + (f" ({mean})" if mean else ""))
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, frameon=False)
     ax.margins(x=0.2)
 
@@ -108,13 +135,16 @@ def _memory_figure(df, runs, pal, plt, h):
                 label=f"predicted: {COMPONENT_LABELS.get(comp, comp)}")
         left = left + vals
     measured = parts["compared"] / gib
+    if compared_sd is not None:
+        ax.errorbar(measured, list(y), xerr=compared_sd, fmt="none", color="black", capsize=3, elinewidth=1, zorder=3)
     ax.scatter(measured, list(y), marker="D", color="black", zorder=3, label="measured")
     for i, (m, p) in enumerate(zip(measured, left)):
         err = 100 * (p - m) / m if m else float("nan")
-        ax.text(max(m, p), i, f"  {err:+.0f}%", va="center", fontsize=9)
+        spread = 0 if compared_sd is None or pd.isna(compared_sd[i]) else compared_sd[i]
+        ax.text(max(m + spread, p), i, f"  {err:+.0f}%", va="center", fontsize=9)  # clear of the error bar
     ax.set_yticks(list(y), runs)
     ax.invert_yaxis()
-    ax.set_xlabel(parts["compared_label"])
+    ax.set_xlabel(parts["compared_label"] + (f"\n◆ {mean}" if mean else ""))
     ax.set_title("memory model (bars) vs measured (◆); label: model error")
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=4, frameon=False)
     ax.margins(x=0.25)
@@ -228,7 +258,7 @@ def plot_all(metrics_csv, history_csv, out_dir) -> list[Path]:
          fmt="{:,.0f}")
     save(fig, "throughput")
 
-    save(_memory_figure(df, runs, pal, plt, h), "memory")
+    save(_memory_figure(df, runs, pal, plt, h, per_seed), "memory")
 
     fig, ax = plt.subplots(figsize=(7, h))
     _bar(ax, per_seed, "trainable_params", pal, "trainable parameters (log scale)", runs, log=True, fmt="{:,.0f}")

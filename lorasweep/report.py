@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import re
+import unicodedata
 from pathlib import Path
 
 import pandas as pd
@@ -28,6 +29,11 @@ def _num(v, fmt="{:.4g}") -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
     return fmt.format(v)
+
+
+def _pm(r: pd.Series, col: str, show) -> str:
+    """:func:`findings.pm` with a formatting function, "–" where the column is missing."""
+    return F.pm(r, col, show) if col in r and not pd.isna(r[col]) else show(None)
 
 
 def _gib(v) -> str:
@@ -57,8 +63,10 @@ def title_section(ctx: dict, experiment: str) -> str:
                if "method" not in df or (df["method"] == method).any()]
     return (f"# {experiment}: {' vs '.join(methods)}\n\n"
             f"`{df['model'].iloc[0]}` on `{data['source']}`, runs {', '.join(f'`{r}`' for r in df['run'])}, "
-            + (f"each trained with {int(df['n_seeds'].max())} seeds ({df['seeds'].iloc[0]}; figures are means, "
-               "± one standard deviation across seeds), " if df["n_seeds"].max() > 1 else "")
+            + (f"each trained with {int(df['n_seeds'].max())} seeds ({df['seeds'].iloc[0]}; figures are means over "
+               "the seeds, ± one standard deviation across seeds, the sample sd with n − 1; rates are pooled over "
+               "the seeds and perplexity is that of the mean loss, as Results says), " if df["n_seeds"].max() > 1
+               else "")
             + f"on {df['hardware'].iloc[0]}. Every number below is read from `results/metrics.csv`; "
             "the executed notebook `summary.ipynb` beside this file holds the code that produced it.")
 
@@ -86,14 +94,16 @@ def findings_section(ctx: dict) -> str:
            "Differences in eval loss come with a 95% confidence interval from a paired comparison over the same "
            "held-out examples; when it contains zero the runs are called *not distinguishable*. "
            + ("It covers both the choice of eval examples and seed-to-seed variation of training (Student's t "
-              "over the seeds). Timings and memory are means over seeds: "
+              "over the seeds). Timings and memory are means over seeds (rates pooled: the seeds' counts over "
+              "their summed runtime): "
               if df["n_seeds"].max() > 1 else
               "It covers the choice of eval examples, not seed-to-seed variation of training (set `seeds: "
               "[0, 1, 2]` for that). Timings and memory are single measurements: ")
            + f"differences under {F.TIME_TOL:.0%} (time) and {F.mem_tol_text(F.memory_measure(df)[0])} (memory)"
-           + (", or inside the seeds' spread (the 95% interval of the difference of two runs' means, Student's t),"
-              if df["n_seeds"].max() > 1 else "")
-           + " are called *about the same*." + rss_noise_note(df) + short_runs_caveat(df), ""]
+           + " are called *about the same*"
+           + ("; larger ones inside the seeds' spread (the 95% interval of the difference of two runs' means, "
+              "Student's t) *not distinguishable from the seeds' spread*" if df["n_seeds"].max() > 1 else "")
+           + "." + rss_noise_note(df) + short_runs_caveat(df), ""]
     out += [f"- {p}" for p in F.findings(per_seed, ev)]
     return "\n".join(out)
 
@@ -127,9 +137,12 @@ def memory_model_section(df: pd.DataFrame) -> str:
                 "what training "
                 "added to the process: `peak_rss_bytes − rss_at_load_bytes`. The weights column is shown for "
                 "reference; it is inside the load footprint")
+    seeds = "n_seeds" in df and df["n_seeds"].max() > 1
     notes = [
         "",
-        f"Compared: {compared}.",
+        f"Compared: {compared}."
+        + (" With replicate seeds every figure here is the mean over the seeds (the runs' spread: the results "
+           "table's ±, the memory figure's error bars)." if seeds else ""),
         "",
         "Assumptions of the model (`lorasweep/memory_model.py`):",
         "",
@@ -299,27 +312,31 @@ def results_table(df: pd.DataFrame) -> str:
             "eval loss": F.pm(r, "eval_loss"),
             "eval ppl": _num(r["eval_perplexity"], "{:.2f}"),
             "runtime s": F.pm(r, "train_runtime_s", "{:.1f}"),
-            "samples/s": _num(r["train_samples_per_s"], "{:.2f}"),
-            "steps/s": _num(r["train_steps_per_s"], "{:.3f}"),
+            "samples/s": F.pm(r, "train_samples_per_s", "{:.2f}"),
+            "steps/s": F.pm(r, "train_steps_per_s", "{:.3f}"),
             "tokens/s": F.pm(r, "train_tokens_nonpad_per_s", "{:,.0f}"),
             "padding": _num(r.get("padding_share_pct"), "{:.0f}%"),
         }
         if "mfu_pct" in df and df["mfu_pct"].notna().any():
-            row["MFU"] = _num(r.get("mfu_pct"), "{:.1f}%")
+            row["MFU"] = _pm(r, "mfu_pct", lambda v: _num(v, "{:.1f}%"))
         if bound:
             row["MFU bound"] = _num(r.get("mfu_ceiling_pct"), "{:.0f}%")
         if cuda:
-            row["peak alloc"] = _gib(r.get("peak_cuda_allocated_bytes"))
-            row["peak reserved"] = _gib(r.get("peak_cuda_reserved_bytes"))
-        row["peak RSS"] = _gib(r.get("peak_rss_bytes"))
+            row["peak alloc"] = _pm(r, "peak_cuda_allocated_bytes", _gib)
+            row["peak reserved"] = _pm(r, "peak_cuda_reserved_bytes", _gib)
+        row["peak RSS"] = _pm(r, "peak_rss_bytes", _gib)
         row["trainable"] = f"{int(r['trainable_params']):,} ({r['trainable_share_pct']:.3g}%)"
         row["saved"] = _num(r["saved_model_bytes"] / 2**20, "{:.2f} MiB")
         rows.append(row)
     notes = [
         "",
-        *(["- With replicate seeds every figure is the mean over seeds; *± x* is one standard deviation across "
-           "seeds; per-seed rows are in `results/metrics.csv`."] if "n_seeds" in df and df["n_seeds"].max() > 1
-          else []),
+        *(["- With replicate seeds a figure is the mean over seeds, except *eval ppl*, exp of the mean eval loss, "
+           "and the rates (*samples/s*, *steps/s*, *tokens/s*" + (", *MFU*" if "mfu_pct" in df and
+                                                                 df["mfu_pct"].notna().any() else "")
+           + "), pooled: the seeds' summed counts over their summed runtime, the rate of the mean runtime beside "
+           "them; *± x* is one standard deviation across seeds, the sample sd (n − 1), for a rate that of the "
+           "seeds' own rates; per-seed rows are in `results/metrics.csv`."]
+          if "n_seeds" in df and df["n_seeds"].max() > 1 else []),
         "- *train loss*: mean training loss over the run's steps (the Trainer's `train_loss`, as write-up W3 "
         "reports; a run resumed after a crash: over all its steps); "
         "*eval loss*: on the held-out split after training; untrained: "
@@ -421,7 +438,8 @@ def _lora_base_note(df: pd.DataFrame) -> list[str]:
 
 def figures_section(figures_dir: str) -> str:
     out = ["## Figures", "", "Colours are fixed per run in every figure: full fine-tuning dark grey, LoRA in blues "
-           "(darker = higher rank), QLoRA in oranges.", ""]
+           "and QLoRA in oranges, darker for a higher rank (runs of the same rank, variants such as OLoRA or DoRA, "
+           "in neighbouring shades, PEFT's defaults lightest).", ""]
     for name, caption in FIGURES.items():
         out += [f"### {caption}", "", f"![{caption}]({figures_dir}/{name}.png)", ""]
     return "\n".join(out)
@@ -435,23 +453,24 @@ def writeups_section(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None,
     mem_col, mem_name = F.memory_measure(df)
     cuda = mem_col == "peak_cuda_allocated_bytes"
     rows = []
+    columns = {"runtime s": "train_runtime_s", "train loss": "train_loss", "last train loss": "train_loss_last",
+               "samples/s": "train_samples_per_s", "memory GB": "memory_gb"}
     for name, w in WRITEUPS.items():
-        for run, fig in w["runs"].items():
+        for run, fig in w["runs"].items():  # each figure with the decimals the write-up gave it
             rows.append({"source": f"{name} ({w['hardware']})", "run": run,
-                         "runtime s": _num(fig.get("train_runtime_s"), "{:.1f}"),
-                         "train loss": _num(fig.get("train_loss")),
-                         "last train loss": _num(fig.get("train_loss_last")),
-                         "samples/s": _num(fig.get("train_samples_per_s"), "{:.2f}"),
-                         "memory GB": _num(fig.get("memory_gb"), "{:.2f}")})
+                         **{head: _num(fig.get(key), f"{{:.{w['decimals'].get(key, 2)}f}}")
+                            for head, key in columns.items()}})
     hw = df["hardware"].iloc[0] if len(df) else "?"
+    seeds = "n_seeds" in df and df["n_seeds"].max() > 1
     for run in sorted({r for w in WRITEUPS.values() for r in w["runs"]}, key=lambda r: int(r.split("r")[-1])):
         if run in ours.index:
             r = ours.loc[run]
-            rows.append({"source": f"lorasweep ({hw})", "run": run,
-                         "runtime s": _num(r["train_runtime_s"], "{:.1f}"), "train loss": _num(r["train_loss"]),
-                         "last train loss": _num(r.get("train_loss_last")),
-                         "samples/s": _num(r["train_samples_per_s"], "{:.2f}"),
-                         "memory GB": _num(r[mem_col] / 1e9, "{:.2f}")})
+            rows.append({"source": f"lorasweep ({hw})" + (", mean ± sd over seeds" if seeds else ""), "run": run,
+                         "runtime s": _pm(r, "train_runtime_s", lambda v: _num(v, "{:.1f}")),
+                         "train loss": _pm(r, "train_loss", lambda v: _num(v, "{:.4f}")),
+                         "last train loss": _pm(r, "train_loss_last", lambda v: _num(v, "{:.4f}")),
+                         "samples/s": _pm(r, "train_samples_per_s", lambda v: _num(v, "{:.2f}")),
+                         "memory GB": _pm(r, mem_col, lambda v: _num(None if v is None else v / 1e9, "{:.2f}"))})
     notes = [
         "",
         f"Memory: W2 reports mean GPU memory allocated, W3 max memory allocated; ours is "
@@ -468,7 +487,10 @@ def writeups_section(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None,
         + (", ".join(sorted({str(t) for t in df.get("target_modules", pd.Series(dtype=object)).dropna()})) or "-")
         + ".",
         "",
-        "Their claims, checked against this sweep's measurements:",
+        "Their claims, checked against this sweep's measurements"
+        + (" (our figures: means over the seeds, rates pooled; ± where given: the seeds' sample sd)" if seeds else "")
+        + ". A claim about train loss (W2 gave the last logged value, W3 the mean over the run) is checked on ours "
+        "of the same kind; W1's on eval loss, which it charted beside train loss:",
         "",
     ]
     claims = F.writeup_claims(per_seed if per_seed is not None else df, eval_losses)
@@ -478,16 +500,24 @@ def writeups_section(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None,
     return "## Beside the published write-ups\n\n" + _table(rows) + "\n" + "\n".join(notes) + "\n" + table
 
 
-def adapters_section(verify_jsons=(), switch_json=None, samples_json=None) -> str:
-    """Merge verification per adapter run, the adapter-switching round trip, and side-by-side samples."""
-    rows = [json.loads(Path(p).read_text()) for p in verify_jsons if Path(p).is_file()]
+def adapters_section(verify_jsons=(), switch_json=None, samples_json=None, first_seed=None) -> str:
+    """Merge verification per adapter run, the adapter-switching round trip, and side-by-side samples, all of one
+    seed's models (``first_seed``, the sweep's first; else read from the verify files' paths)."""
+    from .collect import run_and_seed
+
+    files = [p for p in verify_jsons if Path(p).is_file()]
+    rows = [json.loads(Path(p).read_text()) for p in files]
+    if first_seed is None:
+        found = {run_and_seed(p)[1] for p in files} - {None}
+        first_seed = found.pop() if len(found) == 1 else None
+    seed = f"seed {first_seed}, the first of the sweep's seeds" if first_seed is not None else "the first seed"
     adapters = bool(rows) or bool(switch_json and Path(switch_json).is_file())
     # a sweep without adapter runs (full fine-tuning only) still has its samples, under a heading of their own
     out = ["## Adapters after training: merge, verify, switch" if adapters else "## Samples", ""]
     if rows:
-        out += ["Each adapter merged into its base with PEFT's `merge_and_unload` (QLoRA onto the dequantized 4-bit "
-                "base) and saved as a plain model under `results/runs/<run>/seed<seed>/merged/`, then compared with base + adapter "
-                "on held-out examples:", ""]
+        out += [f"Each adapter ({seed}) merged into its base with PEFT's `merge_and_unload` (QLoRA onto the "
+                "dequantized 4-bit base) and saved as a plain model under `results/runs/<run>/seed<seed>/merged/`, "
+                "then compared with base + adapter on held-out examples:", ""]
         out.append(pd.DataFrame([{
             "run": r["run"], "merged onto": r["merged_onto"], "max abs logit diff": f"{r['max_abs_logit_diff']:.2e}",
             "tolerance": f"{r['tolerance']:.0e}", "within": ("not checked: the run diverged" if r.get("diverged")
@@ -504,7 +534,7 @@ def adapters_section(verify_jsons=(), switch_json=None, samples_json=None) -> st
                 "computes what the model that trained computed.", ""]
     if switch_json and Path(switch_json).is_file():
         sw = json.loads(Path(switch_json).read_text())
-        out += [f"**Switching** (one full-precision base model, every LoRA adapter of the first seed attached by "
+        out += [f"**Switching** (one full-precision base model, every LoRA adapter ({seed}) attached by "
                 f"name with `load_adapter` (QLoRA's need the 4-bit base), "
                 f"`set_adapter` in turn, {sw['examples']} held-out examples; base alone: eval loss "
                 f"{sw['base_eval_loss']:.5f}): " + "; ".join(
@@ -514,9 +544,13 @@ def adapters_section(verify_jsons=(), switch_json=None, samples_json=None) -> st
     if samples_json and Path(samples_json).is_file():
         samples = json.loads(Path(samples_json).read_text())
         out += (["### Samples", ""] if adapters else []) + [
-            "Greedy completions of held-out instructions (first 48 new tokens):", ""]
+            f"Greedy completions of held-out instructions (first 48 new tokens), by each run's model of {seed}"
+            + ("; control characters are shown as escapes, `\\x1b` for ESC" if any(
+                _printable(t) != t for x in samples for t in [x["instruction"], x["input"] or "", x["reference"],
+                                                              *x["completions"].values()]) else "") + ":", ""]
         for i, s in enumerate(samples, 1):
-            out += [f"**{i}. {s['instruction'].strip()}**" + (f" — input: `{s['input'].strip()}`" if s["input"] else ""),
+            out += [f"**{i}. {_printable(s['instruction'].strip())}**"
+                    + (f" — input: `{_printable(s['input'].strip())}`" if s["input"] else ""),
                     "", "| model | completion |", "|:--|:--|",
                     f"| reference | {_cell(s['reference'])} |"]
             out += [f"| {name} | {_cell(text)} |" for name, text in s["completions"].items()]
@@ -524,10 +558,22 @@ def adapters_section(verify_jsons=(), switch_json=None, samples_json=None) -> st
     return "\n".join(out) if len(out) > 2 else ""
 
 
+def _printable(text: str) -> str:
+    """``text`` with its control characters (C0 and C1, DEL; a generated sample can hold NUL or ESC, which make
+    grep call the report binary and a terminal obey them) written as escapes, ``\\x1b``; tab, newline and
+    carriage return kept."""
+    return "".join(f"\\x{ord(c):02x}" if unicodedata.category(c) == "Cc" and c not in "\t\n\r" else c
+                   for c in str(text))
+
+
 def _cell(text: str, limit: int = 160) -> str:
-    text = " ".join(str(text).split())
+    """A sample as one Markdown table cell: runs of whitespace as one space (tab, newline, carriage return and
+    the spaces; the control characters Python also counts as whitespace, such as \\x0b or \\x1f, are escaped),
+    cut at ``limit`` characters, control characters escaped (:func:`_printable`), backticks and pipes made
+    safe."""
+    text = re.sub(r"[^\S\x0b\x0c\x1c-\x1f\x85]+", " ", str(text)).strip(" ")
     text = text if len(text) <= limit else text[:limit] + "…"
-    return "`" + text.replace("`", "'").replace("|", "\\|") + "`" if text else "(empty)"
+    return "`" + _printable(text).replace("`", "'").replace("|", "\\|") + "`" if text else "(empty)"
 
 
 def rerun_section(ctx: dict | None = None, configfiles=(), snakefile: str = "") -> str:

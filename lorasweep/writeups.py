@@ -1,6 +1,7 @@
 """Figures reported by the write-ups in shared/reference/writeups.md, as data for the report.
 
-As reported; hardware differed between write-ups and was often unstated.
+As reported (``decimals``: how many each figure was given with); hardware differed between write-ups and was
+often unstated.
 """
 
 WRITEUPS = {
@@ -14,6 +15,8 @@ WRITEUPS = {
             "lora-r256": {"train_runtime_s": 907.40, "train_loss_last": 1.33, "memory_gb": 0.206 * 22.5},
         },
         "train_loss_kind": "final logged train loss",
+        # decimals each figure was given with (the report shows them so; memory: converted from a share)
+        "decimals": {"train_runtime_s": 2, "train_loss_last": 2, "memory_gb": 2},
     },
     "W3": {
         "setup": "opt-350m, lucasmccabe-lmi/CodeAlpaca-20k, TRL SFTTrainer, 3 epochs, ~8 samples per step",
@@ -28,5 +31,7 @@ WRITEUPS = {
                           "train_loss": 1.7853, "memory_gb": 3.4},
         },
         "train_loss_kind": "Trainer's train_loss (mean over the run)",
+        "decimals": {"train_runtime_s": 2, "train_samples_per_s": 3, "train_steps_per_s": 3, "train_loss": 4,
+                     "memory_gb": 1},
     },
 }

@@ -150,7 +150,7 @@ def test_w2s_last_logged_train_loss_sits_beside_our_last_logged_one_not_our_mean
     ours = next(r for r in rows if r["source"].startswith("lorasweep") and r["run"] == "lora-r8")
     r8 = df.set_index("run").loc["lora-r8"]
     assert w2["last train loss"] == "1.72" and w2["train loss"] == "–"  # W2 gives the last logged value only
-    assert ours["last train loss"] == f"{r8['train_loss_last']:.4g}" and ours["train loss"] == f"{r8['train_loss']:.4g}"
+    assert ours["last train loss"] == f"{r8['train_loss_last']:.4f}" and ours["train loss"] == f"{r8['train_loss']:.4f}"
 
 
 def test_the_memory_model_table_does_not_round_small_components_to_zero():
@@ -178,32 +178,36 @@ def test_the_memory_model_table_pairs_each_run_with_its_own_measurement_in_any_r
     assert rows(runs[runs["run"] != "full"]) == {k: v for k, v in rows(runs).items() if k != "full"}
 
 
+def _claim(claims: list[dict], source: str, start: str) -> dict:
+    """The claim of ``source`` whose text starts with ``start``."""
+    return next(c for c in claims if c["source"] == source and c["claim"].startswith(start))
+
+
 def test_the_diminishing_returns_claim_reads_a_worse_r256_as_no_gain_and_a_large_gain_as_disagreeing():
+    """Checked on the train loss each write-up reported (W3: the mean over the run; W2: the last logged)."""
     df, ev = _fixture()
-    claim = "little gain from r=128 to r=256 (diminishing returns)"
 
-    def verdict(frame, losses):
-        return {c["claim"]: c["ours"] for c in F.writeup_claims(frame, losses)}[claim]
+    def verdict(frame, source="W3"):
+        return _claim(F.writeup_claims(frame, ev), source, "little gain from r=128 to r=256")["ours"]
 
-    r128 = ev.loc[ev["run"] == "lora-r128", "final_loss_sum"].to_numpy()
-    worse, better = ev.copy(), ev.copy()
-    worse.loc[worse["run"] == "lora-r256", "final_loss_sum"] = r128 * 1.2  # every example measurably worse
-    better.loc[better["run"] == "lora-r256", "final_loss_sum"] = r128 * 0.5
-    assert verdict(df, worse) == "agrees (r=256 measurably worse)"  # was "disagrees": |Δ| read as a gain
-    flat_before = df.copy()  # no gain from r=8 to r=128: any measurable gain after it is not "diminishing"
-    flat_before.loc[flat_before["run"] == "lora-r8", "eval_loss"] = float(
-        df.loc[df["run"] == "lora-r128", "eval_loss"].iloc[0])
-    assert verdict(flat_before, better) == "disagrees"
+    at = df.set_index("run")
+    worse, better = df.copy(), df.copy()
+    for col in ("train_loss", "train_loss_last"):
+        worse.loc[worse["run"] == "lora-r256", col] = at.loc["lora-r128", col] * 1.2
+        better.loc[better["run"] == "lora-r256", col] = at.loc["lora-r128", col] * 0.5
+    assert verdict(worse) == "agrees (r=256 measurably worse)"  # was "disagrees": |Δ| read as a gain
+    assert verdict(worse, "W2") == "agrees (r=256 measurably worse)"
+    flat_before = better.copy()  # no gain from r=8 to r=128: any measurable gain after it is not "diminishing"
+    flat_before.loc[flat_before["run"] == "lora-r8", "train_loss"] = at.loc["lora-r128", "train_loss"]
+    assert verdict(flat_before) == "disagrees"
 
 
 def test_the_diminishing_returns_claim_cannot_be_checked_without_a_rank_below_128():
     """With ranks 128 and 256 only, a measurable gain from r=128 to r=256 has nothing to be "little" next to."""
     df, ev = _fixture()
-    claim = "little gain from r=128 to r=256 (diminishing returns)"
-    df, ev = df[df["run"] != "lora-r8"], ev[ev["run"] != "lora-r8"].copy()
-    r128 = ev.loc[ev["run"] == "lora-r128", "final_loss_sum"].to_numpy()
-    ev.loc[ev["run"] == "lora-r256", "final_loss_sum"] = r128 * 0.5  # measurably better
-    verdict = {c["claim"]: c["ours"] for c in F.writeup_claims(df, ev)}[claim]
+    df, ev = df[df["run"] != "lora-r8"].copy(), ev[ev["run"] != "lora-r8"]
+    df.loc[df["run"] == "lora-r256", "train_loss"] = df.loc[df["run"] == "lora-r128", "train_loss"].iloc[0] * 0.5
+    verdict = _claim(F.writeup_claims(df, ev), "W3", "little gain from r=128 to r=256")["ours"]
     assert verdict.startswith("cannot check")  # was "disagrees"
 
 
@@ -218,12 +222,14 @@ def test_timing_claims_are_not_checked_with_runs_timed_on_a_busy_machine():
     assert not claims(idle)[claim].startswith("cannot check")
     busy = idle.copy()
     busy.loc[busy["run"] == "lora-r128", "other_processes_cpu_share_pct"] = 45.0
-    assert claims(busy)[claim] == "cannot check (timed on a busy machine or a shared GPU: `lora-r128`)"
+    assert claims(busy)[claim] == ("cannot check (`lora-r128` timed on a busy machine, other processes taking up to "
+                                   "45% of the CPU)")
     assert "rerun them alone" in F.busy_machine(busy)
     everyone = idle.assign(other_processes_cpu_share_pct=50.0)
     assert "Every run trained under an unknown and changing load" in F.busy_machine(everyone)
     steps = F.rank_steps(F.by_run(busy), F.Losses(ev))
-    assert "(not comparable: `lora-r128` timed on a busy machine or a shared GPU)" in steps[0]  # r=8 → r=128
+    assert ("(not comparable: `lora-r128` timed on a busy machine, other processes taking up to 45% of the CPU)"
+            in steps[0])  # r=8 → r=128
     assert "not comparable" not in " ".join(F.rank_steps(F.by_run(idle), F.Losses(ev)))
     # every other timing comparison says so too: the findings' runtime line, QLoRA against LoRA, the trade-offs
     text = " ".join(F.findings(everyone, ev))
@@ -856,7 +862,7 @@ def test_with_replicate_seeds_a_timing_or_memory_difference_inside_their_spread_
     assert "train runtime 10% longer" in r8_line(df)  # one seed: the fixed tolerance
     assert "train runtime 10% longer" in r8_line(seeds(0.005))  # seeds that agree closely: still a finding
     wide = r8_line(seeds(0.08))  # t(2) = 4.3 x the spread of 8% runs covers the 10% gap
-    assert "train runtime about the same (+10.0%: within the seeds' spread)" in wide
+    assert "train runtime not distinguishable from the seeds' spread (+10.0%)" in wide
     runtime = next(f for f in F.full_finetuning(F.by_run(seeds(0.08)), F.Losses(ev)) if "train runtime" in f)
     assert runtime.endswith("no adapter run trained faster (by more than 5% and the seeds' spread).")
     claims = {c["claim"]: c for c in F.writeup_claims(seeds(0.08), ev)}
@@ -1008,3 +1014,223 @@ def test_the_setup_names_the_model_files_and_says_outright_when_runs_loaded_diff
     assert model_text(pinned).startswith(f"`facebook/opt-350m` at revision `{'c0ffee' * 6}ab` (commit `c0ffeec0ff`")
     old = same.drop(columns=["model_commit", "model_files_sha256"])  # runs trained before lorasweep recorded them
     assert model_text(old) == "`facebook/opt-350m`"
+
+# ---------------------------------------------------------------- a review of a two-seed report (tiny preset)
+
+
+def _timed(runtimes: dict) -> pd.DataFrame:
+    """The fixture trained with seeds 0 and 1, each run's seeds taking the given runtimes (default: the fixture's),
+    with the rates train.py computes from them (same counts every seed)."""
+    m, _ = _fixture()
+    rows = []
+    for seed in (0, 1):
+        t = m.assign(seed=seed, train_runtime_s=[runtimes.get(r, (rt, rt))[seed]
+                                                 for r, rt in zip(m["run"], m["train_runtime_s"])])
+        rows.append(t.assign(train_samples_per_s=t["train_samples"] / t["train_runtime_s"],
+                             train_steps_per_s=t["train_steps"] / t["train_runtime_s"],
+                             train_tokens_nonpad_per_s=t["train_tokens_nonpad"] / t["train_runtime_s"]))
+    return pd.concat(rows, ignore_index=True)
+
+
+REVIEWED = {"full": (2.402, 38.258), "lora-r128": (56.477, 88.661), "lora-r256": (13.357, 4.394)}
+
+
+def test_a_runs_rates_over_seeds_are_pooled_so_that_they_agree_with_its_mean_runtime():
+    """Seeds of 2.4 s and 38.3 s: the mean of their steps/s (29.9) implied a runtime of 4.5 s beside the mean
+    runtime of 20.3 s, and a findings sentence said runtime -87.8% but tokens/s +943.5%. The rate of a run is its
+    seeds' counts over their summed runtime, the rate of the mean runtime; its ± stays the seeds' own spread."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lorasweep.plots import _bar, run_palette
+    from lorasweep.report import results_table
+
+    per_seed = _timed(REVIEWED)
+    agg = F.by_run(per_seed).set_index("run")
+    full = agg.loc["full"]
+    assert full["train_runtime_s"] == pytest.approx(20.33)
+    for rate, count in (("train_steps_per_s", 135), ("train_samples_per_s", 1074),
+                        ("train_tokens_nonpad_per_s", 73992)):
+        assert full[rate] == pytest.approx(count / full["train_runtime_s"])  # not the mean of the seeds' rates
+        assert full[f"{rate}_sd"] == pytest.approx(pd.Series([count / 2.402, count / 38.258]).std())
+    row = next(line for line in results_table(agg.reset_index()).splitlines() if line.startswith("| full "))
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[4].startswith("20.3 ±") and cells[6].startswith(f"{135 / full['train_runtime_s']:.3f} ±")
+    # the findings: a runtime change and the tokens/s change beside it describe the same runs
+    step = next(s for s in F.rank_steps(agg.reset_index(), F.Losses(_fixture()[1])) if s.startswith("**r=128"))
+    runtime = float(re.search(r"train runtime [^,]*?\(([+-][\d.]+)%\)", step).group(1))
+    tokens = float(re.search(r"tokens/s [^,]*?\(([+-][\d.]+)%\)", step).group(1))
+    assert (1 + runtime / 100) * (1 + tokens / 100) == pytest.approx(1, abs=0.01)  # -87.8% and +717.6%
+    assert "tokens/s not distinguishable from the seeds' spread (+717.6%)" in step  # not "about the same"
+    # the throughput figure draws the same rate as the table
+    runs = list(agg.index)
+    fig, ax = plt.subplots()
+    _bar(ax, per_seed, "train_tokens_nonpad_per_s", run_palette(runs), "tokens/s", runs)
+    widths = {run: p.get_width() for run, p in zip(runs, ax.patches)}
+    assert "pooled" in ax.get_xlabel() and ax.get_xlim()[0] == 0  # a wide sd draws no negative rate
+    plt.close(fig)
+    assert widths["full"] == pytest.approx(full["train_tokens_nonpad_per_s"])
+
+
+def test_a_rise_inside_its_tolerance_is_too_close_to_call_and_only_the_opposite_disagrees():
+    """84.8 -> 89.6 -> 98.5 MiB, each step inside 24 MiB: the claim "memory rises with the rank" is not refuted."""
+    mem = "peak_rss_above_start_bytes"
+    values = [84.8 * 2**20, 89.6 * 2**20, 98.5 * 2**20]
+    tols = [F.mem_tol(mem, v) for v in values[:2]]
+    assert F._rises(values, tols, "24 MiB") == "too close to call (every step within 24 MiB)"
+    assert F._rises(values[::-1], tols, "24 MiB") == "too close to call (every step within 24 MiB)"
+    assert F._rises([300 * 2**20, 200 * 2**20], 0.02) == "disagrees"  # falls beyond the tolerance
+    assert F._rises([3.0, 2.0, 1.0], 0.02, falls=True) == "agrees"
+    assert F._rises([1.0, 2.0], 0.02, falls=True) == "disagrees"
+    df, ev = _fixture()
+    claims = F.writeup_claims(df.assign(peak_rss_bytes=[1.0e9, 1.0e9, 1.001e9, 1.002e9, 1.0e9]), ev)  # a MiB apart
+    assert next(c for c in claims if c["claim"] == "peak memory rises with the rank")["ours"].startswith(
+        "too close to call")
+
+
+def test_w1s_best_lora_is_the_best_of_its_plain_ranks_and_the_evidence_says_variants_are_left_out():
+    df, ev = _fixture()
+    r8 = df[df["run"] == "lora-r8"]
+    variant = r8.assign(run="lora-r32-olora", rank=32, eval_loss=r8["eval_loss"] - 0.05)  # better than every rank
+    df = pd.concat([df, variant], ignore_index=True)
+    ev = pd.concat([ev, ev[ev["run"] == "lora-r8"].assign(run="lora-r32-olora")], ignore_index=True)
+    claim = next(c for c in F.writeup_claims(df, ev) if c["claim"] == "full fine-tuning reached the lowest eval loss")
+    assert "`lora-r8`" in claim["evidence"] and "best LoRA" not in claim["evidence"]
+    assert "the best of W1's LoRA ranks (variants excluded: `lora-r32-olora`)" in claim["evidence"]
+
+
+def test_the_writeups_train_loss_claims_are_checked_on_our_train_loss_of_the_same_kind():
+    """W3 reported train_loss (the mean over the run), W2 the last logged train loss: a claim of theirs is checked
+    on that figure of ours, not on our eval loss; W2's "lower loss at higher rank" is cited."""
+    df, ev = _fixture()  # eval losses: r=8 < r=128 < r=256, every step not distinguishable
+    falls = df.assign(train_loss=[4.0, 3.0, 2.0, 1.0, 3.0], train_loss_last=[4.0, 1.7, 1.4, 1.3, 1.7])
+    claims = F.writeup_claims(falls, ev)
+    w3 = _claim(claims, "W3", "a higher LoRA rank gives a lower train loss")
+    w2 = _claim(claims, "W2", "a higher LoRA rank gives a lower last logged train loss")
+    assert w3["ours"] == "agrees" and w2["ours"] == "agrees"
+    assert "r=8 3.0000, r=128 2.0000, r=256 1.0000" in w3["evidence"] and "one seed" in w3["evidence"]
+    rises = falls.assign(train_loss=[4.0, 1.0, 2.0, 3.0, 1.0])
+    assert _claim(F.writeup_claims(rises, ev), "W3", "a higher LoRA rank gives a lower train loss")["ours"] == \
+        "disagrees"
+    for c in claims:  # no claim of W2's or W3's about a loss rests on our eval loss
+        if ("W2" in c["source"] or "W3" in c["source"]) and "loss" in c["claim"]:
+            assert "train loss" in c["claim"] and "eval loss" not in c["evidence"], c
+    # with replicate seeds a step inside their spread is too close to call
+    seeds = pd.concat([falls.assign(seed=0),
+                       falls.assign(seed=1, train_loss=falls["train_loss"] * [1, 1.5, 0.5, 1.5, 1])])
+    assert _claim(F.writeup_claims(seeds, ev), "W3", "a higher LoRA rank gives a lower train loss")["ours"].startswith(
+        "too close to call")
+
+
+def _writeups_rows(text: str) -> list[dict]:
+    lines = [line for line in text.split("\n\n")[1].splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in lines[0].split("|")[1:-1]]
+    return [dict(zip(header, (c.strip() for c in line.split("|")[1:-1]))) for line in lines[1:]]
+
+
+def test_the_writeups_figures_keep_their_decimals_and_ours_show_theirs_and_their_spread():
+    from lorasweep.report import writeups_section
+
+    m2, ev2 = _two_seeds()
+    rows = _writeups_rows(writeups_section(F.by_run(m2), ev2, m2))
+    w3 = {r["run"]: r for r in rows if r["source"].startswith("W3")}
+    assert [w3[r]["train loss"] for r in ("lora-r8", "lora-r128", "lora-r256")] == ["1.7972", "1.7856", "1.7853"]
+    assert w3["lora-r8"]["samples/s"] == "20.158" and w3["lora-r8"]["memory GB"] == "3.1"
+    w2 = {r["run"]: r for r in rows if r["source"].startswith("W2")}
+    assert w2["lora-r256"]["runtime s"] == "907.40" and w2["lora-r256"]["last train loss"] == "1.33"
+    ours = next(r for r in rows if r["source"].startswith("lorasweep") and r["run"] == "lora-r8")
+    assert "mean ± sd over seeds" in ours["source"]
+    r8 = F.by_run(m2).set_index("run").loc["lora-r8"]
+    assert ours["runtime s"] == f"{r8['train_runtime_s']:.1f} ± {r8['train_runtime_s_sd']:.1f}"
+    assert ours["train loss"].startswith(f"{r8['train_loss']:.4f}")
+
+
+def test_a_two_seed_report_says_what_its_figures_and_their_spread_are():
+    from lorasweep import report
+
+    m2, ev2 = _two_seeds()
+    ctx = {"metrics": F.by_run(m2), "metrics_per_seed": m2, "eval_losses": ev2,
+           "data": json.loads((FIXTURE / "summary.json").read_text())}
+    title, findings = report.title_section(ctx, "x"), report.findings_section(ctx)
+    results, memory = report.results_table(ctx["metrics"]), report.memory_model_section(ctx["metrics"])
+    assert "the sample sd with n − 1" in title and "the sample sd (n − 1)" in results
+    assert "every figure is the mean over seeds" not in results and "exp of the mean eval loss" in results
+    assert "pooled" in results
+    lowest = next(line for line in findings.splitlines() if "**Lowest eval loss" in line)
+    assert re.search(r"\(\d\.\d{4} ± \d\.\d{4}, mean ± sd over seeds", lowest)
+    runtime = next(line for line in findings.splitlines() if "Full fine-tuning's train runtime is" in line)
+    assert re.search(r"runtime is [\d.]+ ± [\d.]+ s \(mean ± sd over seeds\)", runtime)
+    assert "every figure here is the mean over the seeds" in memory
+    assert "every figure here" not in report.memory_model_section(F.by_run(_fixture()[0]))  # one seed: no note
+
+
+def test_adapter_stages_name_their_seed_and_the_figures_colour_and_label_what_they_show(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_rgb
+
+    from lorasweep import report
+    from lorasweep.plots import _memory_figure, run_palette
+
+    verify = tmp_path / "results" / "runs" / "lora-r8" / "seed3" / "verify.json"
+    verify.parent.mkdir(parents=True)
+    verify.write_text(json.dumps({"run": "lora-r8", "merged_onto": "base weights", "max_abs_logit_diff": 1e-7,
+                                  "tolerance": 1e-3, "within_tolerance": True, "greedy_identical_count": 8,
+                                  "prompts": 8, "eval_loss_adapter": 1.0, "eval_loss_merged": 1.0}))
+    samples = tmp_path / "samples.json"
+    samples.write_text(json.dumps([{"instruction": "Say hi", "input": "", "reference": "hi",
+                                    "completions": {"lora-r8": "hi"}}]))
+    text = report.adapters_section([verify], None, samples)
+    merge, greedy = (next(line for line in text.splitlines() if line.startswith(s))
+                     for s in ("Each adapter", "Greedy completions"))
+    assert "seed 3, the first of the sweep's seeds" in merge and "seed 3" in greedy
+    assert "seed 5" in report.adapters_section([], None, samples, first_seed=5)
+    # darker for a higher rank whatever the runs' order; a variant of rank 8 beside lora-r8
+    runs = ["full", "lora-r256", "lora-r8-rslora-dora", "lora-r32-olora", "lora-r8"]
+    pal = run_palette(runs)
+    light = [sum(to_rgb(pal[r])) for r in ("lora-r8", "lora-r8-rslora-dora", "lora-r32-olora", "lora-r256")]
+    assert light == sorted(light, reverse=True)
+    assert "darker for a higher rank" in report.figures_section("figures")
+    # the memory figure says its bars are means over seeds and draws their spread
+    m2, _ = _two_seeds()
+    m2["peak_rss_bytes"] = m2["peak_rss_bytes"].astype(float) * (1 + 0.01 * m2["seed"])
+    df = F.by_run(m2)
+    fig = _memory_figure(df, list(df["run"]), run_palette(list(df["run"])), plt, 3, m2)
+    left, right = fig.axes[:2]
+    assert "mean of 2 seeds ± sd" in left.get_title() and "mean of 2 seeds ± sd" in right.get_xlabel()
+    assert left.containers and any(type(c).__name__ == "ErrorbarContainer" for c in right.containers)
+    plt.close(fig)
+
+
+def test_timing_caveats_name_each_runs_own_cause():
+    """A CPU sweep on a busy machine never says "shared GPU"; a run beside other jobs on its GPU says so."""
+    df, ev = _fixture()
+    busy = df.assign(other_processes_cpu_share_pct=[66.0, 72.0, 1.0, 1.0, 1.0], gpu_jobs_beside_max=float("nan"))
+    texts = F.findings(busy, ev) + F.tradeoffs(busy) + [c["ours"] for c in F.writeup_claims(busy, ev)]
+    caveats = [t for t in texts if "not comparable" in t or t.startswith("cannot check (")]
+    assert caveats and not any("GPU" in t.split("not comparable")[-1] for t in caveats)
+    assert any("(not comparable: `full` and `lora-r8` timed on a busy machine, other processes taking up to 66% "
+               "and 72% of the CPU respectively)" in t for t in texts)
+    shared = df.assign(other_processes_cpu_share_pct=1.0, gpu_jobs_beside_max=[0, 0, 3, 0, 0])
+    step = next(s for s in F.rank_steps(F.by_run(shared), F.Losses(ev), suspect=F.timing_causes(shared))
+                if s.startswith("**r=8"))
+    assert "(not comparable: `lora-r128` timed beside up to 3 other training job(s) on its GPU)" in step
+    assert "busy machine" not in step
+
+
+def test_control_characters_of_a_sample_are_escaped_in_the_report(tmp_path):
+    """A greedy sample with NUL or ESC went into summary.md raw (grep called the file binary)."""
+    from lorasweep.report import _cell, adapters_section
+
+    assert _cell("ok\x1b[31m\x00 x\x0e\x7f\x85") == "`ok\\x1b[31m\\x00 x\\x0e\\x7f\\x85`"
+    assert _cell("a \t\n\r b") == "`a b`" and _cell("\x00") == "`\\x00`"
+    samples = tmp_path / "samples.json"
+    samples.write_text(json.dumps([{"instruction": "Echo\x1b", "input": "in\x00", "reference": "r",
+                                    "completions": {"base (untrained)": "::\x0e\x0e134", "lora-r8": "fine"}}]))
+    text = adapters_section([], None, samples)
+    assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]", text)
+    assert "::\\x0e\\x0e134" in text and "Echo\\x1b" in text and "control characters are shown as escapes" in text
