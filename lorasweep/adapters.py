@@ -109,22 +109,77 @@ def greedy(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[st
     return out
 
 
+def dequantized_base(spec: dict):
+    """The run's base as the 4-bit model it trained on computes it, in fp32 and in the base's own layer types.
+
+    ``model.dequantize()`` turns every 4-bit layer into an ``nn.Linear`` (weight [out, in]); a model whose layers
+    were GPT-2's ``Conv1D`` (weight [in, out]) would then save its weights transposed under Conv1D's names, and
+    load back as nothing (a shape mismatch) or, square, as the wrong weights. So the full-precision base is loaded
+    with its own layers and each quantized layer's weight is replaced by its dequantized value (transposed for a
+    Conv1D)."""
+    import bitsandbytes as bnb
+    import torch
+
+    from .presets import conv1d_class
+
+    quantized = load_base(spec, quantized=True)
+    names = {n for n, m in quantized.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    deq = dict(quantized.dequantize().named_modules())
+    base = load_base(spec)
+    conv1d = conv1d_class()
+    with torch.no_grad():
+        for name, m in base.named_modules():
+            if name not in names:
+                continue
+            w = deq[name].weight.to(m.weight.dtype)
+            if conv1d is not None and isinstance(m, conv1d):
+                w = w.T
+            if w.shape != m.weight.shape:
+                raise MergeMismatch(f"cannot merge {spec['run']}: the dequantized 4-bit weight of {name} has shape "
+                                    f"{tuple(w.shape)}, the base model's {type(m).__name__} {tuple(m.weight.shape)}")
+            m.weight.copy_(w)
+    return base
+
+
+def check_saved(model, out_dir, trust_remote_code: bool = False) -> None:
+    """Load the model saved in ``out_dir`` back with plain transformers and compare every weight with ``model``'s:
+    a merge that saved something else (a layer in another layout, a weight left out) fails here, naming it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        back = AutoModelForCausalLM.from_pretrained(out_dir, use_safetensors=True, dtype=torch.float32,
+                                                    trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise MergeMismatch(f"the merged model saved in {out_dir} does not load back with "
+                            f"AutoModelForCausalLM.from_pretrained: {type(e).__name__}: {e}") from e
+    mine, theirs = model.state_dict(), back.state_dict()
+    differ = sorted(k for k in mine if k not in theirs or theirs[k].shape != mine[k].shape  # a diverged run: NaN = NaN
+                    or not torch.allclose(theirs[k].to(mine[k].dtype), mine[k], rtol=0, atol=0, equal_nan=True))
+    if differ:
+        raise MergeMismatch(f"the merged model saved in {out_dir} loads back with other weights than the merge "
+                            f"computed: {', '.join(differ[:6])}{' ...' if len(differ) > 6 else ''}")
+
+
 def merge_run(spec: dict, adapter_dir, out_dir) -> Path:
-    """Merge a LoRA / QLoRA adapter into its base and save model + tokenizer (safetensors)."""
+    """Merge a LoRA / QLoRA adapter into its base and save model + tokenizer (safetensors), then check that the
+    saved model loads back as the merge (:func:`check_saved`)."""
     from peft import PeftModel
 
     from .train import load_tokenizer
 
     quantized = bool(spec["quantization"])
-    base = load_base(spec, quantized)
     if quantized:
-        base = base.dequantize()
+        base = dequantized_base(spec)
         log.info("QLoRA: merging onto the dequantized %s base (lossless w.r.t. what the adapter trained on)",
                  spec["quantization"]["quant_type"])
+    else:
+        base = load_base(spec)
     merged = PeftModel.from_pretrained(base, str(adapter_dir), torch_device=ON_CPU).merge_and_unload()
     out_dir = Path(out_dir)
     merged.save_pretrained(out_dir, safe_serialization=True)
     load_tokenizer(spec).save_pretrained(out_dir)  # the one it trained with (a pad token, for batched use)
+    check_saved(merged, out_dir, spec["model"]["trust_remote_code"])
     log.info("merged %s into %s", adapter_dir, out_dir)
     return out_dir
 

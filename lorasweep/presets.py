@@ -26,18 +26,21 @@ ATTENTION = {
 }
 
 
+def conv1d_class():
+    """transformers' ``Conv1D`` (GPT-2's linear layers, weight stored [in, out]), or None."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover
+        return None
+    return Conv1D
+
+
 def linear_module_names(model) -> list[str]:
     """Last name components of the model's linear layers (nn.Linear, GPT-2's Conv1D, 4-bit Linear)."""
     import torch
 
-    kinds = [torch.nn.Linear]
-    try:
-        from transformers.pytorch_utils import Conv1D
-
-        kinds.append(Conv1D)
-    except ImportError:  # pragma: no cover
-        pass
-    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, tuple(kinds)) and n})
+    kinds = tuple(k for k in (torch.nn.Linear, conv1d_class()) if k is not None)
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, kinds) and n})
 
 
 def resolve_target_modules(model, targets) -> list[str] | str:

@@ -228,6 +228,34 @@ def test_a_merge_computes_what_base_plus_adapter_computes_and_verify_refuses_one
                    max_new_tokens=4)
 
 
+def test_a_gpt2_qlora_adapter_merges_onto_its_conv1d_layers_and_a_merge_that_does_not_load_back_fails(
+        tiny_config, tiny_data, tiny_gpt2, tmp_path):
+    """GPT-2's linear layers are Conv1D (weight [in, out]); dequantizing its 4-bit base makes them nn.Linear
+    ([out, in]), whose weights then saved under Conv1D's names transposed: the merged model did not load. The merge
+    keeps the base's own layers (each 4-bit weight dequantized into them) and reproduces base + adapter; and a
+    merge that saves something that does not load back fails in merge, not later in verify."""
+    from safetensors.torch import load_file
+
+    from lorasweep.adapters import MergeMismatch, check_saved, load_base, merge_run, verify_run
+    from lorasweep.train import train_run
+
+    cfg = tiny_config(max_steps=2, evals=1)
+    cfg["model"]["name_or_path"] = str(tiny_gpt2)
+    spec = run_spec(cfg, "qlora-r8")
+    out = tmp_path / "run"
+    train_run(spec, tiny_data["train"], tiny_data["eval"], out, threads=2)
+    merged = merge_run(spec, out / "model", tmp_path / "merged")
+    assert load_file(merged / "model.safetensors")["transformer.h.0.attn.c_attn.weight"].shape == (64, 192)
+    v = verify_run(spec, out / "model", merged, tiny_data["eval"], tmp_path / "verify.json", n_prompts=4,
+                   max_new_tokens=2)
+    assert v["within_tolerance"] and v["greedy_identical"] and v["max_abs_logit_diff"] <= 1e-5, v
+
+    dequantized = load_base(spec, quantized=True).dequantize()  # what merge saved before: nn.Linear's layout
+    dequantized.save_pretrained(tmp_path / "transposed", safe_serialization=True)
+    with pytest.raises(MergeMismatch, match="does not load back"):
+        check_saved(dequantized, tmp_path / "transposed")
+
+
 def test_the_adapter_stages_read_adapters_onto_the_cpu_where_cuda_is_visible(tiny_config, tiny_data, tmp_path,
                                                                              monkeypatch):
     """merge, verify, switch and samples run on the CPU beside training jobs that hold the GPU: PEFT would read
