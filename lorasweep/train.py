@@ -169,8 +169,8 @@ def _dora_bases(model) -> set[int]:
 
 
 def store_frozen_weights_16bit(model, precision: str) -> int:
-    """Keep the frozen weights and biases of the model's linear layers (a LoRA run's base) in the 16-bit dtype
-    training computes in; returns how many values now sit in 16 bits.
+    """Keep the frozen weights and biases of the model's linear layers (``nn.Linear``, GPT-2's ``Conv1D``: a LoRA
+    run's base) in the 16-bit dtype training computes in; returns how many values now sit in 16 bits.
 
     With 16-bit autocast every product casts its fp32 weight to 16 bits, and autocast keeps no cast of a weight
     without a gradient: a frozen base is cast anew at every forward pass, one kernel per weight and bias
@@ -188,14 +188,19 @@ def store_frozen_weights_16bit(model, precision: str) -> int:
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     if half is None:
         return 0
+    from .presets import conv1d_class
+
     owners: dict[int, int] = {}
     for m in model.modules():
         for p in m.parameters(recurse=False):
             owners[id(p)] = owners.get(id(p), 0) + 1
+    # nn.Linear, and GPT-2's Conv1D (its product is one addmm, which autocast computes in 16 bits as it does
+    # Linear's); exactly these types: bitsandbytes' 4-bit layers subclass Linear
+    kinds = tuple(k for k in (torch.nn.Linear, conv1d_class()) if k is not None)
     dora_bases = _dora_bases(model)  # their base layer stays in fp32
     n = 0
     for m in model.modules():
-        if type(m) is not torch.nn.Linear or id(m) in dora_bases:  # bitsandbytes' 4-bit layers subclass Linear
+        if type(m) not in kinds or id(m) in dora_bases:
             continue
         for p in m.parameters(recurse=False):
             if not p.requires_grad and p.dtype == torch.float32 and owners[id(p)] == 1:

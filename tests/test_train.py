@@ -174,6 +174,32 @@ def test_a_16bit_frozen_base_trains_bitwise_as_the_fp32_one(tiny_config, tiny_da
     assert {t.dtype for t in adapter16.values()} == {torch.float32}
 
 
+def test_gpt2s_conv1d_frozen_base_goes_16bit_and_trains_bitwise_as_the_fp32_one(tiny_config, tiny_data, tiny_gpt2,
+                                                                                  tmp_path):
+    """GPT-2's linear layers are transformers' Conv1D, not nn.Linear: under bf16 training their frozen weights
+    are stored in bf16 too (they stayed fp32: frozen_16bit_params 0), with the same losses, to the bit."""
+    from transformers.pytorch_utils import Conv1D
+
+    from lorasweep.train import load_model
+
+    cfg = tiny_config(max_steps=4, precision="bf16")
+    cfg["model"]["name_or_path"] = str(tiny_gpt2)
+    spec = run_spec(cfg, "lora-r8")
+    runs = {}
+    for on in (True, False):
+        out = tmp_path / str(on)
+        m = train_run(spec, tiny_data["train"], tiny_data["eval"], out, threads=2,
+                      operational={"frozen_weights_16bit": on})
+        runs[on] = m, [(h.get("loss"), h.get("grad_norm"), h.get("eval_loss"))
+                       for h in map(json.loads, (out / "log_history.jsonl").read_text().splitlines())]
+    base = load_model(spec, "cpu", "fp32")
+    conv1d = sum(p.numel() for mod in base.modules() if type(mod) is Conv1D for p in mod.parameters())
+    assert conv1d > 0 and runs[True][0]["frozen_16bit_params"] == conv1d  # c_attn (adapted), c_proj, c_fc
+    assert runs[False][0]["frozen_16bit_params"] == 0
+    assert runs[True][1] == runs[False][1] and sum(1 for loss, _, _ in runs[True][1] if loss is not None) >= 2
+    assert runs[True][0]["eval_loss"] == runs[False][0]["eval_loss"]
+
+
 @pytest.mark.parametrize("targets", ["attention", "all-linear"])
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_qlora_trains_bitwise_as_lora_over_its_dequantized_base(tiny_config, targets, precision):
