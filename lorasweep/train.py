@@ -301,9 +301,20 @@ def save_trained(trainer, model_dir: Path, initial: Path | None) -> None:
 
 
 def adapted_modules(model) -> str:
-    """The module names PEFT actually adapted, comma-separated (a preset or all-linear resolved)."""
+    """The module names PEFT actually adapted, comma-separated (a preset or all-linear resolved), as the metrics
+    and the report show them: PEFT resolves all-linear into every layer's full module path (14 for a 2-layer
+    Llama, one per layer and projection); a name whose every module is adapted is given once, by its last
+    component (``q_proj``). Entries that were not full paths (a configured list, dotted suffixes included) are
+    kept as configured, and a full path whose namesakes are not all adapted stays a full path."""
     t = model.peft_config["default"].target_modules
-    return t if isinstance(t, str) else ",".join(sorted(t))
+    if isinstance(t, str):
+        return t
+    full = [n for n, _ in model.get_base_model().named_modules() if n]
+    paths, out = set(full) & set(t), set(t) - set(full)
+    for name in {p.rsplit(".", 1)[-1] for p in paths}:
+        every = {n for n in full if n.rsplit(".", 1)[-1] == name}
+        out |= {name} if every <= paths else paths & every
+    return ",".join(sorted(out))
 
 
 def count_parameters(model) -> dict:

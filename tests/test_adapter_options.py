@@ -105,7 +105,7 @@ def _tiny(arch: str):
 
     configs = {
         "gpt2": GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=32),
-        "llama": LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        "llama": LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                              num_key_value_heads=2, vocab_size=64),
         "gpt_neox": GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                                   vocab_size=64),
@@ -128,14 +128,55 @@ def test_attention_preset_per_architecture_attaches_with_peft(arch, expected):
     assert adapted == set(expected)
 
 
-def test_unknown_architecture_falls_back_to_all_linear_and_a_wrong_list_names_the_real_modules(caplog):
+def test_an_architecture_without_a_preset_takes_its_q_k_v_projections_or_stops(caplog):
+    """'attention' on a model type without a preset fell back to all-linear (a StableLM adapted every linear
+    layer: 3.4x the parameters of its attention's). It takes q_proj, k_proj and v_proj, the presets' attention
+    for OPT and Llama-style models, where the model has them, and otherwise stops naming its linear layers."""
+    import logging
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import StableLmConfig, StableLmForCausalLM
+
     from lorasweep.presets import ATTENTION, resolve_target_modules
 
+    stablelm = StableLmForCausalLM(StableLmConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                  num_attention_heads=4, num_key_value_heads=4, vocab_size=64))
+    assert stablelm.config.model_type not in ATTENTION
+    with caplog.at_level(logging.INFO, logger="lorasweep"):
+        targets = resolve_target_modules(stablelm, "attention")
+    assert targets == ["q_proj", "k_proj", "v_proj"]
+    assert "no attention preset for model type 'stablelm': adapting its q_proj, k_proj, v_proj" in caplog.text
+    peft_model = get_peft_model(stablelm, LoraConfig(r=8, target_modules=targets, task_type="CAUSAL_LM"))
+    assert sum(p.numel() for p in peft_model.parameters() if p.requires_grad) == 2 * 3 * 8 * (64 + 64)  # 6,144
+
     model = _tiny("gpt2")
-    model.config.model_type = "my-new-arch"
+    model.config.model_type = "my-new-arch"  # no preset, no q/k/v_proj
     assert "my-new-arch" not in ATTENTION
-    assert resolve_target_modules(model, "attention") == "all-linear"
-    assert "no attention preset for model type 'my-new-arch'" in caplog.text
+    with pytest.raises(ConfigError, match=r"methods.lora.target_modules: 'attention' has no preset for model type "
+                                          r"'my-new-arch' \(GPT2LMHeadModel\), and the model has no q_proj, k_proj, "
+                                          r"v_proj .*its linear modules are \['c_attn', 'c_fc', 'c_proj', 'lm_head'\]"):
+        resolve_target_modules(model, "attention")
+
+
+@pytest.mark.parametrize("targets, shown", [
+    ("all-linear", "down_proj,gate_proj,k_proj,o_proj,q_proj,up_proj,v_proj"),  # PEFT: 14 full module paths
+    (["q_proj", "k_proj", "v_proj"], "k_proj,q_proj,v_proj"),
+    (["self_attn.q_proj", "mlp.up_proj"], "mlp.up_proj,self_attn.q_proj"),  # as configured
+    (["model.layers.0.self_attn.q_proj"], "model.layers.0.self_attn.q_proj"),  # one layer's: not every q_proj
+])
+def test_the_adapted_modules_are_shown_by_name_not_one_path_per_layer(targets, shown):
+    from peft import LoraConfig, get_peft_model
+
+    from lorasweep.train import adapted_modules
+
+    model = get_peft_model(_tiny("llama"), LoraConfig(r=2, target_modules=targets, task_type="CAUSAL_LM"))
+    assert adapted_modules(model) == shown
+
+
+def test_a_module_list_is_checked_against_the_model():
+    from lorasweep.presets import resolve_target_modules
+
+    model = _tiny("gpt2")
     with pytest.raises(ConfigError, match=r"\['q_proj'\] not found in GPT2LMHeadModel; its linear modules are "
                                           r"\['c_attn', 'c_fc', 'c_proj', 'lm_head'\]"):
         resolve_target_modules(model, ["q_proj"])
