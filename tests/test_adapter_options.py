@@ -100,6 +100,31 @@ def test_option_combinations_peft_cannot_undo_are_refused(tiny_config):
         validate_config(cfg)
 
 
+@pytest.mark.parametrize("init, targets", [("olora", "attention"), ("pissa", "all-linear")])
+def test_an_olora_or_pissa_rank_beyond_the_target_weights_stops_before_training(init, targets, tiny_config,
+                                                                                tiny_data, tmp_path):
+    """OLoRA / PiSSA take r directions of each target weight (QR, SVD): a [64, 64] weight has 64. config.yaml's
+    own example, {rank: 128, init: olora} on the tiny model, trained the whole run and then failed converting the
+    saved adapter (a state_dict size mismatch). It stops before the data, naming the key and the largest rank;
+    that rank trains and saves, and PEFT's default init keeps taking any rank."""
+    from lorasweep.train import train_run
+
+    cfg = _config(tiny_config, [{"rank": 128, "init": init}, {"rank": 64, "init": init}, 128], max_steps=1, evals=1)
+    cfg["methods"]["lora"]["target_modules"] = targets
+    with pytest.raises(ConfigError, match=rf"methods.lora.ranks: run lora-r128-{init} asks for rank 128 with init "
+                                          rf"{init} .*self_attn.k_proj \(weight \[64, 64\]\) has 64: the largest "
+                                          r"rank the target weights of model.name_or_path = .* allow is 64"):
+        train_run(run_spec(cfg, f"lora-r128-{init}"), tiny_data["train"], tiny_data["eval"], tmp_path / "r128",
+                   threads=2)
+    assert not (tmp_path / "r128" / "log_history.jsonl").exists()
+    from lorasweep.train import check_model_settings
+
+    check_model_settings(run_spec(cfg, "lora-r128"))  # default init: any rank
+    if init == "olora":  # the largest rank trains and saves (converted to a plain rank-128 adapter)
+        train_run(run_spec(cfg, "lora-r64-olora"), tiny_data["train"], tiny_data["eval"], tmp_path / "r64", threads=2)
+        assert (tmp_path / "r64" / "model" / "adapter_model.safetensors").is_file()
+
+
 def _tiny(arch: str):
     from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig
 

@@ -489,6 +489,51 @@ def test_unknown_target_module_is_caught_against_the_model(tiny_config, tiny_dat
     assert not (tmp_path / "x" / "metrics.json").exists()
 
 
+def test_a_tokenizer_without_eos_or_pad_stops_before_the_data_naming_the_model(tiny_config, tiny_data, tiny_model,
+                                                                             tmp_path):
+    """Training pads with EOS where a tokenizer has no pad token, and TRL ends every response with EOS: a tokenizer
+    with neither failed in TRL (``pad_token ('None') is not found in the vocabulary``), after the data step."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from lorasweep.config import ConfigError
+
+    model_dir = tmp_path / "no-eos"
+    shutil.copytree(tiny_model, model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.pad_token = tok.eos_token = None
+    tok.save_pretrained(model_dir)
+    cfg = tiny_config(max_steps=1, evals=1)
+    cfg["model"]["name_or_path"] = str(model_dir)
+    with pytest.raises(ConfigError, match=r"model.name_or_path = '.*no-eos': its tokenizer has no EOS token and no "
+                                          r"pad token"):
+        train_run(run_spec(cfg, "lora-r8"), tiny_data["train"], tiny_data["eval"], tmp_path / "run", threads=2)
+    assert not (tmp_path / "run" / "log_history.jsonl").exists()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "opt"])
+def test_a_max_length_beyond_the_models_positions_stops_before_training_naming_the_setting(
+        arch, tiny_config, tiny_data, tiny_model, tmp_path):
+    """GPT-2 with n_positions 64 and max_length 128 failed in its first batch (IndexError: index out of range in
+    self); the limit is the config's n_positions (GPT-2) or max_position_embeddings (OPT's, Llama's, ...)."""
+    from conftest import build_tiny_gpt2
+
+    from lorasweep.config import ConfigError
+
+    cfg = tiny_config(max_steps=1, evals=1, max_length=128 if arch == "gpt2" else 513)
+    if arch == "gpt2":
+        cfg["model"]["name_or_path"] = str(build_tiny_gpt2(tiny_model, tmp_path / "gpt2-64", n_positions=64))
+    key, limit = ("n_positions", 64) if arch == "gpt2" else ("max_position_embeddings", 512)
+    with pytest.raises(ConfigError, match=rf"training.max_length = {cfg['training']['max_length']} is more than "
+                                          rf"model.name_or_path = .* takes: its config's {key} is {limit}"):
+        train_run(run_spec(cfg, "lora-r8"), tiny_data["train"], tiny_data["eval"], tmp_path / "run", threads=2)
+    assert not (tmp_path / "run" / "log_history.jsonl").exists()
+    cfg["training"]["max_length"] = limit  # as many as it has: trains
+    m = train_run(run_spec(cfg, "lora-r8"), tiny_data["train"], tiny_data["eval"], tmp_path / "ok", threads=2)
+    assert m["max_length"] == limit and m["train_steps"] == 1
+
+
 def test_a_diverging_run_finishes_with_its_losses_as_measured(tiny_config, tiny_data, tmp_path, caplog):
     """A learning rate far too high: the losses overflow (1e4) or turn NaN (1e8). The run still writes its
     metrics (an infinite perplexity, not an OverflowError after training), its log history keeps the NaN
@@ -533,7 +578,7 @@ def test_token_counts_over_one_epoch_equal_the_tokenized_dataset(tiny_config, ti
     rows = read_jsonl(tiny_data["train"])
     tok = AutoTokenizer.from_pretrained(tiny_model)
     steps_per_epoch = math.ceil(len(rows) / 8)
-    m, _ = _train(tiny_config, tiny_data, tmp_path, "lora-r8", max_steps=steps_per_epoch, max_length=1024)
+    m, _ = _train(tiny_config, tiny_data, tmp_path, "lora-r8", max_steps=steps_per_epoch, max_length=512)
     lengths = [len(tok(r["prompt"] + r["completion"] + tok.eos_token, add_special_tokens=False)["input_ids"])
                for r in rows]
     prompt_lengths = [len(tok(r["prompt"], add_special_tokens=False)["input_ids"]) for r in rows]
