@@ -49,8 +49,35 @@ def load_base(spec: dict, quantized: bool = False):
     return load_model({**spec, "quantization": spec["quantization"] if quantized else None}, "cpu", "fp32").eval()
 
 
-def held_out(eval_jsonl, n: int) -> list[dict]:
-    return read_jsonl(eval_jsonl)[:n]
+def held_out(eval_jsonl, n: int, tokenizer=None, max_length: int | None = None) -> list[dict]:
+    """The first ``n`` examples of the eval split; with ``tokenizer``, the first ``n`` of those training evaluates:
+    TRL drops an example left with no response token once cut to ``max_length`` (its prompt alone fills it), so the
+    examples verify and switch score are the ones the run's evaluations scored, in the same order."""
+    rows = read_jsonl(eval_jsonl)
+    if tokenizer is None:
+        return rows[:n]
+    kept = []
+    for r in rows:
+        if len(kept) == n:
+            break
+        if any(label != -100 for label in _tokenize(tokenizer, r, max_length)[1]):
+            kept.append(r)
+    return kept
+
+
+def _tokenize(tokenizer, row, max_length: int | None = None) -> tuple[list[int], list[int]]:
+    """One example's input ids and labels as TRL's SFTTrainer made them (see :func:`_batch`)."""
+    from trl.data_utils import common_prefix_length
+
+    eos = tokenizer.eos_token
+    completion = row["completion"] if row["completion"].endswith(eos) else row["completion"] + eos
+    p = tokenizer(text=row["prompt"])["input_ids"]
+    pc = tokenizer(text=row["prompt"] + completion)["input_ids"]
+    n = common_prefix_length(p, pc)
+    x, y = pc, [-100] * n + pc[n:]
+    if max_length:
+        x, y = x[:max_length], y[:max_length]
+    return x, y
 
 
 def _batch(tokenizer, rows, max_length: int | None = None):
@@ -59,23 +86,11 @@ def _batch(tokenizer, rows, max_length: int | None = None):
     prompt and prompt + completion diverge; cut to ``max_length``), right-padded, labels -100 on the prompt
     and the padding."""
     import torch
-    from trl.data_utils import common_prefix_length
 
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token: load it with lorasweep.train.load_tokenizer(spec), "
                          "which sets it to EOS as training did")
-    eos = tokenizer.eos_token
-    ids, labels = [], []
-    for r in rows:
-        completion = r["completion"] if r["completion"].endswith(eos) else r["completion"] + eos
-        p = tokenizer(text=r["prompt"])["input_ids"]
-        pc = tokenizer(text=r["prompt"] + completion)["input_ids"]
-        n = common_prefix_length(p, pc)
-        x, y = pc, [-100] * n + pc[n:]
-        if max_length:
-            x, y = x[:max_length], y[:max_length]
-        ids.append(x)
-        labels.append(y)
+    ids, labels = map(list, zip(*(_tokenize(tokenizer, r, max_length) for r in rows)))
     width = max(map(len, ids))
     pad = tokenizer.pad_token_id
     return {"input_ids": torch.tensor([x + [pad] * (width - len(x)) for x in ids]),
@@ -186,8 +201,8 @@ def merge_run(spec: dict, adapter_dir, out_dir) -> Path:
 
 def in_training(trained_losses, scored: dict) -> float | None:
     """The eval loss training measured (``eval_losses.json``'s final per-example sums) on the examples ``scored``
-    holds, when they are the first examples of the eval split in the same order (the same response token counts;
-    None when an example training left out, its prompt filling max_length, shifts them)."""
+    holds, when they are the first examples training evaluated, in the same order (:func:`held_out` with the
+    tokenizer selects those; the response token counts must agree, else None)."""
     if not trained_losses or not Path(trained_losses).is_file():
         return None
     final = json.loads(Path(trained_losses).read_text()).get("final") or []
@@ -213,8 +228,9 @@ def verify_run(spec: dict, adapter_dir, merged_dir, eval_jsonl, out_json, n_prom
 
     quantized = bool(spec["quantization"])
     tok = AutoTokenizer.from_pretrained(merged_dir, trust_remote_code=spec["model"]["trust_remote_code"])
-    rows = held_out(eval_jsonl, n_prompts)
-    batch = _batch(tok, rows, spec["training"].get("max_length"))
+    max_length = spec["training"].get("max_length")
+    rows = held_out(eval_jsonl, n_prompts, tok, max_length)  # the examples training evaluated
+    batch = _batch(tok, rows, max_length)
     with_adapter = PeftModel.from_pretrained(load_base(spec, quantized), str(adapter_dir), torch_device=ON_CPU).eval()
     merged = AutoModelForCausalLM.from_pretrained(  # plain transformers
         merged_dir, use_safetensors=True, trust_remote_code=spec["model"]["trust_remote_code"]).eval()
@@ -252,7 +268,8 @@ def switch_adapters(spec: dict, adapters: dict[str, str], eval_jsonl, out_json, 
 
     from .train import load_tokenizer
 
-    batch = _batch(load_tokenizer(spec), held_out(eval_jsonl, n_prompts), spec["training"].get("max_length"))
+    tok, max_length = load_tokenizer(spec), spec["training"].get("max_length")
+    batch = _batch(tok, held_out(eval_jsonl, n_prompts, tok, max_length), max_length)
     base = load_base(spec)
     before = score(base, batch)
     names = list(adapters)
@@ -298,7 +315,7 @@ def sample_runs(specs: dict[str, dict], models: dict[str, str], eval_jsonl, out_
 
     spec = next(iter(specs.values()))
     tok = load_tokenizer(spec)
-    rows = held_out(eval_jsonl, n)
+    rows = held_out(eval_jsonl, n, tok, spec["training"].get("max_length"))  # those training evaluated
     prompts = [r["prompt"] for r in rows]
     out = [{**_instruction_and_input(r["prompt"]), "reference": r["completion"], "completions": {}} for r in rows]
     for i, text in enumerate(greedy(load_base(spec), tok, prompts, max_new_tokens)):

@@ -343,6 +343,37 @@ def test_the_adapter_stages_read_adapters_onto_the_cpu_where_cuda_is_visible(tin
                 n=1, max_new_tokens=2)
 
 
+def test_verify_and_switch_score_the_eval_examples_training_scored(tiny_config, tiny_data, tiny_model, tmp_path):
+    """TRL leaves out an eval example whose prompt alone fills max_length (no response token to score); verify and
+    switch kept it, so their examples were not training's and the loss in training (the report's "in training")
+    was missing for every run. They take the first examples training evaluated."""
+    from transformers import AutoTokenizer
+
+    from lorasweep.adapters import merge_run, switch_adapters, verify_run
+    from lorasweep.data import read_jsonl
+    from lorasweep.train import train_run
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    prompts = [len(tok(r["prompt"])["input_ids"]) for r in read_jsonl(tiny_data["eval"])]
+    max_length = max(prompts[:3])  # the longest of the first three prompts fills it: no response token left
+    assert min(prompts[:3]) < max_length
+    spec = run_spec(tiny_config(max_steps=2, evals=1, max_length=max_length), "lora-r8")
+    out = tmp_path / "run"
+    m = train_run(spec, tiny_data["train"], tiny_data["eval"], out, threads=2)
+    assert m["eval_examples_dropped_too_long"] >= 1
+    merged = merge_run(spec, out / "model", tmp_path / "merged")
+    v = verify_run(spec, out / "model", merged, tiny_data["eval"], tmp_path / "verify.json", n_prompts=4,
+                   max_new_tokens=2, trained_losses=out / "eval_losses.json")
+    assert v["prompts"] == 4
+    assert v["eval_loss_in_training"] == pytest.approx(v["eval_loss_adapter"], rel=1e-5)
+    sw = switch_adapters(spec, {"lora-r8": str(out / "model")}, tiny_data["eval"], tmp_path / "switch.json",
+                         n_prompts=4)
+    base = json.loads((out / "eval_losses.json").read_text())["base"][:4]  # the examples training scored
+    assert sw["examples"] == 4
+    assert sw["base_eval_loss"] == pytest.approx(sum(r["loss_sum"] for r in base) / sum(r["tokens"] for r in base),
+                                                 rel=1e-5)
+
+
 def test_the_loss_in_training_is_compared_only_on_the_same_examples(tmp_path):
     from lorasweep.adapters import in_training
 
