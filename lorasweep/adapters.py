@@ -49,8 +49,35 @@ def load_base(spec: dict, quantized: bool = False):
     return load_model({**spec, "quantization": spec["quantization"] if quantized else None}, "cpu", "fp32").eval()
 
 
-def held_out(eval_jsonl, n: int) -> list[dict]:
-    return read_jsonl(eval_jsonl)[:n]
+def held_out(eval_jsonl, n: int, tokenizer=None, max_length: int | None = None) -> list[dict]:
+    """The first ``n`` examples of the eval split; with ``tokenizer``, the first ``n`` of those training evaluates:
+    TRL drops an example left with no response token once cut to ``max_length`` (its prompt alone fills it), so the
+    examples verify and switch score are the ones the run's evaluations scored, in the same order."""
+    rows = read_jsonl(eval_jsonl)
+    if tokenizer is None:
+        return rows[:n]
+    kept = []
+    for r in rows:
+        if len(kept) == n:
+            break
+        if any(label != -100 for label in _tokenize(tokenizer, r, max_length)[1]):
+            kept.append(r)
+    return kept
+
+
+def _tokenize(tokenizer, row, max_length: int | None = None) -> tuple[list[int], list[int]]:
+    """One example's input ids and labels as TRL's SFTTrainer made them (see :func:`_batch`)."""
+    from trl.data_utils import common_prefix_length
+
+    eos = tokenizer.eos_token
+    completion = row["completion"] if row["completion"].endswith(eos) else row["completion"] + eos
+    p = tokenizer(text=row["prompt"])["input_ids"]
+    pc = tokenizer(text=row["prompt"] + completion)["input_ids"]
+    n = common_prefix_length(p, pc)
+    x, y = pc, [-100] * n + pc[n:]
+    if max_length:
+        x, y = x[:max_length], y[:max_length]
+    return x, y
 
 
 def _batch(tokenizer, rows, max_length: int | None = None):
@@ -59,23 +86,11 @@ def _batch(tokenizer, rows, max_length: int | None = None):
     prompt and prompt + completion diverge; cut to ``max_length``), right-padded, labels -100 on the prompt
     and the padding."""
     import torch
-    from trl.data_utils import common_prefix_length
 
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token: load it with lorasweep.train.load_tokenizer(spec), "
                          "which sets it to EOS as training did")
-    eos = tokenizer.eos_token
-    ids, labels = [], []
-    for r in rows:
-        completion = r["completion"] if r["completion"].endswith(eos) else r["completion"] + eos
-        p = tokenizer(text=r["prompt"])["input_ids"]
-        pc = tokenizer(text=r["prompt"] + completion)["input_ids"]
-        n = common_prefix_length(p, pc)
-        x, y = pc, [-100] * n + pc[n:]
-        if max_length:
-            x, y = x[:max_length], y[:max_length]
-        ids.append(x)
-        labels.append(y)
+    ids, labels = map(list, zip(*(_tokenize(tokenizer, r, max_length) for r in rows)))
     width = max(map(len, ids))
     pad = tokenizer.pad_token_id
     return {"input_ids": torch.tensor([x + [pad] * (width - len(x)) for x in ids]),
@@ -109,30 +124,85 @@ def greedy(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[st
     return out
 
 
+def dequantized_base(spec: dict):
+    """The run's base as the 4-bit model it trained on computes it, in fp32 and in the base's own layer types.
+
+    ``model.dequantize()`` turns every 4-bit layer into an ``nn.Linear`` (weight [out, in]); a model whose layers
+    were GPT-2's ``Conv1D`` (weight [in, out]) would then save its weights transposed under Conv1D's names, and
+    load back as nothing (a shape mismatch) or, square, as the wrong weights. So the full-precision base is loaded
+    with its own layers and each quantized layer's weight is replaced by its dequantized value (transposed for a
+    Conv1D)."""
+    import bitsandbytes as bnb
+    import torch
+
+    from .presets import conv1d_class
+
+    quantized = load_base(spec, quantized=True)
+    names = {n for n, m in quantized.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    deq = dict(quantized.dequantize().named_modules())
+    base = load_base(spec)
+    conv1d = conv1d_class()
+    with torch.no_grad():
+        for name, m in base.named_modules():
+            if name not in names:
+                continue
+            w = deq[name].weight.to(m.weight.dtype)
+            if conv1d is not None and isinstance(m, conv1d):
+                w = w.T
+            if w.shape != m.weight.shape:
+                raise MergeMismatch(f"cannot merge {spec['run']}: the dequantized 4-bit weight of {name} has shape "
+                                    f"{tuple(w.shape)}, the base model's {type(m).__name__} {tuple(m.weight.shape)}")
+            m.weight.copy_(w)
+    return base
+
+
+def check_saved(model, out_dir, trust_remote_code: bool = False) -> None:
+    """Load the model saved in ``out_dir`` back with plain transformers and compare every weight with ``model``'s:
+    a merge that saved something else (a layer in another layout, a weight left out) fails here, naming it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        back = AutoModelForCausalLM.from_pretrained(out_dir, use_safetensors=True, dtype=torch.float32,
+                                                    trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise MergeMismatch(f"the merged model saved in {out_dir} does not load back with "
+                            f"AutoModelForCausalLM.from_pretrained: {type(e).__name__}: {e}") from e
+    mine, theirs = model.state_dict(), back.state_dict()
+    differ = sorted(k for k in mine if k not in theirs or theirs[k].shape != mine[k].shape  # a diverged run: NaN = NaN
+                    or not torch.allclose(theirs[k].to(mine[k].dtype), mine[k], rtol=0, atol=0, equal_nan=True))
+    if differ:
+        raise MergeMismatch(f"the merged model saved in {out_dir} loads back with other weights than the merge "
+                            f"computed: {', '.join(differ[:6])}{' ...' if len(differ) > 6 else ''}")
+
+
 def merge_run(spec: dict, adapter_dir, out_dir) -> Path:
-    """Merge a LoRA / QLoRA adapter into its base and save model + tokenizer (safetensors)."""
+    """Merge a LoRA / QLoRA adapter into its base and save model + tokenizer (safetensors), then check that the
+    saved model loads back as the merge (:func:`check_saved`)."""
     from peft import PeftModel
 
     from .train import load_tokenizer
 
     quantized = bool(spec["quantization"])
-    base = load_base(spec, quantized)
     if quantized:
-        base = base.dequantize()
+        base = dequantized_base(spec)
         log.info("QLoRA: merging onto the dequantized %s base (lossless w.r.t. what the adapter trained on)",
                  spec["quantization"]["quant_type"])
+    else:
+        base = load_base(spec)
     merged = PeftModel.from_pretrained(base, str(adapter_dir), torch_device=ON_CPU).merge_and_unload()
     out_dir = Path(out_dir)
     merged.save_pretrained(out_dir, safe_serialization=True)
     load_tokenizer(spec).save_pretrained(out_dir)  # the one it trained with (a pad token, for batched use)
+    check_saved(merged, out_dir, spec["model"]["trust_remote_code"])
     log.info("merged %s into %s", adapter_dir, out_dir)
     return out_dir
 
 
 def in_training(trained_losses, scored: dict) -> float | None:
     """The eval loss training measured (``eval_losses.json``'s final per-example sums) on the examples ``scored``
-    holds, when they are the first examples of the eval split in the same order (the same response token counts;
-    None when an example training left out, its prompt filling max_length, shifts them)."""
+    holds, when they are the first examples training evaluated, in the same order (:func:`held_out` with the
+    tokenizer selects those; the response token counts must agree, else None)."""
     if not trained_losses or not Path(trained_losses).is_file():
         return None
     final = json.loads(Path(trained_losses).read_text()).get("final") or []
@@ -158,8 +228,9 @@ def verify_run(spec: dict, adapter_dir, merged_dir, eval_jsonl, out_json, n_prom
 
     quantized = bool(spec["quantization"])
     tok = AutoTokenizer.from_pretrained(merged_dir, trust_remote_code=spec["model"]["trust_remote_code"])
-    rows = held_out(eval_jsonl, n_prompts)
-    batch = _batch(tok, rows, spec["training"].get("max_length"))
+    max_length = spec["training"].get("max_length")
+    rows = held_out(eval_jsonl, n_prompts, tok, max_length)  # the examples training evaluated
+    batch = _batch(tok, rows, max_length)
     with_adapter = PeftModel.from_pretrained(load_base(spec, quantized), str(adapter_dir), torch_device=ON_CPU).eval()
     merged = AutoModelForCausalLM.from_pretrained(  # plain transformers
         merged_dir, use_safetensors=True, trust_remote_code=spec["model"]["trust_remote_code"]).eval()
@@ -197,7 +268,8 @@ def switch_adapters(spec: dict, adapters: dict[str, str], eval_jsonl, out_json, 
 
     from .train import load_tokenizer
 
-    batch = _batch(load_tokenizer(spec), held_out(eval_jsonl, n_prompts), spec["training"].get("max_length"))
+    tok, max_length = load_tokenizer(spec), spec["training"].get("max_length")
+    batch = _batch(tok, held_out(eval_jsonl, n_prompts, tok, max_length), max_length)
     base = load_base(spec)
     before = score(base, batch)
     names = list(adapters)
@@ -243,7 +315,7 @@ def sample_runs(specs: dict[str, dict], models: dict[str, str], eval_jsonl, out_
 
     spec = next(iter(specs.values()))
     tok = load_tokenizer(spec)
-    rows = held_out(eval_jsonl, n)
+    rows = held_out(eval_jsonl, n, tok, spec["training"].get("max_length"))  # those training evaluated
     prompts = [r["prompt"] for r in rows]
     out = [{**_instruction_and_input(r["prompt"]), "reference": r["completion"], "completions": {}} for r in rows]
     for i, text in enumerate(greedy(load_base(spec), tok, prompts, max_new_tokens)):

@@ -1,8 +1,10 @@
 """Target-module presets: which linear layers ``target_modules: attention`` adapts, per architecture.
 
 The write-ups adapt OPT's attention projections (q_proj, k_proj, v_proj); the same choice on another
-architecture means other module names. Architectures are keyed by ``config.model_type``; one without a
-preset falls back to ``all-linear`` (PEFT: every linear layer except the output head), and says so.
+architecture means other module names. Architectures are keyed by ``config.model_type``. One without a
+preset takes q_proj, k_proj and v_proj when it has all three (the names most decoders use, OPT's and Llama's
+included); otherwise the run stops, naming its linear layers, rather than adapting something else than its
+attention (``all-linear`` adapts every linear layer, several times the parameters).
 """
 
 from __future__ import annotations
@@ -26,36 +28,45 @@ ATTENTION = {
 }
 
 
+def conv1d_class():
+    """transformers' ``Conv1D`` (GPT-2's linear layers, weight stored [in, out]), or None."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover
+        return None
+    return Conv1D
+
+
 def linear_module_names(model) -> list[str]:
     """Last name components of the model's linear layers (nn.Linear, GPT-2's Conv1D, 4-bit Linear)."""
     import torch
 
-    kinds = [torch.nn.Linear]
-    try:
-        from transformers.pytorch_utils import Conv1D
-
-        kinds.append(Conv1D)
-    except ImportError:  # pragma: no cover
-        pass
-    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, tuple(kinds)) and n})
+    kinds = tuple(k for k in (torch.nn.Linear, conv1d_class()) if k is not None)
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, kinds) and n})
 
 
 def resolve_target_modules(model, targets) -> list[str] | str:
     """The module names (or ``'all-linear'``) to pass to PEFT for ``targets``, checked against the model.
 
     Raises ConfigError naming the missing modules and the model's linear layers when a list or a preset
-    does not match the model.
+    does not match the model, or when ``'attention'`` has neither a preset nor q/k/v_proj to take.
     """
     if targets == "all-linear":
         return "all-linear"
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     source = ""
+    names = [n for n, _ in model.named_modules() if n]
     if targets == "attention":
         if model_type not in ATTENTION:
-            log.warning("no attention preset for model type %r: adapting all linear layers (all-linear)", model_type)
-            return "all-linear"
+            if not set(QKV) <= set(linear_module_names(model)):
+                raise ConfigError(
+                    f"methods.lora.target_modules: 'attention' has no preset for model type {model_type!r} "
+                    f"({type(model).__name__}), and the model has no {', '.join(QKV)} to take instead; its linear "
+                    f"modules are {linear_module_names(model)}: list its attention projections among them, or use "
+                    "'all-linear'")
+            log.info("no attention preset for model type %r: adapting its %s", model_type, ", ".join(QKV))
+            return list(QKV)
         targets, source = ATTENTION[model_type], f" (the attention preset for model type {model_type!r})"
-    names = [n for n, _ in model.named_modules() if n]
     # PEFT's own test: a module's full name is the entry or ends with "." + it (q_proj, self_attn.q_proj)
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:

@@ -79,6 +79,14 @@ def load_tokenizer(spec: dict):
                                             **_revision(spec))
     except (OSError, ValueError) as e:
         raise ModelLoadError(_load_hint(name, "tokenizer", e)) from e
+    if tok.eos_token is None:
+        # TRL appends EOS to every response (its add_eos fails on None) and pads with it where there is no pad token
+        raise ConfigError(
+            f"model.name_or_path = {name!r}: its tokenizer has no EOS token"
+            + (" and no pad token" if tok.pad_token is None else "")
+            + ": training ends every response with EOS (the model learns to stop there) and pads with it where there "
+            "is no pad token. Give the tokenizer one (eos_token in its tokenizer_config.json, or tok.eos_token = "
+            "'...' and tok.save_pretrained(DIR)), a token the model's vocabulary has")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -139,6 +147,86 @@ def load_model(spec: dict, device: str, precision: str):
 MUTATING_INITS = ("olora", "pissa")  # initialisations that move part of the base weight into the adapter
 
 
+def max_positions(model_config) -> tuple[str, int] | None:
+    """The longest sequence the model's position embeddings cover, and the config key that says so
+    (``max_position_embeddings``; GPT-2's ``n_positions``); None when the config gives neither."""
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(text, key, None)
+        if isinstance(value, int) and value > 0:
+            return getattr(text, "attribute_map", {}).get(key, key), value  # GPT-2's config.json: n_positions
+    return None
+
+
+def lora_target_layers(model, spec: dict) -> dict:
+    """The layers PEFT will adapt for the run, ``{name: module}``: its own matching of ``target_modules`` (a preset
+    resolved, :func:`lorasweep.presets.resolve_target_modules`); all-linear, every linear layer but the output
+    head, as PEFT expands it."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    from .presets import conv1d_class, resolve_target_modules
+
+    targets = resolve_target_modules(model, spec["lora"]["target_modules"])
+    modules = dict(model.named_modules())
+    if targets == "all-linear":
+        import torch
+
+        kinds = tuple(k for k in (torch.nn.Linear, conv1d_class()) if k is not None)
+        head = model.get_output_embeddings()
+        return {n: m for n, m in modules.items() if n and isinstance(m, kinds) and m is not head}
+    cfg = lora_config(spec, targets)
+    return {n: m for n, m in modules.items() if n and check_target_module_exists(cfg, n)}
+
+
+def largest_init_rank(model, spec: dict) -> tuple[int, str, tuple] | None:
+    """The largest rank OLoRA / PiSSA can initialise on the run's target layers, with the layer that limits it and
+    its weight's shape: both take r directions of each weight (QR, SVD), and a weight of shape [out, in] has
+    min(out, in) of them."""
+    layers = {n: m for n, m in lora_target_layers(model, spec).items() if getattr(m, "weight", None) is not None}
+    if not layers:
+        return None
+    name = min(layers, key=lambda n: min(layers[n].weight.shape))
+    shape = tuple(layers[name].weight.shape)
+    return min(shape), name, shape
+
+
+def check_model_settings(spec: dict) -> None:
+    """What the run's settings ask of the model, checked from its config before any data is loaded or any step
+    trained: ``training.max_length`` within the model's positions (beyond them an embedding lookup fails in the
+    first batch: GPT-2's ``IndexError: index out of range in self``); for OLoRA / PiSSA, a rank the target weights
+    have (:func:`largest_init_rank`; PEFT would train the whole run and then fail converting the saved adapter).
+    PEFT's default initialisation takes any rank (A random, B zero): not checked."""
+    from transformers import AutoConfig
+
+    name = spec["model"]["name_or_path"]
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=spec["model"]["trust_remote_code"],
+                                            **_revision(spec))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(_load_hint(name, "model config", e)) from e
+    limit = max_positions(config)
+    max_length = spec["training"]["max_length"]
+    if limit and max_length > limit[1]:
+        raise ConfigError(f"training.max_length = {max_length} is more than model.name_or_path = {name!r} takes: "
+                          f"its config's {limit[0]} is {limit[1]} (its positions end there); set training.max_length "
+                          f"to at most {limit[1]}")
+    lora = spec["lora"]
+    if lora and lora.get("init", "default") in MUTATING_INITS:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):  # the layers' shapes, no weights
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=spec["model"]["trust_remote_code"])
+        largest = largest_init_rank(skeleton, spec)
+        if largest and lora["r"] > largest[0]:
+            raise ConfigError(
+                f"methods.lora.ranks: run {spec['run']} asks for rank {lora['r']} with init {lora['init']} "
+                f"(methods.lora.init, or the ranks entry's init), but {lora['init']} initialises A and B from r "
+                f"directions of each target weight, and {largest[1]} (weight {list(largest[2])}) has {largest[0]}: "
+                f"the largest rank the target weights of model.name_or_path = {name!r} allow is {largest[0]}. "
+                f"Use a rank of at most {largest[0]}, or init: default (any rank)")
+
+
 def lora_config(spec: dict, target_modules):
     """PEFT's LoraConfig for the run: rank, alpha, dropout, targets, init, rsLoRA, DoRA."""
     from peft import LoraConfig
@@ -169,8 +257,8 @@ def _dora_bases(model) -> set[int]:
 
 
 def store_frozen_weights_16bit(model, precision: str) -> int:
-    """Keep the frozen weights and biases of the model's linear layers (a LoRA run's base) in the 16-bit dtype
-    training computes in; returns how many values now sit in 16 bits.
+    """Keep the frozen weights and biases of the model's linear layers (``nn.Linear``, GPT-2's ``Conv1D``: a LoRA
+    run's base) in the 16-bit dtype training computes in; returns how many values now sit in 16 bits.
 
     With 16-bit autocast every product casts its fp32 weight to 16 bits, and autocast keeps no cast of a weight
     without a gradient: a frozen base is cast anew at every forward pass, one kernel per weight and bias
@@ -188,14 +276,19 @@ def store_frozen_weights_16bit(model, precision: str) -> int:
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     if half is None:
         return 0
+    from .presets import conv1d_class
+
     owners: dict[int, int] = {}
     for m in model.modules():
         for p in m.parameters(recurse=False):
             owners[id(p)] = owners.get(id(p), 0) + 1
+    # nn.Linear, and GPT-2's Conv1D (its product is one addmm, which autocast computes in 16 bits as it does
+    # Linear's); exactly these types: bitsandbytes' 4-bit layers subclass Linear
+    kinds = tuple(k for k in (torch.nn.Linear, conv1d_class()) if k is not None)
     dora_bases = _dora_bases(model)  # their base layer stays in fp32
     n = 0
     for m in model.modules():
-        if type(m) is not torch.nn.Linear or id(m) in dora_bases:  # bitsandbytes' 4-bit layers subclass Linear
+        if type(m) not in kinds or id(m) in dora_bases:
             continue
         for p in m.parameters(recurse=False):
             if not p.requires_grad and p.dtype == torch.float32 and owners[id(p)] == 1:
@@ -296,9 +389,20 @@ def save_trained(trainer, model_dir: Path, initial: Path | None) -> None:
 
 
 def adapted_modules(model) -> str:
-    """The module names PEFT actually adapted, comma-separated (a preset or all-linear resolved)."""
+    """The module names PEFT actually adapted, comma-separated (a preset or all-linear resolved), as the metrics
+    and the report show them: PEFT resolves all-linear into every layer's full module path (14 for a 2-layer
+    Llama, one per layer and projection); a name whose every module is adapted is given once, by its last
+    component (``q_proj``). Entries that were not full paths (a configured list, dotted suffixes included) are
+    kept as configured, and a full path whose namesakes are not all adapted stays a full path."""
     t = model.peft_config["default"].target_modules
-    return t if isinstance(t, str) else ",".join(sorted(t))
+    if isinstance(t, str):
+        return t
+    full = [n for n, _ in model.get_base_model().named_modules() if n]
+    paths, out = set(full) & set(t), set(t) - set(full)
+    for name in {p.rsplit(".", 1)[-1] for p in paths}:
+        every = {n for n in full if n.rsplit(".", 1)[-1] == name}
+        out |= {name} if every <= paths else paths & every
+    return ",".join(sorted(out))
 
 
 def count_parameters(model) -> dict:
@@ -477,12 +581,14 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
     log.info("run %s: method %s, device %s, precision %s, %d torch threads", spec["run"], spec["method"],
              device, precision, torch.get_num_threads())
 
+    # the settings the model must take (max_length, an OLoRA / PiSSA rank, its tokenizer's EOS), before the data
+    tokenizer = load_tokenizer(spec)
+    check_model_settings(spec)
     # under the splits' lock: a damaged cache is deleted while no other job reads or writes it
     with preparing_splits(train_path), damaged_cache_dropped(train_path, eval_path, data_sha):
         train_ds, eval_ds = load_splits(train_path, eval_path, data_sha)  # tokenized once per sweep: see load_splits
 
     set_seed(spec["seed"])
-    tokenizer = load_tokenizer(spec)
     rss_before_load = rss_bytes()  # the process (Python, torch, data) before its model: what runs cannot differ in
     model = load_model(spec, device, precision)
     n4bit = count_4bit_layers(model)

@@ -70,3 +70,23 @@ def tiny_config(tiny_model, tiny_data):
         })
 
     return make
+
+
+def build_tiny_gpt2(tokenizer_dir: Path, out: Path, n_positions: int = 256) -> Path:
+    """A random GPT-2 (Conv1D layers, weights [in, out]) of the tiny model's size, with the tiny tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=n_positions, n_embd=64, n_layer=2, n_head=4,
+                                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                       pad_token_id=tok.pad_token_id))
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tiny_model, tmp_path_factory) -> Path:
+    return build_tiny_gpt2(tiny_model, tmp_path_factory.mktemp("tinygpt2") / "gpt2-tiny")

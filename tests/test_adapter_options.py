@@ -100,12 +100,37 @@ def test_option_combinations_peft_cannot_undo_are_refused(tiny_config):
         validate_config(cfg)
 
 
+@pytest.mark.parametrize("init, targets", [("olora", "attention"), ("pissa", "all-linear")])
+def test_an_olora_or_pissa_rank_beyond_the_target_weights_stops_before_training(init, targets, tiny_config,
+                                                                                tiny_data, tmp_path):
+    """OLoRA / PiSSA take r directions of each target weight (QR, SVD): a [64, 64] weight has 64. config.yaml's
+    own example, {rank: 128, init: olora} on the tiny model, trained the whole run and then failed converting the
+    saved adapter (a state_dict size mismatch). It stops before the data, naming the key and the largest rank;
+    that rank trains and saves, and PEFT's default init keeps taking any rank."""
+    from lorasweep.train import train_run
+
+    cfg = _config(tiny_config, [{"rank": 128, "init": init}, {"rank": 64, "init": init}, 128], max_steps=1, evals=1)
+    cfg["methods"]["lora"]["target_modules"] = targets
+    with pytest.raises(ConfigError, match=rf"methods.lora.ranks: run lora-r128-{init} asks for rank 128 with init "
+                                          rf"{init} .*self_attn.k_proj \(weight \[64, 64\]\) has 64: the largest "
+                                          r"rank the target weights of model.name_or_path = .* allow is 64"):
+        train_run(run_spec(cfg, f"lora-r128-{init}"), tiny_data["train"], tiny_data["eval"], tmp_path / "r128",
+                   threads=2)
+    assert not (tmp_path / "r128" / "log_history.jsonl").exists()
+    from lorasweep.train import check_model_settings
+
+    check_model_settings(run_spec(cfg, "lora-r128"))  # default init: any rank
+    if init == "olora":  # the largest rank trains and saves (converted to a plain rank-128 adapter)
+        train_run(run_spec(cfg, "lora-r64-olora"), tiny_data["train"], tiny_data["eval"], tmp_path / "r64", threads=2)
+        assert (tmp_path / "r64" / "model" / "adapter_model.safetensors").is_file()
+
+
 def _tiny(arch: str):
     from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig
 
     configs = {
         "gpt2": GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=32),
-        "llama": LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        "llama": LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                              num_key_value_heads=2, vocab_size=64),
         "gpt_neox": GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                                   vocab_size=64),
@@ -128,14 +153,55 @@ def test_attention_preset_per_architecture_attaches_with_peft(arch, expected):
     assert adapted == set(expected)
 
 
-def test_unknown_architecture_falls_back_to_all_linear_and_a_wrong_list_names_the_real_modules(caplog):
+def test_an_architecture_without_a_preset_takes_its_q_k_v_projections_or_stops(caplog):
+    """'attention' on a model type without a preset fell back to all-linear (a StableLM adapted every linear
+    layer: 3.4x the parameters of its attention's). It takes q_proj, k_proj and v_proj, the presets' attention
+    for OPT and Llama-style models, where the model has them, and otherwise stops naming its linear layers."""
+    import logging
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import StableLmConfig, StableLmForCausalLM
+
     from lorasweep.presets import ATTENTION, resolve_target_modules
 
+    stablelm = StableLmForCausalLM(StableLmConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                  num_attention_heads=4, num_key_value_heads=4, vocab_size=64))
+    assert stablelm.config.model_type not in ATTENTION
+    with caplog.at_level(logging.INFO, logger="lorasweep"):
+        targets = resolve_target_modules(stablelm, "attention")
+    assert targets == ["q_proj", "k_proj", "v_proj"]
+    assert "no attention preset for model type 'stablelm': adapting its q_proj, k_proj, v_proj" in caplog.text
+    peft_model = get_peft_model(stablelm, LoraConfig(r=8, target_modules=targets, task_type="CAUSAL_LM"))
+    assert sum(p.numel() for p in peft_model.parameters() if p.requires_grad) == 2 * 3 * 8 * (64 + 64)  # 6,144
+
     model = _tiny("gpt2")
-    model.config.model_type = "my-new-arch"
+    model.config.model_type = "my-new-arch"  # no preset, no q/k/v_proj
     assert "my-new-arch" not in ATTENTION
-    assert resolve_target_modules(model, "attention") == "all-linear"
-    assert "no attention preset for model type 'my-new-arch'" in caplog.text
+    with pytest.raises(ConfigError, match=r"methods.lora.target_modules: 'attention' has no preset for model type "
+                                          r"'my-new-arch' \(GPT2LMHeadModel\), and the model has no q_proj, k_proj, "
+                                          r"v_proj .*its linear modules are \['c_attn', 'c_fc', 'c_proj', 'lm_head'\]"):
+        resolve_target_modules(model, "attention")
+
+
+@pytest.mark.parametrize("targets, shown", [
+    ("all-linear", "down_proj,gate_proj,k_proj,o_proj,q_proj,up_proj,v_proj"),  # PEFT: 14 full module paths
+    (["q_proj", "k_proj", "v_proj"], "k_proj,q_proj,v_proj"),
+    (["self_attn.q_proj", "mlp.up_proj"], "mlp.up_proj,self_attn.q_proj"),  # as configured
+    (["model.layers.0.self_attn.q_proj"], "model.layers.0.self_attn.q_proj"),  # one layer's: not every q_proj
+])
+def test_the_adapted_modules_are_shown_by_name_not_one_path_per_layer(targets, shown):
+    from peft import LoraConfig, get_peft_model
+
+    from lorasweep.train import adapted_modules
+
+    model = get_peft_model(_tiny("llama"), LoraConfig(r=2, target_modules=targets, task_type="CAUSAL_LM"))
+    assert adapted_modules(model) == shown
+
+
+def test_a_module_list_is_checked_against_the_model():
+    from lorasweep.presets import resolve_target_modules
+
+    model = _tiny("gpt2")
     with pytest.raises(ConfigError, match=r"\['q_proj'\] not found in GPT2LMHeadModel; its linear modules are "
                                           r"\['c_attn', 'c_fc', 'c_proj', 'lm_head'\]"):
         resolve_target_modules(model, ["q_proj"])
@@ -228,6 +294,34 @@ def test_a_merge_computes_what_base_plus_adapter_computes_and_verify_refuses_one
                    max_new_tokens=4)
 
 
+def test_a_gpt2_qlora_adapter_merges_onto_its_conv1d_layers_and_a_merge_that_does_not_load_back_fails(
+        tiny_config, tiny_data, tiny_gpt2, tmp_path):
+    """GPT-2's linear layers are Conv1D (weight [in, out]); dequantizing its 4-bit base makes them nn.Linear
+    ([out, in]), whose weights then saved under Conv1D's names transposed: the merged model did not load. The merge
+    keeps the base's own layers (each 4-bit weight dequantized into them) and reproduces base + adapter; and a
+    merge that saves something that does not load back fails in merge, not later in verify."""
+    from safetensors.torch import load_file
+
+    from lorasweep.adapters import MergeMismatch, check_saved, load_base, merge_run, verify_run
+    from lorasweep.train import train_run
+
+    cfg = tiny_config(max_steps=2, evals=1)
+    cfg["model"]["name_or_path"] = str(tiny_gpt2)
+    spec = run_spec(cfg, "qlora-r8")
+    out = tmp_path / "run"
+    train_run(spec, tiny_data["train"], tiny_data["eval"], out, threads=2)
+    merged = merge_run(spec, out / "model", tmp_path / "merged")
+    assert load_file(merged / "model.safetensors")["transformer.h.0.attn.c_attn.weight"].shape == (64, 192)
+    v = verify_run(spec, out / "model", merged, tiny_data["eval"], tmp_path / "verify.json", n_prompts=4,
+                   max_new_tokens=2)
+    assert v["within_tolerance"] and v["greedy_identical"] and v["max_abs_logit_diff"] <= 1e-5, v
+
+    dequantized = load_base(spec, quantized=True).dequantize()  # what merge saved before: nn.Linear's layout
+    dequantized.save_pretrained(tmp_path / "transposed", safe_serialization=True)
+    with pytest.raises(MergeMismatch, match="does not load back"):
+        check_saved(dequantized, tmp_path / "transposed")
+
+
 def test_the_adapter_stages_read_adapters_onto_the_cpu_where_cuda_is_visible(tiny_config, tiny_data, tmp_path,
                                                                              monkeypatch):
     """merge, verify, switch and samples run on the CPU beside training jobs that hold the GPU: PEFT would read
@@ -247,6 +341,37 @@ def test_the_adapter_stages_read_adapters_onto_the_cpu_where_cuda_is_visible(tin
     switch_adapters(spec, {"lora-r8": str(out / "model")}, tiny_data["eval"], tmp_path / "switch.json", n_prompts=2)
     sample_runs({"lora-r8": spec}, {"lora-r8": str(out / "model")}, tiny_data["eval"], tmp_path / "samples.json",
                 n=1, max_new_tokens=2)
+
+
+def test_verify_and_switch_score_the_eval_examples_training_scored(tiny_config, tiny_data, tiny_model, tmp_path):
+    """TRL leaves out an eval example whose prompt alone fills max_length (no response token to score); verify and
+    switch kept it, so their examples were not training's and the loss in training (the report's "in training")
+    was missing for every run. They take the first examples training evaluated."""
+    from transformers import AutoTokenizer
+
+    from lorasweep.adapters import merge_run, switch_adapters, verify_run
+    from lorasweep.data import read_jsonl
+    from lorasweep.train import train_run
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    prompts = [len(tok(r["prompt"])["input_ids"]) for r in read_jsonl(tiny_data["eval"])]
+    max_length = max(prompts[:3])  # the longest of the first three prompts fills it: no response token left
+    assert min(prompts[:3]) < max_length
+    spec = run_spec(tiny_config(max_steps=2, evals=1, max_length=max_length), "lora-r8")
+    out = tmp_path / "run"
+    m = train_run(spec, tiny_data["train"], tiny_data["eval"], out, threads=2)
+    assert m["eval_examples_dropped_too_long"] >= 1
+    merged = merge_run(spec, out / "model", tmp_path / "merged")
+    v = verify_run(spec, out / "model", merged, tiny_data["eval"], tmp_path / "verify.json", n_prompts=4,
+                   max_new_tokens=2, trained_losses=out / "eval_losses.json")
+    assert v["prompts"] == 4
+    assert v["eval_loss_in_training"] == pytest.approx(v["eval_loss_adapter"], rel=1e-5)
+    sw = switch_adapters(spec, {"lora-r8": str(out / "model")}, tiny_data["eval"], tmp_path / "switch.json",
+                         n_prompts=4)
+    base = json.loads((out / "eval_losses.json").read_text())["base"][:4]  # the examples training scored
+    assert sw["examples"] == 4
+    assert sw["base_eval_loss"] == pytest.approx(sum(r["loss_sum"] for r in base) / sum(r["tokens"] for r in base),
+                                                 rel=1e-5)
 
 
 def test_the_loss_in_training_is_compared_only_on_the_same_examples(tmp_path):

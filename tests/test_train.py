@@ -174,6 +174,32 @@ def test_a_16bit_frozen_base_trains_bitwise_as_the_fp32_one(tiny_config, tiny_da
     assert {t.dtype for t in adapter16.values()} == {torch.float32}
 
 
+def test_gpt2s_conv1d_frozen_base_goes_16bit_and_trains_bitwise_as_the_fp32_one(tiny_config, tiny_data, tiny_gpt2,
+                                                                                  tmp_path):
+    """GPT-2's linear layers are transformers' Conv1D, not nn.Linear: under bf16 training their frozen weights
+    are stored in bf16 too (they stayed fp32: frozen_16bit_params 0), with the same losses, to the bit."""
+    from transformers.pytorch_utils import Conv1D
+
+    from lorasweep.train import load_model
+
+    cfg = tiny_config(max_steps=4, precision="bf16")
+    cfg["model"]["name_or_path"] = str(tiny_gpt2)
+    spec = run_spec(cfg, "lora-r8")
+    runs = {}
+    for on in (True, False):
+        out = tmp_path / str(on)
+        m = train_run(spec, tiny_data["train"], tiny_data["eval"], out, threads=2,
+                      operational={"frozen_weights_16bit": on})
+        runs[on] = m, [(h.get("loss"), h.get("grad_norm"), h.get("eval_loss"))
+                       for h in map(json.loads, (out / "log_history.jsonl").read_text().splitlines())]
+    base = load_model(spec, "cpu", "fp32")
+    conv1d = sum(p.numel() for mod in base.modules() if type(mod) is Conv1D for p in mod.parameters())
+    assert conv1d > 0 and runs[True][0]["frozen_16bit_params"] == conv1d  # c_attn (adapted), c_proj, c_fc
+    assert runs[False][0]["frozen_16bit_params"] == 0
+    assert runs[True][1] == runs[False][1] and sum(1 for loss, _, _ in runs[True][1] if loss is not None) >= 2
+    assert runs[True][0]["eval_loss"] == runs[False][0]["eval_loss"]
+
+
 @pytest.mark.parametrize("targets", ["attention", "all-linear"])
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_qlora_trains_bitwise_as_lora_over_its_dequantized_base(tiny_config, targets, precision):
@@ -463,6 +489,51 @@ def test_unknown_target_module_is_caught_against_the_model(tiny_config, tiny_dat
     assert not (tmp_path / "x" / "metrics.json").exists()
 
 
+def test_a_tokenizer_without_eos_or_pad_stops_before_the_data_naming_the_model(tiny_config, tiny_data, tiny_model,
+                                                                             tmp_path):
+    """Training pads with EOS where a tokenizer has no pad token, and TRL ends every response with EOS: a tokenizer
+    with neither failed in TRL (``pad_token ('None') is not found in the vocabulary``), after the data step."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from lorasweep.config import ConfigError
+
+    model_dir = tmp_path / "no-eos"
+    shutil.copytree(tiny_model, model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.pad_token = tok.eos_token = None
+    tok.save_pretrained(model_dir)
+    cfg = tiny_config(max_steps=1, evals=1)
+    cfg["model"]["name_or_path"] = str(model_dir)
+    with pytest.raises(ConfigError, match=r"model.name_or_path = '.*no-eos': its tokenizer has no EOS token and no "
+                                          r"pad token"):
+        train_run(run_spec(cfg, "lora-r8"), tiny_data["train"], tiny_data["eval"], tmp_path / "run", threads=2)
+    assert not (tmp_path / "run" / "log_history.jsonl").exists()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "opt"])
+def test_a_max_length_beyond_the_models_positions_stops_before_training_naming_the_setting(
+        arch, tiny_config, tiny_data, tiny_model, tmp_path):
+    """GPT-2 with n_positions 64 and max_length 128 failed in its first batch (IndexError: index out of range in
+    self); the limit is the config's n_positions (GPT-2) or max_position_embeddings (OPT's, Llama's, ...)."""
+    from conftest import build_tiny_gpt2
+
+    from lorasweep.config import ConfigError
+
+    cfg = tiny_config(max_steps=1, evals=1, max_length=128 if arch == "gpt2" else 513)
+    if arch == "gpt2":
+        cfg["model"]["name_or_path"] = str(build_tiny_gpt2(tiny_model, tmp_path / "gpt2-64", n_positions=64))
+    key, limit = ("n_positions", 64) if arch == "gpt2" else ("max_position_embeddings", 512)
+    with pytest.raises(ConfigError, match=rf"training.max_length = {cfg['training']['max_length']} is more than "
+                                          rf"model.name_or_path = .* takes: its config's {key} is {limit}"):
+        train_run(run_spec(cfg, "lora-r8"), tiny_data["train"], tiny_data["eval"], tmp_path / "run", threads=2)
+    assert not (tmp_path / "run" / "log_history.jsonl").exists()
+    cfg["training"]["max_length"] = limit  # as many as it has: trains
+    m = train_run(run_spec(cfg, "lora-r8"), tiny_data["train"], tiny_data["eval"], tmp_path / "ok", threads=2)
+    assert m["max_length"] == limit and m["train_steps"] == 1
+
+
 def test_a_diverging_run_finishes_with_its_losses_as_measured(tiny_config, tiny_data, tmp_path, caplog):
     """A learning rate far too high: the losses overflow (1e4) or turn NaN (1e8). The run still writes its
     metrics (an infinite perplexity, not an OverflowError after training), its log history keeps the NaN
@@ -507,7 +578,7 @@ def test_token_counts_over_one_epoch_equal_the_tokenized_dataset(tiny_config, ti
     rows = read_jsonl(tiny_data["train"])
     tok = AutoTokenizer.from_pretrained(tiny_model)
     steps_per_epoch = math.ceil(len(rows) / 8)
-    m, _ = _train(tiny_config, tiny_data, tmp_path, "lora-r8", max_steps=steps_per_epoch, max_length=1024)
+    m, _ = _train(tiny_config, tiny_data, tmp_path, "lora-r8", max_steps=steps_per_epoch, max_length=512)
     lengths = [len(tok(r["prompt"] + r["completion"] + tok.eos_token, add_special_tokens=False)["input_ids"])
                for r in rows]
     prompt_lengths = [len(tok(r["prompt"], add_special_tokens=False)["input_ids"]) for r in rows]
