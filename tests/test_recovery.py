@@ -537,7 +537,6 @@ def test_a_hub_model_loads_offline_from_the_cache_at_its_revision_and_records_th
     loads that one; each records its commit and the fingerprint of the files it loaded."""
     import shutil
 
-    import torch
     from safetensors.torch import load_file, save_file
 
     repo = tmp_path / "hub" / "models--facebook--opt-350m"
