@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import importlib.metadata
 import json
 import os
 import platform
+import socket
 import subprocess
 from pathlib import Path
 
@@ -57,9 +59,17 @@ def _file_sha256(path: Path, cache: dict) -> str:
     return cache[key]["sha256"]
 
 
+# the files of a model folder that make the model lorasweep loads: its config, safetensors weights (lorasweep reads
+# no other format) and their index, the tokenizer's files, and code a trust_remote_code model runs. Not a README, nor
+# weights in formats never read (pytorch_model.bin, flax, onnx), which `hf download` may also fetch.
+MODEL_FILE_PATTERNS = ("config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
+                       "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
+                       "*.model", "*.tiktoken", "chat_template.*", "*.py")
+
+
 def files_fingerprint(folder: str | Path, cache_path: str | Path | None = FINGERPRINTS) -> str:
-    """sha256 over the files of a model folder, the ones ``from_pretrained`` reads (names, sizes and contents; not
-    its subfolders, such as a training run's checkpoints, nor hidden files): the same fingerprint, the same model. Each file's hash is kept in
+    """sha256 over the files of a model folder that make the model (:data:`MODEL_FILE_PATTERNS`: names, sizes and
+    contents; not its subfolders, such as a training run's checkpoints): the same fingerprint, the same model. Each file's hash is kept in
     ``cache_path`` (the workflow's ``.snakemake`` folder, when it exists), so that a model of gigabytes is read
     once, not at every workflow start and in every job."""
     folder = Path(folder)
@@ -72,14 +82,16 @@ def files_fingerprint(folder: str | Path, cache_path: str | Path | None = FINGER
             cache = {}
     before = dict(cache)
     h = hashlib.sha256()
-    for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                       and any(fnmatch.fnmatch(p.name, pattern) for pattern in MODEL_FILE_PATTERNS)):
         h.update(f"{path.name}\0{path.stat().st_size}\0{_file_sha256(path, cache)}\n".encode())
     if cache_file is not None and cache != before:
         from .resume import atomic_write_json
 
         try:
-            atomic_write_json(cache_file.with_name(f"{cache_file.name}.{os.getpid()}"), cache)
-            os.replace(cache_file.with_name(f"{cache_file.name}.{os.getpid()}"), cache_file)
+            mine = cache_file.with_name(f"{cache_file.name}.{socket.gethostname()}.{os.getpid()}")  # nodes share it
+            atomic_write_json(mine, cache)
+            os.replace(mine, cache_file)
         except OSError:  # a read-only workflow folder: no cache, the same fingerprint
             pass
     return h.hexdigest()

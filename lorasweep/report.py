@@ -205,17 +205,22 @@ def model_text(per_seed: pd.DataFrame) -> str:
         text += f" at revision `{first['model_revision']}`"
     if "model_files_sha256" not in per_seed:
         return text  # runs trained before lorasweep recorded it
-    files = per_seed["model_files_sha256"].astype(object).fillna("unknown")
-    commits = per_seed.get("model_commit", pd.Series(None, index=per_seed.index)).astype(object)
-    groups = per_seed.groupby(files, sort=False)
+    files = per_seed["model_files_sha256"].astype(object)
+    unknown = ", ".join(dict.fromkeys(f"`{r}`" for r in per_seed.loc[files.isna(), "run"]))
+    unrecorded = f"; not recorded by {unknown} (trained before lorasweep recorded it)" if unknown else ""
+    known = per_seed[files.notna()]
+    if known.empty:
+        return text
+    commits = known.get("model_commit", pd.Series(None, index=known.index)).astype(object)
+    groups = known.groupby(files[files.notna()], sort=False)
     label = {fp: (f"commit `{str(commits[g.index].dropna().iloc[0])[:10]}`, " if commits[g.index].notna().any() else "")
              + f"files `{str(fp)[:12]}`" for fp, g in groups}
     if len(label) == 1:
-        return text + f" ({next(iter(label.values()))})"
+        return text + f" ({next(iter(label.values()))}{unrecorded})"
     runs = {fp: ", ".join(dict.fromkeys(f"`{r}`" for r in g["run"])) for fp, g in groups}
     return (text + ". **The runs loaded different model files**: " + "; ".join(f"{label[fp]}: {runs[fp]}" for fp in label)
-            + ". They did not fine-tune the same model, so their comparison is not like with like: retrain the "
-            "older ones (`--forcerun` their metrics.json), or pin `model.revision` to a commit")
+            + unrecorded + ". They did not fine-tune the same model, so their comparison is not like with like: "
+            "retrain the older ones (`--forcerun` their metrics.json), or pin `model.revision` to a commit")
 
 
 def hyperparameters(df: pd.DataFrame, per_seed: pd.DataFrame | None, cols: list[str]) -> pd.DataFrame:

@@ -7,7 +7,7 @@ Both are keyed by the run's settings and data: nothing carries over into a run t
 ``LOCK_FILE`` is held by the process training a run: a second one (a job whose snakemake was killed trains on, and
 the rerun starts another) stops at once instead of training beside it into the same files.
 ``StopOnSignal`` turns SIGTERM and SIGINT during training (a cluster's preemption or time limit, Ctrl-C) into a
-checkpoint at the end of the step and a :class:`Stopped` error, so that the next attempt resumes from there.
+checkpoint at the next logging step and a :class:`Stopped` error, so that the next attempt resumes from there.
 ``FAILED_FILE`` records why an attempt failed, so that Snakemake's retry of an error that no retry changes (the
 configuration, the data, the model's files) stops at once instead of loading and training up to it again.
 """
@@ -137,12 +137,12 @@ class Stopped(RuntimeError):
 
 
 class StopOnSignal:
-    """While training: the first SIGTERM or SIGINT asks the run to finish its step, save a checkpoint and stop
-    (``requested`` names the signal; the Trainer's callback acts on it at the step's end); a second one stops at
-    once, as it would without this. A cluster's preemption or time limit sends SIGTERM some time before SIGKILL
+    """While training: the first SIGTERM or SIGINT asks the run to train on to its next logging step, save a
+    checkpoint there and stop (``requested`` names the signal; the Trainer's callback acts on it); a second one
+    stops at once, as it would without this. A cluster's preemption or time limit sends SIGTERM some time before SIGKILL
     (SLURM: KillWait, 30 s by default; ``--signal=TERM@120`` sends it sooner), Ctrl-C sends SIGINT: without this
     both lose the steps since the last periodic checkpoint. Only the main thread can take signals: elsewhere
-    (and when ``enabled`` is false: no checkpoints) the signals keep their handlers."""
+    (and when ``enabled`` is false: no checkpoints) the signals keep their handlers, as an ignored one does."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -154,15 +154,17 @@ class StopOnSignal:
     def __enter__(self) -> "StopOnSignal":
         if self.enabled and threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
+                if signal.getsignal(sig) is not signal.SIG_IGN:  # ignored (a job started with &): stays ignored
+                    self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
         if self.requested is None:
             self.requested = name
-            log.warning("%s: training stops at the end of this step, after saving a checkpoint to resume from "
-                        "(%s again stops at once, losing the steps since the last checkpoint)", name, name)
+            log.warning("%s: training stops at its next logging step (training.logging_steps), after saving a "
+                        "checkpoint to resume from (%s again stops at once, losing the steps since the last "
+                        "checkpoint)", name, name)
             return
         previous = self._previous.get(signum)
         self._restore()

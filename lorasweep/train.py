@@ -591,6 +591,8 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
     set_seed(spec["seed"])
     rss_before_load = rss_bytes()  # the process (Python, torch, data) before its model: what runs cannot differ in
     model = load_model(spec, device, precision)
+    # what it loaded, by content (a hub model's commit read now: another job's download may move main later)
+    loaded = model_files(spec["model"]["name_or_path"], spec["model"].get("revision"))
     n4bit = count_4bit_layers(model)
     if spec["quantization"] and n4bit == 0:
         raise RuntimeError("QLoRA run loaded no 4-bit layers: bitsandbytes quantization did not take effect")
@@ -777,7 +779,7 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         "rank": spec["rank"],
         "model": spec["model"]["name_or_path"],
         "model_revision": spec["model"].get("revision"),
-        **model_files(spec["model"]["name_or_path"], spec["model"].get("revision")),  # what it loaded, by content
+        **loaded,  # the hub commit and the fingerprint of the files it loaded
         "device": device,
         "hardware": hardware_label(hw),
         "precision": precision,

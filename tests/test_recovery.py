@@ -326,9 +326,10 @@ def test_checkpoints_come_every_checkpoint_steps_but_not_sooner_than_the_minimum
 
 def test_a_signal_saves_a_checkpoint_at_the_end_of_the_step_and_the_rerun_resumes_from_it(tiny_config, tiny_data,
                                                                                           tmp_path):
-    """SIGTERM (a cluster's preemption or time limit) or SIGINT (Ctrl-C) while training: the step ends, a checkpoint
-    is saved there whatever the checkpoint interval, the job stops with a retryable error, and the next attempt
-    resumes from that step into the run an uninterrupted one would have been. A second signal stops at once."""
+    """SIGTERM (a cluster's preemption or time limit) or SIGINT (Ctrl-C) while training: training goes on to its next
+    logging step, a checkpoint is saved there whatever the checkpoint interval, the job stops with a retryable error,
+    and the next attempt resumes from that step into the run an uninterrupted one would have been, its loss curve
+    included (a stop between logging steps would split a logged mean in two). A second signal stops at once."""
     from transformers import TrainerCallback
 
     from lorasweep.config import operational
@@ -347,20 +348,24 @@ def test_a_signal_saves_a_checkpoint_at_the_end_of_the_step_and_the_rerun_resume
     args = (run_spec(cfg, "lora-r8"), tiny_data["train"], tiny_data["eval"])
     out = tmp_path / "stopped"
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(Stopped, match="stopped by SIGTERM at step 5 of 12") as stopped:
+    with pytest.raises(Stopped, match="stopped by SIGTERM at step 6 of 12") as stopped:
         train_run(*args, out, threads=2, operational=operational(cfg), callbacks=[SignalAt(signal.SIGTERM, 4)])
     assert retry_may_help(stopped.value)
     assert signal.getsignal(signal.SIGTERM) is before  # the handler is the process's again after training
-    assert [p.name for p in (out / "checkpoints").glob("checkpoint-*")] == ["checkpoint-5"]
+    assert [p.name for p in (out / "checkpoints").glob("checkpoint-*")] == ["checkpoint-6"]  # logging steps 3, 6
     assert not (out / "metrics.json").exists() and not (out / "model").exists()  # nothing that looks finished
 
     m = train_run(*args, out, threads=2, operational=operational(cfg))
     ref = train_run(*args, tmp_path / "reference", threads=2, operational=operational(cfg))
-    assert (m["resumed_from_step"], m["train_segments"], m["train_steps"]) == (5, 2, 12)
+    assert (m["resumed_from_step"], m["train_segments"], m["train_steps"]) == (6, 2, 12)
     assert (m["train_samples"], m["train_tokens_nonpad"]) == (ref["train_samples"], ref["train_tokens_nonpad"])
-    assert m["train_loss"] == pytest.approx(ref["train_loss"], abs=1e-4)  # all 12 steps: step 5 was logged
+    assert m["train_loss"] == pytest.approx(ref["train_loss"], abs=1e-4)  # all 12 steps
+    assert (m["train_logs"], m["train_loss_last"]) == (ref["train_logs"], pytest.approx(ref["train_loss_last"], abs=1e-4))
     assert m["eval_loss"] == pytest.approx(ref["eval_loss"], abs=1e-4)
-    assert [h["step"] for h in _history(out / "log_history.jsonl") if "loss" in h] == [3, 5, 6, 9, 12]
+    curve, ref_curve = ([(h["step"], h["loss"]) for h in _history(d / "log_history.jsonl") if "loss" in h]
+                        for d in (out, tmp_path / "reference"))
+    assert [s for s, _ in curve] == [s for s, _ in ref_curve] == [3, 6, 9, 12]
+    assert [v for _, v in curve] == pytest.approx([v for _, v in ref_curve], abs=1e-4)
 
     # Ctrl-C twice: the first asks for the checkpoint, the second interrupts at once (Python's KeyboardInterrupt)
     with pytest.raises(KeyboardInterrupt):
@@ -368,6 +373,23 @@ def test_a_signal_saves_a_checkpoint_at_the_end_of_the_step_and_the_rerun_resume
                   callbacks=[SignalAt(signal.SIGINT, 2, 3)])
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert not list((tmp_path / "interrupted").glob("checkpoints/checkpoint-*"))
+
+
+def test_a_signal_the_process_ignores_stays_ignored_while_training():
+    """A job started in the background (`&`) ignores SIGINT: a Ctrl-C meant for the shell must not stop training."""
+    from lorasweep.resume import StopOnSignal
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with StopOnSignal() as stop:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) == stop._handle
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            assert stop.requested is None
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_a_resumed_runs_machine_share_counts_its_earlier_segments():

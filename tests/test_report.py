@@ -1014,6 +1014,10 @@ def test_the_setup_names_the_model_files_and_says_outright_when_runs_loaded_diff
     assert model_text(pinned).startswith(f"`facebook/opt-350m` at revision `{'c0ffee' * 6}ab` (commit `c0ffeec0ff`")
     old = same.drop(columns=["model_commit", "model_files_sha256"])  # runs trained before lorasweep recorded them
     assert model_text(old) == "`facebook/opt-350m`"
+    # one run trained before the fingerprint was recorded, beside one after: no alarm, the gap said
+    both = same.assign(model_files_sha256=[None, "f" * 64], model_commit=[None, "c0ffee" * 6 + "ab"])
+    assert model_text(both) == ("`facebook/opt-350m` (commit `c0ffeec0ff`, files `ffffffffffff`; not recorded by "
+                                "`full` (trained before lorasweep recorded it))")
 
 # ---------------------------------------------------------------- a review of a two-seed report (tiny preset)
 

@@ -111,9 +111,13 @@ def test_a_local_model_is_known_by_its_content_and_each_run_records_what_it_load
     run_snakemake(*args, workdir=tmp_path)
     m = json.loads((tmp_path / target).read_text())
     assert m["model_files_sha256"] == files_fingerprint(model, None) and m["model_commit"] is None
+    assert json.loads((tmp_path / ".snakemake" / "lorasweep-fingerprints.json").read_text())  # hashed once, kept
     for f in model.iterdir():
         later = f.stat().st_mtime + 60
         os.utime(f, (later, later))
+    assert "Nothing to be done" in run_snakemake("-n", *args, workdir=tmp_path).stdout
+    (model / "README.md").write_text("a model card")  # files from_pretrained does not read make no other model
+    (model / "flax_model.msgpack").write_bytes(b"weights in a format lorasweep never loads")
     assert "Nothing to be done" in run_snakemake("-n", *args, workdir=tmp_path).stdout
     config = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**config, "dropout": 0.05}))  # another model, same path

@@ -86,6 +86,7 @@ def get_model_input(wildcards):
 # new tokenizer under the same path retrain every run, a copy or a touch retrains none. A hub model is named by
 # model.revision (pin a commit); each run records the commit and the files' fingerprint it loaded.
 _model = str(config["model"]["name_or_path"])
+os.makedirs(".snakemake", exist_ok=True)  # the fingerprints' cache lives there, from a fresh folder's first run
 MODEL_FILES_SHA256 = (files_fingerprint(_model) if not config["model"]["build_tiny"] and os.path.isdir(_model)
                       else None)
 
