@@ -17,6 +17,7 @@ Write-up W5's advice as workflow stages. Everything here uses PEFT's own API: ``
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 from pathlib import Path
@@ -138,10 +139,12 @@ def dequantized_base(spec: dict):
     from .presets import conv1d_class
 
     quantized = load_base(spec, quantized=True)
+    conv1d = conv1d_class()
+    if conv1d is None or not _has_layers(quantized.config, conv1d, spec["model"]["trust_remote_code"]):
+        return quantized.dequantize()  # Linear layers only: dequantized in place, one fp32 copy of the model
     names = {n for n, m in quantized.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     deq = dict(quantized.dequantize().named_modules())
     base = load_base(spec)
-    conv1d = conv1d_class()
     with torch.no_grad():
         for name, m in base.named_modules():
             if name not in names:
@@ -156,21 +159,49 @@ def dequantized_base(spec: dict):
     return base
 
 
-def check_saved(model, out_dir, trust_remote_code: bool = False) -> None:
-    """Load the model saved in ``out_dir`` back with plain transformers and compare every weight with ``model``'s:
-    a merge that saved something else (a layer in another layout, a weight left out) fails here, naming it."""
+def _has_layers(config, kind, trust_remote_code: bool) -> bool:
+    """Whether the architecture of ``config`` has layers of type ``kind``, from a skeleton on the meta device (no
+    weights): a 4-bit model has replaced its linear layers, Conv1D included, by bitsandbytes' own."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return any(isinstance(m, kind) for m in skeleton.modules())
+
+
+def tensor_digests(model) -> dict:
+    """``{name: (shape, sha1 of the bytes)}`` of every tensor in the model's state dict: what a saved copy must hold
+    bit for bit (a diverged run's NaNs included), without keeping a second copy of the model in memory."""
+    import hashlib
+
+    import torch
+
+    out = {}
+    for k, t in model.state_dict().items():
+        t = t.detach().to("cpu").contiguous()
+        out[k] = (tuple(t.shape), hashlib.sha1(t.view(-1).view(torch.uint8).numpy()).hexdigest() if t.numel() else "")
+    return out
+
+
+def check_saved(model, out_dir, trust_remote_code: bool = False) -> None:
+    """Load the model saved in ``out_dir`` back with plain transformers and compare every weight with ``model``'s
+    (``model``: the merged model, or its :func:`tensor_digests` when the caller has let it go, so that the check
+    holds one model in memory, not two): a merge that saved something else (a layer in another layout, a weight
+    left out) fails here, naming it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    mine = model if isinstance(model, dict) else tensor_digests(model)
     try:
         back = AutoModelForCausalLM.from_pretrained(out_dir, use_safetensors=True, dtype=torch.float32,
                                                     trust_remote_code=trust_remote_code)
     except Exception as e:
         raise MergeMismatch(f"the merged model saved in {out_dir} does not load back with "
                             f"AutoModelForCausalLM.from_pretrained: {type(e).__name__}: {e}") from e
-    mine, theirs = model.state_dict(), back.state_dict()
-    differ = sorted(k for k in mine if k not in theirs or theirs[k].shape != mine[k].shape  # a diverged run: NaN = NaN
-                    or not torch.allclose(theirs[k].to(mine[k].dtype), mine[k], rtol=0, atol=0, equal_nan=True))
+    theirs = tensor_digests(back)  # the same bytes, NaNs included, or not the merge
+    del back
+    differ = sorted(k for k in mine if theirs.get(k) != mine[k])
     if differ:
         raise MergeMismatch(f"the merged model saved in {out_dir} loads back with other weights than the merge "
                             f"computed: {', '.join(differ[:6])}{' ...' if len(differ) > 6 else ''}")
@@ -194,7 +225,10 @@ def merge_run(spec: dict, adapter_dir, out_dir) -> Path:
     out_dir = Path(out_dir)
     merged.save_pretrained(out_dir, safe_serialization=True)
     load_tokenizer(spec).save_pretrained(out_dir)  # the one it trained with (a pad token, for batched use)
-    check_saved(merged, out_dir, spec["model"]["trust_remote_code"])
+    digests = tensor_digests(merged)
+    del merged, base  # the load-back check holds one model, not two (a 7B model in fp32: 28 GB each)
+    gc.collect()
+    check_saved(digests, out_dir, spec["model"]["trust_remote_code"])
     log.info("merged %s into %s", adapter_dir, out_dir)
     return out_dir
 

@@ -383,3 +383,25 @@ def test_the_loss_in_training_is_compared_only_on_the_same_examples(tmp_path):
     assert in_training(losses, {"tokens": [3, 2]}) == pytest.approx(8.0 / 5)
     assert in_training(losses, {"tokens": [3, 4]}) is None  # an example left out in training shifts them
     assert in_training(tmp_path / "none.json", {"tokens": [3]}) is None
+
+
+def test_the_merge_check_compares_every_weight_bit_for_bit_from_digests(tiny_model, tmp_path):
+    """merge_run lets the merged model go before loading the saved one back (one model in memory, not two): the
+    check compares digests of every tensor's bytes, so one changed bit is named, and a diverged run's NaNs,
+    saved as computed, pass."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lorasweep.adapters import MergeMismatch, check_saved, tensor_digests
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    name, weight = next((n, p) for n, p in model.named_parameters() if n.endswith("k_proj.weight"))
+    with torch.no_grad():
+        weight[0, 0] = float("nan")
+    model.save_pretrained(tmp_path / "saved")
+    check_saved(tensor_digests(model), tmp_path / "saved")  # NaN saved as NaN: the same bytes
+    check_saved(model, tmp_path / "saved")
+    with torch.no_grad():
+        weight[0, 1] = torch.nextafter(weight[0, 1], torch.tensor(1.0))  # one unit in the last place
+    with pytest.raises(MergeMismatch, match=f"other weights than the merge computed: {name}"):
+        check_saved(tensor_digests(model), tmp_path / "saved")
