@@ -386,13 +386,13 @@ class Recorder(TrainerCallback):
     def on_step_end(self, args, state, control, **kw):
         self.mem_samples.append(self.memory.current())
         self.sample_peers()
-        if self.stop is not None and self.stop.requested and state.global_step < state.max_steps:
+        if (self.stop is not None and self.stop.requested and state.global_step < state.max_steps
+                and control.should_log):
             # a signal (preemption, Ctrl-C): at the next logging step (the resumed run's train loss and loss curve
             # are then the uninterrupted run's: an extra log would split a logged mean in two), save whatever the
-            # interval, and stop
-            if control.should_log:
-                control.should_save = control.should_training_stop = True
-                self.stopped_at = state.global_step
+            # interval, and stop; until then, steps go on as usual, periodic checkpoints included
+            control.should_save = control.should_training_stop = True
+            self.stopped_at = state.global_step
         elif state.global_step >= state.max_steps:
             # no checkpoint of the finished run (the Trainer writes one at the end): resuming from it would
             # train one step more, and the trained model is saved anyway; a crash after training resumes

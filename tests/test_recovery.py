@@ -367,6 +367,19 @@ def test_a_signal_saves_a_checkpoint_at_the_end_of_the_step_and_the_rerun_resume
     assert [s for s, _ in curve] == [s for s, _ in ref_curve] == [3, 6, 9, 12]
     assert [v for _, v in curve] == pytest.approx([v for _, v in ref_curve], abs=1e-4)
 
+    # a periodic checkpoint between the signal and the next logging step is written as ever (its step logged)
+    cfg = tiny_config(max_steps=12, checkpoint_steps=4, checkpoint_min_interval_s=0, logging_steps=3, evals=2)
+    args = (run_spec(cfg, "lora-r8"), tiny_data["train"], tiny_data["eval"])
+    with pytest.raises(Stopped, match="at step 6 of 12"):
+        train_run(*args, tmp_path / "periodic", threads=2, operational=operational(cfg),
+                  callbacks=[SignalAt(signal.SIGTERM, 3)])
+    m = train_run(*args, tmp_path / "periodic", threads=2, operational=operational(cfg))
+    ref = train_run(*args, tmp_path / "periodic-reference", threads=2, operational=operational(cfg))
+    assert [h["step"] for h in _history(tmp_path / "periodic" / "log_history.jsonl") if "loss" in h] == \
+        [h["step"] for h in _history(tmp_path / "periodic-reference" / "log_history.jsonl") if "loss" in h] == \
+        [3, 4, 6, 8, 9, 12]
+    assert m["train_loss"] == pytest.approx(ref["train_loss"], abs=1e-4) and m["resumed_from_step"] == 6
+
     # Ctrl-C twice: the first asks for the checkpoint, the second interrupts at once (Python's KeyboardInterrupt)
     with pytest.raises(KeyboardInterrupt):
         train_run(*args, tmp_path / "interrupted", threads=2, operational=operational(cfg),
