@@ -190,13 +190,17 @@ def check_model_path(config: dict) -> None:
                           "is a local folder: remove model.revision")
 
 
+def hub_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` forbids the Hugging Face libraries to download (as huggingface_hub reads it)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
 def check_offline_model_cached(config: dict) -> None:
     """With ``HF_HUB_OFFLINE`` set, a hub model must be in the local Hugging Face cache: otherwise every training
     job would fail at its start, after the data step (the workflow's main process checks, before any job)."""
     model = config["model"]
     name = str(model["name_or_path"])
-    if (model.get("build_tiny") or Path(name).is_dir()
-            or os.environ.get("HF_HUB_OFFLINE", "").upper() not in ("1", "ON", "YES", "TRUE")):
+    if model.get("build_tiny") or Path(name).is_dir() or not hub_offline():
         return
     from huggingface_hub import constants, try_to_load_from_cache
 

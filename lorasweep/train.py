@@ -17,7 +17,7 @@ import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .config import ConfigError
+from .config import ConfigError, hub_offline
 from . import memory_model, speed
 from .memory import PeakMemory, rss_bytes
 from .provenance import MachineShare, git_state, hardware, hardware_label, model_files, package_versions
@@ -105,7 +105,7 @@ def _load_hint(name: str, what: str, e: Exception) -> str:
             "Without network access, download the model elsewhere (`hf download <id> --local-dir DIR`) and either set "
             "model.name_or_path to that local directory or "
             + ("put it in the local Hugging Face cache (HF_HUB_OFFLINE=1 is set: nothing is downloaded)."
-               if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+               if hub_offline()
                else "set HF_HUB_OFFLINE=1 to use the local Hugging Face cache."))
 
 
