@@ -69,9 +69,9 @@ MODEL_FILE_PATTERNS = ("config.json", "generation_config.json", "*.safetensors",
 
 def files_fingerprint(folder: str | Path, cache_path: str | Path | None = FINGERPRINTS) -> str:
     """sha256 over the files of a model folder that make the model (:data:`MODEL_FILE_PATTERNS`: names, sizes and
-    contents; not its subfolders, such as a training run's checkpoints): the same fingerprint, the same model. Each file's hash is kept in
-    ``cache_path`` (the workflow's ``.snakemake`` folder, when it exists), so that a model of gigabytes is read
-    once, not at every workflow start and in every job."""
+    contents; not its subfolders, such as a training run's checkpoints): the same fingerprint, the same model.
+    Each file's hash is kept in ``cache_path`` (the workflow's ``.snakemake`` folder, when it exists), so that a
+    model of gigabytes is read once, not at every workflow start and in every job."""
     folder = Path(folder)
     cache_file = Path(cache_path) if cache_path is not None and Path(cache_path).parent.is_dir() else None
     cache = {}
