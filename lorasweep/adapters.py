@@ -113,14 +113,22 @@ def score(model, batch) -> dict:
 
 
 def greedy(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """Each prompt's greedy continuation, up to ``max_new_tokens`` tokens or the end of the model's positions (a
+    prompt that fills them gets none: generating past them fails in the position embedding)."""
     import torch
 
+    from .train import max_positions
+
+    limit = max_positions(model.config)
     out = []
     for p in prompts:
         enc = tokenizer(p, return_tensors="pt")  # the prompt as training tokenized it (special tokens included)
+        room = max_new_tokens if limit is None else max(0, min(max_new_tokens, limit[1] - enc["input_ids"].shape[1]))
+        if room == 0:
+            out.append("")
+            continue
         with torch.no_grad():
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
+            gen = model.generate(**enc, max_new_tokens=room, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         out.append(tokenizer.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
     return out
 

@@ -405,3 +405,23 @@ def test_the_merge_check_compares_every_weight_bit_for_bit_from_digests(tiny_mod
         weight[0, 1] = torch.nextafter(weight[0, 1], torch.tensor(1.0))  # one unit in the last place
     with pytest.raises(MergeMismatch, match=f"other weights than the merge computed: {name}"):
         check_saved(tensor_digests(model), tmp_path / "saved")
+
+
+def test_greedy_samples_stop_where_the_models_positions_end(tiny_data, tmp_path):
+    """A prompt near the model's last position (an OPT with 32 positions, training.max_length at that limit):
+    generation stops at the limit instead of failing in the position embedding."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorasweep import tiny
+    from lorasweep.adapters import greedy
+
+    path = tiny.build_tiny_model_from_jsonl(tiny_data["train"], tmp_path / "short", max_positions=32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    prompt = " ".join(["word"] * 200)
+    prompt = tok.decode(tok(prompt)["input_ids"][:28], skip_special_tokens=True)
+    n = len(tok(prompt)["input_ids"])
+    assert 24 <= n <= 32
+    texts = greedy(model, tok, [prompt, " ".join(["word"] * 200)], max_new_tokens=24)
+    assert len(tok(texts[0], add_special_tokens=False)["input_ids"]) <= 32 - n + 1 and texts[1] == ""
