@@ -144,11 +144,13 @@ def dequantized_base(spec: dict):
     import bitsandbytes as bnb
     import torch
 
-    from .presets import conv1d_class
+    from .presets import conv1d_class, meta_skeleton
 
     quantized = load_base(spec, quantized=True)
     conv1d = conv1d_class()
-    if conv1d is None or not _has_layers(quantized.config, conv1d, spec["model"]["trust_remote_code"]):
+    # a 4-bit model has replaced its linear layers, Conv1D included, by bitsandbytes' own: ask the architecture
+    skeleton = meta_skeleton(quantized.config, spec["model"]["trust_remote_code"]) if conv1d is not None else None
+    if skeleton is None or not any(isinstance(m, conv1d) for m in skeleton.modules()):
         return quantized.dequantize()  # Linear layers only: dequantized in place, one fp32 copy of the model
     names = {n for n, m in quantized.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     deq = dict(quantized.dequantize().named_modules())
@@ -158,24 +160,13 @@ def dequantized_base(spec: dict):
             if name not in names:
                 continue
             w = deq[name].weight.to(m.weight.dtype)
-            if conv1d is not None and isinstance(m, conv1d):
+            if isinstance(m, conv1d):
                 w = w.T
             if w.shape != m.weight.shape:
                 raise MergeMismatch(f"cannot merge {spec['run']}: the dequantized 4-bit weight of {name} has shape "
                                     f"{tuple(w.shape)}, the base model's {type(m).__name__} {tuple(m.weight.shape)}")
             m.weight.copy_(w)
     return base
-
-
-def _has_layers(config, kind, trust_remote_code: bool) -> bool:
-    """Whether the architecture of ``config`` has layers of type ``kind``, from a skeleton on the meta device (no
-    weights): a 4-bit model has replaced its linear layers, Conv1D included, by bitsandbytes' own."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    return any(isinstance(m, kind) for m in skeleton.modules())
 
 
 def tensor_digests(model) -> dict:

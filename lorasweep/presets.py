@@ -37,11 +37,26 @@ def conv1d_class():
     return Conv1D
 
 
-def linear_module_names(model) -> list[str]:
-    """Last name components of the model's linear layers (nn.Linear, GPT-2's Conv1D, 4-bit Linear)."""
+def linear_kinds() -> tuple:
+    """The layer types that are linear layers: ``nn.Linear`` (bitsandbytes' 4-bit Linear subclasses it) and GPT-2's
+    ``Conv1D``."""
     import torch
 
-    kinds = tuple(k for k in (torch.nn.Linear, conv1d_class()) if k is not None)
+    return tuple(k for k in (torch.nn.Linear, conv1d_class()) if k is not None)
+
+
+def meta_skeleton(config, trust_remote_code: bool = False):
+    """The causal LM ``config`` describes, built on the meta device: its layers and shapes, no weights, no memory."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def linear_module_names(model) -> list[str]:
+    """Last name components of the model's linear layers (nn.Linear, GPT-2's Conv1D, 4-bit Linear)."""
+    kinds = linear_kinds()
     return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, kinds) and n})
 
 

@@ -164,14 +164,12 @@ def lora_target_layers(model, spec: dict) -> dict:
     head, as PEFT expands it."""
     from peft.tuners.tuners_utils import check_target_module_exists
 
-    from .presets import conv1d_class, resolve_target_modules
+    from .presets import linear_kinds, resolve_target_modules
 
     targets = resolve_target_modules(model, spec["lora"]["target_modules"])
     modules = dict(model.named_modules())
     if targets == "all-linear":
-        import torch
-
-        kinds = tuple(k for k in (torch.nn.Linear, conv1d_class()) if k is not None)
+        kinds = linear_kinds()
         head = model.get_output_embeddings()
         return {n: m for n, m in modules.items() if n and isinstance(m, kinds) and m is not head}
     cfg = lora_config(spec, targets)
@@ -212,12 +210,9 @@ def check_model_settings(spec: dict) -> None:
                           f"to at most {limit[1]}")
     lora = spec["lora"]
     if lora and lora.get("init", "default") in MUTATING_INITS:
-        import torch
-        from transformers import AutoModelForCausalLM
+        from .presets import meta_skeleton
 
-        with torch.device("meta"):  # the layers' shapes, no weights
-            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=spec["model"]["trust_remote_code"])
-        largest = largest_init_rank(skeleton, spec)
+        largest = largest_init_rank(meta_skeleton(config, spec["model"]["trust_remote_code"]), spec)
         if largest and lora["r"] > largest[0]:
             raise ConfigError(
                 f"methods.lora.ranks: run {spec['run']} asks for rank {lora['r']} with init {lora['init']} "
@@ -276,7 +271,7 @@ def store_frozen_weights_16bit(model, precision: str) -> int:
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     if half is None:
         return 0
-    from .presets import conv1d_class
+    from .presets import linear_kinds
 
     owners: dict[int, int] = {}
     for m in model.modules():
@@ -284,7 +279,7 @@ def store_frozen_weights_16bit(model, precision: str) -> int:
             owners[id(p)] = owners.get(id(p), 0) + 1
     # nn.Linear, and GPT-2's Conv1D (its product is one addmm, which autocast computes in 16 bits as it does
     # Linear's); exactly these types: bitsandbytes' 4-bit layers subclass Linear
-    kinds = tuple(k for k in (torch.nn.Linear, conv1d_class()) if k is not None)
+    kinds = linear_kinds()
     dora_bases = _dora_bases(model)  # their base layer stays in fp32
     n = 0
     for m in model.modules():
