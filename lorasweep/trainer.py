@@ -292,6 +292,7 @@ class Recorder(TrainerCallback):
         self.state_save_s = 0.0  # this callback's part of checkpointing (lorasweep_state.json)
         self.min_save_interval_s = 0.0  # training.checkpoint_min_interval_s
         self.last_save = None  # when the last checkpoint (or training) began
+        self.save_due = False  # checkpoint_steps came, and no logging step since
         self.gpu_peers = gpu_peers  # GpuSlot.peers: other training jobs on this job's GPU, or None
         self.peers_max = (resume or {}).get("gpu_jobs_beside_max")
         self._peers_at = None
@@ -398,10 +399,16 @@ class Recorder(TrainerCallback):
             # train one step more, and the trained model is saved anyway; a crash after training resumes
             # from the last periodic checkpoint instead
             control.should_save = False
-        elif control.should_save and time.perf_counter() - self.last_save < self.min_save_interval_s:
-            control.should_save = False  # too soon after the last one (training.checkpoint_min_interval_s)
-        elif control.should_save:
-            control.should_log = True  # so that the logged losses cover every step up to the checkpoint
+        else:
+            # every checkpoint_steps (the Trainer's trigger), a checkpoint is due; it is saved at the first logging
+            # step from there: the logged losses then cover every step up to it, as a resumed run needs, and the
+            # loss curve is the same whatever checkpoint_steps (an operational setting) and the interval below
+            self.save_due = self.save_due or control.should_save
+            control.should_save = False
+            if self.save_due and control.should_log:
+                self.save_due = False
+                # not too soon after the last one (training.checkpoint_min_interval_s): else skipped
+                control.should_save = time.perf_counter() - self.last_save >= self.min_save_interval_s
 
     def on_train_end(self, args, state, control, **kw):
         self.t_end = time.perf_counter()

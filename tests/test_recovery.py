@@ -238,7 +238,8 @@ def test_a_crash_after_training_resumes_without_extra_steps_and_keeps_the_metric
     args = (run_spec(cfg, "full"), tiny_data["train"], tiny_data["eval"])
     out = tmp_path / "crashed"
     _train_and_die_saving_the_model(monkeypatch, cfg, *args, out)
-    assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-8"]  # none at 12
+    # checkpoints due at steps 4 and 8 are saved at the logging steps after them, 6 and 9; none at 12
+    assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-9"]
     # and say the machine had died while a later checkpoint was being written: the Trainer's files of it in
     # part, lorasweep's state not yet; the complete checkpoint before it must survive and be resumed
     partial = out / "checkpoints" / "checkpoint-10"
@@ -246,33 +247,33 @@ def test_a_crash_after_training_resumes_without_extra_steps_and_keeps_the_metric
     (partial / "model.safetensors").write_bytes(b"cut short")
     # and say the first process had a runtime footprint 8 GiB larger than the resumed one will have: its peaks
     # count for what they added over that footprint, not as raw figures of another process
-    state_file = out / "checkpoints" / "checkpoint-8" / "lorasweep_state.json"
+    state_file = out / "checkpoints" / "checkpoint-9" / "lorasweep_state.json"
     state = json.loads(state_file.read_text())
     first_added = state["peaks"]["peak_rss_bytes"] - state["baseline"]["rss_at_load_bytes"]
     state["peaks"]["peak_rss_bytes"] += 8 << 30
     state["baseline"]["rss_at_load_bytes"] += 8 << 30
-    assert state["mem_sums"]["rss_bytes"][1] == 8  # one sample a step, steps 1..8
-    state["mem_sums"]["rss_bytes"] = [8 * (100 << 30), 8]  # and a mean of 100 GiB over them
+    assert state["mem_sums"]["rss_bytes"][1] == 9  # one sample a step, steps 1..9
+    state["mem_sums"]["rss_bytes"] = [9 * (100 << 30), 9]  # and a mean of 100 GiB over them
     state_file.write_text(json.dumps(state))
     m = train_run(*args, out, threads=2, operational=operational(cfg))
     ref = train_run(*args, tmp_path / "reference", threads=2, operational=operational(cfg))
 
-    assert (m["resumed_from_step"], m["train_segments"]) == (8, 2)
-    # steps 1..8 (100 GiB, on a footprint 8 GiB larger than this process's: 92 GiB here) and 9..12 (< 1 GiB)
-    assert 61 << 30 < m["mean_rss_bytes"] < 62 << 30
+    assert (m["resumed_from_step"], m["train_segments"]) == (9, 2)
+    # steps 1..9 (100 GiB, on a footprint 8 GiB larger than this process's: 92 GiB here) and 10..12 (< 1 GiB)
+    assert 69 << 30 < m["mean_rss_bytes"] < 69.25 * (1 << 30)
     assert first_added <= m["peak_rss_bytes"] - m["rss_at_load_bytes"] < 1 << 30
     assert m["train_steps"] == ref["train_steps"] == 12
     assert (m["train_samples"], m["train_tokens_nonpad"]) == (ref["train_samples"], ref["train_tokens_nonpad"])
     # the mean over all 12 steps, not over the 4 trained after the resume (checkpoint steps are logged)
     assert m["train_loss"] == pytest.approx(ref["train_loss"], abs=1e-4)
     assert m["eval_loss"] == pytest.approx(ref["eval_loss"], abs=1e-4)
-    # checkpoints at steps 4 and 8, each slowed by slow_save: training time leaves them out, the wall has them
+    # checkpoints at steps 6 and 9, each slowed by slow_save: training time leaves them out, the wall has them
     assert m["checkpoint_time_s"] >= 2 * slow_save and ref["checkpoint_time_s"] >= 2 * slow_save
     for r in (m, ref):
         assert r["train_wall_s"] == pytest.approx(
             r["train_runtime_s"] + r["eval_time_during_train_s"] + r["checkpoint_time_s"], abs=0.05)
     history = _history(out / "log_history.jsonl")
-    assert [h["step"] for h in history if "loss" in h] == [3, 4, 6, 8, 9, 12]  # checkpoint steps 4, 8 logged
+    assert [h["step"] for h in history if "loss" in h] == [3, 6, 9, 12]  # the logging steps, no others
     # the Trainer's closing record says the whole run's mean, as metrics.json does, not the last segment's
     assert [h["train_loss"] for h in history if "train_loss" in h] == [m["train_loss"]]
     assert [h["step"] for h in history if "eval_loss" in h] == [0, 6, 12]
@@ -324,6 +325,37 @@ def test_checkpoints_come_every_checkpoint_steps_but_not_sooner_than_the_minimum
         assert (m["checkpoint_time_s"] > 0) == bool(expected)
 
 
+def test_checkpoints_wait_for_a_logging_step_and_leave_the_loss_curve_as_it_is(tiny_config, tiny_data, tmp_path,
+                                                                              caplog):
+    """checkpoint_steps is operational: it changes where a killed run resumes, not what a run records. A checkpoint
+    due between two logging steps is saved at the next one (a resumed run needs the logged losses to cover every
+    step up to its checkpoint); it used to add a log there, so the loss curve and train_loss_last depended on
+    checkpoint_steps, and with checkpoint_min_interval_s on how fast the machine ran."""
+    import logging
+
+    from lorasweep.config import operational
+
+    runs = {}
+    for steps in (0, 4, 5):
+        cfg = tiny_config(max_steps=12, checkpoint_steps=steps, checkpoint_min_interval_s=0, logging_steps=3,
+                          evals=2, keep_checkpoints=True)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="lorasweep"):
+            m = train_run(run_spec(cfg, "lora-r8"), tiny_data["train"], tiny_data["eval"], tmp_path / str(steps),
+                          threads=2, operational=operational(cfg))
+        written = [int(r.getMessage().split()[3]) for r in caplog.records
+                   if r.getMessage().startswith("checkpoint at step")]
+        curve = [(h["step"], h["loss"]) for h in _history(tmp_path / str(steps) / "log_history.jsonl") if "loss" in h]
+        runs[steps] = (m, written, curve)
+    assert runs[0][1] == [] and runs[4][1] == [6, 9] and runs[5][1] == [6]  # due at 4, 8 / 5, 10 (none at 12)
+    for steps in (4, 5):
+        m, _, curve = runs[steps]
+        assert [s for s, _ in curve] == [s for s, _ in runs[0][2]] == [3, 6, 9, 12]
+        assert [v for _, v in curve] == pytest.approx([v for _, v in runs[0][2]], abs=1e-5)
+        assert (m["train_logs"], m["train_loss_last"]) == (runs[0][0]["train_logs"],
+                                                           pytest.approx(runs[0][0]["train_loss_last"], abs=1e-5))
+
+
 def test_a_signal_saves_a_checkpoint_at_the_end_of_the_step_and_the_rerun_resumes_from_it(tiny_config, tiny_data,
                                                                                           tmp_path):
     """SIGTERM (a cluster's preemption or time limit) or SIGINT (Ctrl-C) while training: training goes on to its next
@@ -367,7 +399,7 @@ def test_a_signal_saves_a_checkpoint_at_the_end_of_the_step_and_the_rerun_resume
     assert [s for s, _ in curve] == [s for s, _ in ref_curve] == [3, 6, 9, 12]
     assert [v for _, v in curve] == pytest.approx([v for _, v in ref_curve], abs=1e-4)
 
-    # a periodic checkpoint between the signal and the next logging step is written as ever (its step logged)
+    # a periodic checkpoint due between the signal and the next logging step is the one saved there
     cfg = tiny_config(max_steps=12, checkpoint_steps=4, checkpoint_min_interval_s=0, logging_steps=3, evals=2)
     args = (run_spec(cfg, "lora-r8"), tiny_data["train"], tiny_data["eval"])
     with pytest.raises(Stopped, match="at step 6 of 12"):
@@ -377,7 +409,7 @@ def test_a_signal_saves_a_checkpoint_at_the_end_of_the_step_and_the_rerun_resume
     ref = train_run(*args, tmp_path / "periodic-reference", threads=2, operational=operational(cfg))
     assert [h["step"] for h in _history(tmp_path / "periodic" / "log_history.jsonl") if "loss" in h] == \
         [h["step"] for h in _history(tmp_path / "periodic-reference" / "log_history.jsonl") if "loss" in h] == \
-        [3, 4, 6, 8, 9, 12]
+        [3, 6, 9, 12]
     assert m["train_loss"] == pytest.approx(ref["train_loss"], abs=1e-4) and m["resumed_from_step"] == 6
 
     # Ctrl-C twice: the first asks for the checkpoint, the second interrupts at once (Python's KeyboardInterrupt)
