@@ -12,6 +12,8 @@ import logging
 import random
 from pathlib import Path
 
+from .provenance import hub_commit
+
 log = logging.getLogger(__name__)
 
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
@@ -207,6 +209,7 @@ def prepare(source: str, train_out: str | Path, eval_out: str | Path, summary_ou
     summary = {
         "source": str(source),
         "revision": revision,
+        "commit": None if is_local_source(source) else hub_commit(source, revision, "dataset"),
         **counts,
         "records_kept": len(kept),
         "fraction": fraction,

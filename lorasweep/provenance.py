@@ -97,6 +97,26 @@ def files_fingerprint(folder: str | Path, cache_path: str | Path | None = FINGER
     return h.hexdigest()
 
 
+def hub_commit(repo_id: str, revision: str | None = None, repo_type: str = "model") -> str | None:
+    """The commit a hub repository's ``revision`` (None: main) names in the local Hugging Face cache, as the last
+    download through ``huggingface_hub`` resolved it (``refs/<revision>``; ``datasets.load_dataset`` fetches a
+    dataset's card that way, and so leaves it); a revision that is a full commit is its own. None when not cached."""
+    import re
+
+    if revision and re.fullmatch(r"[0-9a-f]{40}", revision):
+        return revision
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    ref = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type=repo_type) / "refs" / (
+        revision or "main")
+    try:
+        commit = ref.read_text().strip()
+    except (OSError, ValueError):
+        return None
+    return commit if re.fullmatch(r"[0-9a-f]{40}", commit) else None
+
+
 def model_files(name_or_path: str, revision: str | None = None) -> dict:
     """Where the model ``name_or_path`` loads from and what it is: a local folder, or the hub's cached snapshot
     (its commit: the one ``revision``, or the hub's main, named when it was downloaded), with the fingerprint of

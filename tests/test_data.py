@@ -278,3 +278,24 @@ def test_only_an_unreadable_cache_file_counts_as_a_damaged_cache(tmp_path):
     assert not _unreadable_cache(PermissionError(errno.EACCES, "denied", str(cache / "x")), cache)
     assert not _unreadable_cache(ConnectionError("hub unreachable"), cache)
     assert not _unreadable_cache(ValueError("a bug"), cache)
+
+
+def test_a_hub_datasets_commit_is_read_from_the_hub_cache(tmp_path, monkeypatch):
+    """prepare records which commit of a hub dataset it loaded (summary.json's ``commit``): load_dataset fetches the
+    dataset's card through huggingface_hub, which writes the commit its revision resolved to under refs/."""
+    from huggingface_hub import constants
+
+    from lorasweep.provenance import hub_commit
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    refs = tmp_path / "datasets--sahil2801--CodeAlpaca-20k" / "refs"
+    refs.mkdir(parents=True)
+    (refs / "main").write_text("a" * 40)
+    (refs / "v2").write_text("b" * 40 + "\n")
+    assert hub_commit("sahil2801/CodeAlpaca-20k", None, "dataset") == "a" * 40
+    assert hub_commit("sahil2801/CodeAlpaca-20k", "v2", "dataset") == "b" * 40
+    assert hub_commit("sahil2801/CodeAlpaca-20k", "c" * 40, "dataset") == "c" * 40  # a commit is its own
+    assert hub_commit("sahil2801/CodeAlpaca-20k", "v3", "dataset") is None  # a revision never downloaded
+    assert hub_commit("sahil2801/CodeAlpaca-20k", None, "model") is None  # a model's folder is another
+    (refs / "main").write_text("")  # cut short
+    assert hub_commit("sahil2801/CodeAlpaca-20k", None, "dataset") is None

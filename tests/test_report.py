@@ -592,6 +592,29 @@ def test_the_setup_names_the_commit_of_every_run_and_says_when_it_is_unknown(tmp
     assert "nan" not in line and line.endswith("workflow commit unknown (not trained from a git checkout).")
 
 
+def test_the_setup_names_a_hub_datasets_revision_and_commit(tmp_path):
+    import json
+
+    from lorasweep.report import load, setup_section
+
+    m, _ = _fixture()
+    m.to_csv(tmp_path / "m.csv", index=False)
+
+    def dataset(**summary):
+        data = {**json.loads((FIXTURE / "summary.json").read_text()), **summary}
+        (tmp_path / "summary.json").write_text(json.dumps(data))
+        ctx = load(tmp_path / "m.csv", FIXTURE / "log_history.csv", tmp_path / "summary.json")
+        return next(line for line in setup_section(ctx).splitlines() if "**Dataset**" in line)
+
+    assert dataset(source="org/data", revision=None, commit="a" * 40).startswith(
+        "- **Dataset**: `org/data` (commit `aaaaaaaaaa`): ")
+    assert dataset(source="org/data", revision="v2", commit="b" * 40).startswith(
+        "- **Dataset**: `org/data` at revision `v2` (commit `bbbbbbbbbb`): ")
+    assert dataset(source="org/data", revision="c" * 40, commit="c" * 40).startswith(
+        f"- **Dataset**: `org/data` at revision `{'c' * 40}`: ")
+    assert dataset(source="data.json").startswith("- **Dataset**: `data.json`: ")  # a summary from before
+
+
 def test_rerun_commands_name_the_snakefile_when_snakemake_would_not_find_it():
     """Run elsewhere (README: --directory other-dir --snakefile $PWD/Snakefile), the commands need the Snakefile."""
     from lorasweep.report import rerun_section
