@@ -16,11 +16,23 @@ def script_logging(log_path: str | os.PathLike, level: int = logging.INFO):
     """Route a script's output to ``log_path``; echo lorasweep's progress lines to the console.
 
     On an exception: the traceback goes to the log, a one-paragraph message to the console, exit 1. The
-    failed attempt's log is also copied to ``<log>.<time>-failed``: Snakemake deletes a job's log before it
-    retries or reruns the job.
+    failed attempt's log is also kept as ``<log>.<time>-failed``: Snakemake deletes a job's log before it
+    retries or reruns the job. While the script runs, ``<log>.<time>-unfinished`` is a second name (a hard link)
+    of the log, removed when it ends: a process killed outright (the kernel's out-of-memory killer, ``kill -9``,
+    a cluster's hard limit), which has no chance to keep anything, leaves its log under that name.
     """
     os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
+    if os.path.isfile(log_path) and os.stat(log_path).st_nlink > 1:
+        # a log run outside Snakemake left (appended to below): another name's file, not to grow with this run's
+        shutil.copyfile(log_path, f"{log_path}.tmp")
+        os.replace(f"{log_path}.tmp", log_path)
     log_file = open(log_path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - lives for the process
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    running = _free_name(log_path, stamp, "unfinished")
+    try:
+        os.link(log_path, running)
+    except OSError:  # a file system without hard links: the failed attempt's log is copied instead
+        running = None
     console = sys.__stderr__
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
     file_handler = logging.StreamHandler(log_file)
@@ -46,13 +58,13 @@ def script_logging(log_path: str | os.PathLike, level: int = logging.INFO):
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - reported, then the job fails
         log_file.write(traceback.format_exc())
         log_file.flush()
-        stamp = time.strftime("%Y%m%dT%H%M%S")
-        kept, n = f"{log_path}.{stamp}-failed", 1
-        while os.path.exists(kept):  # attempts failing within a second (Snakemake's retries of a quick error)
-            n += 1
-            kept = f"{log_path}.{stamp}-{n}-failed"
+        kept = _free_name(log_path, time.strftime("%Y%m%dT%H%M%S"), "failed")
         try:
-            shutil.copyfile(log_path, kept)
+            if running is not None:
+                os.replace(running, kept)
+                running = None
+            else:
+                shutil.copyfile(log_path, kept)
         except OSError:
             kept = None
         name = type(e).__name__
@@ -67,6 +79,19 @@ def script_logging(log_path: str | os.PathLike, level: int = logging.INFO):
             lg.setLevel(lvl)
             lg.propagate = propagate
         log_file.close()
+        if running is not None:  # ended: the log has its own name
+            with contextlib.suppress(OSError):
+                os.unlink(running)
+
+
+def _free_name(log_path, stamp: str, what: str) -> str:
+    """``<log>.<stamp>-<what>``, or ``<stamp>-2-<what>``, ... when taken (attempts failing within a second, as
+    Snakemake's retries of a quick error do)."""
+    name, n = f"{log_path}.{stamp}-{what}", 1
+    while os.path.lexists(name):
+        n += 1
+        name = f"{log_path}.{stamp}-{n}-{what}"
+    return name
 
 
 class _CurrentStderrHandler(logging.StreamHandler):

@@ -54,6 +54,9 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     done = run_snakemake(target, "--rerun-incomplete", *args, workdir=workdir)
     log = (workdir / "logs" / "train" / "full" / "seed0.log").read_text()
     assert "resuming from checkpoint-" in log, done.stderr[-3000:]
+    # the killed attempt's log, which Snakemake deleted before the rerun, under its second name
+    [killed] = (workdir / "logs" / "train" / "full").glob("seed0.log.*-unfinished")
+    assert "step 40/150" in killed.read_text() and "resuming from" not in killed.read_text()
     m = json.loads((run / "metrics.json").read_text())
     assert m["train_segments"] == 2 and m["resumed_from_step"] >= 40 and m["resumed_from_step"] % 20 == 0
     assert m["train_steps"] == 150
@@ -669,6 +672,43 @@ def test_logging_follows_stderr_and_a_scripts_log_file_is_let_go_on_the_way_out(
     logging.getLogger("transformers").warning("a library's warning")
     assert "Logging error" not in second.getvalue() and "after the script" in second.getvalue()
     assert "training" in (tmp_path / "job.log").read_text() and "boom" in (tmp_path / "job.log").read_text()
+
+
+def test_a_log_keeps_a_second_name_while_its_script_runs_so_a_killed_attempts_log_survives(tmp_path):
+    """Snakemake deletes a job's log before its retry. A script that fails keeps its log as <log>.<time>-failed; one
+    killed outright (the out-of-memory killer, kill -9) cannot, so the log has a second name while the script runs,
+    <log>.<time>-unfinished, which the next attempt's deletion of the log leaves, and which a script that ends
+    removes."""
+    import textwrap
+
+    from lorasweep.logs import script_logging
+
+    log = tmp_path / "job.log"
+    script = textwrap.dedent(f"""
+        import os, signal
+        from lorasweep.logs import script_logging
+        with script_logging({str(log)!r}) as log:
+            log.info("step 40 of 150")
+            os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    log.unlink()  # what Snakemake does before it retries
+    [left] = tmp_path.glob("job.log.*-unfinished")
+    assert "step 40 of 150" in left.read_text()
+
+    with script_logging(log) as inside:  # the retry: runs to the end; its second name goes with it
+        inside.info("step 150 of 150")
+        assert len(list(tmp_path.glob("job.log.*-unfinished"))) == 2
+    assert list(tmp_path.glob("job.log.*-unfinished")) == [left]
+    with pytest.raises(SystemExit):  # a failing attempt: its log is kept as -failed, not as -unfinished
+        with script_logging(log):
+            raise RuntimeError("boom")
+    [failed] = tmp_path.glob("job.log.*-failed")
+    assert "boom" in failed.read_text() and list(tmp_path.glob("job.log.*-unfinished")) == [left]
+    with script_logging(log) as inside:  # appending to a log by hand: the kept copy does not grow with it
+        inside.info("by hand")
+    assert "by hand" in log.read_text() and "by hand" not in failed.read_text()
 
 
 def test_a_second_process_cannot_train_a_run_another_is_training(tmp_path, tiny_config, tiny_data):
