@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -814,3 +815,35 @@ def test_a_damaged_tokenization_cache_is_dropped_and_the_retry_tokenizes_again(t
     m = train_run(spec, train, evals, tmp_path / "b", threads=2, operational=operational(cfg))
     assert m["train_info"]["data_tokenized"]  # tokenized again, not read from a cache
     assert m["eval_loss"] == ref["eval_loss"]
+
+
+
+@pytest.mark.slow
+def test_a_run_whose_retrain_failed_is_trained_again_by_the_next_plain_run(tmp_path):
+    """The README's retrain of one run (--forcerun its metrics.json) fails for good (here out of memory at every
+    batch; a full disk alike): Snakemake has deleted the run's outputs. The next plain snakemake run trains it again
+    and redoes the report, instead of finding the report up to date ("Nothing to be done") while it shows a run
+    whose files are gone."""
+    workdir, args = _workdir(tmp_path, max_steps=4, evals=1, logging_steps=2)
+    small = workdir / "small.yaml"
+    small.write_text(yaml.safe_dump({"methods": {"lora": {"ranks": [8]}, "qlora": {"ranks": []}}}))
+    args = (*args, small)
+    run_snakemake(*args, workdir=workdir)
+    run = workdir / "results" / "runs" / "full" / "seed0"
+    assert (run / "metrics.json").is_file()
+
+    proc = run_snakemake(*args, "--forcerun", "results/runs/full/seed0/metrics.json", workdir=workdir, check=False,
+                         env={"LORASWEEP_SIMULATE_OOM_ABOVE_BATCH": "0"})
+    assert proc.returncode != 0 and "out of memory" in proc.stdout + proc.stderr
+    assert not (run / "metrics.json").exists() and not (run / "model").exists()  # Snakemake deleted them
+    assert (workdir / "reports" / "summary.md").is_file()  # the report of the run as it was
+
+    # the cause gone, the next run trains full again (and only it) and brings the report up to date
+    planned = run_snakemake("-n", *args, workdir=workdir).stdout
+    assert "Nothing to be done" not in planned
+    trained = re.findall(r"^rule train:\n(?:.*\n)*?\s+wildcards: run=([\w-]+), seed=(\d+)", planned, re.M)
+    assert trained == [("full", "0")], planned[-3000:]
+    assert re.search(r"^rule report:", planned, re.M)
+    run_snakemake(*args, workdir=workdir)
+    assert json.loads((run / "metrics.json").read_text())["train_steps"] == 4
+    assert "Nothing to be done" in run_snakemake("-n", *args, workdir=workdir).stdout
