@@ -38,3 +38,7 @@ rule all:
         run_files("model"),
         run_files("merged", ADAPTER_RUNS, [FIRST_SEED]),
     default_target: True
+
+
+onerror:
+    report_failures()

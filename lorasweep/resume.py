@@ -356,6 +356,29 @@ def record_failure(out_dir: Path, attempt: int | None, error: BaseException) -> 
     atomic_write_json(Path(out_dir) / FAILED_FILE, record)
 
 
+def failures_since(runs_root: str | Path, since: float, logs_root: str | Path = "logs/train") -> str:
+    """The training jobs whose last attempt failed since ``since`` (a time stamp; the workflow's start), one line
+    each with the error and the log: printed when the workflow ends in failure, where Snakemake's own account of
+    each failed job scrolled by long before (``--keep-going`` over a sweep). Empty when none."""
+    lines = []
+    for path in sorted(Path(runs_root).glob(f"*/seed*/{FAILED_FILE}")):
+        try:
+            if path.stat().st_mtime < since:
+                continue  # an older run's, not tried again this time
+            record = read_json(path)
+        except (OSError, ValueError):
+            continue
+        run, seed = path.parent.parent.name, path.parent.name
+        lines.append(f"  {run}/{seed}: {record.get('error')}: {record.get('message')} "
+                     f"(attempt {record.get('attempt')}; log {Path(logs_root) / run / seed}.log and its "
+                     "*-failed copies)")
+    if not lines:
+        return ""
+    return ("lorasweep: these training runs failed (their failed.json under " f"{runs_root}):\n" + "\n".join(lines)
+            + "\nThe others' results are kept; with --keep-going the others train on. Fix the cause and run snakemake "
+            "again: it trains only what is missing.")
+
+
 def refuse_repeated_failure(out_dir: Path, attempt: int | None) -> None:
     """Stop Snakemake's retry (``attempt`` > 1) of a training job whose previous attempt failed with an error no
     retry changes (:func:`retry_may_help`). A first attempt (a new Snakemake run, after a fix) clears an old

@@ -836,6 +836,11 @@ def test_a_run_whose_retrain_failed_is_trained_again_by_the_next_plain_run(tmp_p
                          env={"LORASWEEP_SIMULATE_OOM_ABOVE_BATCH": "0"})
     assert proc.returncode != 0 and "out of memory" in proc.stdout + proc.stderr
     assert not (run / "metrics.json").exists() and not (run / "model").exists()  # Snakemake deleted them
+    # the workflow's last words name the failed run, its error and its log (the jobs' own accounts scroll by)
+    tail = (proc.stdout + proc.stderr)[-1500:]
+    assert "lorasweep: these training runs failed" in tail, tail
+    assert re.search(r"full/seed0: TrainingOOM: .*logs/train/full/seed0\.log", tail), tail
+    assert "lora-r8" not in tail.split("these training runs failed")[1]  # it did not fail
     assert (workdir / "reports" / "summary.md").is_file()  # the report of the run as it was
 
     # the cause gone, the next run trains full again (and only it) and brings the report up to date

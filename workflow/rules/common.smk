@@ -2,6 +2,7 @@
 
 import functools
 import re
+import time
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
@@ -12,7 +13,9 @@ from lorasweep.config import (ConfigError, Unrecorded, check_dataset_file, check
                               flat_settings, run_names, run_spec, seeds, setting_names, setting_param, validate_config)
 from lorasweep.data import fingerprint, is_local_source
 from lorasweep.provenance import files_fingerprint
+from lorasweep.resume import failures_since
 
+WORKFLOW_START = time.time()  # failures_since: the training jobs that failed in this invocation
 TINY_DATASET = "results/tiny/code_alpaca_tiny.json"  # the tiny_dataset rule's output (config/tiny.yaml's source)
 
 try:
@@ -116,3 +119,10 @@ PACKAGE_CODE = sorted(near(f) for f in Path(lorasweep.__file__).parent.glob("*.p
 def code_inputs(script):
     """The package's modules and this rule's script (``workflow/scripts/<script>``)."""
     return [*PACKAGE_CODE, near(Path(workflow.basedir) / "workflow" / "scripts" / script)]
+
+
+def report_failures():
+    """On a failed workflow, the training runs that failed in it, each with its error and log (onerror)."""
+    text = failures_since("results/runs", WORKFLOW_START - 1)
+    if text:
+        logger.error(text)
