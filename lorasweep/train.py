@@ -632,6 +632,12 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
     n_train, n_eval = len(trainer.train_dataset), len(trainer.eval_dataset)
     dropped = {"train_examples_dropped_too_long": len(train_ds) - n_train,
                "eval_examples_dropped_too_long": len(eval_ds) - n_eval}
+    empty = [k for k, n in (("training", n_train), ("eval", n_eval)) if n == 0]
+    if empty:  # nothing to train or score: the sampler failed on an empty split (IndexError: Invalid key: 0 ...)
+        raise ConfigError(
+            f"training.max_length = {training['max_length']} leaves no {' and no '.join(empty)} example: every "
+            f"prompt of the {' and '.join(empty)} split fills it ({len(train_ds)} training and {len(eval_ds)} eval "
+            "examples, each left with no response token, which TRL drops); set a larger training.max_length")
     if any(dropped.values()):
         log.warning("%d training and %d eval example(s) left out: their prompt alone fills training.max_length = %d "
                     "tokens, leaving no response token (TRL drops them); a larger max_length keeps them",

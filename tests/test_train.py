@@ -554,6 +554,17 @@ def test_a_pad_to_multiple_of_that_pads_past_the_models_positions_stops_before_t
     assert m["train_steps"] == 1 and m["pad_to_multiple_of"] == 256
 
 
+def test_a_max_length_that_leaves_no_example_stops_naming_the_setting(tiny_config, tiny_data, tmp_path):
+    """max_length 16 (the schema's least) is shorter than every prompt: TRL drops every example, and training failed
+    in the sampler (IndexError: Invalid key: 0 is out of bounds for size 0) after evaluating no example."""
+    from lorasweep.config import ConfigError
+
+    cfg = tiny_config(max_steps=2, evals=1, max_length=16)
+    with pytest.raises(ConfigError, match=r"training.max_length = 16 leaves no training and no eval example"):
+        train_run(run_spec(cfg, "full"), tiny_data["train"], tiny_data["eval"], tmp_path / "run", threads=2)
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
 def test_a_diverging_run_finishes_with_its_losses_as_measured(tiny_config, tiny_data, tmp_path, caplog):
     """A learning rate far too high: the losses overflow (1e4) or turn NaN (1e8). The run still writes its
     metrics (an infinite perplexity, not an OverflowError after training), its log history keeps the NaN
