@@ -1238,3 +1238,30 @@ def test_control_characters_of_a_sample_are_escaped_in_the_report(tmp_path):
     text = adapters_section([], None, samples)
     assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]", text)
     assert "::\\x0e\\x0e134" in text and "Echo\\x1b" in text and "control characters are shown as escapes" in text
+
+
+def test_a_sweep_wide_adapter_option_keeps_the_rank_and_quantization_findings(tiny_config, tiny_data, tmp_path):
+    """methods.lora.use_rslora: true (or use_dora, init) applies to every rank: the runs are lora-r8-rslora,
+    lora-r16-rslora and qlora-r8-rslora, none plain. The findings compared plain runs only, so such a sweep's report
+    had no rank step and no 4-bit finding at all, though its runs differ by rank and by quantization alone."""
+    from lorasweep.collect import collect
+    from lorasweep.config import operational, run_names, run_spec
+    from lorasweep.train import train_run
+
+    cfg = tiny_config(max_steps=2, evals=1)
+    cfg["methods"]["full"]["enabled"] = False
+    cfg["methods"]["lora"].update(ranks=[8, 16], use_rslora=True)
+    runs = run_names(cfg)
+    assert runs == ["lora-r8-rslora", "lora-r16-rslora", "qlora-r8-rslora"]
+    paths = {}
+    for run in runs:
+        out = tmp_path / "runs" / run / "seed0"
+        train_run(run_spec(cfg, run), tiny_data["train"], tiny_data["eval"], out, threads=2,
+                  operational=operational(cfg))
+        paths[run] = out
+    df = collect([p / "metrics.json" for p in paths.values()], [p / "log_history.jsonl" for p in paths.values()],
+                 tmp_path / "metrics.csv", tmp_path / "history.csv", [p / "eval_losses.json" for p in paths.values()],
+                 tmp_path / "eval_losses.csv")
+    lines = F.findings(df, pd.read_csv(tmp_path / "eval_losses.csv"))
+    assert any(line.startswith("**r=8 → r=16** (rslora): eval loss") for line in lines), lines
+    assert any(line.startswith("**4-bit (nf4) `qlora-r8-rslora` vs `lora-r8-rslora`**") for line in lines), lines
