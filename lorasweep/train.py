@@ -802,6 +802,8 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         "use_rslora": spec["lora"].get("use_rslora", False) if spec["lora"] else None,
         "use_dora": spec["lora"].get("use_dora", False) if spec["lora"] else None,
         "quant_type": spec["quantization"]["quant_type"] if spec["quantization"] else None,
+        "double_quant": spec["quantization"]["double_quant"] if spec["quantization"] else None,
+        "gradient_checkpointing": bool(training["gradient_checkpointing"]),
         "batch_size": training["batch_size"],
         "grad_accum": training["grad_accum"],
         "effective_batch": training["batch_size"] * training["grad_accum"],
