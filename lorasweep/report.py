@@ -520,7 +520,8 @@ def writeups_section(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None,
     claims = F.writeup_claims(per_seed if per_seed is not None else df, eval_losses)
     table = pd.DataFrame(claims).rename(columns={"ours": "this sweep"}).to_markdown(index=False) if claims else \
         "(none of the write-ups' claims can be checked with these runs: they compare full fine-tuning with " \
-        "LoRA, or LoRA ranks with each other)"
+        "LoRA, or LoRA ranks with each other, LoRA with PEFT's default options: a variant such as -rslora, -dora, " \
+        "-olora or -pissa is not what they trained)"
     return "## Beside the published write-ups\n\n" + _table(rows) + "\n" + "\n".join(notes) + "\n" + table
 
 

@@ -1265,6 +1265,11 @@ def test_a_sweep_wide_adapter_option_keeps_the_rank_and_quantization_findings(ti
     lines = F.findings(df, pd.read_csv(tmp_path / "eval_losses.csv"))
     assert any(line.startswith("**r=8 → r=16** (rslora): eval loss") for line in lines), lines
     assert any(line.startswith("**4-bit (nf4) `qlora-r8-rslora` vs `lora-r8-rslora`**") for line in lines), lines
+    # the write-ups trained plain LoRA: their claims are not checked on rsLoRA runs, and the report says why
+    from lorasweep.report import writeups_section
+
+    text = writeups_section(F.by_run(df), pd.read_csv(tmp_path / "eval_losses.csv"), df)
+    assert "LoRA with PEFT's default options: a variant such as -rslora" in text
 
 
 def test_the_setup_says_double_quant_and_gradient_checkpointing_as_the_runs_trained(tiny_config, tiny_data, tmp_path):
