@@ -221,6 +221,24 @@ def lora_runs(df: pd.DataFrame, method: str = "lora") -> list[tuple[int, str]]:
     return sorted((parse_run(r)[1], r) for r in df["run"] if parse_run(r)[0] == method and is_plain(r))
 
 
+def variant(run: str) -> str:
+    """What a run name says of its adapter options beyond the method and rank: ``'rslora-dora'`` for
+    ``lora-r8-rslora-dora``, ``''`` for a plain run."""
+    return run.split("-", 2)[2] if run.count("-") > 1 else ""
+
+
+def rank_series(df: pd.DataFrame, method: str = "lora") -> list[tuple[int, str]]:
+    """(rank, run) of the method's runs whose ranks the sweep's findings compare: those with PEFT's default options
+    (:func:`lora_runs`); in a sweep without them whose every run of the method has the same options (the method's
+    ranks under a sweep-wide ``methods.lora.use_rslora``, ``use_dora`` or ``init``: lora-r8-rslora, lora-r32-rslora),
+    those. The write-ups' claims are about plain LoRA and keep :func:`lora_runs`."""
+    runs = [r for r in df["run"] if parse_run(r)[0] == method]
+    plain = lora_runs(df, method)
+    if plain or len({variant(r) for r in runs}) != 1:
+        return plain
+    return sorted((parse_run(r)[1], r) for r in runs)
+
+
 class Losses:
     """Per-example eval losses of every run and seed (``results/eval_losses.csv``) for paired comparisons."""
 
@@ -391,9 +409,10 @@ def timing_caveat(suspect, runs) -> str:
 def rank_steps(df: pd.DataFrame, losses: Losses, method: str = "lora", suspect: dict | set | None = None) -> list[str]:
     """What each step up in rank bought (loss) and cost (time, memory, parameters). ``suspect``: runs timed on
     a busy machine or a shared GPU, with the cause (:func:`timing_causes` of the per-seed table)."""
-    runs = lora_runs(df, method)
+    runs = rank_series(df, method)
     if len(runs) < 2:
         return []
+    options = f" ({variant(runs[0][1])})" if variant(runs[0][1]) else ""
     m = df.set_index("run")
     mem, mem_name = memory_measure(df)
     suspect = timing_causes(df) if suspect is None else suspect
@@ -405,7 +424,7 @@ def rank_steps(df: pd.DataFrame, losses: Losses, method: str = "lora", suspect: 
         gains.append((r1, r2, d["diff"] if d else m.loc[b, "eval_loss"] - m.loc[a, "eval_loss"], real,
                       d["half"] if d else None))
         out.append(
-            f"**r={r1} → r={r2}**: {loss_text}; train runtime "
+            f"**r={r1} → r={r2}**{options}: {loss_text}; train runtime "
             f"{time_text(m, 'train_runtime_s', b, a, 'longer', 'shorter')}, "
             f"tokens/s {time_text(m, 'train_tokens_nonpad_per_s', b, a, 'higher', 'lower')}{caveat}, "
             f"{mem_name} {mem_text(m, mem, b, a)} "
@@ -454,12 +473,13 @@ def returns_verdict(gains: list[tuple[int, int, float, bool | None, float | None
 
 
 def quantization(df: pd.DataFrame, losses: Losses, suspect: dict | set | None = None) -> list[str]:
-    """What 4-bit quantization saved and cost: qlora-rN against lora-rN (same adapter settings)."""
+    """What 4-bit quantization saved and cost: qlora-rN against lora-rN, each QLoRA run against the LoRA run with its
+    adapter settings (qlora-r8-rslora against lora-r8-rslora)."""
     m = df.set_index("run")
     mem, mem_name = memory_measure(df)
     suspect = timing_causes(df) if suspect is None else suspect
     out = []
-    for rank, q in lora_runs(df, "qlora"):
+    for q in [r for r in df["run"] if parse_run(r)[0] == "qlora"]:
         lo = q[1:]  # qlora-r8 -> lora-r8, qlora-r8-rslora -> lora-r8-rslora
         if lo not in m.index:
             out.append(f"`{q}` has no `{lo}` beside it, so quantization's effect cannot be isolated.")

@@ -271,6 +271,21 @@ def length_text(per_seed: pd.DataFrame) -> str:
     return text + "."
 
 
+def checkpointing_text(per_seed: pd.DataFrame) -> str:
+    """``training.gradient_checkpointing`` as the runs trained with it (it trades training time for activation memory,
+    so the runtime and memory figures depend on it): nothing when off or not recorded."""
+    if "gradient_checkpointing" not in per_seed:
+        return ""
+    on = per_seed["gradient_checkpointing"].astype(object).eq(True)
+    if not on.any():
+        return ""
+    if on.all():
+        return "; gradient checkpointing on (activations recomputed in the backward pass: less memory, more time)"
+    runs = ", ".join(dict.fromkeys(f"`{r}`" for r in per_seed.loc[on, "run"]))
+    return (f"; gradient checkpointing on for {runs} only (less memory, more time: their runtime and memory do not "
+            "compare with the others')")
+
+
 def setup_section(ctx: dict) -> str:
     df, data = ctx["metrics"], ctx["data"]
     first = df.iloc[0]
@@ -290,7 +305,8 @@ def setup_section(ctx: dict) -> str:
         f"drawn with seed {data['seed']}. Data fingerprint `{data['fingerprint_sha256'][:12]}`.",
         f"- **Prompt**: CodeAlpaca's two Alpaca templates ({data['with_input']:,} records with an input); "
         "the loss is computed on the response tokens only." + length_text(ctx.get("metrics_per_seed", df)),
-        f"- **Hardware**: {first['hardware']}; precision {first['precision']}.",
+        f"- **Hardware**: {first['hardware']}; precision {first['precision']}"
+        + checkpointing_text(ctx.get("metrics_per_seed", df)) + ".",
         f"- **Software**: torch {first['torch_version']}, transformers {first['transformers_version']}, "
         f"peft {first['peft_version']}, trl {first['trl_version']}; {commit_text(ctx.get('metrics_per_seed', df))}.",
         "",
@@ -301,6 +317,9 @@ def setup_section(ctx: dict) -> str:
             "use_rslora", "use_dora", "quant_type", "batch_size", "grad_accum", "max_length", "train_steps",
             "seeds" if "seeds" in df else "seed"]
     hp = hyperparameters(df, ctx.get("metrics_per_seed"), [c for c in cols if c in df])
+    if "quant_type" in hp and "double_quant" in df:  # bitsandbytes' second quantization of the absmax constants
+        hp["quant_type"] = [f"{q} + double quant" if isinstance(q, str) and d is True else q
+                             for q, d in zip(hp["quant_type"], df["double_quant"].astype(object))]
     for c in ("rank", "lora_alpha", "train_steps", "batch_size", "grad_accum", "max_length", "seed"):
         if c in hp:
             hp[c] = [_num(v, "{:.0f}") if isinstance(v, (int, float)) else v for v in hp[c]]
@@ -504,7 +523,8 @@ def writeups_section(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None,
     claims = F.writeup_claims(per_seed if per_seed is not None else df, eval_losses)
     table = pd.DataFrame(claims).rename(columns={"ours": "this sweep"}).to_markdown(index=False) if claims else \
         "(none of the write-ups' claims can be checked with these runs: they compare full fine-tuning with " \
-        "LoRA, or LoRA ranks with each other)"
+        "LoRA, or LoRA ranks with each other, LoRA with PEFT's default options: a variant such as -rslora, -dora, " \
+        "-olora or -pissa is not what they trained)"
     return "## Beside the published write-ups\n\n" + _table(rows) + "\n" + "\n".join(notes) + "\n" + table
 
 

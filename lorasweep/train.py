@@ -188,12 +188,13 @@ def largest_init_rank(model, spec: dict) -> tuple[int, str, tuple] | None:
     return min(shape), name, shape
 
 
-def check_model_settings(spec: dict) -> None:
+def check_model_settings(spec: dict, pad_to_multiple_of: int | None = None) -> None:
     """What the run's settings ask of the model, checked from its config before any data is loaded or any step
     trained: ``training.max_length`` within the model's positions (beyond them an embedding lookup fails in the
-    first batch: GPT-2's ``IndexError: index out of range in self``); for OLoRA / PiSSA, a rank the target weights
-    have (:func:`largest_init_rank`; PEFT would train the whole run and then fail converting the saved adapter).
-    PEFT's default initialisation takes any rank (A random, B zero): not checked."""
+    first batch: GPT-2's ``IndexError: index out of range in self``), and so the longest batch
+    ``training.pad_to_multiple_of`` pads up to (max_length rounded up to its multiple); for OLoRA / PiSSA, a rank the
+    target weights have (:func:`largest_init_rank`; PEFT would train the whole run and then fail converting the
+    saved adapter). PEFT's default initialisation takes any rank (A random, B zero): not checked."""
     from transformers import AutoConfig
 
     name = spec["model"]["name_or_path"]
@@ -208,6 +209,14 @@ def check_model_settings(spec: dict) -> None:
         raise ConfigError(f"training.max_length = {max_length} is more than model.name_or_path = {name!r} takes: "
                           f"its config's {limit[0]} is {limit[1]} (its positions end there); set training.max_length "
                           f"to at most {limit[1]}")
+    padded = -(-max_length // pad_to_multiple_of) * pad_to_multiple_of if pad_to_multiple_of else max_length
+    if limit and padded > limit[1]:  # TRL pads a batch up to the multiple past max_length
+        fits = limit[1] // pad_to_multiple_of * pad_to_multiple_of
+        raise ConfigError(f"training.pad_to_multiple_of = {pad_to_multiple_of} pads a batch of training.max_length = "
+                          f"{max_length} tokens to {padded}, more than model.name_or_path = {name!r} takes: its "
+                          f"config's {limit[0]} is {limit[1]} (its positions end there, and the first batch that long "
+                          "fails); " + (f"set training.max_length to at most {fits}, or " if fits else "")
+                          + f"set a pad_to_multiple_of of at most {limit[1]} that max_length rounds up to within it")
     lora = spec["lora"]
     if lora and lora.get("init", "default") in MUTATING_INITS:
         from .presets import meta_skeleton
@@ -578,7 +587,7 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
 
     # the settings the model must take (max_length, an OLoRA / PiSSA rank, its tokenizer's EOS), before the data
     tokenizer = load_tokenizer(spec)
-    check_model_settings(spec)
+    check_model_settings(spec, training.get("pad_to_multiple_of"))
     # under the splits' lock: a damaged cache is deleted while no other job reads or writes it
     with preparing_splits(train_path), damaged_cache_dropped(train_path, eval_path, data_sha):
         train_ds, eval_ds = load_splits(train_path, eval_path, data_sha)  # tokenized once per sweep: see load_splits
@@ -623,6 +632,12 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
     n_train, n_eval = len(trainer.train_dataset), len(trainer.eval_dataset)
     dropped = {"train_examples_dropped_too_long": len(train_ds) - n_train,
                "eval_examples_dropped_too_long": len(eval_ds) - n_eval}
+    empty = [k for k, n in (("training", n_train), ("eval", n_eval)) if n == 0]
+    if empty:  # nothing to train or score: the sampler failed on an empty split (IndexError: Invalid key: 0 ...)
+        raise ConfigError(
+            f"training.max_length = {training['max_length']} leaves no {' and no '.join(empty)} example: every "
+            f"prompt of the {' and '.join(empty)} split fills it ({len(train_ds)} training and {len(eval_ds)} eval "
+            "examples, each left with no response token, which TRL drops); set a larger training.max_length")
     if any(dropped.values()):
         log.warning("%d training and %d eval example(s) left out: their prompt alone fills training.max_length = %d "
                     "tokens, leaving no response token (TRL drops them); a larger max_length keeps them",
@@ -787,6 +802,8 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         "use_rslora": spec["lora"].get("use_rslora", False) if spec["lora"] else None,
         "use_dora": spec["lora"].get("use_dora", False) if spec["lora"] else None,
         "quant_type": spec["quantization"]["quant_type"] if spec["quantization"] else None,
+        "double_quant": spec["quantization"]["double_quant"] if spec["quantization"] else None,
+        "gradient_checkpointing": bool(training["gradient_checkpointing"]),
         "batch_size": training["batch_size"],
         "grad_accum": training["grad_accum"],
         "effective_batch": training["batch_size"] * training["grad_accum"],

@@ -1261,3 +1261,63 @@ def test_control_characters_of_a_sample_are_escaped_in_the_report(tmp_path):
     text = adapters_section([], None, samples)
     assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]", text)
     assert "::\\x0e\\x0e134" in text and "Echo\\x1b" in text and "control characters are shown as escapes" in text
+
+
+def test_a_sweep_wide_adapter_option_keeps_the_rank_and_quantization_findings(tiny_config, tiny_data, tmp_path):
+    """methods.lora.use_rslora: true (or use_dora, init) applies to every rank: the runs are lora-r8-rslora,
+    lora-r16-rslora and qlora-r8-rslora, none plain. The findings compared plain runs only, so such a sweep's report
+    had no rank step and no 4-bit finding at all, though its runs differ by rank and by quantization alone."""
+    from lorasweep.collect import collect
+    from lorasweep.config import operational, run_names, run_spec
+    from lorasweep.train import train_run
+
+    cfg = tiny_config(max_steps=2, evals=1)
+    cfg["methods"]["full"]["enabled"] = False
+    cfg["methods"]["lora"].update(ranks=[8, 16], use_rslora=True)
+    runs = run_names(cfg)
+    assert runs == ["lora-r8-rslora", "lora-r16-rslora", "qlora-r8-rslora"]
+    paths = {}
+    for run in runs:
+        out = tmp_path / "runs" / run / "seed0"
+        train_run(run_spec(cfg, run), tiny_data["train"], tiny_data["eval"], out, threads=2,
+                  operational=operational(cfg))
+        paths[run] = out
+    df = collect([p / "metrics.json" for p in paths.values()], [p / "log_history.jsonl" for p in paths.values()],
+                 tmp_path / "metrics.csv", tmp_path / "history.csv", [p / "eval_losses.json" for p in paths.values()],
+                 tmp_path / "eval_losses.csv")
+    lines = F.findings(df, pd.read_csv(tmp_path / "eval_losses.csv"))
+    assert any(line.startswith("**r=8 → r=16** (rslora): eval loss") for line in lines), lines
+    assert any(line.startswith("**4-bit (nf4) `qlora-r8-rslora` vs `lora-r8-rslora`**") for line in lines), lines
+    # the write-ups trained plain LoRA: their claims are not checked on rsLoRA runs, and the report says why
+    from lorasweep.report import writeups_section
+
+    text = writeups_section(F.by_run(df), pd.read_csv(tmp_path / "eval_losses.csv"), df)
+    assert "LoRA with PEFT's default options: a variant such as -rslora" in text
+
+
+def test_the_setup_says_double_quant_and_gradient_checkpointing_as_the_runs_trained(tiny_config, tiny_data, tmp_path):
+    """methods.qlora.double_quant and training.gradient_checkpointing change a run's memory (and checkpointing its
+    time), but neither was recorded in the metrics nor said in the report: a sweep with both read as plain nf4
+    without checkpointing."""
+    from lorasweep.collect import collect
+    from lorasweep.config import operational, run_spec
+    from lorasweep.report import load, setup_section
+    from lorasweep.train import train_run
+
+    cfg = tiny_config(max_steps=1, evals=1, gradient_checkpointing=True)
+    cfg["methods"]["full"]["enabled"] = False
+    cfg["methods"]["qlora"]["double_quant"] = True
+    paths = []
+    for run in ("lora-r8", "qlora-r8"):
+        out = tmp_path / "runs" / run / "seed0"
+        m = train_run(run_spec(cfg, run), tiny_data["train"], tiny_data["eval"], out, threads=2,
+                      operational=operational(cfg))
+        assert m["gradient_checkpointing"] is True and m["double_quant"] == (True if run == "qlora-r8" else None)
+        paths.append(out)
+    collect([p / "metrics.json" for p in paths], [p / "log_history.jsonl" for p in paths], tmp_path / "metrics.csv",
+            tmp_path / "history.csv")
+    text = setup_section(load(tmp_path / "metrics.csv", tmp_path / "history.csv", tiny_data["summary"]))
+    assert "precision fp32; gradient checkpointing on (" in text, text
+    row = next(line for line in text.splitlines() if line.startswith("| qlora-r8 "))
+    assert "| nf4 + double quant |" in row, row
+    assert "double quant" not in next(line for line in text.splitlines() if line.startswith("| lora-r8 "))

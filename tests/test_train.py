@@ -534,6 +534,37 @@ def test_a_max_length_beyond_the_models_positions_stops_before_training_naming_t
     assert m["max_length"] == limit and m["train_steps"] == 1
 
 
+def test_a_pad_to_multiple_of_that_pads_past_the_models_positions_stops_before_training(tiny_config, tiny_data,
+                                                                                       tmp_path):
+    """training.pad_to_multiple_of pads a batch up past max_length: max_length 512 (the tiny OPT's positions) with a
+    multiple of 384 pads the longest batches to 768, and the first of them failed in the position embedding
+    (IndexError: index out of range in self), possibly hours into a run; the check names both settings."""
+    from lorasweep.config import ConfigError, operational
+
+    cfg = tiny_config(max_steps=2, evals=1, max_length=512, pad_to_multiple_of=1000)  # every batch padded to 1000
+    spec = run_spec(cfg, "lora-r8")
+    with pytest.raises(ConfigError, match=r"training.pad_to_multiple_of = 1000 pads a batch of training.max_length = "
+                                          r"512 tokens to 1000, more than .* max_position_embeddings is 512"):
+        train_run(spec, tiny_data["train"], tiny_data["eval"], tmp_path / "run", threads=2,
+                  operational=operational(cfg))
+    assert not (tmp_path / "run" / "log_history.jsonl").exists()
+    cfg = tiny_config(max_steps=1, evals=1, max_length=500, pad_to_multiple_of=256)  # 500 -> 512: fits
+    m = train_run(run_spec(cfg, "lora-r8"), tiny_data["train"], tiny_data["eval"], tmp_path / "ok", threads=2,
+                  operational=operational(cfg))
+    assert m["train_steps"] == 1 and m["pad_to_multiple_of"] == 256
+
+
+def test_a_max_length_that_leaves_no_example_stops_naming_the_setting(tiny_config, tiny_data, tmp_path):
+    """max_length 16 (the schema's least) is shorter than every prompt: TRL drops every example, and training failed
+    in the sampler (IndexError: Invalid key: 0 is out of bounds for size 0) after evaluating no example."""
+    from lorasweep.config import ConfigError
+
+    cfg = tiny_config(max_steps=2, evals=1, max_length=16)
+    with pytest.raises(ConfigError, match=r"training.max_length = 16 leaves no training and no eval example"):
+        train_run(run_spec(cfg, "full"), tiny_data["train"], tiny_data["eval"], tmp_path / "run", threads=2)
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
 def test_a_diverging_run_finishes_with_its_losses_as_measured(tiny_config, tiny_data, tmp_path, caplog):
     """A learning rate far too high: the losses overflow (1e4) or turn NaN (1e8). The run still writes its
     metrics (an infinite perplexity, not an OverflowError after training), its log history keeps the NaN
