@@ -54,10 +54,18 @@ def meta_skeleton(config, trust_remote_code: bool = False):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
+def output_layer_name(model) -> str | None:
+    """Last name component of the model's output layer (``lm_head``), or None."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return next((n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and m is head), None)
+
+
 def linear_module_names(model) -> list[str]:
-    """Last name components of the model's linear layers (nn.Linear, GPT-2's Conv1D, 4-bit Linear)."""
-    kinds = linear_kinds()
-    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, kinds) and n})
+    """Last name components of the model's linear layers that an adapter may target (nn.Linear, GPT-2's Conv1D,
+    4-bit Linear), the output layer left out (:func:`resolve_target_modules`)."""
+    kinds, head = linear_kinds(), output_layer_name(model)
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, kinds) and n} - {head})
 
 
 def resolve_target_modules(model, targets) -> list[str] | str:
@@ -83,6 +91,12 @@ def resolve_target_modules(model, targets) -> list[str] | str:
             return list(QKV)
         targets, source = ATTENTION[model_type], f" (the attention preset for model type {model_type!r})"
     # PEFT's own test: a module's full name is the entry or ends with "." + it (q_proj, self_attn.q_proj)
+    head = output_layer_name(model)
+    if head and any(t == head or str(t).endswith("." + head) for t in targets):
+        raise ConfigError(f"methods.lora.target_modules: {head!r} is the model's output layer, which TRL's SFTTrainer "
+                          "does not adapt (it computes the loss from that layer's weight directly, so the adapter "
+                          f"would never train); its linear modules are {linear_module_names(model)} (list some of "
+                          "them, or use 'all-linear', which leaves the output layer out)")
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
         raise ConfigError(f"methods.lora.target_modules: {missing}{source} not found in "

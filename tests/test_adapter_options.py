@@ -179,7 +179,7 @@ def test_an_architecture_without_a_preset_takes_its_q_k_v_projections_or_stops(c
     assert "my-new-arch" not in ATTENTION
     with pytest.raises(ConfigError, match=r"methods.lora.target_modules: 'attention' has no preset for model type "
                                           r"'my-new-arch' \(GPT2LMHeadModel\), and the model has no q_proj, k_proj, "
-                                          r"v_proj .*its linear modules are \['c_attn', 'c_fc', 'c_proj', 'lm_head'\]"):
+                                          r"v_proj .*its linear modules are \['c_attn', 'c_fc', 'c_proj'\]"):
         resolve_target_modules(model, "attention")
 
 
@@ -203,8 +203,14 @@ def test_a_module_list_is_checked_against_the_model():
 
     model = _tiny("gpt2")
     with pytest.raises(ConfigError, match=r"\['q_proj'\] not found in GPT2LMHeadModel; its linear modules are "
-                                          r"\['c_attn', 'c_fc', 'c_proj', 'lm_head'\]"):
+                                          r"\['c_attn', 'c_fc', 'c_proj'\]"):
         resolve_target_modules(model, ["q_proj"])
+    # the output layer is no choice: TRL computes the loss from its weight and refuses an adapter there (after the
+    # data were loaded); it is refused first, and not offered
+    for targets in (["c_attn", "lm_head"], ["transformer.lm_head"]):
+        with pytest.raises(ConfigError, match=r"'lm_head' is the model's output layer, which TRL's SFTTrainer does "
+                                              r"not adapt.*\['c_attn', 'c_fc', 'c_proj'\]"):
+            resolve_target_modules(model, targets)
     # an entry PEFT matches by its dotted suffix is not refused
     assert resolve_target_modules(model, ["attn.c_attn", "mlp.c_proj"]) == ["attn.c_attn", "mlp.c_proj"]
     with pytest.raises(ConfigError, match=r"\['mlp.c_attn'\] not found"):
