@@ -188,6 +188,23 @@ def check_model_path(config: dict) -> None:
     if model.get("revision") and local.is_dir():
         raise ConfigError(f"model.revision = {model['revision']!r} is for a hub model; model.name_or_path = {name!r} "
                           "is a local folder: remove model.revision")
+    _check_hub_id(name)
+
+
+def _check_hub_id(name: str) -> None:
+    """``model.name_or_path`` that is not a local folder must be a valid hub id: ``models/opt/350m`` (a relative path
+    to a folder not there) or a name with a space would fail in the first training job, after the data step, or (with
+    HF_HUB_OFFLINE=1) in the cache lookup with huggingface_hub's HFValidationError, naming no key."""
+    if Path(name).is_dir():
+        return
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError as e:
+        raise ConfigError(f"model.name_or_path = {name!r}: not a folder (read from the working directory {Path.cwd()}) "
+                          f"nor a Hugging Face hub id ({e}); a folder saved with save_pretrained, or a hub id such as "
+                          "facebook/opt-350m") from None
 
 
 def hub_offline() -> bool:
@@ -204,6 +221,7 @@ def check_offline_model_cached(config: dict) -> None:
         return
     from huggingface_hub import constants, try_to_load_from_cache
 
+    _check_hub_id(name)
     if not isinstance(try_to_load_from_cache(name, "config.json", revision=model.get("revision")), str):
         at = f" at revision {model['revision']!r}" if model.get("revision") else ""
         raise ConfigError(f"model.name_or_path = {name!r}{at} is not in the local Hugging Face cache "

@@ -296,3 +296,24 @@ def test_an_unset_revision_is_no_param_snakemake_records_and_a_set_one_is():
         params = {f"setting_{i}": setting_param(n, v) for i, (n, v) in enumerate(flat_settings(spec).items())}
         smk = SimpleNamespace(config=cfg, wildcards=SimpleNamespace(run="full", seed=str(spec["seed"])), params=params)
         assert job_spec(smk) == spec
+
+
+def test_a_model_name_that_is_neither_a_folder_nor_a_hub_id_is_named_before_any_job(tmp_path, monkeypatch):
+    """A name with more than one slash (a relative path to a folder not there yet) or a space is no hub id: with
+    HF_HUB_OFFLINE=1 the cache lookup raised huggingface_hub's HFValidationError, which the workflow's start does not
+    catch (a traceback naming no key); without it the first training job failed after the data step."""
+    from lorasweep.config import check_model_path, check_offline_model_cached
+
+    monkeypatch.chdir(tmp_path)
+    for offline in ("", "1"):
+        monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+        for name in ("models/opt/350m", "my model"):
+            config = validate_config({"model": {"name_or_path": name}, "dataset": {"source": "x/y"}})
+            with pytest.raises(ConfigError, match=rf"model.name_or_path = '{name}': not a folder .* nor a Hugging "
+                                                  "Face hub id"):
+                check_model_path(config)
+            if offline:
+                with pytest.raises(ConfigError, match=rf"model.name_or_path = '{name}': not a folder"):
+                    check_offline_model_cached(config)
+    (tmp_path / "models" / "opt" / "350m").mkdir(parents=True)  # the folder exists: a local model, no hub id
+    check_model_path(validate_config({"model": {"name_or_path": "models/opt/350m"}, "dataset": {"source": "x/y"}}))
