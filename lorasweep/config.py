@@ -139,6 +139,9 @@ def validate_config(config: dict) -> dict:
                 "`model: {name_or_path: ..., build_tiny: null}` in your override file); to move the built model, "
                 "name a folder of its own under results/ (the preset's: results/tiny/opt-tiny; not results/data, "
                 "results/runs or results/benchmarks, which the workflow writes)")
+    if training.get("device") == "cpu" and training.get("precision") == "fp16":  # the training job would stop on it
+        raise ConfigError("invalid lorasweep configuration: training.precision = 'fp16' is not supported with "
+                          "training.device = 'cpu': use 'fp32', 'bf16' or 'auto' (fp32 on the CPU)")
     if training.get("torch_compile_regional") and training.get("torch_compile") in (False, None):
         raise ConfigError("invalid lorasweep configuration: training.torch_compile_regional = true needs "
                           "training.torch_compile (true or a mode: it picks the mode, regional the scope)")

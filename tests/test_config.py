@@ -107,6 +107,9 @@ def test_qlora_takes_the_lora_settings_so_that_the_pair_differs_by_quantization_
         ({"model": {"name_or_path": "results/../my-model", "build_tiny": {}}}, r"name a folder of its own under results/"),
         ({"model": {"name_or_path": "results/runs/full", "build_tiny": {}}}, r"not results/data, results/runs"),
         ({"model": {"name_or_path": "results", "build_tiny": {}}}, r"name a folder of its own under results/"),
+        # known before any job: the training job stopped on it only after the data step
+        ({"training": {"device": "cpu", "precision": "fp16"}},
+         r"training.precision = 'fp16' is not supported with training.device = 'cpu': use 'fp32', 'bf16' or 'auto'"),
     ],
 )
 def test_errors_name_the_key_and_what_is_allowed(override, message):
