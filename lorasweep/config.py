@@ -289,8 +289,12 @@ def runs(config: dict) -> dict[str, dict]:
             if method == "qlora" and v["init"] != "default":
                 raise ConfigError(f"methods.qlora.ranks[{i}]: init {v['init']!r} is not available for QLoRA")
             if v["use_dora"] and v["init"] != "default":
-                raise ConfigError(f"methods.{method}.ranks[{i}]: init {v['init']!r} cannot be combined with use_dora "
-                                  "(PEFT cannot convert a DoRA adapter back to the original base model)")
+                def where(k):  # the entry's own setting, or methods.lora's
+                    return f"methods.{method}.ranks[{i}].{k}" if isinstance(entry, dict) and k in entry \
+                        else f"methods.lora.{k}"
+                raise ConfigError(f"methods.{method}.ranks[{i}]: init {v['init']!r} ({where('init')}) cannot be "
+                                  f"combined with use_dora ({where('use_dora')}) (PEFT cannot convert a DoRA adapter "
+                                  "back to the original base model)")
             name = f"{method}-r{v['rank']}{_variant_suffix(v)}"
             if name in out:
                 raise ConfigError(f"methods.{method}.ranks[{i}]: run {name!r} is listed twice")

@@ -107,6 +107,12 @@ def test_qlora_takes_the_lora_settings_so_that_the_pair_differs_by_quantization_
         ({"model": {"name_or_path": "results/../my-model", "build_tiny": {}}}, r"name a folder of its own under results/"),
         ({"model": {"name_or_path": "results/runs/full", "build_tiny": {}}}, r"not results/data, results/runs"),
         ({"model": {"name_or_path": "results", "build_tiny": {}}}, r"name a folder of its own under results/"),
+        # init and use_dora named where they were set: methods.lora's own keys, or the ranks entry's
+        ({"methods": {"lora": {"init": "olora", "use_dora": True}}},
+         r"methods.lora.ranks\[0\]: init 'olora' \(methods.lora.init\) cannot be combined with use_dora "
+         r"\(methods.lora.use_dora\)"),
+        ({"methods": {"lora": {"ranks": [{"rank": 8, "init": "pissa"}], "use_dora": True}}},
+         r"init 'pissa' \(methods.lora.ranks\[0\].init\) cannot be combined with use_dora \(methods.lora.use_dora\)"),
         # known before any job: the training job stopped on it only after the data step
         ({"training": {"device": "cpu", "precision": "fp16"}},
          r"training.precision = 'fp16' is not supported with training.device = 'cpu': use 'fp32', 'bf16' or 'auto'"),
