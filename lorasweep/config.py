@@ -286,8 +286,6 @@ def runs(config: dict) -> dict[str, dict]:
             defaults["init"] = "default"
         for i, entry in enumerate(m.get("ranks", [])):
             v = {**defaults, **({"rank": entry} if isinstance(entry, int) else entry)}
-            if method == "qlora" and v["init"] != "default":
-                raise ConfigError(f"methods.qlora.ranks[{i}]: init {v['init']!r} is not available for QLoRA")
             if v["use_dora"] and v["init"] != "default":
                 def where(k):  # the entry's own setting, or methods.lora's
                     return f"methods.{method}.ranks[{i}].{k}" if isinstance(entry, dict) and k in entry \
