@@ -50,13 +50,11 @@ def load_base(spec: dict, quantized: bool = False):
     return load_model({**spec, "quantization": spec["quantization"] if quantized else None}, "cpu", "fp32").eval()
 
 
-def held_out(eval_jsonl, n: int, tokenizer=None, max_length: int | None = None) -> list[dict]:
-    """The first ``n`` examples of the eval split; with ``tokenizer``, the first ``n`` of those training evaluates:
-    TRL drops an example left with no response token once cut to ``max_length`` (its prompt alone fills it), so the
-    examples verify and switch score are the ones the run's evaluations scored, in the same order."""
+def held_out(eval_jsonl, n: int, tokenizer, max_length: int | None = None) -> list[dict]:
+    """The first ``n`` of the eval split's examples that training evaluates: TRL drops an example left with no
+    response token once cut to ``max_length`` (its prompt alone fills it), so the examples verify and switch score
+    are the ones the run's evaluations scored, in the same order."""
     rows = read_jsonl(eval_jsonl)
-    if tokenizer is None:
-        return rows[:n]
     kept = []
     for r in rows:
         if len(kept) == n:

@@ -139,6 +139,9 @@ def validate_config(config: dict) -> dict:
                 "`model: {name_or_path: ..., build_tiny: null}` in your override file); to move the built model, "
                 "name a folder of its own under results/ (the preset's: results/tiny/opt-tiny; not results/data, "
                 "results/runs or results/benchmarks, which the workflow writes)")
+    if training.get("device") == "cpu" and training.get("precision") == "fp16":  # the training job would stop on it
+        raise ConfigError("invalid lorasweep configuration: training.precision = 'fp16' is not supported with "
+                          "training.device = 'cpu': use 'fp32', 'bf16' or 'auto' (fp32 on the CPU)")
     if training.get("torch_compile_regional") and training.get("torch_compile") in (False, None):
         raise ConfigError("invalid lorasweep configuration: training.torch_compile_regional = true needs "
                           "training.torch_compile (true or a mode: it picks the mode, regional the scope)")
@@ -188,6 +191,23 @@ def check_model_path(config: dict) -> None:
     if model.get("revision") and local.is_dir():
         raise ConfigError(f"model.revision = {model['revision']!r} is for a hub model; model.name_or_path = {name!r} "
                           "is a local folder: remove model.revision")
+    _check_hub_id(name)
+
+
+def _check_hub_id(name: str) -> None:
+    """``model.name_or_path`` that is not a local folder must be a valid hub id: ``models/opt/350m`` (a relative path
+    to a folder not there) or a name with a space would fail in the first training job, after the data step, or (with
+    HF_HUB_OFFLINE=1) in the cache lookup with huggingface_hub's HFValidationError, naming no key."""
+    if Path(name).is_dir():
+        return
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError as e:
+        raise ConfigError(f"model.name_or_path = {name!r}: not a folder (read from the working directory {Path.cwd()}) "
+                          f"nor a Hugging Face hub id ({e}); a folder saved with save_pretrained, or a hub id such as "
+                          "facebook/opt-350m") from None
 
 
 def hub_offline() -> bool:
@@ -204,6 +224,7 @@ def check_offline_model_cached(config: dict) -> None:
         return
     from huggingface_hub import constants, try_to_load_from_cache
 
+    _check_hub_id(name)
     if not isinstance(try_to_load_from_cache(name, "config.json", revision=model.get("revision")), str):
         at = f" at revision {model['revision']!r}" if model.get("revision") else ""
         raise ConfigError(f"model.name_or_path = {name!r}{at} is not in the local Hugging Face cache "
@@ -265,11 +286,13 @@ def runs(config: dict) -> dict[str, dict]:
             defaults["init"] = "default"
         for i, entry in enumerate(m.get("ranks", [])):
             v = {**defaults, **({"rank": entry} if isinstance(entry, int) else entry)}
-            if method == "qlora" and v["init"] != "default":
-                raise ConfigError(f"methods.qlora.ranks[{i}]: init {v['init']!r} is not available for QLoRA")
             if v["use_dora"] and v["init"] != "default":
-                raise ConfigError(f"methods.{method}.ranks[{i}]: init {v['init']!r} cannot be combined with use_dora "
-                                  "(PEFT cannot convert a DoRA adapter back to the original base model)")
+                def where(k):  # the entry's own setting, or methods.lora's
+                    return f"methods.{method}.ranks[{i}].{k}" if isinstance(entry, dict) and k in entry \
+                        else f"methods.lora.{k}"
+                raise ConfigError(f"methods.{method}.ranks[{i}]: init {v['init']!r} ({where('init')}) cannot be "
+                                  f"combined with use_dora ({where('use_dora')}) (PEFT cannot convert a DoRA adapter "
+                                  "back to the original base model)")
             name = f"{method}-r{v['rank']}{_variant_suffix(v)}"
             if name in out:
                 raise ConfigError(f"methods.{method}.ranks[{i}]: run {name!r} is listed twice")

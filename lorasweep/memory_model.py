@@ -85,13 +85,26 @@ def saved_bytes(model, batch: int, length: int, half, fused_loss: bool) -> int:
     return sum(kept.values())
 
 
+def probe_lengths(model) -> tuple[int, ...]:
+    """:data:`PROBE_LENGTHS`, or for a model with fewer positions than the longest (``model.build_tiny.max_positions``
+    may be 16) three lengths that fit in them, in the same ratios: a probe past the model's positions fails in its
+    position embedding, and the run would go without a prediction."""
+    from .train import max_positions
+
+    limit = max_positions(model.config)
+    if limit is None or limit[1] >= PROBE_LENGTHS[-1]:
+        return PROBE_LENGTHS
+    longest = limit[1]
+    return (longest // 4, longest // 2, longest)
+
+
 def activation_bytes(model, batch_size: int, seq_len: int, half, fused_loss: bool) -> int:
     """What autograd keeps for a batch of ``batch_size`` x ``seq_len``: f + b * (a*s + c*s^2), with f (kept once
     per step whatever the batch: autocast's 16-bit copies of the weights stored in fp32), a and c solved from three
     probe batches (c is 0 up to rounding unless attention keeps its s x s matrices)."""
     import numpy as np
 
-    lengths = np.array(PROBE_LENGTHS, dtype=float)
+    lengths = np.array(probe_lengths(model), dtype=float)
     kept = np.array([saved_bytes(model, PROBE_BATCH, int(n), half, fused_loss) for n in lengths], dtype=float)
     f, a, c = np.linalg.solve(np.stack([np.ones_like(lengths), PROBE_BATCH * lengths, PROBE_BATCH * lengths**2], 1),
                               kept)

@@ -90,7 +90,8 @@ def test_rslora_and_dora_reach_peft(tiny_config, tiny_model):
 
 
 def test_option_combinations_peft_cannot_undo_are_refused(tiny_config):
-    with pytest.raises(ConfigError, match=r"methods.lora.ranks\[0\]: init 'pissa' cannot be combined with use_dora"):
+    with pytest.raises(ConfigError, match=r"methods.lora.ranks\[0\]: init 'pissa' \(methods.lora.ranks\[0\].init\) "
+                                         r"cannot be combined with use_dora \(methods.lora.ranks\[0\].use_dora\)"):
         _config(tiny_config, [{"rank": 8, "init": "pissa", "use_dora": True}])
     with pytest.raises(ConfigError, match=r"run 'lora-r8' is listed twice"):
         _config(tiny_config, [8, {"rank": 8, "init": "default"}])

@@ -107,6 +107,15 @@ def test_qlora_takes_the_lora_settings_so_that_the_pair_differs_by_quantization_
         ({"model": {"name_or_path": "results/../my-model", "build_tiny": {}}}, r"name a folder of its own under results/"),
         ({"model": {"name_or_path": "results/runs/full", "build_tiny": {}}}, r"not results/data, results/runs"),
         ({"model": {"name_or_path": "results", "build_tiny": {}}}, r"name a folder of its own under results/"),
+        # init and use_dora named where they were set: methods.lora's own keys, or the ranks entry's
+        ({"methods": {"lora": {"init": "olora", "use_dora": True}}},
+         r"methods.lora.ranks\[0\]: init 'olora' \(methods.lora.init\) cannot be combined with use_dora "
+         r"\(methods.lora.use_dora\)"),
+        ({"methods": {"lora": {"ranks": [{"rank": 8, "init": "pissa"}], "use_dora": True}}},
+         r"init 'pissa' \(methods.lora.ranks\[0\].init\) cannot be combined with use_dora \(methods.lora.use_dora\)"),
+        # known before any job: the training job stopped on it only after the data step
+        ({"training": {"device": "cpu", "precision": "fp16"}},
+         r"training.precision = 'fp16' is not supported with training.device = 'cpu': use 'fp32', 'bf16' or 'auto'"),
     ],
 )
 def test_errors_name_the_key_and_what_is_allowed(override, message):
@@ -296,3 +305,24 @@ def test_an_unset_revision_is_no_param_snakemake_records_and_a_set_one_is():
         params = {f"setting_{i}": setting_param(n, v) for i, (n, v) in enumerate(flat_settings(spec).items())}
         smk = SimpleNamespace(config=cfg, wildcards=SimpleNamespace(run="full", seed=str(spec["seed"])), params=params)
         assert job_spec(smk) == spec
+
+
+def test_a_model_name_that_is_neither_a_folder_nor_a_hub_id_is_named_before_any_job(tmp_path, monkeypatch):
+    """A name with more than one slash (a relative path to a folder not there yet) or a space is no hub id: with
+    HF_HUB_OFFLINE=1 the cache lookup raised huggingface_hub's HFValidationError, which the workflow's start does not
+    catch (a traceback naming no key); without it the first training job failed after the data step."""
+    from lorasweep.config import check_model_path, check_offline_model_cached
+
+    monkeypatch.chdir(tmp_path)
+    for offline in ("", "1"):
+        monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+        for name in ("models/opt/350m", "my model"):
+            config = validate_config({"model": {"name_or_path": name}, "dataset": {"source": "x/y"}})
+            with pytest.raises(ConfigError, match=rf"model.name_or_path = '{name}': not a folder .* nor a Hugging "
+                                                  "Face hub id"):
+                check_model_path(config)
+            if offline:
+                with pytest.raises(ConfigError, match=rf"model.name_or_path = '{name}': not a folder"):
+                    check_offline_model_cached(config)
+    (tmp_path / "models" / "opt" / "350m").mkdir(parents=True)  # the folder exists: a local model, no hub id
+    check_model_path(validate_config({"model": {"name_or_path": "models/opt/350m"}, "dataset": {"source": "x/y"}}))

@@ -1099,3 +1099,22 @@ def test_rss_before_load_is_read_before_the_model_is_loaded(tiny_config, tiny_da
     m = train_run(run_spec(tiny_config(max_steps=1, evals=1), "full"), tiny_data["train"], tiny_data["eval"],
                   tmp_path, threads=2)
     assert events == ["rss", "load"] and m["rss_before_load_bytes"] > 0
+
+
+def test_memory_model_predicts_for_a_model_with_fewer_positions_than_its_longest_probe(tiny_data, tmp_path):
+    """model.build_tiny.max_positions (and training.max_length) may be as low as 16: the probe batches of 32, 64 and
+    128 tokens ran past such a model's positions (OPT's embedding lookup: IndexError), and every run of the sweep went
+    without a memory prediction, the report's memory table and figure without one. The probes fit in its positions
+    and still predict what autograd keeps for a batch of its longest sequences."""
+    from transformers import AutoModelForCausalLM
+
+    from lorasweep.data import read_jsonl
+    from lorasweep.memory_model import predict, saved_bytes
+    from lorasweep.tiny import build_tiny_model
+
+    texts = [r["prompt"] + r["completion"] for r in read_jsonl(tiny_data["train"])]
+    model = AutoModelForCausalLM.from_pretrained(build_tiny_model(texts, tmp_path / "opt-64", max_positions=64))
+    n = sum(p.numel() for p in model.parameters())
+    got = predict(model, n, 4, 64, "fp32", fused_loss=True)
+    real = saved_bytes(model, 4, 64, None, fused_loss=True)
+    assert got["predicted_saved_for_backward_bytes"] == pytest.approx(real, rel=1e-3)
