@@ -684,12 +684,6 @@ def timing_causes(df: pd.DataFrame) -> dict[str, dict]:
     return out
 
 
-def timing_suspect(df: pd.DataFrame) -> set[str]:
-    """Runs (any seed) whose timings are not comparable: trained on a busy machine or beside other jobs on
-    their GPU (:func:`timing_causes`)."""
-    return set(timing_causes(df))
-
-
 def _labeller(df: pd.DataFrame, rows: pd.DataFrame):
     """A row's name in a note: `run`, with its seed where the table holds several seeds of a run."""
     seeds = "seed" in rows and df.groupby("run")["seed"].nunique().max() > 1
