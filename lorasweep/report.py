@@ -354,7 +354,7 @@ def results_table(df: pd.DataFrame) -> str:
             row["peak reserved"] = _pm(r, "peak_cuda_reserved_bytes", _gib)
         row["peak RSS"] = _pm(r, "peak_rss_bytes", _gib)
         row["trainable"] = f"{int(r['trainable_params']):,} ({r['trainable_share_pct']:.3g}%)"
-        row["saved"] = _num(r["saved_model_bytes"] / 2**20, "{:.2f} MiB")
+        row["saved"] = _bytes(r["saved_model_bytes"])  # in the unit that fits: 25.6 KiB, not 0.02 MiB
         rows.append(row)
     notes = [
         "",

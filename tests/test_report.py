@@ -492,6 +492,13 @@ def test_results_show_mfu_and_its_bound_on_a_gpu_and_neither_on_the_cpu():
     header, full = rows[0], next(r for r in rows if r[0] == "full")
     assert full[header.index("MFU")] == "2.5%" and full[header.index("MFU bound")] == "25%"
     assert "*MFU bound*: the most MFU this GPU allows" in table
+    # sizes in the unit that fits, as the findings write them: a small adapter is not "0.02 MiB"
+    sized = m.assign(saved_model_bytes=[1_326_000_000, 25_600, 6_300_000, 12_600_000, 25_600])
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in results_table(F.by_run(sized)).splitlines()
+            if line.startswith("| ")]
+    saved = {r[0]: r[rows[0].index("saved")] for r in rows[1:]}
+    assert saved == {"full": "1.23 GiB", "lora-r8": "25 KiB", "lora-r128": "6.01 MiB", "lora-r256": "12 MiB",
+                     "qlora-r8": "25 KiB"}
 
 
 def test_the_results_say_how_the_lora_runs_stored_their_frozen_base_and_warn_when_they_differ():
