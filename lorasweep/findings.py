@@ -354,7 +354,8 @@ def learning(df: pd.DataFrame, losses: Losses) -> str:
     for _, r in df.iterrows():
         d = losses.diff(r["run"], r["run"], "final", "base")
         gain = r["base_eval_loss"] - r["eval_loss"]
-        parts.append(f"`{r['run']}` {r['base_eval_loss']:.3f} → {r['eval_loss']:.3f} ({-gain:+.3f})")
+        change = round(-gain, 3) + 0.0  # no "-0.000" for a change that rounds to nothing
+        parts.append(f"`{r['run']}` {r['base_eval_loss']:.3f} → {r['eval_loss']:.3f} ({change:+.3f})")
         if d is not None and not d["distinguishable"]:
             flat.append(r["run"])
         elif d is not None and d["diff"] > 0:

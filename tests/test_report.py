@@ -311,6 +311,10 @@ def test_a_run_worse_than_untrained_is_called_out():
     worse_df.loc[worse_df["run"] == "lora-r128", "eval_loss"] = df["base_eval_loss"].max() * 1.5
     text = F.learning(F.by_run(worse_df), F.Losses(worse_ev))
     assert "**Worse than untrained**: `lora-r128` (95% paired interval above zero)" in text
+    # a change that rounds to nothing has no sign
+    flat = df.assign(eval_loss=df["base_eval_loss"] + 0.0002 * (df["run"] == "full"))
+    assert "(-0.000)" not in F.learning(F.by_run(flat), F.Losses(ev))
+    assert "(+0.000)" in F.learning(F.by_run(df.assign(eval_loss=df["base_eval_loss"] - 0.0002)), F.Losses(ev))
 
 
 def test_report_renders_without_per_example_losses(tmp_path):
