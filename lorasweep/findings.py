@@ -784,6 +784,8 @@ def _rises(values: list[float], tol, tol_text: str | None = None, falls: bool = 
         return "agrees"
     if any(opposite):
         return "disagrees"
+    if not tol_text and not any(tols):  # no tolerance (one seed, a loss): a step neither up nor down is equal
+        return "disagrees: no step changes it" if not any(claimed) else "partly: some steps change nothing"
     text = tol_text or f"{tols[0]:.0%}"
     if not any(claimed):
         return f"too close to call (every step within {text})"

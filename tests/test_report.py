@@ -1122,6 +1122,9 @@ def test_a_rise_inside_its_tolerance_is_too_close_to_call_and_only_the_opposite_
     assert F._rises([300 * 2**20, 200 * 2**20], 0.02) == "disagrees"  # falls beyond the tolerance
     assert F._rises([3.0, 2.0, 1.0], 0.02, falls=True) == "agrees"
     assert F._rises([1.0, 2.0], 0.02, falls=True) == "disagrees"
+    # no tolerance (one seed's train loss): equal values are no change, not "within 0%"
+    assert F._rises([2.0, 2.0], [0.0], falls=True) == "disagrees: no step changes it"
+    assert F._rises([3.0, 2.0, 2.0], [0.0, 0.0], falls=True) == "partly: some steps change nothing"
     df, ev = _fixture()
     claims = F.writeup_claims(df.assign(peak_rss_bytes=[1.0e9, 1.0e9, 1.001e9, 1.002e9, 1.0e9]), ev)  # a MiB apart
     assert next(c for c in claims if c["claim"] == "peak memory rises with the rank")["ours"].startswith(
