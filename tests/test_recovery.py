@@ -712,6 +712,36 @@ def test_a_log_keeps_a_second_name_while_its_script_runs_so_a_killed_attempts_lo
     assert "by hand" in log.read_text() and "by hand" not in failed.read_text()
 
 
+def test_a_log_deleted_while_its_script_runs_is_kept_under_its_second_name(tmp_path):
+    """Killed, snakemake leaves its training job running; the rerun deletes the job's log before it starts the job
+    again (which stops: another process trains the run). The first job trains on and writes its log to a file whose
+    only name is then its second one: removing that name when the job ended lost the only log of the run that trained.
+    Likewise a second process that takes over the log's name (a copy replacing it) must not cost the first its log."""
+    from lorasweep.logs import script_logging
+
+    log = tmp_path / "job.log"
+    with script_logging(log) as inside:
+        inside.info("step 40 of 150")
+        log.unlink()  # the rerun's Snakemake deletes the log of the job it believes dead
+        inside.info("done: train_loss 1.0")
+    [kept] = tmp_path.glob("job.log.*-detached")
+    assert "step 40 of 150" in kept.read_text() and "done: train_loss" in kept.read_text()
+    assert not list(tmp_path.glob("job.log.*-unfinished"))
+
+    log2 = tmp_path / "other.log"
+    with script_logging(log2) as first:
+        first.info("first before")
+        with script_logging(log2) as second:  # the same log opened again while the first still writes
+            second.info("second")
+        first.info("first after")
+    [detached] = tmp_path.glob("other.log.*-detached")
+    assert "first before" in detached.read_text() and "first after" in detached.read_text()
+    assert not list(tmp_path.glob("other.log.*-unfinished"))
+    with script_logging(log) as inside:  # a log that ends under its own name keeps no second one
+        inside.info("again")
+    assert [p.name for p in tmp_path.glob("job.log.*")] == [kept.name]
+
+
 def test_a_second_process_cannot_train_a_run_another_is_training(tmp_path, tiny_config, tiny_data):
     """Killed, snakemake leaves its training job running; the rerun must not start a second process training into
     the same folder (their checkpoints and log history would interleave): it stops at once, naming the first."""
