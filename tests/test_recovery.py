@@ -742,6 +742,37 @@ def test_a_log_deleted_while_its_script_runs_is_kept_under_its_second_name(tmp_p
     assert [p.name for p in tmp_path.glob("job.log.*")] == [kept.name]
 
 
+def test_the_failure_summary_names_a_training_job_killed_outright(tmp_path):
+    """The summary a failed workflow ends with (onerror) listed only runs with a failed.json, which a job killed by the
+    out-of-memory killer or kill -9 never writes: a sweep whose one failure was such a kill ended with no word of it.
+    Its log's second name (<log>.<time>-unfinished) names it, unless a retry trained the run since."""
+    import textwrap
+    import time
+
+    from lorasweep.resume import failures_since
+
+    since = time.time() - 1
+    runs, logs = tmp_path / "results" / "runs", tmp_path / "logs" / "train"
+    for run in ("full", "lora-r8"):
+        log = logs / run / "seed0.log"
+        script = textwrap.dedent(f"""
+            import os, signal
+            from lorasweep.logs import script_logging
+            with script_logging({str(log)!r}) as log:
+                log.info("step 40 of 150")
+                os.kill(os.getpid(), signal.SIGKILL)
+        """)
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == -signal.SIGKILL
+        log.unlink()  # Snakemake, before the retry
+    (runs / "lora-r8" / "seed0").mkdir(parents=True)
+    (runs / "lora-r8" / "seed0" / "metrics.json").write_text("{}")  # its retry trained it
+    text = failures_since(runs, since, logs)
+    assert re.search(r"full/seed0: killed without an error of its own .*seed0\.log\.\S+-unfinished", text), text
+    assert "lora-r8" not in text
+    assert failures_since(runs, time.time() + 5, logs) == ""  # an earlier workflow's kill is not this one's
+
+
 def test_a_second_process_cannot_train_a_run_another_is_training(tmp_path, tiny_config, tiny_data):
     """Killed, snakemake leaves its training job running; the rerun must not start a second process training into
     the same folder (their checkpoints and log history would interleave): it stops at once, naming the first."""
