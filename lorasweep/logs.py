@@ -19,7 +19,9 @@ def script_logging(log_path: str | os.PathLike, level: int = logging.INFO):
     failed attempt's log is also kept as ``<log>.<time>-failed``: Snakemake deletes a job's log before it
     retries or reruns the job. While the script runs, ``<log>.<time>-unfinished`` is a second name (a hard link)
     of the log, removed when it ends: a process killed outright (the kernel's out-of-memory killer, ``kill -9``,
-    a cluster's hard limit), which has no chance to keep anything, leaves its log under that name.
+    a cluster's hard limit), which has no chance to keep anything, leaves its log under that name. A script whose
+    log was deleted or replaced while it ran (Snakemake's rerun of a job it had left running deletes the log first)
+    keeps what it wrote as ``<log>.<time>-detached``.
     """
     os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
     if os.path.isfile(log_path) and os.stat(log_path).st_nlink > 1:
@@ -81,7 +83,17 @@ def script_logging(log_path: str | os.PathLike, level: int = logging.INFO):
         log_file.close()
         if running is not None:  # ended: the log has its own name
             with contextlib.suppress(OSError):
-                os.unlink(running)
+                if _same_file(running, log_path):
+                    os.unlink(running)
+                else:  # the log was deleted or replaced while this ran (a rerun of a job left running): its only name
+                    os.replace(running, _free_name(log_path, stamp, "detached"))
+
+
+def _same_file(a, b) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _free_name(log_path, stamp: str, what: str) -> str:

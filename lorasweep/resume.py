@@ -359,7 +359,9 @@ def record_failure(out_dir: Path, attempt: int | None, error: BaseException) -> 
 def failures_since(runs_root: str | Path, since: float, logs_root: str | Path = "logs/train") -> str:
     """The training jobs whose last attempt failed since ``since`` (a time stamp; the workflow's start), one line
     each with the error and the log: printed when the workflow ends in failure, where Snakemake's own account of
-    each failed job scrolled by long before (``--keep-going`` over a sweep). Empty when none."""
+    each failed job scrolled by long before (``--keep-going`` over a sweep). A job killed outright, with no error of
+    its own, is named by the log it left (``<log>.<time>-unfinished``) unless a retry trained the run. Empty when
+    none."""
     lines = []
     for path in sorted(Path(runs_root).glob(f"*/seed*/{FAILED_FILE}")):
         try:
@@ -372,11 +374,25 @@ def failures_since(runs_root: str | Path, since: float, logs_root: str | Path = 
         lines.append(f"  {run}/{seed}: {record.get('error')}: {record.get('message')} "
                      f"(attempt {record.get('attempt')}; log {Path(logs_root) / run / seed}.log and its "
                      "*-failed copies)")
+    # an attempt killed outright (the out-of-memory killer, kill -9) writes no failed.json: its log's second name
+    # (lorasweep.logs.script_logging) is what is left of it; a run trained since by a retry has its metrics.json
+    listed = {line.split(":", 1)[0].strip() for line in lines}
+    for path in sorted(Path(logs_root).glob("*/seed*.log.*-unfinished")):
+        run, seed = path.parent.name, path.name.split(".log.", 1)[0]
+        try:
+            if (path.stat().st_mtime < since or f"{run}/{seed}" in listed
+                    or (Path(runs_root) / run / seed / "metrics.json").exists()):
+                continue
+        except OSError:
+            continue
+        listed.add(f"{run}/{seed}")
+        lines.append(f"  {run}/{seed}: killed without an error of its own (the kernel's out-of-memory killer, "
+                     f"kill -9, a cluster's hard limit?); its log {path}")
     if not lines:
         return ""
-    return ("lorasweep: these training runs failed (their failed.json under " f"{runs_root}):\n" + "\n".join(lines)
-            + "\nThe others' results are kept; with --keep-going the others train on. Fix the cause and run snakemake "
-            "again: it trains only what is missing.")
+    return (f"lorasweep: these training runs failed (each error in its failed.json under {runs_root}):\n"
+            + "\n".join(lines) + "\nThe others' results are kept; with --keep-going the others train on. Fix the "
+            "cause and run snakemake again: it trains only what is missing.")
 
 
 def refuse_repeated_failure(out_dir: Path, attempt: int | None) -> None:

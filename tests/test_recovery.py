@@ -712,6 +712,67 @@ def test_a_log_keeps_a_second_name_while_its_script_runs_so_a_killed_attempts_lo
     assert "by hand" in log.read_text() and "by hand" not in failed.read_text()
 
 
+def test_a_log_deleted_while_its_script_runs_is_kept_under_its_second_name(tmp_path):
+    """Killed, snakemake leaves its training job running; the rerun deletes the job's log before it starts the job
+    again (which stops: another process trains the run). The first job trains on and writes its log to a file whose
+    only name is then its second one: removing that name when the job ended lost the only log of the run that trained.
+    Likewise a second process that takes over the log's name (a copy replacing it) must not cost the first its log."""
+    from lorasweep.logs import script_logging
+
+    log = tmp_path / "job.log"
+    with script_logging(log) as inside:
+        inside.info("step 40 of 150")
+        log.unlink()  # the rerun's Snakemake deletes the log of the job it believes dead
+        inside.info("done: train_loss 1.0")
+    [kept] = tmp_path.glob("job.log.*-detached")
+    assert "step 40 of 150" in kept.read_text() and "done: train_loss" in kept.read_text()
+    assert not list(tmp_path.glob("job.log.*-unfinished"))
+
+    log2 = tmp_path / "other.log"
+    with script_logging(log2) as first:
+        first.info("first before")
+        with script_logging(log2) as second:  # the same log opened again while the first still writes
+            second.info("second")
+        first.info("first after")
+    [detached] = tmp_path.glob("other.log.*-detached")
+    assert "first before" in detached.read_text() and "first after" in detached.read_text()
+    assert not list(tmp_path.glob("other.log.*-unfinished"))
+    with script_logging(log) as inside:  # a log that ends under its own name keeps no second one
+        inside.info("again")
+    assert [p.name for p in tmp_path.glob("job.log.*")] == [kept.name]
+
+
+def test_the_failure_summary_names_a_training_job_killed_outright(tmp_path):
+    """The summary a failed workflow ends with (onerror) listed only runs with a failed.json, which a job killed by the
+    out-of-memory killer or kill -9 never writes: a sweep whose one failure was such a kill ended with no word of it.
+    Its log's second name (<log>.<time>-unfinished) names it, unless a retry trained the run since."""
+    import textwrap
+    import time
+
+    from lorasweep.resume import failures_since
+
+    since = time.time() - 1
+    runs, logs = tmp_path / "results" / "runs", tmp_path / "logs" / "train"
+    for run in ("full", "lora-r8"):
+        log = logs / run / "seed0.log"
+        script = textwrap.dedent(f"""
+            import os, signal
+            from lorasweep.logs import script_logging
+            with script_logging({str(log)!r}) as log:
+                log.info("step 40 of 150")
+                os.kill(os.getpid(), signal.SIGKILL)
+        """)
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == -signal.SIGKILL
+        log.unlink()  # Snakemake, before the retry
+    (runs / "lora-r8" / "seed0").mkdir(parents=True)
+    (runs / "lora-r8" / "seed0" / "metrics.json").write_text("{}")  # its retry trained it
+    text = failures_since(runs, since, logs)
+    assert re.search(r"full/seed0: killed without an error of its own .*seed0\.log\.\S+-unfinished", text), text
+    assert "lora-r8" not in text
+    assert failures_since(runs, time.time() + 5, logs) == ""  # an earlier workflow's kill is not this one's
+
+
 def test_a_second_process_cannot_train_a_run_another_is_training(tmp_path, tiny_config, tiny_data):
     """Killed, snakemake leaves its training job running; the rerun must not start a second process training into
     the same folder (their checkpoints and log history would interleave): it stops at once, naming the first."""
