@@ -194,7 +194,8 @@ def check_model_settings(spec: dict, pad_to_multiple_of: int | None = None) -> N
     first batch: GPT-2's ``IndexError: index out of range in self``), and so the longest batch
     ``training.pad_to_multiple_of`` pads up to (max_length rounded up to its multiple); for OLoRA / PiSSA, a rank the
     target weights have (:func:`largest_init_rank`; PEFT would train the whole run and then fail converting the
-    saved adapter). PEFT's default initialisation takes any rank (A random, B zero): not checked."""
+    saved adapter). PEFT's default initialisation takes any rank (A random, B zero): not checked. LoRA's
+    ``target_modules``, on the model's skeleton (:func:`lorasweep.presets.resolve_target_modules`)."""
     from transformers import AutoConfig
 
     name = spec["model"]["name_or_path"]
@@ -218,10 +219,14 @@ def check_model_settings(spec: dict, pad_to_multiple_of: int | None = None) -> N
                           "fails); " + (f"set training.max_length to at most {fits}, or " if fits else "")
                           + f"set a pad_to_multiple_of of at most {limit[1]} that max_length rounds up to within it")
     lora = spec["lora"]
-    if lora and lora.get("init", "default") in MUTATING_INITS:
-        from .presets import meta_skeleton
+    if not lora:
+        return
+    from .presets import meta_skeleton, resolve_target_modules
 
-        largest = largest_init_rank(meta_skeleton(config, spec["model"]["trust_remote_code"]), spec)
+    skeleton = meta_skeleton(config, spec["model"]["trust_remote_code"])  # shapes only: no weights, no memory
+    resolve_target_modules(skeleton, lora["target_modules"])  # modules the model has, not its output layer
+    if lora.get("init", "default") in MUTATING_INITS:
+        largest = largest_init_rank(skeleton, spec)
         if largest and lora["r"] > largest[0]:
             raise ConfigError(
                 f"methods.lora.ranks: run {spec['run']} asks for rank {lora['r']} with init {lora['init']} "

@@ -126,6 +126,26 @@ def test_an_olora_or_pissa_rank_beyond_the_target_weights_stops_before_training(
         assert (tmp_path / "r64" / "model" / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("targets, error", [
+    (["q_proj", "lm_head"], r"'lm_head' is the model's output layer, which TRL's SFTTrainer does not adapt"),
+    (["q_prj"], r"\['q_prj'\] not found in OPTForCausalLM; its linear modules are \['fc1', 'fc2', 'k_proj', "
+                r"'out_proj', 'q_proj', 'v_proj'\]"),
+])
+def test_target_modules_the_model_cannot_take_stop_before_the_data(targets, error, tiny_config, tmp_path):
+    """A misspelt module or the output layer: the job stops naming the key before it reads the data (here splits that
+    cannot be read: before, the error was theirs; with readable data, PEFT's or TRL's after the data and the model
+    had loaded)."""
+    from lorasweep.train import train_run
+
+    cfg = _config(tiny_config, [8], max_steps=1, evals=1)
+    cfg["methods"]["lora"]["target_modules"] = targets
+    for split in ("train", "eval"):  # splits that fail as soon as they are read
+        (tmp_path / f"{split}.jsonl").write_text("not JSON\n")
+    with pytest.raises(ConfigError, match=rf"methods.lora.target_modules: .*{error}"):
+        train_run(run_spec(cfg, "lora-r8"), tmp_path / "train.jsonl", tmp_path / "eval.jsonl", tmp_path / "run",
+                  threads=2)
+
+
 def _tiny(arch: str):
     from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig
 
