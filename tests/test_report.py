@@ -1385,3 +1385,21 @@ def test_the_train_loss_curves_stay_readable_at_the_real_experiments_size(monkey
     assert {len(ln.get_xdata()) for ln in short.axes[0].lines if len(ln.get_xdata()) > 1} == {27}
     assert "consecutive" not in short.axes[0].get_title()
     short.clf()
+
+
+def test_a_busy_machine_is_named_once_per_run_with_three_seeds():
+    """Five runs x three seeds all timed on a busy machine (a GPU host's other processes, as the recorded H200 sweep
+    shows: 16-25% of its CPU): one clause per run naming its seeds, not fifteen (run, seed) clauses."""
+    m, ev = _fixture()
+    m3 = pd.concat([m.assign(seed=s) for s in (0, 1, 2)], ignore_index=True)
+    m3["other_processes_cpu_share_pct"] = [20.0 + i for i in range(len(m3))]
+    text = F.busy_machine(m3)
+    for run in m["run"]:
+        assert text.count(f"`{run}`") == 1, run
+    assert "while `full` (seeds 0, 1 and 2) trained" in text
+    top = m3.loc[m3["run"] == "full", "other_processes_cpu_share_pct"].max()
+    assert f"up to {top:.0f}% of the CPU while `full`" in text
+    assert len(text.split(". ")[0]) < 600
+    m3.loc[m3["run"] != "lora-r8", "other_processes_cpu_share_pct"] = 1.0
+    m3.loc[(m3["run"] == "lora-r8") & (m3["seed"] != 1), "other_processes_cpu_share_pct"] = 1.0
+    assert "% of the CPU while `lora-r8` (seed 1) trained" in F.busy_machine(m3)
