@@ -664,10 +664,16 @@ def busy_machine(df: pd.DataFrame) -> str | None:
                   "claim is checked with them; rerun them alone (`--forcerun results/runs/<run>/seed<seed>/"
                   "metrics.json`, with `--resources gpu=1` so that no other training job runs beside them) for "
                   "timings that are.")
-    return ("**Timings taken on a busy machine**: other processes used " +
-            ", ".join(f"{r['other_processes_cpu_share_pct']:.0f}% of the CPU while `{r['run']}`"
-                      + (f" (seed {int(r['seed'])})" if seeds else "") + " trained"
-                      for _, r in busy.iterrows()) + advice)
+    def clause(run, rows):  # one per run, its busy seeds named together (5 runs x 3 seeds: 5 clauses, not 15)
+        share = rows["other_processes_cpu_share_pct"].max()
+        if not seeds:
+            return f"{share:.0f}% of the CPU while `{run}` trained"
+        names = [str(int(s)) for s in rows["seed"]]
+        return (("up to " if len(rows) > 1 else "") + f"{share:.0f}% of the CPU while `{run}` "
+                f"(seed{'s' if len(rows) > 1 else ''} {_and(names)}) trained")
+
+    return ("**Timings taken on a busy machine**: other processes used "
+            + ", ".join(clause(run, rows) for run, rows in busy.groupby("run", sort=False)) + advice)
 
 
 def timing_causes(df: pd.DataFrame) -> dict[str, dict]:

@@ -1335,3 +1335,85 @@ def test_the_setup_says_double_quant_and_gradient_checkpointing_as_the_runs_trai
     row = next(line for line in text.splitlines() if line.startswith("| qlora-r8 "))
     assert "| nf4 + double quant |" in row, row
     assert "double quant" not in next(line for line in text.splitlines() if line.startswith("| lora-r8 "))
+
+
+def _long_history(metrics: pd.DataFrame, logs: int, logging_steps: int = 10, evals: int = 5) -> pd.DataFrame:
+    """A history at the real experiment's size: ``logs`` training logs per run and seed (3 epochs of CodeAlpaca-20k
+    at batch 8, logged every 10 steps: ~713), noisy around a falling curve, and ``evals`` evaluations."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    steps = np.arange(1, logs + 1) * logging_steps
+    rows = []
+    for i, (run, seed) in enumerate(metrics[["run", "seed"]].itertuples(index=False)):
+        level = 1.0 + 0.03 * (i % 5)
+        loss = level + 0.5 * np.exp(-steps / 800) + rng.normal(0, 0.1, logs)
+        rows += [{"run": run, "seed": seed, "step": int(s), "loss": float(v), "tokens_nonpad_seen": int(s) * 300}
+                 for s, v in zip(steps, loss)]
+        for e in np.linspace(0, steps[-1], evals + 1).astype(int):
+            rows.append({"run": run, "seed": seed, "step": int(e), "eval_loss": level + 0.5 * math.exp(-e / 800),
+                         "tokens_nonpad_seen": int(e) * 300})
+    return pd.DataFrame(rows).sort_values(["run", "seed", "step"], kind="stable")
+
+
+def _loss_curves(monkeypatch, tmp_path, metrics, history):
+    """The loss-curve figure plot_all draws (its first), kept open."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics.to_csv(tmp_path / "metrics.csv", index=False)
+    history.to_csv(tmp_path / "history.csv", index=False)
+    closed = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: closed.append(fig))
+    plot_all(tmp_path / "metrics.csv", tmp_path / "history.csv", tmp_path / "figures")
+    figs = [f for f in closed if f is not None]
+    for f in figs[1:]:
+        f.clf()
+    return figs[0]
+
+
+def test_the_train_loss_curves_stay_readable_at_the_real_experiments_size(monkeypatch, tmp_path):
+    """~713 noisy training logs per run and seed (3 epochs, logging every 10 steps) drawn as they are bury the runs'
+    differences in the noise, the last run drawn covering the others: each line is drawn as at most
+    MAX_TRAIN_POINTS points, each the mean of k consecutive logs, and the panel says so; the evaluations stay as
+    they are. A short history (the tiny preset's) is drawn log by log."""
+    import numpy as np
+
+    m, _ = _fixture()
+    m3 = pd.concat([m.assign(seed=s) for s in (0, 1, 2)], ignore_index=True)
+    fig = _loss_curves(monkeypatch, tmp_path, m3, _long_history(m3, 713))
+    train_axes, eval_ax = [fig.axes[0], fig.axes[2]], fig.axes[1]
+    for ax in train_axes:
+        lines = [ln for ln in ax.lines if len(ln.get_xdata()) > 1]
+        assert lines and all(len(ln.get_xdata()) <= 100 for ln in lines), [len(ln.get_xdata()) for ln in lines]
+        # the mean of 8 logs: the noise (sd 0.1 per log) shrinks by about sqrt(8)
+        noise = [np.std(np.diff(np.asarray(ln.get_ydata())[40:])) / 2**0.5 for ln in lines]
+        assert max(noise) < 0.06, noise
+    assert "mean of 8 consecutive logs" in fig.axes[0].get_title()
+    assert all(len(ln.get_xdata()) <= 6 for ln in eval_ax.lines)  # evaluations: drawn as they are
+    fig.clf()
+
+    short = _loss_curves(monkeypatch, tmp_path, m, _long_history(m.assign(seed=0), 27))
+    assert {len(ln.get_xdata()) for ln in short.axes[0].lines if len(ln.get_xdata()) > 1} == {27}
+    assert "consecutive" not in short.axes[0].get_title()
+    short.clf()
+
+
+def test_a_busy_machine_is_named_once_per_run_with_three_seeds():
+    """Five runs x three seeds all timed on a busy machine (a GPU host's other processes, as the recorded H200 sweep
+    shows: 16-25% of its CPU): one clause per run naming its seeds, not fifteen (run, seed) clauses."""
+    m, ev = _fixture()
+    m3 = pd.concat([m.assign(seed=s) for s in (0, 1, 2)], ignore_index=True)
+    m3["other_processes_cpu_share_pct"] = [20.0 + i for i in range(len(m3))]
+    text = F.busy_machine(m3)
+    for run in m["run"]:
+        assert text.count(f"`{run}`") == 1, run
+    assert "while `full` (seeds 0, 1 and 2) trained" in text
+    top = m3.loc[m3["run"] == "full", "other_processes_cpu_share_pct"].max()
+    assert f"up to {top:.0f}% of the CPU while `full`" in text
+    assert len(text.split(". ")[0]) < 600
+    m3.loc[m3["run"] != "lora-r8", "other_processes_cpu_share_pct"] = 1.0
+    m3.loc[(m3["run"] == "lora-r8") & (m3["seed"] != 1), "other_processes_cpu_share_pct"] = 1.0
+    assert "% of the CPU while `lora-r8` (seed 1) trained" in F.busy_machine(m3)
