@@ -2,6 +2,7 @@
 
 import re
 import tomllib
+from pathlib import Path
 
 import pytest
 import yaml
@@ -48,3 +49,34 @@ def test_conda_env_pins_the_same_versions_as_the_package():
     pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
     assert sorted(pip) == sorted(deps)
     assert "python=3.11" in env["dependencies"]
+
+
+def test_the_conda_environment_gets_lorasweep_itself_from_its_post_deploy_script(tmp_path):
+    """--sdm conda builds envs/lorasweep.yaml from a copy under .snakemake/conda, so the file can name only the
+    dependencies, and a job's script, run from .snakemake/scripts with the environment's python, found no lorasweep
+    (the README's editable install puts no path on sys.path for Snakemake to pass on). Snakemake runs
+    envs/lorasweep.post-deploy.sh in the new environment: it installs the package of its own checkout. A bare venv
+    stands in for the conda environment (no conda here)."""
+    import os
+    import subprocess
+    import sys
+
+    env_dir = tmp_path / "env"
+    subprocess.run([sys.executable, "-m", "venv", str(env_dir)], check=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env["PATH"] = f"{env_dir / 'bin'}{os.pathsep}{env['PATH']}"  # as the environment's activation does
+    job = tmp_path / ".snakemake" / "scripts" / "tmp_train.py"
+    job.parent.mkdir(parents=True)
+    job.write_text("import lorasweep\nprint(lorasweep.__file__)\n")
+
+    def imported():
+        return subprocess.run([str(env_dir / "bin" / "python"), str(job)], cwd=tmp_path, env=env, capture_output=True,
+                              text=True)
+
+    assert "No module named 'lorasweep'" in imported().stderr  # what a job met without the script
+    deploy = REPO / "envs" / "lorasweep.post-deploy.sh"
+    assert deploy.read_text().startswith("#!/usr/bin/env bash")  # Snakemake runs it with its shebang's interpreter
+    subprocess.run(["/usr/bin/env", "bash", str(deploy)], cwd=tmp_path, env=env, check=True, timeout=600)
+    done = imported()
+    assert done.returncode == 0, done.stderr
+    assert Path(done.stdout.strip()) == REPO / "lorasweep" / "__init__.py"
