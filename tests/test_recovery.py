@@ -675,16 +675,10 @@ def test_logging_follows_stderr_and_a_scripts_log_file_is_let_go_on_the_way_out(
     assert "training" in (tmp_path / "job.log").read_text() and "boom" in (tmp_path / "job.log").read_text()
 
 
-def test_a_log_keeps_a_second_name_while_its_script_runs_so_a_killed_attempts_log_survives(tmp_path):
-    """Snakemake deletes a job's log before its retry. A script that fails keeps its log as <log>.<time>-failed; one
-    killed outright (the out-of-memory killer, kill -9) cannot, so the log has a second name while the script runs,
-    <log>.<time>-unfinished, which the next attempt's deletion of the log leaves, and which a script that ends
-    removes."""
+def _killed_while_logging(log: Path) -> None:
+    """A script logging to ``log`` (lorasweep.logs.script_logging), killed outright (SIGKILL) at step 40 of 150."""
     import textwrap
 
-    from lorasweep.logs import script_logging
-
-    log = tmp_path / "job.log"
     script = textwrap.dedent(f"""
         import os, signal
         from lorasweep.logs import script_logging
@@ -694,6 +688,17 @@ def test_a_log_keeps_a_second_name_while_its_script_runs_so_a_killed_attempts_lo
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL
+
+
+def test_a_log_keeps_a_second_name_while_its_script_runs_so_a_killed_attempts_log_survives(tmp_path):
+    """Snakemake deletes a job's log before its retry. A script that fails keeps its log as <log>.<time>-failed; one
+    killed outright (the out-of-memory killer, kill -9) cannot, so the log has a second name while the script runs,
+    <log>.<time>-unfinished, which the next attempt's deletion of the log leaves, and which a script that ends
+    removes."""
+    from lorasweep.logs import script_logging
+
+    log = tmp_path / "job.log"
+    _killed_while_logging(log)
     log.unlink()  # what Snakemake does before it retries
     [left] = tmp_path.glob("job.log.*-unfinished")
     assert "step 40 of 150" in left.read_text()
@@ -746,24 +751,13 @@ def test_the_failure_summary_names_a_training_job_killed_outright(tmp_path):
     """The summary a failed workflow ends with (onerror) listed only runs with a failed.json, which a job killed by the
     out-of-memory killer or kill -9 never writes: a sweep whose one failure was such a kill ended with no word of it.
     Its log's second name (<log>.<time>-unfinished) names it, unless a retry trained the run since."""
-    import textwrap
-    import time
-
     from lorasweep.resume import failures_since
 
     since = time.time() - 1
     runs, logs = tmp_path / "results" / "runs", tmp_path / "logs" / "train"
     for run in ("full", "lora-r8"):
         log = logs / run / "seed0.log"
-        script = textwrap.dedent(f"""
-            import os, signal
-            from lorasweep.logs import script_logging
-            with script_logging({str(log)!r}) as log:
-                log.info("step 40 of 150")
-                os.kill(os.getpid(), signal.SIGKILL)
-        """)
-        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-        assert proc.returncode == -signal.SIGKILL
+        _killed_while_logging(log)
         log.unlink()  # Snakemake, before the retry
     (runs / "lora-r8" / "seed0").mkdir(parents=True)
     (runs / "lora-r8" / "seed0" / "metrics.json").write_text("{}")  # its retry trained it
