@@ -416,11 +416,17 @@ def test_a_signal_saves_a_checkpoint_at_the_end_of_the_step_and_the_rerun_resume
         [3, 6, 9, 12]
     assert m["train_loss"] == pytest.approx(ref["train_loss"], abs=1e-4) and m["resumed_from_step"] == 6
 
-    # Ctrl-C twice: the first asks for the checkpoint, the second interrupts at once (Python's KeyboardInterrupt)
-    with pytest.raises(KeyboardInterrupt):
-        train_run(*args, tmp_path / "interrupted", threads=2, operational=operational(cfg),
-                  callbacks=[SignalAt(signal.SIGINT, 2, 3)])
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # Ctrl-C twice: the first asks for the checkpoint, the second interrupts at once (Python's KeyboardInterrupt).
+    # Python's own SIGINT handler, whatever this test process was started with (in the background, `&`, SIGINT is
+    # ignored, and stays so: test_a_signal_the_process_ignores_stays_ignored_while_training)
+    started_with = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train_run(*args, tmp_path / "interrupted", threads=2, operational=operational(cfg),
+                      callbacks=[SignalAt(signal.SIGINT, 2, 3)])
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, started_with)
     assert not list((tmp_path / "interrupted").glob("checkpoints/checkpoint-*"))
 
 
