@@ -28,9 +28,11 @@ def _snakemake_job(api, argv):
     """The workflow and the job that makes the one target in ``argv`` (snakemake's command line), forced to run.
 
     Snakemake 9.27 has no public API that returns a DAG's jobs: this uses ``WorkflowApi._workflow`` and the
-    ``Workflow._prepare_dag`` / ``_build_dag`` steps that ``DAGApi.printdag`` runs (``snakemake --dag``)."""
+    ``Workflow._prepare_dag`` / ``_build_dag`` steps that ``DAGApi.printdag`` runs (``snakemake --dag``), with the
+    execution settings ``DAGApi.execute_workflow`` sets (defaults), which the job's prepare / postprocess read."""
     from snakemake.cli import parse_args, parse_config
-    from snakemake.settings.types import ConfigSettings, DAGSettings, ResourceSettings
+    from snakemake.settings.types import (ConfigSettings, DAGSettings, ExecutionSettings, RemoteExecutionSettings,
+                                          ResourceSettings)
 
     _, args = parse_args(argv)
     workflow_api = api.workflow(
@@ -44,6 +46,7 @@ def _snakemake_job(api, argv):
     dag_api = workflow_api.dag(DAGSettings(targets=set(args.targets), forcetargets=True, force_incomplete=True,
                                            rerun_triggers=args.rerun_triggers))
     workflow = dag_api.workflow_api._workflow
+    workflow.execution_settings, workflow.remote_execution_settings = ExecutionSettings(), RemoteExecutionSettings()
     workflow._prepare_dag(forceall=False, ignore_incomplete=False, lock_warn_only=True, nolock=True)
     workflow._build_dag()
     (job,) = workflow.dag.targetjobs
@@ -70,12 +73,13 @@ def run_job(target: str, snakemake_args=(), debug: bool = False) -> None:
                 + f".\nMake those first: snakemake {target} --omit-from {target} {' '.join(snakemake_args)}")
         if not job.rule.script or not str(job.rule.script).endswith(".py"):
             raise SystemExit(f"lorasweep.job: {target}: rule {job.rule.name} runs no Python script")
-        script = job.rule.basedir.join(job.rule.script).get_path_or_uri()
+        script = job.rule.basedir.join(job.rule.script).get_path_or_uri(secret_free=True)
         scriptdir = os.path.dirname(script)
         smk = Snakemake(job.input, job.output, job.params, job.wildcards, job.threads, job.resources, job.log,
                         workflow.config, job.rule.name, 0 if job.benchmark else None, scriptdir)
-        print(f"lorasweep.job: rule {job.rule.name} ({', '.join(f'{k}={v}' for k, v in job.wildcards.items())}), "
-              f"threads {job.threads}, log {', '.join(smk.log)}: running {os.path.relpath(script)} here",
+        wildcards = ", ".join(f"{k}={v}" for k, v in job.wildcards.items())
+        print(f"lorasweep.job: rule {job.rule.name}{f' ({wildcards})' if wildcards else ''}, threads {job.threads}, "
+              f"log {', '.join(smk.log)}: running {os.path.relpath(script)} here",
               file=sys.stderr)
         if debug:  # breakpoint() on the terminal, not in the log the script's stdout goes to
             sys.breakpointhook = lambda *a, **k: pdb.Pdb(stdin=sys.__stdin__, stdout=sys.__stdout__).set_trace(
