@@ -1,0 +1,54 @@
+"""python -m lorasweep.job: one job of the workflow run in the foreground, outside Snakemake, as Snakemake runs it."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import yaml
+
+from conftest import REPO, run_snakemake
+
+TINY = REPO / "config" / "tiny.yaml"
+
+
+def run_job(target, *args, workdir):
+    """``python -m lorasweep.job <target> ...`` in ``workdir`` on this repo's Snakefile."""
+    return subprocess.run([sys.executable, "-m", "lorasweep.job", target, "--snakefile", str(REPO / "Snakefile"),
+                           *map(str, args)], cwd=workdir, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_a_training_job_run_outside_snakemake_trains_the_same_and_snakemake_trusts_it(tmp_path):
+    override = tmp_path / "override.yaml"
+    override.write_text(yaml.safe_dump({"training": {"max_steps": 6, "evals": 2, "logging_steps": 2}}))
+    args = ("--cores", 2, "--configfile", TINY, override)
+    target = "results/runs/lora-r8/seed0/metrics.json"
+    run = tmp_path / "results" / "runs" / "lora-r8" / "seed0"
+    run_snakemake(target, *args, "--resources", "gpu=1", workdir=tmp_path)  # data, tiny model, the one run
+    by_snakemake = json.loads((run / "metrics.json").read_text())
+    history = [json.loads(line) for line in (run / "log_history.jsonl").read_text().splitlines()]
+    for name in ("metrics.json", "log_history.jsonl", "eval_losses.json", "model"):
+        shutil.rmtree(run / name) if name == "model" else (run / name).unlink()
+
+    proc = run_job(target, *args, workdir=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "rule train (run=lora-r8, seed=0), threads 2, log logs/train/lora-r8/seed0.log" in proc.stderr
+    ours = json.loads((run / "metrics.json").read_text())
+    for key in ("train_loss", "eval_loss", "trainable_params", "train_steps"):
+        assert ours[key] == by_snakemake[key], key
+    assert ours["hardware"] == by_snakemake["hardware"] and "2 threads" in ours["hardware"]
+    ours_history = [json.loads(line) for line in (run / "log_history.jsonl").read_text().splitlines()]
+    assert [h.get("loss") for h in ours_history] == [h.get("loss") for h in history]
+    assert (run / "model").is_dir() and (tmp_path / "logs" / "train" / "lora-r8" / "seed0.log").is_file()
+    # recorded as Snakemake's own job: nothing to redo for the target
+    dry = run_snakemake(target, "-n", *args, workdir=tmp_path)
+    assert "Nothing to be done" in dry.stdout + dry.stderr, dry.stdout[-3000:]
+
+
+def test_a_target_no_rule_makes_is_named_in_the_error(tmp_path):
+    proc = run_job("results/runs/lora-r9/seed0/metrics.json", "--configfile", TINY, workdir=tmp_path)
+    assert proc.returncode != 0
+    assert "lorasweep.job: results/runs/lora-r9/seed0/metrics.json:" in proc.stderr
+    assert not (tmp_path / "results").exists()
