@@ -87,7 +87,6 @@ def run_job(target: str, snakemake_args=(), debug: bool = False) -> None:
         # Snakemake's steps around a job: mark its outputs incomplete, delete the old outputs and log, make folders
         job.register()
         workflow.async_run(job.prepare())
-        sys.path.append(scriptdir)  # as Snakemake's preamble does for a local script
         try:
             runpy.run_path(script, init_globals={"snakemake": smk}, run_name="__main__")
             workflow.async_run(job.postprocess())  # outputs there (else WorkflowError), recorded as Snakemake's
