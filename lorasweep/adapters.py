@@ -147,7 +147,8 @@ def dequantized_base(spec: dict):
     quantized = load_base(spec, quantized=True)
     conv1d = conv1d_class()
     # a 4-bit model has replaced its linear layers, Conv1D included, by bitsandbytes' own: ask the architecture
-    skeleton = meta_skeleton(quantized.config, spec["model"]["trust_remote_code"]) if conv1d is not None else None
+    skeleton = (meta_skeleton(quantized.config, spec["model"]["trust_remote_code"], spec["model"].get("revision"))
+                if conv1d is not None else None)
     if skeleton is None or not any(isinstance(m, conv1d) for m in skeleton.modules()):
         return quantized.dequantize()  # Linear layers only: dequantized in place, one fp32 copy of the model
     names = {n for n, m in quantized.named_modules() if isinstance(m, bnb.nn.Linear4bit)}

@@ -45,13 +45,22 @@ def linear_kinds() -> tuple:
     return tuple(k for k in (torch.nn.Linear, conv1d_class()) if k is not None)
 
 
-def meta_skeleton(config, trust_remote_code: bool = False):
-    """The causal LM ``config`` describes, built on the meta device: its layers and shapes, no weights, no memory."""
+def meta_skeleton(config, trust_remote_code: bool = False, revision: str | None = None):
+    """The causal LM ``config`` describes, built on the meta device: its layers and shapes, no weights, no memory.
+
+    ``revision``: the hub commit, branch or tag the model is loaded at (``model.revision``). A trust_remote_code
+    model's class comes from its repository's code, which ``from_config`` fetches at ``main`` unless told otherwise
+    (``from_pretrained`` at the model's revision): offline with only the pinned commit cached it failed, online it
+    checked main's modules, not the ones the run trains."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    kwargs = {}
+    remote = "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+    if trust_remote_code and remote and revision:
+        kwargs["code_revision"] = revision
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, **kwargs)
 
 
 def output_layer_name(model) -> str | None:

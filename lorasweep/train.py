@@ -223,7 +223,8 @@ def check_model_settings(spec: dict, pad_to_multiple_of: int | None = None) -> N
         return
     from .presets import meta_skeleton, resolve_target_modules
 
-    skeleton = meta_skeleton(config, spec["model"]["trust_remote_code"])  # shapes only: no weights, no memory
+    # shapes only: no weights, no memory (a trust_remote_code model's code at the model's revision)
+    skeleton = meta_skeleton(config, spec["model"]["trust_remote_code"], spec["model"].get("revision"))
     resolve_target_modules(skeleton, lora["target_modules"])  # modules the model has, not its output layer
     if lora.get("init", "default") in MUTATING_INITS:
         largest = largest_init_rank(skeleton, spec)

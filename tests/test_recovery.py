@@ -651,6 +651,44 @@ def test_a_hub_model_loads_offline_from_the_cache_at_its_revision_and_records_th
     assert seen[""]["q"] == pytest.approx(first)
 
 
+def test_a_remote_code_model_pinned_to_a_commit_is_checked_at_that_commit_offline(tiny_model, tiny_data, tmp_path):
+    """A trust_remote_code hub model pinned by model.revision, offline, with only that commit in the cache: the early
+    target_modules check builds the model's skeleton from the code at that commit, as from_pretrained loads it (it
+    fetched the code at main, and failed with "couldn't connect to huggingface.co" before the run loaded anything)."""
+    import shutil
+
+    commit = "1" * 40
+    snap = tmp_path / "hub" / "models--acme--opt-remote" / "snapshots" / commit
+    shutil.copytree(tiny_model, snap)
+    cfg = json.loads((snap / "config.json").read_text())
+    cfg.update(model_type="opt-remote", architectures=["RemoteOPTForCausalLM"],
+               auto_map={"AutoConfig": "configuration_remote.RemoteOPTConfig",
+                         "AutoModelForCausalLM": "modeling_remote.RemoteOPTForCausalLM"})
+    (snap / "config.json").write_text(json.dumps(cfg))
+    (snap / "configuration_remote.py").write_text(
+        "from transformers import OPTConfig\n\n\nclass RemoteOPTConfig(OPTConfig):\n    model_type = 'opt-remote'\n")
+    (snap / "modeling_remote.py").write_text(
+        "from transformers import OPTForCausalLM\n\nfrom .configuration_remote import RemoteOPTConfig\n\n\n"
+        "class RemoteOPTForCausalLM(OPTForCausalLM):\n    config_class = RemoteOPTConfig\n")
+    probe = (
+        "import sys\n"
+        "from lorasweep.config import run_spec, validate_config\n"
+        "from lorasweep.train import check_model_settings, load_model\n"
+        "cfg = validate_config({'model': {'name_or_path': 'acme/opt-remote', 'revision': sys.argv[1],\n"
+        "                                 'trust_remote_code': True},\n"
+        "                       'dataset': {'source': sys.argv[2]}, 'methods': {'lora': {'ranks': [8]}},\n"
+        "                       'training': {'device': 'cpu'}})\n"
+        "spec = run_spec(cfg, 'lora-r8')\n"
+        "check_model_settings(spec)\n"
+        "print(type(load_model(spec, 'cpu', 'fp32')).__name__)\n")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1",
+           "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    out = subprocess.run([sys.executable, "-c", probe, commit, str(tiny_data["source"])], env=env,
+                         capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "RemoteOPTForCausalLM"
+
+
 def test_logging_follows_stderr_and_a_scripts_log_file_is_let_go_on_the_way_out(tmp_path, monkeypatch):
     """A process that goes on after a script's logging (a test, a notebook) or swaps its stderr (pytest's
     capture) must not be left with handlers that write to a closed stream."""
