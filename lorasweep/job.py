@@ -49,6 +49,11 @@ def _snakemake_job(api, argv):
     workflow.execution_settings, workflow.remote_execution_settings = ExecutionSettings(), RemoteExecutionSettings()
     workflow._prepare_dag(forceall=False, ignore_incomplete=False, lock_warn_only=True, nolock=True)
     workflow._build_dag()
+    # as Workflow.execute before it runs jobs: from now on existence and mtimes are read afresh, not from the DAG's
+    # cache (which says an output missing before the job is still missing: a failed job's partial output was not
+    # deleted, and the next snakemake trusted it)
+    workflow.iocache.deactivate()
+    workflow.persistence.deactivate_cache()
     (job,) = workflow.dag.targetjobs
     return workflow, job, list(workflow.dag.needrun_jobs())
 

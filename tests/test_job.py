@@ -52,3 +52,25 @@ def test_a_target_no_rule_makes_is_named_in_the_error(tmp_path):
     assert proc.returncode != 0
     assert "lorasweep.job: results/runs/lora-r9/seed0/metrics.json:" in proc.stderr
     assert not (tmp_path / "results").exists()
+
+
+def test_a_failed_job_whose_output_was_missing_leaves_no_partial_output_for_snakemake_to_trust(tmp_path):
+    """A job run this way that fails after writing part of an output it did not have before: the output is deleted,
+    as Snakemake deletes a failed job's, and the next ``snakemake`` plans the job (the DAG's cache of what existed,
+    still read afterwards, said the output was missing: it was kept, and ``snakemake -n`` found nothing to do)."""
+    target = "results/tiny/code_alpaca_tiny.json"
+    failing = (  # the tiny_dataset script, failing after a partial write
+        "import sys\n"
+        "import lorasweep.tiny, lorasweep.job\n"
+        "def write(path):\n"
+        "    open(path, 'w').write('[')\n"
+        "    raise RuntimeError('disk full')\n"
+        "lorasweep.tiny.write_tiny_dataset = write\n"
+        "lorasweep.job.main(sys.argv[1:])\n")
+    proc = subprocess.run([sys.executable, "-c", failing, target, "--snakefile", str(REPO / "Snakefile"),
+                           "--configfile", str(TINY), "--cores", "1"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode != 0 and "RuntimeError: disk full" in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / target).exists(), proc.stderr[-3000:]
+    dry = run_snakemake(target, "-n", "--configfile", TINY, workdir=tmp_path)
+    assert "Nothing to be done" not in dry.stdout + dry.stderr and "tiny_dataset" in dry.stdout + dry.stderr
