@@ -94,7 +94,8 @@ def run_job(target: str, snakemake_args=(), debug: bool = False) -> None:
         workflow.async_run(job.prepare())
         try:
             runpy.run_path(script, init_globals={"snakemake": smk}, run_name="__main__")
-            workflow.async_run(job.postprocess())  # outputs there (else WorkflowError), recorded as Snakemake's
+            # outputs there (else WorkflowError), recorded as Snakemake's; not the benchmark, which this does not write
+            workflow.async_run(job.postprocess(ignore_missing_output=[job.benchmark] if job.benchmark else False))
         except (Exception, SystemExit, KeyboardInterrupt) as e:
             if debug and not isinstance(e, KeyboardInterrupt):
                 # lorasweep's scripts turn an error into SystemExit(1) (lorasweep.logs.script_logging): the error

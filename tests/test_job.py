@@ -74,3 +74,15 @@ def test_a_failed_job_whose_output_was_missing_leaves_no_partial_output_for_snak
     assert not (tmp_path / target).exists(), proc.stderr[-3000:]
     dry = run_snakemake(target, "-n", "--configfile", TINY, workdir=tmp_path)
     assert "Nothing to be done" not in dry.stdout + dry.stderr and "tiny_dataset" in dry.stdout + dry.stderr
+
+
+def test_a_job_with_a_benchmark_and_none_written_yet_succeeds_and_is_trusted(tmp_path):
+    """A rule with a ``benchmark:`` (prepare_data, train, ...) run this way before any benchmark file exists (a job
+    that never succeeded under Snakemake, the case one debugs): this writes no benchmark, and Snakemake's output
+    check asked for it (MissingOutputException after a successful script)."""
+    for target in ("results/tiny/code_alpaca_tiny.json", "results/data/train.jsonl"):
+        proc = run_job(target, "--configfile", TINY, "--cores", 1, workdir=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (tmp_path / "results" / "benchmarks" / "prepare_data.tsv").exists()
+    dry = run_snakemake("results/data/train.jsonl", "-n", "--configfile", TINY, workdir=tmp_path)
+    assert "Nothing to be done" in dry.stdout + dry.stderr, (dry.stdout + dry.stderr)[-3000:]
