@@ -21,7 +21,18 @@ import argparse
 import os
 import pdb
 import runpy
+import signal
 import sys
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM while the job runs (``kill``): the job stops and is cleaned up as after Ctrl-C, as Snakemake does on
+    SIGTERM (Python's default action ends the process at once, leaving the outputs marked incomplete in
+    ``.snakemake/``: the next ``snakemake`` stopped with IncompleteFilesException)."""
+
+
+def _terminated(signum, frame):
+    raise Terminated(signal.Signals(signum).name)
 
 
 def _snakemake_job(api, argv):
@@ -90,6 +101,8 @@ def run_job(target: str, snakemake_args=(), debug: bool = False) -> None:
             sys.breakpointhook = lambda *a, **k: pdb.Pdb(stdin=sys.__stdin__, stdout=sys.__stdout__).set_trace(
                 sys._getframe(1))
         # Snakemake's steps around a job: mark its outputs incomplete, delete the old outputs and log, make folders
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _terminated)
         job.register()
         workflow.async_run(job.prepare())
         try:
@@ -97,16 +110,18 @@ def run_job(target: str, snakemake_args=(), debug: bool = False) -> None:
             # outputs there (else WorkflowError), recorded as Snakemake's; not the benchmark, which this does not write
             workflow.async_run(job.postprocess(ignore_missing_output=[job.benchmark] if job.benchmark else False))
         except (Exception, SystemExit, KeyboardInterrupt) as e:
-            if debug and not isinstance(e, KeyboardInterrupt):
-                # lorasweep's scripts turn an error into SystemExit(1) (lorasweep.logs.script_logging): the error
-                # itself is its __context__
-                err = e.__context__ if isinstance(e, SystemExit) and e.__context__ is not None else e
+            # lorasweep's scripts turn an error, Ctrl-C included, into SystemExit(1) (lorasweep.logs.script_logging):
+            # the error itself is its __context__
+            err = e.__context__ if isinstance(e, SystemExit) and e.__context__ is not None else e
+            if debug and not isinstance(err, KeyboardInterrupt):
                 print(f"lorasweep.job: {type(err).__name__}: {err}\n(post-mortem; the outputs are deleted after it)",
                       file=sys.stderr)
                 pdb.post_mortem(err.__traceback__)
             workflow.async_run(job.postprocess(error=True))  # as Snakemake: outputs deleted, record cleared
             if isinstance(e, WorkflowError):
                 raise SystemExit(f"lorasweep.job: {target}: {e}") from None
+            if isinstance(err, Terminated):
+                raise SystemExit(128 + signal.SIGTERM) from None
             raise
         print(f"lorasweep.job: {target}: done; Snakemake records the job as its own", file=sys.stderr)
 

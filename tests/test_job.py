@@ -86,3 +86,36 @@ def test_a_job_with_a_benchmark_and_none_written_yet_succeeds_and_is_trusted(tmp
     assert not (tmp_path / "results" / "benchmarks" / "prepare_data.tsv").exists()
     dry = run_snakemake("results/data/train.jsonl", "-n", "--configfile", TINY, workdir=tmp_path)
     assert "Nothing to be done" in dry.stdout + dry.stderr, (dry.stdout + dry.stderr)[-3000:]
+
+
+def test_a_job_terminated_outside_snakemake_leaves_no_incomplete_marker(tmp_path):
+    """``kill`` (SIGTERM) of a job run this way: its outputs are deleted and Snakemake's record cleared, as Snakemake
+    does on SIGTERM, so the next ``snakemake`` reruns the job (Python's default SIGTERM ended the process at once and
+    left the output marked incomplete: the next run stopped with IncompleteFilesException)."""
+    import signal
+    import time
+
+    target = "results/tiny/code_alpaca_tiny.json"
+    slow = (  # the tiny_dataset script, stopped after a first partial write
+        "import sys, time\n"
+        "import lorasweep.tiny, lorasweep.job\n"
+        "def write(path):\n"
+        "    open(path, 'w').write('[')\n"
+        "    open('started', 'w').close()\n"
+        "    time.sleep(120)\n"
+        "lorasweep.tiny.write_tiny_dataset = write\n"
+        "lorasweep.job.main(sys.argv[1:])\n")
+    proc = subprocess.Popen([sys.executable, "-c", slow, target, "--snakefile", str(REPO / "Snakefile"),
+                             "--configfile", str(TINY), "--cores", "1"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "started").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert (tmp_path / "started").exists(), proc.communicate()[1][-3000:]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert not (tmp_path / target).exists(), err[-3000:]
+    dry = run_snakemake(target, "-n", "--configfile", TINY, workdir=tmp_path, check=False)
+    assert "IncompleteFilesException" not in dry.stdout + dry.stderr, (dry.stdout + dry.stderr)[-3000:]
+    assert dry.returncode == 0 and "tiny_dataset" in dry.stdout + dry.stderr, (dry.stdout + dry.stderr)[-3000:]
