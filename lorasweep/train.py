@@ -224,7 +224,15 @@ def check_model_settings(spec: dict, pad_to_multiple_of: int | None = None) -> N
     from .presets import meta_skeleton, resolve_target_modules
 
     # shapes only: no weights, no memory (a trust_remote_code model's code at the model's revision)
-    skeleton = meta_skeleton(config, spec["model"]["trust_remote_code"], spec["model"].get("revision"))
+    try:
+        skeleton = meta_skeleton(config, spec["model"]["trust_remote_code"], spec["model"].get("revision"))
+    except Exception as e:  # noqa: BLE001 - an architecture that does not build on the meta device
+        if lora.get("init", "default") in MUTATING_INITS:
+            raise
+        # PEFT's default init needs no shapes: the target modules are checked when the model has loaded, as before
+        log.info("target_modules are checked once the model has loaded (no meta-device skeleton of it: %s: %s)",
+                 type(e).__name__, e)
+        return
     resolve_target_modules(skeleton, lora["target_modules"])  # modules the model has, not its output layer
     if lora.get("init", "default") in MUTATING_INITS:
         largest = largest_init_rank(skeleton, spec)

@@ -146,6 +146,22 @@ def test_target_modules_the_model_cannot_take_stop_before_the_data(targets, erro
                   threads=2)
 
 
+def test_a_model_without_a_meta_device_skeleton_still_trains_lora(tiny_config, tiny_data, tmp_path, monkeypatch):
+    """The early target_modules check builds the model on the meta device; an architecture that cannot be built there
+    must not stop a LoRA run that trains fine (PEFT's default init needs no shapes): its modules are checked once the
+    model has loaded, as before the early check."""
+    from lorasweep import presets
+    from lorasweep.train import train_run
+
+    def no_skeleton(*args, **kwargs):
+        raise NotImplementedError("Cannot copy out of meta tensor; no data!")
+
+    monkeypatch.setattr(presets, "meta_skeleton", no_skeleton)
+    cfg = _config(tiny_config, [8], max_steps=1, evals=1)
+    m = train_run(run_spec(cfg, "lora-r8"), tiny_data["train"], tiny_data["eval"], tmp_path / "run", threads=2)
+    assert m["train_steps"] == 1 and m["target_modules"] == "k_proj,q_proj,v_proj"
+
+
 def _tiny(arch: str):
     from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig
 
