@@ -321,9 +321,15 @@ def parse_run(name: str) -> tuple[str, int | None]:
     return method, int(rank)
 
 
+def variant(name: str) -> str:
+    """What a run name says of its adapter options beyond the method and rank: ``'rslora-dora'`` for
+    ``lora-r8-rslora-dora``, ``''`` for a plain run (and for full)."""
+    return name.split("-", 2)[2] if name.count("-") > 1 else ""
+
+
 def is_plain(name: str) -> bool:
     """True for full and for adapter runs with PEFT's default options (the runs rank trends compare)."""
-    return name == "full" or name.count("-") == 1
+    return not variant(name)
 
 
 # Settings that change how a run is executed, never what it computes (beyond floating-point rounding): kept

@@ -24,7 +24,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from .config import is_plain, parse_run
+from .config import is_plain, parse_run, variant
 from .provenance import MachineShare
 from .scoring import perplexity
 
@@ -219,12 +219,6 @@ def pm(r: pd.Series, col: str, fmt="{:.4f}") -> str:
 def lora_runs(df: pd.DataFrame, method: str = "lora") -> list[tuple[int, str]]:
     """(rank, run) of the method's runs with PEFT's default options (variants like -olora left out)."""
     return sorted((parse_run(r)[1], r) for r in df["run"] if parse_run(r)[0] == method and is_plain(r))
-
-
-def variant(run: str) -> str:
-    """What a run name says of its adapter options beyond the method and rank: ``'rslora-dora'`` for
-    ``lora-r8-rslora-dora``, ``''`` for a plain run."""
-    return run.split("-", 2)[2] if run.count("-") > 1 else ""
 
 
 def rank_series(df: pd.DataFrame, method: str = "lora") -> list[tuple[int, str]]:

@@ -8,6 +8,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import socket
 import subprocess
 from pathlib import Path
@@ -97,13 +98,14 @@ def files_fingerprint(folder: str | Path, cache_path: str | Path | None = FINGER
     return h.hexdigest()
 
 
+_COMMIT = re.compile(r"[0-9a-f]{40}")  # a full git commit hash, as the hub names a snapshot
+
+
 def hub_commit(repo_id: str, revision: str | None = None, repo_type: str = "model") -> str | None:
     """The commit a hub repository's ``revision`` (None: main) names in the local Hugging Face cache, as the last
     download through ``huggingface_hub`` resolved it (``refs/<revision>``; ``datasets.load_dataset`` fetches a
     dataset's card that way, and so leaves it); a revision that is a full commit is its own. None when not cached."""
-    import re
-
-    if revision and re.fullmatch(r"[0-9a-f]{40}", revision):
+    if revision and _COMMIT.fullmatch(revision):
         return revision
     from huggingface_hub import constants
     from huggingface_hub.file_download import repo_folder_name
@@ -114,7 +116,7 @@ def hub_commit(repo_id: str, revision: str | None = None, repo_type: str = "mode
         commit = ref.read_text().strip()
     except (OSError, ValueError):
         return None
-    return commit if re.fullmatch(r"[0-9a-f]{40}", commit) else None
+    return commit if _COMMIT.fullmatch(commit) else None
 
 
 def model_files(name_or_path: str, revision: str | None = None) -> dict:

@@ -362,7 +362,7 @@ def failures_since(runs_root: str | Path, since: float, logs_root: str | Path = 
     each failed job scrolled by long before (``--keep-going`` over a sweep). A job killed outright, with no error of
     its own, is named by the log it left (``<log>.<time>-unfinished``) unless a retry trained the run. Empty when
     none."""
-    lines = []
+    lines, listed = [], set()
     for path in sorted(Path(runs_root).glob(f"*/seed*/{FAILED_FILE}")):
         try:
             if path.stat().st_mtime < since:
@@ -371,12 +371,12 @@ def failures_since(runs_root: str | Path, since: float, logs_root: str | Path = 
         except (OSError, ValueError):
             continue
         run, seed = path.parent.parent.name, path.parent.name
+        listed.add(f"{run}/{seed}")
         lines.append(f"  {run}/{seed}: {record.get('error')}: {record.get('message')} "
                      f"(attempt {record.get('attempt')}; log {Path(logs_root) / run / seed}.log and its "
                      "*-failed copies)")
     # an attempt killed outright (the out-of-memory killer, kill -9) writes no failed.json: its log's second name
     # (lorasweep.logs.script_logging) is what is left of it; a run trained since by a retry has its metrics.json
-    listed = {line.split(":", 1)[0].strip() for line in lines}
     for path in sorted(Path(logs_root).glob("*/seed*.log.*-unfinished")):
         run, seed = path.parent.name, path.name.split(".log.", 1)[0]
         try:
