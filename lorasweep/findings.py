@@ -371,11 +371,10 @@ def _and(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def suspect_text(suspect, runs) -> str:
-    """Which of ``runs`` were timed under another load, each with its cause as recorded (``suspect``:
+def suspect_text(causes: dict[str, dict], runs) -> str:
+    """Which of ``runs`` were timed under another load, each with its cause as recorded (``causes``:
     :func:`timing_causes`): "`a` and `b` timed on a busy machine, other processes taking up to 72% and 74% of the
     CPU respectively; `c` timed beside up to 3 other training jobs on its GPU". Empty when none was."""
-    causes = suspect if isinstance(suspect, dict) else {r: {} for r in suspect}
     runs = list(dict.fromkeys(r for r in runs if r in causes))
     parts = []
     busy = [r for r in runs if "cpu" in causes[r]]
@@ -388,9 +387,6 @@ def suspect_text(suspect, runs) -> str:
         jobs = _and([str(causes[r]["gpu"]) for r in gpu])
         parts.append(f"{_and([f'`{r}`' for r in gpu])} timed beside up to {jobs} other training job(s) on "
                      + ("their GPU respectively" if len(gpu) > 1 else "its GPU"))
-    unknown = [r for r in runs if not causes[r]]  # a set of runs, causes not given
-    if unknown:
-        parts.append(f"{_and([f'`{r}`' for r in unknown])} timed on a busy machine or a shared GPU")
     return "; ".join(parts)
 
 
@@ -401,7 +397,7 @@ def timing_caveat(suspect, runs) -> str:
     return f" (not comparable: {text})" if text else ""
 
 
-def rank_steps(df: pd.DataFrame, losses: Losses, method: str = "lora", suspect: dict | set | None = None) -> list[str]:
+def rank_steps(df: pd.DataFrame, losses: Losses, method: str = "lora", suspect: dict | None = None) -> list[str]:
     """What each step up in rank bought (loss) and cost (time, memory, parameters). ``suspect``: runs timed on
     a busy machine or a shared GPU, with the cause (:func:`timing_causes` of the per-seed table)."""
     runs = rank_series(df, method)
@@ -467,7 +463,7 @@ def returns_verdict(gains: list[tuple[int, int, float, bool | None, float | None
     return "Rank steps: " + ", ".join(f"r={g[0]} → {g[1]}: {g[2]:+.4f}" for g in gains) + " (significance unknown)."
 
 
-def quantization(df: pd.DataFrame, losses: Losses, suspect: dict | set | None = None) -> list[str]:
+def quantization(df: pd.DataFrame, losses: Losses, suspect: dict | None = None) -> list[str]:
     """What 4-bit quantization saved and cost: qlora-rN against lora-rN, each QLoRA run against the LoRA run with its
     adapter settings (qlora-r8-rslora against lora-r8-rslora)."""
     m = df.set_index("run")
@@ -509,7 +505,7 @@ def quantization(df: pd.DataFrame, losses: Losses, suspect: dict | set | None = 
     return out
 
 
-def full_finetuning(df: pd.DataFrame, losses: Losses, suspect: dict | set | None = None) -> list[str]:
+def full_finetuning(df: pd.DataFrame, losses: Losses, suspect: dict | None = None) -> list[str]:
     m = df.set_index("run")
     suspect = timing_causes(df) if suspect is None else suspect
     if "full" not in m.index:

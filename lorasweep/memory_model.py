@@ -26,6 +26,7 @@ Assumptions (stated in the report):
 
 from __future__ import annotations
 
+import math
 import weakref
 
 BLOCK = 64
@@ -36,9 +37,7 @@ def weight_bytes(model) -> int:
     for p in model.parameters():
         qs = getattr(p, "quant_state", None)
         if qs is not None and getattr(qs, "shape", None) is not None:
-            n = 1
-            for d in qs.shape:
-                n *= d
+            n = math.prod(qs.shape)  # the weights a packed 4-bit tensor stands for
             total += n // 2 + 4 * ((n + BLOCK - 1) // BLOCK)
         else:
             total += p.numel() * p.element_size()

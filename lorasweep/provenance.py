@@ -52,11 +52,8 @@ def _file_sha256(path: Path, cache: dict) -> str:
     hit = cache.get(key)
     if hit and hit.get("stamp") == stamp:
         return hit["sha256"]
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    cache[key] = {"stamp": stamp, "sha256": h.hexdigest()}
+    with open(path, "rb") as f:  # in pieces: a model's weights are gigabytes
+        cache[key] = {"stamp": stamp, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
     return cache[key]["sha256"]
 
 
@@ -141,7 +138,7 @@ def hardware(device: str) -> dict:
     out = {
         "device": device,
         "cpu": platform.processor() or platform.machine(),
-        "cpu_count": __import__("os").cpu_count(),
+        "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -209,8 +206,6 @@ class MachineShare:
         return t.user + t.system + t.children_user + t.children_system
 
     def stop(self) -> dict:
-        import os
-
         t = self.totals()
         wall, other = t["wall_s"], t["other_cpu_s"]
         cores = os.cpu_count() or 1

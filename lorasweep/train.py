@@ -507,7 +507,7 @@ def sft_config(spec: dict, training: dict, out_dir: Path, device: str, precision
         per_device_eval_batch_size=training["eval_batch_size"],
         gradient_accumulation_steps=training["grad_accum"],
         lr_scheduler_type=training["lr_scheduler"],
-        warmup_steps=training["warmup_ratio"],
+        warmup_steps=training["warmup_ratio"],  # below 1: a share of the steps (transformers 5's warmup_ratio)
         weight_decay=training["weight_decay"],
         logging_steps=min(training["logging_steps"], eval_steps),
         eval_strategy="steps",
