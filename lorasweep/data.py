@@ -123,13 +123,14 @@ def check_records(records: list) -> tuple[list[dict], dict]:
             continue
         if not (rec["instruction"] or "").strip():
             raise DataError(f"record {i}: empty instruction")
-        key = (rec["instruction"], rec.get("input") or "", rec["output"])
+        # an input of whitespace only is no input (format_example's template choice): the same example as ""
+        inp = rec.get("input") if (rec.get("input") or "").strip() else ""
+        key = (rec["instruction"], inp, rec["output"])
         if key in seen:
             repeats += 1
             continue
         seen.add(key)
-        kept.append({"index": i, "instruction": rec["instruction"], "input": rec.get("input") or "",
-                     "output": rec["output"]})
+        kept.append({"index": i, "instruction": rec["instruction"], "input": inp, "output": rec["output"]})
     if not kept:
         raise DataError(f"all {len(records)} records have an empty output")
     return kept, {"records_read": len(records), "dropped_empty_output": dropped_empty, "dropped_duplicates": repeats}

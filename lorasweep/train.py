@@ -454,6 +454,18 @@ def examples_cut(dataset, max_length: int, eos_token_id: int | None) -> int:
     return n
 
 
+def examples_with_special_text(dataset, tokenizer) -> int:
+    """Examples of a split (prompt / completion text) that hold the text of one of the tokenizer's special tokens
+    (OPT's ``</s>``: also the close of an HTML strikethrough): the tokenizer reads that text as the token itself, so
+    the example trains an EOS (or a pad) in the middle of its text, and TRL appends no EOS to a completion that ends
+    with it. Nothing in the text says so; the run warns."""
+    specials = [t for t in tokenizer.all_special_tokens if t]
+    if not specials:
+        return 0
+    return sum(any(t in p or t in c for t in specials)
+               for p, c in zip(dataset["prompt"], dataset["completion"]))
+
+
 def count_4bit_layers(model) -> int:
     try:
         import bitsandbytes as bnb
@@ -667,6 +679,14 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         log.warning("%d training and %d eval example(s) are longer than training.max_length = %d tokens: their "
                     "responses are cut there (trained and scored without their end)", *cut.values(),
                     training["max_length"])
+    # the text of a special token (OPT's "</s>") in an example is read as that token: an EOS mid-response
+    special = {f"{k}_examples_with_special_token_text": examples_with_special_text(ds, tokenizer)
+               for k, ds in (("train", train_ds), ("eval", eval_ds))}
+    if any(special.values()):
+        log.warning("%d training and %d eval example(s) hold the text of one of the tokenizer's special tokens (%s): "
+                    "it is tokenized as that token (an EOS or pad inside the text; no EOS appended after a response "
+                    "that ends with it), not as text; clean the data if that is not meant", *special.values(),
+                    ", ".join(tokenizer.all_special_tokens))
     if trainer.drop_padding_mask:
         log.info("right-padded batches: training feeds positions instead of the attention mask (causal attention "
                  "already keeps tokens from the padding after them)")
@@ -861,6 +881,7 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         "train_tokens_nonpad_per_s": counts["tokens_nonpad"] / train_time,
         "padding_share_pct": 100.0 * (1 - counts["tokens_nonpad"] / counts["tokens_padded"]),
         **dropped, **cut,  # examples max_length left out or cut (also in train_info)
+        **special,  # examples holding a special token's text (also in train_info)
         # the LM head multiplies only the positions with a label (lorasweep.speed: TRL's fused LM head)
         **({"mfu_pct": 100 * m} if (m := speed.mfu(params["total_params"], params["trainable_params"],
                                                    counts["tokens_nonpad"] / train_time, hw.get("gpu_name"),
@@ -903,7 +924,7 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         "train_info": {"data_prep_s": data_prep_s, "data_prep_wait_s": prep["wait_s"],
                        "data_tokenized": prep["tokenized"], "total_steps_planned": steps, "eval_steps": eval_steps,
                        "memory_at_load": at_load, "train_examples": n_train, "eval_examples": n_eval, **dropped,
-                       **cut},
+                       **cut, **special},
         "meta_info": {"packages": versions, **git, "hardware": hw},
     }
     atomic_write_json(out_dir / "metrics.json", metrics)

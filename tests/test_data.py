@@ -41,6 +41,20 @@ def test_exact_repeats_are_dropped_so_that_no_example_is_in_both_splits(tmp_path
     assert not {(r["prompt"], r["completion"]) for r in train} & {(r["prompt"], r["completion"]) for r in evals}
 
 
+def test_a_repeat_whose_input_is_only_whitespace_is_a_repeat(tmp_path):
+    # the template treats a whitespace-only input as none (format_example): both records make the same example
+    records = [rec(0, instruction="Say hi.", output="hi"), rec(1, instruction="Say hi.", inp=" \n", output="hi"),
+               rec(2, instruction="Say bye.", output="bye")]
+    kept, counts = data.check_records(records)
+    assert [r["index"] for r in kept] == [0, 2] and counts["dropped_duplicates"] == 1
+    src = tmp_path / "src.json"
+    src.write_text(json.dumps(records))
+    summary = data.prepare(str(src), tmp_path / "t.jsonl", tmp_path / "e.jsonl", tmp_path / "s.json", eval_size=1,
+                           seed=0)
+    rows = data.read_jsonl(tmp_path / "t.jsonl") + data.read_jsonl(tmp_path / "e.jsonl")
+    assert summary["dropped_duplicates"] == 1 and len(rows) == len({(r["prompt"], r["completion"]) for r in rows}) == 2
+
+
 @pytest.mark.parametrize(
     "records, message",
     [

@@ -665,6 +665,31 @@ def test_examples_whose_prompt_fills_max_length_are_counted_out_of_the_epoch_and
     assert f"their prompt alone fills training.max_length = {max_length}" in caplog.text
 
 
+def test_examples_holding_a_special_tokens_text_are_counted_and_warned_of(tiny_config, tiny_data, tiny_model, tmp_path,
+                                                                        caplog):
+    """A response holding "</s>" (an HTML strikethrough's close; OPT's EOS) is tokenized with an EOS inside it, and
+    TRL appends none after it: the run says so instead of training that silently."""
+    import logging
+
+    from transformers import AutoTokenizer
+
+    from lorasweep.data import read_jsonl, write_jsonl
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    rows = read_jsonl(tiny_data["train"])
+    rows[0] = {**rows[0], "completion": "Use <s>old</s>"}
+    assert tok(rows[0]["completion"])["input_ids"][-1] == tok.eos_token_id  # the text is read as the token
+    train = tmp_path / "data" / "train.jsonl"
+    write_jsonl(train, rows)
+    eval_path = train.with_name("eval.jsonl")
+    eval_path.write_bytes(tiny_data["eval"].read_bytes())
+    with caplog.at_level(logging.WARNING, logger="lorasweep"):
+        m = train_run(run_spec(tiny_config(max_steps=2, evals=1), "lora-r8"), train, eval_path, tmp_path / "run",
+                      threads=2)
+    assert (m["train_examples_with_special_token_text"], m["eval_examples_with_special_token_text"]) == (1, 0)
+    assert "1 training and 0 eval example(s) hold the text of one of the tokenizer's special tokens" in caplog.text
+
+
 def test_peak_rss_grows_with_the_batch_size(tiny_config, tiny_data, tmp_path):
     small, _ = _train(tiny_config, tiny_data, tmp_path / "small", "full", max_steps=3, batch_size=2, evals=1)
     large, _ = _train(tiny_config, tiny_data, tmp_path / "large", "full", max_steps=3, batch_size=96, evals=1)
