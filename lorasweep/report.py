@@ -272,6 +272,21 @@ def length_text(per_seed: pd.DataFrame) -> str:
     return text + "."
 
 
+def special_text(per_seed: pd.DataFrame) -> str:
+    """Examples holding the text of a tokenizer's special token (OPT's ``</s>``, an HTML strikethrough's close):
+    read as that token, an EOS inside the text. Nothing when none or not recorded (runs trained before the count)."""
+    keys = ["train_examples_with_special_token_text", "eval_examples_with_special_token_text"]
+    if not all(k in per_seed for k in keys):
+        return ""
+    counted = per_seed.dropna(subset=keys)
+    if counted.empty or not counted[keys].iloc[0].any():
+        return ""
+    n_t, n_e = (int(counted[k].iloc[0]) for k in keys)
+    return (f" {n_t:,} training and {n_e:,} eval examples hold the text of one of the tokenizer's special tokens "
+            "(OPT's `</s>`, also an HTML strikethrough's close): the tokenizer reads it as that token, an end of "
+            "sequence inside the text, not as text.")
+
+
 def checkpointing_text(per_seed: pd.DataFrame) -> str:
     """``training.gradient_checkpointing`` as the runs trained with it (it trades training time for activation memory,
     so the runtime and memory figures depend on it): nothing when off or not recorded."""
@@ -305,7 +320,8 @@ def setup_section(ctx: dict) -> str:
         f"train split {data['train_examples']:,} records (fraction {data['fraction']} of the rest), "
         f"drawn with seed {data['seed']}. Data fingerprint `{data['fingerprint_sha256'][:12]}`.",
         f"- **Prompt**: CodeAlpaca's two Alpaca templates ({data['with_input']:,} records with an input); "
-        "the loss is computed on the response tokens only." + length_text(ctx.get("metrics_per_seed", df)),
+        "the loss is computed on the response tokens only." + length_text(ctx.get("metrics_per_seed", df))
+        + special_text(ctx.get("metrics_per_seed", df)),
         f"- **Hardware**: {first['hardware']}; precision {first['precision']}"
         + checkpointing_text(ctx.get("metrics_per_seed", df)) + ".",
         f"- **Software**: torch {first['torch_version']}, transformers {first['transformers_version']}, "

@@ -879,6 +879,20 @@ def test_the_setup_says_what_max_length_did_to_the_examples():
     assert report.length_text(mixed) == text
 
 
+def test_the_setup_says_how_many_examples_hold_a_special_tokens_text():
+    from lorasweep import report
+
+    df, _ = _fixture()
+    assert report.special_text(df) == ""  # metrics from before the count: nothing claimed
+    none = {"train_examples_with_special_token_text": 0, "eval_examples_with_special_token_text": 0}
+    assert report.special_text(df.assign(**none)) == ""
+    some = df.assign(train_examples_with_special_token_text=3, eval_examples_with_special_token_text=1)
+    some.loc[some.index[0], ["train_examples_with_special_token_text"]] = float("nan")  # trained before the count
+    text = report.special_text(some)
+    assert text.startswith(" 3 training and 1 eval examples hold the text of one of the tokenizer's special tokens")
+    assert "`</s>`" in text
+
+
 def test_with_replicate_seeds_a_timing_or_memory_difference_inside_their_spread_is_about_the_same():
     """Timings and memory are compared at fixed tolerances with one seed; with replicates the interval of the
     difference of the seed means (Student's t) widens it: a gap the seeds' own spread covers is no finding."""
