@@ -845,6 +845,8 @@ def writeup_claims(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None) ->
         claims.append({"source": source, "claim": claim, "ours": verdict, "evidence": evidence})
 
     if "full" in m.index and lo:
+        targets = ", ".join(dict.fromkeys(f"`{t}`" for t in m.loc[lo].get("target_modules", pd.Series(dtype=object))
+                                          .dropna())) or "unrecorded modules"
         best_lora = min(lo, key=lambda r: m.loc[r, "eval_loss"])
         d = losses.diff("full", best_lora)
         if d is None:
@@ -865,7 +867,12 @@ def writeup_claims(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None) ->
             _lowest(m[mem], "full", lo, *_pair_tol_of(m, mem, "full", lo, lambda a: mem_tol(mem, m.loc[a, mem]),
                                                       mem_tol_text(mem))),
             f"{mem_name}: full {mib(m.loc['full', mem])}; " +
-            ", ".join(f"{r} {mib(m.loc[r, mem])}" for r in lo))
+            ", ".join(f"{r} {mib(m.loc[r, mem])}" for r in lo) + f"; W1's LoRA adapted every linear layer, ours "
+            f"{targets}")
+        # the author's explanation of W1's LoRA memory: one sweep's LoRA runs share their target modules
+        add("W1", "adapting every linear layer (all-linear) is what raised LoRA's memory above full fine-tuning's",
+            "cannot check (this sweep's LoRA runs all adapt the same modules; a second sweep with "
+            "`methods.lora.target_modules: all-linear` beside this one can)", f"our LoRA runs adapt {targets}")
         slower = [r for r in lo if parse_run(r)[1] in (128, 256)]
         if slower:
             add("W1", "full fine-tuning was faster than LoRA " + " and ".join(

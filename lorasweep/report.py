@@ -14,11 +14,12 @@ import re
 import unicodedata
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from . import findings as F
 from .plots import FIGURES, memory_parts
-from .writeups import WRITEUPS
+from .writeups import SETTINGS, WRITEUPS
 
 log = logging.getLogger(__name__)
 
@@ -489,23 +490,83 @@ def figures_section(figures_dir: str) -> str:
     return "\n".join(out)
 
 
+def _values(series: pd.Series, fmt=str) -> str:
+    """The distinct values of a column, in order, formatted and joined ("–" when there are none)."""
+    vals = list(dict.fromkeys(fmt(v) for v in series if not pd.isna(v)))
+    return ", ".join(vals) if vals else "–"
+
+
+def _rate(v: float) -> str:
+    """A learning rate as the write-ups and config.yaml write it: 2e-4, 1.5e-4."""
+    return np.format_float_scientific(float(v), trim="-", exp_digits=1)
+
+
+def our_settings(per_seed: pd.DataFrame, data: dict | None = None, history: pd.DataFrame | None = None) -> dict:
+    """This sweep's settings in the columns of ``writeups.SETTINGS``, as its runs recorded them (``data``: the
+    prepared data's summary; ``history``: the training logs, whose last epoch is how many epochs a run trained)."""
+    adapters = per_seed[per_seed["method"].isin(["lora", "qlora"])] if "method" in per_seed else per_seed.iloc[:0]
+    out = dict.fromkeys(next(iter(SETTINGS.values())), "–")  # the settings table's columns, in its order
+    out["model, data"] = (f"{per_seed['model'].iloc[0]}"
+                          + (f", {data['source']}, {float(data['fraction']):.0%} of train" if data else ""))
+    epochs = None
+    if history is not None and {"run", "epoch"} <= set(history.columns):
+        epochs = history.groupby("run", sort=False)["epoch"].max().reindex(per_seed["run"].unique())
+    if epochs is not None:
+        out["epochs"] = _values(epochs, lambda v: f"{v:.3g}")
+    if "batch_size" in per_seed:
+        accum = per_seed["grad_accum"] if "grad_accum" in per_seed else pd.Series(1, index=per_seed.index)
+        out["examples a step"] = _values(pd.Series([f"{int(b)}" + (f" × accumulation {int(a)}" if a > 1 else "")
+                                                    for b, a in zip(per_seed["batch_size"], accum.fillna(1))]))
+    if "max_length" in per_seed:
+        out["max length"] = _values(per_seed["max_length"], lambda v: f"{int(v)}")
+    if {"learning_rate", "method"} <= set(per_seed.columns):
+        names = {"full": "full", "lora": "LoRA", "qlora": "QLoRA"}
+        out["learning rate"] = "; ".join(
+            f"{names.get(m, m)} {_values(g['learning_rate'], _rate)}"
+            for m, g in per_seed.groupby("method", sort=False))
+    if len(adapters) and {"rank", "lora_alpha", "lora_dropout", "target_modules"} <= set(adapters.columns):
+        ranks = " / ".join(str(r) for r in dict.fromkeys(int(r) for r in adapters["rank"]))
+        per_rank = (adapters["lora_alpha"] / adapters["rank"]).dropna()
+        alpha = (f"alpha {per_rank.iloc[0]:g}r" if len(per_rank) and (per_rank == per_rank.iloc[0]).all()
+                 else "alpha " + _values(adapters["lora_alpha"], lambda v: f"{v:g}"))
+        out["LoRA"] = (f"r {ranks}, {alpha}, dropout {_values(adapters['lora_dropout'], lambda v: f'{v:g}')}, "
+                       + _values(adapters["target_modules"]).replace(",", ", "))
+    for col in ("precision", "hardware"):
+        if col in per_seed:
+            out[col] = _values(per_seed[col])
+    return out
+
+
 def writeups_section(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None,
-                     per_seed: pd.DataFrame | None = None) -> str:
-    """Our LoRA runs beside the figures W2 and W3 reported for the same ranks; their claims checked against
+                     per_seed: pd.DataFrame | None = None, data: dict | None = None,
+                     history: pd.DataFrame | None = None) -> str:
+    """Our LoRA runs beside the figures W2 and W3 reported for the same ranks, each figure beside ours of the same
+    kind and unit, after the settings each write-up and this sweep trained with; their claims checked against
     every seed (``per_seed``: a seed timed on a busy machine keeps its run out of the timing claims)."""
     ours = df.set_index("run")
     mem_col, mem_name = F.memory_measure(df)
     cuda = mem_col == "peak_cuda_allocated_bytes"
+    settings = [{"source": name, **{k: v or "–" for k, v in s.items()}} for name, s in SETTINGS.items()]
+    settings.append({"source": "lorasweep (this sweep)",
+                     **our_settings(per_seed if per_seed is not None else df, data, history)})
     rows = []
     columns = {"runtime s": "train_runtime_s", "train loss": "train_loss", "last train loss": "train_loss_last",
-               "samples/s": "train_samples_per_s", "memory GB": "memory_gb"}
+               "samples/s": "train_samples_per_s", "steps/s": "train_steps_per_s"}
     for name, w in WRITEUPS.items():
         for run, fig in w["runs"].items():  # each figure with the decimals the write-up gave it
+            show = lambda key, unit="": _num(fig.get(key), f"{{:.{w['decimals'].get(key, 2)}f}}{unit}")  # noqa: E731
+            used = fig.get("gpu_used_pct")
             rows.append({"source": f"{name} ({w['hardware']})", "run": run,
-                         **{head: _num(fig.get(key), f"{{:.{w['decimals'].get(key, 2)}f}}")
-                            for head, key in columns.items()}})
+                         **{head: show(key) for head, key in columns.items()},
+                         "peak alloc": show("peak_alloc_gb", " GB"),
+                         "mean GPU used": "–" if used is None else
+                         f"{show('gpu_used_pct', '%')} = {used / 100 * w['gpu_total_gib']:.2f} GiB",
+                         "process MiB, mean / max": "–" if fig.get("process_mib_max") is None else
+                         f"{show('process_mib_mean')} / {show('process_mib_max')}"})
     hw = df["hardware"].iloc[0] if len(df) else "?"
     seeds = "n_seeds" in df and df["n_seeds"].max() > 1
+    gib = lambda v: _num(None if v is None else v / GIB, "{:.2f} GiB")  # noqa: E731
+    mibs = lambda v: _num(None if v is None else v / 2**20, "{:.0f}")  # noqa: E731
     for run in sorted({r for w in WRITEUPS.values() for r in w["runs"]}, key=lambda r: int(r.split("r")[-1])):
         if run in ours.index:
             r = ours.loc[run]
@@ -514,27 +575,43 @@ def writeups_section(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None,
                          "train loss": _pm(r, "train_loss", lambda v: _num(v, "{:.4f}")),
                          "last train loss": _pm(r, "train_loss_last", lambda v: _num(v, "{:.4f}")),
                          "samples/s": _pm(r, "train_samples_per_s", lambda v: _num(v, "{:.2f}")),
-                         "memory GB": _pm(r, mem_col, lambda v: _num(None if v is None else v / 1e9, "{:.2f}"))})
+                         "steps/s": _pm(r, "train_steps_per_s", lambda v: _num(v, "{:.3f}")),
+                         "peak alloc": _pm(r, "peak_cuda_allocated_bytes", gib),
+                         "mean GPU used": _pm(r, "mean_cuda_reserved_bytes", gib),
+                         "process MiB, mean / max": f"{_pm(r, 'mean_rss_bytes', mibs)} / "
+                                                    f"{_pm(r, 'peak_rss_bytes', mibs)}"})
     notes = [
         "",
-        f"Memory: W2 reports mean GPU memory allocated, W3 max memory allocated; ours is "
-        f"{mem_name}{'' if cuda else ' (CPU run)'} while "
-        "training (evaluations left out), in GB (1e9 bytes); W2 gives its figures as a share of \"22.5 GB\", "
-        "which on an L4 (23,034 MiB) is more likely GiB: then they are 7% larger in GB. "
-        "Runtime: theirs is the Trainer's `train_runtime`, evaluations and checkpoint writing included; ours "
-        "leaves both out (`train_wall_s` in `results/metrics.csv` includes them). "
+        "Each figure sits beside ours of the same kind, in the unit it was given in. *peak alloc*: "
+        "`torch.cuda.max_memory_allocated` while training (W3's \"max alloc\", in the GB it gave: whether "
+        "2^30 or 10^9 bytes is not said, 7% apart; ours in GiB, evaluations left out). *mean GPU used*: W2's is "
+        "W&B's \"GPU memory allocated\" share, NVML's used memory over the card's total (its \"22.5 GB\" is the "
+        "L4's 23,034 MiB: GiB), averaged over the run: the whole device, the CUDA context and PyTorch's cached "
+        "blocks included, evaluations too; ours is the mean over the training steps of "
+        "`torch.cuda.memory_reserved` (PyTorch's cache, which holds every tensor; the CUDA context, a few "
+        "hundred MiB that NVML also counts, is not in it). *process*: the training process's resident memory "
+        "(W2: W&B's process RSS, whose MB are MiB, mean and max over its samples; ours: the mean over the "
+        "training steps and the peak)."
+        + ("" if cuda else " This sweep ran on the CPU: it has no CUDA figures, and its resident memory holds "
+           "the model and training state a GPU run keeps on the GPU.")
+        + " Runtime: theirs is the Trainer's `train_runtime`, evaluations and checkpoint writing included; ours "
+        "leaves both out (`train_wall_s` in `results/metrics.csv` includes them), and so do our samples/s and "
+        "steps/s, the examples and optimizer steps trained over that runtime (the Trainer's: the same counts over "
+        "its `train_runtime`). "
         "*Train loss* is the mean over the run (W3's and ours), *last train loss* the last logged value (the only "
-        "one W2 gives; ours: the mean of the run's last `logging_steps` steps). The write-ups trained "
-        "on opt-350m with CodeAlpaca-20k (W2 on half of it, W3 for 3 epochs); compare magnitudes only when our "
-        "model, data and epochs are the same. W1's LoRA adapted every linear layer (all-linear), which its "
-        "author blames for LoRA's higher memory; this sweep's adapts "
+        "one W2 gives; ours: the mean of the run's last `logging_steps` steps). Compare magnitudes only where the "
+        "settings above are the same: model, data, epochs (a mean train loss over 3 epochs includes two epochs "
+        "of examples seen before), examples a step and hardware. W1's LoRA adapted every linear layer "
+        "(all-linear), which its author blames for LoRA's higher memory; this sweep's adapts "
         + (", ".join(sorted({str(t) for t in df.get("target_modules", pd.Series(dtype=object)).dropna()})) or "-")
         + ".",
         "",
         "Their claims, checked against this sweep's measurements"
         + (" (our figures: means over the seeds, rates pooled; ± where given: the seeds' sample sd)" if seeds else "")
         + ". A claim about train loss (W2 gave the last logged value, W3 the mean over the run) is checked on ours "
-        "of the same kind; W1's on eval loss, which it charted beside train loss:",
+        "of the same kind; W1's on eval loss, which it charted beside train loss"
+        + ("" if cuda else "; a claim about memory on the CPU's " + mem_name + ", where the write-ups measured "
+           "CUDA memory") + ":",
         "",
     ]
     claims = F.writeup_claims(per_seed if per_seed is not None else df, eval_losses)
@@ -542,7 +619,20 @@ def writeups_section(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None,
         "(none of the write-ups' claims can be checked with these runs: they compare full fine-tuning with " \
         "LoRA, or LoRA ranks with each other, LoRA with PEFT's default options: a variant such as -rslora, -dora, " \
         "-olora or -pissa is not what they trained)"
-    return "## Beside the published write-ups\n\n" + _table(rows) + "\n" + "\n".join(notes) + "\n" + table
+    return ("## Beside the published write-ups\n\n"
+            + "What each trained with, as it said (–: not stated), and this sweep:\n\n" + _table(settings) + "\n\n"
+            + DEFAULT_VS_WRITEUPS + "\n\n" + _table(rows) + "\n" + "\n".join(notes) + "\n" + table)
+
+
+DEFAULT_VS_WRITEUPS = (
+    "The default experiment (`config/config.yaml`) follows W2's LoRA (alpha = 4r, dropout 0.1, the attention "
+    "projections q/k/v; W1's author recommends q/k/v and out_proj over all-linear) and W3's 8 examples a step. "
+    "Where the write-ups differ from each other or say nothing, it chooses, on purpose: the whole training split "
+    "(W2 halved it \"for a quick comparison\": `dataset.fraction: 0.5`), one epoch (W3 trained 3, three times as "
+    "long: `training.epochs: 3` for its schedule and a mean train loss to set beside its), W4's learning rate "
+    "2e-4 for the adapters and 2e-5 for full fine-tuning (W1-W3 do not give theirs), max length 512 (W4: 256; "
+    "512 fits more than 99% of CodeAlpaca's records) and bf16 autocast where the GPU has it (W4: fp16). "
+    "`methods.lora.target_modules: all-linear` trains W1's adapters.")
 
 
 def adapters_section(verify_jsons=(), switch_json=None, samples_json=None, first_seed=None) -> str:

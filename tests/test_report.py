@@ -143,9 +143,7 @@ def test_w2s_last_logged_train_loss_sits_beside_our_last_logged_one_not_our_mean
     from lorasweep.report import writeups_section
 
     df, ev = _fixture()
-    lines = [line for line in writeups_section(F.by_run(df), ev, df).splitlines() if line.startswith("| ")]
-    header = [c.strip() for c in lines[0].split("|")[1:-1]]
-    rows = [dict(zip(header, (c.strip() for c in line.split("|")[1:-1]))) for line in lines[1:]]
+    rows = _writeups_rows(writeups_section(F.by_run(df), ev, df))
     w2 = next(r for r in rows if r["source"].startswith("W2") and r["run"] == "lora-r8")
     ours = next(r for r in rows if r["source"].startswith("lorasweep") and r["run"] == "lora-r8")
     r8 = df.set_index("run").loc["lora-r8"]
@@ -796,6 +794,68 @@ def test_full_finetunings_runtime_names_the_adapter_runs_faster_beyond_the_toler
     assert "faster than it (by more than 5%): `lora-r8` (90.0 s)" in text and "lora-r128" not in text
 
 
+def test_the_writeups_figures_sit_beside_ours_of_the_same_kind_in_the_unit_each_was_given_in():
+    """The recorded H200 sweep beside W2 and W3. W2's GPU memory is W&B's share of the L4's 22.5 GiB, a mean of
+    NVML's used memory: it sat in one "memory GB" column with W3's max allocated and our peak allocated, as 0.188 x
+    22.5 "GB", and ours in 1e9 bytes (lora-r8's 4.05 GiB peak, so in the results table and the claims, read 4.35);
+    W3's steps/s and W2's process memory were left out, and nothing said what the sweep trained with beside what
+    each write-up did."""
+    from lorasweep import report as R
+
+    rec = REPO / "benchmarks" / "results" / "h200-2026-11-27b-five-run-sweep-x10"
+    ctx = R.load(f"{rec}-metrics.csv", f"{rec}-log-history.csv.gz", f"{rec}-data-summary.json",
+                 f"{rec}-eval-losses.csv.gz")
+    text = R.writeups_section(ctx["metrics"], ctx["eval_losses"], ctx["metrics_per_seed"], ctx["data"],
+                              ctx["history"])
+    rows = {(r["source"].split(" ")[0], r["run"]): r for r in _writeups_rows(text)}
+    w2, w3, ours = rows[("W2", "lora-r8")], rows[("W3", "lora-r8")], rows[("lorasweep", "lora-r8")]
+    assert w2["mean GPU used"] == "18.8% = 4.23 GiB" and w2["process MiB, mean / max"] == "1898 / 2402"
+    assert w2["peak alloc"] == "–" and w3["peak alloc"] == "3.1 GB" and w3["steps/s"] == "2.520"
+    m = ctx["metrics"].set_index("run").loc["lora-r8"]
+    assert ours["peak alloc"] == f"{m['peak_cuda_allocated_bytes'] / 2**30:.2f} GiB" == "4.05 GiB"
+    assert ours["mean GPU used"] == f"{m['mean_cuda_reserved_bytes'] / 2**30:.2f} GiB"
+    assert ours["steps/s"] == f"{m['train_steps_per_s']:.3f}"
+    assert ours["process MiB, mean / max"] == f"{m['mean_rss_bytes'] / 2**20:.0f} / {m['peak_rss_bytes'] / 2**20:.0f}"
+    assert "NVML's used memory" in text and "the CUDA context" in text
+    # what each trained with, and the sweep, above the figures
+    settings = {r["source"]: r for r in _writeups_rows(text, 0)}
+    assert settings["W3"]["epochs"] == "3" and settings["W4"]["learning rate"] == "2e-4"
+    mine = settings["lorasweep (this sweep)"]
+    assert mine["epochs"] == "1" and mine["examples a step"] == "8" and mine["precision"] == "bf16"
+    assert mine["learning rate"] == "full 2e-5; LoRA 2e-4; QLoRA 2e-4"
+    assert mine["LoRA"] == "r 8 / 128 / 256, alpha 4r, dropout 0.1, k_proj, q_proj, v_proj"
+    assert "one epoch (W3 trained 3, three times as long" in text
+
+
+def test_w1s_memory_claims_say_which_modules_its_lora_and_ours_adapted():
+    """W1's LoRA adapted every linear layer, which its author blames for LoRA's memory above full fine-tuning's:
+    the claim was judged on our attention-only LoRA without saying so beside the verdict, and the author's
+    explanation, which one sweep cannot test, was not named."""
+    df, ev = _fixture()
+    claims = F.writeup_claims(df, ev)
+    memory = _claim(claims, "W1", "full fine-tuning used the least peak memory")
+    assert memory["evidence"].endswith("; W1's LoRA adapted every linear layer, ours `q_proj,k_proj,v_proj`")
+    cause = _claim(claims, "W1", "adapting every linear layer (all-linear)")
+    assert cause["ours"].startswith("cannot check") and "target_modules: all-linear" in cause["ours"]
+
+
+def test_a_cpu_sweep_beside_the_writeups_shows_its_resident_memory_as_w2s_process_memory(rendered):
+    """The tiny preset's report: no CUDA figure, so the CPU's resident memory sat in the write-ups' GPU memory
+    column ("memory GB"); it belongs beside W2's process memory, and the memory claims say what they were judged
+    on. The notebook passes the data summary and the training logs, so the settings say 3 epochs."""
+    _, text = rendered
+    section = text.split("## Beside the published write-ups")[1].split("\n## ")[0]
+    rows = {(r["source"].split(" ")[0], r["run"]): r for r in _writeups_rows(section)}
+    ours = rows[("lorasweep", "lora-r8")]
+    r8 = _fixture()[0].set_index("run").loc["lora-r8"]
+    assert ours["peak alloc"] == "–" and ours["mean GPU used"] == "–"
+    assert ours["process MiB, mean / max"] == f"{r8['mean_rss_bytes'] / 2**20:.0f} / {r8['peak_rss_bytes'] / 2**20:.0f}"
+    assert "This sweep ran on the CPU: it has no CUDA figures" in section
+    assert "a claim about memory on the CPU's peak resident memory" in section
+    mine = {r["source"]: r for r in _writeups_rows(section, 0)}["lorasweep (this sweep)"]
+    assert mine["epochs"] == "3" and "100% of train" in mine["model, data"]
+
+
 def test_a_memory_or_runtime_not_measured_is_compared_with_nothing():
     """A missing figure (NaN) is neither "about the same" nor a verdict on a published claim: it is named as
     not measured, and the runs that were measured are compared as before."""
@@ -1179,8 +1239,10 @@ def test_the_writeups_train_loss_claims_are_checked_on_our_train_loss_of_the_sam
         "too close to call")
 
 
-def _writeups_rows(text: str) -> list[dict]:
-    lines = [line for line in text.split("\n\n")[1].splitlines() if line.startswith("| ")]
+def _writeups_rows(text: str, table: int = 1) -> list[dict]:
+    """The rows of the write-ups section's figures table (``table`` 0: its settings table)."""
+    tables = [block for block in text.split("\n\n") if block.startswith("| ")]
+    lines = [line for line in tables[table].splitlines() if line.startswith("| ")]
     header = [c.strip() for c in lines[0].split("|")[1:-1]]
     return [dict(zip(header, (c.strip() for c in line.split("|")[1:-1]))) for line in lines[1:]]
 
@@ -1192,7 +1254,7 @@ def test_the_writeups_figures_keep_their_decimals_and_ours_show_theirs_and_their
     rows = _writeups_rows(writeups_section(F.by_run(m2), ev2, m2))
     w3 = {r["run"]: r for r in rows if r["source"].startswith("W3")}
     assert [w3[r]["train loss"] for r in ("lora-r8", "lora-r128", "lora-r256")] == ["1.7972", "1.7856", "1.7853"]
-    assert w3["lora-r8"]["samples/s"] == "20.158" and w3["lora-r8"]["memory GB"] == "3.1"
+    assert w3["lora-r8"]["samples/s"] == "20.158" and w3["lora-r8"]["peak alloc"] == "3.1 GB"
     w2 = {r["run"]: r for r in rows if r["source"].startswith("W2")}
     assert w2["lora-r256"]["runtime s"] == "907.40" and w2["lora-r256"]["last train loss"] == "1.33"
     ours = next(r for r in rows if r["source"].startswith("lorasweep") and r["run"] == "lora-r8")
