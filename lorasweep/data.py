@@ -94,6 +94,25 @@ def load_records(source: str, split: str = "train", revision: str | None = None)
     return ds.to_list()
 
 
+# field names other datasets give the prompt and the response, for the hint of a record without CodeAlpaca's
+_PROMPT_NAMES = ("prompt", "question", "query", "problem", "task", "Instruction")
+_RESPONSE_NAMES = ("response", "answer", "completion", "solution", "target", "Output", "Response")
+
+
+def _fields_hint(rec: dict) -> str:
+    """What to do with a record that lacks CodeAlpaca's fields: the renames its own field names suggest."""
+    hint = "lorasweep reads CodeAlpaca-style records: 'instruction', 'output' and an optional 'input'; "
+    if "messages" in rec or "conversations" in rec:
+        return hint + ("chat records (a list of messages) are not read: write each as an instruction (the user's "
+                       "turn) and an output (the assistant's reply)")
+    if set(rec) <= {"text", "content", "id"}:
+        return hint + "a plain-text corpus, with no prompt and response to tell apart, is not read"
+    renames = [f"{found[0]} -> {key}" for key, names in (("instruction", _PROMPT_NAMES), ("output", _RESPONSE_NAMES))
+               if key not in rec and (found := [name for name in names if name in rec])]
+    return hint + "rename the fields (no setting maps other names; a hub dataset: in a local copy)" + (
+        f": {', '.join(renames)}" if renames else "")
+
+
 def check_records(records: list) -> tuple[list[dict], dict]:
     """Validate the schema; drop records whose output is empty, and exact repeats of a record kept before (the same
     instruction, input and output: one copy could land in the eval split and another in training, and the eval
@@ -106,7 +125,7 @@ def check_records(records: list) -> tuple[list[dict], dict]:
             raise DataError(f"record {i}: expected an object, got {type(rec).__name__}")
         for key in ("instruction", "output"):
             if key not in rec:
-                raise DataError(f"record {i}: missing field {key!r} (fields: {sorted(rec)})")
+                raise DataError(f"record {i}: missing field {key!r} (fields: {sorted(rec)}); " + _fields_hint(rec))
         for key in ("instruction", "input", "output"):
             value = rec.get(key)
             if value is not None and not isinstance(value, str):
@@ -195,7 +214,10 @@ def prepare(source: str, train_out: str | Path, eval_out: str | Path, summary_ou
             revision: str | None = None) -> dict:
     """Load, check, format and split; write ``train.jsonl``, ``eval.jsonl`` and a summary JSON."""
     raw = load_records(source, split, revision)
-    kept, counts = check_records(raw)
+    try:
+        kept, counts = check_records(raw)
+    except DataError as e:  # the job's one-line message names the file (or hub dataset) the record is in
+        raise DataError(f"dataset.source = {str(source)!r}: {e}") from None
     if counts["dropped_empty_output"]:
         log.info("dropped %d record(s) with an empty output", counts["dropped_empty_output"])
     if counts["dropped_duplicates"]:

@@ -299,3 +299,23 @@ def test_a_hub_datasets_commit_is_read_from_the_hub_cache(tmp_path, monkeypatch)
     assert hub_commit("sahil2801/CodeAlpaca-20k", None, "model") is None  # a model's folder is another
     (refs / "main").write_text("")  # cut short
     assert hub_commit("sahil2801/CodeAlpaca-20k", None, "dataset") is None
+
+
+@pytest.mark.parametrize("record, hint", [
+    ({"prompt": "Add 1 and 2.", "response": "3"}, "rename the fields .*: prompt -> instruction, response -> output"),
+    ({"question": "Add 1 and 2.", "answer": "3"}, "rename .*: question -> instruction, answer -> output"),
+    ({"instruction": "Add 1 and 2.", "answer": "3"}, r"rename .*in a local copy\): answer -> output$"),
+    ({"messages": [{"role": "user", "content": "Add."}, {"role": "assistant", "content": "3"}]},
+     r"chat records \(a list of messages\) are not read"),
+    ({"text": "Add 1 and 2: 3"}, "a plain-text corpus, with no prompt and response to tell apart, is not read"),
+])
+def test_records_of_another_shape_name_the_file_and_what_to_rename(tmp_path, record, hint):
+    """A dataset with other field names (prompt / response, question / answer, chat messages, plain text) stopped the
+    data job with 'record 0: missing field ...' only: no file named, and nothing said of what lorasweep reads or
+    that no setting maps field names."""
+    src = tmp_path / "mine.jsonl"
+    src.write_text(json.dumps(record) + "\n")
+    with pytest.raises(data.DataError, match=f"dataset.source = '{src}': record 0: missing field .*lorasweep reads "
+                                             f"CodeAlpaca-style records: 'instruction', 'output' and an optional "
+                                             f"'input'; {hint}"):
+        data.prepare(str(src), tmp_path / "t.jsonl", tmp_path / "e.jsonl", tmp_path / "s.json")
