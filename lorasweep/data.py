@@ -85,6 +85,14 @@ def load_records(source: str, split: str = "train", revision: str | None = None)
              f", revision {revision}" if revision else "")
     try:
         ds = datasets.load_dataset(source, split=split, **({"revision": revision} if revision else {}))
+    except ValueError as e:  # datasets read the dataset and refused what was asked of it: not the network
+        raise DataError(
+            f"dataset.source: could not load hub dataset {source!r}, split {split!r} ({type(e).__name__}: "
+            f"{' '.join(str(e).split())}). "  # datasets' message runs over lines: one line for the console
+            "Set dataset.split to a split it has; a dataset of several configurations (subsets) cannot be named in "
+            "lorasweep's settings: save the one you want as a local file (datasets.load_dataset(ID, CONFIG, "
+            "split=SPLIT).to_json('data.jsonl')) and point dataset.source at it."
+        ) from e
     except Exception as e:  # noqa: BLE001
         raise DataError(
             f"dataset.source: could not load hub dataset {source!r} ({type(e).__name__}: {e}). "

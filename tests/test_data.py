@@ -319,3 +319,26 @@ def test_records_of_another_shape_name_the_file_and_what_to_rename(tmp_path, rec
                                              f"CodeAlpaca-style records: 'instruction', 'output' and an optional "
                                              f"'input'; {hint}"):
         data.prepare(str(src), tmp_path / "t.jsonl", tmp_path / "e.jsonl", tmp_path / "s.json")
+
+
+def test_a_hub_dataset_refusing_its_split_or_wanting_a_configuration_is_not_called_a_network_problem(tmp_path):
+    """datasets refuses a split the dataset lacks, and a dataset of several configurations (subsets) named without
+    one, with a ValueError: the data job called both a lack of network access and said to download the dataset.
+    Read here from a folder in a hub repository's layout (datasets loads it as it loads a downloaded one)."""
+    repo = tmp_path / "toy"
+    for config in ("python", "js"):
+        (repo / config).mkdir(parents=True)
+        (repo / config / "train-00000-of-00001.jsonl").write_text(json.dumps(rec(0)) + "\n")
+    (repo / "README.md").write_text("---\nconfigs:\n" + "".join(
+        f"- config_name: {c}\n  data_files:\n  - split: train\n    path: {c}/train-*\n" for c in ("python", "js"))
+        + "---\n")
+    with pytest.raises(data.DataError, match=r"could not load hub dataset .*, split 'train' \(ValueError: Config name "
+                                             r"is missing.*Set dataset.split to a split it has; a dataset of several "
+                                             r"configurations \(subsets\) cannot be named") as e:
+        data.load_records(str(repo), split="train")
+    assert "network" not in str(e.value)
+    (repo / "README.md").unlink()
+    (repo / "js" / "train-00000-of-00001.jsonl").unlink()
+    with pytest.raises(data.DataError, match=r"split 'validation' \(ValueError: Unknown split \"validation\".*Set "
+                                             r"dataset.split to a split it has"):
+        data.load_records(str(repo), split="validation")
