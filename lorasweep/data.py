@@ -41,6 +41,13 @@ def is_local_source(source: str) -> bool:
     return str(source).lower().endswith(LOCAL_SUFFIXES)
 
 
+def _is_json_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except json.JSONDecodeError:
+        return False
+
+
 def load_records(source: str, split: str = "train", revision: str | None = None) -> list[dict]:
     """Records from a local JSON (a list of objects), JSONL or parquet file, or from a hub dataset id (at its
     ``revision``: a branch, tag or commit; None: main)."""
@@ -73,6 +80,10 @@ def load_records(source: str, split: str = "train", revision: str | None = None)
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
+            if e.msg == "Extra data" and _is_json_object(text[:e.pos]):  # JSON Lines, as datasets' to_json writes
+                raise DataError(f"dataset.source: {path} holds one JSON record per line (JSON Lines, which datasets' "
+                                f"to_json writes), not a JSON list: rename it to {path.with_suffix('.jsonl').name} "
+                                "and point dataset.source at that") from e
             raise DataError(f"dataset.source: {path} is not valid JSON ({e.msg} at line {e.lineno}); "
                             "expected a list of records like CodeAlpaca's") from e
         if not isinstance(data, list):

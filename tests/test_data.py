@@ -112,6 +112,15 @@ def test_local_file_errors(tmp_path):
     obj.write_text('{"instruction": "x"}')
     with pytest.raises(data.DataError, match="expected a list of records"):
         data.load_records(str(obj))
+    # datasets' Dataset.to_json("x.json") writes JSON Lines: said so, not "Extra data at line 2"
+    lines = tmp_path / "export.json"
+    lines.write_text('{"instruction": "x", "output": "y"}\n{"instruction": "z", "output": "w"}\n')
+    with pytest.raises(data.DataError, match=r"export.json holds one JSON record per line \(JSON Lines, which "
+                                             r"datasets' to_json writes\), not a JSON list: rename it to export.jsonl"):
+        data.load_records(str(lines))
+    bad.write_text('[{"instruction": "x"}]\n[]')  # a list, then more: invalid JSON, not JSON Lines of records
+    with pytest.raises(data.DataError, match="is not valid JSON"):
+        data.load_records(str(bad))
 
 
 def test_is_local_source():
