@@ -41,6 +41,13 @@ def is_local_source(source: str) -> bool:
     return str(source).lower().endswith(LOCAL_SUFFIXES)
 
 
+def _is_json_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except json.JSONDecodeError:
+        return False
+
+
 def load_records(source: str, split: str = "train", revision: str | None = None) -> list[dict]:
     """Records from a local JSON (a list of objects), JSONL or parquet file, or from a hub dataset id (at its
     ``revision``: a branch, tag or commit; None: main)."""
@@ -73,6 +80,10 @@ def load_records(source: str, split: str = "train", revision: str | None = None)
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
+            if e.msg == "Extra data" and _is_json_object(text[:e.pos]):  # JSON Lines, as datasets' to_json writes
+                raise DataError(f"dataset.source: {path} holds one JSON record per line (JSON Lines, which datasets' "
+                                f"to_json writes), not a JSON list: rename it to {path.with_suffix('.jsonl').name} "
+                                "and point dataset.source at that") from e
             raise DataError(f"dataset.source: {path} is not valid JSON ({e.msg} at line {e.lineno}); "
                             "expected a list of records like CodeAlpaca's") from e
         if not isinstance(data, list):
@@ -85,6 +96,14 @@ def load_records(source: str, split: str = "train", revision: str | None = None)
              f", revision {revision}" if revision else "")
     try:
         ds = datasets.load_dataset(source, split=split, **({"revision": revision} if revision else {}))
+    except ValueError as e:  # datasets read the dataset and refused what was asked of it: not the network
+        raise DataError(
+            f"dataset.source: could not load hub dataset {source!r}, split {split!r} ({type(e).__name__}: "
+            f"{' '.join(str(e).split())}). "  # datasets' message runs over lines: one line for the console
+            "Set dataset.split to a split it has; a dataset of several configurations (subsets) cannot be named in "
+            "lorasweep's settings: save the one you want as a local file (datasets.load_dataset(ID, CONFIG, "
+            "split=SPLIT).to_json('data.jsonl')) and point dataset.source at it."
+        ) from e
     except Exception as e:  # noqa: BLE001
         raise DataError(
             f"dataset.source: could not load hub dataset {source!r} ({type(e).__name__}: {e}). "
@@ -92,6 +111,25 @@ def load_records(source: str, split: str = "train", revision: str | None = None)
             ".json/.jsonl/.parquet file in CodeAlpaca's format."
         ) from e
     return ds.to_list()
+
+
+# field names other datasets give the prompt and the response, for the hint of a record without CodeAlpaca's
+_PROMPT_NAMES = ("prompt", "question", "query", "problem", "task", "Instruction")
+_RESPONSE_NAMES = ("response", "answer", "completion", "solution", "target", "Output", "Response")
+
+
+def _fields_hint(rec: dict) -> str:
+    """What to do with a record that lacks CodeAlpaca's fields: the renames its own field names suggest."""
+    hint = "lorasweep reads CodeAlpaca-style records: 'instruction', 'output' and an optional 'input'; "
+    if "messages" in rec or "conversations" in rec:
+        return hint + ("chat records (a list of messages) are not read: write each as an instruction (the user's "
+                       "turn) and an output (the assistant's reply)")
+    if set(rec) <= {"text", "content", "id"}:
+        return hint + "a plain-text corpus, with no prompt and response to tell apart, is not read"
+    renames = [f"{found[0]} -> {key}" for key, names in (("instruction", _PROMPT_NAMES), ("output", _RESPONSE_NAMES))
+               if key not in rec and (found := [name for name in names if name in rec])]
+    return hint + "rename the fields (no setting maps other names; a hub dataset: in a local copy)" + (
+        f": {', '.join(renames)}" if renames else "")
 
 
 def check_records(records: list) -> tuple[list[dict], dict]:
@@ -106,7 +144,7 @@ def check_records(records: list) -> tuple[list[dict], dict]:
             raise DataError(f"record {i}: expected an object, got {type(rec).__name__}")
         for key in ("instruction", "output"):
             if key not in rec:
-                raise DataError(f"record {i}: missing field {key!r} (fields: {sorted(rec)})")
+                raise DataError(f"record {i}: missing field {key!r} (fields: {sorted(rec)}); " + _fields_hint(rec))
         for key in ("instruction", "input", "output"):
             value = rec.get(key)
             if value is not None and not isinstance(value, str):
@@ -196,7 +234,10 @@ def prepare(source: str, train_out: str | Path, eval_out: str | Path, summary_ou
             revision: str | None = None) -> dict:
     """Load, check, format and split; write ``train.jsonl``, ``eval.jsonl`` and a summary JSON."""
     raw = load_records(source, split, revision)
-    kept, counts = check_records(raw)
+    try:
+        kept, counts = check_records(raw)
+    except DataError as e:  # the job's one-line message names the file (or hub dataset) the record is in
+        raise DataError(f"dataset.source = {str(source)!r}: {e}") from None
     if counts["dropped_empty_output"]:
         log.info("dropped %d record(s) with an empty output", counts["dropped_empty_output"])
     if counts["dropped_duplicates"]:

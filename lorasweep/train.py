@@ -645,6 +645,9 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
     steps = total_steps(len(train_ds), training)
     eval_steps = max(1, math.ceil(steps / training["evals"]))  # `evals` evaluations, the last at the end
     args = sft_config(spec, training, out_dir, device, precision, steps, eval_steps)
+    # said before it starts: TRL's tokenization of a large dataset takes minutes, with datasets' progress bars off
+    log.info("preparing %d train and %d eval examples (tokenized by the sweep's first training job, then read from "
+             "its cache)", len(train_ds), len(eval_ds))
     with preparing_splits(train_path) as prep, \
             damaged_cache_dropped(train_path, eval_path, data_sha):  # TRL tokenizes here: one job at a time, then the cache
         trainer = MeasuredSFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,

@@ -126,6 +126,15 @@ def test_local_file_errors(tmp_path):
     obj.write_text('{"instruction": "x"}')
     with pytest.raises(data.DataError, match="expected a list of records"):
         data.load_records(str(obj))
+    # datasets' Dataset.to_json("x.json") writes JSON Lines: said so, not "Extra data at line 2"
+    lines = tmp_path / "export.json"
+    lines.write_text('{"instruction": "x", "output": "y"}\n{"instruction": "z", "output": "w"}\n')
+    with pytest.raises(data.DataError, match=r"export.json holds one JSON record per line \(JSON Lines, which "
+                                             r"datasets' to_json writes\), not a JSON list: rename it to export.jsonl"):
+        data.load_records(str(lines))
+    bad.write_text('[{"instruction": "x"}]\n[]')  # a list, then more: invalid JSON, not JSON Lines of records
+    with pytest.raises(data.DataError, match="is not valid JSON"):
+        data.load_records(str(bad))
 
 
 def test_is_local_source():
@@ -313,3 +322,46 @@ def test_a_hub_datasets_commit_is_read_from_the_hub_cache(tmp_path, monkeypatch)
     assert hub_commit("sahil2801/CodeAlpaca-20k", None, "model") is None  # a model's folder is another
     (refs / "main").write_text("")  # cut short
     assert hub_commit("sahil2801/CodeAlpaca-20k", None, "dataset") is None
+
+
+@pytest.mark.parametrize("record, hint", [
+    ({"prompt": "Add 1 and 2.", "response": "3"}, "rename the fields .*: prompt -> instruction, response -> output"),
+    ({"question": "Add 1 and 2.", "answer": "3"}, "rename .*: question -> instruction, answer -> output"),
+    ({"instruction": "Add 1 and 2.", "answer": "3"}, r"rename .*in a local copy\): answer -> output$"),
+    ({"messages": [{"role": "user", "content": "Add."}, {"role": "assistant", "content": "3"}]},
+     r"chat records \(a list of messages\) are not read"),
+    ({"text": "Add 1 and 2: 3"}, "a plain-text corpus, with no prompt and response to tell apart, is not read"),
+])
+def test_records_of_another_shape_name_the_file_and_what_to_rename(tmp_path, record, hint):
+    """A dataset with other field names (prompt / response, question / answer, chat messages, plain text) stopped the
+    data job with 'record 0: missing field ...' only: no file named, and nothing said of what lorasweep reads or
+    that no setting maps field names."""
+    src = tmp_path / "mine.jsonl"
+    src.write_text(json.dumps(record) + "\n")
+    with pytest.raises(data.DataError, match=f"dataset.source = '{src}': record 0: missing field .*lorasweep reads "
+                                             f"CodeAlpaca-style records: 'instruction', 'output' and an optional "
+                                             f"'input'; {hint}"):
+        data.prepare(str(src), tmp_path / "t.jsonl", tmp_path / "e.jsonl", tmp_path / "s.json")
+
+
+def test_a_hub_dataset_refusing_its_split_or_wanting_a_configuration_is_not_called_a_network_problem(tmp_path):
+    """datasets refuses a split the dataset lacks, and a dataset of several configurations (subsets) named without
+    one, with a ValueError: the data job called both a lack of network access and said to download the dataset.
+    Read here from a folder in a hub repository's layout (datasets loads it as it loads a downloaded one)."""
+    repo = tmp_path / "toy"
+    for config in ("python", "js"):
+        (repo / config).mkdir(parents=True)
+        (repo / config / "train-00000-of-00001.jsonl").write_text(json.dumps(rec(0)) + "\n")
+    (repo / "README.md").write_text("---\nconfigs:\n" + "".join(
+        f"- config_name: {c}\n  data_files:\n  - split: train\n    path: {c}/train-*\n" for c in ("python", "js"))
+        + "---\n")
+    with pytest.raises(data.DataError, match=r"could not load hub dataset .*, split 'train' \(ValueError: Config name "
+                                             r"is missing.*Set dataset.split to a split it has; a dataset of several "
+                                             r"configurations \(subsets\) cannot be named") as e:
+        data.load_records(str(repo), split="train")
+    assert "network" not in str(e.value)
+    (repo / "README.md").unlink()
+    (repo / "js" / "train-00000-of-00001.jsonl").unlink()
+    with pytest.raises(data.DataError, match=r"split 'validation' \(ValueError: Unknown split \"validation\".*Set "
+                                             r"dataset.split to a split it has"):
+        data.load_records(str(repo), split="validation")
