@@ -194,6 +194,28 @@ def test_seeds_and_adapter_variants_plan_one_job_per_run_and_seed(tmp_path):
     assert "results/runs/lora-r8-olora/seed4/verify.json" not in proc.stdout
 
 
+def test_the_workflow_runs_as_a_snakemake_module_of_another_project(tmp_path):
+    """``module lorasweep: snakefile: ...`` + ``use rule * from lorasweep``, as snakemake-workflows recommends: the
+    notebook and the scripts are found beside lorasweep's rules, not beside the other project's Snakefile."""
+    import yaml
+    from snakemake.utils import update_config
+
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    update_config(config, yaml.safe_load((REPO / "config" / "tiny.yaml").read_text()))
+    (tmp_path / "lorasweep.yaml").write_text(yaml.safe_dump(config))
+    (tmp_path / "Snakefile").write_text(
+        'configfile: "lorasweep.yaml"\n\n'
+        f'module lorasweep:\n    snakefile: "{REPO / "Snakefile"}"\n    config: config\n\n'
+        "use rule * from lorasweep as lorasweep_*\n")
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "lorasweep_all"], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stats = job_stats(proc.stdout)
+    assert stats["lorasweep_train"] == 5 and stats["lorasweep_report"] == 1
+    assert str(REPO / "workflow" / "notebooks" / "summary.ipynb") in proc.stdout
+    assert str(REPO / "workflow" / "scripts" / "collect.py") in proc.stdout
+
+
 def test_lint_is_clean():
     proc = subprocess.run([sys.executable, "-m", "snakemake", "--lint"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -49,7 +49,10 @@ def near(path):
     return path if os.path.relpath(path).startswith("..") else os.path.relpath(path)
 
 
-NOTEBOOK = near(Path(workflow.basedir) / "workflow" / "notebooks" / "summary.ipynb")
+# the workflow/ folder, from this file's own place: workflow.basedir is the main Snakefile's folder, which is another
+# project's when lorasweep is used as a Snakemake module (module ...: snakefile: ...)
+WORKFLOW_DIR = Path(str(workflow.current_basedir)).parent
+NOTEBOOK = near(WORKFLOW_DIR / "notebooks" / "summary.ipynb")
 
 
 wildcard_constraints:
@@ -118,7 +121,7 @@ PACKAGE_CODE = sorted(near(f) for f in Path(lorasweep.__file__).parent.glob("*.p
 
 def code_inputs(script):
     """The package's modules and this rule's script (``workflow/scripts/<script>``)."""
-    return [*PACKAGE_CODE, near(Path(workflow.basedir) / "workflow" / "scripts" / script)]
+    return [*PACKAGE_CODE, near(WORKFLOW_DIR / "scripts" / script)]
 
 
 def report_failures():
