@@ -32,6 +32,20 @@ def _key(path) -> str:
     return out or "(top level)"
 
 
+def _number_as_text_hint(value) -> str:
+    """Why a number arrived as text: quoted or written like 1e-3 in a config file, or nested in ``--config``
+    (Snakemake reads a value like ``training={epochs: 1}`` with YAML's BaseLoader, all text)."""
+    if not isinstance(value, str):
+        return ""
+    try:
+        float(value)
+    except ValueError:
+        return ""
+    return (f" (YAML reads {value} as text: write numbers unquoted, with a decimal point before an exponent, e.g. "
+            "1.0e-3; --config passes a nested or list value such as training={epochs: 1} as text: set it in a file "
+            "given with --configfile)")
+
+
 def _describe(error) -> str:
     """One line per error: the key, the value found and what is allowed."""
     key = _key(error.absolute_path)
@@ -60,19 +74,14 @@ def _describe(error) -> str:
     if v == "oneOf" and ".ranks[" in key:
         return (f"{key} = {error.instance!r}: must be a rank (integer >= 1) or {{rank, "
                 + ("" if key.startswith("methods.qlora") else "init: default|olora|pissa, ")
-                + "use_rslora: bool, use_dora: bool}")
+                + "use_rslora: bool, use_dora: bool}" + _number_as_text_hint(error.instance))
     if v in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
         op = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">", "exclusiveMaximum": "<"}[v]
         return f"{key} = {error.instance!r}: must be {op} {error.validator_value}"
     if v == "type":
         hint = ""
-        if isinstance(error.instance, str) and "number" in str(error.validator_value):
-            try:
-                float(error.instance)
-                hint = (f" (YAML reads {error.instance} as text: write numbers unquoted, with a decimal point "
-                        "before an exponent, e.g. 1.0e-3)")
-            except ValueError:
-                pass
+        if "number" in str(error.validator_value) or "integer" in str(error.validator_value):
+            hint = _number_as_text_hint(error.instance)
         if isinstance(error.instance, float) and "integer" in str(error.validator_value):
             hint = f" (a whole number, written without a decimal point: {error.instance:.0f})" \
                 if error.instance.is_integer() else ""

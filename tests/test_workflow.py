@@ -63,6 +63,19 @@ def test_invalid_config_fails_before_any_job(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
+@pytest.mark.parametrize("override, key", [("training={epochs: 1}", "training.epochs = '1'"),
+                                           ("methods={lora: {ranks: [8]}}", "methods.lora.ranks[0] = '8'"),
+                                           ("seeds=[0, 1]", "seeds[0] = '0'")])
+def test_a_nested_config_override_read_as_text_says_to_use_a_configfile(tmp_path, override, key):
+    """Snakemake reads a nested or list value of --config with YAML's BaseLoader: every number arrives as text."""
+    proc = run_snakemake("-n", "--cores", 1, "--configfile", REPO / "config" / "tiny.yaml", "--config", override,
+                         workdir=tmp_path, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and key in out
+    assert "--config passes a nested or list value such as training={epochs: 1} as text: set it in a file given " \
+           "with --configfile" in out.replace("\n", " ")
+
+
 def test_a_local_dataset_that_is_not_there_fails_before_any_job_naming_the_key(tmp_path):
     override = tmp_path / "override.yaml"
     override.write_text("dataset: {source: data/missing.json}\n")
