@@ -229,6 +229,31 @@ def test_the_workflow_runs_as_a_snakemake_module_of_another_project(tmp_path):
     assert str(REPO / "workflow" / "scripts" / "collect.py") in proc.stdout
 
 
+def test_jobs_import_lorasweep_from_the_snakefiles_checkout_not_another_install(tmp_path):
+    """Snakemake puts the Snakefile's folder first on sys.path when it reads the workflow, not in its jobs: with
+    lorasweep installed from another checkout (here: this one, on PYTHONPATH), the jobs ran that checkout's code
+    while the workflow validated the config and tracked the code of its own."""
+    checkout = tmp_path / "second checkout"
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    for f in files:
+        (checkout / f).parent.mkdir(parents=True, exist_ok=True)
+        (checkout / f).write_bytes((REPO / f).read_bytes())
+    imports = tmp_path / "imports.txt"
+    with open(checkout / "lorasweep" / "__init__.py", "a") as f:
+        f.write("\nimport os as _os\nwith open(_os.environ['LORASWEEP_IMPORTS'], 'a') as _f:\n"
+                "    _f.write(__file__ + '\\n')\n")
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "results/tiny/code_alpaca_tiny.json", "-s",
+                           str(checkout / "Snakefile"), "--cores", "1", "--configfile", str(checkout / "config" / "tiny.yaml")],
+                          cwd=workdir, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "LORASWEEP_IMPORTS": str(imports)})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (workdir / "results" / "tiny" / "code_alpaca_tiny.json").is_file()
+    # the workflow and its job each imported the package, both from the second checkout
+    assert imports.read_text().splitlines() == [str(checkout / "lorasweep" / "__init__.py")] * 2
+
+
 def test_lint_is_clean():
     proc = subprocess.run([sys.executable, "-m", "snakemake", "--lint"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -54,6 +54,13 @@ def near(path):
 WORKFLOW_DIR = Path(str(workflow.current_basedir)).parent
 NOTEBOOK = near(WORKFLOW_DIR / "notebooks" / "summary.ipynb")
 
+# Jobs import lorasweep from this checkout, as the workflow itself did (Snakemake puts the Snakefile's folder first on
+# sys.path when it reads the workflow, not in its jobs): with lorasweep installed from another checkout, or installed
+# without -e and since pulled, the jobs would otherwise run other code than the one validated and tracked here.
+_CHECKOUT = str(WORKFLOW_DIR.parent)
+if os.environ.get("PYTHONPATH", "").split(os.pathsep)[0] != _CHECKOUT:
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_CHECKOUT, os.environ.get("PYTHONPATH")]))
+
 
 wildcard_constraints:
     run="|".join(re.escape(r) for r in RUNS),
