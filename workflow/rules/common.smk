@@ -59,7 +59,7 @@ NOTEBOOK = near(WORKFLOW_DIR / "notebooks" / "summary.ipynb")
 # without -e and since pulled, the jobs would otherwise run other code than the one validated and tracked here.
 _CHECKOUT = str(WORKFLOW_DIR.parent)
 if os.environ.get("PYTHONPATH", "").split(os.pathsep)[0] != _CHECKOUT:
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_CHECKOUT, os.environ.get("PYTHONPATH")]))
+    os.environ.update(PYTHONPATH=os.pathsep.join(filter(None, [_CHECKOUT, os.environ.get("PYTHONPATH")])))
 
 
 wildcard_constraints:
