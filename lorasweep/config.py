@@ -219,9 +219,12 @@ def _check_hub_id(name: str) -> None:
                           "facebook/opt-350m") from None
 
 
-def hub_offline() -> bool:
-    """Whether ``HF_HUB_OFFLINE`` forbids the Hugging Face libraries to download (as huggingface_hub reads it)."""
-    return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+def hub_offline() -> str:
+    """The setting that forbids the Hugging Face libraries to download (``HF_HUB_OFFLINE=1``), or "" when none does.
+    As huggingface_hub reads it: ``HF_HUB_OFFLINE``, or where that is unset or empty, ``TRANSFORMERS_OFFLINE``."""
+    name = "HF_HUB_OFFLINE" if os.environ.get("HF_HUB_OFFLINE") else "TRANSFORMERS_OFFLINE"
+    value = os.environ.get(name, "")
+    return f"{name}={value}" if value.upper() in ("1", "ON", "YES", "TRUE") else ""
 
 
 def check_offline_model_cached(config: dict) -> None:
@@ -229,7 +232,8 @@ def check_offline_model_cached(config: dict) -> None:
     job would fail at its start, after the data step (the workflow's main process checks, before any job)."""
     model = config["model"]
     name = str(model["name_or_path"])
-    if model.get("build_tiny") or Path(name).is_dir() or not hub_offline():
+    offline = hub_offline()
+    if model.get("build_tiny") or Path(name).is_dir() or not offline:
         return
     from huggingface_hub import constants, try_to_load_from_cache
 
@@ -237,7 +241,7 @@ def check_offline_model_cached(config: dict) -> None:
     if not isinstance(try_to_load_from_cache(name, "config.json", revision=model.get("revision")), str):
         at = f" at revision {model['revision']!r}" if model.get("revision") else ""
         raise ConfigError(f"model.name_or_path = {name!r}{at} is not in the local Hugging Face cache "
-                          f"({constants.HF_HUB_CACHE}), and HF_HUB_OFFLINE=1 forbids downloading it: download it where "
+                          f"({constants.HF_HUB_CACHE}), and {offline} forbids downloading it: download it where "
                           "there is network (`hf download <id>` fills the cache; `--local-dir DIR` makes a folder to "
                           "point model.name_or_path at), or point HF_HOME / HF_HUB_CACHE at the cache that holds it")
 

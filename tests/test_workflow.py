@@ -139,17 +139,21 @@ def test_a_local_model_is_known_by_its_content_and_each_run_records_what_it_load
     assert "Params have changed since last execution" in planned and "model_files_sha256=" in planned
 
 
-def test_offline_a_hub_model_missing_from_the_cache_stops_before_any_job(tmp_path, tiny_model):
+@pytest.mark.parametrize("offline", [{"HF_HUB_OFFLINE": "1"},
+                                     # huggingface_hub reads TRANSFORMERS_OFFLINE where HF_HUB_OFFLINE is unset or empty
+                                     {"HF_HUB_OFFLINE": "", "TRANSFORMERS_OFFLINE": "1"}])
+def test_offline_a_hub_model_missing_from_the_cache_stops_before_any_job(tmp_path, tiny_model, offline):
     """HF_HUB_OFFLINE=1 and the default experiment's hub model not cached: every training job would fail after the
     data step; the workflow stops before any job, naming the key and the cache. Cached, it plans the sweep."""
     import shutil
 
-    env = {**offline_env(tmp_path), "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    env = {**offline_env(tmp_path), **offline, "HF_HUB_CACHE": str(tmp_path / "hub")}
     args = ("-n", "--cores", 4, "--resources", "gpu=1", "--configfile", REPO / "config" / "config.yaml")
     proc = run_snakemake(*args, workdir=tmp_path, env=env, check=False)
     assert proc.returncode != 0
+    setting = next(f"{k}={v}" for k, v in offline.items() if v)
     assert (f"model.name_or_path = 'facebook/opt-350m' is not in the local Hugging Face cache ({tmp_path / 'hub'}), "
-            "and HF_HUB_OFFLINE=1 forbids downloading it") in proc.stdout + proc.stderr
+            f"and {setting} forbids downloading it") in proc.stdout + proc.stderr
     repo = tmp_path / "hub" / "models--facebook--opt-350m"
     shutil.copytree(tiny_model, repo / "snapshots" / ("a" * 40))
     (repo / "refs").mkdir()
