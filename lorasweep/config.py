@@ -32,6 +32,20 @@ def _key(path) -> str:
     return out or "(top level)"
 
 
+def _number_as_text_hint(value) -> str:
+    """Why a number arrived as text: quoted or written like 1e-3 in a config file, or nested in ``--config``
+    (Snakemake reads a value like ``training={epochs: 1}`` with YAML's BaseLoader, all text)."""
+    if not isinstance(value, str):
+        return ""
+    try:
+        float(value)
+    except ValueError:
+        return ""
+    return (f" (YAML reads {value} as text: write numbers unquoted, with a decimal point before an exponent, e.g. "
+            "1.0e-3; --config passes a nested or list value such as training={epochs: 1} as text: set it in a file "
+            "given with --configfile)")
+
+
 def _describe(error) -> str:
     """One line per error: the key, the value found and what is allowed."""
     key = _key(error.absolute_path)
@@ -60,19 +74,14 @@ def _describe(error) -> str:
     if v == "oneOf" and ".ranks[" in key:
         return (f"{key} = {error.instance!r}: must be a rank (integer >= 1) or {{rank, "
                 + ("" if key.startswith("methods.qlora") else "init: default|olora|pissa, ")
-                + "use_rslora: bool, use_dora: bool}")
+                + "use_rslora: bool, use_dora: bool}" + _number_as_text_hint(error.instance))
     if v in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
         op = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">", "exclusiveMaximum": "<"}[v]
         return f"{key} = {error.instance!r}: must be {op} {error.validator_value}"
     if v == "type":
         hint = ""
-        if isinstance(error.instance, str) and "number" in str(error.validator_value):
-            try:
-                float(error.instance)
-                hint = (f" (YAML reads {error.instance} as text: write numbers unquoted, with a decimal point "
-                        "before an exponent, e.g. 1.0e-3)")
-            except ValueError:
-                pass
+        if "number" in str(error.validator_value) or "integer" in str(error.validator_value):
+            hint = _number_as_text_hint(error.instance)
         if isinstance(error.instance, float) and "integer" in str(error.validator_value):
             hint = f" (a whole number, written without a decimal point: {error.instance:.0f})" \
                 if error.instance.is_integer() else ""
@@ -210,9 +219,12 @@ def _check_hub_id(name: str) -> None:
                           "facebook/opt-350m") from None
 
 
-def hub_offline() -> bool:
-    """Whether ``HF_HUB_OFFLINE`` forbids the Hugging Face libraries to download (as huggingface_hub reads it)."""
-    return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+def hub_offline() -> str:
+    """The setting that forbids the Hugging Face libraries to download (``HF_HUB_OFFLINE=1``), or "" when none does.
+    As huggingface_hub reads it: ``HF_HUB_OFFLINE``, or where that is unset or empty, ``TRANSFORMERS_OFFLINE``."""
+    name = "HF_HUB_OFFLINE" if os.environ.get("HF_HUB_OFFLINE") else "TRANSFORMERS_OFFLINE"
+    value = os.environ.get(name, "")
+    return f"{name}={value}" if value.upper() in ("1", "ON", "YES", "TRUE") else ""
 
 
 def check_offline_model_cached(config: dict) -> None:
@@ -220,7 +232,8 @@ def check_offline_model_cached(config: dict) -> None:
     job would fail at its start, after the data step (the workflow's main process checks, before any job)."""
     model = config["model"]
     name = str(model["name_or_path"])
-    if model.get("build_tiny") or Path(name).is_dir() or not hub_offline():
+    offline = hub_offline()
+    if model.get("build_tiny") or Path(name).is_dir() or not offline:
         return
     from huggingface_hub import constants, try_to_load_from_cache
 
@@ -228,7 +241,7 @@ def check_offline_model_cached(config: dict) -> None:
     if not isinstance(try_to_load_from_cache(name, "config.json", revision=model.get("revision")), str):
         at = f" at revision {model['revision']!r}" if model.get("revision") else ""
         raise ConfigError(f"model.name_or_path = {name!r}{at} is not in the local Hugging Face cache "
-                          f"({constants.HF_HUB_CACHE}), and HF_HUB_OFFLINE=1 forbids downloading it: download it where "
+                          f"({constants.HF_HUB_CACHE}), and {offline} forbids downloading it: download it where "
                           "there is network (`hf download <id>` fills the cache; `--local-dir DIR` makes a folder to "
                           "point model.name_or_path at), or point HF_HOME / HF_HUB_CACHE at the cache that holds it")
 

@@ -711,12 +711,26 @@ def _cell(text: str, limit: int = 160) -> str:
     return "`" + _printable(text).replace("`", "'").replace("|", "\\|") + "`" if text else "(empty)"
 
 
-def rerun_section(ctx: dict | None = None, configfiles=(), snakefile: str = "") -> str:
+def _config_arg(key, value) -> str:
+    """One ``--config`` entry as Snakemake reads it back (``True`` / ``False`` for booleans, ``key=`` for None)."""
+    if isinstance(value, (dict, list)):
+        import yaml
+
+        value = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+    return f"{key}=" + ("" if value is None else str(value))
+
+
+def rerun_section(ctx: dict | None = None, configfiles=(), snakefile: str = "", config_overrides=None) -> str:
     """Commands that rerun this experiment: with the config files it was run with (``--configfile`` last,
-    since it and ``--resources`` take every value after them), its ``--snakefile`` when snakemake would not find
-    it in the working directory, and one of its runs as the example."""
-    cf = (f" --snakefile {snakefile}" if snakefile else "") + \
-        ((" --configfile " + " ".join(map(str, configfiles))) if configfiles else "")
+    since it and ``--resources`` take every value after them) and its ``--config`` values, its ``--snakefile``
+    when snakemake would not find it in the working directory, and one of its runs as the example. Paths and
+    values are quoted for the shell (a folder with a space)."""
+    from shlex import quote
+
+    cf = (f" --snakefile {quote(str(snakefile))}" if snakefile else "") + \
+        ((" --config " + " ".join(quote(_config_arg(k, v)) for k, v in config_overrides.items()))
+         if config_overrides else "") + \
+        ((" --configfile " + " ".join(quote(str(f)) for f in configfiles)) if configfiles else "")
     per_seed = (ctx or {}).get("metrics_per_seed")
     example = "results/runs/lora-r128/seed42/metrics.json"
     if per_seed is not None and len(per_seed):

@@ -104,7 +104,7 @@ def _load_hint(name: str, what: str, e: Exception) -> str:
             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n"
             "Without network access, download the model elsewhere (`hf download <id> --local-dir DIR`) and either set "
             "model.name_or_path to that local directory or "
-            + ("put it in the local Hugging Face cache (HF_HUB_OFFLINE=1 is set: nothing is downloaded)."
+            + (f"put it in the local Hugging Face cache ({hub_offline()} is set: nothing is downloaded)."
                if hub_offline()
                else "set HF_HUB_OFFLINE=1 to use the local Hugging Face cache."))
 

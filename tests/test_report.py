@@ -634,6 +634,21 @@ def test_rerun_commands_name_the_snakefile_when_snakemake_would_not_find_it():
     assert "--snakefile" not in rerun_section(None, ["config/tiny.yaml"])
 
 
+def test_rerun_commands_quote_paths_with_spaces_and_keep_the_config_overrides():
+    """A checkout or config file in a folder with a space, and --config values: the commands run as printed."""
+    import shlex
+
+    from lorasweep.report import rerun_section
+
+    text = rerun_section(None, ["../my sweeps/tiny.yaml", "über.yaml"], "../lorasweep copy/Snakefile",
+                         {"seed": 1, "experiment": "x y", "seeds": None})
+    line = next(x for x in text.splitlines() if x.startswith("snakemake reports/summary.md"))
+    assert shlex.split(line.split("   # ")[0]) == [
+        "snakemake", "reports/summary.md", "--cores", "4", "--resources", "gpu=1",
+        "--snakefile", "../lorasweep copy/Snakefile", "--config", "seed=1", "experiment=x y", "seeds=",
+        "--configfile", "../my sweeps/tiny.yaml", "über.yaml"]
+
+
 def test_a_sweep_without_adapters_shows_its_samples_without_an_adapters_heading(tmp_path):
     from lorasweep.report import adapters_section
 

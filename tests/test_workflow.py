@@ -63,6 +63,19 @@ def test_invalid_config_fails_before_any_job(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
+@pytest.mark.parametrize("override, key", [("training={epochs: 1}", "training.epochs = '1'"),
+                                           ("methods={lora: {ranks: [8]}}", "methods.lora.ranks[0] = '8'"),
+                                           ("seeds=[0, 1]", "seeds[0] = '0'")])
+def test_a_nested_config_override_read_as_text_says_to_use_a_configfile(tmp_path, override, key):
+    """Snakemake reads a nested or list value of --config with YAML's BaseLoader: every number arrives as text."""
+    proc = run_snakemake("-n", "--cores", 1, "--configfile", REPO / "config" / "tiny.yaml", "--config", override,
+                         workdir=tmp_path, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and key in out
+    assert "--config passes a nested or list value such as training={epochs: 1} as text: set it in a file given " \
+           "with --configfile" in out.replace("\n", " ")
+
+
 def test_a_local_dataset_that_is_not_there_fails_before_any_job_naming_the_key(tmp_path):
     override = tmp_path / "override.yaml"
     override.write_text("dataset: {source: data/missing.json}\n")
@@ -126,17 +139,21 @@ def test_a_local_model_is_known_by_its_content_and_each_run_records_what_it_load
     assert "Params have changed since last execution" in planned and "model_files_sha256=" in planned
 
 
-def test_offline_a_hub_model_missing_from_the_cache_stops_before_any_job(tmp_path, tiny_model):
+@pytest.mark.parametrize("offline", [{"HF_HUB_OFFLINE": "1"},
+                                     # huggingface_hub reads TRANSFORMERS_OFFLINE where HF_HUB_OFFLINE is unset or empty
+                                     {"HF_HUB_OFFLINE": "", "TRANSFORMERS_OFFLINE": "1"}])
+def test_offline_a_hub_model_missing_from_the_cache_stops_before_any_job(tmp_path, tiny_model, offline):
     """HF_HUB_OFFLINE=1 and the default experiment's hub model not cached: every training job would fail after the
     data step; the workflow stops before any job, naming the key and the cache. Cached, it plans the sweep."""
     import shutil
 
-    env = {**offline_env(tmp_path), "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    env = {**offline_env(tmp_path), **offline, "HF_HUB_CACHE": str(tmp_path / "hub")}
     args = ("-n", "--cores", 4, "--resources", "gpu=1", "--configfile", REPO / "config" / "config.yaml")
     proc = run_snakemake(*args, workdir=tmp_path, env=env, check=False)
     assert proc.returncode != 0
+    setting = next(f"{k}={v}" for k, v in offline.items() if v)
     assert (f"model.name_or_path = 'facebook/opt-350m' is not in the local Hugging Face cache ({tmp_path / 'hub'}), "
-            "and HF_HUB_OFFLINE=1 forbids downloading it") in proc.stdout + proc.stderr
+            f"and {setting} forbids downloading it") in proc.stdout + proc.stderr
     repo = tmp_path / "hub" / "models--facebook--opt-350m"
     shutil.copytree(tiny_model, repo / "snapshots" / ("a" * 40))
     (repo / "refs").mkdir()
@@ -192,6 +209,53 @@ def test_seeds_and_adapter_variants_plan_one_job_per_run_and_seed(tmp_path):
             assert f"results/runs/{run}/seed{seed}/metrics.json" in proc.stdout
     assert "results/runs/lora-r8-olora/seed3/verify.json" in proc.stdout
     assert "results/runs/lora-r8-olora/seed4/verify.json" not in proc.stdout
+
+
+def test_the_workflow_runs_as_a_snakemake_module_of_another_project(tmp_path):
+    """``module lorasweep: snakefile: ...`` + ``use rule * from lorasweep``, as snakemake-workflows recommends: the
+    notebook and the scripts are found beside lorasweep's rules, not beside the other project's Snakefile."""
+    import yaml
+    from snakemake.utils import update_config
+
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    update_config(config, yaml.safe_load((REPO / "config" / "tiny.yaml").read_text()))
+    (tmp_path / "lorasweep.yaml").write_text(yaml.safe_dump(config))
+    (tmp_path / "Snakefile").write_text(
+        'configfile: "lorasweep.yaml"\n\n'
+        f'module lorasweep:\n    snakefile: "{REPO / "Snakefile"}"\n    config: config\n\n'
+        "use rule * from lorasweep as lorasweep_*\n")
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "lorasweep_all"], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stats = job_stats(proc.stdout)
+    assert stats["lorasweep_train"] == 5 and stats["lorasweep_report"] == 1
+    assert str(REPO / "workflow" / "notebooks" / "summary.ipynb") in proc.stdout
+    assert str(REPO / "workflow" / "scripts" / "collect.py") in proc.stdout
+
+
+def test_jobs_import_lorasweep_from_the_snakefiles_checkout_not_another_install(tmp_path):
+    """Snakemake puts the Snakefile's folder first on sys.path when it reads the workflow, not in its jobs: with
+    lorasweep installed from another checkout (here: this one, on PYTHONPATH), the jobs ran that checkout's code
+    while the workflow validated the config and tracked the code of its own."""
+    checkout = tmp_path / "second checkout"
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    for f in files:
+        (checkout / f).parent.mkdir(parents=True, exist_ok=True)
+        (checkout / f).write_bytes((REPO / f).read_bytes())
+    imports = tmp_path / "imports.txt"
+    with open(checkout / "lorasweep" / "__init__.py", "a") as f:
+        f.write("\nimport os as _os\nwith open(_os.environ['LORASWEEP_IMPORTS'], 'a') as _f:\n"
+                "    _f.write(__file__ + '\\n')\n")
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "results/tiny/code_alpaca_tiny.json", "-s",
+                           str(checkout / "Snakefile"), "--cores", "1", "--configfile", str(checkout / "config" / "tiny.yaml")],
+                          cwd=workdir, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "LORASWEEP_IMPORTS": str(imports)})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (workdir / "results" / "tiny" / "code_alpaca_tiny.json").is_file()
+    # the workflow and its job each imported the package, both from the second checkout
+    assert imports.read_text().splitlines() == [str(checkout / "lorasweep" / "__init__.py")] * 2
 
 
 def test_lint_is_clean():

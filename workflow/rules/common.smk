@@ -49,7 +49,17 @@ def near(path):
     return path if os.path.relpath(path).startswith("..") else os.path.relpath(path)
 
 
-NOTEBOOK = near(Path(workflow.basedir) / "workflow" / "notebooks" / "summary.ipynb")
+# the workflow/ folder, from this file's own place: workflow.basedir is the main Snakefile's folder, which is another
+# project's when lorasweep is used as a Snakemake module (module ...: snakefile: ...)
+WORKFLOW_DIR = Path(str(workflow.current_basedir)).parent
+NOTEBOOK = near(WORKFLOW_DIR / "notebooks" / "summary.ipynb")
+
+# Jobs import lorasweep from this checkout, as the workflow itself did (Snakemake puts the Snakefile's folder first on
+# sys.path when it reads the workflow, not in its jobs): with lorasweep installed from another checkout, or installed
+# without -e and since pulled, the jobs would otherwise run other code than the one validated and tracked here.
+_CHECKOUT = str(WORKFLOW_DIR.parent)
+if os.environ.get("PYTHONPATH", "").split(os.pathsep)[0] != _CHECKOUT:
+    os.environ.update(PYTHONPATH=os.pathsep.join(filter(None, [_CHECKOUT, os.environ.get("PYTHONPATH")])))
 
 
 wildcard_constraints:
@@ -118,7 +128,7 @@ PACKAGE_CODE = sorted(near(f) for f in Path(lorasweep.__file__).parent.glob("*.p
 
 def code_inputs(script):
     """The package's modules and this rule's script (``workflow/scripts/<script>``)."""
-    return [*PACKAGE_CODE, near(Path(workflow.basedir) / "workflow" / "scripts" / script)]
+    return [*PACKAGE_CODE, near(WORKFLOW_DIR / "scripts" / script)]
 
 
 def report_failures():

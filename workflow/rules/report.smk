@@ -71,6 +71,7 @@ rule report:
         # the --configfile files, for the report's rerun commands (relative to the working directory)
         configfiles=[os.path.relpath(str(f)) for f in workflow.overwrite_configfiles],
         snakefile=SNAKEFILE,
+        config_overrides=dict(workflow.config_settings.config or {}),  # its --config values, for the same commands
         first_seed=FIRST_SEED,  # whose models verify, switch and samples used (the report says so)
     log:
         "logs/report.log",
