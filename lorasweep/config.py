@@ -10,6 +10,8 @@ import copy
 import functools
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -225,6 +227,28 @@ def hub_offline() -> str:
     name = "HF_HUB_OFFLINE" if os.environ.get("HF_HUB_OFFLINE") else "TRANSFORMERS_OFFLINE"
     value = os.environ.get(name, "")
     return f"{name}={value}" if value.upper() in ("1", "ON", "YES", "TRUE") else ""
+
+
+def check_jobs_import(checkout: str | Path, python: str = sys.executable) -> None:
+    """The workflow's jobs must import lorasweep from ``checkout``, the one holding the Snakefile: Snakemake puts the
+    Snakefile's folder first on ``sys.path`` when it reads the workflow, not in its jobs (Python scripts it starts
+    with ``python``), which import the package the environment has installed. Installed from another checkout (or
+    without ``-e``, and pulled since), they would run other code than the one the workflow validated and tracks;
+    not installed, every job would fail at its import. Either stops the workflow before any job, saying what to do."""
+    want = (Path(checkout) / "lorasweep" / "__init__.py").resolve()
+    # as a job's script finds it: sys.path without the script's own folder (here -c's "")
+    probe = "import sys, importlib.util as u; sys.path.pop(0); s = u.find_spec('lorasweep'); print(s.origin if s else '')"
+    found = subprocess.run([python, "-c", probe], capture_output=True, text=True).stdout.strip()
+    if found and Path(found).resolve() == want:
+        return
+    fix = (f"install this checkout into the environment (pip install -e {str(checkout)!r}), or put it first on "
+           f"PYTHONPATH for the run (PYTHONPATH={str(checkout)!r} snakemake ...)")
+    if not found:
+        raise ConfigError(f"lorasweep is not installed in this environment ({python}): every job would fail at its "
+                          f"import; {fix}")
+    raise ConfigError(f"this environment's jobs would import lorasweep from {Path(found).parent}, not from this "
+                      f"workflow's checkout {checkout}: they would run that code, while the workflow checked and "
+                      f"tracks this one's; {fix}")
 
 
 def check_offline_model_cached(config: dict) -> None:

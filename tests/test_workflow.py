@@ -233,10 +233,11 @@ def test_the_workflow_runs_as_a_snakemake_module_of_another_project(tmp_path):
     assert str(REPO / "workflow" / "scripts" / "collect.py") in proc.stdout
 
 
-def test_jobs_import_lorasweep_from_the_snakefiles_checkout_not_another_install(tmp_path):
+def test_a_workflow_whose_jobs_would_import_another_checkouts_lorasweep_stops_before_any_job(tmp_path):
     """Snakemake puts the Snakefile's folder first on sys.path when it reads the workflow, not in its jobs: with
     lorasweep installed from another checkout (here: this one, on PYTHONPATH), the jobs ran that checkout's code
-    while the workflow validated the config and tracked the code of its own."""
+    while the workflow validated the config and tracked the code of its own. It now stops before any job, saying
+    what to do; done so (the second checkout first on PYTHONPATH), the job imports the second checkout."""
     checkout = tmp_path / "second checkout"
     files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
     for f in files:
@@ -248,12 +249,24 @@ def test_jobs_import_lorasweep_from_the_snakefiles_checkout_not_another_install(
                 "    _f.write(__file__ + '\\n')\n")
     workdir = tmp_path / "work"
     workdir.mkdir()
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "results/tiny/code_alpaca_tiny.json", "-s",
-                           str(checkout / "Snakefile"), "--cores", "1", "--configfile", str(checkout / "config" / "tiny.yaml")],
-                          cwd=workdir, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "LORASWEEP_IMPORTS": str(imports)})
+    target = "results/tiny/code_alpaca_tiny.json"
+
+    def snakemake(pythonpath):
+        return subprocess.run([sys.executable, "-m", "snakemake", target, "-s", str(checkout / "Snakefile"), "--cores",
+                               "1", "--configfile", str(checkout / "config" / "tiny.yaml")], cwd=workdir,
+                              capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(pythonpath), "LORASWEEP_IMPORTS": str(imports)})
+
+    proc = snakemake(REPO)
+    assert proc.returncode != 0 and not (workdir / target).exists()
+    said = " ".join((proc.stdout + proc.stderr).split())
+    assert (f"jobs would import lorasweep from {REPO / 'lorasweep'}, not from this workflow's checkout {checkout}"
+            in said), said[-3000:]
+    assert f"PYTHONPATH={str(checkout)!r} snakemake" in said and f"pip install -e {str(checkout)!r}" in said
+    imports.unlink()
+    proc = snakemake(checkout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert (workdir / "results" / "tiny" / "code_alpaca_tiny.json").is_file()
+    assert (workdir / target).is_file()
     # the workflow and its job each imported the package, both from the second checkout
     assert imports.read_text().splitlines() == [str(checkout / "lorasweep" / "__init__.py")] * 2
 
@@ -381,12 +394,13 @@ def test_an_update_of_the_report_code_redoes_the_report_and_retrains_nothing(tin
         copy(REPO / part, repo / part, **({"ignore": shutil.ignore_patterns("__pycache__")} if copy is shutil.copytree
                                           else {}))
     args = ["-s", repo / "Snakefile", *SWEEP_ARGS]
-    moved = run_snakemake(*args, workdir=workdir)  # its code's paths are other inputs: the cheap rules rerun
+    env = {"PYTHONPATH": str(repo)}  # its jobs import its package (else the workflow stops: another is installed)
+    moved = run_snakemake(*args, workdir=workdir, env=env)  # its code's paths are other inputs: the cheap rules rerun
     assert "rule report:" in moved.stdout + moved.stderr and "rule train:" not in moved.stdout + moved.stderr
-    assert "Nothing to be done" in run_snakemake(*args, "-n", workdir=workdir).stdout
+    assert "Nothing to be done" in run_snakemake(*args, "-n", workdir=workdir, env=env).stdout
     findings = repo / "lorasweep" / "findings.py"
     findings.write_text(findings.read_text() + "\n# an update\n")
-    planned = run_snakemake(*args, "-n", workdir=workdir).stdout
+    planned = run_snakemake(*args, "-n", workdir=workdir, env=env).stdout
     assert sorted(set(re.findall(r"^rule (\w+):", planned, re.M))) == ["all", "collect", "plot", "report"], planned[-3000:]
     assert "Updated input files: " in planned and "lorasweep/findings.py" in planned
     run_snakemake(*SWEEP_ARGS, workdir=workdir)  # back to this checkout, for the other tests of the sweep

@@ -9,8 +9,9 @@ from snakemake.exceptions import WorkflowError
 from snakemake.logging import logger
 
 import lorasweep
-from lorasweep.config import (ConfigError, Unrecorded, check_dataset_file, check_model_path, check_offline_model_cached,
-                              flat_settings, run_names, run_spec, seeds, setting_names, setting_param, validate_config)
+from lorasweep.config import (ConfigError, Unrecorded, check_dataset_file, check_jobs_import, check_model_path,
+                              check_offline_model_cached, flat_settings, run_names, run_spec, seeds, setting_names,
+                              setting_param, validate_config)
 from lorasweep.data import fingerprint, is_local_source
 from lorasweep.provenance import files_fingerprint
 from lorasweep.resume import failures_since
@@ -54,12 +55,14 @@ def near(path):
 WORKFLOW_DIR = Path(str(workflow.current_basedir)).parent
 NOTEBOOK = near(WORKFLOW_DIR / "notebooks" / "summary.ipynb")
 
-# Jobs import lorasweep from this checkout, as the workflow itself did (Snakemake puts the Snakefile's folder first on
-# sys.path when it reads the workflow, not in its jobs): with lorasweep installed from another checkout, or installed
-# without -e and since pulled, the jobs would otherwise run other code than the one validated and tracked here.
-_CHECKOUT = str(WORKFLOW_DIR.parent)
-if os.environ.get("PYTHONPATH", "").split(os.pathsep)[0] != _CHECKOUT:
-    os.environ.update(PYTHONPATH=os.pathsep.join(filter(None, [_CHECKOUT, os.environ.get("PYTHONPATH")])))
+# the jobs must import lorasweep from this checkout, as the workflow did: stop before any job, saying what to do, if
+# the environment has another installed (a second checkout, a stale non-editable install) or none; a conda
+# environment installs this checkout itself (envs/lorasweep.post-deploy.sh)
+if not workflow.deployment_settings.deployment_method:
+    try:
+        check_jobs_import(WORKFLOW_DIR.parent)
+    except ConfigError as e:
+        raise WorkflowError(str(e)) from None
 
 
 wildcard_constraints:
