@@ -932,7 +932,8 @@ def writeup_claims(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None) ->
             elif abs(diff) <= tols[(r128, r256)] * abs(m.loc[r128, col]):
                 verdict = "agrees (no measurable gain)"
             elif gain < 0:
-                verdict = "agrees (r=256 measurably worse)"
+                # "measurably": beyond the seeds' spread; with one seed there is none to measure it by
+                verdict = f"agrees (r=256 {'measurably worse' if note else 'worse'})"
             elif lo[0] == r128:  # "little" needs the gain from a lower rank up to r=128 to compare with
                 verdict = "cannot check (a measurable gain, and no rank below 128 to call it little against)"
             else:  # a measurable gain: "little" next to the gain up to r=128

@@ -193,8 +193,11 @@ def test_the_diminishing_returns_claim_reads_a_worse_r256_as_no_gain_and_a_large
     for col in ("train_loss", "train_loss_last"):
         worse.loc[worse["run"] == "lora-r256", col] = at.loc["lora-r128", col] * 1.2
         better.loc[better["run"] == "lora-r256", col] = at.loc["lora-r128", col] * 0.5
-    assert verdict(worse) == "agrees (r=256 measurably worse)"  # was "disagrees": |Δ| read as a gain
-    assert verdict(worse, "W2") == "agrees (r=256 measurably worse)"
+    assert verdict(worse) == "agrees (r=256 worse)"  # was "disagrees": |Δ| read as a gain
+    assert verdict(worse, "W2") == "agrees (r=256 worse)"  # one seed: no spread to call it measurable by
+    two = pd.concat([worse.assign(seed=0), worse.assign(seed=1)], ignore_index=True)  # replicates, no spread
+    two.loc[two["seed"] == 1, ["train_loss", "train_loss_last"]] *= 1.001
+    assert verdict(two) == verdict(two, "W2") == "agrees (r=256 measurably worse)"
     flat_before = better.copy()  # no gain from r=8 to r=128: any measurable gain after it is not "diminishing"
     flat_before.loc[flat_before["run"] == "lora-r8", "train_loss"] = at.loc["lora-r128", "train_loss"]
     assert verdict(flat_before) == "disagrees"
