@@ -126,10 +126,33 @@ def _fields_hint(rec: dict) -> str:
                        "turn) and an output (the assistant's reply)")
     if set(rec) <= {"text", "content", "id"}:
         return hint + "a plain-text corpus, with no prompt and response to tell apart, is not read"
-    renames = [f"{found[0]} -> {key}" for key, names in (("instruction", _PROMPT_NAMES), ("output", _RESPONSE_NAMES))
+    renames = [(key, found[0]) for key, names in (("instruction", _PROMPT_NAMES), ("output", _RESPONSE_NAMES))
                if key not in rec and (found := [name for name in names if name in rec])]
-    return hint + "rename the fields (no setting maps other names; a hub dataset: in a local copy)" + (
-        f": {', '.join(renames)}" if renames else "")
+    mapping = ", ".join(f"{key}: {found}" for key, found in renames)
+    return hint + "name the dataset's own fields in dataset.fields" + (
+        f" ({{{mapping}}})" if renames else ", e.g. {instruction: question, output: answer}")
+
+
+FIELDS = ("instruction", "input", "output")
+
+
+def map_fields(records: list, fields: dict | None) -> list:
+    """Records with the dataset's own field names (``dataset.fields``: ``{instruction: question, output: answer}``)
+    renamed to CodeAlpaca's; a field not named keeps its name, ``input: null`` reads none. Unchanged without one."""
+    if not fields:
+        return records
+    names = {key: fields.get(key, key) for key in FIELDS}
+    out = []
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            out.append(rec)  # check_records names it
+            continue
+        for key in ("instruction", "output"):
+            if names[key] not in rec:
+                raise DataError(f"record {i}: dataset.fields.{key} = {names[key]!r}, a field this record does not "
+                                f"have (fields: {sorted(rec)})")
+        out.append({key: rec.get(name) for key, name in names.items() if name is not None})
+    return out
 
 
 def check_records(records: list) -> tuple[list[dict], dict]:
@@ -231,11 +254,12 @@ def fingerprint(*paths: str | Path) -> str:
 
 def prepare(source: str, train_out: str | Path, eval_out: str | Path, summary_out: str | Path, *,
             split: str = "train", eval_size: float = 0.05, fraction: float = 1.0, seed: int = 42,
-            revision: str | None = None) -> dict:
-    """Load, check, format and split; write ``train.jsonl``, ``eval.jsonl`` and a summary JSON."""
+            revision: str | None = None, fields: dict | None = None) -> dict:
+    """Load, check, format and split; write ``train.jsonl``, ``eval.jsonl`` and a summary JSON. ``fields``: the
+    dataset's names for CodeAlpaca's fields (``dataset.fields``)."""
     raw = load_records(source, split, revision)
     try:
-        kept, counts = check_records(raw)
+        kept, counts = check_records(map_fields(raw, fields))
     except DataError as e:  # the job's one-line message names the file (or hub dataset) the record is in
         raise DataError(f"dataset.source = {str(source)!r}: {e}") from None
     if counts["dropped_empty_output"]:
@@ -251,6 +275,7 @@ def prepare(source: str, train_out: str | Path, eval_out: str | Path, summary_ou
     summary = {
         "source": str(source),
         "revision": revision,
+        "fields": fields or None,
         "commit": None if is_local_source(source) else hub_commit(source, revision, "dataset"),
         **counts,
         "records_kept": len(kept),

@@ -313,7 +313,8 @@ def setup_section(ctx: dict) -> str:
         f"- **Dataset**: `{data['source']}`"
         + (f" at revision `{data['revision']}`" if data.get("revision") else "")
         + (f" (commit `{data['commit'][:10]}`)" if data.get("commit") and data["commit"] != data.get("revision")
-           else "") + f": {data['records_read']:,} records read, "
+           else "") + (" (fields " + ", ".join(f"{k} ← " + (f"`{v}`" if v else "none") for k, v in data["fields"].items()) + ")"
+                       if data.get("fields") else "") + f": {data['records_read']:,} records read, "
         f"{data['dropped_empty_output']} dropped for an empty output, "
         + (f"{data['dropped_duplicates']:,} as exact repeats of another record, " if data.get("dropped_duplicates")
            else "") + f"{data['records_kept']:,} kept; "

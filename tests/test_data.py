@@ -325,9 +325,11 @@ def test_a_hub_datasets_commit_is_read_from_the_hub_cache(tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize("record, hint", [
-    ({"prompt": "Add 1 and 2.", "response": "3"}, "rename the fields .*: prompt -> instruction, response -> output"),
-    ({"question": "Add 1 and 2.", "answer": "3"}, "rename .*: question -> instruction, answer -> output"),
-    ({"instruction": "Add 1 and 2.", "answer": "3"}, r"rename .*in a local copy\): answer -> output$"),
+    ({"prompt": "Add 1 and 2.", "response": "3"},
+     r"name the dataset's own fields in dataset.fields \(\{instruction: prompt, output: response\}\)"),
+    ({"question": "Add 1 and 2.", "answer": "3"}, r"name .* dataset.fields \(\{instruction: question, output: answer\}\)"),
+    ({"instruction": "Add 1 and 2.", "answer": "3"}, r"name .* dataset.fields \(\{output: answer\}\)$"),
+    ({"ask": "Add 1 and 2.", "say": "3"}, r"name .* dataset.fields, e.g. \{instruction: question, output: answer\}$"),
     ({"messages": [{"role": "user", "content": "Add."}, {"role": "assistant", "content": "3"}]},
      r"chat records \(a list of messages\) are not read"),
     ({"text": "Add 1 and 2: 3"}, "a plain-text corpus, with no prompt and response to tell apart, is not read"),
@@ -342,6 +344,39 @@ def test_records_of_another_shape_name_the_file_and_what_to_rename(tmp_path, rec
                                              f"CodeAlpaca-style records: 'instruction', 'output' and an optional "
                                              f"'input'; {hint}"):
         data.prepare(str(src), tmp_path / "t.jsonl", tmp_path / "e.jsonl", tmp_path / "s.json")
+
+
+def test_dataset_fields_read_a_dataset_with_its_own_field_names_as_codealpacas(tmp_path):
+    """dataset.fields maps CodeAlpaca's fields to the dataset's own names: the splits are those of the same records
+    written with CodeAlpaca's names; a field not named keeps its own, input: null reads none; a mapped field a record
+    lacks is named with its setting."""
+    records = [rec(i, instruction=f"Add {i} and 1.", inp=str(i) if i % 3 else "", output=str(i + 1)) for i in range(30)]
+    mine = [{"question": r["instruction"], "context": r["input"], "answer": r["output"], "id": i}
+            for i, r in enumerate(records)]
+    theirs, ours = tmp_path / "codealpaca.jsonl", tmp_path / "mine.jsonl"
+    theirs.write_text("".join(json.dumps(r) + "\n" for r in records))
+    ours.write_text("".join(json.dumps(r) + "\n" for r in mine))
+
+    def prepared(src, fields, name):
+        out = tmp_path / name
+        out.mkdir()
+        summary = data.prepare(str(src), out / "t.jsonl", out / "e.jsonl", out / "s.json", eval_size=5, seed=3,
+                               fields=fields)
+        return (out / "t.jsonl").read_text(), (out / "e.jsonl").read_text(), summary
+
+    want = prepared(theirs, None, "a")
+    got = prepared(ours, {"instruction": "question", "input": "context", "output": "answer"}, "b")
+    assert got[:2] == want[:2] and want[2]["with_input"] > 0
+    assert got[2]["fields"] == {"instruction": "question", "input": "context", "output": "answer"}
+    assert want[2]["fields"] is None
+    no_input = prepared(ours, {"instruction": "question", "input": None, "output": "answer"}, "c")
+    assert no_input[2]["with_input"] == 0 and "### Input:" not in no_input[0] + no_input[1]
+    same_names = [{"instruction": r["instruction"], "input": r["input"], "answer": r["output"]} for r in records]
+    (tmp_path / "half.jsonl").write_text("".join(json.dumps(r) + "\n" for r in same_names))
+    assert prepared(tmp_path / "half.jsonl", {"output": "answer"}, "d")[:2] == want[:2]  # the others keep theirs
+    with pytest.raises(data.DataError, match=r"record 0: dataset.fields.output = 'response', a field this record does "
+                                             r"not have \(fields: \['answer', 'context', 'id', 'question'\]\)"):
+        prepared(ours, {"instruction": "question", "output": "response"}, "e")
 
 
 def test_a_hub_dataset_refusing_its_split_or_wanting_a_configuration_is_not_called_a_network_problem(tmp_path):

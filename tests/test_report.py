@@ -625,6 +625,9 @@ def test_the_setup_names_a_hub_datasets_revision_and_commit(tmp_path):
     assert dataset(source="org/data", revision="c" * 40, commit="c" * 40).startswith(
         f"- **Dataset**: `org/data` at revision `{'c' * 40}`: ")
     assert dataset(source="data.json").startswith("- **Dataset**: `data.json`: ")  # a summary from before
+    assert dataset(source="mine.jsonl", fields={"instruction": "question", "input": None, "output": "answer"}
+                   ).startswith("- **Dataset**: `mine.jsonl` (fields instruction ← `question`, input ← none, "
+                                "output ← `answer`): ")
 
 
 def test_rerun_commands_name_the_snakefile_when_snakemake_would_not_find_it():

@@ -407,6 +407,19 @@ def test_an_update_of_the_report_code_redoes_the_report_and_retrains_nothing(tin
 
 
 @pytest.mark.slow
+def test_the_datasets_own_field_names_prepare_the_data_again(tiny_sweep):
+    """dataset.fields is a param of the data step only when set: a sweep prepared before it existed (or without it)
+    stays up to date, and setting it prepares the data again, the dry run saying why."""
+    workdir, _ = tiny_sweep
+    assert "Nothing to be done" in run_snakemake(*SWEEP_ARGS, "-n", workdir=workdir).stdout
+    fields = workdir / "fields.yaml"
+    fields.write_text("dataset:\n  fields: {instruction: instruction, output: output}\n")
+    planned = run_snakemake(*SWEEP_ARGS, fields, "-n", workdir=workdir).stdout
+    assert re.search(r"^rule prepare_data:\n(?:    .*\n)*?    reason: Params have changed .*'instruction': "
+                     r"'instruction', 'output': 'output'", planned, re.M), planned[-3000:]
+
+
+@pytest.mark.slow
 def test_rerunning_one_rank_retrains_only_that_run(tiny_sweep):
     workdir, _ = tiny_sweep
     args = SWEEP_ARGS

@@ -28,6 +28,8 @@ rule prepare_data:
         fraction=config["dataset"]["fraction"],
         eval_size=config["dataset"]["eval_size"],
         seed=config["seed"],
+        # the dataset's own field names; a param only when set (sweeps prepared before it existed stay up to date)
+        **({"fields": config["dataset"]["fields"]} if config["dataset"]["fields"] else {}),
     log:
         "logs/prepare_data.log",
     benchmark:
