@@ -9,7 +9,9 @@ Write-up W5's advice as workflow stages. Everything here uses PEFT's own API: ``
   full-precision weights instead would add the quantization error back; re-quantizing after the merge
   (PEFT's default for a 4-bit base) would add a second rounding.
 - **verify**: the merged model against base + adapter on held-out prompts: the largest absolute logit
-  difference, whether greedy generations are identical, and the eval loss of both.
+  difference, whether greedy generations are identical, and the eval loss of both; and base + adapter against
+  the model that trained (its eval loss on the same examples at the end of training): the adapter merged is the
+  one the run trained.
 - **switch**: one base model, every LoRA adapter attached by name, scored in turn, then unloaded; the
   base must give back its original logits bit for bit.
 - **samples**: greedy completions of a few held-out instructions by the base and by every run.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import math
 from pathlib import Path
 
 from .data import read_jsonl
@@ -31,6 +34,11 @@ LORA_MAX_LOGIT_DIFF = 1e-3
 # QLoRA, merged onto the dequantized base: verify computes both sides on the CPU in fp32 (the 4-bit layers
 # dequantize to the same fp32 weights the merge started from), so the same arithmetic and the same bound, enforced.
 QLORA_MAX_LOGIT_DIFF = 1e-3
+# base + adapter's eval loss against the one training measured on the same examples, relative: training in fp32
+# computed what verify computes (1e-7 apart on the tiny preset, CPU); 16-bit training rounds its evaluation (bf16 on
+# the CPU, tiny preset: 9e-5), so there only a gross difference is caught (a damaged adapter, another scale)
+IN_TRAINING_REL_TOL = {"fp32": 1e-4}
+IN_TRAINING_REL_TOL_16BIT = 2e-2
 
 
 # These stages run on the CPU, beside training jobs that hold the GPU: PEFT would read adapter weights onto
@@ -40,6 +48,10 @@ ON_CPU = "cpu"
 
 class MergeMismatch(RuntimeError):
     pass
+
+
+class AdapterMismatch(RuntimeError):
+    """The saved adapter does not compute what the run computed when it finished training."""
 
 
 def load_base(spec: dict, quantized: bool = False):
@@ -245,15 +257,18 @@ def in_training(trained_losses, scored: dict) -> float | None:
 
 
 def verify_run(spec: dict, adapter_dir, merged_dir, eval_jsonl, out_json, n_prompts: int = 8,
-               max_new_tokens: int = 24, trained_losses=None) -> dict:
+               max_new_tokens: int = 24, trained_losses=None, trained_metrics=None) -> dict:
     """Compare the merged model with base + adapter; fail on a merge beyond tolerance. A run that diverged
     (base + adapter gives non-finite logits) has no merge worth checking: recorded as such, not failed, so the
     report still shows it.
 
     ``trained_losses`` (the run's ``eval_losses.json``): the same examples' eval loss as training measured it,
     recorded beside base + adapter's. The merge check compares the saved adapter with its merge; this compares
-    the saved adapter with the model that trained (an adapter saved or converted wrongly, a base that is not the
-    one it trained on, would differ; training's precision, bf16 on a GPU, moves it a little)."""
+    the saved adapter with the model that trained (an adapter saved or converted wrongly, changed after training
+    (another run's, an edited ``adapter_config.json``, a damaged file), a base that is not the one it trained on,
+    would differ) and fails beyond a relative tolerance set by the precision training evaluated in
+    (``trained_metrics``: the run's ``metrics.json``; 16-bit, or unknown, only a gross difference). Non-finite
+    logits where training's last evaluation was finite are such a difference, not a diverged run."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -271,16 +286,33 @@ def verify_run(spec: dict, adapter_dir, merged_dir, eval_jsonl, out_json, n_prom
     gen_a = greedy(with_adapter, tok, [r["prompt"] for r in rows], max_new_tokens)
     gen_m = greedy(merged, tok, [r["prompt"] for r in rows], max_new_tokens)
     bound = QLORA_MAX_LOGIT_DIFF if quantized else LORA_MAX_LOGIT_DIFF
-    diverged = not bool(torch.isfinite(a["logits"]).all())
+    trained = in_training(trained_losses, a)
+    trained_finite = trained is not None and math.isfinite(trained)
+    precision = (json.loads(Path(trained_metrics).read_text()).get("precision")
+                 if trained_metrics and Path(trained_metrics).is_file() else None)
+    rel_tol = IN_TRAINING_REL_TOL.get(precision, IN_TRAINING_REL_TOL_16BIT)
+    # non-finite logits are a diverged run's only when training's last evaluation was not finite either (or unknown)
+    diverged = not bool(torch.isfinite(a["logits"]).all()) and not trained_finite
+    as_trained = (None if not trained_finite
+                  else math.isfinite(a["loss"]) and abs(a["loss"] - trained) <= rel_tol * abs(trained))
     result = {"run": spec["run"], "quantized": quantized, "prompts": len(rows), "diverged": diverged,
               "max_abs_logit_diff": diff, "tolerance": bound, "within_tolerance": None if diverged else diff <= bound,
               "greedy_identical": gen_a == gen_m, "greedy_identical_count": sum(x == y for x, y in zip(gen_a, gen_m)),
               "eval_loss_adapter": a["loss"], "eval_loss_merged": m["loss"],
-              "eval_loss_in_training": in_training(trained_losses, a),
+              "eval_loss_in_training": trained, "training_precision": precision,
+              "in_training_rel_tolerance": rel_tol, "adapter_as_trained": as_trained,
               "merged_onto": "dequantized 4-bit base" if quantized else "base weights"}
     Path(out_json).write_text(json.dumps(result, indent=2) + "\n")
     log.info("%s: max |logit diff| %.2e (tolerance %.0e), greedy identical %d/%d, loss %.5f vs %.5f", spec["run"],
              diff, bound, result["greedy_identical_count"], len(rows), a["loss"], m["loss"])
+    if as_trained is False:
+        metrics = trained_metrics or Path(adapter_dir).parent / "metrics.json"  # the run's: retraining it is the fix
+        raise AdapterMismatch(
+            f"{spec['run']}: base + adapter gives eval loss {a['loss']:.5f} on {len(rows)} held-out examples, the run "
+            f"measured {trained:.5f} on the same examples at the end of training ({precision or 'precision unknown'};"
+            f" tolerance {rel_tol:g} relative): the adapter in {adapter_dir} does not compute what the model that "
+            "trained computed (changed since training: another run's adapter, an edited adapter_config.json, a "
+            f"damaged file; or saved wrongly). Do not deploy it; retrain it: snakemake --forcerun {metrics}")
     if diverged:
         log.warning("%s: base + adapter gives non-finite logits (the run diverged): its merge is not checked",
                     spec["run"])
