@@ -54,6 +54,23 @@ class AdapterMismatch(RuntimeError):
     """The saved adapter does not compute what the run computed when it finished training."""
 
 
+def with_adapter(base, adapter_dir, name: str = "default", onto=None):
+    """``base`` + the adapter saved in ``adapter_dir`` (PEFT's ``PeftModel.from_pretrained``, on the CPU); with
+    ``onto`` (a PeftModel holding others already) loaded beside them by ``name`` (``load_adapter``). An adapter
+    that does not load (a damaged or incomplete file) fails naming its folder, not with the reader's bare error."""
+    from peft import PeftModel
+
+    try:
+        if onto is None:
+            return PeftModel.from_pretrained(base, str(adapter_dir), adapter_name=name, torch_device=ON_CPU)
+        onto.load_adapter(str(adapter_dir), adapter_name=name, torch_device=ON_CPU)
+        return onto
+    except Exception as e:
+        raise AdapterMismatch(f"the adapter saved in {adapter_dir} does not load: {type(e).__name__}: {e} (a damaged "
+                              "or incomplete file? retrain its run: snakemake --forcerun "
+                              f"{Path(adapter_dir).parent / 'metrics.json'})") from e
+
+
 def load_base(spec: dict, quantized: bool = False):
     """The run's base model on the CPU in fp32, loaded as training loads it (:func:`lorasweep.train.load_model`:
     safetensors only, the same errors); with ``quantized`` the 4-bit base it trained on (computing in fp32)."""
@@ -220,7 +237,6 @@ def check_saved(model, out_dir, trust_remote_code: bool = False) -> None:
 def merge_run(spec: dict, adapter_dir, out_dir) -> Path:
     """Merge a LoRA / QLoRA adapter into its base and save model + tokenizer (safetensors), then check that the
     saved model loads back as the merge (:func:`check_saved`)."""
-    from peft import PeftModel
 
     from .train import load_tokenizer
 
@@ -231,7 +247,7 @@ def merge_run(spec: dict, adapter_dir, out_dir) -> Path:
                  spec["quantization"]["quant_type"])
     else:
         base = load_base(spec)
-    merged = PeftModel.from_pretrained(base, str(adapter_dir), torch_device=ON_CPU).merge_and_unload()
+    merged = with_adapter(base, adapter_dir).merge_and_unload()
     out_dir = Path(out_dir)
     merged.save_pretrained(out_dir, safe_serialization=True)
     load_tokenizer(spec).save_pretrained(out_dir)  # the one it trained with (a pad token, for batched use)
@@ -270,7 +286,6 @@ def verify_run(spec: dict, adapter_dir, merged_dir, eval_jsonl, out_json, n_prom
     (``trained_metrics``: the run's ``metrics.json``; 16-bit, or unknown, only a gross difference). Non-finite
     logits where training's last evaluation was finite are such a difference, not a diverged run."""
     import torch
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     quantized = bool(spec["quantization"])
@@ -278,12 +293,12 @@ def verify_run(spec: dict, adapter_dir, merged_dir, eval_jsonl, out_json, n_prom
     max_length = spec["training"].get("max_length")
     rows = held_out(eval_jsonl, n_prompts, tok, max_length)  # the examples training evaluated
     batch = _batch(tok, rows, max_length)
-    with_adapter = PeftModel.from_pretrained(load_base(spec, quantized), str(adapter_dir), torch_device=ON_CPU).eval()
+    adapted = with_adapter(load_base(spec, quantized), adapter_dir).eval()
     merged = AutoModelForCausalLM.from_pretrained(  # plain transformers
         merged_dir, use_safetensors=True, trust_remote_code=spec["model"]["trust_remote_code"]).eval()
-    a, m = score(with_adapter, batch), score(merged, batch)
+    a, m = score(adapted, batch), score(merged, batch)
     diff = float((a["logits"] - m["logits"]).abs().max())
-    gen_a = greedy(with_adapter, tok, [r["prompt"] for r in rows], max_new_tokens)
+    gen_a = greedy(adapted, tok, [r["prompt"] for r in rows], max_new_tokens)
     gen_m = greedy(merged, tok, [r["prompt"] for r in rows], max_new_tokens)
     bound = QLORA_MAX_LOGIT_DIFF if quantized else LORA_MAX_LOGIT_DIFF
     trained = in_training(trained_losses, a)
@@ -328,7 +343,6 @@ def verify_run(spec: dict, adapter_dir, merged_dir, eval_jsonl, out_json, n_prom
 def switch_adapters(spec: dict, adapters: dict[str, str], eval_jsonl, out_json, n_prompts: int = 8) -> dict:
     """Load the base once, attach every adapter by name, score each, unload, check the base is untouched."""
     import torch
-    from peft import PeftModel
 
     from .train import load_tokenizer
 
@@ -337,9 +351,9 @@ def switch_adapters(spec: dict, adapters: dict[str, str], eval_jsonl, out_json, 
     base = load_base(spec)
     before = score(base, batch)
     names = list(adapters)
-    model = PeftModel.from_pretrained(base, adapters[names[0]], adapter_name=names[0], torch_device=ON_CPU)
+    model = with_adapter(base, adapters[names[0]], names[0])
     for name in names[1:]:
-        model.load_adapter(adapters[name], adapter_name=name, torch_device=ON_CPU)
+        with_adapter(base, adapters[name], name, onto=model)
     results = []
     for name in names:
         model.set_adapter(name)
@@ -372,7 +386,6 @@ def _instruction_and_input(prompt: str) -> dict:
 def sample_runs(specs: dict[str, dict], models: dict[str, str], eval_jsonl, out_json, n: int = 3,
                 max_new_tokens: int = 48) -> list[dict]:
     """Greedy completions of the first ``n`` held-out instructions: the base model, then every run."""
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from .train import load_tokenizer
@@ -386,8 +399,7 @@ def sample_runs(specs: dict[str, dict], models: dict[str, str], eval_jsonl, out_
         out[i]["completions"]["base (untrained)"] = text
     for run, path in models.items():
         if (Path(path) / "adapter_config.json").exists():
-            model = PeftModel.from_pretrained(load_base(specs[run], bool(specs[run]["quantization"])), path,
-                                              torch_device=ON_CPU).eval()
+            model = with_adapter(load_base(specs[run], bool(specs[run]["quantization"])), path).eval()
         else:
             model = AutoModelForCausalLM.from_pretrained(
                 path, use_safetensors=True, trust_remote_code=specs[run]["model"]["trust_remote_code"]).eval()

@@ -474,7 +474,8 @@ def test_verify_refuses_an_adapter_that_does_not_compute_what_the_run_trained(ti
     """The merge check compares the saved adapter with its own merge, so an adapter changed after training (an
     edited lora_alpha, another run's adapter, a damaged file) merged and verified as fine, and NaN weights read as a
     diverged run. verify compares base + adapter with the eval loss the run measured at its end on the same
-    examples, and fails naming both; a run whose own last evaluation was not finite is still a diverged run."""
+    examples, and fails naming both; a run whose own last evaluation was not finite is still a diverged run. An
+    adapter file that does not load fails naming its folder."""
     import math
 
     from safetensors.torch import load_file, save_file
@@ -517,3 +518,9 @@ def test_verify_refuses_an_adapter_that_does_not_compute_what_the_run_trained(ti
     v = verify("diverged")
     assert v["diverged"] and v["within_tolerance"] is None and v["adapter_as_trained"] is None
     assert math.isnan(v["eval_loss_adapter"])
+
+    data = (adapter / "adapter_model.safetensors").read_bytes()  # a file cut short: named, with the way to redo it
+    (adapter / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(AdapterMismatch, match=f"the adapter saved in {adapter} does not load: SafetensorError: .* "
+                                              f"retrain its run: snakemake --forcerun {out / 'metrics.json'}"):
+        merge_run(spec, adapter, tmp_path / "cut")
