@@ -9,7 +9,9 @@ Write-up W5's advice as workflow stages. Everything here uses PEFT's own API: ``
   full-precision weights instead would add the quantization error back; re-quantizing after the merge
   (PEFT's default for a 4-bit base) would add a second rounding.
 - **verify**: the merged model against base + adapter on held-out prompts: the largest absolute logit
-  difference, whether greedy generations are identical, and the eval loss of both.
+  difference, whether greedy generations are identical, and the eval loss of both; and base + adapter against
+  the model that trained (its eval loss on the same examples at the end of training): the adapter merged is the
+  one the run trained.
 - **switch**: one base model, every LoRA adapter attached by name, scored in turn, then unloaded; the
   base must give back its original logits bit for bit.
 - **samples**: greedy completions of a few held-out instructions by the base and by every run.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import math
 from pathlib import Path
 
 from .data import read_jsonl
@@ -31,6 +34,11 @@ LORA_MAX_LOGIT_DIFF = 1e-3
 # QLoRA, merged onto the dequantized base: verify computes both sides on the CPU in fp32 (the 4-bit layers
 # dequantize to the same fp32 weights the merge started from), so the same arithmetic and the same bound, enforced.
 QLORA_MAX_LOGIT_DIFF = 1e-3
+# base + adapter's eval loss against the one training measured on the same examples, relative: training in fp32
+# computed what verify computes (1e-7 apart on the tiny preset, CPU); 16-bit training rounds its evaluation (bf16 on
+# the CPU, tiny preset: 9e-5), so there only a gross difference is caught (a damaged adapter, another scale)
+IN_TRAINING_REL_TOL = {"fp32": 1e-4}
+IN_TRAINING_REL_TOL_16BIT = 2e-2
 
 
 # These stages run on the CPU, beside training jobs that hold the GPU: PEFT would read adapter weights onto
@@ -40,6 +48,27 @@ ON_CPU = "cpu"
 
 class MergeMismatch(RuntimeError):
     pass
+
+
+class AdapterMismatch(RuntimeError):
+    """The saved adapter does not compute what the run computed when it finished training."""
+
+
+def with_adapter(base, adapter_dir, name: str = "default", onto=None):
+    """``base`` + the adapter saved in ``adapter_dir`` (PEFT's ``PeftModel.from_pretrained``, on the CPU); with
+    ``onto`` (a PeftModel holding others already) loaded beside them by ``name`` (``load_adapter``). An adapter
+    that does not load (a damaged or incomplete file) fails naming its folder, not with the reader's bare error."""
+    from peft import PeftModel
+
+    try:
+        if onto is None:
+            return PeftModel.from_pretrained(base, str(adapter_dir), adapter_name=name, torch_device=ON_CPU)
+        onto.load_adapter(str(adapter_dir), adapter_name=name, torch_device=ON_CPU)
+        return onto
+    except Exception as e:
+        raise AdapterMismatch(f"the adapter saved in {adapter_dir} does not load: {type(e).__name__}: {e} (a damaged "
+                              "or incomplete file? retrain its run: snakemake --forcerun "
+                              f"{Path(adapter_dir).parent / 'metrics.json'})") from e
 
 
 def load_base(spec: dict, quantized: bool = False):
@@ -208,7 +237,6 @@ def check_saved(model, out_dir, trust_remote_code: bool = False) -> None:
 def merge_run(spec: dict, adapter_dir, out_dir) -> Path:
     """Merge a LoRA / QLoRA adapter into its base and save model + tokenizer (safetensors), then check that the
     saved model loads back as the merge (:func:`check_saved`)."""
-    from peft import PeftModel
 
     from .train import load_tokenizer
 
@@ -219,7 +247,7 @@ def merge_run(spec: dict, adapter_dir, out_dir) -> Path:
                  spec["quantization"]["quant_type"])
     else:
         base = load_base(spec)
-    merged = PeftModel.from_pretrained(base, str(adapter_dir), torch_device=ON_CPU).merge_and_unload()
+    merged = with_adapter(base, adapter_dir).merge_and_unload()
     out_dir = Path(out_dir)
     merged.save_pretrained(out_dir, safe_serialization=True)
     load_tokenizer(spec).save_pretrained(out_dir)  # the one it trained with (a pad token, for batched use)
@@ -245,17 +273,19 @@ def in_training(trained_losses, scored: dict) -> float | None:
 
 
 def verify_run(spec: dict, adapter_dir, merged_dir, eval_jsonl, out_json, n_prompts: int = 8,
-               max_new_tokens: int = 24, trained_losses=None) -> dict:
+               max_new_tokens: int = 24, trained_losses=None, trained_metrics=None) -> dict:
     """Compare the merged model with base + adapter; fail on a merge beyond tolerance. A run that diverged
     (base + adapter gives non-finite logits) has no merge worth checking: recorded as such, not failed, so the
     report still shows it.
 
     ``trained_losses`` (the run's ``eval_losses.json``): the same examples' eval loss as training measured it,
     recorded beside base + adapter's. The merge check compares the saved adapter with its merge; this compares
-    the saved adapter with the model that trained (an adapter saved or converted wrongly, a base that is not the
-    one it trained on, would differ; training's precision, bf16 on a GPU, moves it a little)."""
+    the saved adapter with the model that trained (an adapter saved or converted wrongly, changed after training
+    (another run's, an edited ``adapter_config.json``, a damaged file), a base that is not the one it trained on,
+    would differ) and fails beyond a relative tolerance set by the precision training evaluated in
+    (``trained_metrics``: the run's ``metrics.json``; 16-bit, or unknown, only a gross difference). Non-finite
+    logits where training's last evaluation was finite are such a difference, not a diverged run."""
     import torch
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     quantized = bool(spec["quantization"])
@@ -263,24 +293,41 @@ def verify_run(spec: dict, adapter_dir, merged_dir, eval_jsonl, out_json, n_prom
     max_length = spec["training"].get("max_length")
     rows = held_out(eval_jsonl, n_prompts, tok, max_length)  # the examples training evaluated
     batch = _batch(tok, rows, max_length)
-    with_adapter = PeftModel.from_pretrained(load_base(spec, quantized), str(adapter_dir), torch_device=ON_CPU).eval()
+    adapted = with_adapter(load_base(spec, quantized), adapter_dir).eval()
     merged = AutoModelForCausalLM.from_pretrained(  # plain transformers
         merged_dir, use_safetensors=True, trust_remote_code=spec["model"]["trust_remote_code"]).eval()
-    a, m = score(with_adapter, batch), score(merged, batch)
+    a, m = score(adapted, batch), score(merged, batch)
     diff = float((a["logits"] - m["logits"]).abs().max())
-    gen_a = greedy(with_adapter, tok, [r["prompt"] for r in rows], max_new_tokens)
+    gen_a = greedy(adapted, tok, [r["prompt"] for r in rows], max_new_tokens)
     gen_m = greedy(merged, tok, [r["prompt"] for r in rows], max_new_tokens)
     bound = QLORA_MAX_LOGIT_DIFF if quantized else LORA_MAX_LOGIT_DIFF
-    diverged = not bool(torch.isfinite(a["logits"]).all())
+    trained = in_training(trained_losses, a)
+    trained_finite = trained is not None and math.isfinite(trained)
+    precision = (json.loads(Path(trained_metrics).read_text()).get("precision")
+                 if trained_metrics and Path(trained_metrics).is_file() else None)
+    rel_tol = IN_TRAINING_REL_TOL.get(precision, IN_TRAINING_REL_TOL_16BIT)
+    # non-finite logits are a diverged run's only when training's last evaluation was not finite either (or unknown)
+    diverged = not bool(torch.isfinite(a["logits"]).all()) and not trained_finite
+    as_trained = (None if not trained_finite
+                  else math.isfinite(a["loss"]) and abs(a["loss"] - trained) <= rel_tol * abs(trained))
     result = {"run": spec["run"], "quantized": quantized, "prompts": len(rows), "diverged": diverged,
               "max_abs_logit_diff": diff, "tolerance": bound, "within_tolerance": None if diverged else diff <= bound,
               "greedy_identical": gen_a == gen_m, "greedy_identical_count": sum(x == y for x, y in zip(gen_a, gen_m)),
               "eval_loss_adapter": a["loss"], "eval_loss_merged": m["loss"],
-              "eval_loss_in_training": in_training(trained_losses, a),
+              "eval_loss_in_training": trained, "training_precision": precision,
+              "in_training_rel_tolerance": rel_tol, "adapter_as_trained": as_trained,
               "merged_onto": "dequantized 4-bit base" if quantized else "base weights"}
     Path(out_json).write_text(json.dumps(result, indent=2) + "\n")
     log.info("%s: max |logit diff| %.2e (tolerance %.0e), greedy identical %d/%d, loss %.5f vs %.5f", spec["run"],
              diff, bound, result["greedy_identical_count"], len(rows), a["loss"], m["loss"])
+    if as_trained is False:
+        metrics = trained_metrics or Path(adapter_dir).parent / "metrics.json"  # the run's: retraining it is the fix
+        raise AdapterMismatch(
+            f"{spec['run']}: base + adapter gives eval loss {a['loss']:.5f} on {len(rows)} held-out examples, the run "
+            f"measured {trained:.5f} on the same examples at the end of training ({precision or 'precision unknown'};"
+            f" tolerance {rel_tol:g} relative): the adapter in {adapter_dir} does not compute what the model that "
+            "trained computed (changed since training: another run's adapter, an edited adapter_config.json, a "
+            f"damaged file; or saved wrongly). Do not deploy it; retrain it: snakemake --forcerun {metrics}")
     if diverged:
         log.warning("%s: base + adapter gives non-finite logits (the run diverged): its merge is not checked",
                     spec["run"])
@@ -296,7 +343,6 @@ def verify_run(spec: dict, adapter_dir, merged_dir, eval_jsonl, out_json, n_prom
 def switch_adapters(spec: dict, adapters: dict[str, str], eval_jsonl, out_json, n_prompts: int = 8) -> dict:
     """Load the base once, attach every adapter by name, score each, unload, check the base is untouched."""
     import torch
-    from peft import PeftModel
 
     from .train import load_tokenizer
 
@@ -305,9 +351,9 @@ def switch_adapters(spec: dict, adapters: dict[str, str], eval_jsonl, out_json, 
     base = load_base(spec)
     before = score(base, batch)
     names = list(adapters)
-    model = PeftModel.from_pretrained(base, adapters[names[0]], adapter_name=names[0], torch_device=ON_CPU)
+    model = with_adapter(base, adapters[names[0]], names[0])
     for name in names[1:]:
-        model.load_adapter(adapters[name], adapter_name=name, torch_device=ON_CPU)
+        with_adapter(base, adapters[name], name, onto=model)
     results = []
     for name in names:
         model.set_adapter(name)
@@ -340,7 +386,6 @@ def _instruction_and_input(prompt: str) -> dict:
 def sample_runs(specs: dict[str, dict], models: dict[str, str], eval_jsonl, out_json, n: int = 3,
                 max_new_tokens: int = 48) -> list[dict]:
     """Greedy completions of the first ``n`` held-out instructions: the base model, then every run."""
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from .train import load_tokenizer
@@ -354,8 +399,7 @@ def sample_runs(specs: dict[str, dict], models: dict[str, str], eval_jsonl, out_
         out[i]["completions"]["base (untrained)"] = text
     for run, path in models.items():
         if (Path(path) / "adapter_config.json").exists():
-            model = PeftModel.from_pretrained(load_base(specs[run], bool(specs[run]["quantization"])), path,
-                                              torch_device=ON_CPU).eval()
+            model = with_adapter(load_base(specs[run], bool(specs[run]["quantization"])), path).eval()
         else:
             model = AutoModelForCausalLM.from_pretrained(
                 path, use_safetensors=True, trust_remote_code=specs[run]["model"]["trust_remote_code"]).eval()

@@ -667,7 +667,8 @@ def adapters_section(verify_jsons=(), switch_json=None, samples_json=None, first
                 "fp32, from the same dequantized weights). A QLoRA merge onto the original full-precision weights "
                 "would differ by the quantization error. *In training*: the same examples' eval loss as the run "
                 "measured it at its end, in its own precision (bf16 on a GPU moves it a little): the saved adapter "
-                "computes what the model that trained computed.", ""]
+                "computes what the model that trained computed, or the workflow fails (beyond 1e-4 relative after "
+                "fp32 training; after 16-bit training, whose evaluation rounds, beyond 2e-2).", ""]
     if switch_json and Path(switch_json).is_file():
         sw = json.loads(Path(switch_json).read_text())
         out += [f"**Switching** (one full-precision base model, every LoRA adapter ({seed}) attached by "

@@ -69,8 +69,8 @@ def test_olora_and_pissa_move_base_weight_into_the_adapter_and_still_merge_exact
     diff = (score(trained.eval(), batch)["logits"] - score(merged, batch)["logits"]).abs().max()
     assert diff < 1e-4
     result = verify_run(spec, out / "model", merged_dir, tiny_data["eval"], tmp_path / "verify.json", n_prompts=4,
-                        max_new_tokens=4)
-    assert result["within_tolerance"] and result["greedy_identical"]
+                        max_new_tokens=4, trained_losses=out / "eval_losses.json", trained_metrics=out / "metrics.json")
+    assert result["within_tolerance"] and result["greedy_identical"] and result["adapter_as_trained"]
 
 
 def test_rslora_and_dora_reach_peft(tiny_config, tiny_model):
@@ -468,3 +468,59 @@ def test_greedy_samples_stop_where_the_models_positions_end(tiny_data, tmp_path)
     assert 24 <= n <= 32
     texts = greedy(model, tok, [prompt, " ".join(["word"] * 200)], max_new_tokens=24)
     assert len(tok(texts[0], add_special_tokens=False)["input_ids"]) <= 32 - n + 1 and texts[1] == ""
+
+
+def test_verify_refuses_an_adapter_that_does_not_compute_what_the_run_trained(tiny_config, tiny_data, tmp_path):
+    """The merge check compares the saved adapter with its own merge, so an adapter changed after training (an
+    edited lora_alpha, another run's adapter, a damaged file) merged and verified as fine, and NaN weights read as a
+    diverged run. verify compares base + adapter with the eval loss the run measured at its end on the same
+    examples, and fails naming both; a run whose own last evaluation was not finite is still a diverged run. An
+    adapter file that does not load fails naming its folder."""
+    import math
+
+    from safetensors.torch import load_file, save_file
+
+    from lorasweep.adapters import AdapterMismatch, merge_run, verify_run
+    from lorasweep.train import train_run
+
+    spec = run_spec(tiny_config(max_steps=4, evals=1), "lora-r8")
+    out = tmp_path / "run"
+    train_run(spec, tiny_data["train"], tiny_data["eval"], out, threads=2)
+    adapter, trained = out / "model", {"trained_losses": out / "eval_losses.json",
+                                       "trained_metrics": out / "metrics.json"}
+
+    def verify(name):
+        merged = merge_run(spec, adapter, tmp_path / name)
+        return verify_run(spec, adapter, merged, tiny_data["eval"], tmp_path / f"{name}.json", n_prompts=4,
+                          max_new_tokens=2, **trained)
+
+    v = verify("merged")
+    assert v["adapter_as_trained"] and v["training_precision"] == "fp32" and v["in_training_rel_tolerance"] == 1e-4
+
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 2 * config["lora_alpha"]}))
+    with pytest.raises(AdapterMismatch, match=r"lora-r8: base \+ adapter gives eval loss .* the run measured .* at "
+                                              r"the end of training \(fp32; tolerance 0.0001 relative\): the adapter "
+                                              r"in .* does not compute what the model that trained computed"):
+        verify("alpha")
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+
+    weights = load_file(adapter / "adapter_model.safetensors")
+    name = next(k for k in weights if "lora_B" in k)
+    save_file({**weights, name: torch.full_like(weights[name], float("nan"))}, adapter / "adapter_model.safetensors")
+    with pytest.raises(AdapterMismatch, match="gives eval loss nan .* the run measured"):  # not "the run diverged"
+        verify("nan")
+
+    losses = json.loads(trained["trained_losses"].read_text())  # a run that did diverge: its last evaluation NaN
+    trained["trained_losses"] = tmp_path / "diverged_eval_losses.json"
+    trained["trained_losses"].write_text(json.dumps(
+        {**losses, "final": [{**r, "loss_sum": float("nan")} for r in losses["final"]]}))
+    v = verify("diverged")
+    assert v["diverged"] and v["within_tolerance"] is None and v["adapter_as_trained"] is None
+    assert math.isnan(v["eval_loss_adapter"])
+
+    data = (adapter / "adapter_model.safetensors").read_bytes()  # a file cut short: named, with the way to redo it
+    (adapter / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(AdapterMismatch, match=f"the adapter saved in {adapter} does not load: SafetensorError: .* "
+                                              f"retrain its run: snakemake --forcerun {out / 'metrics.json'}"):
+        merge_run(spec, adapter, tmp_path / "cut")

@@ -591,8 +591,9 @@ def test_a_diverging_run_finishes_with_its_losses_as_measured(tiny_config, tiny_
     assert math.isnan(m["eval_loss"]) and m["train_nonfinite_logs"] >= 1 and m["train_logs"] == 6
     merged = merge_run(spec, tmp_path / "lora" / "model", tmp_path / "merged")
     result = verify_run(spec, tmp_path / "lora" / "model", merged, tiny_data["eval"], tmp_path / "verify.json",
-                        n_prompts=2, max_new_tokens=2)
-    assert result["diverged"] and result["within_tolerance"] is None
+                        n_prompts=2, max_new_tokens=2, trained_losses=tmp_path / "lora" / "eval_losses.json",
+                        trained_metrics=tmp_path / "lora" / "metrics.json")  # as the workflow calls it
+    assert result["diverged"] and result["within_tolerance"] is None and result["adapter_as_trained"] is None
 
 
 def test_perplexity_is_exp_of_eval_loss(tiny_config, tiny_data, tmp_path):

@@ -339,14 +339,14 @@ def test_tiny_sweep_produces_metrics_figures_and_report(tiny_sweep):
 def test_every_adapter_is_merged_verified_and_switched(tiny_sweep, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from lorasweep.adapters import MergeMismatch, verify_run
+    from lorasweep.adapters import AdapterMismatch, MergeMismatch, verify_run
     from lorasweep.config import run_spec, validate_config
 
     workdir, _ = tiny_sweep
     runs = workdir / "results" / "runs"
     for run in ("lora-r8", "lora-r128", "lora-r256", "qlora-r8"):
         v = json.loads((runs / run / "seed0" / "verify.json").read_text())
-        assert v["within_tolerance"] and v["greedy_identical"], v
+        assert v["within_tolerance"] and v["greedy_identical"] and v["adapter_as_trained"], v
         assert v["eval_loss_merged"] == pytest.approx(v["eval_loss_adapter"], abs=1e-4)
         model = AutoModelForCausalLM.from_pretrained(runs / run / "seed0" / "merged")  # plain transformers, no PEFT
         assert not any("lora" in n for n, _ in model.named_parameters())
@@ -369,6 +369,12 @@ def test_every_adapter_is_merged_verified_and_switched(tiny_sweep, tmp_path):
     with pytest.raises(MergeMismatch, match="do not deploy this merge"):
         verify_run(spec, runs / "lora-r8" / "seed0" / "model", runs / "lora-r256" / "seed0" / "merged",
                    workdir / "results" / "data" / "eval.jsonl", tmp_path / "verify.json")
+    # another run's adapter in lora-r8's place, merged: the merge matches it, but it is not what lora-r8 trained
+    with pytest.raises(AdapterMismatch, match="lora-r8: base .* does not compute what the model that trained"):
+        verify_run(spec, runs / "lora-r128" / "seed0" / "model", runs / "lora-r128" / "seed0" / "merged",
+                   workdir / "results" / "data" / "eval.jsonl", tmp_path / "verify.json",
+                   trained_losses=runs / "lora-r8" / "seed0" / "eval_losses.json",
+                   trained_metrics=runs / "lora-r8" / "seed0" / "metrics.json")
 
 
 @pytest.mark.slow

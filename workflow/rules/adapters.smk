@@ -29,6 +29,7 @@ rule verify:
         merged="results/runs/{run}/seed{seed}/merged",
         eval="results/data/eval.jsonl",
         trained="results/runs/{run}/seed{seed}/eval_losses.json",
+        metrics="results/runs/{run}/seed{seed}/metrics.json",  # the precision training evaluated in
     output:
         verify="results/runs/{run}/seed{seed}/verify.json",
     params:
