@@ -35,8 +35,10 @@ LORA_MAX_LOGIT_DIFF = 1e-3
 # dequantize to the same fp32 weights the merge started from), so the same arithmetic and the same bound, enforced.
 QLORA_MAX_LOGIT_DIFF = 1e-3
 # base + adapter's eval loss against the one training measured on the same examples, relative: training in fp32
-# computed what verify computes (1e-7 apart on the tiny preset, CPU); 16-bit training rounds its evaluation (bf16 on
-# the CPU, tiny preset: 9e-5), so there only a gross difference is caught (a damaged adapter, another scale)
+# computed what verify computes (1e-7 apart on the tiny preset, CPU): beyond the bound, verify fails. 16-bit training
+# rounds its evaluation (bf16 on the CPU, tiny preset: 9e-5; on a GPU, with LoRA's frozen base held in bf16 where
+# verify's is fp32, not measured yet): beyond this coarser bound the difference is recorded, warned of and flagged in
+# the report, not failed (non-finite logits where training's were finite always fail)
 IN_TRAINING_REL_TOL = {"fp32": 1e-4}
 IN_TRAINING_REL_TOL_16BIT = 2e-2
 
@@ -322,12 +324,15 @@ def verify_run(spec: dict, adapter_dir, merged_dir, eval_jsonl, out_json, n_prom
              diff, bound, result["greedy_identical_count"], len(rows), a["loss"], m["loss"])
     if as_trained is False:
         metrics = trained_metrics or Path(adapter_dir).parent / "metrics.json"  # the run's: retraining it is the fix
-        raise AdapterMismatch(
+        message = (
             f"{spec['run']}: base + adapter gives eval loss {a['loss']:.5f} on {len(rows)} held-out examples, the run "
             f"measured {trained:.5f} on the same examples at the end of training ({precision or 'precision unknown'};"
             f" tolerance {rel_tol:g} relative): the adapter in {adapter_dir} does not compute what the model that "
             "trained computed (changed since training: another run's adapter, an edited adapter_config.json, a "
             f"damaged file; or saved wrongly). Do not deploy it; retrain it: snakemake --forcerun {metrics}")
+        if precision in IN_TRAINING_REL_TOL or not math.isfinite(a["loss"]):
+            raise AdapterMismatch(message)
+        log.warning("%s (not failed: after 16-bit training this bound is not measured; the report flags it)", message)
     if diverged:
         log.warning("%s: base + adapter gives non-finite logits (the run diverged): its merge is not checked",
                     spec["run"])

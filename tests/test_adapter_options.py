@@ -504,6 +504,19 @@ def test_verify_refuses_an_adapter_that_does_not_compute_what_the_run_trained(ti
                                               r"in .* does not compute what the model that trained computed"):
         verify("alpha")
     (adapter / "adapter_config.json").write_text(json.dumps(config))
+    # after 16-bit training (its evaluation rounded; the bound not measured on a GPU): warned of and recorded
+    bf16 = tmp_path / "bf16_metrics.json"
+    bf16.write_text(json.dumps({**json.loads(trained["trained_metrics"].read_text()), "precision": "bf16"}))
+    # training's own evaluation 5% away (as a changed adapter would be), recorded in bf16
+    losses = json.loads(trained["trained_losses"].read_text())
+    off = tmp_path / "off_eval_losses.json"
+    off.write_text(json.dumps({**losses, "final": [{**r, "loss_sum": 1.05 * r["loss_sum"]} for r in losses["final"]]}))
+    v = verify_run(spec, adapter, merge_run(spec, adapter, tmp_path / "bf16"), tiny_data["eval"],
+                   tmp_path / "bf16.json", n_prompts=4, max_new_tokens=2, trained_losses=off, trained_metrics=bf16)
+    assert v["adapter_as_trained"] is False and v["in_training_rel_tolerance"] == 2e-2, v
+    with pytest.raises(AdapterMismatch, match=r"\(fp32; tolerance 0.0001 relative\)"):  # the same, after fp32
+        verify_run(spec, adapter, tmp_path / "bf16", tiny_data["eval"], tmp_path / "fp32.json", n_prompts=4,
+                   max_new_tokens=2, trained_losses=off, trained_metrics=trained["trained_metrics"])
 
     weights = load_file(adapter / "adapter_model.safetensors")
     name = next(k for k in weights if "lora_B" in k)

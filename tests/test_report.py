@@ -671,6 +671,10 @@ def test_a_sweep_without_adapters_shows_its_samples_without_an_adapters_heading(
     with_adapters = adapters_section([str(verify)], None, str(samples))
     assert with_adapters.startswith("## Adapters after training") and "### Samples" in with_adapters
     assert adapters_section([], None, None) == ""
+    # after 16-bit training, an adapter beyond the coarse bound is marked, not failed
+    verify.write_text(json.dumps({**json.loads(verify.read_text()), "eval_loss_in_training": 1.1,
+                                  "adapter_as_trained": False}))
+    assert "| 1.10000 (**differs**) |" in adapters_section([str(verify)], None, str(samples))
 
 
 def test_the_quantization_finding_reads_qlora_against_lora_in_that_direction():
