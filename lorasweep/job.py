@@ -8,11 +8,12 @@ included). Snakemake loads the workflow (the Snakefile validates the config), fi
 ``snakemake -n <target>`` would (its rule and wildcards), and this module runs the rule's script here, with the
 ``snakemake`` object Snakemake would give it: input, output, params, threads, resources, wildcards, config, log. The
 job is always run (as ``--forcerun <target>``); an input that is missing or out of date stops it, naming the jobs
-Snakemake would run first. Around the script, Snakemake's own bookkeeping: the old outputs and log are deleted first,
-and on success the outputs are checked and recorded in ``.snakemake/`` as if Snakemake had run the job (the next
-``snakemake`` trusts them and reruns only what depends on them); on failure the outputs are deleted, as Snakemake
-does. ``--pdb``: on an exception, a post-mortem debugger at the frame that raised it (before that clean-up), and
-``breakpoint()`` in the code stops at a debugger on the terminal (the scripts send stdout to the job's log).
+Snakemake would run first. Around the script, Snakemake's own bookkeeping: the old outputs, log and benchmark (this
+writes none) are deleted first, and on success the outputs are checked and recorded in ``.snakemake/`` as if Snakemake
+had run the job (the next ``snakemake`` trusts them and reruns only what depends on them); on failure the outputs are
+deleted, as Snakemake does. ``--pdb``: on an exception, a post-mortem debugger at the frame that raised it (before that
+clean-up), and ``breakpoint()`` in the code stops at a debugger on the terminal (the scripts send stdout to the job's
+log).
 """
 
 from __future__ import annotations
@@ -105,6 +106,12 @@ def run_job(target: str, snakemake_args=(), debug: bool = False) -> None:
             signal.signal(signal.SIGTERM, _terminated)
         job.register()
         workflow.async_run(job.prepare())
+        # the old benchmark too (Snakemake overwrites it after the job; this writes none): it measured the outputs
+        # this run replaces, and Snakemake dates a job's outputs by the oldest of them and its benchmark, so the next
+        # snakemake reran the job when the run followed an input's update (a folder's, or a changed file's: a file only
+        # touched is excused by its recorded checksum)
+        if job.benchmark and os.path.exists(job.benchmark):
+            os.remove(job.benchmark)
         try:
             runpy.run_path(script, init_globals={"snakemake": smk}, run_name="__main__")
             # outputs there (else WorkflowError), recorded as Snakemake's; not the benchmark, which this does not write

@@ -119,3 +119,27 @@ def test_a_job_terminated_outside_snakemake_leaves_no_incomplete_marker(tmp_path
     dry = run_snakemake(target, "-n", "--configfile", TINY, workdir=tmp_path, check=False)
     assert "IncompleteFilesException" not in dry.stdout + dry.stderr, (dry.stdout + dry.stderr)[-3000:]
     assert dry.returncode == 0 and "tiny_dataset" in dry.stdout + dry.stderr, (dry.stdout + dry.stderr)[-3000:]
+
+
+def test_a_folder_output_job_run_after_its_input_changed_is_trusted(tmp_path):
+    """A job with a ``benchmark:`` and a folder output, rerun this way because an input folder changed (merge after
+    its adapter was retrained): the next ``snakemake`` does not plan it again, and its output is not left marked
+    incomplete. Snakemake dates a job's outputs by the oldest of them and its benchmark, which this does not write:
+    the old benchmark, kept, was older than the changed input (a folder has no content checksum to excuse it), and
+    the next ``snakemake -n`` planned merge again."""
+    override = tmp_path / "override.yaml"
+    override.write_text(yaml.safe_dump({"training": {"max_steps": 2, "evals": 1, "logging_steps": 1}}))
+    args = ("--cores", 1, "--configfile", TINY, override)
+    target = "results/runs/lora-r8/seed0/merged"
+    run = tmp_path / "results" / "runs" / "lora-r8" / "seed0"
+    run_snakemake(target, *args, "--resources", "gpu=1", workdir=tmp_path)  # data, tiny model, the run, its merge
+    (run / "model" / ".snakemake_timestamp").touch()  # the adapter changed since the merge
+    dry = run_snakemake(target, "-n", *args, workdir=tmp_path)
+    assert "Updated input files: results/runs/lora-r8/seed0/model" in dry.stdout + dry.stderr, dry.stdout[-3000:]
+
+    proc = run_job(target, *args, workdir=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (run / "merged" / "model.safetensors").is_file() and (run / "merged" / ".snakemake_timestamp").is_file()
+    dry = run_snakemake(target, "-n", *args, workdir=tmp_path)
+    assert "Nothing to be done" in dry.stdout + dry.stderr, (dry.stdout + dry.stderr)[-3000:]
+    assert not any((tmp_path / ".snakemake" / "incomplete").iterdir())
