@@ -294,8 +294,9 @@ def test_jobs_find_the_workflows_checkout_where_lorasweep_is_not_installed(tmp_p
         "\n".join(dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib"))) + "\n")
     python = str(venv / "bin" / "python")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    assert subprocess.run([python, "-c", "import importlib.util as u, snakemake; assert not u.find_spec('lorasweep')"],
-                          cwd=tmp_path, env=env).returncode == 0
+    if subprocess.run([python, "-c", "import importlib.util as u, snakemake; assert not u.find_spec('lorasweep')"],
+                      cwd=tmp_path, env=env).returncode:
+        pytest.skip("lorasweep is installed in site-packages (not editable): no environment without it to make")
     workdir = tmp_path / "work"
     workdir.mkdir()
     target = "results/tiny/code_alpaca_tiny.json"
