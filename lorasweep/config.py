@@ -229,20 +229,26 @@ def hub_offline() -> str:
     return f"{name}={value}" if value.upper() in ("1", "ON", "YES", "TRUE") else ""
 
 
-def check_jobs_import(checkout: str | Path, python: str = sys.executable) -> None:
-    """The workflow's jobs must import lorasweep from ``checkout``, the one holding the Snakefile: Snakemake puts the
-    Snakefile's folder first on ``sys.path`` when it reads the workflow, not in its jobs (Python scripts it starts
-    with ``python``), which import the package the environment has installed. Installed from another checkout (or
-    without ``-e``, and pulled since), they would run other code than the one the workflow validated and tracks;
-    not installed, every job would fail at its import. Either stops the workflow before any job, saying what to do."""
+def check_jobs_import(checkout: str | Path, python: str = sys.executable, search_path=()) -> None:
+    """The workflow's jobs must import lorasweep from ``checkout``, the one holding the Snakefile. A job's script
+    (``python`` with its own folder first on ``sys.path``) finds it as Python does: ``PYTHONPATH``, then the
+    environment's site-packages (a package installed there, or an editable install that adds a path), and only after
+    them ``search_path``, the directories Snakemake appends to every script's ``sys.path`` (its reading process's
+    ``sys.path``, the Snakefile's folder included; ``snakemake.common.get_snakemake_searchpaths``), then an editable
+    install's import hook. So lorasweep not installed, or installed editable (as the README does) from another
+    checkout, is fine: the job finds this checkout. One on ``PYTHONPATH`` or installed without ``-e`` (and pulled
+    since) would run other code than the one the workflow validated and tracks: that stops the workflow before any
+    job, saying what to do."""
     want = (Path(checkout) / "lorasweep" / "__init__.py").resolve()
-    # as a job's script finds it: sys.path without the script's own folder (here -c's "")
-    probe = "import sys, importlib.util as u; sys.path.pop(0); s = u.find_spec('lorasweep'); print(s.origin if s else '')"
-    found = subprocess.run([python, "-c", probe], capture_output=True, text=True).stdout.strip()
-    if found and Path(found).resolve() == want:
-        return
     fix = (f"install this checkout into the environment (pip install -e {str(checkout)!r}), or put it first on "
            f"PYTHONPATH for the run (PYTHONPATH={str(checkout)!r} snakemake ...)")
+    # as a job's script finds it: sys.path without the script's own folder (here -c's ""), Snakemake's appended
+    probe = ("import sys, importlib.util as u; sys.path.pop(0); sys.path.extend(sys.argv[1:]); "
+             "s = u.find_spec('lorasweep'); print(s.origin if s else '')")
+    found = subprocess.run([python, "-c", probe, *map(str, search_path)], capture_output=True,
+                           text=True).stdout.strip()
+    if found and Path(found).resolve() == want:
+        return
     if not found:
         raise ConfigError(f"lorasweep is not installed in this environment ({python}): every job would fail at its "
                           f"import; {fix}")

@@ -233,20 +233,27 @@ def test_the_workflow_runs_as_a_snakemake_module_of_another_project(tmp_path):
     assert str(REPO / "workflow" / "scripts" / "collect.py") in proc.stdout
 
 
-def test_a_workflow_whose_jobs_would_import_another_checkouts_lorasweep_stops_before_any_job(tmp_path):
-    """Snakemake puts the Snakefile's folder first on sys.path when it reads the workflow, not in its jobs: with
-    lorasweep installed from another checkout (here: this one, on PYTHONPATH), the jobs ran that checkout's code
-    while the workflow validated the config and tracked the code of its own. It now stops before any job, saying
-    what to do; done so (the second checkout first on PYTHONPATH), the job imports the second checkout."""
+def second_checkout(tmp_path):
+    """A copy of this checkout's files whose lorasweep writes where it was imported from to $LORASWEEP_IMPORTS."""
     checkout = tmp_path / "second checkout"
     files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
     for f in files:
         (checkout / f).parent.mkdir(parents=True, exist_ok=True)
         (checkout / f).write_bytes((REPO / f).read_bytes())
-    imports = tmp_path / "imports.txt"
     with open(checkout / "lorasweep" / "__init__.py", "a") as f:
         f.write("\nimport os as _os\nwith open(_os.environ['LORASWEEP_IMPORTS'], 'a') as _f:\n"
                 "    _f.write(__file__ + '\\n')\n")
+    return checkout
+
+
+def test_a_workflow_whose_jobs_would_import_another_checkouts_lorasweep_stops_before_any_job(tmp_path):
+    """Snakemake puts the Snakefile's folder first on sys.path when it reads the workflow; its jobs' scripts find
+    PYTHONPATH and the environment's site-packages first: with another checkout there (here: this one, on
+    PYTHONPATH), the jobs ran that checkout's code while the workflow validated the config and tracked the code of
+    its own. It now stops before any job, saying what to do; done so (the second checkout first on PYTHONPATH), the
+    job imports the second checkout."""
+    checkout = second_checkout(tmp_path)
+    imports = tmp_path / "imports.txt"
     workdir = tmp_path / "work"
     workdir.mkdir()
     target = "results/tiny/code_alpaca_tiny.json"
@@ -269,6 +276,58 @@ def test_a_workflow_whose_jobs_would_import_another_checkouts_lorasweep_stops_be
     assert (workdir / target).is_file()
     # the workflow and its job each imported the package, both from the second checkout
     assert imports.read_text().splitlines() == [str(checkout / "lorasweep" / "__init__.py")] * 2
+
+
+def test_jobs_find_the_workflows_checkout_where_lorasweep_is_not_installed(tmp_path):
+    """Snakemake appends its own sys.path, the Snakefile's folder included, to every script job's: an environment
+    with lorasweep's dependencies and no lorasweep (or one installed editable from another checkout, whose import
+    hook comes after that path) runs the Snakefile's checkout in its jobs. The check refused it ('lorasweep is not
+    installed ...: every job would fail at its import'), as it refused a second checkout beside an editable install
+    of the first, which the README sets up."""
+    import sysconfig
+
+    checkout = second_checkout(tmp_path)
+    imports = tmp_path / "imports.txt"
+    venv = tmp_path / "venv"  # this environment's packages, through a path, without its lorasweep
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    (next(venv.glob("lib/python*/site-packages")) / "dependencies.pth").write_text(
+        "\n".join(dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib"))) + "\n")
+    python = str(venv / "bin" / "python")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if subprocess.run([python, "-c", "import importlib.util as u, snakemake; assert not u.find_spec('lorasweep')"],
+                      cwd=tmp_path, env=env).returncode:
+        pytest.skip("lorasweep is installed in site-packages (not editable): no environment without it to make")
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    target = "results/tiny/code_alpaca_tiny.json"
+    proc = subprocess.run([python, "-m", "snakemake", target, "-s", str(checkout / "Snakefile"), "--cores", "1",
+                           "--configfile", str(checkout / "config" / "tiny.yaml")], cwd=workdir, capture_output=True,
+                          text=True, env={**env, "LORASWEEP_IMPORTS": str(imports)})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (workdir / target).is_file()
+    # the workflow and its job each imported the package, both from the checkout
+    assert [os.path.realpath(f) for f in imports.read_text().splitlines()] == \
+        [str(checkout / "lorasweep" / "__init__.py")] * 2
+
+
+def test_a_job_run_outside_snakemake_with_another_checkouts_lorasweep_stops(tmp_path):
+    """python -m lorasweep.job runs the job in its own process, with the lorasweep it imported before reading the
+    workflow: here another checkout's, found in the folder it runs in (its jobs, as Snakemake would run them, would
+    find the Snakefile's). It stops, saying how to run it."""
+    checkout = second_checkout(tmp_path)
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    (workdir / "lorasweep").symlink_to(REPO / "lorasweep")
+    target = "results/tiny/code_alpaca_tiny.json"
+    proc = subprocess.run([sys.executable, "-m", "lorasweep.job", target, "--snakefile", str(checkout / "Snakefile"),
+                           "--cores", "1", "--configfile", str(checkout / "config" / "tiny.yaml")], cwd=workdir,
+                          capture_output=True, text=True, timeout=600,
+                          env={**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+                               "LORASWEEP_IMPORTS": str(tmp_path / "imports.txt")})
+    assert proc.returncode != 0 and not (workdir / target).exists()
+    said = " ".join(proc.stderr.split())
+    assert (f"this process imported lorasweep from {workdir / 'lorasweep'}, not from the workflow's checkout "
+            f"{checkout}" in said and f"PYTHONPATH={str(checkout)!r}" in said), said[-3000:]
 
 
 def test_lint_is_clean():

@@ -5,10 +5,19 @@ import re
 import time
 from pathlib import Path
 
+from snakemake.common import get_snakemake_searchpaths
 from snakemake.exceptions import WorkflowError
 from snakemake.logging import logger
 
 import lorasweep
+
+# this process's lorasweep, before anything is taken from it: Snakemake imports it from the Snakefile's folder, first
+# on sys.path, but python -m lorasweep.job imported one (found from where it ran) before it read the workflow
+_CHECKOUT = Path(str(workflow.current_basedir)).parents[1]  # the one holding workflow/rules/common.smk
+if Path(lorasweep.__file__).resolve() != (_CHECKOUT / "lorasweep" / "__init__.py").resolve():
+    raise WorkflowError(f"this process imported lorasweep from {Path(lorasweep.__file__).parent}, not from the "
+                        f"workflow's checkout {_CHECKOUT} (python -m lorasweep.job imports the one it finds first): "
+                        f"run it with PYTHONPATH={str(_CHECKOUT)!r}")
 from lorasweep.config import (ConfigError, Unrecorded, check_dataset_file, check_jobs_import, check_model_path,
                               check_offline_model_cached, flat_settings, run_names, run_spec, seeds, setting_names,
                               setting_param, validate_config)
@@ -56,11 +65,12 @@ WORKFLOW_DIR = Path(str(workflow.current_basedir)).parent
 NOTEBOOK = near(WORKFLOW_DIR / "notebooks" / "summary.ipynb")
 
 # the jobs must import lorasweep from this checkout, as the workflow did: stop before any job, saying what to do, if
-# the environment has another installed (a second checkout, a stale non-editable install) or none; a conda
-# environment installs this checkout itself (envs/lorasweep.post-deploy.sh)
+# they would find another first (on PYTHONPATH, a stale non-editable install); a script job's sys.path ends with
+# Snakemake's search paths (this process's sys.path, this checkout included); a conda environment installs this
+# checkout itself (envs/lorasweep.post-deploy.sh)
 if not workflow.deployment_settings.deployment_method:
     try:
-        check_jobs_import(WORKFLOW_DIR.parent)
+        check_jobs_import(WORKFLOW_DIR.parent, search_path=get_snakemake_searchpaths())
     except ConfigError as e:
         raise WorkflowError(str(e)) from None
 
