@@ -332,7 +332,8 @@ def verify_run(spec: dict, adapter_dir, merged_dir, eval_jsonl, out_json, n_prom
             f"damaged file; or saved wrongly). Do not deploy it; retrain it: snakemake --forcerun {metrics}")
         if precision in IN_TRAINING_REL_TOL or not math.isfinite(a["loss"]):
             raise AdapterMismatch(message)
-        log.warning("%s (not failed: after 16-bit training this bound is not measured; the report flags it)", message)
+        log.warning("%s (not failed: after 16-bit training, or in a precision not recorded, this bound is not measured; "
+                    "the report flags it)", message)
     if diverged:
         log.warning("%s: base + adapter gives non-finite logits (the run diverged): its merge is not checked",
                     spec["run"])

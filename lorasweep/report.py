@@ -284,7 +284,7 @@ def special_text(per_seed: pd.DataFrame) -> str:
         return ""
     n_t, n_e = (int(counted[k].iloc[0]) for k in keys)
     return (f" {n_t:,} training and {n_e:,} eval examples hold the text of one of the tokenizer's special tokens "
-            "(OPT's `</s>`, also an HTML strikethrough's close): the tokenizer reads it as that token, an end of "
+            "(such as OPT's `</s>`, also an HTML strikethrough's close): the tokenizer reads it as that token, an end of "
             "sequence inside the text, not as text.")
 
 
