@@ -9,6 +9,7 @@ import shutil
 import sys
 import time
 import traceback
+from pathlib import Path
 
 
 @contextlib.contextmanager
@@ -35,12 +36,21 @@ def script_logging(log_path: str | os.PathLike, level: int = logging.INFO):
         os.link(log_path, running)
     except OSError:  # a file system without hard links: the failed attempt's log is copied instead
         running = None
-    console = sys.__stderr__
+    # the console is file descriptor 2 as the script found it; from here on, descriptor 2 is the log: what writes to
+    # it directly (a subprocess such as papermill's kernel, C++ warnings of torch or bitsandbytes) goes to the log
+    console, saved_fd2 = sys.__stderr__, None
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        sys.__stderr__.flush()
+        saved_fd2 = os.dup(2)
+        console = open(os.dup(saved_fd2), "w", buffering=1, encoding="utf-8")  # noqa: SIM115 - closed on the way out
+        os.dup2(log_file.fileno(), 2)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
     file_handler = logging.StreamHandler(log_file)
     file_handler.setFormatter(fmt)
     console_handler = logging.StreamHandler(console)
-    console_handler.setFormatter(fmt)
+    # the console names the job (several run at once: training runs with gpu=N, the adapter stages)
+    console_handler.setFormatter(logging.Formatter(
+        f"%(asctime)s %(levelname)s [{job_label(log_path)}] %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
     root = logging.getLogger()
     ours = logging.getLogger("lorasweep")
     # what the process had before, put back on the way out: a caller that goes on (a test, a notebook) must not
@@ -80,6 +90,12 @@ def script_logging(log_path: str | os.PathLike, level: int = logging.INFO):
             lg.handlers[:] = handlers
             lg.setLevel(lvl)
             lg.propagate = propagate
+        if saved_fd2 is not None:
+            with contextlib.suppress(OSError):
+                os.dup2(saved_fd2, 2)
+                os.close(saved_fd2)
+            if console is not sys.__stderr__:
+                console.close()
         log_file.close()
         if running is not None:  # ended: the log has its own name
             with contextlib.suppress(OSError):
@@ -87,6 +103,13 @@ def script_logging(log_path: str | os.PathLike, level: int = logging.INFO):
                     os.unlink(running)
                 else:  # the log was deleted or replaced while this ran (a rerun of a job left running): its only name
                     os.replace(running, _free_name(log_path, stamp, "detached"))
+
+
+def job_label(log_path: str | os.PathLike) -> str:
+    """The job a log belongs to, from its path under ``logs/``: ``logs/train/lora-r8/seed42.log`` ->
+    ``train/lora-r8/seed42``, ``logs/prepare_data.log`` -> ``prepare_data``."""
+    parts = Path(log_path).with_suffix("").parts
+    return "/".join(parts[len(parts) - parts[::-1].index("logs"):] if "logs" in parts[:-1] else parts[-1:])
 
 
 def _same_file(a, b) -> bool:

@@ -307,6 +307,7 @@ class Recorder(TrainerCallback):
         self.warned_diverged = False
         self.stop = None  # resume.StopOnSignal: a signal asks training to save a checkpoint and stop
         self.stopped_at: int | None = None  # the step it stopped at
+        self.begin_step = 0  # the step this segment of training began at (a resumed run's checkpoint)
 
     def sample_peers(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -382,6 +383,7 @@ class Recorder(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kw):
         self.t_begin = self.last_save = time.perf_counter()
+        self.begin_step = state.global_step  # the ETA counts this segment's steps
         self.sample_peers(force=True)
 
     def on_step_end(self, args, state, control, **kw):
@@ -432,11 +434,20 @@ class Recorder(TrainerCallback):
                         "too high for this model?); it trains on and its metrics are written as measured",
                         logs["loss"], logs.get("grad_norm"), state.global_step, args.learning_rate)
         if "loss" in logs:
-            log.info("step %d/%d  epoch %.2f  loss %.4f  lr %.2e", state.global_step, state.max_steps,
-                     state.epoch or 0, logs["loss"], logs.get("learning_rate", float("nan")))
-        elif "eval_loss" in logs:
+            log.info("step %d/%d  epoch %.2f  loss %.4f  lr %.2e%s", state.global_step, state.max_steps,
+                     state.epoch or 0, logs["loss"], logs.get("learning_rate", float("nan")), self.eta(state))
+        elif "eval_loss" in logs and state.max_steps:  # the untrained model's: train.py logs it
             log.info("step %d/%d  eval_loss %.4f  (%.1fs)", state.global_step, state.max_steps,
                      logs["eval_loss"], logs.get("eval_runtime", 0))
+
+    def eta(self, state) -> str:
+        """``  eta 1h05m``: the steps left at this segment's pace so far (its evaluations and checkpoints included)."""
+        done, left = state.global_step - self.begin_step, state.max_steps - state.global_step
+        if not self.t_begin or done <= 0 or left <= 0:
+            return ""
+        s = round((time.perf_counter() - self.t_begin) / done * left)
+        return "  eta " + (f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else
+                           f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s")
 
 
 def finite_log(record: dict) -> bool:

@@ -1157,3 +1157,25 @@ def test_memory_model_predicts_for_a_model_with_fewer_positions_than_its_longest
     got = predict(model, n, 4, 64, "fp32", fused_loss=True)
     real = saved_bytes(model, 4, 64, None, fused_loss=True)
     assert got["predicted_saved_for_backward_bytes"] == pytest.approx(real, rel=1e-3)
+
+
+def test_the_console_names_the_job_gives_an_eta_and_what_writes_below_python_goes_to_the_log(tiny_config, tiny_data,
+                                                                                              tmp_path, capfd):
+    """Several jobs print to one console at once (training runs with gpu=N, the adapter stages): each line names its
+    job, and a training step says how long the run has left. What writes to the job's stderr below Python (papermill's
+    kernel, a library's C++ warning) goes to the job's log, not the console."""
+    import re
+
+    from lorasweep.logs import script_logging
+
+    log_path = tmp_path / "logs" / "train" / "full" / "seed0.log"
+    capfd.readouterr()
+    with script_logging(log_path):
+        _train(tiny_config, tiny_data, tmp_path, "full", max_steps=20, logging_steps=5)
+        subprocess.run([sys.executable, "-c", "import sys; sys.stderr.write('a subprocess warning\\n')"], check=True)
+    console = capfd.readouterr().err
+    steps = [line for line in console.splitlines() if re.search(r"step \d+/20 ", line)]
+    assert len(steps) >= 4 and all("[train/full/seed0] lorasweep.train: step" in line for line in steps), console
+    assert re.search(r"step 5/20 .*loss [\d.]+ .* eta \d+s$", console, re.M), console
+    assert not re.search(r"step 20/20 .*eta", console) and "step 0/0" not in console  # none at the end, none before
+    assert "a subprocess warning" not in console and "a subprocess warning" in log_path.read_text()
