@@ -377,6 +377,8 @@ def switch_adapters(spec: dict, adapters: dict[str, str], eval_jsonl, out_json, 
         worst = float((after["logits"] - before["logits"]).abs().max())
         raise RuntimeError(f"after unload() the base model's logits differ from the original by up to {worst:.3g}: "
                            "attaching and removing adapters changed the base weights")
+    log.info("%d adapters switched on one base; after unload() its logits are the original's bit for bit; wrote %s",
+             len(names), out_json)
     return out
 
 
@@ -413,5 +415,7 @@ def sample_runs(specs: dict[str, dict], models: dict[str, str], eval_jsonl, out_
             out[i]["completions"][run] = text
         log.info("sampled %s", run)
     Path(out_json).write_text(json.dumps(out, indent=2) + "\n")
+    log.info("wrote the greedy completions of %d held-out instructions, base and %d runs, to %s", len(out),
+             len(models), out_json)
     return out
 

@@ -5,11 +5,30 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
+
+# Library messages every job prints on a healthy run, left out of its log (a warning there should mean something):
+# (logger, start of the message) for logging records, (category, start of the message) for warnings.
+EXPECTED_LOGS = [
+    # bitsandbytes on a CPU with AVX512-BF16, on import: its optional CPU kernel for 4-bit matmuls is not installed, so
+    # QLoRA on the CPU takes its PyTorch path (what lorasweep's CPU tests and the tiny preset measure); not used on a GPU
+    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community"),
+]
+EXPECTED_WARNINGS = [
+    # PEFT's PeftModel asks transformers 5 for the renamed is_activation_checkpointing under its old name
+    (FutureWarning, "`is_gradient_checkpointing` is deprecated"),
+]
+
+
+class _Expected(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(record.name == name and str(record.msg).startswith(start) for name, start in EXPECTED_LOGS)
 
 
 @contextlib.contextmanager
@@ -47,6 +66,7 @@ def script_logging(log_path: str | os.PathLike, level: int = logging.INFO):
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
     file_handler = logging.StreamHandler(log_file)
     file_handler.setFormatter(fmt)
+    file_handler.addFilter(_Expected())
     console_handler = logging.StreamHandler(console)
     # the console names the job (several run at once: training runs with gpu=N, the adapter stages)
     console_handler.setFormatter(logging.Formatter(
@@ -62,6 +82,16 @@ def script_logging(log_path: str | os.PathLike, level: int = logging.INFO):
     ours.setLevel(level)
     ours.propagate = True  # and to the log file through the root handler
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    # nor progress bars (loading and writing weights, a hub download): in a log, a line of carriage returns
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when huggingface_hub is imported
+    for module, off in (("huggingface_hub.utils", "disable_progress_bars"),  # transformers reads it on import
+                        ("transformers.utils.logging", "disable_progress_bar")):
+        if module in sys.modules:
+            getattr(sys.modules[module], off)()
+    expected = warnings.catch_warnings()  # the filters as they were, put back on the way out
+    expected.__enter__()
+    for category, start in EXPECTED_WARNINGS:
+        warnings.filterwarnings("ignore", message=re.escape(start), category=category)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     old_out, old_err = sys.stdout, sys.stderr
     sys.stdout = sys.stderr = log_file
@@ -86,6 +116,7 @@ def script_logging(log_path: str | os.PathLike, level: int = logging.INFO):
         raise SystemExit(1) from None
     finally:
         sys.stdout, sys.stderr = old_out, old_err
+        expected.__exit__(None, None, None)
         for lg, handlers, lvl, propagate in saved:
             lg.handlers[:] = handlers
             lg.setLevel(lvl)

@@ -530,3 +530,25 @@ def test_rerunning_one_rank_retrains_only_that_run(tiny_sweep):
     assert after[("lora-r128", 1)] > before[("lora-r128", 1)]
     assert all(after[k] == before[k] for k in metrics if k != ("lora-r128", 1))
     assert (workdir / "reports" / "summary.md").stat().st_mtime_ns > report_before
+
+
+def test_every_jobs_log_ends_saying_what_it_did_without_the_libraries_expected_noise(tmp_path):
+    """A log a user opens after the sweep: its last line says what the job did; the warnings every healthy job
+    prints (bitsandbytes' optional CPU kernel, PEFT's use of a renamed transformers property) and progress bars are
+    left out, so that a warning in a log means something."""
+    import yaml
+
+    override = tmp_path / "one-run.yaml"
+    override.write_text(yaml.safe_dump({"methods": {"full": {"enabled": False}, "lora": {"ranks": [8]},
+                                                    "qlora": {"ranks": []}},
+                                        "training": {"max_steps": 10, "evals": 1}}))
+    run_snakemake("results/switch.json", "results/samples.json", "results/runs/lora-r8/seed0/merged", "--cores", 2,
+                  "--resources", "gpu=1", "--configfile", REPO / "config" / "tiny.yaml", override, workdir=tmp_path)
+    logs = {str(p.relative_to(tmp_path / "logs")): p.read_text() for p in (tmp_path / "logs").rglob("*.log")}
+    assert set(logs) == {"tiny_dataset.log", "prepare_data.log", "tiny_model.log", "train/lora-r8/seed0.log",
+                         "merge/lora-r8/seed0.log", "switch.log", "samples.log"}
+    for name, text in logs.items():
+        assert re.fullmatch(r"\S+ \S+ INFO lorasweep[.\w]*: .+\n", text.splitlines(True)[-1]), (name, text)
+        for noise in ("gemm_4bit_forward", "is_gradient_checkpointing", "it/s]"):
+            assert noise not in text, (name, noise, text)
+    assert "greedy completions" in logs["samples.log"] and "bit for bit" in logs["switch.log"]
