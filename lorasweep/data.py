@@ -84,7 +84,7 @@ def load_records(source: str, split: str = "train", revision: str | None = None)
                 raise DataError(f"dataset.source: {path} holds one JSON record per line (JSON Lines, which datasets' "
                                 f"to_json writes), not a JSON list: rename it to {path.with_suffix('.jsonl').name} "
                                 "and point dataset.source at that") from e
-            raise DataError(f"dataset.source: {path} is not valid JSON ({e.msg} at line {e.lineno}); "
+            raise DataError(f"dataset.source: {path} is not valid JSON ({e.msg}: line {e.lineno} column {e.colno}); "
                             "expected a list of records like CodeAlpaca's") from e
         if not isinstance(data, list):
             raise DataError(f"dataset.source: {path} holds a JSON {type(data).__name__}, "

@@ -132,6 +132,9 @@ def test_local_file_errors(tmp_path):
     with pytest.raises(data.DataError, match=r"export.json holds one JSON record per line \(JSON Lines, which "
                                              r"datasets' to_json writes\), not a JSON list: rename it to export.jsonl"):
         data.load_records(str(lines))
+    bad.write_text('[{"instruction": "x", "output": "unterminated}]')  # a file cut short: where, in json's words
+    with pytest.raises(data.DataError, match=r"is not valid JSON \(Unterminated string starting at: line 1 column 33\)"):
+        data.load_records(str(bad))
     bad.write_text('[{"instruction": "x"}]\n[]')  # a list, then more: invalid JSON, not JSON Lines of records
     with pytest.raises(data.DataError, match="is not valid JSON"):
         data.load_records(str(bad))
