@@ -59,9 +59,9 @@ def near(path):
     return path if os.path.relpath(path).startswith("..") else os.path.relpath(path)
 
 
-# the workflow/ folder, from this file's own place: workflow.basedir is the main Snakefile's folder, which is another
-# project's when lorasweep is used as a Snakemake module (module ...: snakefile: ...)
-WORKFLOW_DIR = Path(str(workflow.current_basedir)).parent
+# the workflow/ folder, from this file's own place (_CHECKOUT's): workflow.basedir is the main Snakefile's folder,
+# which is another project's when lorasweep is used as a Snakemake module (module ...: snakefile: ...)
+WORKFLOW_DIR = _CHECKOUT / "workflow"
 NOTEBOOK = near(WORKFLOW_DIR / "notebooks" / "summary.ipynb")
 
 # the jobs must import lorasweep from this checkout, as the workflow did: stop before any job, saying what to do, if
@@ -70,7 +70,7 @@ NOTEBOOK = near(WORKFLOW_DIR / "notebooks" / "summary.ipynb")
 # checkout itself (envs/lorasweep.post-deploy.sh)
 if not workflow.deployment_settings.deployment_method:
     try:
-        check_jobs_import(WORKFLOW_DIR.parent, search_path=get_snakemake_searchpaths())
+        check_jobs_import(_CHECKOUT, search_path=get_snakemake_searchpaths())
     except ConfigError as e:
         raise WorkflowError(str(e)) from None
 
