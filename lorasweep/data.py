@@ -168,7 +168,7 @@ def check_records(records: list) -> tuple[list[dict], dict]:
         for key in ("instruction", "output"):
             if key not in rec:
                 raise DataError(f"record {i}: missing field {key!r} (fields: {sorted(rec)}); " + _fields_hint(rec))
-        for key in ("instruction", "input", "output"):
+        for key in FIELDS:
             value = rec.get(key)
             if value is not None and not isinstance(value, str):
                 raise DataError(f"record {i}: field {key!r} must be a string, got {type(value).__name__}")

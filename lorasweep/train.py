@@ -100,12 +100,13 @@ def _revision(spec: dict) -> dict:
 
 def _load_hint(name: str, what: str, e: Exception) -> str:
     where = "local directory" if os.path.isdir(name) else "hub id (or a local path that does not exist)"
+    offline = hub_offline()
     return (f"could not load the {what} from model.name_or_path = {name!r}, read as a {where}: "
             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n"
             "Without network access, download the model elsewhere (`hf download <id> --local-dir DIR`) and either set "
             "model.name_or_path to that local directory or "
-            + (f"put it in the local Hugging Face cache ({hub_offline()} is set: nothing is downloaded)."
-               if hub_offline()
+            + (f"put it in the local Hugging Face cache ({offline} is set: nothing is downloaded)."
+               if offline
                else "set HF_HUB_OFFLINE=1 to use the local Hugging Face cache."))
 
 
