@@ -557,6 +557,160 @@ def sft_config(spec: dict, training: dict, out_dir: Path, device: str, precision
     )
 
 
+def plan_steps(n_train: int, training: dict) -> tuple[int, int]:
+    """The run's optimizer steps and the interval between evaluations: ``training.evals`` of them, the last at
+    the end."""
+    steps = total_steps(n_train, training)
+    return steps, max(1, math.ceil(steps / training["evals"]))
+
+
+def examples_changed(trainer, train_ds, eval_ds, tokenizer, max_length: int) -> dict:
+    """The examples ``max_length`` or the tokenizer changes, counted per split (metrics.json keeps the counts) and
+    warned of: left out by TRL (the prompt alone fills max_length: no response token left to learn or score), cut
+    at max_length (their start kept: trained and scored without the response's end), holding the text of a
+    special token (OPT's ``</s>``: read as that token, an EOS mid-response). A split left empty stops the run."""
+    n_train, n_eval = len(trainer.train_dataset), len(trainer.eval_dataset)
+    dropped = {"train_examples_dropped_too_long": len(train_ds) - n_train,
+               "eval_examples_dropped_too_long": len(eval_ds) - n_eval}
+    empty = [k for k, n in (("training", n_train), ("eval", n_eval)) if n == 0]
+    if empty:  # nothing to train or score: the sampler failed on an empty split (IndexError: Invalid key: 0 ...)
+        raise ConfigError(
+            f"training.max_length = {max_length} leaves no {' and no '.join(empty)} example: every "
+            f"prompt of the {' and '.join(empty)} split fills it ({len(train_ds)} training and {len(eval_ds)} eval "
+            "examples, each left with no response token, which TRL drops); set a larger training.max_length")
+    if any(dropped.values()):
+        log.warning("%d training and %d eval example(s) left out: their prompt alone fills training.max_length = %d "
+                    "tokens, leaving no response token (TRL drops them); a larger max_length keeps them",
+                    *dropped.values(), max_length)
+    cut = {f"{k}_examples_cut_at_max_length": examples_cut(ds, max_length, tokenizer.eos_token_id)
+           for k, ds in (("train", trainer.train_dataset), ("eval", trainer.eval_dataset))}
+    if any(cut.values()):
+        log.warning("%d training and %d eval example(s) are longer than training.max_length = %d tokens: their "
+                    "responses are cut there (trained and scored without their end)", *cut.values(), max_length)
+    special = {f"{k}_examples_with_special_token_text": examples_with_special_text(ds, tokenizer)
+               for k, ds in (("train", train_ds), ("eval", eval_ds))}
+    if any(special.values()):
+        log.warning("%d training and %d eval example(s) hold the text of one of the tokenizer's special tokens (%s): "
+                    "it is tokenized as that token (an EOS or pad inside the text; no EOS appended after a response "
+                    "that ends with it), not as text; clean the data if that is not meant", *special.values(),
+                    ", ".join(tokenizer.all_special_tokens))
+    return {**dropped, **cut, **special}
+
+
+def run_train_loss(segment_loss: float, n_steps: int, resumed: dict | None, history_path: Path) -> float:
+    """The mean training loss over all the run's steps. The Trainer's (``segment_loss``) covers this segment of
+    training; a resumed run adds its earlier segments' and writes the run's mean into the Trainer's closing record
+    of log_history.jsonl, as in metrics.json. NaN where a checkpoint from an older lorasweep does not tell it."""
+    if not resumed:
+        return segment_loss
+    before = resumed.get("train_loss_sum")
+    if before is None:  # a checkpoint from before lorasweep saved it: from the logged losses if they reach it
+        before = logged_loss_sum(resumed["history"], resumed["step"])
+    loss = (before + segment_loss * (n_steps - resumed["step"])) / n_steps if before is not None else float("nan")
+    records = [json.loads(line) for line in history_path.read_text().splitlines() if line.strip()]
+    history_path.write_text("".join(json.dumps({**r, "train_loss": loss} if "train_loss" in r else r) + "\n"
+                                    for r in records))
+    return loss
+
+
+def setting_metrics(spec: dict, training: dict, model, device: str, oom_halvings: int,
+                    resumed: dict | None) -> dict:
+    """metrics.json's record of how the run trained: its hyperparameters and the settings it ran with."""
+    lora, quant = spec["lora"], spec["quantization"]
+    return {
+        "learning_rate": spec["learning_rate"],
+        "lora_alpha": lora["alpha"] if lora else None,
+        "lora_dropout": lora["dropout"] if lora else None,
+        "target_modules": adapted_modules(model) if lora else None,
+        "lora_init": lora.get("init", "default") if lora else None,
+        "use_rslora": lora.get("use_rslora", False) if lora else None,
+        "use_dora": lora.get("use_dora", False) if lora else None,
+        "quant_type": quant["quant_type"] if quant else None,
+        "double_quant": quant["double_quant"] if quant else None,
+        "gradient_checkpointing": bool(training["gradient_checkpointing"]),
+        "batch_size": training["batch_size"],
+        "grad_accum": training["grad_accum"],
+        "effective_batch": training["batch_size"] * training["grad_accum"],
+        "oom_halvings": oom_halvings,
+        "resumed_from_step": resumed["step"] if resumed else None,
+        "train_segments": (resumed["segments"] if resumed else 0) + 1,
+        "max_length": training["max_length"],
+        "seed": spec["seed"],
+        "torch_compile": training.get("torch_compile", False),
+        "torch_compile_regional": bool(training.get("torch_compile_regional")),
+        "pad_to_multiple_of": training.get("pad_to_multiple_of"),
+        "eval_batch_size": training["eval_batch_size"],  # operational: finished runs keep the one they ran with
+        "cudnn_attention": bool(training.get("cudnn_attention")) if device == "cuda" else None,
+    }
+
+
+def speed_metrics(times: dict, n_steps: int, counts: dict, params: dict, training: dict, precision: str,
+                  gpu_name: str | None) -> dict:
+    """metrics.json's speed figures: training alone (``times['train_time_s']``: the time of evaluations and of
+    writing checkpoints is subtracted), tokens counted without padding, MFU and the step ceiling on a known GPU."""
+    train_time = times["train_time_s"]
+    tokens_per_s = counts["tokens_nonpad"] / train_time
+    half = precision in ("bf16", "fp16")
+    # the share of fed tokens the LM head projects (TRL's fused LM head: the positions with a label), for MFU
+    labelled_share = counts["tokens_labelled"] / counts["tokens_nonpad"] if counts["tokens_nonpad"] else 1.0
+    mfu = speed.mfu(params["total_params"], params["trainable_params"], tokens_per_s, gpu_name, half=half,
+                    **speed.flop_shape(params, labelled_share))
+    return {
+        "train_runtime_s": train_time,
+        "train_wall_s": times["elapsed_s"],
+        "eval_time_during_train_s": times["eval_time_s"],
+        "checkpoint_time_s": times["checkpoint_time_s"],
+        "checkpoint_steps": training["checkpoint_steps"],
+        "checkpoint_min_interval_s": training.get("checkpoint_min_interval_s"),
+        "train_steps": n_steps,
+        "train_samples": counts["samples"],
+        "train_samples_per_s": counts["samples"] / train_time,
+        "train_steps_per_s": n_steps / train_time,
+        "train_tokens_nonpad": counts["tokens_nonpad"],
+        "train_tokens_padded": counts["tokens_padded"],
+        "train_tokens_labelled": counts["tokens_labelled"],
+        "train_tokens_nonpad_per_s": tokens_per_s,
+        "padding_share_pct": 100.0 * (1 - counts["tokens_nonpad"] / counts["tokens_padded"]),
+        # the LM head multiplies only the positions with a label (lorasweep.speed: TRL's fused LM head)
+        **({"mfu_pct": 100 * mfu} if mfu is not None else {}),
+        # the best this GPU could do at this many tokens a step (lorasweep.speed.step_ceiling); none without one
+        **speed.ceiling_metrics(params, counts["tokens_nonpad"] / max(n_steps, 1), half, gpu_name,
+                                training["grad_accum"], labelled_share),
+    }
+
+
+def memory_metrics(mem: dict, mem_sums: dict, device: str, rss_before_load: int, predicted: dict) -> dict:
+    """metrics.json's memory figures: training's peaks (``mem``, from :class:`lorasweep.memory.PeakMemory`), the
+    per-step means, and the memory model's prediction beside them."""
+    def mean_of(key):
+        total, n = mem_sums.get(key, (0, 0))
+        return total / n if n else None
+
+    return {
+        **{k: v for k, v in mem.items() if k != "peak_rss_method"},  # CUDA fields are absent on the CPU
+        "rss_before_load_bytes": rss_before_load,
+        **({"mean_cuda_allocated_bytes": mean_of("cuda_allocated_bytes"),
+            "mean_cuda_reserved_bytes": mean_of("cuda_reserved_bytes")} if device == "cuda" else {}),
+        "mean_rss_bytes": mean_of("rss_bytes"),
+        **predicted,
+        **memory_model.compare(predicted, mem),
+        "memory_measured": ("CUDA peak allocated/reserved since the counters were reset after model load; "
+                            if device == "cuda" else "") + f"peak RSS of the training process ({mem['peak_rss_method']}); "
+                           "evaluations during training excluded (their own peaks: eval_peak_*)",
+    }
+
+
+def predicted_memory(model, params: dict, training: dict, max_seq_len: int, precision: str) -> dict:
+    """The memory model's prediction for this run's longest batch; empty (and a warning) where its probe fails."""
+    # fused_loss: SFTTrainer's loss is TRL's chunked LM head (no full logits), and the probe forwards through it
+    try:
+        return memory_model.predict(model, params["trainable_params"], training["batch_size"], max_seq_len,
+                                    precision, fused_loss=True, grad_accum=training["grad_accum"])
+    except Exception as e:  # a model whose probe batches fail must not cost the trained run its metrics
+        log.warning("memory model: no prediction for this run (%s: %s)", type(e).__name__, e)
+        return {}
+
+
 def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir: str | Path,
               data_summary_path: str | Path | None = None, threads: int | None = None,
               workflow_dir: str | Path | None = None, operational: dict | None = None, gpu_peers=None,
@@ -643,8 +797,7 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
     log.info("parameters: %d trainable of %d (%.3f%%); 4-bit linear layers: %d", params["trainable_params"],
              params["total_params"], params["trainable_share_pct"], n4bit)
 
-    steps = total_steps(len(train_ds), training)
-    eval_steps = max(1, math.ceil(steps / training["evals"]))  # `evals` evaluations, the last at the end
+    steps, eval_steps = plan_steps(len(train_ds), training)
     args = sft_config(spec, training, out_dir, device, precision, steps, eval_steps)
     # said before it starts: TRL's tokenization of a large dataset takes minutes, with datasets' progress bars off
     log.info("preparing %d train and %d eval examples (tokenized by the sweep's first training job, then read from "
@@ -657,40 +810,12 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
     trainer.eval_oom_record = lambda err: record_eval_oom(out_dir, eval_oom_key, err)  # a retry stops at once
     if training.get("torch_compile_regional"):
         use_regional_compilation(trainer)
-    # TRL drops the examples whose prompt alone fills max_length (no response token left to learn or score):
-    # the steps of `epochs` and the evaluations count what is trained on and scored
+    examples = examples_changed(trainer, train_ds, eval_ds, tokenizer, training["max_length"])
     n_train, n_eval = len(trainer.train_dataset), len(trainer.eval_dataset)
-    dropped = {"train_examples_dropped_too_long": len(train_ds) - n_train,
-               "eval_examples_dropped_too_long": len(eval_ds) - n_eval}
-    empty = [k for k, n in (("training", n_train), ("eval", n_eval)) if n == 0]
-    if empty:  # nothing to train or score: the sampler failed on an empty split (IndexError: Invalid key: 0 ...)
-        raise ConfigError(
-            f"training.max_length = {training['max_length']} leaves no {' and no '.join(empty)} example: every "
-            f"prompt of the {' and '.join(empty)} split fills it ({len(train_ds)} training and {len(eval_ds)} eval "
-            "examples, each left with no response token, which TRL drops); set a larger training.max_length")
-    if any(dropped.values()):
-        log.warning("%d training and %d eval example(s) left out: their prompt alone fills training.max_length = %d "
-                    "tokens, leaving no response token (TRL drops them); a larger max_length keeps them",
-                    *dropped.values(), training["max_length"])
-        steps = total_steps(n_train, training)
-        eval_steps = max(1, math.ceil(steps / training["evals"]))
+    if n_train != len(train_ds):  # the steps of `epochs` count the examples trained on
+        steps, eval_steps = plan_steps(n_train, training)
         trainer.args.max_steps, trainer.args.eval_steps = steps, eval_steps
         trainer.args.logging_steps = min(training["logging_steps"], eval_steps)
-    # longer examples are cut at max_length (their start kept): trained and scored without the response's end
-    cut = {f"{k}_examples_cut_at_max_length": examples_cut(ds, training["max_length"], tokenizer.eos_token_id)
-           for k, ds in (("train", trainer.train_dataset), ("eval", trainer.eval_dataset))}
-    if any(cut.values()):
-        log.warning("%d training and %d eval example(s) are longer than training.max_length = %d tokens: their "
-                    "responses are cut there (trained and scored without their end)", *cut.values(),
-                    training["max_length"])
-    # the text of a special token (OPT's "</s>") in an example is read as that token: an EOS mid-response
-    special = {f"{k}_examples_with_special_token_text": examples_with_special_text(ds, tokenizer)
-               for k, ds in (("train", train_ds), ("eval", eval_ds))}
-    if any(special.values()):
-        log.warning("%d training and %d eval example(s) hold the text of one of the tokenizer's special tokens (%s): "
-                    "it is tokenized as that token (an EOS or pad inside the text; no EOS appended after a response "
-                    "that ends with it), not as text; clean the data if that is not meant", *special.values(),
-                    ", ".join(tokenizer.all_special_tokens))
     if trainer.drop_padding_mask:
         log.info("right-padded batches: training feeds positions instead of the attention mask (causal attention "
                  "already keeps tokens from the padding after them)")
@@ -709,7 +834,7 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
     memory = trainer.memory = PeakMemory(device)
     machine = MachineShare((resumed or {}).get("machine"))
     recorder = Recorder(out_dir / "log_history.jsonl", counts, memory, resumed, gpu_peers=gpu_peers,
-                                 trainer=trainer, machine=machine)
+                        trainer=trainer, machine=machine)
     recorder.min_save_interval_s = float(training.get("checkpoint_min_interval_s") or 0)
     trainer.add_callback(recorder)
     for cb in callbacks:
@@ -729,8 +854,9 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         base_eval = trainer.evaluate()  # logged as the curves' step-0 point by the Recorder
         base_examples = trainer.last_eval_examples
     recorder.extra_state = {"key": key, "base_eval": base_eval, "base_examples": base_examples}
-    log.info("untrained eval_loss %.4f; training %d steps (%d examples, batch %d x accumulation %d)",
-             base_eval["eval_loss"], steps, n_train, training["batch_size"], training["grad_accum"])
+    log.info("untrained eval_loss %.4f; training %s (%d examples, batch %d x accumulation %d)", base_eval["eval_loss"],
+             f"steps {resumed['step'] + 1}-{steps} of {steps}" if resumed else f"{steps} steps", n_train,
+             training["batch_size"], training["grad_accum"])
 
     at_load = memory.reset()
     if resumed:  # earlier segments' peaks and per-step sums, on this process's footprint at load
@@ -766,30 +892,11 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
 
     history = trainer.state.log_history
     counts = counts.read()
-    # the share of fed tokens the LM head projects (TRL's fused LM head: the positions with a label), for MFU
-    labelled_share = counts["tokens_labelled"] / counts["tokens_nonpad"] if counts["tokens_nonpad"] else 1.0
-    # this segment's wall time minus its evaluations and checkpoint writing, plus what earlier segments (before
-    # a crash) measured
-    prior = resumed or {}
-    wall = recorder.t_end - recorder.t_begin + prior.get("elapsed_s", 0.0)
-    eval_during = recorder.eval_time_s + prior.get("eval_time_s", 0.0)
-    checkpoint_time = recorder.checkpoint_time_s + prior.get("checkpoint_time_s", 0.0)
-    train_time = (recorder.t_end - recorder.t_begin - recorder.eval_time_s - recorder.checkpoint_time_s
-                  + prior.get("train_time_s", 0.0))
+    times = recorder.totals()  # this segment's and earlier segments' (before a crash)
     n_steps = trainer.state.global_step
-    train_loss = result.training_loss  # the Trainer's: the mean over the steps of this segment
-    if resumed:  # earlier segments' steps too
-        before = resumed.get("train_loss_sum")
-        if before is None:  # a checkpoint from before lorasweep saved it: from the logged losses if they reach it
-            before = logged_loss_sum(resumed["history"], resumed["step"])
-        train_loss = ((before + train_loss * (n_steps - resumed["step"])) / n_steps if before is not None
-                      else float("nan"))
-        # the Trainer's closing record in the log history holds this segment's mean: the run's, as in metrics.json
-        records = [json.loads(line) for line in recorder.history_path.read_text().splitlines() if line.strip()]
-        recorder.history_path.write_text("".join(json.dumps({**r, "train_loss": train_loss} if "train_loss" in r
-                                                            else r) + "\n" for r in records))
+    train_loss = run_train_loss(result.training_loss, n_steps, resumed, recorder.history_path)
     last_eval = [h for h in history if "eval_loss" in h]
-    if not last_eval or last_eval[-1].get("step") != trainer.state.global_step or not trainer.last_eval_examples:
+    if not last_eval or last_eval[-1].get("step") != n_steps or not trainer.last_eval_examples:
         final_eval = trainer.evaluate()  # logged by the Recorder
     else:
         final_eval = last_eval[-1]
@@ -804,22 +911,8 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
     save_trained(trainer, model_dir, initial_adapter)
     if initial_adapter:
         shutil.rmtree(initial_adapter)  # the saved adapter is converted: the initial one has served its purpose
-    saved = dir_bytes(model_dir)
 
-    sums = recorder.mem_sums()  # every segment's steps
-
-    def mean_of(key):
-        total, n = sums.get(key, (0, 0))
-        return total / n if n else None
-
-    # fused_loss: SFTTrainer's loss is TRL's chunked LM head (no full logits), and the probe forwards through it
-    try:
-        predicted = memory_model.predict(trainer.model, params["trainable_params"], training["batch_size"],
-                                         counts["max_seq_len"], precision, fused_loss=True,
-                                         grad_accum=training["grad_accum"])
-    except Exception as e:  # a model whose probe batches fail must not cost the trained run its metrics
-        log.warning("memory model: no prediction for this run (%s: %s)", type(e).__name__, e)
-        predicted = {}
+    predicted = predicted_memory(trainer.model, params, training, counts["max_seq_len"], precision)
     hw, versions, git = hardware(device), package_versions(), git_state(workflow_dir)
     metrics = {
         "run": spec["run"],
@@ -831,30 +924,7 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         "device": device,
         "hardware": hardware_label(hw),
         "precision": precision,
-        # hyperparameters of this run
-        "learning_rate": spec["learning_rate"],
-        "lora_alpha": spec["lora"]["alpha"] if spec["lora"] else None,
-        "lora_dropout": spec["lora"]["dropout"] if spec["lora"] else None,
-        "target_modules": adapted_modules(trainer.model) if spec["lora"] else None,
-        "lora_init": spec["lora"].get("init", "default") if spec["lora"] else None,
-        "use_rslora": spec["lora"].get("use_rslora", False) if spec["lora"] else None,
-        "use_dora": spec["lora"].get("use_dora", False) if spec["lora"] else None,
-        "quant_type": spec["quantization"]["quant_type"] if spec["quantization"] else None,
-        "double_quant": spec["quantization"]["double_quant"] if spec["quantization"] else None,
-        "gradient_checkpointing": bool(training["gradient_checkpointing"]),
-        "batch_size": training["batch_size"],
-        "grad_accum": training["grad_accum"],
-        "effective_batch": training["batch_size"] * training["grad_accum"],
-        "oom_halvings": oom_halvings,
-        "resumed_from_step": resumed["step"] if resumed else None,
-        "train_segments": (resumed["segments"] if resumed else 0) + 1,
-        "max_length": training["max_length"],
-        "seed": spec["seed"],
-        "torch_compile": training.get("torch_compile", False),
-        "torch_compile_regional": bool(training.get("torch_compile_regional")),
-        "pad_to_multiple_of": training.get("pad_to_multiple_of"),
-        "eval_batch_size": training["eval_batch_size"],  # operational: finished runs keep the one they ran with
-        "cudnn_attention": bool(training.get("cudnn_attention")) if device == "cuda" else None,
+        **setting_metrics(spec, training, trainer.model, device, oom_halvings, resumed),
         # quality
         "train_loss": train_loss,
         "train_loss_last": losses[-1] if losses else None,
@@ -868,32 +938,8 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         "base_eval_loss": token_weighted(base_examples),
         "eval_loss_batch_mean": final_eval.get("eval_loss_batch_mean"),
         "base_eval_loss_batch_mean": base_eval.get("eval_loss_batch_mean"),  # absent: resumed from an older checkpoint
-        # speed (training only: the time of evaluations and of writing checkpoints is subtracted)
-        "train_runtime_s": train_time,
-        "train_wall_s": wall,
-        "eval_time_during_train_s": eval_during,
-        "checkpoint_time_s": checkpoint_time,
-        "checkpoint_steps": training["checkpoint_steps"],
-        "checkpoint_min_interval_s": training.get("checkpoint_min_interval_s"),
-        "train_steps": n_steps,
-        "train_samples": counts["samples"],
-        "train_samples_per_s": counts["samples"] / train_time,
-        "train_steps_per_s": n_steps / train_time,
-        "train_tokens_nonpad": counts["tokens_nonpad"],
-        "train_tokens_padded": counts["tokens_padded"],
-        "train_tokens_labelled": counts["tokens_labelled"],
-        "train_tokens_nonpad_per_s": counts["tokens_nonpad"] / train_time,
-        "padding_share_pct": 100.0 * (1 - counts["tokens_nonpad"] / counts["tokens_padded"]),
-        **dropped, **cut,  # examples max_length left out or cut (also in train_info)
-        **special,  # examples holding a special token's text (also in train_info)
-        # the LM head multiplies only the positions with a label (lorasweep.speed: TRL's fused LM head)
-        **({"mfu_pct": 100 * m} if (m := speed.mfu(params["total_params"], params["trainable_params"],
-                                                   counts["tokens_nonpad"] / train_time, hw.get("gpu_name"),
-                                                   half=precision in ("bf16", "fp16"),
-                                                   **speed.flop_shape(params, labelled_share))) is not None else {}),
-        # the best this GPU could do at this many tokens a step (lorasweep.speed.step_ceiling); none without one
-        **speed.ceiling_metrics(params, counts["tokens_nonpad"] / max(n_steps, 1), precision in ("bf16", "fp16"),
-                                hw.get("gpu_name"), training["grad_accum"], labelled_share),
+        **speed_metrics(times, n_steps, counts, params, training, precision, hw.get("gpu_name")),
+        **examples,  # examples max_length left out or cut, or holding a special token's text (also in train_info)
         **machine_share,
         # other training jobs on this run's GPU during training (training.jobs_per_gpu > 1); None: not shared
         # out by lorasweep (no GPU, one job per GPU, or a scheduler's own GPU)
@@ -901,14 +947,9 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         # parameters and size
         **params,
         "quantized_4bit_layers": n4bit,
-        "saved_model_bytes": saved,
+        "saved_model_bytes": dir_bytes(model_dir),
         "saved_model_kind": "adapter" if spec["lora"] else "full model",
-        # memory (CUDA fields are absent on the CPU)
-        **{k: v for k, v in mem.items() if k != "peak_rss_method"},
-        "rss_before_load_bytes": rss_before_load,
-        **({"mean_cuda_allocated_bytes": mean_of("cuda_allocated_bytes"),
-            "mean_cuda_reserved_bytes": mean_of("cuda_reserved_bytes")} if device == "cuda" else {}),
-        "mean_rss_bytes": mean_of("rss_bytes"),
+        **memory_metrics(mem, recorder.mem_sums(), device, rss_before_load, predicted),
         "torch_version": versions["torch"],
         "transformers_version": versions["transformers"],
         "peft_version": versions["peft"],
@@ -916,19 +957,13 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         "git_commit": git["git_commit"],
         "git_dirty": git["git_dirty"],
         "data_fingerprint_sha256": data_sha,
-        **predicted,
-        **memory_model.compare(predicted, mem),
-        "memory_measured": ("CUDA peak allocated/reserved since the counters were reset after model load; "
-                            if device == "cuda" else "") + f"peak RSS of the training process ({mem['peak_rss_method']}); "
-                           "evaluations during training excluded (their own peaks: eval_peak_*)",
         # provenance
         "run_info": {"spec": spec, "seed": spec["seed"], "started_utc": started.isoformat(),
                      "finished_utc": datetime.now(timezone.utc).isoformat(),
                      "data_summary": json.loads(Path(data_summary_path).read_text()) if data_summary_path else None},
         "train_info": {"data_prep_s": data_prep_s, "data_prep_wait_s": prep["wait_s"],
                        "data_tokenized": prep["tokenized"], "total_steps_planned": steps, "eval_steps": eval_steps,
-                       "memory_at_load": at_load, "train_examples": n_train, "eval_examples": n_eval, **dropped,
-                       **cut, **special},
+                       "memory_at_load": at_load, "train_examples": n_train, "eval_examples": n_eval, **examples},
         "meta_info": {"packages": versions, **git, "hardware": hw},
     }
     atomic_write_json(out_dir / "metrics.json", metrics)
@@ -937,7 +972,8 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
     if not training["keep_checkpoints"] and (out_dir / "checkpoints").is_dir():
         shutil.rmtree(out_dir / "checkpoints")  # the finished model is saved; checkpoints only serve a resume
     log.info("done: train_loss %.4f  eval_loss %.4f  %.1fs  %.1f samples/s  peak RSS %.0f MiB", metrics["train_loss"],
-             metrics["eval_loss"], train_time, metrics["train_samples_per_s"], (mem["peak_rss_bytes"] or 0) / 2**20)
+             metrics["eval_loss"], times["train_time_s"], metrics["train_samples_per_s"],
+             (mem["peak_rss_bytes"] or 0) / 2**20)
     return metrics
 
 

@@ -333,6 +333,18 @@ class Recorder(TrainerCallback):
     def elapsed(self) -> float:
         return self.prior.get("elapsed_s", 0.0) + (time.perf_counter() - self.t_begin if self.t_begin else 0.0)
 
+    def totals(self, at: float | None = None) -> dict:
+        """The run's times in seconds, earlier segments' included, up to ``at`` (a ``time.perf_counter()``
+        reading; the end of training by default): ``elapsed_s`` since training began, and within it
+        ``eval_time_s`` (evaluations), ``checkpoint_time_s`` (writing checkpoints) and ``train_time_s`` (the rest:
+        training alone). A checkpoint saves them; the metrics report them."""
+        segment = (self.t_end if at is None else at) - self.t_begin
+        evals, checkpoints = self.eval_time_s, self.checkpoint_time_s
+        return {"train_time_s": self.prior.get("train_time_s", 0.0) + segment - evals - checkpoints,
+                "eval_time_s": self.prior.get("eval_time_s", 0.0) + evals,
+                "checkpoint_time_s": self.prior.get("checkpoint_time_s", 0.0) + checkpoints,
+                "elapsed_s": self.prior.get("elapsed_s", 0.0) + segment}
+
     @property
     def checkpoint_time_s(self) -> float:
         """Time this segment spent writing checkpoints (the Trainer's files and lorasweep's state)."""
@@ -344,7 +356,7 @@ class Recorder(TrainerCallback):
         if not ckpt.is_dir():
             return
         start = self.last_save = time.perf_counter()
-        seg_train = start - self.t_begin - self.eval_time_s - self.checkpoint_time_s
+        times = self.totals(start)
         mem = self.memory.read(keep_running=True)
         prior_peaks = self.prior.get("peaks", {})  # earlier segments' (their evaluations' too)
         history = [json.loads(line) for line in self.history_path.read_text().splitlines() if line.strip()]
@@ -354,13 +366,11 @@ class Recorder(TrainerCallback):
                  if f.is_file() and not f.name.startswith(STATE_FILE)}
         atomic_write_json(ckpt / STATE_FILE, {
             **self.extra_state, "step": state.global_step, "counts": self.counts.read(), "files": files,
-            "train_time_s": self.prior.get("train_time_s", 0.0) + seg_train,
-            "eval_time_s": self.prior.get("eval_time_s", 0.0) + self.eval_time_s,
-            "checkpoint_time_s": self.prior.get("checkpoint_time_s", 0.0) + self.checkpoint_time_s,
+            **times,  # train_time_s, eval_time_s, checkpoint_time_s, elapsed_s
             # the training loss summed over steps 1..step (every checkpoint step is a logging step)
             "train_loss_sum": logged_loss_sum(history, state.global_step),
             "machine": self.machine.totals() if self.machine else None,
-            "elapsed_s": self.elapsed(), "segments": self.prior.get("segments", 0) + 1,
+            "segments": self.prior.get("segments", 0) + 1,
             "gpu_jobs_beside_max": self.peers_max,
             "mem_sums": self.mem_sums(),
             "peaks": {k: max(mem.get(k) or 0, prior_peaks.get(k) or 0) for k in {*mem, *prior_peaks}
