@@ -395,7 +395,8 @@ def test_dataset_fields_read_a_dataset_with_its_own_field_names_as_codealpacas(t
     (tmp_path / "half.jsonl").write_text("".join(json.dumps(r) + "\n" for r in same_names))
     assert prepared(tmp_path / "half.jsonl", {"output": "answer"}, "d")[:2] == want[:2]  # the others keep theirs
     with pytest.raises(data.DataError, match=r"record 0 \(0-based; line 1 of the file\): dataset.fields.output = "
-                                             r"'response', a field this record does not have \(fields: \['answer', 'context', 'id', 'question'\]\)"):
+                                             r"'response', a field this record does not have \(fields: "
+                                             r"\['answer', 'context', 'id', 'question'\]\)"):
         prepared(ours, {"instruction": "question", "output": "response"}, "e")
 
 
