@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import random
@@ -33,7 +34,27 @@ PROMPT_NO_INPUT = (
 
 
 class DataError(ValueError):
-    """The dataset cannot be used; the message says which record and why."""
+    """The dataset cannot be used; the message says which record and why (``record``: its index, from 0)."""
+
+    def __init__(self, message: str, record: int | None = None, detail: str | None = None):
+        super().__init__(message)
+        self.record, self.detail = record, detail
+
+
+def _bad_record(i: int, detail: str, line: int | None = None) -> DataError:
+    """An error in record ``i``, named as Python, jq and datasets index it (from 0), and for JSON Lines by its
+    ``line`` in the file too (from 1, as editors count; blank lines are skipped): "record 5" alone read as the
+    fifth record, or line 5, one off."""
+    where = f"0-based; line {line} of the file" if line else "0-based"
+    return DataError(f"record {i} ({where}): {detail}", record=i, detail=detail)
+
+
+def _jsonl_records(text: str):
+    """(line number from 1, line) of each record of a JSON Lines text: its non-blank lines. Lines end at "\n"
+    only: str.splitlines would also split at U+2028, U+2029 and U+0085, which JSON strings may hold unescaped."""
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if line.strip():
+            yield lineno, line
 
 
 def is_local_source(source: str) -> bool:
@@ -67,11 +88,7 @@ def load_records(source: str, split: str = "train", revision: str | None = None)
         text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors write one) is not data
         if suffix == ".jsonl":
             records = []
-            # lines end at "\n" only: str.splitlines would also split at U+2028, U+2029 and U+0085, which
-            # JSON strings may hold unescaped
-            for lineno, line in enumerate(text.split("\n"), 1):
-                if not line.strip():
-                    continue
+            for lineno, line in _jsonl_records(text):
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as e:
@@ -149,8 +166,8 @@ def map_fields(records: list, fields: dict | None) -> list:
             continue
         for key in ("instruction", "output"):
             if names[key] not in rec:
-                raise DataError(f"record {i}: dataset.fields.{key} = {names[key]!r}, a field this record does not "
-                                f"have (fields: {sorted(rec)})")
+                raise _bad_record(i, f"dataset.fields.{key} = {names[key]!r}, a field this record does not have "
+                                     f"(fields: {sorted(rec)})")
         out.append({key: rec.get(name) for key, name in names.items() if name is not None})
     return out
 
@@ -164,26 +181,26 @@ def check_records(records: list) -> tuple[list[dict], dict]:
     kept, dropped_empty, seen, repeats = [], 0, set(), 0
     for i, rec in enumerate(records):
         if not isinstance(rec, dict):
-            raise DataError(f"record {i}: expected an object, got {type(rec).__name__}")
+            raise _bad_record(i, f"expected an object, got {type(rec).__name__}")
         for key in ("instruction", "output"):
             if key not in rec:
-                raise DataError(f"record {i}: missing field {key!r} (fields: {sorted(rec)}); " + _fields_hint(rec))
+                raise _bad_record(i, f"missing field {key!r} (fields: {sorted(rec)}); " + _fields_hint(rec))
         for key in FIELDS:
             value = rec.get(key)
             if value is not None and not isinstance(value, str):
-                raise DataError(f"record {i}: field {key!r} must be a string, got {type(value).__name__}")
+                raise _bad_record(i, f"field {key!r} must be a string, got {type(value).__name__}")
             if value:
                 try:
                     value.encode("utf-8")
                 except UnicodeEncodeError as e:  # a lone surrogate ("\ud83d" in the JSON): no text can hold it
-                    raise DataError(f"record {i}: field {key!r} holds {value[e.start:e.end]!r} at character "
-                                    f"{e.start}, half of a UTF-16 surrogate pair (a broken escape in the "
-                                    "source?), which is not text") from None
+                    raise _bad_record(i, f"field {key!r} holds {value[e.start:e.end]!r} at character {e.start}, "
+                                         "half of a UTF-16 surrogate pair (a broken escape in the source?), which is "
+                                         "not text") from None
         if not (rec.get("output") or "").strip():
             dropped_empty += 1
             continue
         if not (rec["instruction"] or "").strip():
-            raise DataError(f"record {i}: empty instruction")
+            raise _bad_record(i, "empty instruction")
         # an input of whitespace only is no input (format_example's template choice): the same example as ""
         inp = rec.get("input") if (rec.get("input") or "").strip() else ""
         key = (rec["instruction"], inp, rec["output"])
@@ -261,6 +278,9 @@ def prepare(source: str, train_out: str | Path, eval_out: str | Path, summary_ou
     try:
         kept, counts = check_records(map_fields(raw, fields))
     except DataError as e:  # the job's one-line message names the file (or hub dataset) the record is in
+        if e.record is not None and str(source).lower().endswith(".jsonl"):  # and the record's line in the file
+            lines = _jsonl_records(Path(source).read_text(encoding="utf-8-sig"))
+            e = _bad_record(e.record, e.detail, next(itertools.islice(lines, e.record, None))[0])
         raise DataError(f"dataset.source = {str(source)!r}: {e}") from None
     if counts["dropped_empty_output"]:
         log.info("dropped %d record(s) with an empty output", counts["dropped_empty_output"])

@@ -376,23 +376,46 @@ def failures_since(runs_root: str | Path, since: float, logs_root: str | Path = 
                      f"(attempt {record.get('attempt')}; log {Path(logs_root) / run / seed}.log and its "
                      "*-failed copies)")
     # an attempt killed outright (the out-of-memory killer, kill -9) writes no failed.json: its log's second name
-    # (lorasweep.logs.script_logging) is what is left of it; a run trained since by a retry has its metrics.json
-    for path in sorted(Path(logs_root).glob("*/seed*.log.*-unfinished")):
+    # (lorasweep.logs.script_logging) is what is left of it, one per attempt; a run trained since by a retry has its
+    # metrics.json
+    killed: dict[str, list[tuple[float, Path]]] = {}
+    for path in Path(logs_root).glob("*/seed*.log.*-unfinished"):
         run, seed = path.parent.name, path.name.split(".log.", 1)[0]
         try:
             if (path.stat().st_mtime < since or f"{run}/{seed}" in listed
                     or (Path(runs_root) / run / seed / "metrics.json").exists()):
                 continue
+            killed.setdefault(f"{run}/{seed}", []).append((path.stat().st_mtime, path))
         except OSError:
             continue
-        listed.add(f"{run}/{seed}")
-        lines.append(f"  {run}/{seed}: killed without an error of its own (the kernel's out-of-memory killer, "
-                     f"kill -9, a cluster's hard limit?); its log {path}")
+    for name, attempts in sorted(killed.items()):
+        path = max(attempts)[1]  # the last attempt's
+        said = _last_said(path)
+        lines.append(f"  {name}: killed without an error of its own (the kernel's out-of-memory killer, kill -9, a "
+                     "cluster's hard limit?)"
+                     + (f", in each of {len(attempts)} attempts (Snakemake's retries resume from the last "
+                        "checkpoint, if any): a kill that comes back is most likely memory (on the CPU the "
+                        "out-of-memory killer; on a cluster the job's mem_mb)" if len(attempts) > 1 else "")
+                     + ("; the last attempt's log " if len(attempts) > 1 else "; its log ") + str(path)
+                     + (f", which last said: {said}" if said else ""))
     if not lines:
         return ""
     return (f"lorasweep: these training runs failed (each error in its failed.json under {runs_root}):\n"
             + "\n".join(lines) + "\nThe others' results are kept; with --keep-going the others train on. Fix the "
             "cause and run snakemake again: it trains only what is missing.")
+
+
+def _last_said(log_path: Path) -> str:
+    """The last message lorasweep logged in ``log_path`` (where a killed job had got to: "step 40/150 ..."), or ""."""
+    try:
+        text = log_path.read_text(errors="replace")
+    except OSError:
+        return ""
+    for line in reversed(text.splitlines()):
+        m = re.match(r"\S+ \S+ [A-Z]+ lorasweep[\w.]*: (.*)", line)
+        if m:
+            return " ".join(m.group(1).split())
+    return ""
 
 
 def refuse_repeated_failure(out_dir: Path, attempt: int | None) -> None:

@@ -59,19 +59,35 @@ def test_a_repeat_whose_input_is_only_whitespace_is_a_repeat(tmp_path):
     "records, message",
     [
         ([], "no records"),
-        ([{"instruction": "x"}], "record 0: missing field 'output'"),
-        ([rec(0), {"output": "y"}], "record 1: missing field 'instruction'"),
-        ([rec(0), {"instruction": "x", "output": 3}], "record 1: field 'output' must be a string"),
+        ([{"instruction": "x"}], r"record 0 \(0-based\): missing field 'output'"),
+        ([rec(0), {"output": "y"}], r"record 1 \(0-based\): missing field 'instruction'"),
+        ([rec(0), {"instruction": "x", "output": 3}], r"record 1 \(0-based\): field 'output' must be a string"),
         ([rec(0, output=""), rec(1, output="")], "all 2 records have an empty output"),
-        (["text"], "record 0: expected an object"),
-        ([rec(0), {"instruction": None, "output": "y"}], "record 1: empty instruction"),
+        (["text"], r"record 0 \(0-based\): expected an object"),
+        ([rec(0), {"instruction": None, "output": "y"}], r"record 1 \(0-based\): empty instruction"),
         ([rec(0), json.loads('{"instruction": "x", "output": "a \\ud83d b"}')],
-         r"record 1: field 'output' holds '\\ud83d' at character 2, half of a UTF-16 surrogate pair"),
+         r"record 1 \(0-based\): field 'output' holds '\\ud83d' at character 2, half of a UTF-16 surrogate pair"),
     ],
 )
 def test_bad_records_name_the_record(records, message):
     with pytest.raises(data.DataError, match=message):
         data.check_records(records)
+
+
+def test_a_bad_record_is_named_so_that_it_can_be_found_in_the_file(tmp_path):
+    """Errors named a record by its index from 0 without saying so: "record 2" in a JSON Lines file read as line 2,
+    or the second record, and the record at fault was on line 4 (after a blank line). The index says it counts from
+    0 (as json.load(f)[2], jq '.[2]' and datasets' ds[2] do), and a JSON Lines file's error names the line too."""
+    rows = [rec(0), rec(1), {"instruction": "x", "output": 3}]
+    jsonl, as_list = tmp_path / "mine.jsonl", tmp_path / "mine.json"
+    jsonl.write_text(json.dumps(rows[0]) + "\n\n" + "".join(json.dumps(r) + "\n" for r in rows[1:]))
+    as_list.write_text(json.dumps(rows, indent=1))
+    with pytest.raises(data.DataError, match=r": record 2 \(0-based; line 4 of the file\): field 'output' must be"):
+        data.prepare(str(jsonl), tmp_path / "t.jsonl", tmp_path / "e.jsonl", tmp_path / "s.json")
+    assert json.loads(jsonl.read_text().split("\n")[3]) == rows[2]
+    with pytest.raises(data.DataError, match=r": record 2 \(0-based\): field 'output' must be a string"):
+        data.prepare(str(as_list), tmp_path / "t.jsonl", tmp_path / "e.jsonl", tmp_path / "s.json")
+    assert json.loads(as_list.read_text())[2] == rows[2]
 
 
 def test_split_is_seeded_and_eval_does_not_depend_on_fraction():
@@ -343,7 +359,8 @@ def test_records_of_another_shape_name_the_file_and_what_to_rename(tmp_path, rec
     that no setting maps field names."""
     src = tmp_path / "mine.jsonl"
     src.write_text(json.dumps(record) + "\n")
-    with pytest.raises(data.DataError, match=f"dataset.source = '{src}': record 0: missing field .*lorasweep reads "
+    with pytest.raises(data.DataError, match=rf"dataset.source = '{src}': record 0 \(0-based; line 1 of the file\): "
+                                             "missing field .*lorasweep reads "
                                              f"CodeAlpaca-style records: 'instruction', 'output' and an optional "
                                              f"'input'; {hint}"):
         data.prepare(str(src), tmp_path / "t.jsonl", tmp_path / "e.jsonl", tmp_path / "s.json")
@@ -377,8 +394,9 @@ def test_dataset_fields_read_a_dataset_with_its_own_field_names_as_codealpacas(t
     same_names = [{"instruction": r["instruction"], "input": r["input"], "answer": r["output"]} for r in records]
     (tmp_path / "half.jsonl").write_text("".join(json.dumps(r) + "\n" for r in same_names))
     assert prepared(tmp_path / "half.jsonl", {"output": "answer"}, "d")[:2] == want[:2]  # the others keep theirs
-    with pytest.raises(data.DataError, match=r"record 0: dataset.fields.output = 'response', a field this record does "
-                                             r"not have \(fields: \['answer', 'context', 'id', 'question'\]\)"):
+    with pytest.raises(data.DataError, match=r"record 0 \(0-based; line 1 of the file\): dataset.fields.output = "
+                                             r"'response', a field this record does not have \(fields: "
+                                             r"\['answer', 'context', 'id', 'question'\]\)"):
         prepared(ours, {"instruction": "question", "output": "response"}, "e")
 
 

@@ -817,6 +817,27 @@ def test_the_failure_summary_names_a_training_job_killed_outright(tmp_path):
     assert failures_since(runs, time.time() + 5, logs) == ""  # an earlier workflow's kill is not this one's
 
 
+def test_the_failure_summary_says_a_kill_came_back_in_every_attempt_and_where_the_last_one_was(tmp_path):
+    """A run killed outright in every attempt (the out-of-memory killer at the same point each time, as each retry
+    resumes from the last checkpoint) was named by its first attempt's log only, as a one-off kill would be: the
+    summary says how many attempts were killed, names the last one's log and what it logged last."""
+    from lorasweep.resume import failures_since
+
+    since = time.time() - 1
+    runs, logs = tmp_path / "results" / "runs", tmp_path / "logs" / "train"
+    log = logs / "full" / "seed0.log"
+    for _ in range(3):  # the first attempt and Snakemake's two retries
+        _killed_while_logging(log)
+        log.unlink()  # Snakemake, before the retry
+        time.sleep(0.02)
+    last = max(logs.glob("full/seed0.log.*-unfinished"), key=lambda p: p.stat().st_mtime_ns)
+    text = failures_since(runs, since, logs)
+    assert re.search(r"full/seed0: killed without an error of its own .*, in each of 3 attempts .* most likely "
+                     rf"memory .*; the last attempt's log {re.escape(str(last))}, which last said: step 40 of 150$",
+                     text, re.M), text
+    assert text.count("  full/seed0: ") == 1
+
+
 def test_a_second_process_cannot_train_a_run_another_is_training(tmp_path, tiny_config, tiny_data):
     """Killed, snakemake leaves its training job running; the rerun must not start a second process training into
     the same folder (their checkpoints and log history would interleave): it stops at once, naming the first."""
