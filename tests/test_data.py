@@ -235,11 +235,14 @@ def test_one_job_at_a_time_prepares_the_splits_and_the_others_wait(tmp_path):
 
     train = tmp_path / "train.jsonl"
     train.write_text("")
-    waiter = ("import json, sys\nfrom lorasweep.data import preparing_splits\n"
+    waiter = ("import json, sys\nfrom lorasweep.data import preparing_splits\nprint('asking', flush=True)\n"
               "with preparing_splits(sys.argv[1]) as info:\n    pass\nprint(json.dumps(info))\n")
     with data.preparing_splits(train) as first:
         proc = subprocess.Popen([sys.executable, "-c", waiter, str(train)], stdout=subprocess.PIPE, text=True)
-        time.sleep(3)  # the other process starts, imports and blocks on the lock meanwhile
+        # the other process has started and imported (however long that takes on a busy machine: a fixed sleep
+        # from its start raced it) and asks for the lock now; it waits as long as this holds it
+        assert proc.stdout.readline() == "asking\n"
+        time.sleep(2)
         (tmp_path / data.CACHE_DIR / "cache-0.arrow").write_bytes(b"")  # what a tokenization leaves
     out, _ = proc.communicate(timeout=60)
     second = json.loads(out)

@@ -11,6 +11,19 @@ import pytest
 from lorasweep.gpu_slots import GpuSlot
 
 
+@pytest.fixture(autouse=True)
+def _cuda_visible_devices_restored():
+    """GpuSlot.claim sets CUDA_VISIBLE_DEVICES in the process that claims, here pytest's own: without this, every test
+    after this file ran with CUDA_VISIBLE_DEVICES=1 (the last claim's GPU), and so did the snakemake and training
+    processes they start (on a machine with one GPU: none visible). Torn down after the tests' own monkeypatch."""
+    before = os.environ.get("CUDA_VISIBLE_DEVICES")
+    yield
+    if before is None:
+        os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+    else:
+        os.environ["CUDA_VISIBLE_DEVICES"] = before
+
+
 def _hold(lock_dir, gpus, log_path, hold_s):
     slot = GpuSlot(lock_dir, gpus=gpus, poll_s=0.02)
     gpu = slot.claim()
