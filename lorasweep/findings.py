@@ -957,8 +957,9 @@ def tradeoffs(df: pd.DataFrame) -> list[str]:
     for run in [r for r in m.index if r != "full"]:
         r = m.loc[run]
         out.append(
-            f"`{run}`: trains {r['trainable_share_pct']:.3g}% of the parameters and saves "
-            f"{mib(r['saved_model_bytes'])} instead of {mib(f['saved_model_bytes'])} "
+            f"`{run}`: trains {int(r['trainable_params']):,} parameters, "
+            f"{100 * r['trainable_params'] / f['trainable_params']:.3g}% as many as full fine-tuning; its saved "
+            f"adapter is {mib(r['saved_model_bytes'])} against full fine-tuning's {mib(f['saved_model_bytes'])} model "
             f"({r['saved_model_bytes'] / f['saved_model_bytes']:.1%}). Against full fine-tuning: {mem_name} "
             f"{mem_text(m, mem, run, 'full')}, train runtime "
             f"{time_text(m, 'train_runtime_s', run, 'full', 'longer', 'shorter')}"

@@ -58,7 +58,13 @@ def load(metrics_csv, history_csv, data_summary, eval_losses_csv=None) -> dict:
     }
 
 
-def title_section(ctx: dict, experiment: str) -> str:
+RANDOM_WEIGHTS = ("**The model's weights are random** (built by the workflow, `model.build_tiny`, not pretrained): its "
+                  "losses and samples show how each method trains it from scratch, not how it fine-tunes a pretrained "
+                  "model; its speed and memory are those of its shape. ")
+
+
+def title_section(ctx: dict, experiment: str, random_weights: bool = False) -> str:
+    """``random_weights``: the sweep's model was built with random weights (``model.build_tiny``)."""
     df, data = ctx["metrics"], ctx["data"]
     methods = [name for method, name in (("full", "full fine-tuning"), ("lora", "LoRA"), ("qlora", "QLoRA"))
                if "method" not in df or (df["method"] == method).any()]
@@ -68,7 +74,8 @@ def title_section(ctx: dict, experiment: str) -> str:
                "the seeds, ± one standard deviation across seeds, the sample sd with n − 1; rates are pooled over "
                "the seeds and perplexity is that of the mean loss, as Results says), " if df["n_seeds"].max() > 1
                else "")
-            + f"on {df['hardware'].iloc[0]}. Every number below is read from `results/metrics.csv`; "
+            + f"on {df['hardware'].iloc[0]}. " + (RANDOM_WEIGHTS if random_weights else "")
+            + "Every number below is read from `results/metrics.csv`; "
             "the executed notebook `summary.ipynb` beside this file holds the code that produced it.")
 
 
@@ -385,7 +392,7 @@ def results_table(df: pd.DataFrame) -> str:
           if "n_seeds" in df and df["n_seeds"].max() > 1 else []),
         "- *train loss*: mean training loss over the run's steps (the Trainer's `train_loss`, as write-up W3 "
         "reports; a run resumed after a crash: over all its steps); "
-        "*eval loss*: on the held-out split after training; untrained: "
+        "*eval loss*: mean cross-entropy per response token (nats) on the held-out split after training; untrained: "
         + ", ".join(f"{r['run']} {r['base_eval_loss']:.4g}" for _, r in df.iterrows()) + ".",
         "- *runtime*: training wall time with the time of evaluations and of writing checkpoints subtracted; "
         "*tokens/s* counts non-padding tokens (prompt + response) actually fed; *padding*: share of the fed batch "
@@ -409,6 +416,8 @@ def results_table(df: pd.DataFrame) -> str:
         "measured apart (`eval_peak_*` in metrics.csv) and left out, since their memory depends on the eval batch "
         "size, not on the method.",
         *_frozen_base_note(df),
+        "- *trainable*: trainable parameters and their share of the run's own parameters (adapter included, as "
+        "PEFT counts it).",
         "- *saved*: adapter file size for LoRA / QLoRA, full model weights for full fine-tuning.",
     ]
     return "## Results\n\n" + _table(rows) + "\n" + "\n".join(notes)
@@ -540,10 +549,11 @@ def our_settings(per_seed: pd.DataFrame, data: dict | None = None, history: pd.D
 
 def writeups_section(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None,
                      per_seed: pd.DataFrame | None = None, data: dict | None = None,
-                     history: pd.DataFrame | None = None) -> str:
+                     history: pd.DataFrame | None = None, random_weights: bool = False) -> str:
     """Our LoRA runs beside the figures W2 and W3 reported for the same ranks, each figure beside ours of the same
     kind and unit, after the settings each write-up and this sweep trained with; their claims checked against
-    every seed (``per_seed``: a seed timed on a busy machine keeps its run out of the timing claims)."""
+    every seed (``per_seed``: a seed timed on a busy machine keeps its run out of the timing claims;
+    ``random_weights``: the model was built with random weights, which the verdicts on loss then say)."""
     ours = df.set_index("run")
     mem_col, mem_name = F.memory_measure(df)
     cuda = mem_col == "peak_cuda_allocated_bytes"
@@ -612,7 +622,10 @@ def writeups_section(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None,
         + ". A claim about train loss (W2 gave the last logged value, W3 the mean over the run) is checked on ours "
         "of the same kind; W1's on eval loss, which it charted beside train loss"
         + ("" if cuda else "; a claim about memory on the CPU's " + mem_name + ", where the write-ups measured "
-           "CUDA memory") + ":",
+           "CUDA memory")
+        + (". This sweep's model has random weights, unlike the pretrained opt-350m the write-ups fine-tuned: its "
+           "verdicts on loss say how the methods train it from scratch, not whether the claims hold for fine-tuning"
+           if random_weights else "") + ":",
         "",
     ]
     claims = F.writeup_claims(per_seed if per_seed is not None else df, eval_losses)

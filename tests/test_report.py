@@ -22,7 +22,7 @@ def _fixture():
     return pd.read_csv(FIXTURE / "metrics.csv"), pd.read_csv(FIXTURE / "eval_losses.csv")
 
 
-def _render(tmp_path, metrics=None, eval_losses=None):
+def _render(tmp_path, metrics=None, eval_losses=None, **params):
     results = tmp_path / "results"
     shutil.copytree(FIXTURE, results)
     if metrics is not None:
@@ -34,7 +34,7 @@ def _render(tmp_path, metrics=None, eval_losses=None):
     md = render_report(TEMPLATE, reports / "summary.ipynb", reports / "summary.md",
                        metrics_csv=results / "metrics.csv", history_csv=results / "log_history.csv",
                        eval_losses_csv=results / "eval_losses.csv", data_summary=results / "summary.json",
-                       experiment="fixture")
+                       experiment="fixture", **params)
     return md, md.read_text()
 
 
@@ -1518,3 +1518,41 @@ def test_a_busy_machine_is_named_once_per_run_with_three_seeds():
     m3.loc[m3["run"] != "lora-r8", "other_processes_cpu_share_pct"] = 1.0
     m3.loc[(m3["run"] == "lora-r8") & (m3["seed"] != 1), "other_processes_cpu_share_pct"] = 1.0
     assert "% of the CPU while `lora-r8` (seed 1) trained" in F.busy_machine(m3)
+
+
+def test_a_model_built_with_random_weights_is_said_so_in_the_title_and_beside_the_writeups_verdicts(tmp_path):
+    """The presets build a randomly initialised OPT: nothing in the report said so, while its samples were noise and
+    its write-up verdicts ("full fine-tuning reached the lowest eval loss: agrees") read as tests of claims made on
+    the pretrained opt-350m."""
+    _, text = _render(tmp_path, random_weights=True)
+    title = text.split("## Findings")[0]
+    assert "**The model's weights are random**" in title and "not pretrained" in title
+    claims = text.split("Their claims, checked against this sweep's measurements")[1]
+    assert "random weights, unlike the pretrained opt-350m the write-ups fine-tuned" in claims
+    _, plain = _render(tmp_path / "pretrained")
+    assert "random" not in plain.split("## Findings")[0] and "unlike the pretrained" not in plain
+
+
+def test_the_tradeoffs_come_right_after_the_findings(rendered):
+    """What each method costs and buys against full fine-tuning, the reader's question, sat sixth, after the setup,
+    the tables, six figures and the memory model."""
+    _, text = rendered
+    assert text.index("## Findings") < text.index("## LoRA's trade-offs in this sweep") < text.index("## Setup")
+
+
+def test_the_tradeoffs_set_trainable_parameters_beside_full_finetunings_and_the_table_says_what_its_share_is_of():
+    """trainable_share_pct is PEFT's share of the adapted model's own parameters, adapter included: the fixture's
+    lora-r256 trains 196,608 parameters, 99.3% of full fine-tuning's 198,080, which the trade-offs called "trains
+    49.8% of the parameters" before "Against full fine-tuning"."""
+    from lorasweep.report import results_table
+
+    df, _ = _fixture()
+    lines = {line.split("`")[1]: line for line in F.tradeoffs(df)}
+    full, r256 = (df.set_index("run").loc[r, "trainable_params"] for r in ("full", "lora-r256"))
+    assert (full, r256) == (198080, 196608)
+    assert "trains 196,608 parameters, 99.3% as many as full fine-tuning" in lines["lora-r256"]
+    assert "49.8%" not in lines["lora-r256"]
+    assert "its saved adapter is 770 KiB against full fine-tuning's 778 KiB model (99.0%)" in lines["lora-r256"]
+    notes = results_table(F.by_run(df))
+    assert "*trainable*: trainable parameters and their share of the run's own parameters (adapter included" in notes
+    assert "*eval loss*: mean cross-entropy per response token (nats)" in notes

@@ -374,6 +374,7 @@ def test_tiny_sweep_produces_metrics_figures_and_report(tiny_sweep):
                     "## Beside the published write-ups"):
         assert heading in md
     assert "**Lowest eval loss: `full`**" in md  # on a random-init tiny model only full fine-tuning learns much
+    assert "**The model's weights are random**" in md.split("## Findings")[0]  # model.build_tiny, the rule's param
     assert "each trained with 2 seeds (0,1" in md and "one standard deviation across seeds" in md
     assert re.search(r"\| full +\| [\d.]+ ± [\d.]+ +\| [\d.]+ ± [\d.]+", md)  # train / eval loss: mean ± sd
     assert "examples and 2 seeds each" in md  # intervals cover seed-to-seed variation

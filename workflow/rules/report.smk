@@ -68,6 +68,7 @@ rule report:
         notebook="reports/summary.ipynb",
     params:
         experiment=config["experiment"],
+        random_weights=bool(config["model"]["build_tiny"]),  # a model the workflow built: the report says so
         # the --configfile files, for the report's rerun commands (relative to the working directory)
         configfiles=[os.path.relpath(str(f)) for f in workflow.overwrite_configfiles],
         snakefile=SNAKEFILE,
