@@ -9,7 +9,8 @@
 #   1. full, batch 8, eager                          the machine's baseline at the write-ups' batch, beside the
 #                                                    plain SFTTrainer without checkpointing on the same machine
 #   2. full, batch 64, eager                         more tokens per step: the host's cost spread over 8x the work
-#   3. lora-r8, batch 64, eager                      LoRA against 2 where the GPU, not the host, bounds the step
+#   3. lora-r8, batch 64, eager                      LoRA against 2 at 8x the tokens a step (still host-bound on
+#                                                    the H200s so far: 101-118 ms a step against 10-19 ms bounds)
 #   4. lora-r8, batch 8, eager
 #   4b. full, batch 64, eager, profiled              where a step's time goes: GPU busy share, host waits and
 #                                                    their operators (benchmarks/profile_summary.py)
