@@ -360,29 +360,30 @@ def failures_since(runs_root: str | Path, since: float, logs_root: str | Path = 
     """The training jobs whose last attempt failed since ``since`` (a time stamp; the workflow's start), one line
     each with the error and the log: printed when the workflow ends in failure, where Snakemake's own account of
     each failed job scrolled by long before (``--keep-going`` over a sweep). A job killed outright, with no error of
-    its own, is named by the log it left (``<log>.<time>-unfinished``) unless a retry trained the run. Empty when
-    none."""
-    lines, listed = [], set()
+    its own, is named by the log it left (``<log>.<time>-unfinished``) unless a retry trained the run (a kill after an
+    attempt's error: the kill, then that error). Empty when none."""
+    lines, listed = {}, {}  # per run: its line; the runs with a failed.json: when it was written, and its record
     for path in sorted(Path(runs_root).glob(f"*/seed*/{FAILED_FILE}")):
         try:
-            if path.stat().st_mtime < since:
+            if (written := path.stat().st_mtime) < since:
                 continue  # an older run's, not tried again this time
             record = read_json(path)
         except (OSError, ValueError):
             continue
         run, seed = path.parent.parent.name, path.parent.name
-        listed.add(f"{run}/{seed}")
-        lines.append(f"  {run}/{seed}: {record.get('error')}: {record.get('message')} "
-                     f"(attempt {record.get('attempt')}; log {Path(logs_root) / run / seed}.log and its "
-                     "*-failed copies)")
+        listed[f"{run}/{seed}"] = written, record
+        lines[f"{run}/{seed}"] = (f"  {run}/{seed}: {record.get('error')}: {record.get('message')} "
+                                  f"(attempt {record.get('attempt')}; log {Path(logs_root) / run / seed}.log and its "
+                                  "*-failed copies)")
     # an attempt killed outright (the out-of-memory killer, kill -9) writes no failed.json: its log's second name
     # (lorasweep.logs.script_logging) is what is left of it, one per attempt; a run trained since by a retry has its
-    # metrics.json
+    # metrics.json; a kill before the failed.json was written is not the last attempt (a kill after it is: the retry
+    # of an error that a retry may help, a network error, killed before it could write one)
     killed: dict[str, list[tuple[float, Path]]] = {}
     for path in Path(logs_root).glob("*/seed*.log.*-unfinished"):
         run, seed = path.parent.name, path.name.split(".log.", 1)[0]
         try:
-            if (path.stat().st_mtime < since or f"{run}/{seed}" in listed
+            if (path.stat().st_mtime < (listed[f"{run}/{seed}"][0] if f"{run}/{seed}" in listed else since)
                     or (Path(runs_root) / run / seed / "metrics.json").exists()):
                 continue
             killed.setdefault(f"{run}/{seed}", []).append((path.stat().st_mtime, path))
@@ -391,18 +392,22 @@ def failures_since(runs_root: str | Path, since: float, logs_root: str | Path = 
     for name, attempts in sorted(killed.items()):
         path = max(attempts)[1]  # the last attempt's
         said = _last_said(path)
-        lines.append(f"  {name}: killed without an error of its own (the kernel's out-of-memory killer, kill -9, a "
-                     "cluster's hard limit?)"
-                     + (f", in each of {len(attempts)} attempts (Snakemake's retries resume from the last "
-                        "checkpoint, if any): a kill that comes back is most likely memory (on the CPU the "
-                        "out-of-memory killer; on a cluster the job's mem_mb)" if len(attempts) > 1 else "")
-                     + ("; the last attempt's log " if len(attempts) > 1 else "; its log ") + str(path)
-                     + (f", which last said: {said}" if said else ""))
+        lines[name] = (f"  {name}: killed without an error of its own (the kernel's out-of-memory killer, kill -9, "
+                       "a cluster's hard limit?)"
+                       + (f", in each of {len(attempts)} attempts (Snakemake's retries resume from the last "
+                          "checkpoint, if any): a kill that comes back is most likely memory (on the CPU the "
+                          "out-of-memory killer; on a cluster the job's mem_mb)" if len(attempts) > 1 else "")
+                       + ("; the last attempt's log " if len(attempts) > 1 else "; its log ") + str(path)
+                       + (f", which last said: {said}" if said else ""))
+        if name in listed:  # an attempt before the kills failed with an error
+            record = listed[name][1]
+            lines[name] += (f" (attempt {record.get('attempt')} before it: {record.get('error')}: "
+                            f"{record.get('message')})")
     if not lines:
         return ""
     return (f"lorasweep: these training runs failed (each error in its failed.json under {runs_root}):\n"
-            + "\n".join(lines) + "\nThe others' results are kept; with --keep-going the others train on. Fix the "
-            "cause and run snakemake again: it trains only what is missing.")
+            + "\n".join(lines.values()) + "\nThe others' results are kept; with --keep-going the others train on. "
+            "Fix the cause and run snakemake again: it trains only what is missing.")
 
 
 def _last_said(log_path: Path) -> str:

@@ -838,6 +838,33 @@ def test_the_failure_summary_says_a_kill_came_back_in_every_attempt_and_where_th
     assert text.count("  full/seed0: ") == 1
 
 
+def test_the_failure_summary_says_a_retry_was_killed_after_an_attempt_that_failed_with_an_error(tmp_path):
+    """Attempt 1 failed with an error a retry may help (failed.json: a network error), attempt 2 was killed outright
+    (no failed.json of its own): the summary gave attempt 1's error as the run's failure and left out the kill of
+    the last attempt and its log, the one to read."""
+    from lorasweep.resume import failures_since, record_failure
+
+    since = time.time() - 1
+    runs, logs = tmp_path / "results" / "runs", tmp_path / "logs" / "train"
+    record_failure(runs / "full" / "seed0", 1, ConnectionError("hub unreachable"))
+    time.sleep(0.02)
+    log = logs / "full" / "seed0.log"
+    _killed_while_logging(log)  # attempt 2
+    [left] = logs.glob("full/seed0.log.*-unfinished")
+    text = failures_since(runs, since, logs)
+    assert re.search(rf"full/seed0: killed without an error of its own .*; its log {re.escape(str(left))}, which last "
+                     r"said: step 40 of 150 \(attempt 1 before it: ConnectionError: hub unreachable\)$", text, re.M), text
+    assert text.count("  full/seed0: ") == 1
+
+    # an attempt killed before the one that failed with an error: the error is the last attempt's, as before
+    runs2, logs2 = tmp_path / "2" / "runs", tmp_path / "2" / "logs"
+    _killed_while_logging(logs2 / "full" / "seed0.log")  # attempt 1
+    time.sleep(0.02)
+    record_failure(runs2 / "full" / "seed0", 2, ValueError("bad"))
+    text = failures_since(runs2, since, logs2)
+    assert "full/seed0: ValueError: bad (attempt 2;" in text and "killed" not in text
+
+
 def test_a_second_process_cannot_train_a_run_another_is_training(tmp_path, tiny_config, tiny_data):
     """Killed, snakemake leaves its training job running; the rerun must not start a second process training into
     the same folder (their checkpoints and log history would interleave): it stops at once, naming the first."""
