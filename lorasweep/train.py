@@ -133,6 +133,15 @@ def load_model(spec: dict, device: str, precision: str):
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as e:
         raise ModelLoadError(_load_hint(name, "model", e)) from e
+    except (ImportError, RuntimeError) as e:  # bitsandbytes missing, or built without this machine's device
+        if not q or "bitsandbytes" not in str(e):
+            raise
+        raise ModelLoadError(
+            f"run {spec['run']}: QLoRA loads its base model in 4 bits with bitsandbytes, which cannot do that on this "
+            f"machine ({device}): {type(e).__name__}: {str(e).splitlines()[0]}\n"
+            "Install a bitsandbytes build for it (https://huggingface.co/docs/bitsandbytes/main/en/installation), or "
+            "leave QLoRA out of the sweep (an override file with `methods: {qlora: {ranks: []}}`), which retrains "
+            "none of the other runs.") from e
     if q and device == "cpu":
         # bitsandbytes 0.50 repacks 4-bit weights into an inference-only layout the first time a layer runs
         # in eval mode on an AVX512-BF16 CPU and never converts them back, so training after the baseline

@@ -15,7 +15,7 @@ import yaml
 
 from conftest import REPO, run_snakemake, snakemake_cmd
 from lorasweep.config import run_spec
-from lorasweep.resume import TrainingOOM, batch_after_oom, find_resumable, halve_batch, record_oom
+from lorasweep.resume import TrainingOOM, batch_after_oom, find_resumable, halve_batch, record_oom, retry_may_help
 from lorasweep.train import ModelLoadError, load_model, train_run
 
 TINY = REPO / "config" / "tiny.yaml"
@@ -603,6 +603,22 @@ def test_a_directory_that_is_not_a_model_says_what_was_tried(tmp_path, tiny_conf
     spec["model"]["name_or_path"] = str(tmp_path)
     with pytest.raises(ModelLoadError, match=r"model.name_or_path = .* read as a local directory"):
         load_model(spec, "cpu", "fp32")
+
+
+def test_a_qlora_base_that_bitsandbytes_cannot_load_here_says_how_to_go_on(tiny_config, monkeypatch):
+    """bitsandbytes built without this machine's device (its supported_torch_devices): transformers refuses to load
+    the 4-bit base with a RuntimeError; the run's error names QLoRA, the install docs and how to leave it out."""
+    import bitsandbytes
+
+    monkeypatch.setattr(bitsandbytes, "supported_torch_devices", set(), raising=False)
+    spec = run_spec(tiny_config(), "qlora-r8")
+    with pytest.raises(ModelLoadError, match=r"run qlora-r8: QLoRA loads its base model in 4 bits with bitsandbytes, "
+                                             r"which cannot do that on this machine \(cpu\): RuntimeError: None of") as e:
+        load_model(spec, "cpu", "fp32")
+    assert "methods: {qlora: {ranks: []}}" in str(e.value)
+    assert not retry_may_help(e.value)  # the same every attempt: no retry
+    full = run_spec(tiny_config(), "full")  # the other runs load as before
+    assert load_model(full, "cpu", "fp32") is not None
 
 
 def test_a_hub_id_offline_points_at_a_local_copy(tiny_config, monkeypatch):
