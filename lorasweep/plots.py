@@ -152,7 +152,7 @@ def _memory_figure(df, runs, pal, plt, h, per_seed=None):
     left = pd.Series(0.0, index=df.index)
     for comp in parts["components"]:
         col = f"predicted_{comp}_bytes"
-        if col not in df:
+        if col not in df or not (df[col].fillna(0) > 0).any():  # no bar of it: no legend entry either
             continue
         vals = df[col].fillna(0) / gib
         ax.barh(y, vals, left=left, color=COMPONENT_COLOURS[comp], height=0.6,
@@ -214,7 +214,7 @@ def _tradeoff_figure(df, runs, pal, plt, sns, diverged=()):
         ax.set_xlabel(xlabel)
         ax.margins(y=0.15)
     _name_diverged(axes[1].legend(title="run", loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=9), diverged)
-    axes[0].set_ylabel("eval loss after training (lower is better)")
+    axes[0].set_ylabel("eval loss after training\n(nats / response token; lower is better)")
     axes[0].set_title("quality vs memory")
     axes[1].set_title("quality vs time")
     return fig

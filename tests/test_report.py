@@ -1556,3 +1556,25 @@ def test_the_tradeoffs_set_trainable_parameters_beside_full_finetunings_and_the_
     notes = results_table(F.by_run(df))
     assert "*trainable*: trainable parameters and their share of the run's own parameters (adapter included" in notes
     assert "*eval loss*: mean cross-entropy per response token (nats)" in notes
+
+
+def test_the_memory_figure_lists_only_the_predicted_parts_it_draws():
+    """A part the memory model predicts as zero for every run draws no bar: it has no legend entry either."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lorasweep.plots import _memory_figure, run_palette
+
+    df = F.by_run(_fixture()[0])
+    runs = list(df["run"])
+    legend = lambda fig: [t.get_text() for t in fig.axes[1].get_legend().get_texts()]  # noqa: E731
+    df["predicted_gradients_beyond_activations_bytes"] = 0.0
+    fig = _memory_figure(df, runs, run_palette(runs), plt, 3)
+    assert not [t for t in legend(fig) if "gradients" in t] and "predicted: AdamW state" in legend(fig)
+    plt.close(fig)
+    df.loc[df.index[0], "predicted_gradients_beyond_activations_bytes"] = 2.0**20
+    fig = _memory_figure(df, runs, run_palette(runs), plt, 3)
+    assert "predicted: gradients beyond the activations" in legend(fig)
+    plt.close(fig)
