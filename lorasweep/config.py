@@ -319,8 +319,43 @@ def deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
+def _repeated_keys(node, path: str = ""):
+    """``(key path, first line, repeated line)`` of every key written twice in one mapping under a YAML ``node``."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict = {}
+        for k, v in node.value:
+            name = f"{path}.{k.value}" if path else str(k.value)
+            if k.value in seen:
+                yield name, seen[k.value], k.start_mark.line + 1
+            seen.setdefault(k.value, k.start_mark.line + 1)
+            yield from _repeated_keys(v, name)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            yield from _repeated_keys(v, f"{path}[{i}]")
+
+
+def check_config_files(paths) -> None:
+    """No key written twice in a config file: YAML (and Snakemake) keep the last one, so a second ``training:`` section
+    in an override file would drop every setting of the first without a word, leaving them at their defaults."""
+    for path in paths:
+        text = Path(path).read_text()
+        if "__use_yte__" in text:  # a YTE template (Snakemake renders it): its keys may repeat
+            continue
+        try:
+            node = yaml.compose(text, Loader=yaml.SafeLoader)
+        except yaml.YAMLError:  # Snakemake says so itself
+            continue
+        repeated = list(_repeated_keys(node))
+        if repeated:
+            raise ConfigError(f"invalid lorasweep configuration: {path}: " + "; ".join(
+                f"{key} is written twice (lines {a} and {b})" for key, a, b in repeated)
+                + ": YAML keeps only the last, and the settings under the first would be dropped without a word; "
+                "merge them into one")
+
+
 def load_config(*paths: str | Path) -> dict:
     """Read and deep-merge YAML files in order (as ``--configfile a.yaml b.yaml`` does), then validate."""
+    check_config_files(paths)
     config: dict = {}
     for p in paths:
         config = deep_merge(config, yaml.safe_load(Path(p).read_text()) or {})

@@ -160,6 +160,23 @@ def test_a_strangers_override_file_is_refused_before_any_job_naming_each_key(tmp
     assert "  - methods.lora.ranks[1].init = 'svd': must be one of 'default', 'olora', 'pissa'\n" in out
 
 
+def test_a_section_written_twice_in_a_config_file_is_refused_before_any_job(tmp_path):
+    """YAML keeps the last of two keys of the same name: the first training: block's settings were dropped without a
+    word (the dry run planned the sweep with epochs back at the preset's 3)."""
+    from conftest import run_snakemake
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("training:\n  epochs: 1\nmethods:\n  lora: {ranks: [8, 8.5], ranks: [8]}\ntraining:\n  batch_size: 4\n")
+    proc = run_snakemake("-n", "--cores", 1, "--configfile", REPO / "config" / "tiny.yaml", bad, workdir=tmp_path,
+                         check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and not (tmp_path / "results").exists()
+    assert f"{bad}: methods.lora.ranks is written twice (lines 4 and 4); training is written twice (lines 1 and 5): " \
+           "YAML keeps only the last" in out
+    with pytest.raises(ConfigError, match=r"training is written twice \(lines 1 and 5\)"):
+        load_config(REPO / "config" / "config.yaml", bad)
+
+
 def test_missing_top_level_key_explains_how_config_files_combine():
     with pytest.raises(ConfigError, match="merges --configfile files over config/config.yaml"):
         validate_config({"dataset": {"source": "x.json"}})
