@@ -48,6 +48,13 @@ def _number_as_text_hint(value) -> str:
             "given with --configfile)")
 
 
+def _key_paths(schema: dict, path: tuple = ()):
+    """``(key path, name)`` of every key of the schema (not those of a ranks entry)."""
+    for name, sub in schema.get("properties", {}).items():
+        yield ".".join((*path, name)), name
+        yield from _key_paths(sub, (*path, name))
+
+
 def _describe(error) -> str:
     """One line per error: the key, the value found and what is allowed."""
     key = _key(error.absolute_path)
@@ -59,20 +66,34 @@ def _describe(error) -> str:
         import difflib
 
         close = {e: m[0] for e in extra if (m := difflib.get_close_matches(str(e), allowed, n=1, cutoff=0.8))}
-        if not error.absolute_path and len(close) < len(extra):
+        # QLoRA entries take no init (methods.lora.init does not apply to them either)
+        qlora_init = key.startswith("methods.qlora.ranks[") and "init" in extra
+        # a key of another section written here (batch_size at the top level, training.learning_rate)
+        elsewhere = {e: [p for p, name in _key_paths(load_schema()) if name == e and p != prefix + e]
+                     for e in extra if e not in close and not (qlora_init and e == "init")}
+        elsewhere = {e: paths for e, paths in elsewhere.items() if paths}
+        if not error.absolute_path and len(close) + len(elsewhere) < len(extra):
             # top-level keys like nothing in the schema (a metrics.json's "run", "eval_loss", ...; its "method"
             # is close to "methods"): a file that is not a config
             hint = (" (--configfile reads every file after it: a target or other argument written after it, e.g. "
                     "results/metrics.csv, is read as a config file; put targets before --configfile)")
-        elif close:  # a misspelt key
-            hint = " (did you mean " + ", ".join(f"{prefix}{m} for {prefix}{e}" for e, m in close.items()) + "?)"
+        elif close or elsewhere:  # a misspelt or misplaced key
+            hint = " (did you mean " + ", ".join(
+                [f"{prefix}{m} for {prefix}{e}" for e, m in close.items()]
+                + [f"{' or '.join(paths)} for {prefix}{e}" for e, paths in elsewhere.items()]) + "?)"
         else:
             hint = ""
+        if qlora_init:
+            hint += " (QLoRA runs use the default init: olora / pissa have no 4-bit form)"
         return f"unknown key(s) {', '.join(prefix + e for e in extra)}; allowed here: {', '.join(allowed)}{hint}"
     if v == "enum":
         return f"{key} = {error.instance!r}: must be one of {', '.join(map(repr, schema['enum']))}"
     if v == "oneOf" and "target_modules" in key:
         return f"{key} = {error.instance!r}: must be a list of module names, 'attention' or 'all-linear'"
+    if v == "oneOf" and ".ranks[" in key and isinstance(error.instance, dict) and error.context:
+        # an entry {rank, ...}: what is wrong inside it, by key (the errors against the entry's object form)
+        return "\n  - ".join(_describe(e) for e in _without_duplicates(
+            [e for e in error.context if e.relative_schema_path[0] == 1]))
     if v == "oneOf" and ".ranks[" in key:
         return (f"{key} = {error.instance!r}: must be a rank (integer >= 1) or {{rank, "
                 + ("" if key.startswith("methods.qlora") else "init: default|olora|pissa, ")
@@ -89,7 +110,8 @@ def _describe(error) -> str:
                 if error.instance.is_integer() else ""
         if isinstance(error.instance, bool) and "enabled" in schema.get("properties", {}):
             hint = f" (to switch it {'on' if error.instance else 'off'}: {key}.enabled: {str(error.instance).lower()})"
-        return f"{key} = {error.instance!r}: must be of type {error.validator_value}{hint}"
+        types = error.validator_value
+        return f"{key} = {error.instance!r}: must be of type {' or '.join(types) if isinstance(types, list) else types}{hint}"
     if v == "required":
         hint = ""
         if not error.absolute_path:
@@ -102,6 +124,12 @@ def _describe(error) -> str:
     return f"{key} = {error.instance!r}: {error.message}"
 
 
+def _without_duplicates(errors: list) -> list:
+    """``errors`` less a key's type error where its enum error says more (``device: null``: one of 'cuda', ...)."""
+    enums = {tuple(e.absolute_path) for e in errors if e.validator == "enum"}
+    return [e for e in errors if not (e.validator == "type" and tuple(e.absolute_path) in enums)]
+
+
 def validate_config(config: dict) -> dict:
     """Check ``config`` against the schema, filling defaults in place; raise ConfigError naming every bad key."""
     import jsonschema
@@ -112,7 +140,7 @@ def validate_config(config: dict) -> dict:
     whole = jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
         "integer", lambda _checker, v: isinstance(v, int) and not isinstance(v, bool))
     validator = jsonschema.validators.extend(jsonschema.Draft202012Validator, type_checker=whole)(schema)
-    errors = sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
+    errors = _without_duplicates(sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path))))
     if errors:
         lines = "\n".join(f"  - {_describe(e)}" for e in errors)
         raise ConfigError(f"invalid lorasweep configuration:\n{lines}\n(schema: {SCHEMA_PATH})")
@@ -291,8 +319,43 @@ def deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
+def _repeated_keys(node, path: str = ""):
+    """``(key path, first line, repeated line)`` of every key written twice in one mapping under a YAML ``node``."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict = {}
+        for k, v in node.value:
+            name = f"{path}.{k.value}" if path else str(k.value)
+            if k.value in seen:
+                yield name, seen[k.value], k.start_mark.line + 1
+            seen.setdefault(k.value, k.start_mark.line + 1)
+            yield from _repeated_keys(v, name)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            yield from _repeated_keys(v, f"{path}[{i}]")
+
+
+def check_config_files(paths) -> None:
+    """No key written twice in a config file: YAML (and Snakemake) keep the last one, so a second ``training:`` section
+    in an override file would drop every setting of the first without a word, leaving them at their defaults."""
+    for path in paths:
+        text = Path(path).read_text()
+        if "__use_yte__" in text:  # a YTE template (Snakemake renders it): its keys may repeat
+            continue
+        try:
+            node = yaml.compose(text, Loader=yaml.SafeLoader)
+        except yaml.YAMLError:  # Snakemake says so itself
+            continue
+        repeated = list(_repeated_keys(node))
+        if repeated:
+            raise ConfigError(f"invalid lorasweep configuration: {path}: " + "; ".join(
+                f"{key} is written twice (lines {a} and {b})" for key, a, b in repeated)
+                + ": YAML keeps only the last, and the settings under the first would be dropped without a word; "
+                "merge them into one")
+
+
 def load_config(*paths: str | Path) -> dict:
     """Read and deep-merge YAML files in order (as ``--configfile a.yaml b.yaml`` does), then validate."""
+    check_config_files(paths)
     config: dict = {}
     for p in paths:
         config = deep_merge(config, yaml.safe_load(Path(p).read_text()) or {})

@@ -113,6 +113,26 @@ def test_qlora_takes_the_lora_settings_so_that_the_pair_differs_by_quantization_
          r"\(methods.lora.use_dora\)"),
         ({"methods": {"lora": {"ranks": [{"rank": 8, "init": "pissa"}], "use_dora": True}}},
          r"init 'pissa' \(methods.lora.ranks\[0\].init\) cannot be combined with use_dora \(methods.lora.use_dora\)"),
+        # a ranks entry {rank, ...}: what is wrong inside it, by key, not the whole entry and its shape
+        ({"methods": {"lora": {"ranks": [8, {"rank": 8, "init": "svd"}]}}},
+         r"  - methods.lora.ranks\[1\].init = 'svd': must be one of 'default', 'olora', 'pissa'\n\(schema"),
+        ({"methods": {"lora": {"ranks": [{"rank": 0, "use_rsloraa": True}]}}},
+         r"unknown key\(s\) methods.lora.ranks\[0\].use_rsloraa; allowed here: init, rank, use_dora, use_rslora \(did "
+         r"you mean methods.lora.ranks\[0\].use_rslora for methods.lora.ranks\[0\].use_rsloraa\?\)\n"
+         r"  - methods.lora.ranks\[0\].rank = 0: must be >= 1\n"),
+        ({"methods": {"qlora": {"ranks": [{"rank": 8, "init": "olora"}]}}},
+         r"unknown key\(s\) methods.qlora.ranks\[0\].init; allowed here: rank, use_dora, use_rslora \(QLoRA runs use "
+         r"the default init: olora / pissa have no 4-bit form\)\n"),
+        # a key of another section: where it belongs, not "a target read as a config file"
+        ({"batch_size": 4}, r"unknown key\(s\) batch_size; allowed here: .*\(did you mean training.batch_size for "
+                            r"batch_size\?\)\n"),
+        ({"lora": {"ranks": [8]}}, r"unknown key\(s\) lora; .*\(did you mean methods.lora for lora\?\)\n"),
+        ({"training": {"learning_rate": 1.0e-4}}, r"unknown key\(s\) training.learning_rate; allowed here: .*\(did you "
+         r"mean methods.full.learning_rate or methods.lora.learning_rate or methods.qlora.learning_rate for "
+         r"training.learning_rate\?\)"),
+        # null where a choice is expected: one line, with the choices; a nullable key's types read as words
+        ({"training": {"device": None}}, r"configuration:\n  - training.device = None: must be one of 'cuda', 'cpu', 'auto'\n\(schema"),
+        ({"model": {"revision": 5}}, r"model.revision = 5: must be of type string or null\n"),
         # known before any job: the training job stopped on it only after the data step
         ({"training": {"device": "cpu", "precision": "fp16"}},
          r"training.precision = 'fp16' is not supported with training.device = 'cpu': use 'fp32', 'bf16' or 'auto'"),
@@ -123,6 +143,38 @@ def test_errors_name_the_key_and_what_is_allowed(override, message):
 
     with pytest.raises(ConfigError, match=message):
         validate_config(deep_merge(MINIMAL, override))
+
+
+def test_a_strangers_override_file_is_refused_before_any_job_naming_each_key(tmp_path):
+    """snakemake itself, on an override file with a misplaced key and a bad ranks entry: one readable line each."""
+    from conftest import run_snakemake
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {name_or_path: m}\ndataset: {source: d.json}\nbatch_size: 4\n"
+                   "methods: {lora: {ranks: [8, {rank: 128, init: svd}]}}\n")
+    proc = run_snakemake("-n", "--cores", 1, "--configfile", bad, workdir=tmp_path, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Traceback" not in out and not (tmp_path / "results").exists()
+    assert "  - unknown key(s) batch_size; allowed here: dataset, experiment, methods, model, seed, seeds, training " \
+           "(did you mean training.batch_size for batch_size?)\n" in out
+    assert "  - methods.lora.ranks[1].init = 'svd': must be one of 'default', 'olora', 'pissa'\n" in out
+
+
+def test_a_section_written_twice_in_a_config_file_is_refused_before_any_job(tmp_path):
+    """YAML keeps the last of two keys of the same name: the first training: block's settings were dropped without a
+    word (the dry run planned the sweep with epochs back at the preset's 3)."""
+    from conftest import run_snakemake
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("training:\n  epochs: 1\nmethods:\n  lora: {ranks: [8, 8.5], ranks: [8]}\ntraining:\n  batch_size: 4\n")
+    proc = run_snakemake("-n", "--cores", 1, "--configfile", REPO / "config" / "tiny.yaml", bad, workdir=tmp_path,
+                         check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and not (tmp_path / "results").exists()
+    assert f"{bad}: methods.lora.ranks is written twice (lines 4 and 4); training is written twice (lines 1 and 5): " \
+           "YAML keeps only the last" in out
+    with pytest.raises(ConfigError, match=r"training is written twice \(lines 1 and 5\)"):
+        load_config(REPO / "config" / "config.yaml", bad)
 
 
 def test_missing_top_level_key_explains_how_config_files_combine():

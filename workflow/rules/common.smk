@@ -18,9 +18,9 @@ if Path(lorasweep.__file__).resolve() != (_CHECKOUT / "lorasweep" / "__init__.py
     raise WorkflowError(f"this process imported lorasweep from {Path(lorasweep.__file__).parent}, not from the "
                         f"workflow's checkout {_CHECKOUT} (python -m lorasweep.job imports the one it finds first): "
                         f"run it with PYTHONPATH={str(_CHECKOUT)!r}")
-from lorasweep.config import (ConfigError, Unrecorded, check_dataset_file, check_jobs_import, check_model_path,
-                              check_offline_model_cached, flat_settings, run_names, run_spec, seeds, setting_names,
-                              setting_param, validate_config)
+from lorasweep.config import (ConfigError, Unrecorded, check_config_files, check_dataset_file, check_jobs_import,
+                              check_model_path, check_offline_model_cached, flat_settings, run_names, run_spec, seeds,
+                              setting_names, setting_param, validate_config)
 from lorasweep.data import fingerprint, is_local_source
 from lorasweep.provenance import files_fingerprint
 from lorasweep.resume import failures_since
@@ -29,6 +29,7 @@ WORKFLOW_START = time.time()  # failures_since: the training jobs that failed in
 TINY_DATASET = "results/tiny/code_alpaca_tiny.json"  # the tiny_dataset rule's output (config/tiny.yaml's source)
 
 try:
+    check_config_files(workflow.configfiles)  # config/config.yaml and every --configfile: no key written twice
     validate_config(config)  # fills defaults in place; every error names its key and what is allowed
     check_dataset_file(config, built=(TINY_DATASET,))
     check_model_path(config)
