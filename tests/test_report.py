@@ -531,6 +531,19 @@ def test_the_results_say_how_the_lora_runs_stored_their_frozen_base_and_warn_whe
 
 
 
+def test_the_results_say_that_bf16_on_the_cpu_fills_the_rss_with_kernels_not_training_state():
+    """bf16 autocast on the CPU: oneDNN keeps kernels per batch shape and the RSS grows with each new length (the
+    tiny preset's lora-r8 266 MiB above its load footprint against 56 in fp32), which the memory figures then hold;
+    the report says so for such runs, and says nothing for fp32 ones or 16-bit ones on a GPU."""
+    from lorasweep.report import results_table
+
+    m, _ = _fixture()
+    assert "Peak RSS in 16 bits on the CPU" not in results_table(F.by_run(m))  # CPU fp32
+    table = results_table(F.by_run(m.assign(precision="bf16")))
+    assert "- **Peak RSS in 16 bits on the CPU**: `full`, `lora-r8`" in table and "fp32 sweep on the CPU" in table
+    assert "Peak RSS in 16 bits" not in results_table(F.by_run(m.assign(precision="bf16", device="cuda")))
+
+
 def test_the_results_say_how_the_qlora_runs_fed_their_4bit_layers_and_warn_when_they_differ():
     """QLoRA's 4-bit layers fed 16 bits (training.frozen_weights_16bit), or bitsandbytes' fp32 outputs: the setting
     off everywhere (said plainly), a run from before lorasweep fed them or a mixed sweep (a warning and what to
