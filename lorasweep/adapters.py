@@ -26,6 +26,7 @@ import math
 from pathlib import Path
 
 from .data import read_jsonl
+from .provenance import SAVED_MODEL_PATTERNS, files_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -306,8 +307,13 @@ def verify_run(spec: dict, adapter_dir, merged_dir, eval_jsonl, out_json, n_prom
     bound = QLORA_MAX_LOGIT_DIFF if quantized else LORA_MAX_LOGIT_DIFF
     trained = in_training(trained_losses, a)
     trained_finite = trained is not None and math.isfinite(trained)
-    precision = (json.loads(Path(trained_metrics).read_text()).get("precision")
-                 if trained_metrics and Path(trained_metrics).is_file() else None)
+    trained_info = (json.loads(Path(trained_metrics).read_text())
+                    if trained_metrics and Path(trained_metrics).is_file() else {})
+    precision = trained_info.get("precision")
+    # the adapter's files against those training saved, by content (exact in any precision; none recorded by a run
+    # trained before lorasweep recorded it)
+    saved = trained_info.get("saved_model_files_sha256")
+    now = files_fingerprint(adapter_dir, cache_path=None, patterns=SAVED_MODEL_PATTERNS) if saved else None
     rel_tol = IN_TRAINING_REL_TOL.get(precision, IN_TRAINING_REL_TOL_16BIT)
     # non-finite logits are a diverged run's only when training's last evaluation was not finite either (or unknown)
     diverged = not bool(torch.isfinite(a["logits"]).all()) and not trained_finite
@@ -319,12 +325,13 @@ def verify_run(spec: dict, adapter_dir, merged_dir, eval_jsonl, out_json, n_prom
               "eval_loss_adapter": a["loss"], "eval_loss_merged": m["loss"],
               "eval_loss_in_training": trained, "training_precision": precision,
               "in_training_rel_tolerance": rel_tol, "adapter_as_trained": as_trained,
+              "adapter_files_as_saved": None if saved is None else now == saved,
               "merged_onto": "dequantized 4-bit base" if quantized else "base weights"}
     Path(out_json).write_text(json.dumps(result, indent=2) + "\n")
     log.info("%s: max |logit diff| %.2e (tolerance %.0e), greedy identical %d/%d, loss %.5f vs %.5f", spec["run"],
              diff, bound, result["greedy_identical_count"], len(rows), a["loss"], m["loss"])
+    metrics = trained_metrics or Path(adapter_dir).parent / "metrics.json"  # the run's: retraining it is the fix
     if as_trained is False:
-        metrics = trained_metrics or Path(adapter_dir).parent / "metrics.json"  # the run's: retraining it is the fix
         message = (
             f"{spec['run']}: base + adapter gives eval loss {a['loss']:.5f} on {len(rows)} held-out examples, the run "
             f"measured {trained:.5f} on the same examples at the end of training ({precision or 'precision unknown'};"
@@ -335,6 +342,12 @@ def verify_run(spec: dict, adapter_dir, merged_dir, eval_jsonl, out_json, n_prom
             raise AdapterMismatch(message)
         log.warning("%s (not failed: after 16-bit training, or in a precision not recorded, this bound is not measured; "
                     "the report flags it)", message)
+    if result["adapter_files_as_saved"] is False:  # what the loss cannot tell after 16-bit training: another rank's
+        raise AdapterMismatch(
+            f"{spec['run']}: the adapter in {adapter_dir} is not the one training saved: its files' fingerprint is "
+            f"{now[:12]}, training recorded {saved[:12]} (saved_model_files_sha256 in {metrics}); changed since "
+            "training (another run's adapter, an edited adapter_config.json, a damaged file). Do not deploy it; "
+            f"retrain it: snakemake --forcerun {metrics}")
     if diverged:
         log.warning("%s: base + adapter gives non-finite logits (the run diverged): its merge is not checked",
                     spec["run"])

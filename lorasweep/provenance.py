@@ -65,9 +65,15 @@ MODEL_FILE_PATTERNS = ("config.json", "generation_config.json", "*.safetensors",
                        "*.model", "*.tiktoken", "chat_template.*", "*.py")
 
 
-def files_fingerprint(folder: str | Path, cache_path: str | Path | None = FINGERPRINTS) -> str:
-    """sha256 over the files of a model folder that make the model (:data:`MODEL_FILE_PATTERNS`: names, sizes and
-    contents; not its subfolders, such as a training run's checkpoints): the same fingerprint, the same model.
+# a trained run's saved model folder: the base's kinds of files, and a PEFT adapter's configuration
+SAVED_MODEL_PATTERNS = (*MODEL_FILE_PATTERNS, "adapter_config.json")
+
+
+def files_fingerprint(folder: str | Path, cache_path: str | Path | None = FINGERPRINTS,
+                      patterns: tuple[str, ...] = MODEL_FILE_PATTERNS) -> str:
+    """sha256 over the files of a model folder that make the model (``patterns``, :data:`MODEL_FILE_PATTERNS` by
+    default: names, sizes and contents; not its subfolders, such as a training run's checkpoints): the same
+    fingerprint, the same model.
     Each file's hash is kept in ``cache_path`` (the workflow's ``.snakemake`` folder, when it exists), so that a
     model of gigabytes is read once, not at every workflow start and in every job."""
     folder = Path(folder)
@@ -81,7 +87,7 @@ def files_fingerprint(folder: str | Path, cache_path: str | Path | None = FINGER
     before = dict(cache)
     h = hashlib.sha256()
     for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
-                       and any(fnmatch.fnmatch(p.name, pattern) for pattern in MODEL_FILE_PATTERNS)):
+                       and any(fnmatch.fnmatch(p.name, pattern) for pattern in patterns)):
         h.update(f"{path.name}\0{path.stat().st_size}\0{_file_sha256(path, cache)}\n".encode())
     if cache_file is not None and cache != before:
         from .resume import atomic_write_json

@@ -20,7 +20,8 @@ from pathlib import Path
 from .config import ConfigError, hub_offline
 from . import memory_model, speed
 from .memory import PeakMemory, rss_bytes
-from .provenance import MachineShare, git_state, hardware, hardware_label, model_files, package_versions
+from .provenance import (SAVED_MODEL_PATTERNS, MachineShare, files_fingerprint, git_state, hardware, hardware_label,
+                         model_files, package_versions)
 from .resume import (EVAL_OOM_FILE, FAILED_FILE, OOM_FILE, StopOnSignal, Stopped, atomic_write_json, batch_after_oom,
                      find_resumable, logged_loss_sum, rebase_peaks, rebase_sums, record_eval_oom, record_oom,
                      refuse_after_eval_oom, resume_key)
@@ -958,6 +959,8 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         "quantized_4bit_layers": n4bit,
         "saved_model_bytes": dir_bytes(model_dir),
         "saved_model_kind": "adapter" if spec["lora"] else "full model",
+        # what training saved, by content: verify checks that the adapter it reads is these files
+        "saved_model_files_sha256": files_fingerprint(model_dir, cache_path=None, patterns=SAVED_MODEL_PATTERNS),
         **memory_metrics(mem, recorder.mem_sums(), device, rss_before_load, predicted),
         "torch_version": versions["torch"],
         "transformers_version": versions["transformers"],

@@ -482,6 +482,7 @@ def test_verify_refuses_an_adapter_that_does_not_compute_what_the_run_trained(ti
     from safetensors.torch import load_file, save_file
 
     from lorasweep.adapters import AdapterMismatch, merge_run, verify_run
+    from lorasweep.provenance import SAVED_MODEL_PATTERNS, files_fingerprint
     from lorasweep.train import train_run
 
     spec = run_spec(tiny_config(max_steps=4, evals=1), "lora-r8")
@@ -497,14 +498,16 @@ def test_verify_refuses_an_adapter_that_does_not_compute_what_the_run_trained(ti
 
     v = verify("merged")
     assert v["adapter_as_trained"] and v["training_precision"] == "fp32" and v["in_training_rel_tolerance"] == 1e-4
+    assert v["adapter_files_as_saved"] is True
 
-    config = json.loads((adapter / "adapter_config.json").read_text())
+    config_bytes = (adapter / "adapter_config.json").read_bytes()
+    config = json.loads(config_bytes)
     (adapter / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 2 * config["lora_alpha"]}))
     with pytest.raises(AdapterMismatch, match=r"lora-r8: base \+ adapter gives eval loss .* the run measured .* at "
                                               r"the end of training \(fp32; tolerance 0.0001 relative\): the adapter "
                                               r"in .* does not compute what the model that trained computed"):
         verify("alpha")
-    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    (adapter / "adapter_config.json").write_bytes(config_bytes)
     # after 16-bit training (its evaluation rounded; the bound not measured on a GPU): warned of and recorded
     bf16 = tmp_path / "bf16_metrics.json"
     bf16.write_text(json.dumps({**json.loads(trained["trained_metrics"].read_text()), "precision": "bf16"}))
@@ -518,6 +521,15 @@ def test_verify_refuses_an_adapter_that_does_not_compute_what_the_run_trained(ti
     with pytest.raises(AdapterMismatch, match=r"\(fp32; tolerance 0.0001 relative\)"):  # the same, after fp32
         verify_run(spec, adapter, tmp_path / "bf16", tiny_data["eval"], tmp_path / "fp32.json", n_prompts=4,
                    max_new_tokens=2, trained_losses=off, trained_metrics=trained["trained_metrics"])
+    # after 16-bit training a small change (alpha 1% up) sits within the loss bound, as another rank's adapter of
+    # the same sweep did (bf16 tiny sweep: 6e-3 relative): the files training saved, fingerprinted, tell it
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 1.01 * config["lora_alpha"]}))
+    with pytest.raises(AdapterMismatch, match=rf"lora-r8: the adapter in {adapter} is not the one training saved: "
+                                              r"its files' fingerprint is \w{12}, training recorded \w{12} "
+                                              r"\(saved_model_files_sha256 in .*retrain it: snakemake --forcerun"):
+        verify_run(spec, adapter, tmp_path / "bf16", tiny_data["eval"], tmp_path / "bf16-alpha.json", n_prompts=4,
+                   max_new_tokens=2, trained_losses=trained["trained_losses"], trained_metrics=bf16)
+    (adapter / "adapter_config.json").write_bytes(config_bytes)
 
     weights = load_file(adapter / "adapter_model.safetensors")
     name = next(k for k in weights if "lora_B" in k)
@@ -529,6 +541,10 @@ def test_verify_refuses_an_adapter_that_does_not_compute_what_the_run_trained(ti
     trained["trained_losses"] = tmp_path / "diverged_eval_losses.json"
     trained["trained_losses"].write_text(json.dumps(
         {**losses, "final": [{**r, "loss_sum": float("nan")} for r in losses["final"]]}))
+    diverged = tmp_path / "diverged_metrics.json"  # and its NaN weights the ones it saved
+    diverged.write_text(json.dumps({**json.loads(trained["trained_metrics"].read_text()), "saved_model_files_sha256":
+                                    files_fingerprint(adapter, cache_path=None, patterns=SAVED_MODEL_PATTERNS)}))
+    trained["trained_metrics"] = diverged
     v = verify("diverged")
     assert v["diverged"] and v["within_tolerance"] is None and v["adapter_as_trained"] is None
     assert math.isnan(v["eval_loss_adapter"])
