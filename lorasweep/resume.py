@@ -405,9 +405,19 @@ def failures_since(runs_root: str | Path, since: float, logs_root: str | Path = 
                             f"{record.get('message')})")
     if not lines:
         return ""
+    # a run stopped by a signal (Ctrl-C, a cluster's SIGTERM) saved a checkpoint and has nothing to fix; after Ctrl-C
+    # Snakemake marks the job incomplete, and a plain rerun stops with its IncompleteFilesException
+    stopped = {name for name, (_, record) in listed.items() if record.get("error") == Stopped.__name__
+               and name not in killed}
+    fix = ("Fix the cause and run snakemake again: it trains only what is missing."
+           + (" A run stopped by a signal resumes from its checkpoint (after Ctrl-C, run again with "
+              "--rerun-incomplete)." if stopped else ""))
+    if stopped and stopped == set(lines):
+        fix = ("Run the same command again, with --rerun-incomplete after Ctrl-C (Snakemake marks the jobs it "
+               "stopped incomplete): a run stopped by a signal resumes from its checkpoint.")
     return (f"lorasweep: these training runs failed (each error in its failed.json under {runs_root}):\n"
-            + "\n".join(lines.values()) + "\nThe others' results are kept; with --keep-going the others train on. "
-            "Fix the cause and run snakemake again: it trains only what is missing.")
+            + "\n".join(lines.values()) + "\nThe others' results are kept"
+            + ("; with --keep-going the others train on. " if set(lines) - stopped else ". ") + fix)
 
 
 def _last_said(log_path: Path) -> str:

@@ -881,6 +881,28 @@ def test_the_failure_summary_says_a_retry_was_killed_after_an_attempt_that_faile
     assert "full/seed0: ValueError: bad (attempt 2;" in text and "killed" not in text
 
 
+def test_the_failure_summary_after_ctrl_c_says_to_rerun_with_rerun_incomplete(tmp_path):
+    """Ctrl-C mid-training: the run stops at a checkpoint (Stopped) and Snakemake marks the job incomplete. The
+    summary's last line said "Fix the cause and run snakemake again: it trains only what is missing", and that command
+    stops with Snakemake's IncompleteFilesException: it says to run again with --rerun-incomplete, which resumes."""
+    from lorasweep.resume import Stopped, failures_since, record_failure
+
+    since = time.time() - 1
+    runs, logs = tmp_path / "results" / "runs", tmp_path / "logs" / "train"
+    record_failure(runs / "full" / "seed0", 1, Stopped("stopped by SIGINT at step 80 of 135, after saving checkpoint-80"))
+    text = failures_since(runs, since, logs)
+    assert "full/seed0: Stopped: stopped by SIGINT" in text
+    last = text.splitlines()[-1]
+    assert "--rerun-incomplete" in last and "resumes" in last and "Fix the cause" not in last, last
+    # beside a run that failed with an error: both are said
+    record_failure(runs / "lora-r8" / "seed0", 1, ValueError("bad"))
+    last = failures_since(runs, since, logs).splitlines()[-1]
+    assert "Fix the cause" in last and "--rerun-incomplete" in last, last
+    # no signal, no word of it
+    (runs / "full" / "seed0" / "failed.json").unlink()
+    assert "--rerun-incomplete" not in failures_since(runs, since, logs)
+
+
 def test_a_second_process_cannot_train_a_run_another_is_training(tmp_path, tiny_config, tiny_data):
     """Killed, snakemake leaves its training job running; the rerun must not start a second process training into
     the same folder (their checkpoints and log history would interleave): it stops at once, naming the first."""
