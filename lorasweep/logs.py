@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import re
@@ -98,8 +99,11 @@ def script_logging(log_path: str | os.PathLike, level: int = logging.INFO):
     try:
         yield ours
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - reported, then the job fails
-        log_file.write(traceback.format_exc())
-        log_file.flush()
+        try:
+            log_file.write(traceback.format_exc())
+            log_file.flush()
+        except OSError as log_error:  # a full disk takes no log either: the traceback goes to the console
+            console.write(traceback.format_exc() + f"\n(not in {log_path}: {log_error})\n")
         kept = _free_name(log_path, time.strftime("%Y%m%dT%H%M%S"), "failed")
         try:
             if running is not None:
@@ -110,7 +114,7 @@ def script_logging(log_path: str | os.PathLike, level: int = logging.INFO):
         except OSError:
             kept = None
         name = type(e).__name__
-        console.write(f"\nlorasweep: {name}: {e}\n  (full traceback in {log_path}"
+        console.write(f"\nlorasweep: {name}: {e}{write_failure_hint(e)}\n  (full traceback in {log_path}"
                       + (f", kept in {kept} for when Snakemake retries or reruns the job" if kept else "") + ")\n\n")
         console.flush()
         raise SystemExit(1) from None
@@ -125,15 +129,60 @@ def script_logging(log_path: str | os.PathLike, level: int = logging.INFO):
             with contextlib.suppress(OSError):
                 os.dup2(saved_fd2, 2)
                 os.close(saved_fd2)
-            if console is not sys.__stderr__:
-                console.close()
-        log_file.close()
+        try:
+            log_file.close()
+        except OSError as e:  # its last lines could not be written: the job's own outputs are whole, and stay
+            console.write(f"lorasweep: the log {log_path} is missing its last lines ({e}; "
+                          f"{write_room(os.path.dirname(os.path.abspath(log_path)))})\n")
+        if saved_fd2 is not None and console is not sys.__stderr__:
+            console.close()
         if running is not None:  # ended: the log has its own name
             with contextlib.suppress(OSError):
                 if _same_file(running, log_path):
                     os.unlink(running)
                 else:  # the log was deleted or replaced while this ran (a rerun of a job left running): its only name
                     os.replace(running, _free_name(log_path, stamp, "detached"))
+
+
+# a write stopped by the file system or a limit, not by the data: what to tell the user (the errno's of a full disk, a
+# quota, a file size limit; Rust's writers such as safetensors' say "(os error N)")
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def write_room(path: str | os.PathLike = ".") -> str:
+    """How much a process may still write at ``path``: the free space of its file system, and the file size limit
+    (``ulimit -f``) when one is set."""
+    import resource
+
+    try:
+        free = f"{shutil.disk_usage(path).free / 2**20:,.1f} MiB free on the file system of {os.path.abspath(path)}"
+    except OSError:
+        free = f"the file system of {os.path.abspath(path)} cannot be asked for its free space"
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return free + ("" if limit == resource.RLIM_INFINITY else
+                   f"; this process may write no file larger than {limit:,} bytes (`ulimit -f` in the shell that "
+                   "started it: `ulimit -f unlimited` lifts it)")
+
+
+def write_failure_hint(error: BaseException) -> str:
+    """For an error that is (or was caused by) a write a full disk, a quota or a file size limit stopped, what this
+    process may still write and what to do, as a sentence to append to its message; "" otherwise, and for an error
+    that already says so (``room_told``)."""
+    seen, e = set(), error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if getattr(e, "room_told", False):
+            return ""
+        code = e.errno if isinstance(e, OSError) else None
+        if code is None and (m := _OS_ERROR.search(str(e))):
+            code = int(m.group(1))
+        if code in WRITE_ERRNOS:
+            where = os.path.dirname(os.path.abspath(e.filename)) if getattr(e, "filename", None) else "."
+            return (f" -- a write failed ({os.strerror(code)}): {write_room(where)}. Make room, then run snakemake "
+                    "again: the job starts over (a training job from its last complete checkpoint)")
+        e = e.__cause__ or e.__context__
+    return ""
 
 
 def job_label(log_path: str | os.PathLike) -> str:

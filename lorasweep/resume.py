@@ -352,8 +352,11 @@ def record_failure(out_dir: Path, attempt: int | None, error: BaseException) -> 
         text = str(error).strip()
         record = {"attempt": attempt, "error": type(error).__name__, "message": text.splitlines()[0] if text else "",
                   "retry_may_help": retry_may_help(error), "first_attempt": attempt}
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    atomic_write_json(Path(out_dir) / FAILED_FILE, record)
+    try:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        atomic_write_json(Path(out_dir) / FAILED_FILE, record)
+    except OSError as e:  # a full disk: the job's own error is what to report, not this record's
+        log.warning("could not record the failure in %s (%s): a retry trains again", Path(out_dir) / FAILED_FILE, e)
 
 
 def failures_since(runs_root: str | Path, since: float, logs_root: str | Path = "logs/train") -> str:
@@ -470,10 +473,14 @@ def atomic_write_json(path: Path, obj: dict) -> None:
     """Write ``path`` whole or not at all, also across a power loss: the bytes reach the disk before the
     rename, and the rename before this returns."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps(obj, indent=2, default=str) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(obj, indent=2, default=str) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:  # a full disk: no part-written file left beside it
+        tmp.unlink(missing_ok=True)
+        raise
     tmp.replace(path)
     try:
         fd = os.open(path.parent, os.O_RDONLY)

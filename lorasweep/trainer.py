@@ -24,6 +24,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_group
 from trl import SFTTrainer
 
 from . import scoring
+from .logs import WRITE_ERRNOS, write_room
 from .memory import PeakMemory
 from .provenance import MachineShare
 from .resume import STATE_FILE, EvalOOM, atomic_write_json, logged_loss_sum
@@ -258,6 +259,18 @@ class MeasuredSFTTrainer(SFTTrainer):
         start = time.perf_counter()
         try:
             super()._save_checkpoint(model, trial)
+        except Exception as e:  # torch.save's own error names neither the file nor the cause ("unexpected pos ...")
+            if isinstance(e, torch.OutOfMemoryError):  # retried with half the batch (train_run)
+                raise
+            ckpt = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+            err = CheckpointNotWritten(
+                f"checkpoint {ckpt} could not be written ({type(e).__name__}: {e}); {write_room(ckpt.parent)}. "
+                + ("" if isinstance(e, OSError) and e.errno not in WRITE_ERRNOS
+                   else "A full disk or a file size limit? ")
+                + "Make room, then run snakemake again: the run resumes from its last complete checkpoint (this one "
+                "is discarded), or starts over without one; training.checkpoint_steps: 0 writes none")
+            err.room_told = True
+            raise err from e
         finally:
             self.checkpoint_time_s += time.perf_counter() - start
 
@@ -277,6 +290,10 @@ class MeasuredSFTTrainer(SFTTrainer):
             sampler = EpochSeededLengthGroupedSampler(sampler.batch_size, lengths=sampler.lengths,
                                                       seed=self.args.data_seed or self.args.seed)
         return sampler
+
+
+class CheckpointNotWritten(RuntimeError):
+    """Saving a checkpoint failed (a full disk, a file size limit): the message names it and what is left to write."""
 
 
 class Recorder(TrainerCallback):

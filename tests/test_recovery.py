@@ -1043,3 +1043,104 @@ def test_a_run_whose_retrain_failed_is_trained_again_by_the_next_plain_run(tmp_p
     run_snakemake(*args, workdir=workdir)
     assert json.loads((run / "metrics.json").read_text())["train_steps"] == 4
     assert "Nothing to be done" in run_snakemake("-n", *args, workdir=workdir).stdout
+
+
+def _with_file_size_limit(limit: int, code: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``code`` run in a fresh Python whose files may grow to ``limit`` bytes at most (``ulimit -f``): a write past it
+    fails with EFBIG (Python ignores SIGXFSZ), as on a disk that takes no more."""
+    import textwrap
+
+    script = "import resource\nresource.setrlimit(resource.RLIMIT_FSIZE, ({0}, {0}))\n".format(limit) + \
+        textwrap.dedent(code)
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=cwd,
+                          env=env)
+
+
+def test_a_checkpoint_that_does_not_fit_names_itself_and_the_limit_and_the_rerun_trains(tiny_config, tiny_data,
+                                                                                      tmp_path):
+    """Writing a checkpoint past a file size limit (or onto a full disk) failed with torch.save's own words,
+    "[enforce fail at inline_container.cc:672] . unexpected pos 991488 vs 991376" (a review, with `ulimit -f 1000`):
+    no file, no cause. The error names the checkpoint, what may still be written and what to do; the rerun, with
+    room again, discards the checkpoint cut short and trains."""
+    import shutil
+
+    from lorasweep.config import operational
+
+    data = tmp_path / "data"
+    data.mkdir()
+    train, evals = (Path(shutil.copy(tiny_data[k], data / f"{k}.jsonl")) for k in ("train", "eval"))
+    cfg = tiny_config(max_steps=6, checkpoint_steps=2, checkpoint_min_interval_s=0, logging_steps=2, evals=1)
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    out = tmp_path / "run"
+    # full fine-tuning's checkpoint: the weights (~0.8 MB) fit, AdamW's state (~1.6 MB) does not
+    proc = _with_file_size_limit(1_000_000, f"""
+        import json
+        from lorasweep.config import run_spec
+        from lorasweep.logs import script_logging
+        from lorasweep.train import train_job
+        cfg = json.load(open("cfg.json"))
+        with script_logging("job.log"):
+            train_job(cfg, run_spec(cfg, "full"), {str(train)!r}, {str(evals)!r}, None, {str(out)!r}, threads=2,
+                      attempt=1)
+    """, tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert re.search(rf"lorasweep: CheckpointNotWritten: checkpoint {out}/checkpoints/checkpoint-2 could not be "
+                     r"written \(RuntimeError: .*\); [\d,.]+ MiB free on the file system of .*this process may write no "
+                     r"file larger than 1,000,000 bytes \(`ulimit -f`", proc.stderr), proc.stderr
+    assert "Make room, then run snakemake again" in proc.stderr
+    assert json.loads((out / "failed.json").read_text())["error"] == "CheckpointNotWritten"
+    m = train_run(run_spec(cfg, "full"), train, evals, out, threads=2, operational=operational(cfg))
+    assert (m["resumed_from_step"], m["train_steps"]) == (None, 6)
+
+
+def test_a_write_that_does_not_fit_says_so_and_its_failure_record_hides_nothing(tmp_path):
+    """A job whose write hit a file size limit or a full disk said only "OSError: [Errno 27] File too large" (no
+    file, no cause: prepare_data and training under `ulimit -f`), and on a full disk training's failure record
+    (failed.json) could not be written either: its own ENOSPC took the job's error's place, naming failed.json.tmp,
+    which stayed behind empty (as prepare_data's splits left train.jsonl.tmp). The console says what stopped the write
+    and what to do; a record that cannot be written is warned of; no part-written .tmp is left."""
+    proc = _with_file_size_limit(100, """
+        from lorasweep.data import write_jsonl
+        from lorasweep.logs import script_logging
+        from lorasweep.resume import record_failure
+        with script_logging("job.log"):
+            try:
+                write_jsonl("train.jsonl", [{"prompt": "x" * 100_000}])  # prepare_data's
+            except OSError as e:
+                record_failure("run", 1, e)
+                raise
+    """, tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert re.search(r"lorasweep: OSError: \[Errno 27\] File too large -- a write failed \(File too large\): "
+                     r"[\d,.]+ MiB free .*no file larger than 100 bytes.*run snakemake again", proc.stderr), proc.stderr
+    assert "could not record the failure in run/failed.json" in proc.stderr
+    assert not list((tmp_path / "run").iterdir()) and not list(tmp_path.glob("train.jsonl*"))
+
+
+def test_a_log_that_does_not_fit_costs_neither_the_error_nor_the_jobs_outputs(tmp_path):
+    """A job's log on a full disk: the job (collect, under a review's full logs/ disk) wrote its outputs, then closing
+    its log raised ENOSPC out of script_logging, so the job failed with a bare traceback, Snakemake deleted its outputs,
+    and its log's second name (<log>.<time>-unfinished) stayed, which the failure summary reads as a job killed by the
+    out-of-memory killer. A job that succeeds now succeeds, saying its log lacks its end; a job that fails still
+    shows its error on the console with the traceback the log could not take."""
+    code = """
+        import sys
+        from lorasweep.logs import script_logging
+        with script_logging("job.log") as log:
+            log.info("x" * 300)
+            if False:
+                raise ValueError("the job's own error")
+        print("ended", file=sys.__stderr__)
+    """
+    ok = _with_file_size_limit(200, code, tmp_path)
+    assert ok.returncode == 0 and "ended" in ok.stderr, ok.stderr
+    assert "lorasweep: the log job.log is missing its last lines ([Errno 27] File too large; " in ok.stderr
+    assert f"free on the file system of {tmp_path};" in ok.stderr
+    assert "no file larger than 200 bytes" in ok.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["job.log"]
+    (tmp_path / "job.log").unlink()
+    failed = _with_file_size_limit(200, code.replace("if False:", "if True:"), tmp_path)
+    assert failed.returncode == 1
+    assert "Traceback" in failed.stderr and "lorasweep: ValueError: the job's own error" in failed.stderr
+    assert not list(tmp_path.glob("*-unfinished"))
