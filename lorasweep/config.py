@@ -66,8 +66,8 @@ def _describe(error) -> str:
         import difflib
 
         close = {e: m[0] for e in extra if (m := difflib.get_close_matches(str(e), allowed, n=1, cutoff=0.8))}
-        # QLoRA entries take no init (methods.lora.init does not apply to them either)
-        qlora_init = key.startswith("methods.qlora.ranks[") and "init" in extra
+        # QLoRA runs take no init, in methods.qlora or a ranks entry (methods.lora.init does not apply to them either)
+        qlora_init = (key == "methods.qlora" or key.startswith("methods.qlora.ranks[")) and "init" in extra
         # a key of another section written here (batch_size at the top level, training.learning_rate)
         elsewhere = {e: [p for p, name in _key_paths(load_schema()) if name == e and p != prefix + e]
                      for e in extra if e not in close and not (qlora_init and e == "init")}

@@ -123,6 +123,10 @@ def test_qlora_takes_the_lora_settings_so_that_the_pair_differs_by_quantization_
         ({"methods": {"qlora": {"ranks": [{"rank": 8, "init": "olora"}]}}},
          r"unknown key\(s\) methods.qlora.ranks\[0\].init; allowed here: rank, use_dora, use_rslora \(QLoRA runs use "
          r"the default init: olora / pissa have no 4-bit form\)\n"),
+        # methods.qlora.init: not pointed at methods.lora.init, which QLoRA runs do not take either
+        ({"methods": {"qlora": {"init": "olora"}}},
+         r"unknown key\(s\) methods.qlora.init; allowed here: double_quant, learning_rate, quant_type, ranks \(QLoRA "
+         r"runs use the default init: olora / pissa have no 4-bit form\)\n"),
         # a key of another section: where it belongs, not "a target read as a config file"
         ({"batch_size": 4}, r"unknown key\(s\) batch_size; allowed here: .*\(did you mean training.batch_size for "
                             r"batch_size\?\)\n"),
