@@ -319,8 +319,12 @@ def deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
-def _repeated_keys(node, path: str = ""):
+def _repeated_keys(node, path: str = "", read: set | None = None):
     """``(key path, first line, repeated line)`` of every key written twice in one mapping under a YAML ``node``."""
+    read = set() if read is None else read
+    if id(node) in read:  # an alias of a node read already (once; one that holds its own alias, without end)
+        return
+    read.add(id(node))
     if isinstance(node, yaml.MappingNode):
         seen: dict = {}
         for k, v in node.value:
@@ -328,10 +332,10 @@ def _repeated_keys(node, path: str = ""):
             if k.value in seen:
                 yield name, seen[k.value], k.start_mark.line + 1
             seen.setdefault(k.value, k.start_mark.line + 1)
-            yield from _repeated_keys(v, name)
+            yield from _repeated_keys(v, name, read)
     elif isinstance(node, yaml.SequenceNode):
         for i, v in enumerate(node.value):
-            yield from _repeated_keys(v, f"{path}[{i}]")
+            yield from _repeated_keys(v, f"{path}[{i}]", read)
 
 
 def check_config_files(paths) -> None:

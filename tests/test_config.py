@@ -181,6 +181,20 @@ def test_a_section_written_twice_in_a_config_file_is_refused_before_any_job(tmp_
         load_config(REPO / "config" / "config.yaml", bad)
 
 
+def test_yaml_anchors_pass_the_repeated_key_check_and_a_recursive_alias_is_a_config_error(tmp_path):
+    """Anchors and merge keys repeat no key (a key the merged mapping overrides is its own); an alias of a node that
+    holds it (``&a [*a]``) was followed without end (RecursionError, a traceback) where the schema names the key."""
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("methods:\n  lora: &m {learning_rate: 5.0e-3, ranks: [8]}\n  qlora:\n    <<: *m\n"
+                  "    learning_rate: 1.0e-3\n    ranks: [8]\n")
+    cfg = load_config(REPO / "config" / "config.yaml", ok)
+    assert cfg["methods"]["qlora"]["learning_rate"] == 1.0e-3 and cfg["methods"]["lora"]["learning_rate"] == 5.0e-3
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seeds: &a [*a]\n")
+    with pytest.raises(ConfigError, match=r"seeds\[0\] = \[\[\.\.\.\]\]: must be of type integer"):
+        load_config(REPO / "config" / "config.yaml", bad)
+
+
 def test_missing_top_level_key_explains_how_config_files_combine():
     with pytest.raises(ConfigError, match="merges --configfile files over config/config.yaml"):
         validate_config({"dataset": {"source": "x.json"}})
