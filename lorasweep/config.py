@@ -66,8 +66,8 @@ def _describe(error) -> str:
         import difflib
 
         close = {e: m[0] for e in extra if (m := difflib.get_close_matches(str(e), allowed, n=1, cutoff=0.8))}
-        # QLoRA entries take no init (methods.lora.init does not apply to them either)
-        qlora_init = key.startswith("methods.qlora.ranks[") and "init" in extra
+        # QLoRA runs take no init, in methods.qlora or a ranks entry (methods.lora.init does not apply to them either)
+        qlora_init = (key == "methods.qlora" or key.startswith("methods.qlora.ranks[")) and "init" in extra
         # a key of another section written here (batch_size at the top level, training.learning_rate)
         elsewhere = {e: [p for p, name in _key_paths(load_schema()) if name == e and p != prefix + e]
                      for e in extra if e not in close and not (qlora_init and e == "init")}
@@ -319,8 +319,12 @@ def deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
-def _repeated_keys(node, path: str = ""):
+def _repeated_keys(node, path: str = "", read: set | None = None):
     """``(key path, first line, repeated line)`` of every key written twice in one mapping under a YAML ``node``."""
+    read = set() if read is None else read
+    if id(node) in read:  # an alias of a node read already (once; one that holds its own alias, without end)
+        return
+    read.add(id(node))
     if isinstance(node, yaml.MappingNode):
         seen: dict = {}
         for k, v in node.value:
@@ -328,10 +332,10 @@ def _repeated_keys(node, path: str = ""):
             if k.value in seen:
                 yield name, seen[k.value], k.start_mark.line + 1
             seen.setdefault(k.value, k.start_mark.line + 1)
-            yield from _repeated_keys(v, name)
+            yield from _repeated_keys(v, name, read)
     elif isinstance(node, yaml.SequenceNode):
         for i, v in enumerate(node.value):
-            yield from _repeated_keys(v, f"{path}[{i}]")
+            yield from _repeated_keys(v, f"{path}[{i}]", read)
 
 
 def check_config_files(paths) -> None:

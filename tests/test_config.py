@@ -123,6 +123,10 @@ def test_qlora_takes_the_lora_settings_so_that_the_pair_differs_by_quantization_
         ({"methods": {"qlora": {"ranks": [{"rank": 8, "init": "olora"}]}}},
          r"unknown key\(s\) methods.qlora.ranks\[0\].init; allowed here: rank, use_dora, use_rslora \(QLoRA runs use "
          r"the default init: olora / pissa have no 4-bit form\)\n"),
+        # methods.qlora.init: not pointed at methods.lora.init, which QLoRA runs do not take either
+        ({"methods": {"qlora": {"init": "olora"}}},
+         r"unknown key\(s\) methods.qlora.init; allowed here: double_quant, learning_rate, quant_type, ranks \(QLoRA "
+         r"runs use the default init: olora / pissa have no 4-bit form\)\n"),
         # a key of another section: where it belongs, not "a target read as a config file"
         ({"batch_size": 4}, r"unknown key\(s\) batch_size; allowed here: .*\(did you mean training.batch_size for "
                             r"batch_size\?\)\n"),
@@ -174,6 +178,20 @@ def test_a_section_written_twice_in_a_config_file_is_refused_before_any_job(tmp_
     assert f"{bad}: methods.lora.ranks is written twice (lines 4 and 4); training is written twice (lines 1 and 5): " \
            "YAML keeps only the last" in out
     with pytest.raises(ConfigError, match=r"training is written twice \(lines 1 and 5\)"):
+        load_config(REPO / "config" / "config.yaml", bad)
+
+
+def test_yaml_anchors_pass_the_repeated_key_check_and_a_recursive_alias_is_a_config_error(tmp_path):
+    """Anchors and merge keys repeat no key (a key the merged mapping overrides is its own); an alias of a node that
+    holds it (``&a [*a]``) was followed without end (RecursionError, a traceback) where the schema names the key."""
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("methods:\n  lora: &m {learning_rate: 5.0e-3, ranks: [8]}\n  qlora:\n    <<: *m\n"
+                  "    learning_rate: 1.0e-3\n    ranks: [8]\n")
+    cfg = load_config(REPO / "config" / "config.yaml", ok)
+    assert cfg["methods"]["qlora"]["learning_rate"] == 1.0e-3 and cfg["methods"]["lora"]["learning_rate"] == 5.0e-3
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seeds: &a [*a]\n")
+    with pytest.raises(ConfigError, match=r"seeds\[0\] = \[\[\.\.\.\]\]: must be of type integer"):
         load_config(REPO / "config" / "config.yaml", bad)
 
 
