@@ -4,8 +4,11 @@
 
 Both recipes train the same model (by default the tiny OPT, built here with a tokenizer trained on the
 data) on the same prepared split, for the same number of optimizer steps, batch size, learning rate and
-max length. *Plain* is TRL's `SFTTrainer` with `SFTConfig` defaults for everything else, as the
-write-ups ran it: random batches padded to the longest, activation checkpointing on (TRL's default).
+max length. *Plain* is TRL's `SFTTrainer` with `SFTConfig` defaults for everything else (but fp32 on the CPU, as
+lorasweep's recipe there): random batches padded to the longest, as the write-ups ran it, and activation
+checkpointing on, TRL 1.x's default, which the write-ups most likely did not have (W1 names it as a remedy,
+W4 set ``TrainingArguments``, whose default is off): ``plain-nockpt`` turns it off. The speed-up is
+printed against the faster of the plain variants run (and against each).
 *lorasweep* is `lorasweep.train.train_run`, the step the workflow runs (length-grouped batches,
 activation checkpointing off unless asked for). Tokens/s counts prompt + response tokens without
 padding, over training time only. The median of ``--repeats`` runs is printed, with the eval loss each
@@ -146,6 +149,7 @@ def lorasweep_recipe(model_path: str, train_jsonl: Path, eval_jsonl: Path, out: 
             "precision": m["precision"], "steps": m["train_steps"], **{k: m[k] for k in PEAKS + BOUND if m.get(k) is not None}}
 
 
+PLAIN = ("plain", "plain, checkpointing off")  # the plain recipe's variants, by the name printed
 RECIPES = {"plain": ("plain", plain_recipe),  # --recipes key: (name printed, function)
            "plain-nockpt": ("plain, checkpointing off", functools.partial(plain_recipe, checkpointing=False)),
            "lorasweep": ("lorasweep", lorasweep_recipe)}
@@ -285,22 +289,34 @@ def main(argv=None) -> dict:
     seeds = (f"{a.repeats} seeds ({a.seed}..{a.seed + a.repeats - 1})" if a.repeats > 1 else f"seed {a.seed}")
     print(f"\n{a.run} on {summary_out['hardware']}, {a.steps} steps x batch {a.batch}, {seeds}: median tokens/s, "
           "mean eval loss per response token")
-    base = med.get("plain")
+    # the baseline: the faster plain variant run. TRL 1.x turns activation checkpointing on by default; the write-ups
+    # most likely trained without it (W1 suggests it as a remedy, W4 set TrainingArguments, whose default is off),
+    # and on the H100 it made the plain recipe 2.4-3.7x slower (benchmarks/results/h100-2026-11-25.md): a ratio
+    # against the checkpointed variant alone would credit lorasweep with that
+    plains = [k for k in PLAIN if k in med]
+    base_name = max(plains, key=med.get) if plains else None
+    base = med[base_name] if base_name else None
     for name in recipes:
         ratio = f" ({med[name] / base:.2f}x)" if base else ""
         counts = sorted({r["tokens"] for r in results[name]})
         print(f"  {name:24s}: {med[name]:>10,.0f} non-padding tokens/s{ratio}, eval loss {ev[name]:.4f} after "
               f"{' / '.join(f'{c:,}' for c in counts)} tokens")
     if base and "lorasweep" in results:
-        # eval loss of lorasweep minus plain, paired by training seed: mean and a 95% t-interval over the seeds
+        # eval loss of lorasweep minus the baseline's, paired by training seed: mean and a 95% t-interval over the seeds
         from lorasweep.findings import t975
 
-        diffs = [x["eval_loss"] - y["eval_loss"] for x, y in zip(results["lorasweep"], results["plain"])]
+        diffs = [x["eval_loss"] - y["eval_loss"] for x, y in zip(results["lorasweep"], results[base_name])]
         half = t975(len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None
         summary_out["eval_loss_diff_lorasweep_minus_plain"] = {"per_seed": diffs, "mean": statistics.mean(diffs),
                                                                "ci95_half": half}
         summary_out["speedup"] = med["lorasweep"] / base
-        print(f"  speed-up of lorasweep over the plain recipe: {summary_out['speedup']:.2f}x")
+        summary_out["speedup_baseline"] = base_name
+        summary_out["speedup_vs"] = {k: med["lorasweep"] / med[k] for k in plains}
+        print(f"  speed-up of lorasweep over the plain recipe: {summary_out['speedup']:.2f}x (against {base_name}"
+              + (", the faster plain variant" if len(plains) > 1 else "") + ")")
+        for k in plains:
+            if k != base_name:
+                print(f"  (against {k}: {summary_out['speedup_vs'][k]:.2f}x)")
         print(f"  eval loss, lorasweep minus plain, paired by seed: {statistics.mean(diffs):+.4f} "
               + (f"± {half:.4f} (95% t)" if len(diffs) > 1 else "(one seed: no interval; --repeats 2 or more)"))
     for name in recipes:
