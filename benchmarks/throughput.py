@@ -13,10 +13,11 @@ printed against the faster of the plain variants run (and against each).
 activation checkpointing off unless asked for). Tokens/s counts prompt + response tokens without
 padding, over training time only. The median of ``--repeats`` runs is printed, with the eval loss each
 recipe reached on the held-out split after the same steps (per response token, both scored the same
-way). Repeat i trains with seed + i (another data order and dropout, and for LoRA another adapter
-initialisation, on the same split and the same model weights), so the eval-loss difference comes with its
-seed-to-seed spread. Pass ``--model`` for a real model (local
-path or hub id), or ``--shape opt-350m`` for opt-350m's architecture with random weights (its speed and
+way), and the untrained model's, which each recipe scores before its training (untimed): the same figure
+for every recipe shows they started from the same model and scored the same eval examples. Repeat i
+trains with seed + i (another data order and dropout, and for LoRA another adapter initialisation, on the
+same split and the same model weights), so the eval-loss difference comes with its seed-to-seed spread.
+Pass ``--model`` for a real model (local path or hub id), or ``--shape opt-350m`` for opt-350m's architecture with random weights (its speed and
 memory without the Hub), and ``--device cuda`` on a GPU, where MFU and CUDA memory peaks are printed too.
 ``--training KEY=VALUE`` (repeatable) sets a training key of lorasweep's recipe, e.g. ``torch_compile=true``;
 each run prints, beside its rate over the whole of training, the rate over its second half (after warm-up
@@ -92,6 +93,10 @@ def plain_recipe(model_path: str, train_jsonl: Path, eval_jsonl: Path, out: Path
 
     window = Window()
     trainer.add_callback(window)
+    # the untrained model scored first, as lorasweep's recipe does before its training (outside the window, with
+    # the collator's batches not counted): both run the same passes before their timed steps, and both report
+    # the same figure when they start from the same model and score the same eval examples the same way
+    base_eval_loss = token_weighted(per_example_losses(trainer))
     # non-padding tokens of every batch, counted on the host as the collator builds it: the Trainer's own count
     # (include_num_input_tokens_seen, off by default) would read a value back from the device every step
     tokens_per_batch, labelled_per_batch, collate = [], [], trainer.data_collator
@@ -113,7 +118,7 @@ def plain_recipe(model_path: str, train_jsonl: Path, eval_jsonl: Path, out: Path
     eval_loss = token_weighted(per_example_losses(trainer))  # the measure lorasweep reports, on the same split
     weights = list(trainer.model.parameters())  # the adapter's included, as lorasweep counts them
     return {"tokens_per_s": tokens / seconds, "tokens": tokens, "seconds": seconds, "eval_loss": eval_loss,
-            "activation_checkpointing": bool(args.activation_checkpointing), **peaks,
+            "base_eval_loss": base_eval_loss, "activation_checkpointing": bool(args.activation_checkpointing), **peaks,
             "params": sum(w.numel() for w in weights), "trainable": sum(w.numel() for w in weights if w.requires_grad),
             "flop_shape": {**speed.flop_params(trainer.model), "labelled_share": labelled / tokens},
             "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"}
@@ -142,7 +147,8 @@ def lorasweep_recipe(model_path: str, train_jsonl: Path, eval_jsonl: Path, out: 
     return {"tokens_per_s": m["train_tokens_nonpad_per_s"], "tokens": m["train_tokens_nonpad"],
             "steady_tokens_per_s": second_half_rate(out / "log_history.jsonl"),
             "tokens_padded": m["train_tokens_padded"],
-            "seconds": m["train_runtime_s"], "eval_loss": m["eval_loss"], "padding_share_pct": m["padding_share_pct"],
+            "seconds": m["train_runtime_s"], "eval_loss": m["eval_loss"], "base_eval_loss": m["base_eval_loss"],
+            "padding_share_pct": m["padding_share_pct"],
             "params": m["total_params"], "trainable": m["trainable_params"],
             "flop_shape": speed.flop_shape(m, m["train_tokens_labelled"] / m["train_tokens_nonpad"]),
             "frozen_16bit": m["frozen_16bit_params"], "hardware": m["hardware"],
@@ -284,6 +290,13 @@ def main(argv=None) -> dict:
                    "lorasweep_training": overrides.get("training", {}), "lorasweep_lora": overrides.get("lora", {}),
                    "mean_eval_loss": ev, "tokens_per_run": {k: [r["tokens"] for r in v] for k, v in results.items()},
                    "runs": results}
+    # every recipe scores the untrained model on the eval split before training: one figure for all of them, or
+    # they did not start from the same model, or did not score the same examples the same way
+    summary_out["base_eval_loss"] = base_eval = {k: v[0]["base_eval_loss"] for k, v in results.items()}
+    if max(base_eval.values()) - min(base_eval.values()) > 1e-3 * abs(min(base_eval.values())):
+        print("note: the recipes scored the untrained model differently on the eval split ("
+              + ", ".join(f"{k} {v:.5f}" for k, v in base_eval.items()) + "): not the same model, eval examples or "
+              "loss, so their eval losses after training do not compare", flush=True)
     if "lorasweep" in results:
         summary_out["lorasweep_padding_share_pct"] = results["lorasweep"][0]["padding_share_pct"]
     seeds = (f"{a.repeats} seeds ({a.seed}..{a.seed + a.repeats - 1})" if a.repeats > 1 else f"seed {a.seed}")

@@ -36,6 +36,10 @@ def test_throughput_benchmark_compares_both_recipes_on_the_same_tokens(tiny_data
     assert r["speedup_vs"] == {k: med["lorasweep"] / med[k] for k in ("plain", "plain, checkpointing off")}
     assert r["speedup_baseline"] == max(("plain", "plain, checkpointing off"), key=med.get)
     assert "speed-up of lorasweep over the plain recipe" in stdout and "the faster plain variant" in stdout
+    # every recipe scored the untrained model before training, the same: the same model, eval examples and loss
+    base = [run["base_eval_loss"] for runs in r["runs"].values() for run in runs]
+    assert len(base) == 3 and max(base) - min(base) < 1e-6 * base[0] and base[0] > r["mean_eval_loss"]["plain"]
+    assert set(r["base_eval_loss"]) == set(med) and "scored the untrained model differently" not in stdout
     assert "(one seed: no interval" in stdout and "nan" not in stdout and "1 seeds" not in stdout
     assert set(r["peak_rss_gib"]) == set(r["median_tokens_per_s"]) and min(r["peak_rss_gib"].values()) > 0.1
     assert "peak_cuda_gib" not in r and "mfu" not in r  # CUDA-only figures are absent on the CPU, never 0
