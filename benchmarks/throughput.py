@@ -4,16 +4,20 @@
 
 Both recipes train the same model (by default the tiny OPT, built here with a tokenizer trained on the
 data) on the same prepared split, for the same number of optimizer steps, batch size, learning rate and
-max length. *Plain* is TRL's `SFTTrainer` with `SFTConfig` defaults for everything else, as the
-write-ups ran it: random batches padded to the longest, activation checkpointing on (TRL's default).
+max length. *Plain* is TRL's `SFTTrainer` with `SFTConfig` defaults for everything else (but fp32 on the CPU, as
+lorasweep's recipe there): random batches padded to the longest, as the write-ups ran it, and activation
+checkpointing on, TRL 1.x's default, which the write-ups most likely did not have (W1 names it as a remedy,
+W4 set ``TrainingArguments``, whose default is off): ``plain-nockpt`` turns it off. The speed-up is
+printed against the faster of the plain variants run (and against each).
 *lorasweep* is `lorasweep.train.train_run`, the step the workflow runs (length-grouped batches,
 activation checkpointing off unless asked for). Tokens/s counts prompt + response tokens without
 padding, over training time only. The median of ``--repeats`` runs is printed, with the eval loss each
 recipe reached on the held-out split after the same steps (per response token, both scored the same
-way). Repeat i trains with seed + i (another data order and dropout, and for LoRA another adapter
-initialisation, on the same split and the same model weights), so the eval-loss difference comes with its
-seed-to-seed spread. Pass ``--model`` for a real model (local
-path or hub id), or ``--shape opt-350m`` for opt-350m's architecture with random weights (its speed and
+way), and the untrained model's, which each recipe scores before its training (untimed): the same figure
+for every recipe shows they started from the same model and scored the same eval examples. Repeat i
+trains with seed + i (another data order and dropout, and for LoRA another adapter initialisation, on the
+same split and the same model weights), so the eval-loss difference comes with its seed-to-seed spread.
+Pass ``--model`` for a real model (local path or hub id), or ``--shape opt-350m`` for opt-350m's architecture with random weights (its speed and
 memory without the Hub), and ``--device cuda`` on a GPU, where MFU and CUDA memory peaks are printed too.
 ``--training KEY=VALUE`` (repeatable) sets a training key of lorasweep's recipe, e.g. ``torch_compile=true``;
 each run prints, beside its rate over the whole of training, the rate over its second half (after warm-up
@@ -89,6 +93,10 @@ def plain_recipe(model_path: str, train_jsonl: Path, eval_jsonl: Path, out: Path
 
     window = Window()
     trainer.add_callback(window)
+    # the untrained model scored first, as lorasweep's recipe does before its training (outside the window, with
+    # the collator's batches not counted): both run the same passes before their timed steps, and both report
+    # the same figure when they start from the same model and score the same eval examples the same way
+    base_eval_loss = token_weighted(per_example_losses(trainer))
     # non-padding tokens of every batch, counted on the host as the collator builds it: the Trainer's own count
     # (include_num_input_tokens_seen, off by default) would read a value back from the device every step
     tokens_per_batch, labelled_per_batch, collate = [], [], trainer.data_collator
@@ -110,7 +118,7 @@ def plain_recipe(model_path: str, train_jsonl: Path, eval_jsonl: Path, out: Path
     eval_loss = token_weighted(per_example_losses(trainer))  # the measure lorasweep reports, on the same split
     weights = list(trainer.model.parameters())  # the adapter's included, as lorasweep counts them
     return {"tokens_per_s": tokens / seconds, "tokens": tokens, "seconds": seconds, "eval_loss": eval_loss,
-            "activation_checkpointing": bool(args.activation_checkpointing), **peaks,
+            "base_eval_loss": base_eval_loss, "activation_checkpointing": bool(args.activation_checkpointing), **peaks,
             "params": sum(w.numel() for w in weights), "trainable": sum(w.numel() for w in weights if w.requires_grad),
             "flop_shape": {**speed.flop_params(trainer.model), "labelled_share": labelled / tokens},
             "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"}
@@ -139,13 +147,15 @@ def lorasweep_recipe(model_path: str, train_jsonl: Path, eval_jsonl: Path, out: 
     return {"tokens_per_s": m["train_tokens_nonpad_per_s"], "tokens": m["train_tokens_nonpad"],
             "steady_tokens_per_s": second_half_rate(out / "log_history.jsonl"),
             "tokens_padded": m["train_tokens_padded"],
-            "seconds": m["train_runtime_s"], "eval_loss": m["eval_loss"], "padding_share_pct": m["padding_share_pct"],
+            "seconds": m["train_runtime_s"], "eval_loss": m["eval_loss"], "base_eval_loss": m["base_eval_loss"],
+            "padding_share_pct": m["padding_share_pct"],
             "params": m["total_params"], "trainable": m["trainable_params"],
             "flop_shape": speed.flop_shape(m, m["train_tokens_labelled"] / m["train_tokens_nonpad"]),
             "frozen_16bit": m["frozen_16bit_params"], "hardware": m["hardware"],
             "precision": m["precision"], "steps": m["train_steps"], **{k: m[k] for k in PEAKS + BOUND if m.get(k) is not None}}
 
 
+PLAIN = ("plain", "plain, checkpointing off")  # the plain recipe's variants, by the name printed
 RECIPES = {"plain": ("plain", plain_recipe),  # --recipes key: (name printed, function)
            "plain-nockpt": ("plain, checkpointing off", functools.partial(plain_recipe, checkpointing=False)),
            "lorasweep": ("lorasweep", lorasweep_recipe)}
@@ -280,27 +290,46 @@ def main(argv=None) -> dict:
                    "lorasweep_training": overrides.get("training", {}), "lorasweep_lora": overrides.get("lora", {}),
                    "mean_eval_loss": ev, "tokens_per_run": {k: [r["tokens"] for r in v] for k, v in results.items()},
                    "runs": results}
+    # every recipe scores the untrained model on the eval split before training: one figure for all of them, or
+    # they did not start from the same model, or did not score the same examples the same way
+    summary_out["base_eval_loss"] = base_eval = {k: v[0]["base_eval_loss"] for k, v in results.items()}
+    if max(base_eval.values()) - min(base_eval.values()) > 1e-3 * abs(min(base_eval.values())):
+        print("note: the recipes scored the untrained model differently on the eval split ("
+              + ", ".join(f"{k} {v:.5f}" for k, v in base_eval.items()) + "): not the same model, eval examples or "
+              "loss, so their eval losses after training do not compare", flush=True)
     if "lorasweep" in results:
         summary_out["lorasweep_padding_share_pct"] = results["lorasweep"][0]["padding_share_pct"]
     seeds = (f"{a.repeats} seeds ({a.seed}..{a.seed + a.repeats - 1})" if a.repeats > 1 else f"seed {a.seed}")
     print(f"\n{a.run} on {summary_out['hardware']}, {a.steps} steps x batch {a.batch}, {seeds}: median tokens/s, "
           "mean eval loss per response token")
-    base = med.get("plain")
+    # the baseline: the faster plain variant run. TRL 1.x turns activation checkpointing on by default; the write-ups
+    # most likely trained without it (W1 suggests it as a remedy, W4 set TrainingArguments, whose default is off),
+    # and on the H100 it made the plain recipe 2.4-3.7x slower (benchmarks/results/h100-2026-11-25.md): a ratio
+    # against the checkpointed variant alone would credit lorasweep with that
+    plains = [k for k in PLAIN if k in med]
+    base_name = max(plains, key=med.get) if plains else None
+    base = med[base_name] if base_name else None
     for name in recipes:
         ratio = f" ({med[name] / base:.2f}x)" if base else ""
         counts = sorted({r["tokens"] for r in results[name]})
         print(f"  {name:24s}: {med[name]:>10,.0f} non-padding tokens/s{ratio}, eval loss {ev[name]:.4f} after "
               f"{' / '.join(f'{c:,}' for c in counts)} tokens")
     if base and "lorasweep" in results:
-        # eval loss of lorasweep minus plain, paired by training seed: mean and a 95% t-interval over the seeds
+        # eval loss of lorasweep minus the baseline's, paired by training seed: mean and a 95% t-interval over the seeds
         from lorasweep.findings import t975
 
-        diffs = [x["eval_loss"] - y["eval_loss"] for x, y in zip(results["lorasweep"], results["plain"])]
+        diffs = [x["eval_loss"] - y["eval_loss"] for x, y in zip(results["lorasweep"], results[base_name])]
         half = t975(len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None
         summary_out["eval_loss_diff_lorasweep_minus_plain"] = {"per_seed": diffs, "mean": statistics.mean(diffs),
                                                                "ci95_half": half}
         summary_out["speedup"] = med["lorasweep"] / base
-        print(f"  speed-up of lorasweep over the plain recipe: {summary_out['speedup']:.2f}x")
+        summary_out["speedup_baseline"] = base_name
+        summary_out["speedup_vs"] = {k: med["lorasweep"] / med[k] for k in plains}
+        print(f"  speed-up of lorasweep over the plain recipe: {summary_out['speedup']:.2f}x (against {base_name}"
+              + (", the faster plain variant" if len(plains) > 1 else "") + ")")
+        for k in plains:
+            if k != base_name:
+                print(f"  (against {k}: {summary_out['speedup_vs'][k]:.2f}x)")
         print(f"  eval loss, lorasweep minus plain, paired by seed: {statistics.mean(diffs):+.4f} "
               + (f"± {half:.4f} (95% t)" if len(diffs) > 1 else "(one seed: no interval; --repeats 2 or more)"))
     for name in recipes:
