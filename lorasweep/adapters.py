@@ -40,7 +40,8 @@ QLORA_MAX_LOGIT_DIFF = 1e-3
 # rounds its evaluation (bf16 on the CPU, tiny preset, LoRA's frozen base held in bf16 there too: at most 9e-5, QLoRA's
 # included; on a GPU not measured yet): beyond this coarser bound the difference is recorded, warned of and flagged in
 # the report, not failed (non-finite logits where training's were finite always fail). Coarse: there, another rank's
-# adapter of the same sweep passes (lora-r128's and lora-r256's in lora-r8's place: 6.2e-3 and 9.0e-3)
+# adapter of the same sweep passes it (lora-r128's and lora-r256's in lora-r8's place: 6.2e-3 and 9.0e-3); the
+# fingerprint of the files training saved (saved_model_files_sha256) catches that in any precision
 IN_TRAINING_REL_TOL = {"fp32": 1e-4}
 IN_TRAINING_REL_TOL_16BIT = 2e-2
 
