@@ -51,6 +51,29 @@ def test_conda_env_pins_the_same_versions_as_the_package():
     assert "python=3.11" in env["dependencies"]
 
 
+def _name(requirement):
+    return re.sub(r"[-_.]+", "-", re.split(r"[=<>\[ ]", requirement)[0]).lower()
+
+
+def test_constraints_pin_what_the_package_pins_and_the_readme_and_ci_install_with_them():
+    """envs/constraints.txt pins the whole stack a fresh install resolves; it must agree with pyproject.toml's
+    own pins (a pin changed in one and not the other would make pip refuse to install), hold one line per
+    package, and be what both README's install command and .ci/run pass to pip."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    pins = project["dependencies"] + project["optional-dependencies"]["test"]
+    lines = [line for line in (REPO / "envs" / "constraints.txt").read_text().splitlines()
+             if line and not line.startswith("#")]
+    assert all(re.fullmatch(r"[A-Za-z0-9_.-]+==[0-9][0-9A-Za-z.]*", line) for line in lines), lines
+    constraints = {_name(line): line.split("==")[1] for line in lines}
+    assert len(constraints) == len(lines)
+    assert {_name(pin): constraints.get(_name(pin)) for pin in pins} == {_name(pin): pin.split("==")[1]
+                                                                       for pin in pins}
+    assert "lorasweep" not in constraints and "+" not in constraints["torch"]  # a CUDA build of the release passes
+    install = 'pip install -e ".[test]" -c envs/constraints.txt'
+    assert install in (REPO / "README.md").read_text()
+    assert re.search(r'pip install [^\n]*-e "\.\[test\]" -c envs/constraints\.txt', (REPO / ".ci" / "run").read_text())
+
+
 def test_the_conda_environment_gets_lorasweep_itself_from_its_post_deploy_script(tmp_path):
     """--sdm conda builds envs/lorasweep.yaml from a copy under .snakemake/conda, so the file can name only the
     dependencies, and a job's script, run from .snakemake/scripts with the environment's python, found no lorasweep
