@@ -31,6 +31,54 @@ def test_default_config_file_is_the_writeups_experiment():
     assert q8["lora"] == l8["lora"] and q8["quantization"]["quant_type"] == "nf4" and l8["quantization"] is None
 
 
+def _schema_keys(node: dict, prefix: str = "") -> dict:
+    """Every key of the schema as its dotted path, with its schema entry."""
+    out = {}
+    for key, entry in (node.get("properties") or {}).items():
+        out[prefix + key] = entry
+        if "properties" in entry:
+            out.update(_schema_keys(entry, f"{prefix}{key}."))
+    return out
+
+
+def test_config_yaml_shows_every_schema_key_at_its_default():
+    """config/config.yaml documents every key (README, the schema's description), at the schema's default: the
+    keys a preset leaves out take what config.yaml says. Keys added to the schema were missing there before
+    (training.threads, model.build_tiny, training.cudnn_attention)."""
+    schema = yaml.safe_load((REPO / "lorasweep" / "config.schema.yaml").read_text())
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    shape = yaml.safe_load((REPO / "config" / "opt-350m-shape.yaml").read_text())["model"]["build_tiny"]
+    for path, entry in _schema_keys(schema).items():
+        if path.startswith(("model.build_tiny.", "dataset.fields.")):
+            continue
+        value = config
+        for part in path.split("."):
+            assert isinstance(value, dict) and part in value, f"{path} is not in config/config.yaml"
+            value = value[part]
+        if "default" in entry and "properties" not in entry and path != "experiment":
+            assert value == entry["default"], f"{path}: config/config.yaml has {value!r}, the schema {entry['default']!r}"
+    # config.yaml's comment on build_tiny: all its keys are shown in config/opt-350m-shape.yaml
+    assert set(shape) == set(schema["properties"]["model"]["properties"]["build_tiny"]["properties"])
+
+
+def test_readme_names_every_config_key():
+    """README's Configuration section names every key a user may set (training.* as a whole; model.build_tiny's
+    and dataset.fields' own keys are shown where they are explained). dataset.split, model.trust_remote_code
+    and experiment were left out of it."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("\n## Configuration"):text.index("\n## Layout")]
+    named = set()
+    for prefix, group in re.findall(r"`([a-z_.]*?)\{([a-z_, \n]+)\}`", section):  # methods.lora.{ranks, ...}
+        named |= {prefix + k.strip() for k in group.split(",")}
+    named |= set(re.findall(r"`([a-z_]+(?:\.[a-z_0-9]+)*)`", section))
+    schema = yaml.safe_load((REPO / "lorasweep" / "config.schema.yaml").read_text())
+    sections = ("model", "dataset", "methods", "methods.full", "methods.lora", "methods.qlora", "training")
+    missing = [path for path in _schema_keys(schema)
+               if path not in sections and not path.startswith(("training.", "model.build_tiny.", "dataset.fields."))
+               and path not in named]
+    assert "training.*" in section and not missing, f"README's Configuration section does not name {missing}"
+
+
 def test_run_spec_holds_only_that_runs_settings():
     cfg = validate_config(copy.deepcopy(MINIMAL))
     before = run_spec(cfg, "lora-r8")
