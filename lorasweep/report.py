@@ -722,9 +722,12 @@ def adapters_section(verify_jsons=(), switch_json=None, samples_json=None, first
                 _printable(t) != t for x in samples for t in [x["instruction"], x["input"] or "", x["reference"],
                                                               *x["completions"].values()]) else "") + ":", ""]
         for i, s in enumerate(samples, 1):
-            out += [f"**{i}. {_printable(s['instruction'].strip())}**"
-                    + (f" — input: `{_printable(s['input'].strip())}`" if s["input"] else ""),
-                    "", "| model | completion |", "|:--|:--|",
+            given = _printable(str(s["input"] or "").strip())
+            block = "\n" in given or "\r" in given  # several lines: a code block below, else a code span
+            out += [f"**{i}. {_text(s['instruction'])}**"
+                    + ((" — input:" if block else f" — input: {_code_span(given)}") if given else ""), ""]
+            out += [_code_block(given), ""] if block else []
+            out += ["| model | completion |", "|:--|:--|",
                     f"| reference | {_cell(s['reference'])} |"]
             out += [f"| {name} | {_cell(text)} |" for name, text in s["completions"].items()]
             out.append("")
@@ -747,6 +750,31 @@ def _cell(text: str, limit: int = 160) -> str:
     text = re.sub(r"[^\S\x0b\x0c\x1c-\x1f\x85]+", " ", str(text)).strip(" ")
     text = text if len(text) <= limit else text[:limit] + "…"
     return "`" + _printable(text).replace("`", "'").replace("|", "\\|") + "`" if text else "(empty)"
+
+
+def _text(text: str) -> str:
+    """``text`` (an instruction of the data) as Markdown that shows it as written, on one line: runs of whitespace as
+    one space, the characters Markdown or HTML would read backslash-escaped (CodeAlpaca's "select all <p> tags" was
+    HTML in summary.md, a ``[link](...)`` a link), control characters escaped (:func:`_printable`)."""
+    text = re.sub(r"[^\S\x0b\x0c\x1c-\x1f\x85]+", " ", str(text)).strip(" ")
+    return _printable(re.sub(r"([\\`*_\[\]<&~])", r"\\\1", text))
+
+
+def _fence(text: str, least: int) -> str:
+    """Backticks that open and close code holding ``text``: more than its longest run of them, at least ``least``."""
+    return "`" * max(least, 1 + max((len(r) for r in re.findall(r"`+", text)), default=0))
+
+
+def _code_span(text: str) -> str:
+    """One line of ``text`` as an inline code span, shown as written (a backtick in it included)."""
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{_fence(text, 1)}{pad}{text}{pad}{_fence(text, 1)}"
+
+
+def _code_block(text: str) -> str:
+    """``text`` of several lines as a fenced code block, shown as written: in one code span a blank line in it ended
+    the span, and its lines after became Markdown (a ``# comment`` a heading, ``---|---`` a table)."""
+    return f"{_fence(text, 3)}\n{text}\n{_fence(text, 3)}"
 
 
 def _config_arg(key, value) -> str:

@@ -605,6 +605,30 @@ def test_a_directory_that_is_not_a_model_says_what_was_tried(tmp_path, tiny_conf
         load_model(spec, "cpu", "fp32")
 
 
+def test_a_model_folder_with_its_own_code_is_refused_naming_trust_remote_code(tiny_config, tiny_data, tmp_path):
+    """A local model whose config.json names code of its own (auto_map, an architecture transformers does not know):
+    transformers refuses to run it without trust_remote_code, but the run's error cut its message after the first
+    line (where it says to pass trust_remote_code) and went on with advice for a missing network."""
+    import shutil
+
+    model = tmp_path / "custom-model"
+    shutil.copytree(tiny_config()["model"]["name_or_path"], model)
+    config = json.loads((model / "config.json").read_text())
+    config.update(model_type="my_custom_lm", auto_map={"AutoConfig": "modeling.MyConfig",
+                                                       "AutoModelForCausalLM": "modeling.MyModel"})
+    (model / "config.json").write_text(json.dumps(config))
+    ran = tmp_path / "custom code ran"
+    (model / "modeling.py").write_text(f"open({str(ran)!r}, 'w').close()\n"
+                                       "from transformers import OPTConfig as MyConfig, OPTForCausalLM as MyModel\n")
+    spec = run_spec(tiny_config(), "lora-r8")
+    spec["model"]["name_or_path"] = str(model)
+    with pytest.raises(ModelLoadError) as e:
+        train_run(spec, tiny_data["train"], tiny_data["eval"], tmp_path / "out", threads=1)
+    assert "model.trust_remote_code: true" in str(e.value) and "modeling.py" in str(e.value)
+    assert "network" not in str(e.value) and "HF_HUB_OFFLINE" not in str(e.value)
+    assert not ran.exists() and not retry_may_help(e.value)
+
+
 def test_a_qlora_base_that_bitsandbytes_cannot_load_here_says_how_to_go_on(tiny_config, monkeypatch):
     """bitsandbytes built without this machine's device (its supported_torch_devices): transformers refuses to load
     the 4-bit base with a RuntimeError; the run's error names QLoRA, the install docs and how to leave it out."""

@@ -1391,6 +1391,35 @@ def test_control_characters_of_a_sample_are_escaped_in_the_report(tmp_path):
     assert "::\\x0e\\x0e134" in text and "Echo\\x1b" in text and "control characters are shown as escapes" in text
 
 
+def test_markup_in_a_sample_instruction_or_input_is_shown_as_text_in_the_report(tmp_path):
+    """The samples' instruction went into summary.md as Markdown and their input into one code span: CodeAlpaca's
+    "select all <p> tags" became HTML, a link a link, an input with a blank line and a `# comment` line a heading,
+    an input holding a table's delimiter row a table, an input with a backtick ended its code span early."""
+    markdown_it = pytest.importorskip("markdown_it")
+    from lorasweep.report import adapters_section
+
+    md = markdown_it.MarkdownIt("commonmark").enable("table")  # GitHub's: CommonMark + tables
+    samples = [
+        {"instruction": "Create a CSS selector to select all <p> tags and <h1> elements",
+         "input": "x = 1\n\n# comment line\ny = `two`", "reference": "r", "completions": {"full": "a"}},
+        {"instruction": "Find the sum:\n# not a heading\nUse `code`, *stars*, _x_, [a link](http://e.com), &amp; \\",
+         "input": "a | b\n---|---\n1 | 2", "reference": "r", "completions": {"full": "b"}},
+        {"instruction": "Say hi", "input": "`<b>` and ``two``", "reference": "r", "completions": {"full": "c"}},
+    ]
+    path = tmp_path / "samples.json"
+    path.write_text(json.dumps(samples))
+    html = md.render(adapters_section([], None, path))
+    assert "<p> tags" not in html and "<h1>" not in html and "<b>" not in html  # no HTML from the data
+    assert "<a " not in html and "<em>" not in html and "<h" not in html.replace("<h2>Samples", "")  # nor Markdown
+    assert html.count("<table>") == len(samples)  # the samples' own tables, no other
+    text = re.sub(r"<[^>]+>", "", html).replace("&lt;", "<").replace("&gt;", ">").replace("&quot;", '"')
+    text = text.replace("&amp;", "&")
+    assert "select all <p> tags and <h1> elements" in text
+    assert "Find the sum: # not a heading Use `code`, *stars*, _x_, [a link](http://e.com), &amp; \\" in text
+    for s in samples:  # every input shown as written, line by line
+        assert s["input"] in text
+
+
 def test_a_sweep_wide_adapter_option_keeps_the_rank_and_quantization_findings(tiny_config, tiny_data, tmp_path):
     """methods.lora.use_rslora: true (or use_dora, init) applies to every rank: the runs are lora-r8-rslora,
     lora-r16-rslora and qlora-r8-rslora, none plain. The findings compared plain runs only, so such a sweep's report
