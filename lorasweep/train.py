@@ -275,8 +275,9 @@ def attach_lora(model, spec: dict):
 
     targets = resolve_target_modules(model, spec["lora"]["target_modules"])
     if spec["quantization"]:
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=spec["training"]["gradient_checkpointing"])
+        # activation checkpointing is the Trainer's (SFTConfig's activation_checkpointing, transformers 5's
+        # activation_checkpointing_enable); PEFT's would call the deprecated gradient_checkpointing_enable first
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return get_peft_model(model, lora_config(spec, targets))
 
 

@@ -115,6 +115,40 @@ def test_qlora_really_trains_a_4bit_base(tiny_config, tiny_data, tmp_path):
     assert lora["quantized_params"] == 0
 
 
+def test_qlora_with_gradient_checkpointing_calls_no_deprecated_checkpointing_api(tiny_config, tiny_data, tmp_path):
+    """PEFT's prepare_model_for_kbit_training(use_gradient_checkpointing=True) enabled checkpointing through
+    transformers 5's deprecated gradient_checkpointing_enable (a FutureWarning in every such QLoRA job's log, removed
+    in v6), before the Trainer enabled it again through activation_checkpointing_enable: the Trainer's alone now,
+    checkpointing still on at every step."""
+    import importlib
+    import warnings
+
+    from transformers import TrainerCallback
+
+    from lorasweep.logs import EXPECTED_WARNINGS
+
+    class Checkpointing(TrainerCallback):
+        def __init__(self):
+            self.seen = []
+
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            self.seen.append(model.get_base_model().is_activation_checkpointing)
+
+    for library in ("bitsandbytes", "peft", "trl"):  # imported before the record: torch's DeprecationWarning on import
+        importlib.import_module(library)
+    cfg = tiny_config(max_steps=2, evals=1, gradient_checkpointing=True)
+    cb = Checkpointing()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m = train_run(run_spec(cfg, "qlora-r8"), tiny_data["train"], tiny_data["eval"], tmp_path / "qlora-r8",
+                      threads=2, callbacks=[cb])
+    assert m["gradient_checkpointing"] is True and cb.seen == [True, True]
+    deprecated = {str(w.message) for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))
+                  and not any(issubclass(w.category, category) and str(w.message).startswith(start)
+                              for category, start in EXPECTED_WARNINGS)}
+    assert not deprecated, deprecated
+
+
 def test_qlora_loads_the_configured_4bit_format(tiny_config):
     """methods.qlora.quant_type and double_quant reach bitsandbytes, in training's model and in the 4-bit base
     the merge dequantizes: the metrics name the format that was set, so the layers must hold that format."""
