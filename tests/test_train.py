@@ -234,6 +234,25 @@ def test_gpt2s_conv1d_frozen_base_goes_16bit_and_trains_bitwise_as_the_fp32_one(
     assert runs[True][0]["eval_loss"] == runs[False][0]["eval_loss"]
 
 
+def test_lora_on_gpt2s_conv1d_asks_peft_for_fan_in_fan_out(tiny_config, tiny_data, tiny_gpt2, tmp_path):
+    """GPT-2's Conv1D stores its weight [in, out]: PEFT turned fan_in_fan_out on itself, with a UserWarning in the
+    training job's log. Asked for it, it trains and saves the same; an OPT's nn.Linear targets keep it off."""
+    import warnings
+
+    from lorasweep.train import attach_lora, load_model
+
+    cfg = tiny_config(max_steps=1, evals=1)
+    cfg["model"]["name_or_path"] = str(tiny_gpt2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_run(run_spec(cfg, "lora-r8"), tiny_data["train"], tiny_data["eval"], tmp_path / "gpt2", threads=2)
+    assert not [w for w in caught if "fan_in_fan_out" in str(w.message)], [str(w.message) for w in caught]
+    saved = json.loads(next((tmp_path / "gpt2").rglob("adapter_config.json")).read_text())
+    assert saved["fan_in_fan_out"] is True and saved["target_modules"] == ["c_attn"]
+    opt = run_spec(tiny_config(), "lora-r8")
+    assert attach_lora(load_model(opt, "cpu", "fp32"), opt).peft_config["default"].fan_in_fan_out is False
+
+
 @pytest.mark.parametrize("targets", ["attention", "all-linear"])
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_qlora_trains_bitwise_as_lora_over_its_dequantized_base(tiny_config, targets, precision):
