@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -382,7 +383,7 @@ def test_a_16bit_frozen_base_on_the_cpu_lets_the_memory_mapped_checkpoint_go(tin
 
     def mapped():
         gc.collect()
-        return str(own) in open("/proc/self/maps").read()
+        return str(own) in Path("/proc/self/maps").read_text()
 
     model = attach_lora(load_model(spec, "cpu", "bf16"), spec)
     assert mapped()  # what the conversion has to undo
@@ -774,7 +775,7 @@ def test_the_batch_mean_eval_loss_is_the_trainers_own_figure(tiny_model, tiny_da
 
     train, evals = load_splits(tiny_data["train"], tiny_data["eval"])
     args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", max_length=128,
-                     per_device_eval_batch_size=4, save_strategy="no")
+                     per_device_eval_batch_size=4, save_strategy="no", activation_checkpointing=False)
     trainer = MeasuredSFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32),
                                  args=args, train_dataset=train, eval_dataset=evals,
                                  processing_class=AutoTokenizer.from_pretrained(tiny_model))
@@ -798,7 +799,8 @@ def test_every_evaluation_computes_in_the_training_precision(tiny_model, tiny_da
     train, evals = load_splits(tiny_data["train"], tiny_data["eval"])
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     args = SFTConfig(output_dir=str(tmp_path), max_steps=1, learning_rate=0.0, use_cpu=True, bf16=True,
-                     report_to="none", per_device_train_batch_size=2, max_length=128, save_strategy="no")
+                     report_to="none", per_device_train_batch_size=2, max_length=128, save_strategy="no",
+                     activation_checkpointing=False)
     trainer = MeasuredSFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=evals,
                                  processing_class=AutoTokenizer.from_pretrained(tiny_model))
     before = per_example_losses(trainer)
