@@ -15,7 +15,8 @@ import warnings
 from pathlib import Path
 
 # Library messages every job prints on a healthy run, left out of its log (a warning there should mean something):
-# (logger, start of the message) for logging records, (category, start of the message) for warnings.
+# (logger, start of the message) for logging records, (category, module that raises it, start of the message) for
+# warnings.
 EXPECTED_LOGS = [
     # bitsandbytes on a CPU with AVX512-BF16, on import: its optional CPU kernel for 4-bit matmuls is not installed, so
     # QLoRA on the CPU takes its PyTorch path (what lorasweep's CPU tests and the tiny preset measure); not used on a GPU
@@ -23,7 +24,7 @@ EXPECTED_LOGS = [
 ]
 EXPECTED_WARNINGS = [
     # PEFT's PeftModel asks transformers 5 for the renamed is_activation_checkpointing under its old name
-    (FutureWarning, "`is_gradient_checkpointing` is deprecated"),
+    (FutureWarning, "transformers.modeling_utils", "`is_gradient_checkpointing` is deprecated"),
 ]
 
 
@@ -91,8 +92,8 @@ def script_logging(log_path: str | os.PathLike, level: int = logging.INFO):
             getattr(sys.modules[module], off)()
     expected = warnings.catch_warnings()  # the filters as they were, put back on the way out
     expected.__enter__()
-    for category, start in EXPECTED_WARNINGS:
-        warnings.filterwarnings("ignore", message=re.escape(start), category=category)
+    for category, module, start in EXPECTED_WARNINGS:
+        warnings.filterwarnings("ignore", message=re.escape(start), category=category, module=re.escape(module) + r"\Z")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     old_out, old_err = sys.stdout, sys.stderr
     sys.stdout = sys.stderr = log_file

@@ -175,15 +175,16 @@ def max_positions(model_config) -> tuple[str, int] | None:
     return None
 
 
-def lora_target_layers(model, spec: dict) -> dict:
+def lora_target_layers(model, spec: dict, targets=None) -> dict:
     """The layers PEFT will adapt for the run, ``{name: module}``: its own matching of ``target_modules`` (a preset
-    resolved, :func:`lorasweep.presets.resolve_target_modules`); all-linear, every linear layer but the output
-    head, as PEFT expands it."""
+    resolved, :func:`lorasweep.presets.resolve_target_modules`, unless ``targets`` is it); all-linear, every linear
+    layer but the output head, as PEFT expands it."""
     from peft.tuners.tuners_utils import check_target_module_exists
 
     from .presets import linear_kinds, resolve_target_modules
 
-    targets = resolve_target_modules(model, spec["lora"]["target_modules"])
+    if targets is None:
+        targets = resolve_target_modules(model, spec["lora"]["target_modules"])
     modules = dict(model.named_modules())
     if targets == "all-linear":
         kinds = linear_kinds()
@@ -277,13 +278,20 @@ def lora_config(spec: dict, target_modules):
 def attach_lora(model, spec: dict):
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    from .presets import resolve_target_modules
+    from .presets import conv1d_class, resolve_target_modules
 
     targets = resolve_target_modules(model, spec["lora"]["target_modules"])
+    config = lora_config(spec, targets)
+    # GPT-2's Conv1D keeps its weight [in, out]: LoRA on it needs fan_in_fan_out, which PEFT otherwise turns on
+    # itself with a UserWarning in the job's log (a 4-bit base's layers are bitsandbytes' Linear4bit, [out, in])
+    layers = lora_target_layers(model, spec, targets).values()
+    conv1d = conv1d_class()
+    config.fan_in_fan_out = bool(layers) and conv1d is not None and all(isinstance(m, conv1d) for m in layers)
     if spec["quantization"]:
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=spec["training"]["gradient_checkpointing"])
-    return get_peft_model(model, lora_config(spec, targets))
+        # activation checkpointing is the Trainer's (SFTConfig's activation_checkpointing, transformers 5's
+        # activation_checkpointing_enable); PEFT's would call the deprecated gradient_checkpointing_enable first
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return get_peft_model(model, config)
 
 
 def _dora_bases(model) -> set[int]:

@@ -765,6 +765,31 @@ def test_logging_follows_stderr_and_a_scripts_log_file_is_let_go_on_the_way_out(
     assert "training" in (tmp_path / "job.log").read_text() and "boom" in (tmp_path / "job.log").read_text()
 
 
+def test_a_scripts_log_leaves_out_the_expected_library_warning_only_from_its_library(tmp_path):
+    """EXPECTED_WARNINGS left out of the log every warning that began with its text, whichever module raised it: the
+    filter names the module too (transformers, which raises it whoever asks: PEFT's PeftModel on every LoRA run).
+    In a script of its own: pytest records the warnings of its tests instead of printing them."""
+    import textwrap
+
+    log = tmp_path / "job.log"
+    script = textwrap.dedent(f"""
+        import warnings
+        from transformers import OPTConfig, OPTForCausalLM
+        from lorasweep.logs import script_logging
+        model = OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
+                                         num_attention_heads=2, word_embed_proj_dim=16, max_position_embeddings=32))
+        with script_logging({str(log)!r}):
+            assert model.is_gradient_checkpointing is False  # transformers' own FutureWarning: left out
+            warnings.warn_explicit("`is_gradient_checkpointing` is deprecated in another library", FutureWarning,
+                                   "other.py", 1, module="other_library")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    text = log.read_text()
+    assert "other.py:1: FutureWarning: `is_gradient_checkpointing` is deprecated in another library" in text, text
+    assert "modeling_utils" not in text, text
+
+
 def _killed_while_logging(log: Path) -> None:
     """A script logging to ``log`` (lorasweep.logs.script_logging), killed outright (SIGKILL) at step 40 of 150."""
     import textwrap

@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,6 +116,40 @@ def test_qlora_really_trains_a_4bit_base(tiny_config, tiny_data, tmp_path):
     assert lora["quantized_params"] == 0
 
 
+def test_qlora_with_gradient_checkpointing_calls_no_deprecated_checkpointing_api(tiny_config, tiny_data, tmp_path):
+    """PEFT's prepare_model_for_kbit_training(use_gradient_checkpointing=True) enabled checkpointing through
+    transformers 5's deprecated gradient_checkpointing_enable (a FutureWarning in every such QLoRA job's log, removed
+    in v6), before the Trainer enabled it again through activation_checkpointing_enable: the Trainer's alone now,
+    checkpointing still on at every step."""
+    import importlib
+    import warnings
+
+    from transformers import TrainerCallback
+
+    from lorasweep.logs import EXPECTED_WARNINGS
+
+    class Checkpointing(TrainerCallback):
+        def __init__(self):
+            self.seen = []
+
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            self.seen.append(model.get_base_model().is_activation_checkpointing)
+
+    for library in ("bitsandbytes", "peft", "trl"):  # imported before the record: torch's DeprecationWarning on import
+        importlib.import_module(library)
+    cfg = tiny_config(max_steps=2, evals=1, gradient_checkpointing=True)
+    cb = Checkpointing()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m = train_run(run_spec(cfg, "qlora-r8"), tiny_data["train"], tiny_data["eval"], tmp_path / "qlora-r8",
+                      threads=2, callbacks=[cb])
+    assert m["gradient_checkpointing"] is True and cb.seen == [True, True]
+    deprecated = {str(w.message) for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))
+                  and not any(issubclass(w.category, category) and str(w.message).startswith(start)
+                              for category, _, start in EXPECTED_WARNINGS)}
+    assert not deprecated, deprecated
+
+
 def test_qlora_loads_the_configured_4bit_format(tiny_config):
     """methods.qlora.quant_type and double_quant reach bitsandbytes, in training's model and in the 4-bit base
     the merge dequantizes: the metrics name the format that was set, so the layers must hold that format."""
@@ -198,6 +233,25 @@ def test_gpt2s_conv1d_frozen_base_goes_16bit_and_trains_bitwise_as_the_fp32_one(
     assert runs[False][0]["frozen_16bit_params"] == 0
     assert runs[True][1] == runs[False][1] and sum(1 for loss, _, _ in runs[True][1] if loss is not None) >= 2
     assert runs[True][0]["eval_loss"] == runs[False][0]["eval_loss"]
+
+
+def test_lora_on_gpt2s_conv1d_asks_peft_for_fan_in_fan_out(tiny_config, tiny_data, tiny_gpt2, tmp_path):
+    """GPT-2's Conv1D stores its weight [in, out]: PEFT turned fan_in_fan_out on itself, with a UserWarning in the
+    training job's log. Asked for it, it trains and saves the same; an OPT's nn.Linear targets keep it off."""
+    import warnings
+
+    from lorasweep.train import attach_lora, load_model
+
+    cfg = tiny_config(max_steps=1, evals=1)
+    cfg["model"]["name_or_path"] = str(tiny_gpt2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_run(run_spec(cfg, "lora-r8"), tiny_data["train"], tiny_data["eval"], tmp_path / "gpt2", threads=2)
+    assert not [w for w in caught if "fan_in_fan_out" in str(w.message)], [str(w.message) for w in caught]
+    saved = json.loads(next((tmp_path / "gpt2").rglob("adapter_config.json")).read_text())
+    assert saved["fan_in_fan_out"] is True and saved["target_modules"] == ["c_attn"]
+    opt = run_spec(tiny_config(), "lora-r8")
+    assert attach_lora(load_model(opt, "cpu", "fp32"), opt).peft_config["default"].fan_in_fan_out is False
 
 
 @pytest.mark.parametrize("targets", ["attention", "all-linear"])
@@ -329,7 +383,7 @@ def test_a_16bit_frozen_base_on_the_cpu_lets_the_memory_mapped_checkpoint_go(tin
 
     def mapped():
         gc.collect()
-        return str(own) in open("/proc/self/maps").read()
+        return str(own) in Path("/proc/self/maps").read_text()
 
     model = attach_lora(load_model(spec, "cpu", "bf16"), spec)
     assert mapped()  # what the conversion has to undo
@@ -721,7 +775,7 @@ def test_the_batch_mean_eval_loss_is_the_trainers_own_figure(tiny_model, tiny_da
 
     train, evals = load_splits(tiny_data["train"], tiny_data["eval"])
     args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", max_length=128,
-                     per_device_eval_batch_size=4, save_strategy="no")
+                     per_device_eval_batch_size=4, save_strategy="no", activation_checkpointing=False)
     trainer = MeasuredSFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32),
                                  args=args, train_dataset=train, eval_dataset=evals,
                                  processing_class=AutoTokenizer.from_pretrained(tiny_model))
@@ -745,7 +799,8 @@ def test_every_evaluation_computes_in_the_training_precision(tiny_model, tiny_da
     train, evals = load_splits(tiny_data["train"], tiny_data["eval"])
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     args = SFTConfig(output_dir=str(tmp_path), max_steps=1, learning_rate=0.0, use_cpu=True, bf16=True,
-                     report_to="none", per_device_train_batch_size=2, max_length=128, save_strategy="no")
+                     report_to="none", per_device_train_batch_size=2, max_length=128, save_strategy="no",
+                     activation_checkpointing=False)
     trainer = MeasuredSFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=evals,
                                  processing_class=AutoTokenizer.from_pretrained(tiny_model))
     before = per_example_losses(trainer)
