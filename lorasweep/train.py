@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import shutil
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -427,7 +428,13 @@ def save_trained(trainer, model_dir: Path, initial: Path | None) -> None:
     if initial is None:
         trainer.save_model(str(model_dir))
         return
-    trainer.model.save_pretrained(str(model_dir), path_initial_model_for_weight_conversion=str(initial))
+    with warnings.catch_warnings():
+        # the conversion loads the initial adapter beside the trained one, and PEFT warns of its own doing that
+        # ("OLoRA changes the base weights of the model and should thus not be used with other adapters"): the
+        # adapter it saves is a plain LoRA one, for the original base
+        warnings.filterwarnings("ignore", message=r"(OLoRA|PiSSA) changes the base weights", category=UserWarning,
+                                module=r"peft\.peft_model\Z")
+        trainer.model.save_pretrained(str(model_dir), path_initial_model_for_weight_conversion=str(initial))
     trainer.processing_class.save_pretrained(str(model_dir))
 
 
