@@ -819,6 +819,19 @@ def rerun_section(ctx: dict | None = None, configfiles=(), snakefile: str = "", 
     ])
 
 
+def _kernel_config():
+    """The notebook kernel's channels encrypted (CurveZMQ) where pyzmq and the kernel support it, as ipykernel 7's
+    do: in the clear, its loopback TCP could be read by other users of a shared machine, and the kernel warned of
+    it in every logs/report.log ("Kernel is running over TCP without encryption")."""
+    import zmq
+    from traitlets.config import Config
+
+    config = Config()
+    if zmq.has("curve"):  # "auto": keys only for a kernel whose spec declares it supports them
+        config.KernelManager.transport_encryption = "auto"
+    return config
+
+
 def render_report(template, out_notebook, out_markdown, **parameters) -> Path:
     """Execute the notebook template with papermill, then export it to Markdown without code cells."""
     import nbformat
@@ -839,7 +852,7 @@ def render_report(template, out_notebook, out_markdown, **parameters) -> Path:
     params.setdefault("figures_dir", "figures")
     log.info("executing %s with papermill", template)
     papermill.execute_notebook(str(template), str(out_notebook), parameters=params, cwd=str(md_dir),
-                               kernel_name="python3", progress_bar=False, log_output=False)
+                               kernel_name="python3", progress_bar=False, log_output=False, config=_kernel_config())
     nb = nbformat.read(str(out_notebook), as_version=4)
     for cell in nb.cells:  # only what the sections display: no stream output, no warnings
         if cell.cell_type == "code":

@@ -326,6 +326,22 @@ def test_report_renders_without_per_example_losses(tmp_path):
     assert json.loads((md.parent / "summary.ipynb").read_text())["cells"]
 
 
+def test_the_report_kernel_runs_encrypted_and_logs_no_warning_of_it(tmp_path, capfd):
+    """papermill's kernel talked over loopback TCP in the clear and said so on the job's stderr (logs/report.log):
+    "[IPKernelApp] WARNING | Kernel is running over TCP without encryption". Its channels are now encrypted."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "language": "python", "display_name": "Python 3"}
+    nb.cells = [nbformat.v4.new_code_cell("from ipykernel.kernelapp import IPKernelApp\n"
+                                          "print(IPKernelApp.instance().curve_secretkey is not None)")]
+    nbformat.write(nb, tmp_path / "t.ipynb")
+    render_report(tmp_path / "t.ipynb", tmp_path / "out.ipynb", tmp_path / "out.md")
+    cell = nbformat.read(tmp_path / "out.ipynb", 4).cells[-1]  # after papermill's parameters cell
+    assert cell.outputs[0]["text"].strip() == "True"  # the kernel was given its CurveZMQ key
+    assert "without encryption" not in capfd.readouterr().err
+
+
 def _two_seeds():
     """The fixture as if every run had been trained with seeds 0 and 1 (seed 1: shifted losses and times)."""
     m, ev = _fixture()
