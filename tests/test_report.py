@@ -1643,3 +1643,22 @@ def test_the_tradeoff_figure_says_what_its_error_bars_are():
         else:
             assert bars and all(f"mean ± sd over {n} seeds" in t for t in titles), titles
         plt.close(fig)
+
+
+def test_the_rerun_command_for_one_run_names_every_seed_of_it():
+    """"retrain one run" with replicate seeds retrains each of its seeds: naming the first seed's file alone retrains
+    that replicate only (README: name one seed's file to retrain only that replicate), and a shell's seed* would
+    also match the folder of a seed since taken out of `seeds`, which Snakemake then trains again."""
+    import shlex
+
+    from lorasweep.report import rerun_section
+
+    m2, _ = _two_seeds()
+    line = next(x for x in rerun_section({"metrics_per_seed": m2}, ["config/tiny.yaml"]).splitlines()
+                if x.endswith("# retrain one run"))
+    args = shlex.split(line.split("   # ")[0])
+    named = args[args.index("--forcerun") + 1:args.index("--cores")]
+    assert named == ["results/runs/lora-r8/seed0/metrics.json", "results/runs/lora-r8/seed1/metrics.json"], line
+    one = m2[m2["seed"] == 0]  # one seed: its file
+    line = next(x for x in rerun_section({"metrics_per_seed": one}).splitlines() if x.endswith("# retrain one run"))
+    assert "--forcerun results/runs/lora-r8/seed0/metrics.json --cores" in line
