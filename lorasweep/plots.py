@@ -117,6 +117,20 @@ def memory_parts(df: pd.DataFrame) -> dict:
             "measured_label": "peak RSS", "compared_label": "memory added by training: peak RSS − RSS at load (GiB)"}
 
 
+def _legend_below(ax, ncol: int):
+    """The panel's legend under it, clear of its tick labels and x label whatever their height: a fixed share of the
+    panel's height put it over a two-line x label (replicate seeds' "mean of 3 seeds ± sd") in a short figure (a
+    sweep of three runs or fewer), and over a one-line label with one run. The gap is in inches, which the
+    figure's tight layout keeps (it moves and shrinks the panel, not its labels)."""
+    from matplotlib.transforms import ScaledTranslation
+
+    fig = ax.figure
+    renderer = fig.canvas.get_renderer()
+    below = (ax.get_window_extent(renderer).y0 - ax.xaxis.get_tightbbox(renderer).y0) / fig.dpi + 0.05
+    return ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 0), ncol=ncol, frameon=False,
+                     bbox_transform=ax.transAxes + ScaledTranslation(0, -below, fig.dpi_scale_trans))
+
+
 def _memory_figure(df, runs, pal, plt, h, per_seed=None):
     """Left: measured peak split into load footprint and training's addition. Right: memory model vs measured.
     ``df``: one row per run (:func:`lorasweep.findings.by_run`); with replicate seeds the bars and points are the
@@ -145,7 +159,7 @@ def _memory_figure(df, runs, pal, plt, h, per_seed=None):
     ax.invert_yaxis()
     ax.set_xlabel(f"{parts['measured_label']} (GiB)" + (f"\n{mean}" if mean else ""))
     ax.set_title(f"measured: {parts['measured_label']}" + (f" ({mean})" if mean else ""))
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, frameon=False)
+    _legend_below(ax, ncol=2)
     ax.margins(x=0.2)
 
     ax = axes[1]
@@ -170,7 +184,7 @@ def _memory_figure(df, runs, pal, plt, h, per_seed=None):
     ax.invert_yaxis()
     ax.set_xlabel(parts["compared_label"] + (f"\n◆ {mean}" if mean else ""))
     ax.set_title("memory model (bars) vs measured (◆); label: model error")
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=4, frameon=False)
+    _legend_below(ax, ncol=4)
     ax.margins(x=0.25)
     return fig
 
@@ -199,9 +213,11 @@ def _tradeoff_figure(df, runs, pal, plt, sns, diverged=()):
     if f"{mem}_sd" in data:
         data["peak_gib_sd"] = data[f"{mem}_sd"] / 2**30
     base = df.loc[~df["run"].str.startswith("qlora"), "base_eval_loss"]
+    replicated = "eval_loss_sd" in data and data["eval_loss_sd"].notna().any()
+    spread = f"\nmean ± sd over {int(df['n_seeds'].max())} seeds (error bars, both axes)" if replicated else ""
     for ax, x, xlabel in [(axes[0], "peak_gib", f"{MEMORY_LABELS[mem]} (GiB)"),
                           (axes[1], "train_runtime_s", "train runtime, evals and checkpoints excluded (s)")]:
-        if "eval_loss_sd" in data and data["eval_loss_sd"].notna().any():  # replicates: ± one sd both ways
+        if replicated:  # ± one sd both ways
             for _, r in data.iterrows():
                 ax.errorbar(r[x], r["eval_loss"], xerr=r.get(f"{x}_sd"), yerr=r["eval_loss_sd"], color=pal[r["run"]], capsize=3,
                             lw=1, zorder=1)
@@ -215,8 +231,8 @@ def _tradeoff_figure(df, runs, pal, plt, sns, diverged=()):
         ax.margins(y=0.15)
     _name_diverged(axes[1].legend(title="run", loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=9), diverged)
     axes[0].set_ylabel("eval loss after training\n(nats / response token; lower is better)")
-    axes[0].set_title("quality vs memory")
-    axes[1].set_title("quality vs time")
+    axes[0].set_title("quality vs memory" + spread)
+    axes[1].set_title("quality vs time" + spread)
     return fig
 
 

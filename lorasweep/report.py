@@ -802,8 +802,11 @@ def rerun_section(ctx: dict | None = None, configfiles=(), snakefile: str = "", 
     if per_seed is not None and len(per_seed):
         runs = list(per_seed["run"])
         run = next((r for r in runs if r.startswith("lora-")), runs[0])
-        seed = per_seed.loc[per_seed["run"] == run, "seed"].iloc[0] if "seed" in per_seed else 42
-        example = f"results/runs/{run}/seed{seed}/metrics.json"
+        # every seed's file, named: the first seed's alone retrains one replicate, and a shell's seed* also matches
+        # the folder of a seed taken out of `seeds` since, which Snakemake would train again
+        seeds = per_seed.loc[per_seed["run"] == run, "seed"].dropna() if "seed" in per_seed else []
+        example = " ".join(f"results/runs/{run}/seed{seed}/metrics.json"
+                           for seed in dict.fromkeys(int(s) for s in seeds) or [42])
     return "\n".join([
         "## How to rerun",
         "",

@@ -1636,3 +1636,74 @@ def test_the_memory_figure_lists_only_the_predicted_parts_it_draws():
     fig = _memory_figure(df, runs, run_palette(runs), plt, 3)
     assert "predicted: gradients beyond the activations" in legend(fig)
     plt.close(fig)
+
+
+def test_the_memory_figures_legends_stay_clear_of_their_axis_labels():
+    """Each panel's legend sits under its x label, however short the figure (one run) and however many lines the
+    label has (two with replicate seeds: "mean of 2 seeds ± sd"): a fixed share of the panel's height put the
+    legend over the label in a sweep of up to three runs with seeds, and of one run alone."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lorasweep.plots import _memory_figure, run_palette
+
+    one, _ = _fixture()
+    two, _ = _two_seeds()
+    for per_seed in (two[two["run"].isin(["full", "lora-r8"])], two[two["run"].isin(["full", "lora-r8", "qlora-r8"])],
+                     one[one["run"] == "full"], two):
+        df = F.by_run(per_seed)
+        runs = list(df["run"])
+        fig = _memory_figure(df, runs, run_palette(runs), plt, 0.45 * len(runs) + 1.2, per_seed)  # plot_all's height
+        fig.tight_layout()  # as plot_all saves it
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        for ax in fig.axes[:2]:
+            label = ax.xaxis.label.get_window_extent(renderer)
+            legend = ax.get_legend().get_window_extent(renderer)
+            assert legend.y1 <= label.y0 and legend.y0 >= 0, (runs, ax.get_xlabel(), label, legend)
+        plt.close(fig)
+
+
+def test_the_tradeoff_figure_says_what_its_error_bars_are():
+    """With replicate seeds the trade-off figure draws ± one sd of the seeds both ways around each run's means; its
+    panels say so, as the other figures with error bars do (with one seed: no error bars, no such words)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    from lorasweep.plots import _tradeoff_figure, run_palette
+
+    for per_seed, n in ((_fixture()[0], 1), (_two_seeds()[0], 2)):
+        df = F.by_run(per_seed)
+        runs = list(df["run"])
+        fig = _tradeoff_figure(df, runs, run_palette(runs), plt, sns)
+        bars = [c for ax in fig.axes[:2] for c in ax.containers if type(c).__name__ == "ErrorbarContainer"]
+        titles = [ax.get_title() for ax in fig.axes[:2]]
+        if n == 1:
+            assert not bars and not any("±" in t for t in titles)
+        else:
+            assert bars and all(f"mean ± sd over {n} seeds" in t for t in titles), titles
+        plt.close(fig)
+
+
+def test_the_rerun_command_for_one_run_names_every_seed_of_it():
+    """"retrain one run" with replicate seeds retrains each of its seeds: naming the first seed's file alone retrains
+    that replicate only (README: name one seed's file to retrain only that replicate), and a shell's seed* would
+    also match the folder of a seed since taken out of `seeds`, which Snakemake then trains again."""
+    import shlex
+
+    from lorasweep.report import rerun_section
+
+    m2, _ = _two_seeds()
+    line = next(x for x in rerun_section({"metrics_per_seed": m2}, ["config/tiny.yaml"]).splitlines()
+                if x.endswith("# retrain one run"))
+    args = shlex.split(line.split("   # ")[0])
+    named = args[args.index("--forcerun") + 1:args.index("--cores")]
+    assert named == ["results/runs/lora-r8/seed0/metrics.json", "results/runs/lora-r8/seed1/metrics.json"], line
+    one = m2[m2["seed"] == 0]  # one seed: its file
+    line = next(x for x in rerun_section({"metrics_per_seed": one}).splitlines() if x.endswith("# retrain one run"))
+    assert "--forcerun results/runs/lora-r8/seed0/metrics.json --cores" in line

@@ -392,7 +392,8 @@ def test_tiny_sweep_produces_metrics_figures_and_report(tiny_sweep):
     configs = (f"--snakefile {os.path.relpath(REPO / 'Snakefile', workdir)} "
                f"--configfile {os.path.relpath(REPO / 'config' / 'tiny.yaml', workdir)} seeds.yaml")
     assert f"snakemake reports/summary.md --cores 4 --resources gpu=1 {configs}" in md
-    assert f"snakemake --forcerun results/runs/lora-r8/seed0/metrics.json --cores 4 --resources gpu=1 {configs}" in md
+    assert (f"snakemake --forcerun results/runs/lora-r8/seed0/metrics.json results/runs/lora-r8/seed1/metrics.json "
+            f"--cores 4 --resources gpu=1 {configs}") in md  # every seed of the run
 
 
 @pytest.mark.slow
