@@ -726,7 +726,9 @@ def adapters_section(verify_jsons=(), switch_json=None, samples_json=None, first
             block = "\n" in given or "\r" in given  # several lines: a code block below, else a code span
             out += [f"**{i}. {_text(s['instruction'])}**"
                     + ((" — input:" if block else f" — input: {_code_span(given)}") if given else ""), ""]
-            out += [_code_block(given), ""] if block else []
+            # the block as written: only the blank lines around it left out (a strip took the first line's indent)
+            lines = re.sub(r"^(?:[^\S\r\n]*(?:\r\n|\r|\n))+", "", str(s["input"])).rstrip() if block else ""
+            out += [_code_block(_printable(lines)), ""] if block else []
             out += ["| model | completion |", "|:--|:--|",
                     f"| reference | {_cell(s['reference'])} |"]
             out += [f"| {name} | {_cell(text)} |" for name, text in s["completions"].items()]

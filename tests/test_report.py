@@ -1436,6 +1436,25 @@ def test_markup_in_a_sample_instruction_or_input_is_shown_as_text_in_the_report(
         assert s["input"] in text
 
 
+def test_a_sample_input_of_several_lines_keeps_its_first_lines_indentation_in_the_report(tmp_path):
+    """An input of several lines is a code block shown as written: the input was stripped as a whole, which took its
+    first line's indentation (a snippet from inside a function showed its first line flush left, the rest indented);
+    only the blank lines around it are left out."""
+    markdown_it = pytest.importorskip("markdown_it")
+    import html
+
+    from lorasweep.report import adapters_section
+
+    code = "    if x:\n        return 1\n    return 2"
+    samples = [{"instruction": "Fix", "input": f"\n  \n{code}  \n\n", "reference": "r", "completions": {"full": "a"}},
+               {"instruction": "Fix", "input": "\tx = 1\r\n\ty = 2", "reference": "r", "completions": {"full": "b"}}]
+    path = tmp_path / "samples.json"
+    path.write_text(json.dumps(samples))
+    rendered = markdown_it.MarkdownIt("commonmark").render(adapters_section([], None, path))
+    blocks = [html.unescape(b) for b in re.findall(r"<pre><code>(.*?)</code></pre>", rendered, re.S)]
+    assert blocks == [code + "\n", "\tx = 1\n\ty = 2\n"], blocks
+
+
 def test_a_sweep_wide_adapter_option_keeps_the_rank_and_quantization_findings(tiny_config, tiny_data, tmp_path):
     """methods.lora.use_rslora: true (or use_dora, init) applies to every rank: the runs are lora-r8-rslora,
     lora-r16-rslora and qlora-r8-rslora, none plain. The findings compared plain runs only, so such a sweep's report
