@@ -74,6 +74,29 @@ def test_constraints_pin_what_the_package_pins_and_the_readme_and_ci_install_wit
     assert re.search(r'pip install [^\n]*-e "\.\[test\]" -c envs/constraints\.txt', (REPO / ".ci" / "run").read_text())
 
 
+def test_constraints_pin_every_requirement_of_the_packages_they_pin():
+    """Every package the pinned ones require (their markers as on this machine, no extras) is pinned too: pip freeze
+    leaves out setuptools, which torch requires (a fresh Python 3.11 venv holds an older one, which pip upgrades to
+    the newest), so the file left it free."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    from packaging.requirements import Requirement
+
+    pinned = {_name(line) for line in (REPO / "envs" / "constraints.txt").read_text().splitlines()
+              if line and not line.startswith("#")}
+    free = {}
+    for name in sorted(pinned):
+        try:
+            requires = distribution(name).requires or []
+        except PackageNotFoundError:  # not installed here
+            continue
+        for requirement in map(Requirement, requires):
+            if (requirement.marker is None or requirement.marker.evaluate({"extra": ""})) \
+                    and _name(requirement.name) not in pinned:
+                free.setdefault(_name(requirement.name), []).append(name)
+    assert not free, f"required but not pinned: {free}"
+
+
 def test_the_conda_environment_gets_lorasweep_itself_from_its_post_deploy_script(tmp_path):
     """--sdm conda builds envs/lorasweep.yaml from a copy under .snakemake/conda, so the file can name only the
     dependencies, and a job's script, run from .snakemake/scripts with the environment's python, found no lorasweep
