@@ -79,7 +79,10 @@ def main(argv=None) -> dict:
     for line, n in out["mutated_at"].items():
         print(f"  {n} x mutated at: {line}")
     if a.json:
-        Path(a.json).write_text(json.dumps(out, indent=2) + "\n")
+        from lorasweep.provenance import benchmark_provenance
+
+        record = {**out, "provenance": benchmark_provenance(__file__, argv)}
+        Path(a.json).write_text(json.dumps(record, indent=2) + "\n")
     return out
 
 

@@ -31,6 +31,8 @@ cfg = validate_config(json.loads(sys.argv[1]))
 train_run(run_spec(cfg, sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5], threads=1, operational=operational(cfg))
 """
 
+REPO = Path(__file__).resolve().parent.parent
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -75,12 +77,18 @@ def main() -> None:
     prep_sum = sum(j["data_prep_s"] for j in jobs.values())
     print(f"all {len(a.runs)} done in {wall:.1f} s; preparing the splits took {prep_sum:.1f} s of the jobs in all")
     if a.json:
+        import importlib.util
+
         import lorasweep
 
+        # this checkout's helper, not the package's: PYTHONPATH may point at an older checkout that has none
+        spec = importlib.util.spec_from_file_location("_provenance", REPO / "lorasweep" / "provenance.py")
+        provenance = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(provenance)
         Path(a.json).write_text(json.dumps({
             "records": len(records) * a.repeat, "runs": a.runs, "max_length": a.max_length, "wall_s": wall,
             "data_prep_s_sum": prep_sum, "jobs": jobs, "lorasweep": str(Path(lorasweep.__file__).parent),
-            "cpus": __import__("os").cpu_count()}, indent=1))
+            "cpus": __import__("os").cpu_count(), "provenance": provenance.benchmark_provenance(__file__)}, indent=1))
 
 
 if __name__ == "__main__":

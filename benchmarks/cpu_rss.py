@@ -75,7 +75,10 @@ def main(argv=None) -> dict:
     out = {"run": a.run, "batch": a.batch, "length": a.length, "layers": a.layers, "hidden": a.hidden,
            "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_"), "passes": passes}
     if a.json:
-        Path(a.json).write_text(json.dumps(out, indent=2) + "\n")
+        from lorasweep.provenance import benchmark_provenance
+
+        record = {**out, "provenance": benchmark_provenance(__file__, argv)}
+        Path(a.json).write_text(json.dumps(record, indent=2) + "\n")
     return out
 
 

@@ -228,7 +228,10 @@ def main(argv=None) -> dict:
               f"{out['fp32_frozen_base_ms_per_step']:7.1f} ms (paired, each repeat: "
               + ", ".join(f"{d:+.1f}" for d in out["frozen_16bit_saved_ms_per_step_each"]) + " ms; same losses)")
     if a.json:
-        Path(a.json).write_text(json.dumps(out, indent=2) + "\n")
+        from lorasweep.provenance import benchmark_provenance
+
+        record = {**out, "provenance": benchmark_provenance(__file__, argv)}
+        Path(a.json).write_text(json.dumps(record, indent=2) + "\n")
     return out
 
 

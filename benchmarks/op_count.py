@@ -89,7 +89,10 @@ def main(argv=None) -> dict:
         print(f"  {name:34s} {c['ops']:6,d} in all, {c['ops_not_views']:6,d} not views "
               f"({c['ops_not_views'] / base:.2f}x full), {c['mm']:4d} matrix products")
     if a.json:
-        Path(a.json).write_text(json.dumps(out, indent=2) + "\n")
+        from lorasweep.provenance import benchmark_provenance
+
+        record = {**out, "provenance": benchmark_provenance(__file__, argv)}
+        Path(a.json).write_text(json.dumps(record, indent=2) + "\n")
     return out
 
 

@@ -80,7 +80,10 @@ def main(argv=None) -> dict:
               f"{p['predicted_saved_for_backward_bytes'] / gib:7.3f} {p['predicted_loss_work_bytes'] / gib:7.3f} "
               f"{p['predicted_peak_bytes'] / gib:7.3f}")
     if a.json:
-        Path(a.json).write_text(json.dumps(out, indent=2) + "\n")
+        from lorasweep.provenance import benchmark_provenance
+
+        record = {**out, "provenance": benchmark_provenance(__file__, argv)}
+        Path(a.json).write_text(json.dumps(record, indent=2) + "\n")
     return out
 
 

@@ -139,7 +139,10 @@ def main(argv=None) -> dict:
     a = ap.parse_args(argv)
     s = summarize(a.folder, a.top)
     if a.json:
-        Path(a.json).write_text(json.dumps(s, indent=1))
+        from lorasweep.provenance import benchmark_provenance
+
+        record = {**s, "provenance": benchmark_provenance(__file__, argv, None)}
+        Path(a.json).write_text(json.dumps(record, indent=1))
     print(f"{s['folder']}: steps {s['first_step']}..{s['first_step'] + s['steps'] - 1} on {s['device']}, "
           f"{s['wall_ms_per_step']:.1f} ms a step (wall clock)")
     if "gpu_busy_ms_per_step" in s:

@@ -100,7 +100,10 @@ def main(argv=None) -> dict:
     out = {"runs": summary, "widest_range_mib": widest, "repeats": a.repeats, "threads": a.threads,
            "per_repeat": per_run}
     if a.json:
-        Path(a.json).write_text(json.dumps(out, indent=2) + "\n")
+        from lorasweep.provenance import benchmark_provenance
+
+        record = {**out, "provenance": benchmark_provenance(__file__, argv)}
+        Path(a.json).write_text(json.dumps(record, indent=2) + "\n")
     return out
 
 

@@ -80,7 +80,10 @@ def main(argv=None) -> dict:
            "max_length": a.max_length, "device": a.device, "hardware": rows[0]["hardware"], "fractions": rows,
            "rerun_on_largest": again, "tokens_per_s_ratio_largest_vs_smallest": hi / lo}
     if a.json:
-        Path(a.json).write_text(json.dumps(out, indent=2) + "\n")
+        from lorasweep.provenance import benchmark_provenance
+
+        record = {**out, "provenance": benchmark_provenance(__file__, argv, a.device)}
+        Path(a.json).write_text(json.dumps(record, indent=2) + "\n")
     return out
 
 

@@ -43,7 +43,7 @@ from lorasweep import speed
 from lorasweep.data import prepare, read_jsonl
 from lorasweep.logs import console_progress
 from lorasweep.memory import PeakMemory
-from lorasweep.provenance import hardware, hardware_label
+from lorasweep.provenance import benchmark_provenance, hardware, hardware_label
 from lorasweep.scoring import per_example_losses, token_weighted
 
 
@@ -304,8 +304,9 @@ def main(argv=None) -> dict:
           "mean eval loss per response token")
     # the baseline: the faster plain variant run. TRL 1.x turns activation checkpointing on by default; the write-ups
     # most likely trained without it (W1 suggests it as a remedy, W4 set TrainingArguments, whose default is off),
-    # and on the H100 it made the plain recipe 2.4-3.7x slower (benchmarks/results/h100-2026-11-25.md): a ratio
-    # against the checkpointed variant alone would credit lorasweep with that
+    # and on the H100 it made the plain recipe 3.0-3.2x slower by the medians, 2.4-4.6x seed by seed
+    # (benchmarks/results/h100-2026-11-25.md): a ratio against the checkpointed variant alone would credit lorasweep
+    # with that
     plains = [k for k in PLAIN if k in med]
     base_name = max(plains, key=med.get) if plains else None
     base = med[base_name] if base_name else None
@@ -369,7 +370,8 @@ def main(argv=None) -> dict:
                   f"least {ours['step_floor_ms']:.2f} ms, {ours['step_floor_memory_ms']:.2f} ms of it moving weights "
                   "and optimizer state; lorasweep.speed.step_ceiling)")
     if a.json:
-        Path(a.json).write_text(json.dumps(summary_out, indent=2, default=str) + "\n")
+        record = {**summary_out, "provenance": benchmark_provenance(__file__, argv, a.device)}
+        Path(a.json).write_text(json.dumps(record, indent=2, default=str) + "\n")
     return summary_out
 
 

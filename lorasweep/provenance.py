@@ -157,6 +157,35 @@ def hardware(device: str) -> dict:
     return out
 
 
+# environment variables that change what a benchmark measures (glibc's allocator, thread counts, the GPU used)
+BENCHMARK_ENV_PREFIXES = ("MALLOC_", "OMP_", "MKL_", "PYTORCH_", "TORCHINDUCTOR_", "CUDA_VISIBLE_DEVICES")
+
+
+def benchmark_provenance(script: str | Path, argv: list[str] | None = None, device: str | None = "cpu") -> dict:
+    """How a result of ``benchmarks/<script>`` was made, to make it again: its command line (``argv``: the
+    script's arguments, None: this process's), the working folder its relative paths start from, the time, the
+    git commit and dirty flag of the script's checkout (and of the lorasweep package it imported, where that is
+    another checkout: ``PYTHONPATH`` at an older one), package versions, the environment variables that change
+    the measurement, and the machine (:func:`hardware` on ``device``; None leaves it out)."""
+    import shlex
+    import sys
+    from datetime import datetime, timezone
+
+    script = Path(script).resolve()
+    args = [str(x) for x in (sys.argv[1:] if argv is None else argv)]
+    out = {"command": shlex.join(["python", f"{script.parent.name}/{script.name}", *args]), "argv": args,
+           "cwd": os.getcwd(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           **git_state(script.parent), "packages": package_versions(),
+           "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(BENCHMARK_ENV_PREFIXES)}}
+    imported = sys.modules.get("lorasweep")  # the package the benchmark ran, wherever it was imported from
+    package = Path(imported.__file__).resolve().parent if getattr(imported, "__file__", None) else None
+    if package is not None and package.parent != script.parent.parent:
+        out.update(lorasweep_path=str(package), **{f"lorasweep_{k}": v for k, v in git_state(package).items()})
+    if device is not None:
+        out["hardware"] = hardware(device)
+    return out
+
+
 def hardware_label(hw: dict) -> str:
     """One line naming what trained: the GPU, or the CPU and its torch threads (``hw`` from :func:`hardware`)."""
     return hw.get("gpu_name") or f"CPU ({hw['cpu']}, {hw['torch_threads']} threads)"

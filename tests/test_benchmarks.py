@@ -1,6 +1,8 @@
 """The benchmark scripts run as documented (tiny settings): they measure what they say, in the same units."""
 
 import json
+import os
+import shlex
 import subprocess
 import sys
 
@@ -9,12 +11,23 @@ import pytest
 from conftest import REPO
 
 
-def _run(script, tmp_path, *args):
+def _head() -> str | None:
+    git = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+    return git.stdout.strip() if git.returncode == 0 else None
+
+
+def _run(script, tmp_path, *args, env=None):
     out = tmp_path / "result.json"
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *map(str, args), "--json", out],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    argv = [*map(str, args), "--json", str(out)]
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *argv], capture_output=True, text=True,
+                          timeout=600, cwd=tmp_path, env={**os.environ, **(env or {})})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(out.read_text()), proc.stdout
+    r = json.loads(out.read_text())
+    # every result says how to make it again: its command, from which folder, at which commit (test below)
+    prov = r.pop("provenance")
+    assert prov["command"] == shlex.join(["python", f"benchmarks/{script}", *argv]) and prov["argv"] == argv
+    assert prov["cwd"] == str(tmp_path) and prov["git_commit"] == _head()
+    return r, proc.stdout
 
 
 def test_throughput_benchmark_compares_both_recipes_on_the_same_tokens(tiny_data, tmp_path):
@@ -265,6 +278,9 @@ def test_profile_summary_merges_overlapping_kernels_and_names_the_operator_each_
                            tmp_path / "s.json"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = json.loads((tmp_path / "s.json").read_text())
+    prov = s.pop("provenance")  # the command and commit; not this machine's hardware: the trace's was another
+    assert prov["command"] == shlex.join(["python", "benchmarks/profile_summary.py", str(tmp_path), "--json",
+                                          str(tmp_path / "s.json")]) and "hardware" not in prov
     assert s["gpu_busy_ms_per_step"] == pytest.approx(3.1) and s["gpu_busy_share_pct"] == pytest.approx(31)
     assert s["host_waits_by_site"] == [{"site": "aten::_local_scalar_dense (cudaStreamSynchronize)",
                                         "per_step": 1.0, "ms_per_step": 1.5}]
@@ -280,3 +296,26 @@ def test_rss_noise_retrains_the_same_run_identically_in_fresh_processes(tmp_path
     assert run["same_eval_loss"] and len(run["mib"]) == 2 and min(run["mib"]) > 1  # MiB above the process's start
     assert run["range"] == max(run["mib"]) - min(run["mib"]) == r["widest_range_mib"]
     assert "widest range" in stdout
+
+
+def test_benchmark_results_record_the_command_commit_packages_and_machine_they_came_from(tiny_data, tmp_path):
+    """A result in benchmarks/results is only as good as the means to make it again: each script writes, beside
+    its figures, the command line, the folder its relative paths start from, the commit (and whether the checkout
+    had changes), package versions, the environment variables that change the measurement, and the machine."""
+    import importlib.metadata
+    from datetime import datetime
+
+    _run("throughput.py", tmp_path, "--data", tiny_data["source"], "--steps", 2, "--repeats", 1, "--max-length", 64,
+         "--recipes", "lorasweep", env={"MALLOC_MMAP_THRESHOLD_": "1048576"})
+    prov = json.loads((tmp_path / "result.json").read_text())["provenance"]  # _run checked command, cwd, commit
+    assert isinstance(prov["git_dirty"], bool) and datetime.fromisoformat(prov["date"]).tzinfo is not None
+    assert {k: prov["packages"][k] for k in ("torch", "transformers", "peft", "trl")} == {
+        k: importlib.metadata.version(k) for k in ("torch", "transformers", "peft", "trl")}
+    assert prov["env"]["MALLOC_MMAP_THRESHOLD_"] == "1048576"  # glibc's threshold moves every RSS figure
+    hw = prov["hardware"]
+    assert hw["device"] == "cpu" and hw["cpu_count"] == os.cpu_count() and hw["torch_threads"] >= 1 and hw["python"]
+    # the one script meant to run another checkout's code (PYTHONPATH): its own helper, and what it imported
+    _run("concurrent_prep.py", tmp_path, "--data", tiny_data["source"], "--repeat", 1, "--runs", "full",
+         "--max-length", 64)
+    prov = json.loads((tmp_path / "result.json").read_text())["provenance"]
+    assert prov["packages"]["torch"] == importlib.metadata.version("torch") and "hardware" in prov
