@@ -864,7 +864,7 @@ def render_report(template, out_notebook, out_markdown, **parameters) -> Path:
     body, _ = exporter.from_notebook_node(nb)
     tmp = out_markdown.with_suffix(".md.tmp")
     body = re.sub(r"\n{3,}", "\n\n", body)  # nbconvert separates outputs with runs of blank lines
-    tmp.write_text(body.strip() + "\n")
+    tmp.write_text(body.strip() + "\n", encoding="utf-8")  # its ±, −, →, whatever the locale's encoding
     os.replace(tmp, out_markdown)
     log.info("wrote %s", out_markdown)
     return out_markdown

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import re
 import shutil
 from pathlib import Path
@@ -340,6 +341,24 @@ def test_the_report_kernel_runs_encrypted_and_logs_no_warning_of_it(tmp_path, ca
     cell = nbformat.read(tmp_path / "out.ipynb", 4).cells[-1]  # after papermill's parameters cell
     assert cell.outputs[0]["text"].strip() == "True"  # the kernel was given its CurveZMQ key
     assert "without encryption" not in capfd.readouterr().err
+
+
+def test_the_report_renders_in_an_ascii_locale(tmp_path):
+    """On a machine whose locale is not UTF-8 (LANG=C with Python's UTF-8 mode off, or a Latin-1 one) the report's
+    Markdown (its ±, −, →) was written in the locale's encoding: UnicodeEncodeError, the sweep's last job failed."""
+    import subprocess
+    import sys
+
+    shutil.copytree(FIXTURE, tmp_path / "results")
+    code = ("import sys; from lorasweep.report import render_report; r = sys.argv[2] + '/results/'; "
+            "render_report(sys.argv[1], sys.argv[2] + '/summary.ipynb', sys.argv[2] + '/summary.md', "
+            "metrics_csv=r + 'metrics.csv', history_csv=r + 'log_history.csv', eval_losses_csv=r + 'eval_losses.csv', "
+            "data_summary=r + 'summary.json', experiment='fixture')")
+    proc = subprocess.run([sys.executable, "-c", code, str(TEMPLATE), str(tmp_path)], capture_output=True, text=True,
+                          env={**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = (tmp_path / "summary.md").read_text(encoding="utf-8")
+    assert "±" in text and "→" in text
 
 
 def _two_seeds():
