@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from . import findings as F
+from .logs import library_folders_in_workdir
 from .plots import FIGURES, memory_parts
 from .writeups import SETTINGS, WRITEUPS
 
@@ -837,6 +838,7 @@ def _kernel_config():
 
 def render_report(template, out_notebook, out_markdown, **parameters) -> Path:
     """Execute the notebook template with papermill, then export it to Markdown without code cells."""
+    library_folders_in_workdir()  # IPython's, here and in the kernel, where the home folder cannot be written
     import nbformat
     import papermill
     from nbconvert import MarkdownExporter

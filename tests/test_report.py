@@ -361,6 +361,32 @@ def test_the_report_renders_in_an_ascii_locale(tmp_path):
     assert "±" in text and "→" in text
 
 
+def test_plots_and_report_log_no_warning_where_the_home_folder_cannot_be_written(tmp_path):
+    """A home folder that cannot be written (read-only or missing, as on cluster nodes and in containers): matplotlib
+    warned in logs/plot.log to set MPLCONFIGDIR, IPython twice in logs/report.log that its parent folder is not
+    writable, each working from a new temporary folder. The jobs now use folders of the working directory."""
+    import subprocess
+    import sys
+
+    shutil.copytree(FIXTURE, tmp_path / "results")
+    home = tmp_path / "home"
+    home.write_text("")  # a file: no folder can be made under it, whoever runs the test
+    code = ("from lorasweep.plots import plot_all; from lorasweep.report import render_report; r = 'results/'; "
+            "plot_all(r + 'metrics.csv', r + 'log_history.csv', 'reports/figures'); "
+            "render_report(sys.argv[1], 'reports/summary.ipynb', 'reports/summary.md', metrics_csv=r + 'metrics.csv', "
+            "history_csv=r + 'log_history.csv', eval_losses_csv=r + 'eval_losses.csv', data_summary=r + 'summary.json', "
+            "experiment='fixture')")
+    env = {k: v for k, v in os.environ.items() if k not in ("MPLCONFIGDIR", "IPYTHONDIR", "XDG_CONFIG_HOME",
+                                                            "XDG_CACHE_HOME")}
+    proc = subprocess.run([sys.executable, "-c", "import sys; " + code, str(TEMPLATE)], capture_output=True, text=True,
+                          env={**env, "HOME": str(home)}, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "MPLCONFIGDIR" not in proc.stderr and "not a writable location" not in proc.stderr, proc.stderr
+    assert (tmp_path / "reports" / "summary.md").exists()
+    assert sorted(p.name for p in (tmp_path / ".snakemake" / "lorasweep-home").iterdir()) == ["ipythondir",
+                                                                                             "mplconfigdir"]
+
+
 def _two_seeds():
     """The fixture as if every run had been trained with seeds 0 and 1 (seed 1: shifted losses and times)."""
     m, ev = _fixture()
