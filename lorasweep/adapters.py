@@ -26,7 +26,7 @@ import math
 from pathlib import Path
 
 from .data import read_jsonl
-from .provenance import SAVED_MODEL_PATTERNS, files_fingerprint
+from .provenance import SAVED_MODEL_PATTERNS, files_fingerprint, honour_umask
 
 log = logging.getLogger(__name__)
 
@@ -256,6 +256,7 @@ def merge_run(spec: dict, adapter_dir, out_dir) -> Path:
     out_dir = Path(out_dir)
     merged.save_pretrained(out_dir, safe_serialization=True)
     load_tokenizer(spec).save_pretrained(out_dir)  # the one it trained with (a pad token, for batched use)
+    honour_umask(out_dir)
     digests = tensor_digests(merged)
     del merged, base  # the load-back check holds one model, not two (a 7B model in fp32: 28 GB each)
     gc.collect()

@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 
 
 def load_schema() -> dict:
-    return yaml.safe_load(SCHEMA_PATH.read_text())
+    return yaml.safe_load(SCHEMA_PATH.read_text(encoding="utf-8"))
 
 
 def _key(path) -> str:
@@ -342,7 +342,7 @@ def check_config_files(paths) -> None:
     """No key written twice in a config file: YAML (and Snakemake) keep the last one, so a second ``training:`` section
     in an override file would drop every setting of the first without a word, leaving them at their defaults."""
     for path in paths:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")  # as Snakemake reads it, whatever the locale
         if "__use_yte__" in text:  # a YTE template (Snakemake renders it): its keys may repeat
             continue
         try:
@@ -362,7 +362,7 @@ def load_config(*paths: str | Path) -> dict:
     check_config_files(paths)
     config: dict = {}
     for p in paths:
-        config = deep_merge(config, yaml.safe_load(Path(p).read_text()) or {})
+        config = deep_merge(config, yaml.safe_load(Path(p).read_text(encoding="utf-8")) or {})
     return validate_config(config)
 
 

@@ -193,6 +193,43 @@ def job_label(log_path: str | os.PathLike) -> str:
     return "/".join(parts[len(parts) - parts[::-1].index("logs"):] if "logs" in parts[:-1] else parts[-1:])
 
 
+def _home_folder(xdg_variable: str | None, relative: str, name: str) -> Path | None:
+    """``$xdg_variable/name``, else ``~/relative/name``; None without a home."""
+    if xdg_variable and os.environ.get(xdg_variable):
+        return Path(os.environ[xdg_variable], name)
+    try:
+        return Path.home() / relative / name
+    except RuntimeError:  # no HOME and no user entry
+        return None
+
+
+def _can_write(folder: Path | None) -> bool:
+    if folder is None:
+        return False
+    try:
+        folder.mkdir(parents=True, exist_ok=True)  # as the library would
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK)
+
+
+def library_folders_in_workdir() -> None:
+    """Where the home folder cannot be written (read-only or missing, as on some cluster nodes and containers),
+    matplotlib and IPython (papermill's kernel) each warned in the job's log ("mkdir -p failed ... it is highly
+    recommended to set the MPLCONFIGDIR environment variable", "IPython parent ... is not a writable location") and
+    worked from a fresh temporary folder, matplotlib rebuilding its font cache every time. Then, and only when the
+    user set none, ``MPLCONFIGDIR`` / ``IPYTHONDIR`` name a folder under the working directory's ``.snakemake/``."""
+    defaults = {"MPLCONFIGDIR": [_home_folder("XDG_CONFIG_HOME", ".config", "matplotlib"),
+                                 _home_folder("XDG_CACHE_HOME", ".cache", "matplotlib")],
+                "IPYTHONDIR": [_home_folder(None, "", ".ipython")]}
+    for variable, folders in defaults.items():
+        if os.environ.get(variable) or all(_can_write(f) for f in folders):
+            continue
+        fallback = Path(".snakemake", "lorasweep-home", variable.lower()).resolve()
+        fallback.mkdir(parents=True, exist_ok=True)
+        os.environ[variable] = str(fallback)
+
+
 def _same_file(a, b) -> bool:
     try:
         return os.path.samefile(a, b)

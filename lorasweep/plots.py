@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from .logs import library_folders_in_workdir
+
 log = logging.getLogger(__name__)
 
 # Every figure the plot rule writes (PNG and SVG), with the caption the reports give it.
@@ -237,6 +239,7 @@ def _tradeoff_figure(df, runs, pal, plt, sns, diverged=()):
 
 
 def plot_all(metrics_csv, history_csv, out_dir) -> list[Path]:
+    library_folders_in_workdir()  # before matplotlib's import, where the home folder cannot be written
     import matplotlib
 
     matplotlib.use("Agg")

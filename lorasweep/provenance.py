@@ -10,6 +10,7 @@ import os
 import platform
 import re
 import socket
+import stat
 import subprocess
 from pathlib import Path
 
@@ -55,6 +56,31 @@ def _file_sha256(path: Path, cache: dict) -> str:
     with open(path, "rb") as f:  # in pieces: a model's weights are gigabytes
         cache[key] = {"stamp": stamp, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
     return cache[key]["sha256"]
+
+
+def file_mode_from_umask() -> int:
+    """The mode ``open()`` gives a new file: 0o666 less the process's umask (read from /proc where Linux shows it;
+    elsewhere set and put back at once)."""
+    try:
+        for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def honour_umask(folder: str | os.PathLike) -> None:
+    """Give a saved model's ``*.safetensors`` the mode every other file beside them got from the umask. safetensors
+    0.8 writes them through a temporary file, created 0600 whatever the umask, and renames it into place
+    (safetensors/safetensors#782): in a project folder shared with a group, the config and tokenizer were readable by
+    it and the weights by their owner alone, so nobody else could load the model, adapter or merged model."""
+    mode = file_mode_from_umask()
+    for path in Path(folder).glob("*.safetensors"):
+        if stat.S_IMODE(path.stat().st_mode) == 0o600 != mode:
+            os.chmod(path, mode)
 
 
 # the files of a model folder that make the model lorasweep loads: its config, safetensors weights (lorasweep reads

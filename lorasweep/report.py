@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from . import findings as F
+from .logs import library_folders_in_workdir
 from .plots import FIGURES, memory_parts
 from .writeups import SETTINGS, WRITEUPS
 
@@ -839,6 +840,7 @@ def _kernel_config():
 
 def render_report(template, out_notebook, out_markdown, **parameters) -> Path:
     """Execute the notebook template with papermill, then export it to Markdown without code cells."""
+    library_folders_in_workdir()  # IPython's, here and in the kernel, where the home folder cannot be written
     import nbformat
     import papermill
     from nbconvert import MarkdownExporter
@@ -866,7 +868,7 @@ def render_report(template, out_notebook, out_markdown, **parameters) -> Path:
     body, _ = exporter.from_notebook_node(nb)
     tmp = out_markdown.with_suffix(".md.tmp")
     body = re.sub(r"\n{3,}", "\n\n", body)  # nbconvert separates outputs with runs of blank lines
-    tmp.write_text(body.strip() + "\n")
+    tmp.write_text(body.strip() + "\n", encoding="utf-8")  # its ±, −, →, whatever the locale's encoding
     os.replace(tmp, out_markdown)
     log.info("wrote %s", out_markdown)
     return out_markdown

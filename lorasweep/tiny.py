@@ -195,6 +195,8 @@ def build_tiny_model(texts: list[str], out_dir: str | Path, *, vocab_size: int =
     and cost are kept when the text yields fewer tokens than its vocabulary. ``shape``: see
     :func:`opt_config` (the ``model.build_tiny`` keys of the config schema).
     """
+    from .provenance import honour_umask
+
     tokenizer = train_tokenizer(texts, vocab_size)
     model = random_opt(len(tokenizer), seed=seed, **shape, special_ids=dict(
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
@@ -203,6 +205,7 @@ def build_tiny_model(texts: list[str], out_dir: str | Path, *, vocab_size: int =
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+    honour_umask(out_dir)
     return out_dir
 
 

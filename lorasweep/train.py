@@ -22,7 +22,7 @@ from .config import ConfigError, hub_offline
 from . import memory_model, speed
 from .memory import PeakMemory, rss_bytes
 from .provenance import (SAVED_MODEL_PATTERNS, MachineShare, files_fingerprint, git_state, hardware, hardware_label,
-                         model_files, package_versions)
+                         honour_umask, model_files, package_versions)
 from .resume import (EVAL_OOM_FILE, FAILED_FILE, OOM_FILE, StopOnSignal, Stopped, atomic_write_json, batch_after_oom,
                      find_resumable, logged_loss_sum, rebase_peaks, rebase_sums, record_eval_oom, record_oom,
                      refuse_after_eval_oom, resume_key)
@@ -940,6 +940,7 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
 
     model_dir = out_dir / "model"
     save_trained(trainer, model_dir, initial_adapter)
+    honour_umask(model_dir)
     if initial_adapter:
         shutil.rmtree(initial_adapter)  # the saved adapter is converted: the initial one has served its purpose
 

@@ -229,6 +229,22 @@ def test_a_section_written_twice_in_a_config_file_is_refused_before_any_job(tmp_
         load_config(REPO / "config" / "config.yaml", bad)
 
 
+ASCII_LOCALE = {"LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0"}  # a locale whose encoding is ASCII, as Python sees it
+
+
+def test_the_workflow_starts_in_an_ascii_locale(tmp_path):
+    """On a machine whose locale is not UTF-8 (LANG=C with Python's UTF-8 mode off, or a Latin-1 one), lorasweep read
+    config/config.yaml (its comments hold ± and −) in the locale's encoding, after Snakemake had read it as UTF-8:
+    UnicodeDecodeError in common.smk, before any job. A user's override file with a non-ASCII comment reads too."""
+    from conftest import run_snakemake
+
+    override = tmp_path / "mine.yaml"
+    override.write_text("experiment: tiny résumé   # ± a comment in UTF-8\n", encoding="utf-8")
+    proc = run_snakemake("-n", "--cores", 1, "--configfile", REPO / "config" / "tiny.yaml", override,
+                         workdir=tmp_path, env=ASCII_LOCALE)
+    assert "UnicodeDecodeError" not in proc.stdout + proc.stderr and "prepare_data" in proc.stdout
+
+
 def test_yaml_anchors_pass_the_repeated_key_check_and_a_recursive_alias_is_a_config_error(tmp_path):
     """Anchors and merge keys repeat no key (a key the merged mapping overrides is its own); an alias of a node that
     holds it (``&a [*a]``) was followed without end (RecursionError, a traceback) where the schema names the key."""

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import re
 import shutil
 from pathlib import Path
@@ -340,6 +341,50 @@ def test_the_report_kernel_runs_encrypted_and_logs_no_warning_of_it(tmp_path, ca
     cell = nbformat.read(tmp_path / "out.ipynb", 4).cells[-1]  # after papermill's parameters cell
     assert cell.outputs[0]["text"].strip() == "True"  # the kernel was given its CurveZMQ key
     assert "without encryption" not in capfd.readouterr().err
+
+
+def test_the_report_renders_in_an_ascii_locale(tmp_path):
+    """On a machine whose locale is not UTF-8 (LANG=C with Python's UTF-8 mode off, or a Latin-1 one) the report's
+    Markdown (its ±, −, →) was written in the locale's encoding: UnicodeEncodeError, the sweep's last job failed."""
+    import subprocess
+    import sys
+
+    shutil.copytree(FIXTURE, tmp_path / "results")
+    code = ("import sys; from lorasweep.report import render_report; r = sys.argv[2] + '/results/'; "
+            "render_report(sys.argv[1], sys.argv[2] + '/summary.ipynb', sys.argv[2] + '/summary.md', "
+            "metrics_csv=r + 'metrics.csv', history_csv=r + 'log_history.csv', eval_losses_csv=r + 'eval_losses.csv', "
+            "data_summary=r + 'summary.json', experiment='fixture')")
+    proc = subprocess.run([sys.executable, "-c", code, str(TEMPLATE), str(tmp_path)], capture_output=True, text=True,
+                          env={**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = (tmp_path / "summary.md").read_text(encoding="utf-8")
+    assert "±" in text and "→" in text
+
+
+def test_plots_and_report_log_no_warning_where_the_home_folder_cannot_be_written(tmp_path):
+    """A home folder that cannot be written (read-only or missing, as on cluster nodes and in containers): matplotlib
+    warned in logs/plot.log to set MPLCONFIGDIR, IPython twice in logs/report.log that its parent folder is not
+    writable, each working from a new temporary folder. The jobs now use folders of the working directory."""
+    import subprocess
+    import sys
+
+    shutil.copytree(FIXTURE, tmp_path / "results")
+    home = tmp_path / "home"
+    home.write_text("")  # a file: no folder can be made under it, whoever runs the test
+    code = ("from lorasweep.plots import plot_all; from lorasweep.report import render_report; r = 'results/'; "
+            "plot_all(r + 'metrics.csv', r + 'log_history.csv', 'reports/figures'); "
+            "render_report(sys.argv[1], 'reports/summary.ipynb', 'reports/summary.md', metrics_csv=r + 'metrics.csv', "
+            "history_csv=r + 'log_history.csv', eval_losses_csv=r + 'eval_losses.csv', data_summary=r + 'summary.json', "
+            "experiment='fixture')")
+    env = {k: v for k, v in os.environ.items() if k not in ("MPLCONFIGDIR", "IPYTHONDIR", "XDG_CONFIG_HOME",
+                                                            "XDG_CACHE_HOME")}
+    proc = subprocess.run([sys.executable, "-c", "import sys; " + code, str(TEMPLATE)], capture_output=True, text=True,
+                          env={**env, "HOME": str(home)}, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "MPLCONFIGDIR" not in proc.stderr and "not a writable location" not in proc.stderr, proc.stderr
+    assert (tmp_path / "reports" / "summary.md").exists()
+    assert sorted(p.name for p in (tmp_path / ".snakemake" / "lorasweep-home").iterdir()) == ["ipythondir",
+                                                                                             "mplconfigdir"]
 
 
 def _two_seeds():

@@ -1234,3 +1234,25 @@ def test_the_console_names_the_job_gives_an_eta_and_what_writes_below_python_goe
     assert re.search(r"step 5/20 .*loss [\d.]+ .* eta \d+s$", console, re.M), console
     assert not re.search(r"step 20/20 .*eta", console) and "step 0/0" not in console  # none at the end, none before
     assert "a subprocess warning" not in console and "a subprocess warning" in log_path.read_text()
+
+
+def test_saved_weights_are_as_readable_as_the_files_beside_them(tiny_config, tiny_data, tmp_path):
+    """Under umask 022 the tiny model's, a trained adapter's and a merged model's *.safetensors were 0600 while their
+    config and tokenizer were 0644 (safetensors 0.8 writes through a 0600 temporary file): another user of a
+    project folder shared with a group could read everything but the weights. They now get the umask's mode too."""
+    import stat
+
+    from lorasweep.adapters import merge_run
+    from lorasweep.tiny import build_tiny_model_from_jsonl
+
+    old = os.umask(0o022)
+    try:
+        build_tiny_model_from_jsonl(tiny_data["train"], tmp_path / "tiny")
+        _, out = _train(tiny_config, tiny_data, tmp_path, "lora-r8", max_steps=2, evals=1)
+        merge_run(run_spec(tiny_config(), "lora-r8"), out / "model", tmp_path / "merged")
+    finally:
+        os.umask(old)
+    for folder in (tmp_path / "tiny", out / "model", tmp_path / "merged"):
+        modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in folder.iterdir() if p.is_file()}
+        assert any(name.endswith(".safetensors") for name in modes)
+        assert set(modes.values()) == {"0o644"}, (folder.name, modes)
