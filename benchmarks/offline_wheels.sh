@@ -6,7 +6,8 @@
 #
 # DIR gets lorasweep's training pins from pyproject.toml (transformers, trl, peft, datasets, tokenizers,
 # bitsandbytes with only its CUDA ${BNB_CUDA:-130} library, and what those need beyond such an image), and
-# DIR/sweep snakemake with its dependencies, less the packages listed in HAVE (the machine's own). On the
+# DIR/sweep snakemake with its dependencies, less the packages listed in HAVE (the machine's own), each at the
+# version envs/constraints.txt pins (the stack the tests passed with). On the
 # machine, in a copy of this checkout with DIR beside it:
 #
 #   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site DIR/*.whl DIR/sweep/*.whl
@@ -28,7 +29,7 @@ print(next(d for d in deps if re.split('[=<>]', d)[0] == sys.argv[1]))" "$1"; }
 training=()
 for name in transformers trl peft datasets tokenizers bitsandbytes jsonschema; do training+=("$(pin $name)"); done
 # what datasets and jsonschema need beyond such an image
-python3 -m pip download -q --no-deps "${binary[@]}" -d "$dir" "${training[@]}" \
+python3 -m pip download -q --no-deps "${binary[@]}" -c envs/constraints.txt -d "$dir" "${training[@]}" \
     "dill<0.4.2" "multiprocess<0.70.20" referencing jsonschema-specifications rpds-py
 # bitsandbytes ships a library per CUDA version: keep the one the machine's torch was built for
 bnb=$(ls "$dir"/bitsandbytes-*.whl)
@@ -39,10 +40,11 @@ libs=$(python3 -c "import sys, zipfile; print(' '.join(n for n in zipfile.ZipFil
 # snakemake and its dependencies; a dependency published only as source is built into a wheel here
 sm=$(pin snakemake)
 for _ in 1 2 3 4 5 6; do
-    if out=$(python3 -m pip download -q "${binary[@]}" --find-links "$dir/sweep" -d "$dir/sweep" "$sm" 2>&1); then break; fi
-    missing=$(grep -o "requirement [A-Za-z0-9_.-]*" <<<"$out" | head -1 | cut -d' ' -f2)
+    if out=$(python3 -m pip download "${binary[@]}" -c envs/constraints.txt --find-links "$dir/sweep" -d "$dir/sweep" "$sm" 2>&1); then break; fi
+    # pip names a package published only as source "requirement X", or, pinned by the constraints, "(constraint) X=="
+    missing=$(grep -o -e "requirement [A-Za-z0-9_.-]*" -e "(constraint) [A-Za-z0-9_.-]*" <<<"$out" | head -1 | cut -d' ' -f2)
     [ -n "$missing" ] || { echo "$out" >&2; exit 1; }
-    python3 -m pip wheel -q --no-deps -w "$dir/sweep" "$missing"
+    python3 -m pip wheel -q --no-deps -c envs/constraints.txt -w "$dir/sweep" "$missing"
 done
 for name in $HAVE; do rm -f "$dir/sweep/${name}"-[0-9]*.whl; done
 for w in "$dir"/*.whl; do  # one copy of each: two versions of a package stop pip's install
