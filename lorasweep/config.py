@@ -347,8 +347,12 @@ def check_config_files(paths) -> None:
             continue
         try:
             node = yaml.compose(text, Loader=yaml.SafeLoader)
-        except yaml.YAMLError:  # Snakemake says so itself
-            continue
+        except yaml.YAMLError:  # Snakemake says so itself, unless it is JSON (read first) indented with tabs
+            try:
+                json.loads(text)  # strict: a tab in valid JSON is whitespace between tokens, never in a string
+                node = yaml.compose(text.replace("\t", " "), Loader=yaml.SafeLoader)  # same lines
+            except (ValueError, yaml.YAMLError):
+                continue
         repeated = list(_repeated_keys(node))
         if repeated:
             raise ConfigError(f"invalid lorasweep configuration: {path}: " + "; ".join(

@@ -14,6 +14,7 @@ import random
 from pathlib import Path
 
 from .provenance import hub_commit
+from .resume import written_whole
 
 log = logging.getLogger(__name__)
 
@@ -244,15 +245,9 @@ def split_records(records: list[dict], eval_size: float, fraction: float, seed: 
 def write_jsonl(path: str | Path, rows: list[dict]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    try:
-        with tmp.open("w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    except BaseException:  # a full disk: no part-written file left beside it
-        tmp.unlink(missing_ok=True)
-        raise
-    tmp.replace(path)
+    with written_whole(path) as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

@@ -14,6 +14,7 @@ configuration, the data, the model's files) stops at once instead of loading and
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -469,21 +470,35 @@ def logged_loss_sum(history: list[dict], step: int) -> float | None:
     return total if prev == step else None
 
 
-def atomic_write_json(path: Path, obj: dict) -> None:
-    """Write ``path`` whole or not at all, also across a power loss: the bytes reach the disk before the
-    rename, and the rename before this returns."""
+@contextlib.contextmanager
+def written_whole(path: Path, durable: bool = False):
+    """A text file to write ``path`` with, whole or not at all: written beside it (``<path>.tmp``), it replaces
+    ``path`` when the block ends, and is removed when the block fails. ``durable``: also across a power loss, the
+    bytes reach the disk before the rename, and the rename before this returns."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     try:
         with open(tmp, "w", encoding="utf-8") as f:
-            f.write(json.dumps(obj, indent=2, default=str) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+            yield f
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
     except BaseException:  # a full disk: no part-written file left beside it
         tmp.unlink(missing_ok=True)
         raise
     tmp.replace(path)
+    if durable:
+        _fsync_folder(path.parent)
+
+
+def atomic_write_json(path: Path, obj: dict) -> None:
+    """Write ``path`` whole or not at all, also across a power loss (:func:`written_whole`)."""
+    with written_whole(path, durable=True) as f:
+        f.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def _fsync_folder(folder: Path) -> None:
     try:
-        fd = os.open(path.parent, os.O_RDONLY)
+        fd = os.open(folder, os.O_RDONLY)
     except OSError:  # a folder that cannot be opened (some platforms): the rename stands as it is
         return
     try:

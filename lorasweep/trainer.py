@@ -274,6 +274,13 @@ class MeasuredSFTTrainer(SFTTrainer):
         finally:
             self.checkpoint_time_s += time.perf_counter() - start
 
+    def _issue_warnings_after_load(self, load_result):
+        """The Trainer's warnings after it loads a checkpoint, less the missing keys of weights tied to one it
+        loaded: a checkpoint leaves a tied weight out (OPT's lm_head.weight, the token embedding), and the
+        Trainer, which loads it with ``load_state_dict``, called it missing on every resumed full fine-tuning run."""
+        missing = untied_missing_keys(self.model, load_result.missing_keys)
+        super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
+
     def _get_eval_sampler(self, eval_dataset):
         # Longest first, ties in split order: the same order in every run (transformers would length-group
         # the eval set in an order drawn from the global RNG), little padding, and an eval batch too large
@@ -290,6 +297,15 @@ class MeasuredSFTTrainer(SFTTrainer):
             sampler = EpochSeededLengthGroupedSampler(sampler.batch_size, lengths=sampler.lengths,
                                                       seed=self.args.data_seed or self.args.seed)
         return sampler
+
+
+def untied_missing_keys(model: torch.nn.Module, keys: list[str]) -> list[str]:
+    """The keys of ``keys`` (missing from a state dict ``model`` loaded) that are not the name of a parameter tied to
+    one that was loaded: one parameter under two names (``lm_head.weight`` and ``model.decoder.embed_tokens.weight``
+    of a tied OPT) is loaded under either."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {id(p) for name, p in params.items() if name not in keys}
+    return [k for k in keys if k not in params or id(params[k]) not in loaded]
 
 
 class CheckpointNotWritten(RuntimeError):

@@ -245,6 +245,24 @@ def test_the_workflow_starts_in_an_ascii_locale(tmp_path):
     assert "UnicodeDecodeError" not in proc.stdout + proc.stderr and "prepare_data" in proc.stdout
 
 
+def test_a_key_written_twice_in_a_tab_indented_json_config_file_is_refused_before_any_job(tmp_path):
+    """Snakemake reads a config file as JSON first, and JSON may be indented with tabs, which YAML forbids: the check
+    read such a file as YAML only, gave up, and let Snakemake keep the last of two ``training`` sections."""
+    from conftest import run_snakemake
+
+    bad = tmp_path / "bad.json"
+    bad.write_text('{\n\t"training": {"epochs": 1},\n\t"methods": {"lora": {"ranks": [8]}},\n'
+                   '\t"training": {\n\t\t"batch_size": 4\n\t}\n}\n')
+    proc = run_snakemake("-n", "--cores", 1, "--configfile", REPO / "config" / "tiny.yaml", bad, workdir=tmp_path,
+                         check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and not (tmp_path / "results").exists()
+    assert f"{bad}: training is written twice (lines 2 and 4): " in out, out[-3000:]
+    good = tmp_path / "good.json"
+    good.write_text('{\n\t"training": {\n\t\t"epochs": 1,\n\t\t"batch_size": 4\n\t}\n}\n')
+    run_snakemake("-n", "--cores", 1, "--configfile", REPO / "config" / "tiny.yaml", good, workdir=tmp_path)
+
+
 def test_yaml_anchors_pass_the_repeated_key_check_and_a_recursive_alias_is_a_config_error(tmp_path):
     """Anchors and merge keys repeat no key (a key the merged mapping overrides is its own); an alias of a node that
     holds it (``&a [*a]``) was followed without end (RecursionError, a traceback) where the schema names the key."""

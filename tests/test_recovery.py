@@ -436,6 +436,58 @@ def test_a_signal_saves_a_checkpoint_at_the_end_of_the_step_and_the_rerun_resume
     assert not list((tmp_path / "interrupted").glob("checkpoints/checkpoint-*"))
 
 
+def test_a_resumed_full_run_loads_its_tied_output_layer_without_calling_it_missing(tiny_config, tiny_data, tmp_path):
+    """A checkpoint leaves out a weight tied to another (OPT's lm_head.weight is the token embedding), and the
+    Trainer called it missing on every resumed full fine-tuning run ("There were missing keys in the checkpoint
+    model loaded: ['lm_head.weight']", in the job's log): it is loaded with the embedding, and the resumed run is
+    the uninterrupted one. A missing weight tied to nothing is still reported."""
+    from transformers import AutoModelForCausalLM, TrainerCallback
+
+    from lorasweep.config import operational
+    from lorasweep.resume import Stopped
+
+    class SigtermAt4(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 4:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    class Records(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    cfg = tiny_config(max_steps=8, checkpoint_steps=100, checkpoint_min_interval_s=3600, logging_steps=3, evals=2)
+    args = (run_spec(cfg, "full"), tiny_data["train"], tiny_data["eval"])
+    out = tmp_path / "run"
+    with pytest.raises(Stopped, match="at step 6 of 8"):
+        train_run(*args, out, threads=2, operational=operational(cfg), callbacks=[SigtermAt4()])
+    records = Records()
+    transformers_log = logging.getLogger("transformers")  # the library's loggers do not propagate to the root
+    transformers_log.addHandler(records)
+    try:
+        m = train_run(*args, out, threads=2, operational=operational(cfg))
+    finally:
+        transformers_log.removeHandler(records)
+    assert m["resumed_from_step"] == 6
+    assert not [msg for msg in records.messages if "missing keys" in msg], records.messages
+    ref = train_run(*args, tmp_path / "reference", threads=2, operational=operational(cfg))
+    assert m["train_loss"] == pytest.approx(ref["train_loss"], abs=1e-5)
+    assert m["eval_loss"] == pytest.approx(ref["eval_loss"], abs=1e-5)
+
+    from lorasweep.trainer import untied_missing_keys
+
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert model.lm_head.weight is model.model.decoder.embed_tokens.weight
+    assert untied_missing_keys(model, ["lm_head.weight"]) == []
+    assert untied_missing_keys(model, ["lm_head.weight", "model.decoder.embed_tokens.weight"]) == \
+        ["lm_head.weight", "model.decoder.embed_tokens.weight"]  # neither loaded: the weight is missing
+    assert untied_missing_keys(model, ["model.decoder.final_layer_norm.weight"]) == \
+        ["model.decoder.final_layer_norm.weight"]
+
+
 def test_a_signal_the_process_ignores_stays_ignored_while_training():
     """A job started in the background (`&`) ignores SIGINT: a Ctrl-C meant for the shell must not stop training."""
     from lorasweep.resume import StopOnSignal
