@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 import unicodedata
 from pathlib import Path
@@ -20,6 +19,7 @@ import pandas as pd
 from . import findings as F
 from .logs import library_folders_in_workdir
 from .plots import FIGURES, memory_parts
+from .resume import written_whole
 from .writeups import SETTINGS, WRITEUPS
 
 log = logging.getLogger(__name__)
@@ -866,9 +866,8 @@ def render_report(template, out_notebook, out_markdown, **parameters) -> Path:
             cell.outputs = [o for o in cell.outputs if o.get("output_type") in ("display_data", "execute_result")]
     exporter = MarkdownExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
     body, _ = exporter.from_notebook_node(nb)
-    tmp = out_markdown.with_suffix(".md.tmp")
     body = re.sub(r"\n{3,}", "\n\n", body)  # nbconvert separates outputs with runs of blank lines
-    tmp.write_text(body.strip() + "\n", encoding="utf-8")  # its ±, −, →, whatever the locale's encoding
-    os.replace(tmp, out_markdown)
+    with written_whole(out_markdown) as f:  # UTF-8 (its ±, −, →) whatever the locale; no part-written file left
+        f.write(body.strip() + "\n")
     log.info("wrote %s", out_markdown)
     return out_markdown
