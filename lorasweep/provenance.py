@@ -29,9 +29,12 @@ def package_versions() -> dict:
 
 
 def git_state(path: str | Path | None = None) -> dict:
-    """Commit and dirty flag of the checkout that holds this package (None outside a git checkout)."""
+    """Commit and dirty flag of the checkout that holds this package (None outside a git checkout, and where
+    ``path`` is a copy inside another repository's folder that the repository does not track: not its commit)."""
     where = Path(path) if path else Path(__file__).resolve().parent.parent
     try:
+        subprocess.run(["git", "-C", str(where), "ls-files", "--error-unmatch", "--", "."], capture_output=True,
+                       check=True, timeout=10)
         commit = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True,
                                 check=True, timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no"],

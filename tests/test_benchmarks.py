@@ -319,3 +319,26 @@ def test_benchmark_results_record_the_command_commit_packages_and_machine_they_c
          "--max-length", 64)
     prov = json.loads((tmp_path / "result.json").read_text())["provenance"]
     assert prov["packages"]["torch"] == importlib.metadata.version("torch") and "hardware" in prov
+
+
+def test_a_copy_of_the_checkout_inside_another_repository_records_no_commit(tmp_path):
+    """A copy of the working tree without its .git (as an offline GPU machine gets) placed in another repository's
+    folder (a home folder kept in git, a project that vendors it): its provenance named that repository's commit,
+    and "not dirty", as if the benchmark had run that code. A folder the repository tracks is still its commit."""
+    import shutil
+
+    from lorasweep.provenance import benchmark_provenance, git_state
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "notes.txt").write_text("another project\n")
+    git("add", "notes.txt")
+    git("commit", "-q", "-m", "other")
+    copy = tmp_path / "lorasweep-copy"
+    shutil.copytree(REPO / "benchmarks", copy / "benchmarks")
+    prov = benchmark_provenance(copy / "benchmarks" / "op_count.py", [], None)
+    assert prov["git_commit"] is None and prov["git_dirty"] is None, prov
+    assert git_state(tmp_path) == {"git_commit": git("rev-parse", "HEAD"), "git_dirty": False}
