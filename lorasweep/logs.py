@@ -226,7 +226,10 @@ def library_folders_in_workdir() -> None:
         if os.environ.get(variable) or all(_can_write(f) for f in folders):
             continue
         fallback = Path(".snakemake", "lorasweep-home", variable.lower()).resolve()
-        fallback.mkdir(parents=True, exist_ok=True)
+        try:
+            fallback.mkdir(parents=True, exist_ok=True)
+        except OSError:  # nor the working directory (a script run elsewhere): the library's temporary folder
+            continue
         os.environ[variable] = str(fallback)
 
 

@@ -387,6 +387,34 @@ def test_plots_and_report_log_no_warning_where_the_home_folder_cannot_be_written
                                                                                              "mplconfigdir"]
 
 
+
+def _plot_in_a_subprocess(tmp_path, home, cwd):
+    """plot_all on the fixture in a fresh process (matplotlib not yet imported), with ``home`` as HOME."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MPLCONFIGDIR", "IPYTHONDIR", "XDG_CONFIG_HOME",
+                                                            "XDG_CACHE_HOME")}
+    code = "import sys; from lorasweep.plots import plot_all; plot_all(*sys.argv[1:])"
+    return subprocess.run([sys.executable, "-c", code, str(FIXTURE / "metrics.csv"), str(FIXTURE / "log_history.csv"),
+                           str(tmp_path / "figures")], capture_output=True, text=True, env={**env, "HOME": str(home)},
+                          cwd=cwd, timeout=300)
+
+
+def test_plots_are_drawn_where_neither_the_home_folder_nor_the_working_directory_can_be_written(tmp_path):
+    """plot_all called from a folder that cannot be written (a script or notebook outside the workflow), the home
+    folder read-only too: making the working directory's .snakemake/lorasweep-home failed, and the plots with it,
+    where matplotlib alone would only have warned and used a temporary folder."""
+    home = tmp_path / "home"
+    home.write_text("")  # a file: no folder can be made under it, whoever runs the test
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    (cwd / ".snakemake").write_text("")  # nor under the working directory
+    proc = _plot_in_a_subprocess(tmp_path, home, cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "figures" / "loss_curves.png").exists()
+
+
 def _two_seeds():
     """The fixture as if every run had been trained with seeds 0 and 1 (seed 1: shifted losses and times)."""
     m, ev = _fixture()
