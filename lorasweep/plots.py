@@ -239,7 +239,7 @@ def _tradeoff_figure(df, runs, pal, plt, sns, diverged=()):
 
 
 def plot_all(metrics_csv, history_csv, out_dir) -> list[Path]:
-    library_folders_in_workdir()  # before matplotlib's import, where the home folder cannot be written
+    library_folders_in_workdir("MPLCONFIGDIR")  # before matplotlib's import, where the home folder cannot be written
     import matplotlib
 
     matplotlib.use("Agg")

@@ -840,7 +840,7 @@ def _kernel_config():
 
 def render_report(template, out_notebook, out_markdown, **parameters) -> Path:
     """Execute the notebook template with papermill, then export it to Markdown without code cells."""
-    library_folders_in_workdir()  # IPython's, here and in the kernel, where the home folder cannot be written
+    library_folders_in_workdir("IPYTHONDIR")  # here and in the kernel, where the home folder cannot be written
     import nbformat
     import papermill
     from nbconvert import MarkdownExporter

@@ -388,17 +388,22 @@ def test_plots_and_report_log_no_warning_where_the_home_folder_cannot_be_written
 
 
 
-def _plot_in_a_subprocess(tmp_path, home, cwd):
-    """plot_all on the fixture in a fresh process (matplotlib not yet imported), with ``home`` as HOME."""
+def _plot_in_a_subprocess(tmp_path, home, cwd, report=False):
+    """plot_all (``report``: render_report) on the fixture in a fresh process, with ``home`` as HOME."""
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k not in ("MPLCONFIGDIR", "IPYTHONDIR", "XDG_CONFIG_HOME",
                                                             "XDG_CACHE_HOME")}
-    code = "import sys; from lorasweep.plots import plot_all; plot_all(*sys.argv[1:])"
-    return subprocess.run([sys.executable, "-c", code, str(FIXTURE / "metrics.csv"), str(FIXTURE / "log_history.csv"),
-                           str(tmp_path / "figures")], capture_output=True, text=True, env={**env, "HOME": str(home)},
-                          cwd=cwd, timeout=300)
+    r = str(FIXTURE)
+    code = ("import sys; from lorasweep.report import render_report; r = sys.argv[1]; render_report(sys.argv[2], "
+            "sys.argv[3] + '/summary.ipynb', sys.argv[3] + '/summary.md', metrics_csv=r + '/metrics.csv', "
+            "history_csv=r + '/log_history.csv', eval_losses_csv=r + '/eval_losses.csv', "
+            "data_summary=r + '/summary.json', experiment='fixture')" if report else
+            "import sys; from lorasweep.plots import plot_all; r = sys.argv[1]; "
+            "plot_all(r + '/metrics.csv', r + '/log_history.csv', sys.argv[3] + '/figures')")
+    return subprocess.run([sys.executable, "-c", code, r, str(TEMPLATE), str(tmp_path)], capture_output=True,
+                          text=True, env={**env, "HOME": str(home)}, cwd=cwd, timeout=300)
 
 
 def test_plots_are_drawn_where_neither_the_home_folder_nor_the_working_directory_can_be_written(tmp_path):
@@ -413,6 +418,22 @@ def test_plots_are_drawn_where_neither_the_home_folder_nor_the_working_directory
     proc = _plot_in_a_subprocess(tmp_path, home, cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "figures" / "loss_curves.png").exists()
+
+
+def test_the_plots_and_the_report_make_no_folder_in_the_home_folder_their_libraries_would_not(tmp_path):
+    """The plot job checked IPython's home folder too, and so made ~/.ipython, which nothing it runs uses; the
+    report job made matplotlib's ~/.config/matplotlib and ~/.cache/matplotlib, where its kernel draws nothing."""
+    home = tmp_path / "home"
+    home.mkdir()
+    proc = _plot_in_a_subprocess(tmp_path, home, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in home.iterdir()) == [".cache", ".config"]  # matplotlib's own, as before
+    shutil.rmtree(home)
+    home.mkdir()
+    proc = _plot_in_a_subprocess(tmp_path, home, tmp_path, report=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in home.iterdir()) == [".ipython"]  # the kernel's own
+    assert not (tmp_path / ".snakemake").exists()
 
 
 def _two_seeds():
