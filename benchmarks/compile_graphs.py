@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import re
 import tempfile
@@ -79,10 +78,9 @@ def main(argv=None) -> dict:
     for line, n in out["mutated_at"].items():
         print(f"  {n} x mutated at: {line}")
     if a.json:
-        from lorasweep.provenance import benchmark_provenance
+        from lorasweep.provenance import write_benchmark_json
 
-        record = {**out, "provenance": benchmark_provenance(__file__, argv)}
-        Path(a.json).write_text(json.dumps(record, indent=2) + "\n")
+        write_benchmark_json(a.json, out, __file__, argv)
     return out
 
 

@@ -14,7 +14,6 @@ settings can be compared (README, What the numbers mean: peak_rss_bytes).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -75,10 +74,9 @@ def main(argv=None) -> dict:
     out = {"run": a.run, "batch": a.batch, "length": a.length, "layers": a.layers, "hidden": a.hidden,
            "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_"), "passes": passes}
     if a.json:
-        from lorasweep.provenance import benchmark_provenance
+        from lorasweep.provenance import write_benchmark_json
 
-        record = {**out, "provenance": benchmark_provenance(__file__, argv)}
-        Path(a.json).write_text(json.dumps(record, indent=2) + "\n")
+        write_benchmark_json(a.json, out, __file__, argv)
     return out
 
 

@@ -19,7 +19,6 @@ does not carry over.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import tempfile
@@ -228,10 +227,9 @@ def main(argv=None) -> dict:
               f"{out['fp32_frozen_base_ms_per_step']:7.1f} ms (paired, each repeat: "
               + ", ".join(f"{d:+.1f}" for d in out["frozen_16bit_saved_ms_per_step_each"]) + " ms; same losses)")
     if a.json:
-        from lorasweep.provenance import benchmark_provenance
+        from lorasweep.provenance import write_benchmark_json
 
-        record = {**out, "provenance": benchmark_provenance(__file__, argv)}
-        Path(a.json).write_text(json.dumps(record, indent=2) + "\n")
+        write_benchmark_json(a.json, out, __file__, argv)
     return out
 
 

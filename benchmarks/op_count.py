@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import tempfile
-from pathlib import Path
 
 VIEWS = {"view", "t", "transpose", "detach", "expand", "unsqueeze", "reshape", "_unsafe_view", "slice", "select",
          "permute", "as_strided", "alias", "squeeze", "split", "_reshape_alias", "unbind"}
@@ -89,10 +87,9 @@ def main(argv=None) -> dict:
         print(f"  {name:34s} {c['ops']:6,d} in all, {c['ops_not_views']:6,d} not views "
               f"({c['ops_not_views'] / base:.2f}x full), {c['mm']:4d} matrix products")
     if a.json:
-        from lorasweep.provenance import benchmark_provenance
+        from lorasweep.provenance import write_benchmark_json
 
-        record = {**out, "provenance": benchmark_provenance(__file__, argv)}
-        Path(a.json).write_text(json.dumps(record, indent=2) + "\n")
+        write_benchmark_json(a.json, out, __file__, argv)
     return out
 
 

@@ -15,7 +15,6 @@ than on CUDA); the other components do not depend on the device.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
@@ -80,10 +79,9 @@ def main(argv=None) -> dict:
               f"{p['predicted_saved_for_backward_bytes'] / gib:7.3f} {p['predicted_loss_work_bytes'] / gib:7.3f} "
               f"{p['predicted_peak_bytes'] / gib:7.3f}")
     if a.json:
-        from lorasweep.provenance import benchmark_provenance
+        from lorasweep.provenance import write_benchmark_json
 
-        record = {**out, "provenance": benchmark_provenance(__file__, argv)}
-        Path(a.json).write_text(json.dumps(record, indent=2) + "\n")
+        write_benchmark_json(a.json, out, __file__, argv)
     return out
 
 

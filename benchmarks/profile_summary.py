@@ -139,10 +139,9 @@ def main(argv=None) -> dict:
     a = ap.parse_args(argv)
     s = summarize(a.folder, a.top)
     if a.json:
-        from lorasweep.provenance import benchmark_provenance
+        from lorasweep.provenance import write_benchmark_json
 
-        record = {**s, "provenance": benchmark_provenance(__file__, argv, None)}
-        Path(a.json).write_text(json.dumps(record, indent=1))
+        write_benchmark_json(a.json, s, __file__, argv, None, indent=1)
     print(f"{s['folder']}: steps {s['first_step']}..{s['first_step'] + s['steps'] - 1} on {s['device']}, "
           f"{s['wall_ms_per_step']:.1f} ms a step (wall clock)")
     if "gpu_busy_ms_per_step" in s:

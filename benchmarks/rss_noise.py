@@ -100,10 +100,9 @@ def main(argv=None) -> dict:
     out = {"runs": summary, "widest_range_mib": widest, "repeats": a.repeats, "threads": a.threads,
            "per_repeat": per_run}
     if a.json:
-        from lorasweep.provenance import benchmark_provenance
+        from lorasweep.provenance import write_benchmark_json
 
-        record = {**out, "provenance": benchmark_provenance(__file__, argv)}
-        Path(a.json).write_text(json.dumps(record, indent=2) + "\n")
+        write_benchmark_json(a.json, out, __file__, argv)
     return out
 
 

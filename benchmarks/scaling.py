@@ -14,7 +14,6 @@ loads the tokenization from the cache.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
@@ -80,10 +79,9 @@ def main(argv=None) -> dict:
            "max_length": a.max_length, "device": a.device, "hardware": rows[0]["hardware"], "fractions": rows,
            "rerun_on_largest": again, "tokens_per_s_ratio_largest_vs_smallest": hi / lo}
     if a.json:
-        from lorasweep.provenance import benchmark_provenance
+        from lorasweep.provenance import write_benchmark_json
 
-        record = {**out, "provenance": benchmark_provenance(__file__, argv, a.device)}
-        Path(a.json).write_text(json.dumps(record, indent=2) + "\n")
+        write_benchmark_json(a.json, out, __file__, argv, a.device)
     return out
 
 

@@ -43,7 +43,7 @@ from lorasweep import speed
 from lorasweep.data import prepare, read_jsonl
 from lorasweep.logs import console_progress
 from lorasweep.memory import PeakMemory
-from lorasweep.provenance import benchmark_provenance, hardware, hardware_label
+from lorasweep.provenance import hardware, hardware_label, write_benchmark_json
 from lorasweep.scoring import per_example_losses, token_weighted
 
 
@@ -370,8 +370,7 @@ def main(argv=None) -> dict:
                   f"least {ours['step_floor_ms']:.2f} ms, {ours['step_floor_memory_ms']:.2f} ms of it moving weights "
                   "and optimizer state; lorasweep.speed.step_ceiling)")
     if a.json:
-        record = {**summary_out, "provenance": benchmark_provenance(__file__, argv, a.device)}
-        Path(a.json).write_text(json.dumps(record, indent=2, default=str) + "\n")
+        write_benchmark_json(a.json, summary_out, __file__, argv, a.device)
     return summary_out
 
 

@@ -215,6 +215,13 @@ def benchmark_provenance(script: str | Path, argv: list[str] | None = None, devi
     return out
 
 
+def write_benchmark_json(path: str | os.PathLike, result: dict, script: str | Path, argv: list[str] | None = None,
+                         device: str | None = "cpu", indent: int = 2) -> None:
+    """A benchmark's ``--json`` file: its ``result`` with the :func:`benchmark_provenance` of ``script``."""
+    record = {**result, "provenance": benchmark_provenance(script, argv, device)}
+    Path(path).write_text(json.dumps(record, indent=indent, default=str) + "\n")
+
+
 def hardware_label(hw: dict) -> str:
     """One line naming what trained: the GPU, or the CPU and its torch threads (``hw`` from :func:`hardware`)."""
     return hw.get("gpu_name") or f"CPU ({hw['cpu']}, {hw['torch_threads']} threads)"
