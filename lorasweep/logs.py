@@ -219,12 +219,12 @@ def library_folders_in_workdir(*variables: str) -> None:
     recommended to set the MPLCONFIGDIR environment variable", "IPython parent ... is not a writable location") and
     worked from a fresh temporary folder, matplotlib rebuilding its font cache every time. Then, and only when the
     user set none, ``MPLCONFIGDIR`` / ``IPYTHONDIR`` name a folder under the working directory's ``.snakemake/``.
-    ``variables``: those of the libraries the caller imports (all by default): the check makes the library's folder
-    in the home folder, as the library would, and leaves another's alone."""
+    ``variables``: those of the libraries the caller imports: the check makes the library's folder in the home
+    folder, as the library would, and leaves another's alone."""
     defaults = {"MPLCONFIGDIR": [_home_folder("XDG_CONFIG_HOME", ".config", "matplotlib"),
                                  _home_folder("XDG_CACHE_HOME", ".cache", "matplotlib")],
                 "IPYTHONDIR": [_home_folder(None, "", ".ipython")]}
-    for variable in variables or defaults:
+    for variable in variables:
         if os.environ.get(variable) or all(_can_write(f) for f in defaults[variable]):
             continue
         fallback = Path(".snakemake", "lorasweep-home", variable.lower()).resolve()
