@@ -64,6 +64,13 @@ def run_palette(runs: list[str]) -> dict:
     return {r: pal[r] for r in runs}
 
 
+def seeds_text(n_seeds: pd.Series) -> str:
+    """How many seeds the runs had, for a figure's title: ``'3 seeds'`` when every run had that many, ``'2–3 seeds'``
+    when they differ (a run that lost a seed), not the most of any run as if every run had it."""
+    low, high = int(n_seeds.min()), int(n_seeds.max())
+    return f"{high} seeds" if low == high else f"{low}–{high} seeds"
+
+
 def _bar(ax, per_seed, col, pal, xlabel, runs, log=False, fmt="{:.3g}"):
     """One bar per run at its figure over seeds as the tables give it (:func:`lorasweep.findings.by_run`: the mean;
     a rate pooled over the seeds), with ± one standard deviation of the seeds' values as error bars (replicates)."""
@@ -148,7 +155,7 @@ def _memory_figure(df, runs, pal, plt, h, per_seed=None):
         seeded = memory_parts(per_seed)
         sd = lambda v: v.groupby(per_seed["run"]).std(ddof=1).reindex(df["run"]).to_numpy() / gib  # noqa: E731
         peak_sd, compared_sd = sd(seeded["peak"]), sd(seeded["compared"])
-    mean = f"mean of {n_seeds} seeds ± sd" if n_seeds > 1 else ""
+    mean = f"mean of {seeds_text(df['n_seeds'])} ± sd" if n_seeds > 1 else ""
     ax = axes[0]
     ax.barh(y, load, color=[pal[r] for r in runs], alpha=0.35, label="at load (model, runtime)")
     ax.barh(y, peak - load, left=load, color=[pal[r] for r in runs], label="added by training")
@@ -216,7 +223,7 @@ def _tradeoff_figure(df, runs, pal, plt, sns, diverged=()):
         data["peak_gib_sd"] = data[f"{mem}_sd"] / 2**30
     base = df.loc[~df["run"].str.startswith("qlora"), "base_eval_loss"]
     replicated = "eval_loss_sd" in data and data["eval_loss_sd"].notna().any()
-    spread = f"\nmean ± sd over {int(df['n_seeds'].max())} seeds (error bars, both axes)" if replicated else ""
+    spread = f"\nmean ± sd over {seeds_text(df['n_seeds'])} (error bars, both axes)" if replicated else ""
     for ax, x, xlabel in [(axes[0], "peak_gib", f"{MEMORY_LABELS[mem]} (GiB)"),
                           (axes[1], "train_runtime_s", "train runtime, evals and checkpoints excluded (s)")]:
         if replicated:  # ± one sd both ways
@@ -286,7 +293,7 @@ def plot_all(metrics_csv, history_csv, out_dir) -> list[Path]:
             ax.set_xlabel(xlabel)
             ax.set_ylabel("cross-entropy (nats / token)")
     if replicates:
-        fig.suptitle(f"{int(df['n_seeds'].max())} seeds per run: top, mean ± sd band; bottom, one line per seed")
+        fig.suptitle(f"{seeds_text(df['n_seeds'])} per run: top, mean ± sd band; bottom, one line per seed")
     axes[0, 0].set_title("train loss (response tokens)" + (f"\neach point the mean of {k} consecutive logs" if k > 1
                                                             else ""))
     axes[0, 1].set_title("eval loss on the held-out split (first point: untrained)")

@@ -1820,3 +1820,47 @@ def test_the_rerun_command_for_one_run_names_every_seed_of_it():
     one = m2[m2["seed"] == 0]  # one seed: its file
     line = next(x for x in rerun_section({"metrics_per_seed": one}).splitlines() if x.endswith("# retrain one run"))
     assert "--forcerun results/runs/lora-r8/seed0/metrics.json --cores" in line
+
+
+def _three_seeds_one_lost():
+    """The fixture trained with seeds 0, 1 and 2, where qlora-r8 lost seed 2 (3, 3, 3, 3 and 2 seeds), and its
+    training logs for each of those seeds."""
+    m, _ = _fixture()
+    per_seed = pd.concat([m.assign(seed=s, eval_loss=m["eval_loss"] + 0.01 * s,
+                                   peak_rss_bytes=m["peak_rss_bytes"] * (1 + 0.01 * s)) for s in (0, 1, 2)],
+                         ignore_index=True)
+    hist = pd.read_csv(FIXTURE / "log_history.csv")
+    hist = pd.concat([hist.assign(seed=s) for s in (0, 1, 2)], ignore_index=True)
+    lost = lambda t: (t["run"] == "qlora-r8") & (t["seed"] == 2)  # noqa: E731
+    return per_seed[~lost(per_seed)], hist[~lost(hist)]
+
+
+def test_figures_say_how_many_seeds_the_runs_had_when_a_run_lost_one(tmp_path):
+    """Runs of 3, 3, 3, 3 and 2 seeds: the figures' titles said "3 seeds" (the most of any run) as if every run had
+    them; they say 2–3 seeds, and 3 seeds where every run had 3."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    from lorasweep.plots import _tradeoff_figure, run_palette
+
+    per_seed, hist = _three_seeds_one_lost()
+    assert F.by_run(per_seed)["n_seeds"].tolist() == [3, 3, 3, 3, 2]
+    per_seed.to_csv(tmp_path / "metrics.csv", index=False)
+    hist.to_csv(tmp_path / "log_history.csv", index=False)
+    plot_all(tmp_path / "metrics.csv", tmp_path / "log_history.csv", tmp_path / "figures")
+    # the SVGs draw text as paths, each after a comment that holds it
+    texts = {name: re.findall(r"<!-- (.*?) -->", (tmp_path / "figures" / f"{name}.svg").read_text(encoding="utf-8"))
+             for name in ("loss_curves", "memory", "tradeoff")}
+    said = [t for ts in texts.values() for t in ts if "seeds" in t]
+    assert said and not any(re.search(r"(?<![–\d])3 seeds", t) for t in said), said
+    assert any(t.startswith("2–3 seeds per run") for t in texts["loss_curves"]), texts["loss_curves"]
+    assert "measured: peak RSS (mean of 2–3 seeds ± sd)" in texts["memory"]
+    assert "mean ± sd over 2–3 seeds (error bars, both axes)" in texts["tradeoff"]
+    df = F.by_run(per_seed[per_seed["run"] != "qlora-r8"])  # 3 seeds each
+    runs = list(df["run"])
+    fig = _tradeoff_figure(df, runs, run_palette(runs), plt, sns)
+    assert all("mean ± sd over 3 seeds" in ax.get_title() for ax in fig.axes[:2])
+    plt.close(fig)
