@@ -126,7 +126,7 @@ def memory_parts(df: pd.DataFrame) -> dict:
             "measured_label": "peak RSS", "compared_label": "memory added by training: peak RSS − RSS at load (GiB)"}
 
 
-def _legend_below(ax, ncol: int):
+def _legend_below(ax, ncol: int, handles=None):
     """The panel's legend under it, clear of its tick labels and x label whatever their height: a fixed share of the
     panel's height put it over a two-line x label (replicate seeds' "mean of 3 seeds ± sd") in a short figure (a
     sweep of three runs or fewer), and over a one-line label with one run. The gap is in inches, which the
@@ -136,7 +136,7 @@ def _legend_below(ax, ncol: int):
     fig = ax.figure
     renderer = fig.canvas.get_renderer()
     below = (ax.get_window_extent(renderer).y0 - ax.xaxis.get_tightbbox(renderer).y0) / fig.dpi + 0.05
-    return ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 0), ncol=ncol, frameon=False,
+    return ax.legend(handles=handles, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 0), ncol=ncol, frameon=False,
                      bbox_transform=ax.transAxes + ScaledTranslation(0, -below, fig.dpi_scale_trans))
 
 
@@ -144,6 +144,8 @@ def _memory_figure(df, runs, pal, plt, h, per_seed=None):
     """Left: measured peak split into load footprint and training's addition. Right: memory model vs measured.
     ``df``: one row per run (:func:`lorasweep.findings.by_run`); with replicate seeds the bars and points are the
     means over seeds and ``per_seed`` (the per-seed table) gives their sd as error bars."""
+    from matplotlib.patches import Patch
+
     parts = memory_parts(df)
     fig, axes = plt.subplots(1, 2, figsize=(13, h + 1.2))
     y = range(len(runs))
@@ -157,8 +159,8 @@ def _memory_figure(df, runs, pal, plt, h, per_seed=None):
         peak_sd, compared_sd = sd(seeded["peak"]), sd(seeded["compared"])
     mean = f"mean of {seeds_text(df['n_seeds'])} ± sd" if n_seeds > 1 else ""
     ax = axes[0]
-    ax.barh(y, load, color=[pal[r] for r in runs], alpha=0.35, label="at load (model, runtime)")
-    ax.barh(y, peak - load, left=load, color=[pal[r] for r in runs], label="added by training")
+    ax.barh(y, load, color=[pal[r] for r in runs], alpha=0.35)
+    ax.barh(y, peak - load, left=load, color=[pal[r] for r in runs])
     if peak_sd is not None:
         ax.errorbar(peak, list(y), xerr=peak_sd, fmt="none", color="#333333", capsize=3, elinewidth=1)
     for i, v in enumerate(peak):
@@ -168,7 +170,10 @@ def _memory_figure(df, runs, pal, plt, h, per_seed=None):
     ax.invert_yaxis()
     ax.set_xlabel(f"{parts['measured_label']} (GiB)" + (f"\n{mean}" if mean else ""))
     ax.set_title(f"measured: {parts['measured_label']}" + (f" ({mean})" if mean else ""))
-    _legend_below(ax, ncol=2)
+    # the legend says what the shades mean, in grey: in a run's colour it read as that run (the first one's, pale
+    # at load where that is the lightest blue)
+    _legend_below(ax, ncol=2, handles=[Patch(color="#555555", alpha=0.35, label="at load (model, runtime)"),
+                                       Patch(color="#555555", label="added by training")])
     ax.margins(x=0.2)
 
     ax = axes[1]

@@ -1864,3 +1864,31 @@ def test_figures_say_how_many_seeds_the_runs_had_when_a_run_lost_one(tmp_path):
     fig = _tradeoff_figure(df, runs, run_palette(runs), plt, sns)
     assert all("mean ± sd over 3 seeds" in ax.get_title() for ax in fig.axes[:2])
     plt.close(fig)
+
+
+def test_the_memory_figures_legend_shows_its_kinds_of_bar_in_grey_whatever_colour_the_first_run_has():
+    """The left panel's legend (at load / added by training: the bars' shades) took the first run's colour: in a
+    sweep without full fine-tuning the lightest blue of lora-r8, at load faint at 35% and read as that run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_rgba
+
+    from lorasweep.plots import _memory_figure, run_palette
+
+    m = _fixture()[0]
+    m = m[m["run"] != "full"]
+    df = F.by_run(m)
+    runs = list(df["run"])
+    pal = run_palette(runs)
+    fig = _memory_figure(df, runs, pal, plt, 3, m)
+    legend = fig.axes[0].get_legend()
+    kinds = dict(zip([t.get_text() for t in legend.get_texts()], legend.legend_handles))
+    assert set(kinds) == {"at load (model, runtime)", "added by training"}
+    for handle in kinds.values():
+        r, g, b, _ = to_rgba(handle.get_facecolor())
+        assert r == g == b and r < 0.5, (r, g, b)  # a dark grey, not a run's colour
+    assert to_rgba(kinds["at load (model, runtime)"].get_facecolor())[3] == pytest.approx(0.35)  # the bars' shade
+    assert to_rgba(kinds["added by training"].get_facecolor())[3] == 1
+    plt.close(fig)
