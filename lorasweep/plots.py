@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -64,6 +65,19 @@ def run_palette(runs: list[str]) -> dict:
     return {r: pal[r] for r in runs}
 
 
+def wrapped(run: str, width: int = 20) -> str:
+    """A run's name as a tick label: broken after its hyphens into lines of at most ``width`` characters where it
+    is longer (a part longer than that keeps its own line). One line of a long name (a variant's options) widens
+    the tick labels so far that the panel beside them shrinks and its title or x label hangs over the figure's
+    edge, where the saved file cuts it."""
+    lines = [""]
+    for part in re.findall(r"[^-]*-|[^-]+$", run):
+        if lines[-1] and len(lines[-1]) + len(part) > width:
+            lines.append("")
+        lines[-1] += part
+    return "\n".join(lines)
+
+
 def seeds_text(n_seeds: pd.Series) -> str:
     """How many seeds the runs had, for a figure's title: ``'3 seeds'`` when every run had that many, ``'2–3 seeds'``
     when they differ (a run that lost a seed), not the most of any run as if every run had it."""
@@ -85,7 +99,7 @@ def _bar(ax, per_seed, col, pal, xlabel, runs, log=False, fmt="{:.3g}"):
         for i, run in enumerate(runs):  # one error bar per run
             if pd.notna(sd[run]):
                 ax.errorbar(means[run], i, xerr=sd[run], color="#333333", capsize=4, elinewidth=1.2, fmt="none")
-    ax.set_yticks(y, runs)
+    ax.set_yticks(y, [wrapped(r) for r in runs])
     ax.set_ylim(len(runs) - 0.5, -0.5)  # the first run on top
     if log:
         ax.set_xscale("log")
@@ -166,7 +180,7 @@ def _memory_figure(df, runs, pal, plt, h, per_seed=None):
     for i, v in enumerate(peak):
         ax.text(v + (0 if peak_sd is None or pd.isna(peak_sd[i]) else peak_sd[i]), i, f" {v:.3f}", va="center",
                 fontsize=9)
-    ax.set_yticks(list(y), runs)
+    ax.set_yticks(list(y), [wrapped(r) for r in runs])
     ax.invert_yaxis()
     ax.set_xlabel(f"{parts['measured_label']} (GiB)" + (f"\n{mean}" if mean else ""))
     ax.set_title(f"measured: {parts['measured_label']}" + (f" ({mean})" if mean else ""))
@@ -194,7 +208,7 @@ def _memory_figure(df, runs, pal, plt, h, per_seed=None):
         err = 100 * (p - m) / m if m else float("nan")
         spread = 0 if compared_sd is None or pd.isna(compared_sd[i]) else compared_sd[i]
         ax.text(max(m + spread, p), i, f"  {err:+.0f}%", va="center", fontsize=9)  # clear of the error bar
-    ax.set_yticks(list(y), runs)
+    ax.set_yticks(list(y), [wrapped(r) for r in runs])
     ax.invert_yaxis()
     ax.set_xlabel(parts["compared_label"] + (f"\n◆ {mean}" if mean else ""))
     ax.set_title("memory model (bars) vs measured (◆); label: model error")
@@ -250,6 +264,36 @@ def _tradeoff_figure(df, runs, pal, plt, sns, diverged=()):
     return fig
 
 
+def fit_layout(fig) -> None:
+    """``tight_layout``, and the figure widened until nothing drawn hangs over its edges. tight_layout lays the
+    panels out without the width of their titles and x labels (matplotlib's choice), so a title wider than its
+    panel (a panel narrowed by long run names) hung over the figure's edge, where the saved file cut it off."""
+    fig.tight_layout()
+    cols = max((ax.get_subplotspec().get_gridspec().ncols for ax in fig.axes if ax.get_subplotspec()), default=1)
+    for _ in range(5):
+        drawn = fig.get_tightbbox()  # inches
+        over = max(-drawn.x0, drawn.x1 - fig.get_figwidth())
+        if over <= 0:
+            return
+        # each panel takes 1/cols of the width added, a title centred on it half of that on either side
+        fig.set_figwidth(fig.get_figwidth() + 2 * cols * (over + 0.1))
+        fig.tight_layout()
+
+
+def save_figure(fig, out_dir: Path, name: str) -> list[Path]:
+    """Lay ``fig`` out (:func:`fit_layout`), write it as ``<name>.png`` and ``<name>.svg`` and close it."""
+    import matplotlib.pyplot as plt
+
+    fit_layout(fig)
+    paths = []
+    for ext in ("png", "svg"):
+        path = Path(out_dir) / f"{name}.{ext}"
+        fig.savefig(path, dpi=120 if ext == "png" else None)
+        paths.append(path)
+    plt.close(fig)
+    return paths
+
+
 def plot_all(metrics_csv, history_csv, out_dir) -> list[Path]:
     library_folders_in_workdir("MPLCONFIGDIR")  # before matplotlib's import, where the home folder cannot be written
     import matplotlib
@@ -275,12 +319,7 @@ def plot_all(metrics_csv, history_csv, out_dir) -> list[Path]:
     written = []
 
     def save(fig, name):
-        fig.tight_layout()
-        for ext in ("png", "svg"):
-            path = out_dir / f"{name}.{ext}"
-            fig.savefig(path, dpi=120 if ext == "png" else None)
-            written.append(path)
-        plt.close(fig)
+        written.extend(save_figure(fig, out_dir, name))
 
     fig, axes = plt.subplots(2, 2, figsize=(12, 8), sharey="col")
     train = hist[hist["loss"].notna()] if "loss" in hist else hist.iloc[0:0]

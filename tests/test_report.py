@@ -1892,3 +1892,52 @@ def test_the_memory_figures_legend_shows_its_kinds_of_bar_in_grey_whatever_colou
     assert to_rgba(kinds["at load (model, runtime)"].get_facecolor())[3] == pytest.approx(0.35)  # the bars' shade
     assert to_rgba(kinds["added by training"].get_facecolor())[3] == 1
     plt.close(fig)
+
+
+def test_no_tick_label_title_or_legend_is_cut_off_at_the_saved_figures_edge_with_long_run_names(tmp_path):
+    """A run named lora-r256-alpha512-dropout0.05-lr2e-4: its tick label narrowed the panels so far that the memory
+    figure's right panel (its title and x label) and the runtime figure's x label hung over the figure's edge and
+    the saved file cut them off (tight_layout lays panels out without their titles' and x labels' width). Every
+    tick label, title, axis label and legend now lies inside the saved image, also for a name no hyphen breaks."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.image import imread
+
+    from lorasweep.plots import _bar, _memory_figure, _tradeoff_figure, run_palette, save_figure
+
+    per_seed, _ = _three_seeds_one_lost()
+    for long in ("lora-r256-alpha512-dropout0.05-lr2e-4", "lora-r256-pissa_niter_16_and_another_long_option"):
+        m = per_seed.replace({"run": {"lora-r256": long}})
+        df = F.by_run(m)
+        runs = list(df["run"])
+        pal = run_palette(runs)
+        h = 0.45 * len(runs) + 1.2
+        figures = {"memory": _memory_figure(df, runs, pal, plt, h, m),
+                   "tradeoff": _tradeoff_figure(df, runs, pal, plt, sns)}
+        for col in ("train_runtime_s", "train_tokens_nonpad_per_s"):
+            figures[col], ax = plt.subplots(figsize=(7, h))
+            _bar(ax, m, col, pal, "train runtime, evals and checkpoints excluded (s)", runs)
+        for name, fig in figures.items():
+            png = save_figure(fig, tmp_path, name)[0]
+            width, height = fig.get_size_inches() * 120  # the PNG's dpi: the saved image is the whole figure
+            assert imread(png).shape[:2] == pytest.approx((height, width), abs=1), (long, name)
+            renderer = FigureCanvasAgg(fig).get_renderer()  # closed: a canvas of its own to measure it on
+            inside = fig.bbox.padded(0.5)  # display pixels, half a pixel's rounding
+            drawn = []
+            for ax in fig.axes:
+                for axis, (low, high) in ((ax.xaxis, ax.get_xlim()), (ax.yaxis, ax.get_ylim())):
+                    at = lambda t: t.get_position()[axis is ax.yaxis]  # noqa: E731
+                    drawn += [t for t in axis.get_ticklabels()  # those drawn: inside the panel's limits
+                              if t.get_text() and min(low, high) <= at(t) <= max(low, high)]
+                drawn += [t for t in (ax.title, ax.xaxis.label, ax.yaxis.label, ax.get_legend()) if t is not None]
+            shown = [t.get_text() for t in drawn if hasattr(t, "get_text")] + [
+                t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+            assert long in [t.replace("\n", "") for t in shown], (name, shown)  # as a tick label or in the legend
+            for artist in drawn:
+                box = artist.get_window_extent(renderer)
+                assert (box.x0 >= inside.x0 and box.x1 <= inside.x1 and box.y0 >= inside.y0
+                        and box.y1 <= inside.y1), (long, name, getattr(artist, "get_text", type)(), box, fig.bbox)
