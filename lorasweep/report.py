@@ -64,6 +64,16 @@ RANDOM_WEIGHTS = ("**The model's weights are random** (built by the workflow, `m
                   "model; its speed and memory are those of its shape. ")
 
 
+def _seeds_trained(df: pd.DataFrame) -> str:
+    """Which seeds each run trained with: ``each trained with 3 seeds (0,1,2)``, and the runs that had fewer (a seed
+    lost or not yet trained) named with theirs, not the most of any run said as if every run had it."""
+    most = int(df["n_seeds"].max())
+    fewer = df[df["n_seeds"] < most]
+    return (f"each trained with {most} seeds ({df.loc[df['n_seeds'] == most, 'seeds'].iloc[0]})"
+            + "".join(f"{', except' if i == 0 else ','} `{r.run}` with {int(r.n_seeds)} ({r.seeds})"
+                      for i, r in enumerate(fewer.itertuples())))
+
+
 def title_section(ctx: dict, experiment: str, random_weights: bool = False) -> str:
     """``random_weights``: the sweep's model was built with random weights (``model.build_tiny``)."""
     df, data = ctx["metrics"], ctx["data"]
@@ -71,7 +81,7 @@ def title_section(ctx: dict, experiment: str, random_weights: bool = False) -> s
                if "method" not in df or (df["method"] == method).any()]
     return (f"# {experiment}: {' vs '.join(methods)}\n\n"
             f"`{df['model'].iloc[0]}` on `{data['source']}`, runs {', '.join(f'`{r}`' for r in df['run'])}, "
-            + (f"each trained with {int(df['n_seeds'].max())} seeds ({df['seeds'].iloc[0]}; figures are means over "
+            + (f"{_seeds_trained(df)} (figures are means over "
                "the seeds, ± one standard deviation across seeds, the sample sd with n − 1; rates are pooled over "
                "the seeds and perplexity is that of the mean loss, as Results says), " if df["n_seeds"].max() > 1
                else "")

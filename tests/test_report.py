@@ -1941,3 +1941,17 @@ def test_no_tick_label_title_or_legend_is_cut_off_at_the_saved_figures_edge_with
                 box = artist.get_window_extent(renderer)
                 assert (box.x0 >= inside.x0 and box.x1 <= inside.x1 and box.y0 >= inside.y0
                         and box.y1 <= inside.y1), (long, name, getattr(artist, "get_text", type)(), box, fig.bbox)
+
+
+def test_the_reports_title_names_the_runs_that_had_fewer_seeds():
+    """Runs of 3, 3, 3, 3 and 2 seeds: the title said each run was trained with 3 seeds (the most of any run, with
+    the first run's list); it names the run that had fewer and its seeds."""
+    from lorasweep import report
+
+    per_seed, _ = _three_seeds_one_lost()
+    ctx = {"metrics": F.by_run(per_seed), "data": json.loads((FIXTURE / "summary.json").read_text())}
+    title = report.title_section(ctx, "x")
+    assert "each trained with 3 seeds (0,1,2), except `qlora-r8` with 2 (0,1) (figures are means" in title, title
+    everyone = F.by_run(per_seed[per_seed["run"] != "qlora-r8"])
+    title = report.title_section({**ctx, "metrics": everyone}, "x")
+    assert "each trained with 3 seeds (0,1,2) (figures are means" in title and "except" not in title, title
