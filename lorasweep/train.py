@@ -590,9 +590,19 @@ def sft_config(spec: dict, training: dict, out_dir: Path, device: str, precision
 
 def plan_steps(n_train: int, training: dict) -> tuple[int, int]:
     """The run's optimizer steps and the interval between evaluations: ``training.evals`` of them, the last at
-    the end."""
+    the end, or fewer where no whole-step interval gives that many (10 steps, 6 evaluations: every 2 steps, 5
+    of them; see ``say_evaluations``)."""
     steps = total_steps(n_train, training)
     return steps, max(1, math.ceil(steps / training["evals"]))
+
+
+def say_evaluations(steps: int, eval_steps: int, evals: int) -> None:
+    """A warning where the interval of ``plan_steps`` gives another count of evaluations than training.evals asks
+    (the Trainer evaluates every ``eval_steps`` steps, and at the last step)."""
+    made = math.ceil(steps / eval_steps)
+    if made != evals:
+        log.warning("training.evals = %d: %d evaluations, every %d steps of %d (no whole-step interval gives %d "
+                    "of them, the last at the end)", evals, made, eval_steps, steps, evals)
 
 
 def examples_changed(trainer, train_ds, eval_ds, tokenizer, max_length: int) -> dict:
@@ -847,6 +857,7 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         steps, eval_steps = plan_steps(n_train, training)
         trainer.args.max_steps, trainer.args.eval_steps = steps, eval_steps
         trainer.args.logging_steps = min(training["logging_steps"], eval_steps)
+    say_evaluations(steps, eval_steps, training["evals"])
     if trainer.drop_padding_mask:
         log.info("right-padded batches: training feeds positions instead of the attention mask (causal attention "
                  "already keeps tokens from the padding after them)")
