@@ -104,8 +104,11 @@ def _load_hint(name: str, what: str, e: Exception) -> str:
     where = "local directory" if os.path.isdir(name) else "hub id (or a local path that does not exist)"
     if isinstance(e, ValueError) and "trust_remote_code" in str(e):  # transformers' refusal to run the model's code
         code = sorted(p.name for p in Path(name).glob("*.py")) if os.path.isdir(name) else []
-        return (f"could not load the {what} from model.name_or_path = {name!r}, read as a {where}: its architecture "
-                "is not one transformers knows, and its config names code of its own to build it (auto_map"
+        # AutoTokenizer refuses only its own code (a model config it cannot build falls back to a plain one there)
+        whose, config = (("tokenizer", "tokenizer_config.json") if what == "tokenizer"
+                         else ("architecture", "config"))
+        return (f"could not load the {what} from model.name_or_path = {name!r}, read as a {where}: its {whose} "
+                f"is not one transformers knows, and its {config} names code of its own to build it (auto_map"
                 + (f": {', '.join(code)}" if code else "") + "), which lorasweep does not run. To train it, read that "
                 "code and set model.trust_remote_code: true, which runs it in every job that loads the model.")
     offline = hub_offline()
