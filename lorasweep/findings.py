@@ -114,13 +114,20 @@ def ratio_text(new: float, old: float, tol: float, more: str, less: str) -> str:
     return f"{abs(r):.0%} {more if r > 0 else less}"
 
 
+def seeds_behind(r: pd.Series, col: str) -> int:
+    """The seeds a run's figure in ``col`` is the mean of: ``<col>_n`` where some of its seeds lack the column
+    (:func:`by_run`), else all its seeds."""
+    n = r.get(f"{col}_n")
+    return int(n) if n is not None and pd.notna(n) else int(r.get("n_seeds", 1) or 1)
+
+
 def seed_tol(m: pd.DataFrame, col: str, a: str, b: str, tol: float) -> tuple[float, bool]:
     """``tol`` widened, where runs ``a`` and ``b`` (rows of ``m``, by run) both trained with replicate seeds, to the
     95% interval of the difference of their means (Student's t, the fewer seeds' degrees of freedom), relative to
     ``a``'s: a difference inside the seeds' own spread is no finding. Returns the tolerance and whether the
     spread widened it."""
     ra, rb = m.loc[a], m.loc[b]
-    na, nb = int(ra.get("n_seeds", 1) or 1), int(rb.get("n_seeds", 1) or 1)
+    na, nb = seeds_behind(ra, col), seeds_behind(rb, col)
     sa, sb, base = ra.get(f"{col}_sd"), rb.get(f"{col}_sd"), ra.get(col)
     if min(na, nb) < 2 or any(v is None or pd.isna(v) for v in (sa, sb, base)) or not base:
         return tol, False
@@ -168,7 +175,9 @@ def by_run(df: pd.DataFrame) -> pd.DataFrame:
     """One row per run: the mean over training seeds of every numeric column, ``<column>_sd`` its sample standard
     deviation across seeds (n - 1; NaN with one seed), ``n_seeds`` and ``seeds``. Run order is kept; a table that
     is already one row per run is returned unchanged apart from those columns. The losses (``STRICT_MEAN``)
-    of a run with a seed whose loss is NaN are NaN; other columns average the seeds that have a value.
+    of a run with a seed whose loss is NaN are NaN; other columns average the seeds that have a value, and where
+    some run has a column in fewer of its seeds than it has (seeds trained by a lorasweep before that column),
+    ``<column>_n`` counts them (:func:`pm` says so, :func:`seed_tol` uses it).
 
     Two columns are not plain means: ``eval_perplexity`` is exp of the mean eval loss, and the rates (``RATES``)
     are pooled: the seeds' summed counts over their summed ``train_runtime_s`` (the runtime-weighted mean of the
@@ -200,20 +209,26 @@ def by_run(df: pd.DataFrame) -> pd.DataFrame:
             several = both.groupby(df["run"], sort=False).sum() > 1  # one seed: its own rate, unchanged
             mean[c] = pooled.where(several, mean[c]).reindex(mean.index)
     seeds = g["seed"].apply(lambda s: ",".join(str(int(v)) for v in s)).rename("seeds")
+    # a column some of a run's seeds lack (their metrics from a lorasweep before it): <column>_n, the seeds it is over
+    count = g[numeric].count()
+    partial = count.loc[:, ((count > 0) & count.lt(g.size(), axis=0)).any()].add_suffix("_n")
     # one concat, not a column at a time (pandas warns of a fragmented frame on wide metrics tables)
     out = pd.concat([*([g[other].first()] if other else []), mean, sd, g.size().rename("n_seeds"),
-                     seeds], axis=1).copy()
+                     seeds, partial], axis=1).copy()
     return out.reset_index()[["run", *[c for c in df.columns if c not in ("run", "seed")], "seeds", "n_seeds",
-                              *sd.columns]]
+                              *sd.columns, *partial.columns]]
 
 
 def pm(r: pd.Series, col: str, fmt="{:.4f}") -> str:
-    """'1.2345' for one seed, '1.2345 ± 0.0123' (the sample sd over seeds, n - 1) with replicates. ``fmt``: a format
+    """'1.2345' for one seed, '1.2345 ± 0.0123' (the sample sd over seeds, n - 1) with replicates, '... (2 of 3
+    seeds)' where the run's older seeds lack the column (``<column>_n``: :func:`by_run`). ``fmt``: a format
     string or a function of the value (``mib``)."""
     show = fmt if callable(fmt) else fmt.format
     v = show(r[col])
     sd = r.get(f"{col}_sd")
-    return v if sd is None or pd.isna(sd) else f"{v} ± {show(sd)}"
+    v = v if sd is None or pd.isna(sd) else f"{v} ± {show(sd)}"
+    n, of = r.get(f"{col}_n"), r.get("n_seeds")
+    return v if n is None or pd.isna(n) or not n or n >= of else f"{v} ({int(n)} of {int(of)} seeds)"
 
 
 def lora_runs(df: pd.DataFrame, method: str = "lora") -> list[tuple[int, str]]:

@@ -19,12 +19,18 @@ PACKAGES = ("torch", "transformers", "peft", "trl", "datasets", "bitsandbytes", 
 
 
 def package_versions() -> dict:
+    """The installed distributions' versions; lorasweep's is the imported package's own (``PYTHONPATH`` at a
+    checkout imports another lorasweep than the one installed)."""
+    import sys
+
     out = {}
     for name in PACKAGES:
         try:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             out[name] = None
+    if "lorasweep" in sys.modules:
+        out["lorasweep"] = getattr(sys.modules["lorasweep"], "__version__", None)
     return out
 
 
@@ -192,7 +198,8 @@ BENCHMARK_ENV_PREFIXES = ("MALLOC_", "OMP_", "MKL_", "PYTORCH_", "TORCHINDUCTOR_
 
 def benchmark_provenance(script: str | Path, argv: list[str] | None = None, device: str | None = "cpu") -> dict:
     """How a result of ``benchmarks/<script>`` was made, to make it again: its command line (``argv``: the
-    script's arguments, None: this process's), the working folder its relative paths start from, the time, the
+    script's arguments, None: this process's; the script's path from the working folder, or absolute where the
+    script is outside it), the working folder its relative paths start from, the time, the
     git commit and dirty flag of the script's checkout (and of the lorasweep package it imported, where that is
     another checkout: ``PYTHONPATH`` at an older one), package versions, the environment variables that change
     the measurement, and the machine (:func:`hardware` on ``device``; None leaves it out)."""
@@ -200,9 +207,10 @@ def benchmark_provenance(script: str | Path, argv: list[str] | None = None, devi
     import sys
     from datetime import datetime, timezone
 
-    script = Path(script).resolve()
+    script, cwd = Path(script).resolve(), Path.cwd().resolve()
     args = [str(x) for x in (sys.argv[1:] if argv is None else argv)]
-    out = {"command": shlex.join(["python", f"{script.parent.name}/{script.name}", *args]), "argv": args,
+    shown = script.relative_to(cwd) if script.is_relative_to(cwd) else script  # reruns from cwd
+    out = {"command": shlex.join(["python", str(shown), *args]), "argv": args,
            "cwd": os.getcwd(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            **git_state(script.parent), "packages": package_versions(),
            "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(BENCHMARK_ENV_PREFIXES)}}

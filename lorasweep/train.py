@@ -104,8 +104,11 @@ def _load_hint(name: str, what: str, e: Exception) -> str:
     where = "local directory" if os.path.isdir(name) else "hub id (or a local path that does not exist)"
     if isinstance(e, ValueError) and "trust_remote_code" in str(e):  # transformers' refusal to run the model's code
         code = sorted(p.name for p in Path(name).glob("*.py")) if os.path.isdir(name) else []
-        return (f"could not load the {what} from model.name_or_path = {name!r}, read as a {where}: its architecture "
-                "is not one transformers knows, and its config names code of its own to build it (auto_map"
+        # AutoTokenizer refuses only its own code (a model config it cannot build falls back to a plain one there)
+        whose, config = (("tokenizer", "tokenizer_config.json") if what == "tokenizer"
+                         else ("architecture", "config"))
+        return (f"could not load the {what} from model.name_or_path = {name!r}, read as a {where}: its {whose} "
+                f"is not one transformers knows, and its {config} names code of its own to build it (auto_map"
                 + (f": {', '.join(code)}" if code else "") + "), which lorasweep does not run. To train it, read that "
                 "code and set model.trust_remote_code: true, which runs it in every job that loads the model.")
     offline = hub_offline()
@@ -590,9 +593,19 @@ def sft_config(spec: dict, training: dict, out_dir: Path, device: str, precision
 
 def plan_steps(n_train: int, training: dict) -> tuple[int, int]:
     """The run's optimizer steps and the interval between evaluations: ``training.evals`` of them, the last at
-    the end."""
+    the end, or fewer where no whole-step interval gives that many (10 steps, 6 evaluations: every 2 steps, 5
+    of them; see ``say_evaluations``)."""
     steps = total_steps(n_train, training)
     return steps, max(1, math.ceil(steps / training["evals"]))
+
+
+def say_evaluations(steps: int, eval_steps: int, evals: int) -> None:
+    """A warning where the interval of ``plan_steps`` gives another count of evaluations than training.evals asks
+    (the Trainer evaluates every ``eval_steps`` steps, and at the last step)."""
+    made = math.ceil(steps / eval_steps)
+    if made != evals:
+        log.warning("training.evals = %d: %d evaluations, every %d steps of %d (no whole-step interval gives %d "
+                    "of them, the last at the end)", evals, made, eval_steps, steps, evals)
 
 
 def examples_changed(trainer, train_ds, eval_ds, tokenizer, max_length: int) -> dict:
@@ -847,6 +860,7 @@ def train_run(spec: dict, train_path: str | Path, eval_path: str | Path, out_dir
         steps, eval_steps = plan_steps(n_train, training)
         trainer.args.max_steps, trainer.args.eval_steps = steps, eval_steps
         trainer.args.logging_steps = min(training["logging_steps"], eval_steps)
+    say_evaluations(steps, eval_steps, training["evals"])
     if trainer.drop_padding_mask:
         log.info("right-padded batches: training feeds positions instead of the attention mask (causal attention "
                  "already keeps tokens from the padding after them)")

@@ -23,9 +23,10 @@ def _run(script, tmp_path, *args, env=None):
                           timeout=600, cwd=tmp_path, env={**os.environ, **(env or {})})
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())
-    # every result says how to make it again: its command, from which folder, at which commit (test below)
+    # every result says how to make it again: its command, from which folder, at which commit (test below); run
+    # from another folder than the checkout's, the script's path in the command is absolute (reruns from cwd)
     prov = r.pop("provenance")
-    assert prov["command"] == shlex.join(["python", f"benchmarks/{script}", *argv]) and prov["argv"] == argv
+    assert prov["command"] == shlex.join(["python", str(REPO / "benchmarks" / script), *argv]) and prov["argv"] == argv
     assert prov["cwd"] == str(tmp_path) and prov["git_commit"] == _head()
     return r, proc.stdout
 
@@ -274,11 +275,12 @@ def test_profile_summary_merges_overlapping_kernels_and_names_the_operator_each_
                                                         "wall_ms_per_step": 10.0, "device": "cuda"}))
     with gzip.open(tmp_path / "trace.json.gz", "wt") as f:
         json.dump({"traceEvents": ev}, f)
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "profile_summary.py"), tmp_path, "--json",
-                           tmp_path / "s.json"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "benchmarks/profile_summary.py", tmp_path, "--json",
+                           tmp_path / "s.json"], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = json.loads((tmp_path / "s.json").read_text())
     prov = s.pop("provenance")  # the command and commit; not this machine's hardware: the trace's was another
+    # run from the checkout, as benchmarks/README says: the script's path from there, as typed
     assert prov["command"] == shlex.join(["python", "benchmarks/profile_summary.py", str(tmp_path), "--json",
                                           str(tmp_path / "s.json")]) and "hardware" not in prov
     assert s["gpu_busy_ms_per_step"] == pytest.approx(3.1) and s["gpu_busy_share_pct"] == pytest.approx(31)
@@ -319,6 +321,24 @@ def test_benchmark_results_record_the_command_commit_packages_and_machine_they_c
          "--max-length", 64)
     prov = json.loads((tmp_path / "result.json").read_text())["provenance"]
     assert prov["packages"]["torch"] == importlib.metadata.version("torch") and "hardware" in prov
+
+
+def test_the_lorasweep_version_recorded_is_the_imported_packages(tmp_path):
+    """PYTHONPATH at another checkout (as concurrent_prep.py is meant to run): the provenance names that checkout
+    (lorasweep_path) and its package's version, not the version of the distribution installed in the environment,
+    which is another lorasweep."""
+    import shutil
+
+    copy = tmp_path / "other-checkout" / "lorasweep"
+    shutil.copytree(REPO / "lorasweep", copy, ignore=shutil.ignore_patterns("__pycache__"))
+    init = copy / "__init__.py"
+    init.write_text(init.read_text().replace('__version__ = "', '__version__ = "99.'))
+    code = ("import json, sys; from lorasweep.provenance import benchmark_provenance; "
+            f"print(json.dumps(benchmark_provenance({str(REPO / 'benchmarks' / 'op_count.py')!r}, [], None)))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(copy.parent)}, cwd=tmp_path, check=True)
+    prov = json.loads(proc.stdout)
+    assert prov["lorasweep_path"] == str(copy) and prov["packages"]["lorasweep"].startswith("99."), prov
 
 
 def test_a_copy_of_the_checkout_inside_another_repository_records_no_commit(tmp_path):

@@ -681,6 +681,35 @@ def test_a_model_folder_with_its_own_code_is_refused_naming_trust_remote_code(ti
     assert not ran.exists() and not retry_may_help(e.value)
 
 
+def test_a_tokenizer_with_its_own_code_is_refused_naming_the_tokenizer(tiny_config, tmp_path):
+    """Custom code for the tokenizer only (auto_map in tokenizer_config.json), the architecture one transformers
+    knows: the refusal names the tokenizer and the file that asks for it, not the architecture. transformers
+    refuses only where it has no tokenizer of its own for the model type (bloom here: with OPT's config it loads
+    OPT's tokenizer and leaves the custom code alone)."""
+    import shutil
+
+    from lorasweep.train import load_tokenizer
+
+    model = tmp_path / "custom-tokenizer"
+    shutil.copytree(tiny_config()["model"]["name_or_path"], model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "model_type": "bloom"}))
+    tok_config = json.loads((model / "tokenizer_config.json").read_text())
+    tok_config.update(tokenizer_class="MyTokenizer", auto_map={"AutoTokenizer": ["tokenization.MyTokenizer", None]})
+    (model / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    ran = tmp_path / "custom code ran"
+    (model / "tokenization.py").write_text(f"open({str(ran)!r}, 'w').close()\n"
+                                           "from transformers import PreTrainedTokenizerFast as MyTokenizer\n")
+    spec = run_spec(tiny_config(), "lora-r8")
+    spec["model"]["name_or_path"] = str(model)
+    with pytest.raises(ModelLoadError) as e:
+        load_tokenizer(spec)
+    assert "its tokenizer is not one transformers knows" in str(e.value), str(e.value)
+    assert "tokenizer_config.json names code of its own" in str(e.value) and "tokenization.py" in str(e.value)
+    assert "architecture" not in str(e.value) and "model.trust_remote_code: true" in str(e.value)
+    assert not ran.exists() and not retry_may_help(e.value)
+
+
 def test_a_qlora_base_that_bitsandbytes_cannot_load_here_says_how_to_go_on(tiny_config, monkeypatch):
     """bitsandbytes built without this machine's device (its supported_torch_devices): transformers refuses to load
     the 4-bit base with a RuntimeError; the run's error names QLoRA, the install docs and how to leave it out."""

@@ -457,6 +457,29 @@ def test_replicates_are_aggregated_to_mean_and_sd_per_run():
     assert F.pm(single.iloc[0], "eval_loss") == f"{m['eval_loss'].iloc[0]:.4f}"
 
 
+def test_a_column_some_seeds_lack_says_how_many_seeds_its_mean_is_over():
+    """Seeds trained by different lorasweep versions (a seed added later, the others kept): a column the older
+    metrics lack is a mean over the seeds that have it. Its cells say so ("(2 of 3 seeds)"), and the seeds' spread
+    widens a comparison with the count of seeds behind it, not the run's."""
+    from lorasweep import report
+
+    m2, _ = _two_seeds()
+    m, _ = _fixture()
+    old = m.assign(seed=2, eval_loss=m["eval_loss"] + 0.01, train_runtime_s=float("nan"))  # predates the column
+    agg = F.by_run(pd.concat([m2, old], ignore_index=True))
+    assert (agg["n_seeds"] == 3).all() and (agg["train_runtime_s_n"] == 2).all()
+    assert "eval_loss_n" not in agg  # every seed has it: no count
+    row = agg.iloc[0]
+    assert F.pm(row, "train_runtime_s", "{:.1f}").endswith(" (2 of 3 seeds)")
+    assert F.pm(row, "eval_loss").count("±") == 1 and "seeds)" not in F.pm(row, "eval_loss")
+    assert "(2 of 3 seeds)" in report.results_table(agg)
+    runs = agg.set_index("run")
+    a, b = runs.index[0], runs.index[1]
+    sa, sb = runs.loc[a, "train_runtime_s_sd"], runs.loc[b, "train_runtime_s_sd"]
+    rel = F.t975(1) * math.sqrt(sa**2 / 2 + sb**2 / 2) / runs.loc[a, "train_runtime_s"]
+    assert F.seed_tol(runs, "train_runtime_s", a, b, 1e-9)[0] == pytest.approx(rel)
+
+
 def test_seed_spread_widens_the_interval_and_can_make_runs_indistinguishable():
     m, ev = _fixture()
     one = F.Losses(ev).diff("lora-r8", "qlora-r8")

@@ -65,17 +65,24 @@ def test_full_finetuning_learns_and_writes_everything(tiny_config, tiny_data, tm
     assert m["run_info"]["spec"]["run"] == "full" and len(m["data_fingerprint_sha256"]) == 64
 
 
-def test_how_often_a_run_evaluates_does_not_change_what_it_learns(tiny_config, tiny_data, tmp_path):
+def test_how_often_a_run_evaluates_does_not_change_what_it_learns(tiny_config, tiny_data, tmp_path, caplog):
     """Evaluations leave the random state as they found it: LoRA's dropout masks, and so its training, are the
-    same whether it evaluates once or after every few steps."""
+    same whether it evaluates once or after every few steps. ``evals`` the steps cannot give at a whole-step
+    interval (8 steps, 6 evaluations: every 2 steps, 4 of them) is said in the log, with the count it gets."""
+    import logging
+
     losses = {}
-    for evals in (1, 4):
-        _, out = _train(tiny_config, tiny_data, tmp_path / f"evals{evals}", "lora-r8", max_steps=8, evals=evals,
-                        logging_steps=1)
+    for evals, made in ((1, 1), (4, 4), (6, 4)):
+        with caplog.at_level(logging.WARNING, logger="lorasweep"):
+            caplog.clear()
+            _, out = _train(tiny_config, tiny_data, tmp_path / f"evals{evals}", "lora-r8", max_steps=8, evals=evals,
+                            logging_steps=1)
         history = [json.loads(line) for line in (out / "log_history.jsonl").read_text().splitlines()]
         losses[evals] = [h["loss"] for h in history if "loss" in h]
-        assert sum(1 for h in history if "eval_loss" in h) == 1 + evals
-    assert len(losses[1]) == 8 and losses[1] == losses[4]
+        assert sum(1 for h in history if "eval_loss" in h) == 1 + made
+        said = f"training.evals = {evals}: {made} evaluations, every 2 steps of 8" in caplog.text
+        assert said == (made != evals), caplog.text
+    assert len(losses[1]) == 8 and losses[1] == losses[4] == losses[6]
 
 
 def test_lora_trainable_params_match_formula_and_peft_loader(tiny_config, tiny_data, tiny_model, tmp_path):
