@@ -65,11 +65,12 @@ RANDOM_WEIGHTS = ("**The model's weights are random** (built by the workflow, `m
 
 
 def title_section(ctx: dict, experiment: str, random_weights: bool = False) -> str:
-    """``random_weights``: the sweep's model was built with random weights (``model.build_tiny``)."""
+    """``random_weights``: the sweep's model was built with random weights (``model.build_tiny``). ``experiment`` (the
+    config's title) is shown as written, on the heading's one line (:func:`_text`)."""
     df, data = ctx["metrics"], ctx["data"]
     methods = [name for method, name in (("full", "full fine-tuning"), ("lora", "LoRA"), ("qlora", "QLoRA"))
                if "method" not in df or (df["method"] == method).any()]
-    return (f"# {experiment}: {' vs '.join(methods)}\n\n"
+    return (f"# {_text(experiment)}: {' vs '.join(methods)}\n\n"
             f"`{df['model'].iloc[0]}` on `{data['source']}`, runs {', '.join(f'`{r}`' for r in df['run'])}, "
             + (f"each trained with {int(df['n_seeds'].max())} seeds ({df['seeds'].iloc[0]}; figures are means over "
                "the seeds, ± one standard deviation across seeds, the sample sd with n − 1; rates are pooled over "

@@ -1704,6 +1704,19 @@ def test_a_model_built_with_random_weights_is_said_so_in_the_title_and_beside_th
     assert "random" not in plain.split("## Findings")[0] and "unlike the pretrained" not in plain
 
 
+def test_the_experiments_title_is_one_heading_line_shown_as_written():
+    """``experiment`` went into the report's heading as Markdown: a title written in YAML's folded style (``>``, which
+    ends it with a newline) or over two lines split the heading, its second line and ": full fine-tuning vs ..." a
+    paragraph below it, and a ``<fp16>`` in it was raw HTML, which GitHub leaves out."""
+    from lorasweep.report import load, title_section
+
+    ctx = load(FIXTURE / "metrics.csv", FIXTURE / "log_history.csv", FIXTURE / "summary.json")
+    heading, _, rest = title_section(ctx, "Ranks at <fp16>, *all-linear*\nover two lines\n").partition("\n\n")
+    assert heading == "# Ranks at \\<fp16>, \\*all-linear\\* over two lines: full fine-tuning vs LoRA vs QLoRA"
+    assert rest.startswith("`") and "\n\n" not in rest  # the paragraph below it, whole
+    assert title_section(ctx, "fixture").startswith("# fixture: full fine-tuning vs LoRA vs QLoRA\n\n")
+
+
 def test_the_tradeoffs_come_right_after_the_findings(rendered):
     """What each method costs and buys against full fine-tuning, the reader's question, sat sixth, after the setup,
     the tables, six figures and the memory model."""
