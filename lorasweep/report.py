@@ -759,9 +759,12 @@ def _cell(text: str, limit: int = 160) -> str:
 def _text(text: str) -> str:
     """``text`` (an instruction of the data) as Markdown that shows it as written, on one line: runs of whitespace as
     one space, the characters Markdown or HTML would read backslash-escaped (CodeAlpaca's "select all <p> tags" was
-    HTML in summary.md, a ``[link](...)`` a link), control characters escaped (:func:`_printable`)."""
+    HTML in summary.md, a ``[link](...)`` a link), control characters escaped (:func:`_printable`). A URL is text too:
+    GitHub links a bare ``https://...`` or ``www....`` from its raw text, these escapes kept in it (``Machine\\_learning``
+    shown and linked), so the ``:`` of ``://`` and the ``.`` of ``www.`` are escaped as well, which no link starts at."""
     text = re.sub(r"[^\S\x0b\x0c\x1c-\x1f\x85]+", " ", str(text)).strip(" ")
-    return _printable(re.sub(r"([\\`*_\[\]<&~])", r"\\\1", text))
+    text = re.sub(r"(?i)(www)\.", r"\1\\.", re.sub(r"([\\`*_\[\]<&~])", r"\\\1", text)).replace("://", "\\://")
+    return _printable(text)
 
 
 def _fence(text: str, least: int) -> str:

@@ -1530,6 +1530,20 @@ def test_markup_in_a_sample_instruction_or_input_is_shown_as_text_in_the_report(
         assert s["input"] in text
 
 
+def test_a_url_in_a_sample_instruction_is_shown_as_written_not_as_a_broken_link():
+    """GitHub links a bare ``http://...`` or ``www....`` from its raw text, the backslash escapes in it kept: an
+    instruction's ``https://en.wikipedia.org/wiki/Machine_learning`` showed as ``.../Machine\\_learning`` and linked
+    there. A URL is now shown as text: nothing in it starts a link, and CommonMark's reading of its escapes gives it
+    back as written."""
+    from lorasweep.report import _text
+
+    for url in ("https://en.wikipedia.org/wiki/Machine_learning", "www.example.com/a_b*c*", "_www.x.org/a_b",
+                "FTP://X.ORG/~x&y"):
+        text = _text(f"Summarise ({url}) in 3 lines")
+        assert not re.search(r"(?i)(?:^|[\s*_~(])www\.|(?<!\\)://", text), text  # GFM's autolink triggers
+        assert re.sub(r"\\([!-/:-@[-`{-~])", r"\1", text) == f"Summarise ({url}) in 3 lines"
+
+
 def test_a_sample_input_of_several_lines_keeps_its_first_lines_indentation_in_the_report(tmp_path):
     """An input of several lines is a code block shown as written: the input was stripped as a whole, which took its
     first line's indentation (a snippet from inside a function showed its first line flush left, the rest indented);
