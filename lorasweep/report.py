@@ -351,7 +351,9 @@ def setup_section(ctx: dict) -> str:
     for c in ("rank", "lora_alpha", "train_steps", "batch_size", "grad_accum", "max_length", "seed"):
         if c in hp:
             hp[c] = [_num(v, "{:.0f}") if isinstance(v, (int, float)) else v for v in hp[c]]
-    lines.append(hp.fillna("–").to_markdown(index=False))
+    if "learning_rate" in hp:  # as config.yaml writes it: 2e-5 beside 2e-4, not "2e-05" beside "0.0002"
+        hp["learning_rate"] = [_rate(v) if isinstance(v, float) and math.isfinite(v) else v for v in hp["learning_rate"]]
+    lines.append(hp.fillna("–").to_markdown(index=False, disable_numparse=True))  # "2e-5" stays "2e-5"
     lines += ["", "Prompt template (record without an input):", "", "```text", data["prompt_no_input"].rstrip(), "```"]
     return "\n".join(lines)
 

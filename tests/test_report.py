@@ -1069,6 +1069,21 @@ def test_the_setup_table_shows_each_runs_settings_as_trained_not_their_mean_over
     assert hp.loc["lora-r8", "seeds"] == "0,1,2"
 
 
+def test_the_setup_table_writes_learning_rates_as_the_config_does():
+    """The default sweep's learning rates (2e-5 full, 2e-4 adapters, as H200 recorded them) went through tabulate's
+    number parsing into one column as "2e-05" beside "0.0002", the same quantity in two notations and neither the
+    config's nor the write-ups' table's ("full 2e-5; LoRA 2e-4")."""
+    from lorasweep import report as R
+
+    rec = REPO / "benchmarks" / "results" / "h200-2026-11-27b-five-run-sweep-x10"
+    ctx = R.load(f"{rec}-metrics.csv", f"{rec}-log-history.csv.gz", f"{rec}-data-summary.json")
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in R.setup_section(ctx).splitlines()
+            if line.startswith("| ")]
+    lr = {r[0]: r[rows[0].index("learning_rate")] for r in rows[1:]}
+    assert lr == {"full": "2e-5", "lora-r8": "2e-4", "lora-r128": "2e-4", "lora-r256": "2e-4", "qlora-r8": "2e-4"}
+    assert {len(r) for r in rows} == {len(rows[0])}
+
+
 def test_the_setup_says_what_max_length_did_to_the_examples():
     from lorasweep import report
 
