@@ -75,11 +75,12 @@ def _seeds_trained(df: pd.DataFrame) -> str:
 
 
 def title_section(ctx: dict, experiment: str, random_weights: bool = False) -> str:
-    """``random_weights``: the sweep's model was built with random weights (``model.build_tiny``)."""
+    """``random_weights``: the sweep's model was built with random weights (``model.build_tiny``). ``experiment`` (the
+    config's title) is shown as written, on the heading's one line (:func:`_text`)."""
     df, data = ctx["metrics"], ctx["data"]
     methods = [name for method, name in (("full", "full fine-tuning"), ("lora", "LoRA"), ("qlora", "QLoRA"))
                if "method" not in df or (df["method"] == method).any()]
-    return (f"# {experiment}: {' vs '.join(methods)}\n\n"
+    return (f"# {_text(experiment)}: {' vs '.join(methods)}\n\n"
             f"`{df['model'].iloc[0]}` on `{data['source']}`, runs {', '.join(f'`{r}`' for r in df['run'])}, "
             + (f"{_seeds_trained(df)} (figures are means over "
                "the seeds, ± one standard deviation across seeds, the sample sd with n − 1; rates are pooled over "
@@ -360,7 +361,9 @@ def setup_section(ctx: dict) -> str:
     for c in ("rank", "lora_alpha", "train_steps", "batch_size", "grad_accum", "max_length", "seed"):
         if c in hp:
             hp[c] = [_num(v, "{:.0f}") if isinstance(v, (int, float)) else v for v in hp[c]]
-    lines.append(hp.fillna("–").to_markdown(index=False))
+    if "learning_rate" in hp:  # as config.yaml writes it: 2e-5 beside 2e-4, not "2e-05" beside "0.0002"
+        hp["learning_rate"] = [_rate(v) if isinstance(v, float) and math.isfinite(v) else v for v in hp["learning_rate"]]
+    lines.append(hp.fillna("–").to_markdown(index=False, disable_numparse=True))  # "2e-5" stays "2e-5"
     lines += ["", "Prompt template (record without an input):", "", "```text", data["prompt_no_input"].rstrip(), "```"]
     return "\n".join(lines)
 
@@ -768,9 +771,12 @@ def _cell(text: str, limit: int = 160) -> str:
 def _text(text: str) -> str:
     """``text`` (an instruction of the data) as Markdown that shows it as written, on one line: runs of whitespace as
     one space, the characters Markdown or HTML would read backslash-escaped (CodeAlpaca's "select all <p> tags" was
-    HTML in summary.md, a ``[link](...)`` a link), control characters escaped (:func:`_printable`)."""
+    HTML in summary.md, a ``[link](...)`` a link), control characters escaped (:func:`_printable`). A URL is text too:
+    GitHub links a bare ``https://...`` or ``www....`` from its raw text, these escapes kept in it (``Machine\\_learning``
+    shown and linked), so the ``:`` of ``://`` and the ``.`` of ``www.`` are escaped as well, which no link starts at."""
     text = re.sub(r"[^\S\x0b\x0c\x1c-\x1f\x85]+", " ", str(text)).strip(" ")
-    return _printable(re.sub(r"([\\`*_\[\]<&~])", r"\\\1", text))
+    text = re.sub(r"(?i)(www)\.", r"\1\\.", re.sub(r"([\\`*_\[\]<&~])", r"\\\1", text)).replace("://", "\\://")
+    return _printable(text)
 
 
 def _fence(text: str, least: int) -> str:

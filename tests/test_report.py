@@ -1092,6 +1092,21 @@ def test_the_setup_table_shows_each_runs_settings_as_trained_not_their_mean_over
     assert hp.loc["lora-r8", "seeds"] == "0,1,2"
 
 
+def test_the_setup_table_writes_learning_rates_as_the_config_does():
+    """The default sweep's learning rates (2e-5 full, 2e-4 adapters, as H200 recorded them) went through tabulate's
+    number parsing into one column as "2e-05" beside "0.0002", the same quantity in two notations and neither the
+    config's nor the write-ups' table's ("full 2e-5; LoRA 2e-4")."""
+    from lorasweep import report as R
+
+    rec = REPO / "benchmarks" / "results" / "h200-2026-11-27b-five-run-sweep-x10"
+    ctx = R.load(f"{rec}-metrics.csv", f"{rec}-log-history.csv.gz", f"{rec}-data-summary.json")
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in R.setup_section(ctx).splitlines()
+            if line.startswith("| ")]
+    lr = {r[0]: r[rows[0].index("learning_rate")] for r in rows[1:]}
+    assert lr == {"full": "2e-5", "lora-r8": "2e-4", "lora-r128": "2e-4", "lora-r256": "2e-4", "qlora-r8": "2e-4"}
+    assert {len(r) for r in rows} == {len(rows[0])}
+
+
 def test_the_setup_says_what_max_length_did_to_the_examples():
     from lorasweep import report
 
@@ -1553,6 +1568,20 @@ def test_markup_in_a_sample_instruction_or_input_is_shown_as_text_in_the_report(
         assert s["input"] in text
 
 
+def test_a_url_in_a_sample_instruction_is_shown_as_written_not_as_a_broken_link():
+    """GitHub links a bare ``http://...`` or ``www....`` from its raw text, the backslash escapes in it kept: an
+    instruction's ``https://en.wikipedia.org/wiki/Machine_learning`` showed as ``.../Machine\\_learning`` and linked
+    there. A URL is now shown as text: nothing in it starts a link, and CommonMark's reading of its escapes gives it
+    back as written."""
+    from lorasweep.report import _text
+
+    for url in ("https://en.wikipedia.org/wiki/Machine_learning", "www.example.com/a_b*c*", "_www.x.org/a_b",
+                "FTP://X.ORG/~x&y"):
+        text = _text(f"Summarise ({url}) in 3 lines")
+        assert not re.search(r"(?i)(?:^|[\s*_~(])www\.|(?<!\\)://", text), text  # GFM's autolink triggers
+        assert re.sub(r"\\([!-/:-@[-`{-~])", r"\1", text) == f"Summarise ({url}) in 3 lines"
+
+
 def test_a_sample_input_of_several_lines_keeps_its_first_lines_indentation_in_the_report(tmp_path):
     """An input of several lines is a code block shown as written: the input was stripped as a whole, which took its
     first line's indentation (a snippet from inside a function showed its first line flush left, the rest indented);
@@ -1725,6 +1754,19 @@ def test_a_model_built_with_random_weights_is_said_so_in_the_title_and_beside_th
     assert "random weights, unlike the pretrained opt-350m the write-ups fine-tuned" in claims
     _, plain = _render(tmp_path / "pretrained")
     assert "random" not in plain.split("## Findings")[0] and "unlike the pretrained" not in plain
+
+
+def test_the_experiments_title_is_one_heading_line_shown_as_written():
+    """``experiment`` went into the report's heading as Markdown: a title written in YAML's folded style (``>``, which
+    ends it with a newline) or over two lines split the heading, its second line and ": full fine-tuning vs ..." a
+    paragraph below it, and a ``<fp16>`` in it was raw HTML, which GitHub leaves out."""
+    from lorasweep.report import load, title_section
+
+    ctx = load(FIXTURE / "metrics.csv", FIXTURE / "log_history.csv", FIXTURE / "summary.json")
+    heading, _, rest = title_section(ctx, "Ranks at <fp16>, *all-linear*\nover two lines\n").partition("\n\n")
+    assert heading == "# Ranks at \\<fp16>, \\*all-linear\\* over two lines: full fine-tuning vs LoRA vs QLoRA"
+    assert rest.startswith("`") and "\n\n" not in rest  # the paragraph below it, whole
+    assert title_section(ctx, "fixture").startswith("# fixture: full fine-tuning vs LoRA vs QLoRA\n\n")
 
 
 def test_the_tradeoffs_come_right_after_the_findings(rendered):
