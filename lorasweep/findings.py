@@ -389,19 +389,25 @@ def _and(items: list[str]) -> str:
 def suspect_text(causes: dict[str, dict], runs) -> str:
     """Which of ``runs`` were timed under another load, each with its cause as recorded (``causes``:
     :func:`timing_causes`): "`a` and `b` timed on a busy machine, other processes taking up to 72% and 74% of the
-    CPU respectively; `c` timed beside up to 3 other training jobs on its GPU". Empty when none was."""
+    CPU respectively; `c` timed beside up to 3 other training jobs on its GPU". Runs with the same figure
+    share it: "`a` and `b` each timed on a busy machine, other processes taking up to 72% of the CPU", not "up to
+    72% and 72%". Empty when none was."""
     runs = list(dict.fromkeys(r for r in runs if r in causes))
     parts = []
     busy = [r for r in runs if "cpu" in causes[r]]
     if busy:
-        shares = _and([f"{causes[r]['cpu']:.0f}%" for r in busy])
-        parts.append(f"{_and([f'`{r}`' for r in busy])} timed on a busy machine, other processes taking up to "
-                     f"{shares} of the CPU" + (" respectively" if len(busy) > 1 else ""))
+        shares = [f"{causes[r]['cpu']:.0f}%" for r in busy]
+        same = len(busy) > 1 and len(set(shares)) == 1
+        parts.append(f"{_and([f'`{r}`' for r in busy])} {'each ' if same else ''}timed on a busy machine, other "
+                     f"processes taking up to {shares[0] if same else _and(shares)} of the CPU"
+                     + (" respectively" if len(busy) > 1 and not same else ""))
     gpu = [r for r in runs if "gpu" in causes[r]]
     if gpu:
-        jobs = _and([str(causes[r]["gpu"]) for r in gpu])
-        parts.append(f"{_and([f'`{r}`' for r in gpu])} timed beside up to {jobs} other training job(s) on "
-                     + ("their GPU respectively" if len(gpu) > 1 else "its GPU"))
+        jobs = [str(causes[r]["gpu"]) for r in gpu]
+        same = len(gpu) > 1 and len(set(jobs)) == 1
+        parts.append(f"{_and([f'`{r}`' for r in gpu])} {'each ' if same else ''}timed beside up to "
+                     f"{jobs[0] if same else _and(jobs)} other training job(s) on "
+                     + ("their GPU respectively" if len(gpu) > 1 and not same else "its GPU"))
     return "; ".join(parts)
 
 

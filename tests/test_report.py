@@ -2020,3 +2020,27 @@ def test_the_reports_title_names_the_runs_that_had_fewer_seeds():
     everyone = F.by_run(per_seed[per_seed["run"] != "qlora-r8"])
     title = report.title_section({**ctx, "metrics": everyone}, "x")
     assert "each trained with 3 seeds (0,1,2) (figures are means" in title and "except" not in title, title
+
+
+H200 = REPO / "benchmarks" / "results" / "h200-2026-11-27b-five-run-sweep-x10"
+
+
+def _h200():
+    from lorasweep import report as R
+
+    return R.load(f"{H200}-metrics.csv", f"{H200}-log-history.csv.gz", f"{H200}-data-summary.json",
+                  f"{H200}-eval-losses.csv.gz")
+
+
+def test_runs_timed_under_the_same_load_share_its_figure_not_repeat_it():
+    """The recorded H200 sweep, every run beside 4 other jobs on its GPU and other processes taking 24% of the CPU
+    during most: the findings read "up to 24% and 24% of the CPU respectively" and "beside up to 4, 4, 4, 4 and 4
+    other training job(s)"."""
+    from lorasweep import report as R
+
+    findings = R.findings_section(_h200())
+    assert not re.search(r"up to (\d+%?)(, \1)* and \1 ", findings), findings
+    assert ("`lora-r8` and `lora-r128` each timed on a busy machine, other processes taking up to 24% of the CPU; "
+            "`lora-r8` and `lora-r128` each timed beside up to 4 other training job(s) on its GPU") in findings
+    # figures that differ are still given run by run
+    assert "other processes taking up to 25%, 24%, 24%, 24% and 16% of the CPU respectively" in findings
