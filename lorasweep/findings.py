@@ -108,7 +108,7 @@ def ratio_text(new: float, old: float, tol: float, more: str, less: str) -> str:
         return "not measured"
     r = new / old - 1
     if abs(r) < tol:
-        return f"about the same ({r:+.1%})"
+        return f"about the same ({signed(r, '+.1%')})"
     if r >= 1:
         return f"{new / old:.1f}× {more}"
     return f"{abs(r):.0%} {more if r > 0 else less}"
@@ -147,7 +147,8 @@ def spread_text(m: pd.DataFrame, col: str, b: str, a: str, tol: float, more: str
     base = MEM_TOL if noise else tol
     if text.startswith("about the same") and old and abs(new / old - 1) >= base:
         if widened and abs(new / old - 1) >= tol:  # beyond the measure's tolerance: only the seeds' spread covers it
-            return f"not distinguishable from the seeds' spread ({new / old - 1:+.1%})"  # not "about the same"
+            # not "about the same"
+            return f"not distinguishable from the seeds' spread ({signed(new / old - 1, '+.1%')})"
         if noise:
             text = text[:-1] + f": within the measure's noise, {noise})"
     return text
@@ -326,7 +327,7 @@ def _loss_change(losses: Losses, a: str, b: str, df: pd.DataFrame) -> tuple[str,
     if d is None:
         return head + " (no per-example losses: significance unknown)", None
     verdict = "a real difference" if d["distinguishable"] else "not distinguishable"
-    return head + f" (Δ {d['diff']:+.4f} ± {d['half']:.4f}, {ci_text(d)}: {verdict})", d["distinguishable"]
+    return head + f" (Δ {signed(d['diff'], '+.4f')} ± {d['half']:.4f}, {ci_text(d)}: {verdict})", d["distinguishable"]
 
 
 # ---------------------------------------------------------------- findings
@@ -364,7 +365,7 @@ def learning(df: pd.DataFrame, losses: Losses) -> str:
         d = losses.diff(r["run"], r["run"], "final", "base")
         gain = r["base_eval_loss"] - r["eval_loss"]
         change = round(-gain, 3) + 0.0  # no "-0.000" for a change that rounds to nothing
-        parts.append(f"`{r['run']}` {r['base_eval_loss']:.3f} → {r['eval_loss']:.3f} ({change:+.3f})")
+        parts.append(f"`{r['run']}` {r['base_eval_loss']:.3f} → {r['eval_loss']:.3f} ({signed(change, '+.3f')})")
         if d is not None and not d["distinguishable"]:
             flat.append(r["run"])
         elif d is not None and d["diff"] > 0:
@@ -379,6 +380,12 @@ def learning(df: pd.DataFrame, losses: Losses) -> str:
                  " (95% paired interval above zero): training made the model worse on held-out data; a learning "
                  "rate too high is the usual cause.")
     return text
+
+
+def signed(v: float, spec: str) -> str:
+    """``v`` formatted with ``spec`` (``'+.4f'``, ``'+.1%'``), a negative number with a minus sign (−), as the report
+    writes its subtractions and ± spreads, not a hyphen: "(−2.524)", not "(-2.524)"."""
+    return format(v, spec).replace("-", "−")
 
 
 def _and(items: list[str]) -> str:
@@ -453,7 +460,7 @@ def returns_verdict(gains: list[tuple[int, int, float, bool | None, float | None
         r1, r2, d, real, _ = gains[0]
         if real is False:
             return f"Raising the rank from {r1} to {r2} made no measurable difference to eval loss."
-        return f"Raising the rank from {r1} to {r2} changed eval loss by {d:+.4f}."
+        return f"Raising the rank from {r1} to {r2} changed eval loss by {signed(d, '+.4f')}."
     real = [g for g in gains if g[3]]
     if all(g[3] is False for g in gains):
         return "**Rank made no measurable difference** to eval loss over " + \
@@ -461,7 +468,8 @@ def returns_verdict(gains: list[tuple[int, int, float, bool | None, float | None
     first, last = gains[0], gains[-1]
     if first[3] and first[2] < 0 and last[3] is False:
         return (f"**Diminishing returns**: r={first[0]} → {first[1]} lowered eval loss measurably "
-                f"({first[2]:+.4f}), r={last[0]} → {last[1]} did not ({last[2]:+.4f}, within noise).")
+                f"({signed(first[2], '+.4f')}), r={last[0]} → {last[1]} did not ({signed(last[2], '+.4f')}, "
+                "within noise).")
     if first[3] and last[3]:
         if first[2] < 0 and last[2] < 0:
             doublings_first, doublings_last = math.log2(first[1] / first[0]), math.log2(last[1] / last[0])
@@ -475,13 +483,14 @@ def returns_verdict(gains: list[tuple[int, int, float, bool | None, float | None
                     + (" (the two differ by less than their 95% intervals together)"
                        if abs(per_first - per_last) <= noise else "") + ".")
         return ("Eval loss does not fall steadily with rank: " +
-                ", ".join(f"r={g[0]} → {g[1]}: {g[2]:+.4f}" for g in gains) + ".")
+                ", ".join(f"r={g[0]} → {g[1]}: {signed(g[2], '+.4f')}" for g in gains) + ".")
     if real:
         return ("Only some rank steps changed eval loss measurably: " +
-                ", ".join(f"r={g[0]} → {g[1]}: {g[2]:+.4f}"
+                ", ".join(f"r={g[0]} → {g[1]}: {signed(g[2], '+.4f')}"
                           + {True: "", False: " (within noise)", None: " (significance unknown)"}[g[3]]
                           for g in gains) + ".")
-    return "Rank steps: " + ", ".join(f"r={g[0]} → {g[1]}: {g[2]:+.4f}" for g in gains) + " (significance unknown)."
+    return ("Rank steps: " + ", ".join(f"r={g[0]} → {g[1]}: {signed(g[2], '+.4f')}" for g in gains)
+            + " (significance unknown).")
 
 
 def quantization(df: pd.DataFrame, losses: Losses, suspect: dict | None = None) -> list[str]:
@@ -499,7 +508,7 @@ def quantization(df: pd.DataFrame, losses: Losses, suspect: dict | None = None) 
         loss_text, _ = _loss_change(losses, lo, q, df)
         base_d = losses.diff(q, lo, "base", "base")
         base_text = (f"{m.loc[lo, 'base_eval_loss']:.4f} → {m.loc[q, 'base_eval_loss']:.4f}"
-                     + (f" (Δ {base_d['diff']:+.4f} ± {base_d['half']:.4f})" if base_d else ""))
+                     + (f" (Δ {signed(base_d['diff'], '+.4f')} ± {base_d['half']:.4f})" if base_d else ""))
         w_lo, w_q = m.loc[lo].get("predicted_weights_bytes"), m.loc[q].get("predicted_weights_bytes")
         weights = (f"; the weights it holds (base and adapter, predicted) shrink from {mib(w_lo)} to {mib(w_q)}, "
                    f"{w_q / w_lo:.0%} of `{lo}`'s"
@@ -882,7 +891,7 @@ def writeup_claims(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None) ->
             f"full {m.loc['full', 'eval_loss']:.4f} vs `{best_lora}` {m.loc[best_lora, 'eval_loss']:.4f}, the best of "
             f"W1's LoRA ranks" + (" (variants excluded: " + ", ".join(f"`{r}`" for r in variants) + ")"
                                   if variants else "")
-            + (f" (Δ {d['diff']:+.4f} ± {d['half']:.4f})" if d else ""))
+            + (f" (Δ {signed(d['diff'], '+.4f')} ± {d['half']:.4f})" if d else ""))
         # W1 ran full fine-tuning and LoRA only: a QLoRA run or an adapter variant is not part of its claim
         add("W1", "full fine-tuning used the least peak memory",
             _lowest(m[mem], "full", lo, *_pair_tol_of(m, mem, "full", lo, lambda a: mem_tol(mem, m.loc[a, mem]),
@@ -961,7 +970,7 @@ def writeup_claims(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None) ->
                 verdict = "agrees" if before > 0 and gain < 0.25 * before else "disagrees"
             add(source, f"little gain from r=128 to r=256 in {what} (diminishing returns)", verdict,
                 f"{what} " + ", ".join(f"r={r} {pm(m.loc[n], col)}" for r, n in ranks if r <= 128 or n == r256)
-                + f" (r=128 → 256: {diff:+.4f})" + note_text(note))
+                + f" (r=128 → 256: {signed(diff, '+.4f')})" + note_text(note))
     return claims
 
 
@@ -985,5 +994,5 @@ def tradeoffs(df: pd.DataFrame) -> list[str]:
             f"{mem_text(m, mem, run, 'full')}, train runtime "
             f"{time_text(m, 'train_runtime_s', run, 'full', 'longer', 'shorter')}"
             f"{timing_caveat(suspect, ('full', run))}, eval loss {pm(r, 'eval_loss')} vs {pm(f, 'eval_loss')} "
-            f"({r['eval_loss'] - f['eval_loss']:+.4f}).")
+            f"({signed(r['eval_loss'] - f['eval_loss'], '+.4f')}).")
     return out

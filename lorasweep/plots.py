@@ -160,6 +160,8 @@ def _memory_figure(df, runs, pal, plt, h, per_seed=None):
     means over seeds and ``per_seed`` (the per-seed table) gives their sd as error bars."""
     from matplotlib.patches import Patch
 
+    from .findings import signed
+
     parts = memory_parts(df)
     fig, axes = plt.subplots(1, 2, figsize=(13, h + 1.2))
     y = range(len(runs))
@@ -207,7 +209,7 @@ def _memory_figure(df, runs, pal, plt, h, per_seed=None):
     for i, (m, p) in enumerate(zip(measured, left)):
         err = 100 * (p - m) / m if m else float("nan")
         spread = 0 if compared_sd is None or pd.isna(compared_sd[i]) else compared_sd[i]
-        ax.text(max(m + spread, p), i, f"  {err:+.0f}%", va="center", fontsize=9)  # clear of the error bar
+        ax.text(max(m + spread, p), i, f"  {signed(err, '+.0f')}%", va="center", fontsize=9)  # clear of the error bar
     ax.set_yticks(list(y), [wrapped(r) for r in runs])
     ax.invert_yaxis()
     ax.set_xlabel(parts["compared_label"] + (f"\n◆ {mean}" if mean else ""))

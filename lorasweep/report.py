@@ -150,7 +150,8 @@ def memory_model_section(df: pd.DataFrame) -> str:
                      "AdamW state": _bytes(r.get("predicted_optimizer_bytes")),
                      "activations": _bytes(r.get("predicted_activations_bytes")),
                      "predicted": _bytes(pred), "measured": _bytes(meas),
-                     "error": _num(100 * (pred - meas) / meas if meas and pd.notna(pred) else None, "{:+.0f}%")})
+                     "error": _num(100 * (pred - meas) / meas if meas and pd.notna(pred) else None,
+                                   "{:+.0f}%").replace("-", "−")})
     compared = ("the predicted peak (weights + AdamW state + the larger of activations and gradients) against "
                 "`peak_cuda_allocated_bytes`" if parts["cuda"] else
                 "the predicted training increment (AdamW state + the larger of activations and gradients) against "

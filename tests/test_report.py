@@ -266,7 +266,7 @@ def test_cpu_memory_differences_inside_the_measures_rerun_noise_are_about_the_sa
     added = {"full": 60, "lora-r8": 50, "lora-r128": 55, "lora-r256": 100, "qlora-r8": 45}  # MiB above the start
     rss = df.assign(rss_before_load_bytes=base, peak_rss_bytes=[base + added[r] * 2**20 for r in df["run"]])
     text = " ".join(F.tradeoffs(rss)).split("`lora-r128`")[0]
-    assert "above the process before its model loaded about the same (-16.7%: within the measure's noise, 24 MiB)" in text
+    assert "above the process before its model loaded about the same (−16.7%: within the measure's noise, 24 MiB)" in text
     full = next(f for f in F.full_finetuning(F.by_run(rss), F.Losses(ev)) if f.startswith("Its "))
     assert "higher than `lora-r256`" not in full and "lower than `lora-r256` 100 MiB" in full
     assert "(within 2% or 24 MiB)" in full
@@ -315,7 +315,7 @@ def test_a_run_worse_than_untrained_is_called_out():
     assert "**Worse than untrained**: `lora-r128` (95% paired interval above zero)" in text
     # a change that rounds to nothing has no sign
     flat = df.assign(eval_loss=df["base_eval_loss"] + 0.0002 * (df["run"] == "full"))
-    assert "(-0.000)" not in F.learning(F.by_run(flat), F.Losses(ev))
+    assert "(−0.000)" not in F.learning(F.by_run(flat), F.Losses(ev))
     assert "(+0.000)" in F.learning(F.by_run(df.assign(eval_loss=df["base_eval_loss"] - 0.0002)), F.Losses(ev))
 
 
@@ -940,7 +940,8 @@ def test_a_recorded_gpu_sweep_renders_its_cuda_figures(tmp_path):
     memory = R.memory_model_section(df)
     errors = {r[0]: r[-1] for r in ([c.strip() for c in line.strip("|").split("|")]
                                    for line in memory.splitlines() if line.startswith("| ")) if r[0] in set(df["run"])}
-    assert errors == {"full": "-2%", "lora-r8": "-2%", "lora-r128": "-2%", "lora-r256": "-2%", "qlora-r8": "-1%"}
+    assert errors == {"full": "−2%", "lora-r8": "−2%", "lora-r128": "−2%", "lora-r256": "−2%",
+                      "qlora-r8": "−1%"}
 
     writeups = R.writeups_section(df, ctx["eval_losses"])
     assert "| lorasweep (NVIDIA H200) | lora-r8" in writeups
@@ -1358,8 +1359,8 @@ def test_a_runs_rates_over_seeds_are_pooled_so_that_they_agree_with_its_mean_run
     assert cells[4].startswith("20.3 ±") and cells[6].startswith(f"{135 / full['train_runtime_s']:.3f} ±")
     # the findings: a runtime change and the tokens/s change beside it describe the same runs
     step = next(s for s in F.rank_steps(agg.reset_index(), F.Losses(_fixture()[1])) if s.startswith("**r=128"))
-    runtime = float(re.search(r"train runtime [^,]*?\(([+-][\d.]+)%\)", step).group(1))
-    tokens = float(re.search(r"tokens/s [^,]*?\(([+-][\d.]+)%\)", step).group(1))
+    runtime = float(re.search(r"train runtime [^,]*?\(([+−][\d.]+)%\)", step).group(1).replace("−", "-"))
+    tokens = float(re.search(r"tokens/s [^,]*?\(([+−][\d.]+)%\)", step).group(1).replace("−", "-"))
     assert (1 + runtime / 100) * (1 + tokens / 100) == pytest.approx(1, abs=0.01)  # -87.8% and +717.6%
     assert "tokens/s not distinguishable from the seeds' spread (+717.6%)" in step  # not "about the same"
     # the throughput figure draws the same rate as the table
@@ -2044,3 +2045,16 @@ def test_runs_timed_under_the_same_load_share_its_figure_not_repeat_it():
             "`lora-r8` and `lora-r128` each timed beside up to 4 other training job(s) on its GPU") in findings
     # figures that differ are still given run by run
     assert "other processes taking up to 25%, 24%, 24%, 24% and 16% of the CPU respectively" in findings
+
+
+def test_negative_numbers_are_written_with_a_minus_sign_as_the_reports_subtractions_are(tmp_path):
+    """The report writes 'peak_rss_bytes − rss_at_load_bytes' and ± spreads with their own signs, but its signed
+    figures came from Python's '+' format with a hyphen: "6.915 → 4.390 (-2.524)", "(Δ -0.0011 ± 0.0085", "-2%"."""
+    md, text = _render(tmp_path)
+    assert re.search(r"\(−\d\.\d{3}\)", text)  # a loss falling from its untrained start
+    prose = re.sub(r"`[^`]*`", "", text)  # code (commands, column names, options) keeps its hyphens
+    assert not re.findall(r"(?<![\w.-])-\d", prose), re.findall(r".{30}(?<![\w.-])-\d.{10}", prose)
+    from lorasweep import report as R
+
+    errors = R.memory_model_section(_h200()["metrics"])
+    assert "| −2%" in errors and "-2%" not in errors
