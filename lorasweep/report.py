@@ -609,7 +609,9 @@ def writeups_section(df: pd.DataFrame, eval_losses: pd.DataFrame | None = None,
                          f"{show('gpu_used_pct', '%')} = {used / 100 * w['gpu_total_gib']:.2f} GiB",
                          "process MiB, mean / max": "–" if fig.get("process_mib_max") is None else
                          f"{show('process_mib_mean')} / {show('process_mib_max')}"})
-    hw = df["hardware"].iloc[0] if len(df) else "?"
+    # in the parentheses of "lorasweep (…)", the CPU's own ones a comma clause: "lorasweep (CPU, x86_64, 2 threads)",
+    # not "lorasweep (CPU (x86_64, 2 threads))"
+    hw = re.sub(r"\s*\((.*)\)$", r", \1", df["hardware"].iloc[0]) if len(df) else "?"
     seeds = "n_seeds" in df and df["n_seeds"].max() > 1
     gib = lambda v: _num(None if v is None else v / GIB, "{:.2f} GiB")  # noqa: E731
     mibs = lambda v: _num(None if v is None else v / 2**20, "{:.0f}")  # noqa: E731

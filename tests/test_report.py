@@ -2058,3 +2058,12 @@ def test_negative_numbers_are_written_with_a_minus_sign_as_the_reports_subtracti
 
     errors = R.memory_model_section(_h200()["metrics"])
     assert "| −2%" in errors and "-2%" not in errors
+
+
+def test_the_sweeps_row_beside_the_writeups_has_no_parentheses_in_parentheses(tmp_path):
+    """On the CPU the hardware is 'CPU (x86_64, 2 threads)': the write-ups table's source read
+    'lorasweep (CPU (x86_64, 2 threads))'."""
+    md, text = _render(tmp_path)
+    sources = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| lorasweep (")]
+    assert sources and all(not re.search(r"\([^()]*\(", s) for s in sources), sources
+    assert any(re.fullmatch(r"lorasweep \(CPU, [^()]+, \d+ threads\)", s) for s in sources), sources
