@@ -2067,3 +2067,52 @@ def test_the_sweeps_row_beside_the_writeups_has_no_parentheses_in_parentheses(tm
     sources = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| lorasweep (")]
     assert sources and all(not re.search(r"\([^()]*\(", s) for s in sources), sources
     assert any(re.fullmatch(r"lorasweep \(CPU, [^()]+, \d+ threads\)", s) for s in sources), sources
+
+
+def _captured_figures(monkeypatch, tmp_path):
+    """The figures plot_all draws from the recorded H200 sweep, by name, as they were saved."""
+    import lorasweep.plots as P
+
+    figures, save = {}, P.save_figure
+
+    def keep(fig, out_dir, name):
+        figures[name] = fig
+        return save(fig, out_dir, name)
+
+    monkeypatch.setattr(P, "save_figure", keep)
+    plot_all(f"{H200}-metrics.csv", f"{H200}-log-history.csv.gz", tmp_path)
+    return figures
+
+
+def test_the_memory_models_parts_stay_apart_for_colour_vision_deficiencies(monkeypatch, tmp_path):
+    """The memory figure's stacked parts, simulated for protanopia, deuteranopia and tritanopia (Machado, Oliveira
+    and Fernandes 2009, full severity, on linear RGB), stay at least 15 apart in CIELAB: the AdamW state (seaborn's
+    orange) beside the activations (its green) came out 7 apart with protanopia, the thin AdamW slice of a LoRA bar
+    lost in its activations."""
+    import numpy as np
+    from matplotlib.colors import to_rgb
+
+    machado = {"protan": [[0.152286, 1.052583, -0.204868], [0.114503, 0.786281, 0.099216],
+                          [-0.003882, -0.048116, 1.051998]],
+               "deutan": [[0.367322, 0.860646, -0.227968], [0.280085, 0.672501, 0.047413],
+                          [-0.011820, 0.042940, 0.968881]],
+               "tritan": [[1.255528, -0.076749, -0.178779], [-0.078411, 0.930809, 0.147602],
+                          [0.004733, 0.691367, 0.303900]]}
+
+    def lab(rgb, m):
+        c = np.asarray(rgb)
+        linear = np.clip(np.asarray(m) @ np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4), 0, 1)
+        xyz = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]]) @ linear
+        t = xyz / np.array([0.95047, 1.0, 1.08883])
+        f = np.where(t > (6 / 29) ** 3, np.cbrt(t), t / (3 * (6 / 29) ** 2) + 4 / 29)
+        return np.array([116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2])])
+
+    legend = _captured_figures(monkeypatch, tmp_path)["memory"].axes[1].get_legend()
+    parts = {t.get_text(): to_rgb(h.get_facecolor()) for t, h in zip(legend.get_texts(), legend.legend_handles)
+             if t.get_text().startswith("predicted")}
+    assert "predicted: AdamW state" in parts and "predicted: activations" in parts, parts
+    for kind, m in machado.items():
+        for a in parts:
+            for b in parts:
+                if a < b:
+                    assert np.linalg.norm(lab(parts[a], m) - lab(parts[b], m)) >= 15, (kind, a, b)
