@@ -65,6 +65,16 @@ def run_palette(runs: list[str]) -> dict:
     return {r: pal[r] for r in runs}
 
 
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "p", "h", "<", ">", "*"]
+
+
+def run_markers(runs: list[str]) -> dict:
+    """A marker per run, in the runs' order, so that points and eval curves are told apart by shape as well as by
+    colour: runs of one method differ only in lightness, and points that overlap (LoRA ranks at about the same
+    memory or runtime) show only the top one's colour."""
+    return {r: MARKERS[i % len(MARKERS)] for i, r in enumerate(runs)}
+
+
 def wrapped(run: str, width: int = 20) -> str:
     """A run's name as a tick label: broken after its hyphens into lines of at most ``width`` characters where it
     is longer (a part longer than that keeps its own line). One line of a long name (a variant's options) widens
@@ -254,8 +264,9 @@ def _tradeoff_figure(df, runs, pal, plt, sns, diverged=()):
             for _, r in data.iterrows():
                 ax.errorbar(r[x], r["eval_loss"], xerr=r.get(f"{x}_sd"), yerr=r["eval_loss_sd"], color=pal[r["run"]], capsize=3,
                             lw=1, zorder=1)
-        sns.scatterplot(data=data, x=x, y="eval_loss", hue="run", hue_order=runs, palette=pal, s=120, ax=ax,
-                        legend=ax is axes[1], edgecolor="black", zorder=2)
+        sns.scatterplot(data=data, x=x, y="eval_loss", hue="run", hue_order=runs, palette=pal, style="run",
+                        style_order=runs, markers=run_markers(runs), s=120, ax=ax, legend=ax is axes[1],
+                        edgecolor="black", zorder=2)
         if len(base):
             ax.axhline(base.median(), ls="--", color="grey", lw=1, label="untrained base")
         right = (data[x] + data.get(f"{x}_sd", pd.Series(0.0, index=data.index)).fillna(0)).max()
@@ -335,9 +346,11 @@ def plot_all(metrics_csv, history_csv, out_dir) -> list[Path]:
         # over steps: mean over seeds with a ± sd band; over tokens (which differ between seeds): one line per seed
         spread = {"errorbar": "sd"} if row == 0 else {"units": "seed", "estimator": None}
         sns.lineplot(data=train, x=x, y="loss", hue="run", hue_order=runs, palette=pal, ax=axes[row, 0],
-                     legend=row == 0, **spread)
-        sns.lineplot(data=ev, x=x, y="eval_loss", hue="run", hue_order=runs, palette=pal, marker="o",
-                     ax=axes[row, 1], legend=False, **spread)
+                     legend=False, **spread)
+        # the eval curves' few points marked with each run's marker, which the legend shows beside its colour
+        sns.lineplot(data=ev, x=x, y="eval_loss", hue="run", hue_order=runs, palette=pal, style="run",
+                     style_order=runs, markers=run_markers(runs), dashes=False, ax=axes[row, 1], legend=row == 0,
+                     **spread)
         for ax in axes[row]:
             ax.set_xlabel(xlabel)
             ax.set_ylabel("cross-entropy (nats / token)")
@@ -346,7 +359,7 @@ def plot_all(metrics_csv, history_csv, out_dir) -> list[Path]:
     axes[0, 0].set_title("train loss (response tokens)" + (f"\neach point the mean of {k} consecutive logs" if k > 1
                                                             else ""))
     axes[0, 1].set_title("eval loss on the held-out split (first point: untrained)")
-    _name_diverged(axes[0, 0].legend(title="run", fontsize=9), diverged)
+    _name_diverged(axes[0, 1].legend(title="run", fontsize=9), diverged)
     save(fig, "loss_curves")
 
     h = 0.45 * len(runs) + 1.2

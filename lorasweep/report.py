@@ -529,7 +529,8 @@ def _lora_base_note(df: pd.DataFrame) -> list[str]:
 def figures_section(figures_dir: str) -> str:
     out = ["## Figures", "", "Colours are fixed per run in every figure: full fine-tuning dark grey, LoRA in blues "
            "and QLoRA in oranges, darker for a higher rank (runs of the same rank, variants such as OLoRA or DoRA, "
-           "in neighbouring shades, PEFT's defaults lightest).", ""]
+           "in neighbouring shades, PEFT's defaults lightest); the trade-off's points and the eval curves also "
+           "give each run its own marker.", ""]
     for name, caption in FIGURES.items():
         out += [f"### {caption}", "", f"![{caption}]({figures_dir}/{name}.png)", ""]
     return "\n".join(out)

@@ -2084,6 +2084,22 @@ def _captured_figures(monkeypatch, tmp_path):
     return figures
 
 
+def test_runs_are_told_apart_by_marker_as_well_as_by_colour(monkeypatch, tmp_path):
+    """The LoRA ranks differ in colour only by lightness, and in the recorded H200 sweep their points overlap
+    (lora-r128's behind qlora-r8's at 4.35 GiB, the three at ~250 s): every run drew the same round marker, and
+    the loss curves' legend showed colour alone. Each run now has its own marker, in the trade-off's points, the
+    eval curves and both legends."""
+    figures = _captured_figures(monkeypatch, tmp_path)
+    runs = ["full", "lora-r8", "lora-r128", "lora-r256", "qlora-r8"]
+    for name, ax in (("tradeoff", figures["tradeoff"].axes[1]), ("loss_curves", figures["loss_curves"].axes[1])):
+        legend = ax.get_legend()
+        marks = {t.get_text(): h.get_marker() for t, h in zip(legend.get_texts(), legend.legend_handles)}
+        assert len({marks[r] for r in runs}) == len(runs), (name, marks)
+    # the eval curves draw those markers (the runs' lines of the top right panel)
+    drawn = {line.get_marker() for line in figures["loss_curves"].axes[1].get_lines() if len(line.get_xdata()) > 1}
+    assert len(drawn) == len(runs), drawn
+
+
 def test_the_memory_models_parts_stay_apart_for_colour_vision_deficiencies(monkeypatch, tmp_path):
     """The memory figure's stacked parts, simulated for protanopia, deuteranopia and tritanopia (Machado, Oliveira
     and Fernandes 2009, full severity, on linear RGB), stay at least 15 apart in CIELAB: the AdamW state (seaborn's
