@@ -6,10 +6,13 @@ calls them and displays the result, and tests can check the text without running
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
 import re
+import site
 import unicodedata
 from pathlib import Path
 
@@ -858,6 +861,27 @@ def _kernel_config():
     return config
 
 
+@contextlib.contextmanager
+def _kernel_imports_this_lorasweep():
+    """The notebook's kernel is a fresh Python: it imports lorasweep as its environment finds it, not from where the
+    job rendering the report did. A Snakemake script job finds the workflow's checkout in the folders Snakemake
+    appends to its ``sys.path`` (lorasweep not installed, or installed editable from another checkout), which the
+    kernel does not get: it found no lorasweep (the report job failed at the notebook's first import) or the other
+    checkout's. While the kernel starts, ``PYTHONPATH`` begins with the folder holding this package (left as it is for
+    an installed copy, which the same interpreter finds in its site-packages)."""
+    here = str(Path(__file__).resolve().parent.parent)
+    before = os.environ.get("PYTHONPATH")
+    if here not in map(os.path.realpath, site.getsitepackages()):
+        os.environ["PYTHONPATH"] = os.pathsep.join([here, before]) if before else here
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = before
+
+
 def render_report(template, out_notebook, out_markdown, **parameters) -> Path:
     """Execute the notebook template with papermill, then export it to Markdown without code cells."""
     library_folders_in_workdir("IPYTHONDIR")  # here and in the kernel, where the home folder cannot be written
@@ -878,8 +902,10 @@ def render_report(template, out_notebook, out_markdown, **parameters) -> Path:
     params = {k: resolve(k, v) for k, v in parameters.items()}
     params.setdefault("figures_dir", "figures")
     log.info("executing %s with papermill", template)
-    papermill.execute_notebook(str(template), str(out_notebook), parameters=params, cwd=str(md_dir),
-                               kernel_name="python3", progress_bar=False, log_output=False, config=_kernel_config())
+    with _kernel_imports_this_lorasweep():
+        papermill.execute_notebook(str(template), str(out_notebook), parameters=params, cwd=str(md_dir),
+                                   kernel_name="python3", progress_bar=False, log_output=False,
+                                   config=_kernel_config())
     nb = nbformat.read(str(out_notebook), as_version=4)
     for cell in nb.cells:  # only what the sections display: no stream output, no warnings
         if cell.cell_type == "code":

@@ -126,3 +126,90 @@ def test_the_conda_environment_gets_lorasweep_itself_from_its_post_deploy_script
     done = imported()
     assert done.returncode == 0, done.stderr
     assert Path(done.stdout.strip()) == REPO / "lorasweep" / "__init__.py"
+
+
+FAKE_CONDA = """#!/usr/bin/env bash
+# what Snakemake asks conda for while it builds an environment; the environment is a bare venv
+set -euo pipefail
+case "$1 ${2:-}" in
+  "info --json") echo '{"conda_prefix": "%(root)s", "platform": "linux-64"}' ;;
+  "--version ") echo "conda 24.11.3" ;;
+  "config --get") echo '{"get": {"channel_priority": "strict"}}' ;;
+  "env create") while [ $# -gt 0 ]; do [ "$1" = --prefix ] && prefix=$2; shift; done; "%(python)s" -m venv "$prefix" ;;
+  "clean -y") ;;
+  *) echo "conda stand-in: $* not supported" >&2; exit 1 ;;
+esac
+"""
+
+
+def test_snakemake_sdm_conda_installs_this_checkout_into_the_environment(tmp_path):
+    """Snakemake runs the post-deploy script from a copy beside the environment (.snakemake/conda/<hash>.post-deploy.sh,
+    Snakemake 9.27.1's Env.create), not from envs/: the script installed the folder above its own, ``.snakemake``
+    (pip: "does not appear to be a Python project"), and every ``--sdm conda`` run stopped building its environment.
+    The workflow now names its checkout to the script (LORASWEEP_CHECKOUT). Real Snakemake, from another working
+    folder (-d); a stand-in for conda (none here) answers what Snakemake asks and builds a bare venv."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import snakemake_cmd
+
+    root = tmp_path / "conda"
+    (root / "bin").mkdir(parents=True)
+    (root / "bin" / "conda").write_text(FAKE_CONDA % {"root": root, "python": sys.executable})
+    (root / "bin" / "conda").chmod(0o755)
+    (root / "bin" / "activate").write_text('export PATH="$1/bin:$PATH"\n')  # sourced with the environment's path
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "LORASWEEP_CHECKOUT")}
+    env["PATH"] = f"{root / 'bin'}{os.pathsep}{env['PATH']}"
+    proc = subprocess.run(snakemake_cmd("--sdm", "conda", "--conda-create-envs-only", "--cores", 1, "--configfile",
+                                        REPO / "config" / "tiny.yaml", workdir=work),
+                          cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Running post-deploy script .snakemake/conda/" in proc.stdout + proc.stderr  # the copy ran, as on conda
+    (python,) = (work / ".snakemake" / "conda").glob("*/bin/python")
+    done = subprocess.run([str(python), "-c", "import lorasweep; print(lorasweep.__file__)"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert Path(done.stdout.strip()) == REPO / "lorasweep" / "__init__.py"
+
+
+def test_the_wheel_holds_the_whole_package_and_its_license_and_builds_without_deprecated_metadata(tmp_path):
+    """``pip install .`` (not ``-e``) and any wheel install the package from its wheel: it must hold every file of
+    lorasweep/ (the schema ``load_config`` reads beside config.py included), say the version ``__version__`` says, and
+    carry the license pyproject.toml declares. The license was written as a TOML table (``{ text = ... }``), which
+    setuptools (84.2.1, the newest, that pip's build takes) warns about on every build and stops building on
+    2027-02-18; and the LICENSE file the Apache-2.0 terms ask a copy to travel with was missing. Built from the
+    checkout's files (a copy: a build writes build/ and an egg-info into its source) with this environment's
+    setuptools, offline."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    import lorasweep
+
+    src = tmp_path / "src"
+    files = subprocess.run(["git", "-C", str(REPO), "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+                           capture_output=True, text=True, check=True).stdout.split("\0")
+    for name in filter(None, files):
+        if (REPO / name).is_file():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, src / name)
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "--no-build-isolation",
+                            "--disable-pip-version-check", str(src), "-w", str(tmp_path / "dist")],
+                           capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stdout[-4000:] + build.stderr[-4000:]
+    assert "Deprecat" not in build.stdout + build.stderr, (build.stdout + build.stderr)[-4000:]
+    (wheel,) = (tmp_path / "dist").glob("lorasweep-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        names = set(zf.namelist())
+        info = f"lorasweep-{lorasweep.__version__}.dist-info"
+        metadata = zf.read(f"{info}/METADATA").decode()
+    package = {name for name in files if name.startswith("lorasweep/")}  # the checkout's, data files included
+    assert "lorasweep/config.schema.yaml" in package and package <= names, sorted(package - names)
+    assert f"\nVersion: {lorasweep.__version__}\n" in metadata
+    assert tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"] == lorasweep.__version__
+    assert "\nLicense-Expression: Apache-2.0\n" in metadata and "\nLicense-File: LICENSE\n" in metadata
+    assert f"{info}/licenses/LICENSE" in names

@@ -2132,3 +2132,33 @@ def test_the_memory_models_parts_stay_apart_for_colour_vision_deficiencies(monke
             for b in parts:
                 if a < b:
                     assert np.linalg.norm(lab(parts[a], m) - lab(parts[b], m)) >= 15, (kind, a, b)
+def test_the_report_kernel_imports_the_lorasweep_that_renders_the_report(tmp_path):
+    """A Snakemake script job finds lorasweep in the workflow's checkout through the folders Snakemake appends to its
+    sys.path (lorasweep not installed, or installed editable from another checkout: README, check_jobs_import), but
+    the notebook's kernel is a fresh Python that gets none of them: with lorasweep not installed the report job
+    failed at the notebook's ``from lorasweep import report`` (ModuleNotFoundError; seen with a venv holding only the
+    dependencies), and beside an editable install of another checkout the report ran that checkout's code. A second
+    checkout here, appended to the job's sys.path as Snakemake does; the kernel must import that one."""
+    import subprocess
+    import sys
+
+    import nbformat
+
+    checkout = tmp_path / "checkout"
+    shutil.copytree(REPO / "lorasweep", checkout / "lorasweep", ignore=shutil.ignore_patterns("__pycache__"))
+    template = tmp_path / "t.ipynb"
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "language": "python", "display_name": "Python 3"}
+    nb.cells = [nbformat.v4.new_code_cell("x = 1", metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell("import lorasweep\nfrom IPython.display import Markdown, display\n"
+                                          "display(Markdown('kernel: ' + lorasweep.__file__))")]
+    nbformat.write(nb, template)
+    code = ("import sys; sys.path.extend(sys.argv[1:2]); import lorasweep; print(lorasweep.__file__); "
+            "from lorasweep.report import render_report; "
+            "render_report(sys.argv[2], sys.argv[3] + '/out.ipynb', sys.argv[3] + '/out.md')")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", code, str(checkout), str(template), str(tmp_path)], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == str(checkout / "lorasweep" / "__init__.py")  # the job's, as under Snakemake
+    assert (tmp_path / "out.md").read_text().strip() == f"kernel: {checkout / 'lorasweep' / '__init__.py'}"

@@ -51,6 +51,10 @@ RUNS = run_names(config)
 SEEDS = seeds(config)  # training seeds; every run is trained once per seed
 FIRST_SEED = SEEDS[0]  # the replicate the adapter stages (merge, verify, switch, samples) use
 ENV = "../../envs/lorasweep.yaml"
+# its post-deploy script installs this checkout into the environment (--sdm conda); Snakemake runs a copy of the script
+# from the environments' folder (.snakemake/conda/<hash>.post-deploy.sh) in this process's environment, so the copy
+# finds the checkout here, not from its own place
+os.environ.update(LORASWEEP_CHECKOUT=str(_CHECKOUT))  # set, not read: no envvars directive (snakemake --lint)
 
 
 def near(path):
