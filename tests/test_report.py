@@ -2132,6 +2132,8 @@ def test_the_memory_models_parts_stay_apart_for_colour_vision_deficiencies(monke
             for b in parts:
                 if a < b:
                     assert np.linalg.norm(lab(parts[a], m) - lab(parts[b], m)) >= 15, (kind, a, b)
+
+
 def test_the_report_kernel_imports_the_lorasweep_that_renders_the_report(tmp_path):
     """A Snakemake script job finds lorasweep in the workflow's checkout through the folders Snakemake appends to its
     sys.path (lorasweep not installed, or installed editable from another checkout: README, check_jobs_import), but
