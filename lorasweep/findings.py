@@ -210,8 +210,9 @@ def by_run(df: pd.DataFrame) -> pd.DataFrame:
             several = both.groupby(df["run"], sort=False).sum() > 1  # one seed: its own rate, unchanged
             mean[c] = pooled.where(several, mean[c]).reindex(mean.index)
     seeds = g["seed"].apply(lambda s: ",".join(str(int(v)) for v in s)).rename("seeds")
-    # a column some of a run's seeds lack (their metrics from a lorasweep before it): <column>_n, the seeds it is over
-    count = g[numeric].count()
+    # a column some of a run's seeds lack (their metrics from a lorasweep before it): <column>_n, the seeds it is over;
+    # not the losses, NaN where a seed's is (a seed that diverged), not a mean over the others
+    count = g[[c for c in numeric if c not in strict]].count()
     partial = count.loc[:, ((count > 0) & count.lt(g.size(), axis=0)).any()].add_suffix("_n")
     # one concat, not a column at a time (pandas warns of a fragmented frame on wide metrics tables)
     out = pd.concat([*([g[other].first()] if other else []), mean, sd, g.size().rename("n_seeds"),

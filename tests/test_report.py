@@ -480,6 +480,27 @@ def test_a_column_some_seeds_lack_says_how_many_seeds_its_mean_is_over():
     assert F.seed_tol(runs, "train_runtime_s", a, b, 1e-9)[0] == pytest.approx(rel)
 
 
+def test_a_seed_whose_loss_is_not_a_number_is_no_mean_over_the_other_seeds():
+    """A seed that diverged (eval loss NaN) makes its run's losses NaN (STRICT_MEAN), not a mean over the other
+    seeds: the results table said "nan ± 0.0071 (2 of 3 seeds)", as if the NaN were the mean of two seeds. A
+    column the older seeds lack still says how many seeds its mean is over."""
+    from lorasweep import report
+
+    m, _ = _fixture()
+    per_seed = pd.concat([m.assign(seed=s, eval_loss=m["eval_loss"] + 0.01 * s) for s in (0, 1, 2)],
+                         ignore_index=True)
+    lost = (per_seed["run"] == "lora-r128") & (per_seed["seed"] == 2)
+    per_seed.loc[lost, ["eval_loss", "train_loss", "eval_perplexity"]] = float("nan")
+    per_seed.loc[per_seed["seed"] == 2, "train_runtime_s"] = float("nan")  # predates the column
+    agg = F.by_run(per_seed)
+    assert pd.isna(agg.set_index("run").loc["lora-r128", "eval_loss"])
+    assert not {"eval_loss_n", "train_loss_n", "eval_perplexity_n"} & set(agg.columns)
+    row = next(line for line in report.results_table(agg).splitlines() if line.startswith("| lora-r128 "))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert "seeds)" not in cells[1] and "seeds)" not in cells[2], cells
+    assert cells[4].endswith(" (2 of 3 seeds)"), cells
+
+
 def test_seed_spread_widens_the_interval_and_can_make_runs_indistinguishable():
     m, ev = _fixture()
     one = F.Losses(ev).diff("lora-r8", "qlora-r8")
