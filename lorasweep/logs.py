@@ -21,6 +21,9 @@ EXPECTED_LOGS = [
     # bitsandbytes on a CPU with AVX512-BF16, on import: its optional CPU kernel for 4-bit matmuls is not installed, so
     # QLoRA on the CPU takes its PyTorch path (what lorasweep's CPU tests and the tiny preset measure); not used on a GPU
     ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community"),
+    # transformers, once per process on model.dequantize() (the merge of a QLoRA adapter): "The modules are
+    # dequantized in torch.float32 and casted to torch.float32.", the fp32 base the merge means to make
+    ("transformers.integrations.bitsandbytes", "The modules are dequantized in "),
 ]
 EXPECTED_WARNINGS = [
     # PEFT's PeftModel asks transformers 5 for the renamed is_activation_checkpointing under its old name
@@ -68,7 +71,8 @@ def script_logging(log_path: str | os.PathLike, level: int = logging.INFO):
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
     file_handler = logging.StreamHandler(log_file)
     file_handler.setFormatter(fmt)
-    file_handler.addFilter(_Expected())
+    expected_logs = _Expected()
+    file_handler.addFilter(expected_logs)
     console_handler = logging.StreamHandler(console)
     # the console names the job (several run at once: training runs with gpu=N, the adapter stages)
     console_handler.setFormatter(logging.Formatter(
@@ -78,6 +82,10 @@ def script_logging(log_path: str | os.PathLike, level: int = logging.INFO):
     # what the process had before, put back on the way out: a caller that goes on (a test, a notebook) must not
     # keep handlers that write to the closed log file
     saved = [(lg, lg.handlers[:], lg.level, lg.propagate) for lg in (root, ours)]
+    # and on the loggers that make them: transformers' own handler writes its records (they do not reach the root's)
+    sources = [logging.getLogger(name) for name in dict.fromkeys(name for name, _ in EXPECTED_LOGS)]
+    for lg in sources:
+        lg.addFilter(expected_logs)
     root.handlers[:] = [file_handler]
     root.setLevel(logging.WARNING)
     ours.handlers[:] = [console_handler]
@@ -122,6 +130,8 @@ def script_logging(log_path: str | os.PathLike, level: int = logging.INFO):
     finally:
         sys.stdout, sys.stderr = old_out, old_err
         expected.__exit__(None, None, None)
+        for lg in sources:
+            lg.removeFilter(expected_logs)
         for lg, handlers, lvl, propagate in saved:
             lg.handlers[:] = handlers
             lg.setLevel(lvl)

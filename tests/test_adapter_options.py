@@ -559,3 +559,28 @@ def test_verify_refuses_an_adapter_that_does_not_compute_what_the_run_trained(ti
     with pytest.raises(AdapterMismatch, match=f"the adapter saved in {adapter} does not load: SafetensorError: .* "
                                               f"retrain its run: snakemake --forcerun {out / 'metrics.json'}"):
         merge_run(spec, adapter, tmp_path / "cut")
+
+
+def test_a_qlora_merges_log_leaves_out_transformers_note_on_dequantizing(tiny_config, tmp_path):
+    """Merging a QLoRA adapter dequantizes its 4-bit base (model.dequantize()), where transformers logs "The modules
+    are dequantized in torch.float32 and casted to torch.float32." once per process, through its own handler: the
+    one line in the merge job's log that was no message of lorasweep's (a review). Run in a fresh process, as a job
+    is: the note is logged once per process."""
+    import subprocess
+    import sys
+    import textwrap
+
+    spec = run_spec(tiny_config(), "qlora-r8")
+    log = tmp_path / "merge.log"
+    script = textwrap.dedent(f"""
+        import json
+        from lorasweep.adapters import dequantized_base
+        from lorasweep.logs import script_logging
+        with script_logging({str(log)!r}) as say:
+            base = dequantized_base(json.loads({json.dumps(json.dumps(spec))}))
+            say.info("dequantized: %s", type(base.model.decoder.layers[0].self_attn.q_proj).__name__)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    text = log.read_text()
+    assert "dequantized: Linear" in text and "dequantized in" not in text, text
