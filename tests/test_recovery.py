@@ -1055,7 +1055,7 @@ def test_a_second_process_cannot_train_a_run_another_is_training(tmp_path, tiny_
         assert {p.name for p in out.iterdir()} <= {".train.lock", "failed.json"}  # nothing trained
     finally:
         holder.kill()
-        holder.wait()
+        holder.communicate()  # waits, and closes its pipe (no ResourceWarning)
     assert train_job(*args, threads=2)["train_steps"] == 1  # the lock went with its process
 
 
