@@ -657,21 +657,28 @@ def test_a_directory_that_is_not_a_model_says_what_was_tried(tmp_path, tiny_conf
         load_model(spec, "cpu", "fp32")
 
 
+def _tiny_model_with_code(tiny_config, tmp_path, code_file: str, imports: str) -> tuple[Path, Path]:
+    """A copy of the tiny model holding ``code_file``, which imports ``imports`` and, if it is ever run, creates the
+    file returned second (custom code must not run)."""
+    import shutil
+
+    model = tmp_path / "custom"
+    shutil.copytree(tiny_config()["model"]["name_or_path"], model)
+    ran = tmp_path / "custom code ran"
+    (model / code_file).write_text(f"open({str(ran)!r}, 'w').close()\n{imports}\n")
+    return model, ran
+
+
 def test_a_model_folder_with_its_own_code_is_refused_naming_trust_remote_code(tiny_config, tiny_data, tmp_path):
     """A local model whose config.json names code of its own (auto_map, an architecture transformers does not know):
     transformers refuses to run it without trust_remote_code, but the run's error cut its message after the first
     line (where it says to pass trust_remote_code) and went on with advice for a missing network."""
-    import shutil
-
-    model = tmp_path / "custom-model"
-    shutil.copytree(tiny_config()["model"]["name_or_path"], model)
+    model, ran = _tiny_model_with_code(tiny_config, tmp_path, "modeling.py",
+                                       "from transformers import OPTConfig as MyConfig, OPTForCausalLM as MyModel")
     config = json.loads((model / "config.json").read_text())
     config.update(model_type="my_custom_lm", auto_map={"AutoConfig": "modeling.MyConfig",
                                                        "AutoModelForCausalLM": "modeling.MyModel"})
     (model / "config.json").write_text(json.dumps(config))
-    ran = tmp_path / "custom code ran"
-    (model / "modeling.py").write_text(f"open({str(ran)!r}, 'w').close()\n"
-                                       "from transformers import OPTConfig as MyConfig, OPTForCausalLM as MyModel\n")
     spec = run_spec(tiny_config(), "lora-r8")
     spec["model"]["name_or_path"] = str(model)
     with pytest.raises(ModelLoadError) as e:
@@ -686,20 +693,15 @@ def test_a_tokenizer_with_its_own_code_is_refused_naming_the_tokenizer(tiny_conf
     knows: the refusal names the tokenizer and the file that asks for it, not the architecture. transformers
     refuses only where it has no tokenizer of its own for the model type (bloom here: with OPT's config it loads
     OPT's tokenizer and leaves the custom code alone)."""
-    import shutil
-
     from lorasweep.train import load_tokenizer
 
-    model = tmp_path / "custom-tokenizer"
-    shutil.copytree(tiny_config()["model"]["name_or_path"], model)
+    model, ran = _tiny_model_with_code(tiny_config, tmp_path, "tokenization.py",
+                                       "from transformers import PreTrainedTokenizerFast as MyTokenizer")
     config = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**config, "model_type": "bloom"}))
     tok_config = json.loads((model / "tokenizer_config.json").read_text())
     tok_config.update(tokenizer_class="MyTokenizer", auto_map={"AutoTokenizer": ["tokenization.MyTokenizer", None]})
     (model / "tokenizer_config.json").write_text(json.dumps(tok_config))
-    ran = tmp_path / "custom code ran"
-    (model / "tokenization.py").write_text(f"open({str(ran)!r}, 'w').close()\n"
-                                           "from transformers import PreTrainedTokenizerFast as MyTokenizer\n")
     spec = run_spec(tiny_config(), "lora-r8")
     spec["model"]["name_or_path"] = str(model)
     with pytest.raises(ModelLoadError) as e:
