@@ -729,7 +729,12 @@ def test_a_qlora_base_that_bitsandbytes_cannot_load_here_says_how_to_go_on(tiny_
 
 
 def test_a_hub_id_offline_points_at_a_local_copy(tiny_config, monkeypatch):
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # as for a user who set it before starting: huggingface_hub read it on import, so without this the load went to
+    # the network first (46 s of retries on a machine without one) and only lorasweep's message saw the setting
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     spec = run_spec(tiny_config(), "full")
     spec["model"]["name_or_path"] = "facebook/opt-350m-not-cached"
     with pytest.raises(ModelLoadError, match="HF_HUB_OFFLINE=1") as e:
