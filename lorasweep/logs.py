@@ -71,8 +71,6 @@ def script_logging(log_path: str | os.PathLike, level: int = logging.INFO):
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
     file_handler = logging.StreamHandler(log_file)
     file_handler.setFormatter(fmt)
-    expected_logs = _Expected()
-    file_handler.addFilter(expected_logs)
     console_handler = logging.StreamHandler(console)
     # the console names the job (several run at once: training runs with gpu=N, the adapter stages)
     console_handler.setFormatter(logging.Formatter(
@@ -82,7 +80,9 @@ def script_logging(log_path: str | os.PathLike, level: int = logging.INFO):
     # what the process had before, put back on the way out: a caller that goes on (a test, a notebook) must not
     # keep handlers that write to the closed log file
     saved = [(lg, lg.handlers[:], lg.level, lg.propagate) for lg in (root, ours)]
-    # and on the loggers that make them: transformers' own handler writes its records (they do not reach the root's)
+    # the expected records dropped on the loggers that make them, before any handler: transformers' own handler
+    # writes its records, which never reach the root's
+    expected_logs = _Expected()
     sources = [logging.getLogger(name) for name in dict.fromkeys(name for name, _ in EXPECTED_LOGS)]
     for lg in sources:
         lg.addFilter(expected_logs)
