@@ -36,6 +36,11 @@ def _num(v, fmt="{:.4g}") -> str:
     return fmt.format(v)
 
 
+def _signed_pct(v) -> str:
+    """'+3%', '−2%' (:func:`findings.signed`), "–" for none."""
+    return _num(v) if v is None or (isinstance(v, float) and math.isnan(v)) else F.signed(v, "+.0f") + "%"
+
+
 def _pm(r: pd.Series, col: str, show) -> str:
     """:func:`findings.pm` with a formatting function, "–" where the column is missing."""
     return F.pm(r, col, show) if col in r and not pd.isna(r[col]) else show(None)
@@ -153,8 +158,7 @@ def memory_model_section(df: pd.DataFrame) -> str:
                      "AdamW state": _bytes(r.get("predicted_optimizer_bytes")),
                      "activations": _bytes(r.get("predicted_activations_bytes")),
                      "predicted": _bytes(pred), "measured": _bytes(meas),
-                     "error": _num(100 * (pred - meas) / meas if meas and pd.notna(pred) else None,
-                                   "{:+.0f}%").replace("-", "−")})
+                     "error": _signed_pct(100 * (pred - meas) / meas if meas and pd.notna(pred) else None)})
     compared = ("the predicted peak (weights + AdamW state + the larger of activations and gradients) against "
                 "`peak_cuda_allocated_bytes`" if parts["cuda"] else
                 "the predicted training increment (AdamW state + the larger of activations and gradients) against "
